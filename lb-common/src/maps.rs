@@ -1,0 +1,306 @@
+//! Map keys, values, names and default sizes.
+
+/// Most services (VIP:port pairs) one instance serves; also the outer backend-set array size.
+pub const MAX_SERVICES: u32 = 64;
+/// Stable backend ids are `0..MAX_BACKENDS` (per-backend counters are indexed by id).
+pub const MAX_BACKENDS: u32 = 256;
+/// Most members in one service's backend set.
+pub const MAX_SET_SIZE: usize = 32;
+/// Most interfaces the program can redirect to.
+pub const MAX_IFACES: u32 = 64;
+/// Default size of the embryonic (SYN seen, not yet established) flow table, in entries.
+/// Each connection uses two entries (forward and reverse key).
+pub const DEFAULT_EMBRYONIC_ENTRIES: u32 = 65_536;
+/// Default size of the established flow table, in entries (two per connection).
+pub const DEFAULT_ESTABLISHED_ENTRIES: u32 = 262_144;
+
+pub const IPPROTO_TCP: u8 = 6;
+
+/// Names of the maps, as declared in the XDP object and pinned under bpffs.
+pub mod names {
+    pub const CONFIG: &str = "CONFIG";
+    pub const SERVICES: &str = "SERVICES";
+    pub const BACKEND_SETS: &str = "BACKEND_SETS";
+    pub const BACKENDS: &str = "BACKENDS";
+    pub const CT_EMBRYONIC: &str = "CT_EMBRYONIC";
+    pub const CT_ESTABLISHED: &str = "CT_ESTABLISHED";
+    pub const RR_CURSOR: &str = "RR_CURSOR";
+    pub const TX_PORTS: &str = "TX_PORTS";
+    pub const STATS_GLOBAL: &str = "STATS_GLOBAL";
+    pub const STATS_SERVICE: &str = "STATS_SERVICE";
+    pub const STATS_BACKEND: &str = "STATS_BACKEND";
+    /// Every map the agent pins, in a stable order.
+    pub const ALL: &[&str] = &[
+        CONFIG,
+        SERVICES,
+        BACKEND_SETS,
+        BACKENDS,
+        CT_EMBRYONIC,
+        CT_ESTABLISHED,
+        RR_CURSOR,
+        TX_PORTS,
+        STATS_GLOBAL,
+        STATS_SERVICE,
+        STATS_BACKEND,
+    ];
+}
+
+/// Runtime settings of the data path (`CONFIG[0]`), written by the agent before attach.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[cfg_attr(feature = "user", derive(bytemuck::Pod, bytemuck::Zeroable))]
+pub struct Config {
+    /// Embryonic flows older than this are treated as absent.
+    pub embryonic_timeout_ns: u64,
+    /// Idle timeout of established flows (used by the table GC).
+    pub idle_timeout_ns: u64,
+    /// First SNAT port (host byte order; compared after conversion).
+    pub snat_port_min: u16,
+    /// Last SNAT port, inclusive (host byte order).
+    pub snat_port_max: u16,
+    /// `CONFIG_F_*` bits.
+    pub flags: u32,
+}
+
+/// Per-packet debug log lines through aya-log.
+pub const CONFIG_F_DEBUG: u32 = 1;
+/// The program is attached in generic (SKB) mode: frames may be GSO super-packets.
+pub const CONFIG_F_GENERIC: u32 = 2;
+
+/// `SERVICES` key: a virtual IP address and port.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+#[cfg_attr(feature = "user", derive(bytemuck::Pod, bytemuck::Zeroable))]
+pub struct ServiceKey {
+    /// VIP, network byte order.
+    pub addr: u32,
+    /// VIP port, network byte order.
+    pub port: u16,
+    pub proto: u8,
+    pub _pad: u8,
+}
+
+/// `SERVICES` value.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[cfg_attr(feature = "user", derive(bytemuck::Pod, bytemuck::Zeroable))]
+pub struct Service {
+    /// Index into `BACKEND_SETS`, `RR_CURSOR` and `STATS_SERVICE`.
+    pub id: u32,
+    /// `SERVICE_F_*` bits (none yet).
+    pub flags: u32,
+}
+
+/// One member of a backend set.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[cfg_attr(feature = "user", derive(bytemuck::Pod, bytemuck::Zeroable))]
+pub struct Backend {
+    /// Backend address, network byte order.
+    pub addr: u32,
+    /// Backend (data) port, network byte order.
+    pub port: u16,
+    pub _pad: u16,
+    /// Stable backend id (index into `STATS_BACKEND`).
+    pub id: u32,
+    pub _pad2: u32,
+}
+
+/// The value of the single entry of an inner backend-set map. The agent writes a complete
+/// set into a spare inner map and then swaps the `BACKEND_SETS` slot; a live inner map is
+/// never written, so a reader sees one generation whole.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[cfg_attr(feature = "user", derive(bytemuck::Pod, bytemuck::Zeroable))]
+pub struct BackendSet {
+    /// Monotonic per instance; recorded in every flow the set chose.
+    pub generation: u64,
+    /// Valid entries in `members`.
+    pub count: u32,
+    pub _pad: u32,
+    pub members: [Backend; MAX_SET_SIZE],
+}
+
+impl Default for BackendSet {
+    fn default() -> Self {
+        Self {
+            generation: 0,
+            count: 0,
+            _pad: 0,
+            members: [Backend::default(); MAX_SET_SIZE],
+        }
+    }
+}
+
+/// `BACKENDS` key: a configured backend's data address and port. Only replies from one of
+/// these take the reverse NAT path; everything else from the same host passes untouched.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+#[cfg_attr(feature = "user", derive(bytemuck::Pod, bytemuck::Zeroable))]
+pub struct BackendKey {
+    pub addr: u32,
+    pub port: u16,
+    pub _pad: u16,
+}
+
+/// Connection-table key: the 4-tuple as seen on the wire, network byte order.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+#[cfg_attr(feature = "user", derive(bytemuck::Pod, bytemuck::Zeroable))]
+pub struct FlowKey {
+    pub saddr: u32,
+    pub daddr: u32,
+    pub sport: u16,
+    pub dport: u16,
+    pub proto: u8,
+    pub _pad: [u8; 3],
+}
+
+impl FlowKey {
+    /// The key of a packet travelling the other way.
+    #[inline(always)]
+    pub const fn reversed(&self) -> Self {
+        Self {
+            saddr: self.daddr,
+            daddr: self.saddr,
+            sport: self.dport,
+            dport: self.sport,
+            proto: self.proto,
+            _pad: [0; 3],
+        }
+    }
+}
+
+/// Flow states.
+pub const FLOW_SYN_SENT: u8 = 1;
+pub const FLOW_SYN_RECV: u8 = 2;
+pub const FLOW_ESTABLISHED: u8 = 3;
+
+/// Direction of a flow entry.
+pub const DIR_FORWARD: u8 = 0;
+pub const DIR_REPLY: u8 = 1;
+
+/// Connection-table value: how to rewrite and where to send a packet matching the key.
+/// Every flow has two entries, forward (client -> VIP) and reply (backend -> SNAT), whose
+/// rewritten tuples are each other's keys reversed ("partners").
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[cfg_attr(feature = "user", derive(bytemuck::Pod, bytemuck::Zeroable))]
+pub struct Flow {
+    pub created_ns: u64,
+    pub last_seen_ns: u64,
+    /// Generation of the backend set that chose the backend.
+    pub generation: u64,
+    /// Rewritten tuple (network byte order).
+    pub nat_saddr: u32,
+    pub nat_daddr: u32,
+    /// Egress interface of the rewritten packet.
+    pub ifindex: u32,
+    pub backend_id: u32,
+    pub service_id: u32,
+    pub nat_sport: u16,
+    pub nat_dport: u16,
+    /// L2 header of the rewritten packet.
+    pub smac: [u8; 6],
+    pub dmac: [u8; 6],
+    pub state: u8,
+    pub dir: u8,
+    pub _pad: [u8; 2],
+}
+
+impl Flow {
+    /// The key of the partner entry (the rewritten tuple, reversed).
+    #[inline(always)]
+    pub const fn partner_key(&self, proto: u8) -> FlowKey {
+        FlowKey {
+            saddr: self.nat_daddr,
+            daddr: self.nat_saddr,
+            sport: self.nat_dport,
+            dport: self.nat_sport,
+            proto,
+            _pad: [0; 3],
+        }
+    }
+
+    /// Whether this entry's rewrite, reversed, is `key` (the partner points back).
+    #[inline(always)]
+    pub const fn points_back_to(&self, key: &FlowKey) -> bool {
+        self.nat_saddr == key.daddr
+            && self.nat_daddr == key.saddr
+            && self.nat_sport == key.dport
+            && self.nat_dport == key.sport
+    }
+}
+
+/// Per-CPU counters of one service (`STATS_SERVICE[service id]`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[cfg_attr(feature = "user", derive(bytemuck::Pod, bytemuck::Zeroable))]
+pub struct ServiceStats {
+    /// Client -> backend packets and bytes forwarded.
+    pub packets: u64,
+    pub bytes: u64,
+    /// Backend -> client packets and bytes forwarded.
+    pub reply_packets: u64,
+    pub reply_bytes: u64,
+    pub new_flows: u64,
+    /// Packets to this VIP:port that were dropped or refused, any reason.
+    pub drops: u64,
+}
+
+/// Per-CPU counters of one backend (`STATS_BACKEND[backend id]`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[cfg_attr(feature = "user", derive(bytemuck::Pod, bytemuck::Zeroable))]
+pub struct BackendStats {
+    pub packets: u64,
+    pub bytes: u64,
+    pub reply_packets: u64,
+    pub reply_bytes: u64,
+    pub new_flows: u64,
+    pub _reserved: u64,
+}
+
+#[cfg(feature = "user")]
+mod pod {
+    // SAFETY: all of these are #[repr(C)], Copy, padding-free (bytemuck::Pod is derived,
+    // which checks that at compile time) and valid for any bit pattern.
+    unsafe impl aya::Pod for super::Config {}
+    unsafe impl aya::Pod for super::ServiceKey {}
+    unsafe impl aya::Pod for super::Service {}
+    unsafe impl aya::Pod for super::Backend {}
+    unsafe impl aya::Pod for super::BackendSet {}
+    unsafe impl aya::Pod for super::BackendKey {}
+    unsafe impl aya::Pod for super::FlowKey {}
+    unsafe impl aya::Pod for super::Flow {}
+    unsafe impl aya::Pod for super::ServiceStats {}
+    unsafe impl aya::Pod for super::BackendStats {}
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use core::mem::size_of;
+
+    #[test]
+    fn map_values_have_the_sizes_the_kernel_sees() {
+        assert_eq!(size_of::<FlowKey>(), 16);
+        assert_eq!(size_of::<Flow>(), 64);
+        assert_eq!(size_of::<ServiceKey>(), 8);
+        assert_eq!(size_of::<Backend>(), 16);
+        assert_eq!(size_of::<BackendSet>(), 16 + 16 * MAX_SET_SIZE);
+        assert_eq!(size_of::<Config>(), 24);
+    }
+
+    #[test]
+    fn partner_key_of_a_forward_entry_is_the_reply_key() {
+        let fwd_key = FlowKey { saddr: 1, daddr: 2, sport: 10, dport: 20, proto: 6, _pad: [0; 3] };
+        let fwd = Flow { nat_saddr: 3, nat_daddr: 4, nat_sport: 30, nat_dport: 40, ..Default::default() };
+        let rev_key = fwd.partner_key(6);
+        assert_eq!((rev_key.saddr, rev_key.daddr, rev_key.sport, rev_key.dport), (4, 3, 40, 30));
+        let rev = Flow { nat_saddr: 2, nat_daddr: 1, nat_sport: 20, nat_dport: 10, ..Default::default() };
+        assert!(rev.points_back_to(&fwd_key));
+        assert_eq!(rev.partner_key(6), fwd_key);
+        assert!(fwd.points_back_to(&rev_key));
+    }
+}

@@ -1,0 +1,3 @@
+fn main() {
+    println!("{}", lb_user::EBPF_OBJECT.len());
+}
