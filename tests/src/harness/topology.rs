@@ -1,0 +1,556 @@
+//! The two network shapes the end-to-end tests run in.
+//!
+//! Two-armed (client and backends on different segments, lb routes between them):
+//! ```text
+//!  [client ns]           [lb ns]                 [switch ns]            [dbNN ns]
+//!  c0 198.18.0.2/24 ---- l0 198.18.0.1/24
+//!                        l1 10.0.1.1/24   ---- s-l1 -+- br0 -+- s-db01 ---- eth0 10.0.1.10/24
+//!                                                            +- s-db02 ---- eth0 10.0.1.11/24
+//!                                                            +- s-db03 ---- eth0 10.0.1.12/24
+//!  VIP 198.18.0.10 (not assigned here: the agent adds it)
+//! ```
+//! One-armed (one L2 segment 10.0.1.0/24, everything on the bridge): lb `l0` 10.0.1.1, client `c0`
+//! 10.0.1.100, backends .10-.12, VIP 10.0.1.50.
+//!
+//! Every interface lives in a namespace from birth (`ip link add A netns X type veth peer name B netns
+//! Y`), so the short fixed names never meet in the root namespace. Namespace names are
+//! `lbt-<test>-<pid>-<role>`, the agent instance is `test-<test>-<pid>`.
+
+use std::fs;
+use std::net::Ipv4Addr;
+use std::path::PathBuf;
+use std::process::{Child, Command};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+
+use super::cleanup::{self, kill_and_delete};
+use super::lock::TestLock;
+use super::ns::run;
+use super::process::{terminate, LbProcess, Process, SimProcess, Stream, STOP_GRACE};
+use super::xdp_pass::XdpPass;
+use super::Ns;
+
+/// How long `lb run` and the simulators get to say they are ready.
+pub const READY_TIMEOUT: Duration = Duration::from_secs(20);
+
+/// Which of the two shapes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Shape {
+    /// Client segment and backend segment, lb in between with two interfaces.
+    TwoArmed,
+    /// One segment for everyone, lb with one interface.
+    OneArmed,
+}
+
+/// Knobs; `TopologyOptions::default()` is what most tests want.
+#[derive(Debug, Clone)]
+pub struct TopologyOptions {
+    /// Number of backends (db01, db02, ...), 1 to 89. Default 3.
+    pub backends: usize,
+    /// Keep tx checksum offload on the senders (client `c0`, backend `eth0`s). Native-mode XDP needs
+    /// it off (the receiver drops partially checksummed frames after a redirect); generic-mode tests
+    /// turn it on to exercise the offload path. Default false.
+    pub sender_offloads: bool,
+    /// Attach `lb_pass` to the peers of the lb's interfaces, to `c0` and to the backends. Default true.
+    pub peer_xdp: bool,
+    /// Agent instance name; default `test-<test>-<pid>` (the demo uses `demo`).
+    pub instance: Option<String>,
+}
+
+impl Default for TopologyOptions {
+    fn default() -> Self {
+        TopologyOptions {
+            backends: 3,
+            sender_offloads: false,
+            peer_xdp: true,
+            instance: None,
+        }
+    }
+}
+
+/// A host with one interface: the client.
+#[derive(Debug, Clone)]
+pub struct Host {
+    pub ns: Ns,
+    pub iface: String,
+    pub addr: Ipv4Addr,
+}
+
+/// The balancer host.
+#[derive(Debug, Clone)]
+pub struct LbHost {
+    pub ns: Ns,
+    /// Interfaces to give `lb run --iface` (client-facing first).
+    pub ifaces: Vec<String>,
+    /// Address on the client-facing interface.
+    pub client_addr: Ipv4Addr,
+    /// Address on the backend-facing interface (the SNAT source the backends see).
+    pub backend_addr: Ipv4Addr,
+}
+
+/// One Neo4j host.
+#[derive(Debug, Clone)]
+pub struct Backend {
+    /// `db01`, `db02`, ...
+    pub name: String,
+    pub ns: Ns,
+    pub iface: String,
+    pub addr: Ipv4Addr,
+}
+
+/// A built topology. Dropping it stops every process it started, detaches its XDP programs, deletes
+/// its namespaces and the agent instance's pin directory, then releases the machine-wide test lock.
+pub struct Topology {
+    pub test_name: String,
+    pub shape: Shape,
+    /// Agent instance name (pins under `/sys/fs/bpf/lb/<instance>`).
+    pub instance: String,
+    /// The virtual IP; not assigned to any interface by the harness.
+    pub vip: Ipv4Addr,
+    pub client: Host,
+    pub lb: LbHost,
+    /// Same as `lb.ifaces`.
+    pub lb_ifaces: Vec<String>,
+    /// The namespace holding the bridge `br0`.
+    pub switch: Ns,
+    pub backends: Vec<Backend>,
+    /// Logs and config files of this topology (kept after a panic, printed on stderr).
+    pub log_dir: PathBuf,
+    pub options: TopologyOptions,
+    created: Vec<Ns>,
+    xdp: Option<XdpPass>,
+    children: Mutex<Vec<Arc<Mutex<Child>>>>,
+    _lock: TestLock,
+}
+
+impl Topology {
+    /// Client ns -- lb ns -- switch ns (bridge) -- db01..db03 (see the module doc).
+    pub fn two_armed(test_name: &str) -> Result<Topology> {
+        Topology::new(test_name, Shape::TwoArmed, TopologyOptions::default())
+    }
+
+    /// One bridge segment shared by client, lb and db01..db03.
+    pub fn one_armed(test_name: &str) -> Result<Topology> {
+        Topology::new(test_name, Shape::OneArmed, TopologyOptions::default())
+    }
+
+    /// Builds `shape` for `test_name`. Takes the machine-wide test lock first (blocks while another
+    /// topology exists) and removes leftovers of dead test processes.
+    pub fn new(test_name: &str, shape: Shape, options: TopologyOptions) -> Result<Topology> {
+        if !nix::unistd::geteuid().is_root() {
+            bail!("network namespaces and XDP need root: run `cargo xtask test` (as root)");
+        }
+        if options.backends == 0 || options.backends > 89 {
+            bail!("backends must be 1..=89, not {}", options.backends);
+        }
+        let lock = TestLock::acquire()?;
+        let stale = cleanup::remove_stale()?;
+        if !stale.is_empty() {
+            eprintln!(
+                "harness: removed leftovers of dead test runs: {}",
+                stale.join(", ")
+            );
+        }
+
+        let short = short_name(test_name);
+        let pid = std::process::id();
+        let ns = |role: &str| Ns::existing(&format!("{}{short}-{pid}-{role}", cleanup::NS_PREFIX));
+        let instance = options
+            .instance
+            .clone()
+            .unwrap_or_else(|| format!("{}{short}-{pid}", cleanup::INSTANCE_PREFIX));
+        let log_dir = std::env::temp_dir().join(format!("lbt-{short}-{pid}"));
+        let backends = (0..options.backends)
+            .map(|i| Backend {
+                name: format!("db{:02}", i + 1),
+                ns: ns(&format!("db{:02}", i + 1)),
+                iface: "eth0".to_string(),
+                addr: Ipv4Addr::new(10, 0, 1, 10 + i as u8),
+            })
+            .collect();
+        let (client, lb, vip) = match shape {
+            Shape::TwoArmed => (
+                Host {
+                    ns: ns("client"),
+                    iface: "c0".into(),
+                    addr: Ipv4Addr::new(198, 18, 0, 2),
+                },
+                LbHost {
+                    ns: ns("lb"),
+                    ifaces: vec!["l0".into(), "l1".into()],
+                    client_addr: Ipv4Addr::new(198, 18, 0, 1),
+                    backend_addr: Ipv4Addr::new(10, 0, 1, 1),
+                },
+                Ipv4Addr::new(198, 18, 0, 10),
+            ),
+            Shape::OneArmed => (
+                Host {
+                    ns: ns("client"),
+                    iface: "c0".into(),
+                    addr: Ipv4Addr::new(10, 0, 1, 100),
+                },
+                LbHost {
+                    ns: ns("lb"),
+                    ifaces: vec!["l0".into()],
+                    client_addr: Ipv4Addr::new(10, 0, 1, 1),
+                    backend_addr: Ipv4Addr::new(10, 0, 1, 1),
+                },
+                Ipv4Addr::new(10, 0, 1, 50),
+            ),
+        };
+        let mut topo = Topology {
+            test_name: test_name.to_string(),
+            shape,
+            instance,
+            vip,
+            lb_ifaces: lb.ifaces.clone(),
+            client,
+            lb,
+            switch: ns("switch"),
+            backends,
+            log_dir,
+            options,
+            created: Vec::new(),
+            xdp: None,
+            children: Mutex::new(Vec::new()),
+            _lock: lock,
+        };
+        // From here on a failure drops `topo`, which removes whatever was built.
+        topo.build()?;
+        Ok(topo)
+    }
+
+    fn build(&mut self) -> Result<()> {
+        cleanup::remove_pin_dir(&self.instance)?;
+        match fs::remove_dir_all(&self.log_dir) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => {
+                return Err(e).with_context(|| format!("removing {}", self.log_dir.display()))
+            }
+        }
+        fs::create_dir_all(&self.log_dir)
+            .with_context(|| format!("creating {}", self.log_dir.display()))?;
+
+        let mut all = vec![
+            self.client.ns.clone(),
+            self.lb.ns.clone(),
+            self.switch.clone(),
+        ];
+        all.extend(self.backends.iter().map(|b| b.ns.clone()));
+        for ns in &all {
+            if ns.exists() {
+                kill_and_delete(ns)?;
+            }
+            Ns::create(&ns.name)?;
+            self.created.push(ns.clone());
+        }
+
+        let sw = self.switch.clone();
+        sw.ip(&["link", "add", "br0", "type", "bridge"])?;
+        sw.ip(&["link", "set", "br0", "up"])?;
+
+        // (namespace, interface, address) of every host-side end, and the switch ports.
+        let mut switch_ports: Vec<String> = Vec::new();
+        let mut peer_xdp: Vec<(Ns, String)> = Vec::new();
+        let (client, lb) = (self.client.clone(), self.lb.clone());
+        match self.shape {
+            Shape::TwoArmed => {
+                veth(&client.ns, "c0", &lb.ns, "l0")?;
+                veth(&lb.ns, "l1", &sw, "s-l1")?;
+                switch_ports.push("s-l1".into());
+                addr_up(&lb.ns, "l0", lb.client_addr)?;
+                addr_up(&lb.ns, "l1", lb.backend_addr)?;
+                peer_xdp.push((sw.clone(), "s-l1".into()));
+            }
+            Shape::OneArmed => {
+                veth(&client.ns, "c0", &sw, "s-c0")?;
+                veth(&lb.ns, "l0", &sw, "s-l0")?;
+                switch_ports.push("s-c0".into());
+                switch_ports.push("s-l0".into());
+                addr_up(&lb.ns, "l0", lb.client_addr)?;
+                peer_xdp.push((sw.clone(), "s-l0".into()));
+            }
+        }
+        addr_up(&client.ns, "c0", client.addr)?;
+        peer_xdp.push((client.ns.clone(), "c0".into()));
+        // Senders of locally generated TCP that crosses the balancer's XDP path.
+        let mut senders: Vec<(Ns, String)> = vec![(client.ns.clone(), "c0".into())];
+        for b in self.backends.clone() {
+            let port = format!("s-{}", b.name);
+            veth(&b.ns, &b.iface, &sw, &port)?;
+            addr_up(&b.ns, &b.iface, b.addr)?;
+            switch_ports.push(port);
+            peer_xdp.push((b.ns.clone(), b.iface.clone()));
+            senders.push((b.ns.clone(), b.iface.clone()));
+        }
+        for port in &switch_ports {
+            sw.ip(&["link", "set", port, "master", "br0"])?;
+            sw.ip(&["link", "set", port, "up"])?;
+        }
+
+        // platform-facts: redirected frames arrive only at peers with GRO on (or an XDP program).
+        let mut gro: Vec<(Ns, String)> = switch_ports
+            .iter()
+            .map(|p| (sw.clone(), p.clone()))
+            .collect();
+        gro.extend(senders.iter().cloned());
+        for (ns, iface) in &gro {
+            ns.exec(&["ethtool", "-K", iface, "gro", "on"])?;
+        }
+        // platform-facts: partially checksummed TCP is dropped after a native redirect/TX.
+        if !self.options.sender_offloads {
+            for (ns, iface) in &senders {
+                ns.exec(&["ethtool", "-K", iface, "tx", "off"])?;
+            }
+        }
+        // platform-facts: XDP_TX into a veth arrives only if the peer carries an XDP program.
+        if self.options.peer_xdp {
+            let mut xdp = XdpPass::load()?;
+            for (ns, iface) in &peer_xdp {
+                xdp.attach(ns, iface)?;
+            }
+            self.xdp = Some(xdp);
+        }
+        Ok(())
+    }
+
+    /// Every namespace of this topology (client, lb, switch, backends).
+    pub fn namespaces(&self) -> Vec<Ns> {
+        let mut all = vec![
+            self.client.ns.clone(),
+            self.lb.ns.clone(),
+            self.switch.clone(),
+        ];
+        all.extend(self.backends.iter().map(|b| b.ns.clone()));
+        all
+    }
+
+    /// The backend called `name`.
+    pub fn backend(&self, name: &str) -> Result<&Backend> {
+        self.backends
+            .iter()
+            .find(|b| b.name == name)
+            .with_context(|| format!("no backend named {name} in this topology"))
+    }
+
+    /// Spawns `args` in `ns` (via nsenter) with output captured in `log_dir/<name>.stdout|stderr`;
+    /// the topology kills it at drop if the returned handle has not.
+    pub fn spawn(&self, ns: &Ns, name: &str, args: &[&str]) -> Result<Process> {
+        let (program, rest) = args
+            .split_first()
+            .with_context(|| format!("spawn {name}: empty command"))?;
+        let mut cmd = ns.command(program);
+        cmd.args(rest);
+        self.spawn_command(name, cmd)
+    }
+
+    /// Like [`Topology::spawn`] for a prepared command (e.g. from [`Ns::command`] with env vars set).
+    pub fn spawn_command(&self, name: &str, cmd: Command) -> Result<Process> {
+        let process = Process::spawn(name, cmd, &self.log_dir)?;
+        self.children
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(process.shared());
+        Ok(process)
+    }
+
+    /// The standard Neo4j config for this topology: write VIP port 7680 -> master db01:7687, read
+    /// 7681 -> the other backends (db01 too if it is the only one), HTTP 80 -> all backends' 7474.
+    pub fn neo4j_config(&self) -> String {
+        let mut s = format!(
+            "instance = \"{}\"\nsnat_ports = \"10000-32767\"\n",
+            self.instance
+        );
+        for b in &self.backends {
+            s.push_str(&format!(
+                "\n[[backend]]\nname = \"{}\"\naddress = \"{}\"\n",
+                b.name, b.addr
+            ));
+        }
+        let names: Vec<String> = self
+            .backends
+            .iter()
+            .map(|b| format!("\"{}\"", b.name))
+            .collect();
+        let readers = if names.len() > 1 {
+            &names[1..]
+        } else {
+            &names[..]
+        };
+        let service = |name: &str, port: u16, backend_port: u16, members: &[String]| {
+            format!(
+                "\n[[service]]\nname = \"{name}\"\nvip = \"{}:{port}\"\nbackend_port = {backend_port}\nbackends = [{}]\n",
+                self.vip,
+                members.join(", ")
+            )
+        };
+        s.push_str(&service("write", 7680, 7687, &names[..1]));
+        s.push_str(&service("read", 7681, 7687, readers));
+        s.push_str(&service("http", 80, 7474, &names));
+        s
+    }
+
+    /// Writes `config_toml` to `log_dir/lb.toml` and starts
+    /// `$LB_BIN run --config F --instance <instance> --iface ... <extra_args>` in the lb namespace
+    /// (via nsenter, so its pins land in the host's bpffs). Waits up to 20 s for a stderr line
+    /// containing `lb ready`; on exit or timeout the error carries the agent's captured log.
+    pub fn start_lb(&self, config_toml: &str, extra_args: &[&str]) -> Result<LbProcess> {
+        let config = self.log_dir.join("lb.toml");
+        fs::write(&config, config_toml).with_context(|| format!("writing {}", config.display()))?;
+        let mut cmd = self.lb.ns.command(super::lb_bin());
+        cmd.arg("run")
+            .arg("--config")
+            .arg(&config)
+            .args(["--instance", &self.instance]);
+        for iface in &self.lb.ifaces {
+            cmd.args(["--iface", iface]);
+        }
+        cmd.args(extra_args);
+        let process = self.spawn_command("lb", cmd)?;
+        let ready_line = process.wait_for_line(Stream::Stderr, "lb ready", READY_TIMEOUT)?;
+        Ok(LbProcess {
+            process,
+            config,
+            ready_line,
+        })
+    }
+
+    /// Starts `neo4j-sim` for backend `index` with `role` (`master`, `slave`, ...), HTTP on 7474 and
+    /// Bolt on 7687 of all its addresses, control socket `log_dir/<name>.sock`; waits for its
+    /// `neo4j-sim <name> ready` line.
+    pub fn start_sim(&self, index: usize, role: &str) -> Result<SimProcess> {
+        let b = self
+            .backends
+            .get(index)
+            .with_context(|| format!("no backend #{index}"))?;
+        let control = self.log_dir.join(format!("{}.sock", b.name));
+        let mut cmd = b.ns.command(super::sim_bin());
+        cmd.args([
+            "--name",
+            &b.name,
+            "--http",
+            "0.0.0.0:7474",
+            "--bolt",
+            "0.0.0.0:7687",
+        ])
+        .args(["--role", role])
+        .arg("--control")
+        .arg(&control);
+        let process = self.spawn_command(&b.name, cmd)?;
+        process.wait_for_line(
+            Stream::Stdout,
+            &format!("neo4j-sim {} ready", b.name),
+            READY_TIMEOUT,
+        )?;
+        Ok(SimProcess {
+            process,
+            name: b.name.clone(),
+            control,
+        })
+    }
+
+    /// Starts one simulator per entry of `roles` (backend 0 gets `roles[0]`, ...).
+    pub fn start_sims(&self, roles: &[&str]) -> Result<Vec<SimProcess>> {
+        roles
+            .iter()
+            .enumerate()
+            .map(|(i, role)| self.start_sim(i, role))
+            .collect()
+    }
+}
+
+impl Drop for Topology {
+    fn drop(&mut self) {
+        let children =
+            std::mem::take(&mut *self.children.lock().unwrap_or_else(|p| p.into_inner()));
+        for child in children {
+            let _ = terminate(&child, STOP_GRACE);
+        }
+        // Processes a test started on its own (ns.spawn) would keep a namespace alive.
+        for ns in self.created.iter().rev() {
+            if let Ok(out) = run(Command::new("ip").args(["netns", "pids", &ns.name])) {
+                for pid in String::from_utf8_lossy(&out.stdout).split_whitespace() {
+                    if let Ok(pid) = pid.parse::<i32>() {
+                        let _ = nix::sys::signal::kill(
+                            nix::unistd::Pid::from_raw(pid),
+                            nix::sys::signal::Signal::SIGKILL,
+                        );
+                    }
+                }
+            }
+        }
+        self.xdp = None;
+        for ns in self.created.drain(..).rev() {
+            if let Err(e) = ns.delete() {
+                eprintln!("harness: could not delete namespace {}: {e:#}", ns.name);
+            }
+        }
+        if let Err(e) = cleanup::remove_pin_dir(&self.instance) {
+            eprintln!("harness: {e:#}");
+        }
+        if std::thread::panicking() || std::env::var_os("LB_KEEP_LOGS").is_some() {
+            eprintln!(
+                "harness: logs of {} kept in {}",
+                self.test_name,
+                self.log_dir.display()
+            );
+        } else {
+            let _ = fs::remove_dir_all(&self.log_dir);
+        }
+    }
+}
+
+/// The test name as it appears in resource names: `[a-z0-9_]`, at most 24 characters (the last
+/// path segment of `module::test` names).
+pub fn short_name(test_name: &str) -> String {
+    let last = test_name.rsplit("::").next().unwrap_or(test_name);
+    let s: String = last
+        .chars()
+        .map(|c| {
+            let c = c.to_ascii_lowercase();
+            if c.is_ascii_alphanumeric() {
+                c
+            } else {
+                '_'
+            }
+        })
+        .take(24)
+        .collect();
+    if s.is_empty() {
+        "t".to_string()
+    } else {
+        s
+    }
+}
+
+/// A veth pair with each end created directly in its namespace.
+fn veth(a_ns: &Ns, a: &str, b_ns: &Ns, b: &str) -> Result<()> {
+    run(Command::new("ip").args([
+        "link", "add", a, "netns", &a_ns.name, "type", "veth", "peer", "name", b, "netns",
+        &b_ns.name,
+    ]))?;
+    Ok(())
+}
+
+/// Assigns `addr/24` to `iface` and brings it up.
+fn addr_up(ns: &Ns, iface: &str, addr: Ipv4Addr) -> Result<()> {
+    ns.ip(&["addr", "add", &format!("{addr}/24"), "dev", iface])?;
+    ns.ip(&["link", "set", iface, "up"])?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::short_name;
+
+    #[test]
+    fn short_names_keep_only_the_last_path_segment_in_safe_characters() {
+        assert_eq!(short_name("harness::client_pings_lb"), "client_pings_lb");
+        assert_eq!(short_name("Weird-Name!"), "weird_name_");
+        assert_eq!(short_name(""), "t");
+        assert_eq!(short_name(&"x".repeat(40)).len(), 24);
+    }
+}
