@@ -5,25 +5,46 @@ use std::{env, path::PathBuf, process::Command};
 fn main() {
     let manifest = PathBuf::from(env::var("CARGO_MANIFEST_DIR").expect("CARGO_MANIFEST_DIR"));
     let ws = manifest.parent().expect("workspace root").to_path_buf();
-    for p in ["lb-ebpf/src", "lb-ebpf/Cargo.toml", "lb-common/src", "lb-common/Cargo.toml"] {
+    for p in [
+        "lb-ebpf/src",
+        "lb-ebpf/Cargo.toml",
+        "lb-common/src",
+        "lb-common/Cargo.toml",
+    ] {
         println!("cargo:rerun-if-changed={}", ws.join(p).display());
     }
     println!("cargo:rerun-if-env-changed=LB_EBPF_CPU");
     let out = PathBuf::from(env::var("OUT_DIR").expect("OUT_DIR"));
     let target_dir = ws.join("target").join("ebpf");
     let tools_bin = ws.join(".tools").join("bin");
-    let path = format!("{}:{}", tools_bin.display(), env::var("PATH").unwrap_or_default());
+    let path = format!(
+        "{}:{}",
+        tools_bin.display(),
+        env::var("PATH").unwrap_or_default()
+    );
 
     let mut cmd = Command::new("rustup");
     cmd.current_dir(&ws)
-        .args(["run", "nightly", "cargo", "build", "-p", "lb-ebpf", "--release"])
+        .args([
+            "run",
+            "nightly",
+            "cargo",
+            "build",
+            "-p",
+            "lb-ebpf",
+            "--release",
+        ])
         .args(["--target", "bpfel-unknown-none", "-Z", "build-std=core"])
         .arg("--target-dir")
         .arg(&target_dir)
         .env("PATH", path);
     // The outer cargo's settings are for the host build; none of them may leak into the BPF one.
     for (k, _) in env::vars() {
-        if (k.starts_with("CARGO_") && k != "CARGO_HOME") || k.starts_with("RUSTC") || k == "RUSTFLAGS" || k == "RUSTUP_TOOLCHAIN" {
+        if (k.starts_with("CARGO_") && k != "CARGO_HOME")
+            || k.starts_with("RUSTC")
+            || k == "RUSTFLAGS"
+            || k == "RUSTUP_TOOLCHAIN"
+        {
             cmd.env_remove(k);
         }
     }

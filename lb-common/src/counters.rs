@@ -45,7 +45,7 @@ pub enum Counter {
     GenericLarge,
     /// RSTs generated (all reasons).
     RstSent,
-    /// `bpf_fib_lookup` result codes 0..=8 for new flows, one counter each.
+    /// `bpf_fib_lookup` result codes 0..=9 for new flows, one counter each.
     FibResult0,
     FibResult1,
     FibResult2,
@@ -55,6 +55,7 @@ pub enum Counter {
     FibResult6,
     FibResult7,
     FibResult8,
+    FibResult9,
     /// Number of counters (array size), not a counter.
     Max,
 }
@@ -93,4 +94,5 @@ pub const COUNTER_NAMES: [&str; COUNTER_MAX as usize] = [
     "fib_unsupp_lwt",
     "fib_no_neigh",
     "fib_frag_needed",
+    "fib_no_src_addr",
 ];

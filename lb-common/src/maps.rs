@@ -294,11 +294,33 @@ mod tests {
 
     #[test]
     fn partner_key_of_a_forward_entry_is_the_reply_key() {
-        let fwd_key = FlowKey { saddr: 1, daddr: 2, sport: 10, dport: 20, proto: 6, _pad: [0; 3] };
-        let fwd = Flow { nat_saddr: 3, nat_daddr: 4, nat_sport: 30, nat_dport: 40, ..Default::default() };
+        let fwd_key = FlowKey {
+            saddr: 1,
+            daddr: 2,
+            sport: 10,
+            dport: 20,
+            proto: 6,
+            _pad: [0; 3],
+        };
+        let fwd = Flow {
+            nat_saddr: 3,
+            nat_daddr: 4,
+            nat_sport: 30,
+            nat_dport: 40,
+            ..Default::default()
+        };
         let rev_key = fwd.partner_key(6);
-        assert_eq!((rev_key.saddr, rev_key.daddr, rev_key.sport, rev_key.dport), (4, 3, 40, 30));
-        let rev = Flow { nat_saddr: 2, nat_daddr: 1, nat_sport: 20, nat_dport: 10, ..Default::default() };
+        assert_eq!(
+            (rev_key.saddr, rev_key.daddr, rev_key.sport, rev_key.dport),
+            (4, 3, 40, 30)
+        );
+        let rev = Flow {
+            nat_saddr: 2,
+            nat_daddr: 1,
+            nat_sport: 20,
+            nat_dport: 10,
+            ..Default::default()
+        };
         assert!(rev.points_back_to(&fwd_key));
         assert_eq!(rev.partner_key(6), fwd_key);
         assert!(fwd.points_back_to(&rev_key));

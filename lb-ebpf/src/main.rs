@@ -1,15 +1,57 @@
-//! lb's XDP program: the entry points only. Each concern lives in its own module.
+//! lb's XDP program. The entry points only dispatch; each concern lives in its own module:
+//! `parse` (header access), `service` (VIP lookup, backend choice), `conntrack` (flow tables),
+//! `snat` (port claim), `nat` + `csum` (rewrite), `forward` (next hop, transmit), `path` (the
+//! forward and reply TCP paths), `icmp` (error translation), `rst` (RST synthesis), `stats`.
+//!
+//! Anything not addressed to a VIP:port, and not a reply from a backend to an SNAT-range port
+//! (or an ICMP error about one), is passed to the kernel byte for byte.
 #![cfg_attr(target_arch = "bpf", no_std)]
 #![cfg_attr(target_arch = "bpf", no_main)]
 
 #[cfg(target_arch = "bpf")]
+mod conntrack;
+#[cfg(target_arch = "bpf")]
+mod csum;
+#[cfg(target_arch = "bpf")]
+mod forward;
+#[cfg(target_arch = "bpf")]
+mod icmp;
+#[cfg(target_arch = "bpf")]
+mod maps;
+#[cfg(target_arch = "bpf")]
+mod nat;
+#[cfg(target_arch = "bpf")]
+mod parse;
+#[cfg(target_arch = "bpf")]
+mod path;
+#[cfg(target_arch = "bpf")]
+mod rst;
+#[cfg(target_arch = "bpf")]
+mod service;
+#[cfg(target_arch = "bpf")]
+mod snat;
+#[cfg(target_arch = "bpf")]
+mod stats;
+
+#[cfg(target_arch = "bpf")]
 mod prog {
-    use aya_ebpf::{bindings::xdp_action, macros::xdp, programs::XdpContext};
+    use aya_ebpf::{
+        bindings::xdp_action, helpers::bpf_ktime_get_ns, macros::xdp, programs::XdpContext,
+    };
+    use lb_common::Counter;
+    use network_types::eth::EthHdr;
+
+    use crate::{
+        icmp,
+        maps::{config, is_backend},
+        parse::{Frame, Ip, Ports, Tcp, ETH_LEN, ETH_P_IPV4, IPPROTO_ICMP, IPPROTO_TCP, L4_OFF},
+        path, service, stats,
+    };
 
     /// The load balancer: every frame received on an attached interface.
     #[xdp]
-    pub fn lb_xdp(_ctx: XdpContext) -> u32 {
-        xdp_action::XDP_PASS
+    pub fn lb_xdp(ctx: XdpContext) -> u32 {
+        process(&ctx)
     }
 
     /// Passes every frame. Attached to veth peers that must receive XDP_TX/REDIRECT frames,
@@ -17,6 +59,89 @@ mod prog {
     #[xdp]
     pub fn lb_pass(_ctx: XdpContext) -> u32 {
         xdp_action::XDP_PASS
+    }
+
+    #[inline(always)]
+    fn process(ctx: &XdpContext) -> u32 {
+        let f = Frame::new(ctx);
+        let (Some(eth), Some(ethertype)) = (f.get::<EthHdr>(0), f.get::<u16>(12)) else {
+            return xdp_action::XDP_PASS;
+        };
+        if u16::from_be(*ethertype) != ETH_P_IPV4 {
+            return xdp_action::XDP_PASS;
+        }
+        let Some(ip) = f.get::<Ip>(ETH_LEN) else {
+            return xdp_action::XDP_PASS;
+        };
+        if ip.vihl >> 4 != 4 {
+            return xdp_action::XDP_PASS;
+        }
+        match ip.proto {
+            IPPROTO_TCP => tcp(ctx, f, eth, ip),
+            IPPROTO_ICMP => {
+                let cfg = config();
+                // SAFETY: helper without arguments.
+                let now = unsafe { bpf_ktime_get_ns() };
+                icmp::handle(ctx, f, eth, ip, &cfg, now)
+            }
+            _ => xdp_action::XDP_PASS,
+        }
+    }
+
+    #[inline(always)]
+    fn tcp(ctx: &XdpContext, f: Frame, eth: &mut EthHdr, ip: &mut Ip) -> u32 {
+        // A later fragment carries no ports: it cannot be told apart, and without its first
+        // fragment (which we drop if it is ours) the kernel cannot reassemble it.
+        if ip.is_later_fragment() {
+            return xdp_action::XDP_PASS;
+        }
+        let ihl = ip.ihl() as usize;
+        if ihl < 5 {
+            return xdp_action::XDP_PASS;
+        }
+        let Some(ports) = f.get::<Ports>(ETH_LEN + ihl * 4) else {
+            return xdp_action::XDP_PASS;
+        };
+        let cfg = config();
+        if let Some(svc) = service::lookup(ip.daddr, ports.dport) {
+            let Some(tcp) = checked_tcp(f, ip, svc.id) else {
+                return xdp_action::XDP_DROP;
+            };
+            // SAFETY: helper without arguments.
+            let now = unsafe { bpf_ktime_get_ns() };
+            return path::forward(ctx, f, eth, ip, tcp, svc, &cfg, now);
+        }
+        let dport = u16::from_be(ports.dport);
+        if cfg.snat_port_max != 0
+            && dport >= cfg.snat_port_min
+            && dport <= cfg.snat_port_max
+            && is_backend(ip.saddr, ports.sport)
+        {
+            let Some(tcp) = checked_tcp(f, ip, u32::MAX) else {
+                return xdp_action::XDP_DROP;
+            };
+            // SAFETY: helper without arguments.
+            let now = unsafe { bpf_ktime_get_ns() };
+            return path::reply(ctx, f, eth, ip, tcp, &cfg, now);
+        }
+        xdp_action::XDP_PASS
+    }
+
+    /// The TCP header of a packet that is ours, or `None` (counted) when the packet has IP
+    /// options, is a fragment or is truncated: such packets are dropped, never forwarded.
+    #[inline(always)]
+    fn checked_tcp(f: Frame, ip: &Ip, service: u32) -> Option<&'static mut Tcp> {
+        let reason = if ip.ihl() != 5 {
+            Counter::DropIpOptions
+        } else if ip.is_fragment() {
+            Counter::DropFragment
+        } else if let Some(tcp) = f.get::<Tcp>(L4_OFF) {
+            return Some(tcp);
+        } else {
+            Counter::DropMalformed
+        };
+        stats::service_drop(service, reason);
+        None
     }
 
     #[panic_handler]

@@ -1,4 +1,17 @@
 //! The lb agent: loads the XDP program, owns its configuration maps, runs health checks.
+//!
+//! - [`config`]: the TOML model and its validation.
+//! - [`dataplane`]: load, attach, pin.
+//! - [`control`]: the only writer of the config and backend-set maps (atomic set swaps).
+//! - [`host`]: host settings lb changes and restores (forwarding, reserved ports, VIPs).
+//! - [`run`]: `lb run`, tying them together.
+//! - [`status`]: `lb status`, reading pinned counters.
+pub mod config;
+pub mod control;
+pub mod dataplane;
+pub mod host;
+pub mod run;
+pub mod status;
 
 /// The compiled XDP object (built by `build.rs` from `lb-ebpf`).
 pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/lb-ebpf.o"));

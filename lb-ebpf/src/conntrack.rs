@@ -1,0 +1,130 @@
+//! The connection tables: embryonic (LRU, handshake in progress) and established
+//! (preallocated, never evicted). Every flow has a forward and a reply entry; a lookup only
+//! counts when the partner entry exists in the same table and points back.
+use aya_ebpf::bindings::{BPF_ANY, BPF_NOEXIST};
+use lb_common::{Counter, Flow, FlowKey, FLOW_ESTABLISHED, FLOW_SYN_RECV, IPPROTO_TCP};
+
+use crate::{
+    maps::{CT_EMBRYONIC, CT_ESTABLISHED},
+    stats,
+};
+
+/// A flow entry found with its partner.
+pub struct Found {
+    pub flow: &'static mut Flow,
+    pub partner: &'static mut Flow,
+    pub established: bool,
+}
+
+#[inline(always)]
+fn get_est(key: &FlowKey) -> Option<&'static mut Flow> {
+    // SAFETY: hash-map values stay valid for the program run (RCU); concurrent writers only
+    // touch `state`/`last_seen_ns`, single aligned stores.
+    CT_ESTABLISHED.get_ptr_mut(key).map(|p| unsafe { &mut *p })
+}
+
+#[inline(always)]
+fn get_emb(key: &FlowKey) -> Option<&'static mut Flow> {
+    // SAFETY: as in `get_est`.
+    CT_EMBRYONIC.get_ptr_mut(key).map(|p| unsafe { &mut *p })
+}
+
+/// Looks `key` up: established first, then embryonic (unless expired at `now`).
+#[inline(always)]
+pub fn lookup(key: &FlowKey, now: u64, embryonic_timeout: u64) -> Option<Found> {
+    if let Some(flow) = get_est(key) {
+        if let Some(partner) = get_est(&flow.partner_key(IPPROTO_TCP)) {
+            if partner.points_back_to(key) {
+                return Some(Found {
+                    flow,
+                    partner,
+                    established: true,
+                });
+            }
+        }
+    }
+    let flow = get_emb(key)?;
+    if now.wrapping_sub(flow.created_ns) > embryonic_timeout {
+        return None;
+    }
+    let partner = get_emb(&flow.partner_key(IPPROTO_TCP))?;
+    if !partner.points_back_to(key) {
+        return None;
+    }
+    Some(Found {
+        flow,
+        partner,
+        established: false,
+    })
+}
+
+/// Whether `key` is taken in either table (used to claim SNAT ports).
+#[inline(always)]
+pub fn established_has(key: &FlowKey) -> bool {
+    CT_ESTABLISHED.get_ptr(key).is_some()
+}
+
+/// Inserts a new reply entry only if its key is free: this is what claims an SNAT port.
+#[inline(always)]
+pub fn claim_embryonic(key: &FlowKey, flow: &Flow) -> bool {
+    CT_EMBRYONIC.insert(key, flow, BPF_NOEXIST as u64).is_ok()
+}
+
+/// Inserts (or replaces an expired) forward entry.
+#[inline(always)]
+pub fn insert_embryonic(key: &FlowKey, flow: &Flow) -> bool {
+    CT_EMBRYONIC.insert(key, flow, BPF_ANY as u64).is_ok()
+}
+
+#[inline(always)]
+pub fn remove_embryonic(key: &FlowKey) {
+    let _ = CT_EMBRYONIC.remove(key);
+}
+
+/// The backend answered the SYN: the client's next ACK establishes the flow.
+#[inline(always)]
+pub fn mark_syn_recv(forward: &mut Flow) {
+    if forward.state < FLOW_SYN_RECV {
+        forward.state = FLOW_SYN_RECV;
+    }
+}
+
+/// Moves a flow from the embryonic to the established table: both entries are inserted
+/// there first, then removed from the embryonic table, so a concurrent reader always finds
+/// the flow in one of them. Returns false (and leaves the embryonic flow alone) when the
+/// established table is full.
+#[inline(always)]
+pub fn promote(fwd_key: &FlowKey, found: &Found, now: u64) -> bool {
+    let mut fwd = *found.flow;
+    let mut rev = *found.partner;
+    fwd.state = FLOW_ESTABLISHED;
+    rev.state = FLOW_ESTABLISHED;
+    fwd.last_seen_ns = now;
+    rev.last_seen_ns = now;
+    let rev_key = fwd.partner_key(IPPROTO_TCP);
+    if CT_ESTABLISHED
+        .insert(&rev_key, &rev, BPF_ANY as u64)
+        .is_err()
+    {
+        return false;
+    }
+    if CT_ESTABLISHED
+        .insert(fwd_key, &fwd, BPF_ANY as u64)
+        .is_err()
+    {
+        let _ = CT_ESTABLISHED.remove(&rev_key);
+        return false;
+    }
+    remove_embryonic(fwd_key);
+    remove_embryonic(&rev_key);
+    stats::count(Counter::Established);
+    true
+}
+
+/// Refreshes `last_seen_ns`, at most once a second per entry (a shared cache line).
+#[inline(always)]
+pub fn touch(flow: &mut Flow, now: u64) {
+    if now.wrapping_sub(flow.last_seen_ns) > 1_000_000_000 {
+        flow.last_seen_ns = now;
+    }
+}

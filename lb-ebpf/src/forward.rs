@@ -1,0 +1,80 @@
+//! Next-hop lookup (`bpf_fib_lookup`) and transmission (XDP_TX or XDP_REDIRECT via devmap).
+use aya_ebpf::{
+    bindings::{bpf_fib_lookup, xdp_action},
+    helpers::generated::bpf_fib_lookup as fib_lookup_helper,
+    programs::XdpContext,
+};
+use lb_common::Counter;
+
+use crate::{maps::TX_PORTS, stats};
+
+const AF_INET: u8 = 2;
+/// Fill `ipv4_src` with the route's preferred source address (kernel 6.7+).
+const BPF_FIB_LOOKUP_SRC: u32 = 1 << 4;
+
+/// Where and how a new flow's packets leave.
+pub struct NextHop {
+    pub ifindex: u32,
+    pub src: u32,
+    pub smac: [u8; 6],
+    pub dmac: [u8; 6],
+}
+
+/// Looks up the route to `dst` (network order) for a packet that arrived on `ifindex`.
+/// `tot_len` 0 skips the MTU check (generic mode: GSO super-packets). On any result other
+/// than success returns the result code.
+#[inline(always)]
+pub fn lookup(
+    ctx: &XdpContext,
+    ifindex: u32,
+    dst: u32,
+    dport: u16,
+    tot_len: u16,
+) -> Result<NextHop, i64> {
+    // SAFETY: bpf_fib_lookup is a plain-old-data struct; all-zero is a valid value.
+    let mut p: bpf_fib_lookup = unsafe { core::mem::zeroed() };
+    p.family = AF_INET;
+    p.l4_protocol = crate::parse::IPPROTO_TCP;
+    p.dport = dport;
+    p.__bindgen_anon_1.tot_len = tot_len;
+    p.ifindex = ifindex;
+    p.__bindgen_anon_4.ipv4_dst = dst;
+    // SAFETY: `p` is a valid, writable bpf_fib_lookup of the size passed; ctx is the
+    // program's context pointer.
+    let rc = unsafe {
+        fib_lookup_helper(
+            ctx.ctx as *mut _,
+            &mut p,
+            core::mem::size_of::<bpf_fib_lookup>() as i32,
+            BPF_FIB_LOOKUP_SRC,
+        )
+    };
+    stats::count_fib(rc);
+    if rc != 0 {
+        return Err(rc);
+    }
+    // SAFETY: on success the kernel filled the IPv4 source union member.
+    let src = unsafe { p.__bindgen_anon_3.ipv4_src };
+    Ok(NextHop {
+        ifindex: p.ifindex,
+        src,
+        smac: p.smac,
+        dmac: p.dmac,
+    })
+}
+
+/// Sends the (rewritten) frame out of `ifindex`: back out of the ingress device with
+/// XDP_TX, otherwise through the devmap. An interface the agent did not register is a drop.
+#[inline(always)]
+pub fn transmit(ctx: &XdpContext, ifindex: u32) -> u32 {
+    if ifindex as usize == ctx.ingress_ifindex() {
+        return xdp_action::XDP_TX;
+    }
+    match TX_PORTS.redirect(ifindex, xdp_action::XDP_DROP as u64) {
+        Ok(action) => action,
+        Err(_) => {
+            stats::count(Counter::DropNoEgress);
+            xdp_action::XDP_DROP
+        }
+    }
+}

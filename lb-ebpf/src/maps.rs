@@ -1,0 +1,93 @@
+//! Every map of the data path. The agent owns (is the only writer of) `CONFIG`, `SERVICES`,
+//! `BACKEND_SETS`, `BACKENDS` and `TX_PORTS`; the program owns the connection tables and the
+//! counters. Sizes here are defaults: the agent may override `max_entries` at load time.
+use aya_ebpf::{
+    btf_maps::{Array, ArrayOfMaps, DevMapHash, HashMap, LruHashMap, PerCpuArray},
+    macros::btf_map,
+};
+use lb_common::{
+    BackendKey, BackendSet, BackendStats, Config, Flow, FlowKey, Service, ServiceKey, ServiceStats,
+    COUNTER_MAX, DEFAULT_EMBRYONIC_ENTRIES, DEFAULT_ESTABLISHED_ENTRIES, MAX_BACKENDS, MAX_IFACES,
+    MAX_SERVICES,
+};
+
+/// `BPF_F_NO_COMMON_LRU` is not used: a per-CPU LRU list would evict a flow whose reply
+/// arrived on another CPU.
+const NO_FLAGS: usize = 0;
+
+/// Runtime settings, index 0.
+#[btf_map]
+pub static CONFIG: Array<Config, 1> = Array::new();
+
+/// VIP:port -> service.
+#[btf_map]
+pub static SERVICES: HashMap<ServiceKey, Service, { MAX_SERVICES as usize }> = HashMap::new();
+
+/// Service id -> the service's current backend set (an inner array with one `BackendSet`).
+#[btf_map]
+pub static BACKEND_SETS: ArrayOfMaps<Array<BackendSet, 1>, { MAX_SERVICES as usize }> =
+    ArrayOfMaps::new();
+
+/// Backend data address:port -> stable backend id. Replies are only translated from these.
+#[btf_map]
+pub static BACKENDS: HashMap<BackendKey, u32, { MAX_BACKENDS as usize }> = HashMap::new();
+
+/// Flows whose handshake has not completed: evictable, expire after the connect timeout.
+#[btf_map]
+pub static CT_EMBRYONIC: LruHashMap<
+    FlowKey,
+    Flow,
+    { DEFAULT_EMBRYONIC_ENTRIES as usize },
+    NO_FLAGS,
+> = LruHashMap::new();
+
+/// Established flows: preallocated, never evicted; when full, new flows are refused.
+#[btf_map]
+pub static CT_ESTABLISHED: HashMap<FlowKey, Flow, { DEFAULT_ESTABLISHED_ENTRIES as usize }> =
+    HashMap::new();
+
+/// Round-robin cursor per service.
+#[btf_map]
+pub static RR_CURSOR: Array<u32, { MAX_SERVICES as usize }> = Array::new();
+
+/// Interfaces the program may redirect to (ifindex -> ifindex).
+#[btf_map]
+pub static TX_PORTS: DevMapHash<{ MAX_IFACES as usize }> = DevMapHash::new();
+
+/// Global counters, indexed by `lb_common::Counter`.
+#[btf_map]
+pub static STATS_GLOBAL: PerCpuArray<u64, { COUNTER_MAX as usize }> = PerCpuArray::new();
+
+/// Per-service counters, indexed by service id.
+#[btf_map]
+pub static STATS_SERVICE: PerCpuArray<ServiceStats, { MAX_SERVICES as usize }> = PerCpuArray::new();
+
+/// Per-backend counters, indexed by stable backend id.
+#[btf_map]
+pub static STATS_BACKEND: PerCpuArray<BackendStats, { MAX_BACKENDS as usize }> = PerCpuArray::new();
+
+/// Reads the runtime settings (all zero before the agent wrote them).
+#[inline(always)]
+pub fn config() -> Config {
+    match CONFIG.get(0) {
+        Some(c) => *c,
+        None => Config::default(),
+    }
+}
+
+/// The backend set currently installed for `service_id`, copied out of the inner map.
+#[inline(always)]
+pub fn backend_set(service_id: u32) -> Option<&'static BackendSet> {
+    BACKEND_SETS.get_value(service_id, &0)
+}
+
+/// Whether `addr:port` is a configured backend.
+#[inline(always)]
+pub fn is_backend(addr: u32, port: u16) -> bool {
+    let key = BackendKey {
+        addr,
+        port,
+        _pad: 0,
+    };
+    BACKENDS.get_ptr(key).is_some()
+}

@@ -1,0 +1,221 @@
+//! The two TCP paths: client -> VIP (forward: new flows are created here) and
+//! backend -> SNAT address (reply).
+use aya_ebpf::{bindings::xdp_action, programs::XdpContext};
+use aya_log_ebpf::info;
+use lb_common::{
+    Config, Counter, Flow, FlowKey, Service, CONFIG_F_DEBUG, CONFIG_F_GENERIC, DIR_FORWARD,
+    DIR_REPLY, FLOW_SYN_RECV, FLOW_SYN_SENT, IPPROTO_TCP,
+};
+use network_types::eth::EthHdr;
+
+use crate::{
+    conntrack, forward, nat,
+    parse::{Frame, Ip, Tcp, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN},
+    rst, service, snat, stats,
+};
+
+#[inline(always)]
+fn key_of(ip: &Ip, tcp: &Tcp) -> FlowKey {
+    FlowKey {
+        saddr: ip.saddr,
+        daddr: ip.daddr,
+        sport: tcp.sport,
+        dport: tcp.dport,
+        proto: IPPROTO_TCP,
+        _pad: [0; 3],
+    }
+}
+
+/// A packet from a client to a VIP:port of `svc`.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+pub fn forward(
+    ctx: &XdpContext,
+    f: Frame,
+    eth: &mut EthHdr,
+    ip: &mut Ip,
+    tcp: &mut Tcp,
+    svc: Service,
+    cfg: &Config,
+    now: u64,
+) -> u32 {
+    let key = key_of(ip, tcp);
+    let flags = tcp.flags;
+    let bytes = f.len() as u64;
+
+    if let Some(found) = conntrack::lookup(&key, now, cfg.embryonic_timeout_ns) {
+        if ip.ttl <= 1 {
+            stats::count(Counter::PassTtl);
+            return xdp_action::XDP_PASS;
+        }
+        if found.established {
+            conntrack::touch(found.flow, now);
+        } else if flags & (TCP_SYN | TCP_ACK | TCP_RST) == TCP_ACK
+            && found.flow.state == FLOW_SYN_RECV
+            && !conntrack::promote(&key, &found, now)
+        {
+            stats::service_drop(svc.id, Counter::DropEstablishedFull);
+            return xdp_action::XDP_DROP;
+        }
+        let flow = *found.flow;
+        return send(ctx, eth, ip, tcp, &flow, bytes, false);
+    }
+
+    // No flow: only a plain SYN may start one.
+    if flags & (TCP_SYN | TCP_ACK | TCP_RST | TCP_FIN) != TCP_SYN {
+        stats::service_drop(svc.id, Counter::DropNoFlow);
+        return xdp_action::XDP_DROP;
+    }
+    if ip.ttl <= 1 {
+        stats::count(Counter::PassTtl);
+        return xdp_action::XDP_PASS;
+    }
+    let Some((backend, generation)) = service::pick(svc.id) else {
+        stats::service_drop(svc.id, Counter::DropNoBackend);
+        return xdp_action::XDP_DROP;
+    };
+    let generic = cfg.flags & CONFIG_F_GENERIC != 0;
+    if generic && f.len() > 1514 {
+        stats::count(Counter::GenericLarge);
+    }
+    let tot_len = if generic { 0 } else { u16::from_be(ip.tot_len) };
+    let ingress = ctx.ingress_ifindex() as u32;
+    let hop = match forward::lookup(ctx, ingress, backend.addr, backend.port, tot_len) {
+        Ok(hop) => hop,
+        Err(_) => {
+            stats::service_drop(svc.id, Counter::DropFib);
+            return xdp_action::XDP_DROP;
+        }
+    };
+
+    let reply = Flow {
+        created_ns: now,
+        last_seen_ns: now,
+        generation,
+        nat_saddr: ip.daddr,
+        nat_daddr: ip.saddr,
+        ifindex: ingress,
+        backend_id: backend.id,
+        service_id: svc.id,
+        nat_sport: tcp.dport,
+        nat_dport: tcp.sport,
+        smac: eth.dst_addr,
+        dmac: eth.src_addr,
+        state: FLOW_SYN_SENT,
+        dir: DIR_REPLY,
+        _pad: [0; 2],
+    };
+    let Some(port) = snat::claim(
+        backend.addr,
+        backend.port,
+        hop.src,
+        cfg.snat_port_min,
+        cfg.snat_port_max,
+        &reply,
+    ) else {
+        stats::service_drop(svc.id, Counter::RstSnatExhausted);
+        return rst::reply(ctx);
+    };
+    let fwd = Flow {
+        nat_saddr: hop.src,
+        nat_daddr: backend.addr,
+        ifindex: hop.ifindex,
+        nat_sport: port,
+        nat_dport: backend.port,
+        smac: hop.smac,
+        dmac: hop.dmac,
+        dir: DIR_FORWARD,
+        ..reply
+    };
+    if !conntrack::insert_embryonic(&key, &fwd) {
+        conntrack::remove_embryonic(&fwd.partner_key(IPPROTO_TCP));
+        stats::service_drop(svc.id, Counter::DropEmbryonicFull);
+        return xdp_action::XDP_DROP;
+    }
+    stats::count(Counter::NewFlows);
+    if let Some(s) = stats::service(svc.id) {
+        s.new_flows += 1;
+    }
+    if let Some(b) = stats::backend(backend.id) {
+        b.new_flows += 1;
+    }
+    if cfg.flags & CONFIG_F_DEBUG != 0 {
+        info!(
+            ctx,
+            "new flow {:i}:{} -> backend {:i}:{} via snat {:i}:{} gen {}",
+            u32::from_be(ip.saddr),
+            u16::from_be(tcp.sport),
+            u32::from_be(backend.addr),
+            u16::from_be(backend.port),
+            u32::from_be(hop.src),
+            u16::from_be(port),
+            generation
+        );
+    }
+    send(ctx, eth, ip, tcp, &fwd, bytes, false)
+}
+
+/// A packet from a configured backend to an SNAT-range port.
+#[inline(always)]
+pub fn reply(
+    ctx: &XdpContext,
+    f: Frame,
+    eth: &mut EthHdr,
+    ip: &mut Ip,
+    tcp: &mut Tcp,
+    cfg: &Config,
+    now: u64,
+) -> u32 {
+    let key = key_of(ip, tcp);
+    let Some(found) = conntrack::lookup(&key, now, cfg.embryonic_timeout_ns) else {
+        stats::count(Counter::DropNoFlow);
+        return xdp_action::XDP_DROP;
+    };
+    if ip.ttl <= 1 {
+        stats::count(Counter::PassTtl);
+        return xdp_action::XDP_PASS;
+    }
+    if found.established {
+        conntrack::touch(found.flow, now);
+    } else if tcp.flags & (TCP_SYN | TCP_ACK) == (TCP_SYN | TCP_ACK) {
+        conntrack::mark_syn_recv(found.partner);
+    }
+    let flow = *found.flow;
+    send(ctx, eth, ip, tcp, &flow, f.len() as u64, true)
+}
+
+/// Rewrites the packet for `flow`, counts it and transmits it.
+#[inline(always)]
+fn send(
+    ctx: &XdpContext,
+    eth: &mut EthHdr,
+    ip: &mut Ip,
+    tcp: &mut Tcp,
+    flow: &Flow,
+    bytes: u64,
+    is_reply: bool,
+) -> u32 {
+    nat::rewrite(eth, ip, tcp, flow);
+    if is_reply {
+        stats::count(Counter::ReplyPackets);
+        if let Some(s) = stats::service(flow.service_id) {
+            s.reply_packets += 1;
+            s.reply_bytes += bytes;
+        }
+        if let Some(b) = stats::backend(flow.backend_id) {
+            b.reply_packets += 1;
+            b.reply_bytes += bytes;
+        }
+    } else {
+        stats::count(Counter::FwdPackets);
+        if let Some(s) = stats::service(flow.service_id) {
+            s.packets += 1;
+            s.bytes += bytes;
+        }
+        if let Some(b) = stats::backend(flow.backend_id) {
+            b.packets += 1;
+            b.bytes += bytes;
+        }
+    }
+    forward::transmit(ctx, flow.ifindex)
+}

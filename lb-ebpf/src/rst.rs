@@ -1,0 +1,103 @@
+//! RST synthesis: the segment under the program is turned into the RST a TCP stack would
+//! answer it with (RFC 9293 3.10.7.1), options and payload stripped, and sent back out of
+//! the ingress device.
+use aya_ebpf::{
+    bindings::xdp_action, helpers::generated::bpf_xdp_adjust_tail, programs::XdpContext,
+};
+use lb_common::Counter;
+
+use crate::{
+    csum,
+    parse::{
+        words20, EthIpTcp, Frame, ETH_LEN, IPPROTO_TCP, L4_OFF, TCP_ACK, TCP_FIN, TCP_LEN, TCP_RST,
+        TCP_SYN,
+    },
+    stats,
+};
+
+const RST_FRAME_LEN: usize = L4_OFF + TCP_LEN;
+
+/// Answers the segment with a RST. The caller checked the IPv4 header has no options.
+/// A RST is never answered (dropped instead).
+#[inline(always)]
+pub fn reply(ctx: &XdpContext) -> u32 {
+    let f = Frame::new(ctx);
+    let Some(h) = f.get::<EthIpTcp>(0) else {
+        return xdp_action::XDP_DROP;
+    };
+    let (eth, ip, tcp) = (&mut h.eth, &mut h.ip, &mut h.tcp);
+    let flags = tcp.flags;
+    if flags & TCP_RST != 0 {
+        return xdp_action::XDP_DROP;
+    }
+    let seg_seq = u32::from_be_bytes(tcp.seq);
+    let seg_ack = u32::from_be_bytes(tcp.ack);
+    let hdrs = 20u32 + ((tcp.doff >> 4) as u32) * 4;
+    let payload = (u16::from_be(ip.tot_len) as u32).saturating_sub(hdrs);
+
+    let (seq, ack, out_flags) = if flags & TCP_ACK != 0 {
+        (seg_ack, 0u32, TCP_RST)
+    } else {
+        let mut len = payload;
+        if flags & TCP_SYN != 0 {
+            len += 1;
+        }
+        if flags & TCP_FIN != 0 {
+            len += 1;
+        }
+        (0u32, seg_seq.wrapping_add(len), TCP_RST | TCP_ACK)
+    };
+
+    let mac = eth.src_addr;
+    eth.src_addr = eth.dst_addr;
+    eth.dst_addr = mac;
+
+    let addr = ip.saddr;
+    ip.saddr = ip.daddr;
+    ip.daddr = addr;
+    ip.vihl = 0x45;
+    ip.tos = 0;
+    ip.tot_len = ((RST_FRAME_LEN - ETH_LEN) as u16).to_be();
+    ip.id = 0;
+    ip.frag_off = 0x4000u16.to_be();
+    ip.ttl = 64;
+    ip.proto = IPPROTO_TCP;
+    ip.check = 0;
+
+    let port = tcp.sport;
+    tcp.sport = tcp.dport;
+    tcp.dport = port;
+    tcp.seq = seq.to_be_bytes();
+    tcp.ack = ack.to_be_bytes();
+    tcp.doff = 5 << 4;
+    tcp.flags = out_flags;
+    tcp.window = 0;
+    tcp.check = 0;
+    tcp.urg = 0;
+
+    let extra = f.len() as i32 - RST_FRAME_LEN as i32;
+    if extra > 0 {
+        // SAFETY: shrinking the frame by its bytes beyond the RST's headers.
+        if unsafe { bpf_xdp_adjust_tail(ctx.ctx as *mut _, -extra) } != 0 {
+            return xdp_action::XDP_DROP;
+        }
+    }
+    // The frame may have moved: look at it anew.
+    let f = Frame::new(ctx);
+    let Some(h) = f.get::<EthIpTcp>(0) else {
+        return xdp_action::XDP_DROP;
+    };
+    let ip = &mut h.ip;
+    let ip_check = csum::finish(csum::sum_words(words20(ip)));
+    let pseudo = (ip.saddr >> 16) as u64
+        + (ip.saddr & 0xffff) as u64
+        + (ip.daddr >> 16) as u64
+        + (ip.daddr & 0xffff) as u64
+        + u16::from_ne_bytes([0, IPPROTO_TCP]) as u64
+        + u16::from_ne_bytes([0, TCP_LEN as u8]) as u64;
+    let tcp_check = csum::finish(pseudo + csum::sum_words(words20(&h.tcp)));
+    ip.check = ip_check;
+    h.tcp.check = tcp_check;
+    stats::count(Counter::RstSent);
+    xdp_action::XDP_TX
+}

@@ -1,0 +1,47 @@
+//! SNAT port claim: a free port on the balancer's backend-facing address for a new flow.
+//!
+//! A port is claimed by inserting the flow's reply entry (backend -> SNAT address:port) into
+//! the embryonic table with BPF_NOEXIST; a port whose reply key is in the established table is
+//! taken too. The search starts at a random port and gives up after `SNAT_TRIES` ports.
+use aya_ebpf::helpers::bpf_get_prandom_u32;
+use lb_common::{Flow, FlowKey, IPPROTO_TCP};
+
+use crate::conntrack;
+
+pub const SNAT_TRIES: u32 = 32;
+
+/// Claims a port for the reply entry `reply` from `backend:bport` to `snat_addr`, trying
+/// ports in `[min, max]` (host order). Returns the port (network order) or `None`.
+#[inline(always)]
+pub fn claim(
+    backend: u32,
+    bport: u16,
+    snat_addr: u32,
+    min: u16,
+    max: u16,
+    reply: &Flow,
+) -> Option<u16> {
+    if max < min {
+        return None;
+    }
+    let range = (max - min) as u32 + 1;
+    // SAFETY: helper without arguments.
+    let start = unsafe { bpf_get_prandom_u32() } % range;
+    let mut i = 0;
+    while i < SNAT_TRIES {
+        let port = (min as u32 + (start + i) % range) as u16;
+        let key = FlowKey {
+            saddr: backend,
+            daddr: snat_addr,
+            sport: bport,
+            dport: port.to_be(),
+            proto: IPPROTO_TCP,
+            _pad: [0; 3],
+        };
+        if !conntrack::established_has(&key) && conntrack::claim_embryonic(&key, reply) {
+            return Some(port.to_be());
+        }
+        i += 1;
+    }
+    None
+}

@@ -1,0 +1,439 @@
+//! The TOML configuration: model, defaults and validation. Every error names the file, the
+//! line and what is wrong.
+use std::{
+    collections::HashSet,
+    net::{Ipv4Addr, SocketAddrV4},
+    ops::Range,
+    path::{Path, PathBuf},
+    time::Duration,
+};
+
+use anyhow::{bail, Context, Result};
+use serde::Deserialize;
+use toml::Spanned;
+
+/// Default SNAT port range: below Linux's default ephemeral range (32768-60999).
+pub const DEFAULT_SNAT_PORTS: (u16, u16) = (10000, 32767);
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    instance: Option<Spanned<String>>,
+    snat_ports: Option<Spanned<String>>,
+    vip_mode: Option<Spanned<String>>,
+    #[serde(default)]
+    debug: bool,
+    #[serde(default)]
+    timeouts: RawTimeouts,
+    #[serde(default)]
+    tables: RawTables,
+    #[serde(default, rename = "backend")]
+    backends: Vec<RawBackend>,
+    #[serde(default, rename = "service")]
+    services: Vec<RawService>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawTimeouts {
+    connect: Option<Spanned<String>>,
+    idle: Option<Spanned<String>>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawTables {
+    embryonic: Option<u32>,
+    established: Option<u32>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawBackend {
+    name: Spanned<String>,
+    address: Spanned<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawService {
+    name: Spanned<String>,
+    vip: Spanned<String>,
+    backend_port: Spanned<u16>,
+    backends: Spanned<Vec<String>>,
+}
+
+/// How a VIP reaches this host.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum VipMode {
+    /// The VIP is an address of an attached interface; lb adds it if missing.
+    Local,
+    /// Traffic for the VIP is routed to this host; lb adds no address.
+    Routed,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Backend {
+    pub name: String,
+    pub address: Ipv4Addr,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Service {
+    pub name: String,
+    pub vip: SocketAddrV4,
+    pub backend_port: u16,
+    /// Indexes into [`Config::backends`].
+    pub backends: Vec<usize>,
+}
+
+/// A validated configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub path: PathBuf,
+    pub instance: String,
+    pub snat_ports: (u16, u16),
+    pub vip_mode: VipMode,
+    pub debug: bool,
+    pub connect_timeout: Duration,
+    pub idle_timeout: Duration,
+    pub embryonic_entries: u32,
+    pub established_entries: u32,
+    pub backends: Vec<Backend>,
+    pub services: Vec<Service>,
+}
+
+/// An error at a place in the file.
+fn at(path: &Path, text: &str, span: Range<usize>, msg: impl std::fmt::Display) -> anyhow::Error {
+    let line = text[..span.start.min(text.len())].matches('\n').count() + 1;
+    anyhow::anyhow!("{}:{line}: {msg}", path.display())
+}
+
+fn parse_duration(path: &Path, text: &str, v: &Spanned<String>, what: &str) -> Result<Duration> {
+    humantime::parse_duration(v.get_ref()).map_err(|e| {
+        at(
+            path,
+            text,
+            v.span(),
+            format!("{what}: {e} (examples: \"30s\", \"2h\", \"500ms\")"),
+        )
+    })
+}
+
+impl Config {
+    pub fn load(path: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("cannot read config {}", path.display()))?;
+        Self::parse(path, &text)
+    }
+
+    pub fn parse(path: &Path, text: &str) -> Result<Self> {
+        let raw: RawConfig = toml::from_str(text).map_err(|e| {
+            let line = e
+                .span()
+                .map(|s| text[..s.start.min(text.len())].matches('\n').count() + 1);
+            match line {
+                Some(l) => anyhow::anyhow!("{}:{l}: {}", path.display(), e.message()),
+                None => anyhow::anyhow!("{}: {}", path.display(), e.message()),
+            }
+        })?;
+
+        let instance = match &raw.instance {
+            Some(i) => {
+                let s = i.get_ref();
+                if s.is_empty()
+                    || s.len() > 64
+                    || !s
+                        .chars()
+                        .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+                {
+                    return Err(at(
+                        path,
+                        text,
+                        i.span(),
+                        "instance: use 1-64 letters, digits, '-' or '_'",
+                    ));
+                }
+                s.clone()
+            }
+            None => "default".to_string(),
+        };
+
+        let snat_ports = match &raw.snat_ports {
+            None => DEFAULT_SNAT_PORTS,
+            Some(s) => {
+                let bad = || {
+                    at(path, text, s.span(), format!("snat_ports = {:?}: expected \"FIRST-LAST\", e.g. \"10000-32767\", with 1024 <= FIRST <= LAST", s.get_ref()))
+                };
+                let (a, b) = s.get_ref().split_once('-').ok_or_else(bad)?;
+                let (a, b): (u16, u16) = (
+                    a.trim().parse().map_err(|_| bad())?,
+                    b.trim().parse().map_err(|_| bad())?,
+                );
+                if a < 1024 || a > b {
+                    return Err(bad());
+                }
+                (a, b)
+            }
+        };
+
+        let vip_mode = match raw
+            .vip_mode
+            .as_ref()
+            .map(|v| (v.get_ref().as_str(), v.span()))
+        {
+            None | Some(("local", _)) => VipMode::Local,
+            Some(("routed", _)) => VipMode::Routed,
+            Some((other, span)) => {
+                return Err(at(
+                    path,
+                    text,
+                    span,
+                    format!("vip_mode = {other:?}: expected \"local\" or \"routed\""),
+                ))
+            }
+        };
+
+        let connect_timeout = match &raw.timeouts.connect {
+            Some(v) => parse_duration(path, text, v, "timeouts.connect")?,
+            None => Duration::from_secs(30),
+        };
+        let idle_timeout = match &raw.timeouts.idle {
+            Some(v) => parse_duration(path, text, v, "timeouts.idle")?,
+            None => Duration::from_secs(2 * 3600),
+        };
+
+        let mut backends = Vec::new();
+        let mut names = HashSet::new();
+        for b in &raw.backends {
+            let name = b.name.get_ref().clone();
+            if !names.insert(name.clone()) {
+                return Err(at(
+                    path,
+                    text,
+                    b.name.span(),
+                    format!("backend {name:?} is defined twice"),
+                ));
+            }
+            let address: Ipv4Addr = b.address.get_ref().parse().map_err(|_| {
+                at(
+                    path,
+                    text,
+                    b.address.span(),
+                    format!(
+                        "backend {name:?}: address {:?} is not an IPv4 address",
+                        b.address.get_ref()
+                    ),
+                )
+            })?;
+            backends.push(Backend { name, address });
+        }
+        if backends.len() > lb_common::MAX_BACKENDS as usize {
+            bail!(
+                "{}: {} backends; at most {} are supported",
+                path.display(),
+                backends.len(),
+                lb_common::MAX_BACKENDS
+            );
+        }
+
+        let mut services = Vec::new();
+        let mut vips = HashSet::new();
+        let mut snames = HashSet::new();
+        for s in &raw.services {
+            let name = s.name.get_ref().clone();
+            if !snames.insert(name.clone()) {
+                return Err(at(
+                    path,
+                    text,
+                    s.name.span(),
+                    format!("service {name:?} is defined twice"),
+                ));
+            }
+            let vip: SocketAddrV4 = s.vip.get_ref().parse().map_err(|_| {
+                at(
+                    path,
+                    text,
+                    s.vip.span(),
+                    format!(
+                        "service {name:?}: vip {:?} is not IPV4:PORT, e.g. \"192.0.2.10:7680\"",
+                        s.vip.get_ref()
+                    ),
+                )
+            })?;
+            if !vips.insert(vip) {
+                return Err(at(
+                    path,
+                    text,
+                    s.vip.span(),
+                    format!("service {name:?}: vip {vip} is used by another service"),
+                ));
+            }
+            if *s.backend_port.get_ref() == 0 {
+                return Err(at(
+                    path,
+                    text,
+                    s.backend_port.span(),
+                    format!("service {name:?}: backend_port must be 1-65535"),
+                ));
+            }
+            let mut idx = Vec::new();
+            for bn in s.backends.get_ref() {
+                let i = backends.iter().position(|b| &b.name == bn).ok_or_else(|| {
+                    let known: Vec<_> = backends.iter().map(|b| b.name.as_str()).collect();
+                    at(
+                        path,
+                        text,
+                        s.backends.span(),
+                        format!(
+                            "service {name:?}: unknown backend {bn:?} (defined: {})",
+                            known.join(", ")
+                        ),
+                    )
+                })?;
+                if !idx.contains(&i) {
+                    idx.push(i);
+                }
+            }
+            if idx.len() > lb_common::MAX_SET_SIZE {
+                return Err(at(
+                    path,
+                    text,
+                    s.backends.span(),
+                    format!(
+                        "service {name:?}: at most {} backends per service",
+                        lb_common::MAX_SET_SIZE
+                    ),
+                ));
+            }
+            services.push(Service {
+                name,
+                vip,
+                backend_port: *s.backend_port.get_ref(),
+                backends: idx,
+            });
+        }
+        if services.is_empty() {
+            bail!(
+                "{}: no [[service]] defined; lb has nothing to balance",
+                path.display()
+            );
+        }
+        if services.len() > lb_common::MAX_SERVICES as usize {
+            bail!(
+                "{}: {} services; at most {} are supported",
+                path.display(),
+                services.len(),
+                lb_common::MAX_SERVICES
+            );
+        }
+
+        Ok(Self {
+            path: path.to_path_buf(),
+            instance,
+            snat_ports,
+            vip_mode,
+            debug: raw.debug,
+            connect_timeout,
+            idle_timeout,
+            embryonic_entries: raw
+                .tables
+                .embryonic
+                .unwrap_or(lb_common::DEFAULT_EMBRYONIC_ENTRIES),
+            established_entries: raw
+                .tables
+                .established
+                .unwrap_or(lb_common::DEFAULT_ESTABLISHED_ENTRIES),
+            backends,
+            services,
+        })
+    }
+
+    /// Distinct VIP addresses.
+    pub fn vip_addrs(&self) -> Vec<Ipv4Addr> {
+        let mut v: Vec<Ipv4Addr> = self.services.iter().map(|s| *s.vip.ip()).collect();
+        v.sort();
+        v.dedup();
+        v
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"
+instance = "t1"
+snat_ports = "20000-29999"
+[timeouts]
+connect = "5s"
+[[backend]]
+name = "db01"
+address = "10.0.1.10"
+[[backend]]
+name = "db02"
+address = "10.0.1.11"
+[[service]]
+name = "write"
+vip = "198.18.0.10:7680"
+backend_port = 7687
+backends = ["db01"]
+[[service]]
+name = "read"
+vip = "198.18.0.10:7681"
+backend_port = 7687
+backends = ["db02", "db01"]
+"#;
+
+    fn err(text: &str) -> String {
+        format!(
+            "{:#}",
+            Config::parse(Path::new("lb.toml"), text).unwrap_err()
+        )
+    }
+
+    #[test]
+    fn a_valid_config_parses_with_defaults_filled_in() {
+        let c = Config::parse(Path::new("lb.toml"), GOOD).unwrap();
+        assert_eq!(c.instance, "t1");
+        assert_eq!(c.snat_ports, (20000, 29999));
+        assert_eq!(c.connect_timeout, Duration::from_secs(5));
+        assert_eq!(c.idle_timeout, Duration::from_secs(7200));
+        assert_eq!(c.services[1].backends, vec![1, 0]);
+        assert_eq!(c.vip_addrs(), vec![Ipv4Addr::new(198, 18, 0, 10)]);
+        assert_eq!(c.vip_mode, VipMode::Local);
+    }
+
+    #[test]
+    fn an_unknown_backend_is_reported_with_its_line() {
+        let bad = GOOD.replace(r#"backends = ["db02", "db01"]"#, r#"backends = ["db09"]"#);
+        let e = err(&bad);
+        assert!(
+            e.starts_with("lb.toml:21: service \"read\": unknown backend \"db09\""),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn syntax_errors_and_unknown_keys_name_the_line() {
+        assert!(
+            err("instance = \n").starts_with("lb.toml:1:"),
+            "{}",
+            err("instance = \n")
+        );
+        let e = err(&GOOD.replace("snat_ports", "snat_portz"));
+        assert!(
+            e.starts_with("lb.toml:3:") && e.contains("snat_portz"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn bad_values_say_what_is_expected() {
+        assert!(err(&GOOD.replace("20000-29999", "300-200")).contains("expected \"FIRST-LAST\""));
+        assert!(err(&GOOD.replace("198.18.0.10:7680", "nowhere")).contains("is not IPV4:PORT"));
+        assert!(err(&GOOD.replace("\"5s\"", "\"soon\"")).contains("timeouts.connect"));
+        assert!(err(&GOOD.replace("10.0.1.11", "10.0.1.300")).contains("not an IPv4 address"));
+        assert!(err(&GOOD.replace(":7681", ":7680")).contains("used by another service"));
+    }
+}

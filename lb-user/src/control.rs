@@ -1,0 +1,174 @@
+//! The only writer of the configuration and backend-set maps. Backend sets are replaced
+//! atomically: a complete set is written into a spare inner map, the outer slot is swapped to
+//! it, and the previous inner map becomes the spare only after the swap returned (the kernel
+//! waits for in-flight readers before the update returns). A live inner map is never written.
+use std::net::Ipv4Addr;
+
+use anyhow::{Context, Result};
+use aya::{
+    maps::{Array, ArrayOfMaps, DevMapHash, HashMap, MapData},
+    Ebpf,
+};
+use lb_common::{
+    addr_be, names, port_be, Backend, BackendKey, BackendSet, Config as MapConfig, Service,
+    ServiceKey, CONFIG_F_DEBUG, CONFIG_F_GENERIC, IPPROTO_TCP, MAX_SERVICES, MAX_SET_SIZE,
+};
+use tracing::info;
+
+use crate::config::Config;
+
+/// A backend as the data path sees it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Member {
+    pub id: u32,
+    pub addr: Ipv4Addr,
+    pub port: u16,
+}
+
+pub struct Control {
+    config: Array<MapData, MapConfig>,
+    services: HashMap<MapData, ServiceKey, Service>,
+    backends: HashMap<MapData, BackendKey, u32>,
+    sets: ArrayOfMaps<MapData, Array<MapData, BackendSet>>,
+    tx_ports: DevMapHash<MapData>,
+    live: Vec<Option<Array<MapData, BackendSet>>>,
+    spare: Vec<Option<Array<MapData, BackendSet>>>,
+    generation: u64,
+}
+
+fn take<T: TryFrom<aya::maps::Map, Error = aya::maps::MapError>>(
+    ebpf: &mut Ebpf,
+    name: &str,
+) -> Result<T> {
+    let map = ebpf
+        .take_map(name)
+        .with_context(|| format!("the object has no map {name}"))?;
+    T::try_from(map).with_context(|| format!("map {name} has an unexpected type or layout"))
+}
+
+impl Control {
+    /// Takes the maps it owns out of the loaded object.
+    pub fn new(ebpf: &mut Ebpf) -> Result<Self> {
+        let n = MAX_SERVICES as usize;
+        Ok(Self {
+            config: take(ebpf, names::CONFIG)?,
+            services: take(ebpf, names::SERVICES)?,
+            backends: take(ebpf, names::BACKENDS)?,
+            sets: take(ebpf, names::BACKEND_SETS)?,
+            tx_ports: take(ebpf, names::TX_PORTS)?,
+            live: (0..n).map(|_| None).collect(),
+            spare: (0..n).map(|_| None).collect(),
+            generation: 0,
+        })
+    }
+
+    /// Writes the data path's runtime settings.
+    pub fn write_config(&mut self, cfg: &Config, generic: bool) -> Result<()> {
+        let mut flags = 0;
+        if cfg.debug {
+            flags |= CONFIG_F_DEBUG;
+        }
+        if generic {
+            flags |= CONFIG_F_GENERIC;
+        }
+        let c = MapConfig {
+            embryonic_timeout_ns: cfg.connect_timeout.as_nanos() as u64,
+            idle_timeout_ns: cfg.idle_timeout.as_nanos() as u64,
+            snat_port_min: cfg.snat_ports.0,
+            snat_port_max: cfg.snat_ports.1,
+            flags,
+        };
+        self.config.set(0, c, 0).context("write CONFIG")
+    }
+
+    /// Lets the program redirect to these interfaces.
+    pub fn register_ifaces(&mut self, ifindexes: &[u32]) -> Result<()> {
+        for &i in ifindexes {
+            self.tx_ports
+                .insert(i, i, None, 0)
+                .with_context(|| format!("add ifindex {i} to TX_PORTS"))?;
+        }
+        Ok(())
+    }
+
+    /// Registers every service's VIP:port and every backend's data address:port.
+    pub fn install_services(&mut self, cfg: &Config) -> Result<()> {
+        for (id, s) in cfg.services.iter().enumerate() {
+            let key = ServiceKey {
+                addr: addr_be(s.vip.ip().octets()),
+                port: port_be(s.vip.port()),
+                proto: IPPROTO_TCP,
+                _pad: 0,
+            };
+            self.services
+                .insert(
+                    key,
+                    Service {
+                        id: id as u32,
+                        flags: 0,
+                    },
+                    0,
+                )
+                .with_context(|| format!("add service {} to SERVICES", s.name))?;
+            for &b in &s.backends {
+                let be = &cfg.backends[b];
+                let key = BackendKey {
+                    addr: addr_be(be.address.octets()),
+                    port: port_be(s.backend_port),
+                    _pad: 0,
+                };
+                self.backends
+                    .insert(key, b as u32, 0)
+                    .with_context(|| format!("add backend {} to BACKENDS", be.name))?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Installs `members` as service `service`'s backend set, atomically. Returns the
+    /// generation installed.
+    pub fn install_set(&mut self, service: u32, members: &[Member]) -> Result<u64> {
+        let slot = service as usize;
+        anyhow::ensure!(slot < self.live.len(), "service id {service} out of range");
+        anyhow::ensure!(
+            members.len() <= MAX_SET_SIZE,
+            "at most {MAX_SET_SIZE} backends per set"
+        );
+        self.generation += 1;
+        let mut set = BackendSet {
+            generation: self.generation,
+            count: members.len() as u32,
+            ..Default::default()
+        };
+        for (m, out) in members.iter().zip(set.members.iter_mut()) {
+            *out = Backend {
+                addr: addr_be(m.addr.octets()),
+                port: port_be(m.port),
+                _pad: 0,
+                id: m.id,
+                _pad2: 0,
+            };
+        }
+        let mut inner = match self.spare[slot].take() {
+            Some(m) => m,
+            None => {
+                Array::<MapData, BackendSet>::create(1, 0).context("create a backend-set map")?
+            }
+        };
+        inner
+            .set(0, set, 0)
+            .context("fill the spare backend-set map")?;
+        self.sets
+            .set(service, &inner, 0)
+            .context("swap the backend-set map in")?;
+        // The update returned: no reader still sees the previous inner map.
+        self.spare[slot] = self.live[slot].replace(inner);
+        info!(
+            service,
+            generation = self.generation,
+            members = members.len(),
+            "backend set installed"
+        );
+        Ok(self.generation)
+    }
+}

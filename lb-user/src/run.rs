@@ -1,0 +1,172 @@
+//! `lb run`: load, attach, fill the maps, serve until SIGINT/SIGTERM, then undo everything.
+use std::path::PathBuf;
+
+use anyhow::{bail, Context, Result};
+use aya::programs::XdpMode;
+use tokio::{
+    io::unix::AsyncFd,
+    signal::unix::{signal, SignalKind},
+};
+use tracing::{info, warn};
+
+use crate::{
+    config::{Config, VipMode},
+    control::{Control, Member},
+    dataplane::{self, AttachMode},
+    host::{self, HostChanges},
+    status::{self, InstanceInfo},
+};
+
+pub struct RunArgs {
+    pub config: PathBuf,
+    pub ifaces: Vec<String>,
+    pub xdp_mode: AttachMode,
+    pub instance: Option<String>,
+}
+
+pub async fn run(args: RunArgs) -> Result<()> {
+    let mut cfg = Config::load(&args.config)?;
+    if let Some(i) = args.instance {
+        cfg.instance = i;
+    }
+    if !nix::unistd::geteuid().is_root() {
+        bail!("lb run needs root (CAP_BPF, CAP_NET_ADMIN, CAP_SYS_ADMIN): run it with sudo");
+    }
+    if args.ifaces.is_empty() {
+        bail!("no --iface given: name the interface(s) clients and backends are reached on, e.g. --iface eth0");
+    }
+    let ifindexes: Vec<u32> = args
+        .ifaces
+        .iter()
+        .map(|i| host::if_index(i))
+        .collect::<Result<_>>()?;
+    host::check_snat_range(cfg.snat_ports)?;
+    dataplane::ensure_bpffs()?;
+
+    let mut ebpf = dataplane::load(&cfg)?;
+    let pin_dir = dataplane::pin_dir(&cfg.instance);
+    dataplane::pin_maps(&ebpf, &pin_dir)?;
+    let result = serve(&mut ebpf, &cfg, &args.ifaces, &ifindexes, args.xdp_mode).await;
+    if let Err(e) = dataplane::unpin(&pin_dir) {
+        warn!("{e:#}");
+    }
+    let _ = std::fs::remove_file(status::info_path(&cfg.instance));
+    result
+}
+
+async fn serve(
+    ebpf: &mut aya::Ebpf,
+    cfg: &Config,
+    ifaces: &[String],
+    ifindexes: &[u32],
+    mode: AttachMode,
+) -> Result<()> {
+    let mut logger = match aya_log::EbpfLogger::init(ebpf) {
+        Ok(l) => Some(l),
+        Err(e) => {
+            warn!("the data path's debug log is unavailable: {e}");
+            None
+        }
+    };
+    let mut control = Control::new(ebpf)?;
+    let mut host = HostChanges::default();
+    for iface in ifaces {
+        host.enable_forwarding(iface)?;
+    }
+    host.reserve_ports(cfg.snat_ports)?;
+    match cfg.vip_mode {
+        VipMode::Local => {
+            for vip in cfg.vip_addrs() {
+                host.ensure_vip(vip, &ifaces[0], ifaces)?;
+            }
+            info!("vip_mode = local: VIPs are local addresses of the attached interfaces");
+        }
+        VipMode::Routed => info!(
+            "vip_mode = routed: traffic for the VIPs must be routed to this host; no address added"
+        ),
+    }
+
+    for b in &cfg.backends {
+        host.manage_neighbor(b.address)?;
+    }
+
+    // Fill every map before the program sees a packet.
+    control.write_config(cfg, mode == AttachMode::Generic)?;
+    control.register_ifaces(ifindexes)?;
+    control.install_services(cfg)?;
+    for (id, s) in cfg.services.iter().enumerate() {
+        let members: Vec<Member> = s
+            .backends
+            .iter()
+            .map(|&b| Member {
+                id: b as u32,
+                addr: cfg.backends[b].address,
+                port: s.backend_port,
+            })
+            .collect();
+        let generation = control.install_set(id as u32, &members)?;
+        let names: Vec<&str> = s
+            .backends
+            .iter()
+            .map(|&b| cfg.backends[b].name.as_str())
+            .collect();
+        info!(service = %s.name, vip = %s.vip, backends = ?names, generation, "service configured");
+    }
+
+    let modes = dataplane::attach(ebpf, ifaces, mode)?;
+    let generic = modes.contains(&XdpMode::Skb);
+    if generic && mode != AttachMode::Generic {
+        control.write_config(cfg, true)?;
+    }
+    let range = (cfg.snat_ports.1 - cfg.snat_ports.0) as u64 + 1;
+    info!(
+        "capacity: {range} SNAT ports x {} backends = {} concurrent flows; tables: {} embryonic, {} established entries",
+        cfg.backends.len(),
+        range * cfg.backends.len() as u64,
+        cfg.embryonic_entries,
+        cfg.established_entries
+    );
+    status::write_info(&InstanceInfo {
+        instance: cfg.instance.clone(),
+        services: cfg.services.iter().map(|s| s.name.clone()).collect(),
+        backends: cfg.backends.iter().map(|b| b.name.clone()).collect(),
+        ifaces: ifaces.to_vec(),
+        mode: if generic {
+            "generic".into()
+        } else {
+            "native".into()
+        },
+    })?;
+    eprintln!(
+        "lb ready instance={} ifaces={} mode={}",
+        cfg.instance,
+        ifaces.join(","),
+        if generic { "generic" } else { "native" }
+    );
+
+    let mut term = signal(SignalKind::terminate()).context("install SIGTERM handler")?;
+    let mut int = signal(SignalKind::interrupt()).context("install SIGINT handler")?;
+    let mut log_fd = match logger.take() {
+        // SAFETY: the logger owns its ring-buffer fd, which stays open for as long as the
+        // AsyncFd (which owns the logger) exists.
+        Some(l) => Some(
+            unsafe { AsyncFd::register_with_interest(l, tokio::io::Interest::READABLE) }
+                .map_err(|e| anyhow::anyhow!("poll the data path's log ring: {e}"))?,
+        ),
+        None => None,
+    };
+    loop {
+        tokio::select! {
+            _ = term.recv() => break,
+            _ = int.recv() => break,
+            r = async { match log_fd.as_mut() { Some(fd) => fd.readable_mut().await, None => std::future::pending().await } } => {
+                let mut guard = r.context("log ring")?;
+                guard.get_inner_mut().flush();
+                guard.clear_ready();
+            }
+        }
+    }
+    info!("stopping: detaching XDP, restoring host settings");
+    host.restore();
+    Ok(())
+}
