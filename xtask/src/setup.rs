@@ -1,0 +1,260 @@
+//! `cargo xtask setup`: installs what this project needs and is missing, nothing else.
+//!
+//! Steps, each a quick check first: Debian packages, `rust-src` for the installed nightly, bpf-linker
+//! 0.13.0 built against that nightly's own libLLVM into `<repo>/.tools`, the Python venv with the
+//! pinned Neo4j driver, and bpffs at /sys/fs/bpf. A run with nothing to do prints "setup: up to date".
+
+use std::fs;
+use std::path::Path;
+
+use anyhow::{bail, Context, Result};
+
+use crate::cmd::{cargo, cmd, probe, probe_stdout, repo, run};
+
+/// Debian packages the tools, tests and demo use.
+pub const PACKAGES: &[&str] = &[
+    "iproute2",     // ip netns, veth, bridge
+    "ethtool",      // offload settings on veths
+    "bpftool",      // inspecting maps and programs
+    "tcpdump",      // packet captures when debugging
+    "iperf3",       // throughput runs
+    "haproxy",      // the setup lb replaces, for comparison
+    "nftables",     // NAT baselines
+    "iputils-ping", // harness smoke tests
+    "procps",       // sysctl in namespaces
+    "python3-venv", // the Neo4j driver venv
+    "python3-pip",
+];
+
+/// The nightly the eBPF build and bpf-linker are tied to (platform-facts).
+pub const NIGHTLY: &str = "1.97.0-nightly (2026-05-19)";
+/// The bpf-linker release that works with that nightly's LLVM 22.
+pub const BPF_LINKER: &str = "0.13.0";
+/// Written when `tests/py/requirements.txt` does not exist yet.
+pub const DEFAULT_NEO4J_PIN: &str = "neo4j==6.0.2";
+
+/// Runs every step; prints "setup: up to date" when none had anything to do.
+pub fn setup() -> Result<()> {
+    let repo = repo();
+    let mut done: Vec<String> = Vec::new();
+    debian_packages(&mut done)?;
+    rust_src(&mut done)?;
+    bpf_linker(&repo, &mut done)?;
+    python_venv(&repo, &mut done)?;
+    bpffs(&mut done)?;
+    if done.is_empty() {
+        println!("setup: up to date");
+    } else {
+        println!("setup: done ({})", done.join("; "));
+    }
+    Ok(())
+}
+
+fn require_root(what: &str) -> Result<()> {
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    if unsafe { libc::geteuid() } != 0 {
+        bail!("{what} needs root: run `cargo xtask setup` as root (sudo -E cargo xtask setup)");
+    }
+    Ok(())
+}
+
+fn debian_packages(done: &mut Vec<String>) -> Result<()> {
+    let out = probe(cmd("dpkg-query", &["-W", "-f=${Package} ${Status}\\n"]).args(PACKAGES))
+        .context("dpkg-query is missing: setup supports Debian/Ubuntu machines")?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    let missing: Vec<&str> = PACKAGES
+        .iter()
+        .copied()
+        .filter(|p| {
+            !text
+                .lines()
+                .any(|l| l.starts_with(&format!("{p} ")) && l.ends_with("install ok installed"))
+        })
+        .collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    require_root("installing Debian packages")?;
+    run(&mut cmd("apt-get", &["update"]))?;
+    run(
+        cmd("apt-get", &["install", "-y", "--no-install-recommends"])
+            .args(&missing)
+            .env("DEBIAN_FRONTEND", "noninteractive"),
+    )?;
+    done.push(format!("installed {}", missing.join(" ")));
+    Ok(())
+}
+
+fn rust_src(done: &mut Vec<String>) -> Result<()> {
+    let Some(version) = probe_stdout(&mut cmd(
+        "rustup",
+        &["run", "nightly", "rustc", "--version"],
+    )) else {
+        bail!(
+            "the nightly toolchain is missing: this project expects rustc {NIGHTLY} as `nightly` \
+             (install it with `rustup toolchain install nightly-2026-05-19` and name it nightly, e.g. \
+             `rustup toolchain link`); setup never updates or replaces a nightly"
+        );
+    };
+    if !version.contains("1.97.0-nightly") {
+        eprintln!(
+            "setup: warning: `nightly` is {}, expected {NIGHTLY}; bpf-linker {BPF_LINKER} may not match its LLVM",
+            version.trim()
+        );
+    }
+    let installed = probe_stdout(&mut cmd(
+        "rustup",
+        &["component", "list", "--installed", "--toolchain", "nightly"],
+    ))
+    .unwrap_or_default();
+    if installed.lines().any(|l| l.trim().starts_with("rust-src")) {
+        return Ok(());
+    }
+    run(&mut cmd(
+        "rustup",
+        &["component", "add", "rust-src", "--toolchain", "nightly"],
+    ))?;
+    done.push("added rust-src to nightly".into());
+    Ok(())
+}
+
+/// The nightly's libLLVM as a `-l dylib=` name and its major version, from the files in
+/// `<sysroot>/lib` (e.g. `libLLVM-22-rust-1.97.0-nightly.so` -> `LLVM-22-rust-1.97.0-nightly`, 22).
+pub fn llvm_lib_name(files: &[String]) -> Option<(String, u32)> {
+    files.iter().find_map(|f| {
+        let name = f.strip_prefix("lib")?.strip_suffix(".so")?;
+        let rest = name.strip_prefix("LLVM-")?;
+        let major = rest.split('-').next()?.parse().ok()?;
+        Some((name.to_string(), major))
+    })
+}
+
+fn bpf_linker(repo: &Path, done: &mut Vec<String>) -> Result<()> {
+    let tools = repo.join(".tools");
+    let linker = tools.join("bin").join("bpf-linker");
+    let current = probe_stdout(&mut cmd(&linker.to_string_lossy(), &["--version"]));
+    if current.as_deref().map(str::trim) == Some(&format!("bpf-linker {BPF_LINKER}")) {
+        return Ok(());
+    }
+    let sysroot = probe_stdout(&mut cmd("rustc", &["+nightly", "--print", "sysroot"]))
+        .context("`rustc +nightly --print sysroot` failed")?;
+    let lib = Path::new(sysroot.trim()).join("lib");
+    let files: Vec<String> = fs::read_dir(&lib)
+        .with_context(|| format!("reading {}", lib.display()))?
+        .filter_map(|e| e.ok().map(|e| e.file_name().to_string_lossy().into_owned()))
+        .collect();
+    let (llvm, major) = llvm_lib_name(&files).with_context(|| {
+        format!(
+            "no libLLVM-<major>-*.so in {}: is the nightly complete?",
+            lib.display()
+        )
+    })?;
+    let rustflags = format!(
+        "-L native={lib} -l dylib={llvm} -C link-arg=-Wl,-rpath,{lib}",
+        lib = lib.display()
+    );
+    let mut install = cargo();
+    install
+        .args([
+            "install",
+            &format!("bpf-linker@{BPF_LINKER}"),
+            "--locked",
+            "--force",
+        ])
+        .args(["--no-default-features", "--features"])
+        .arg(format!("llvm-{major},no-llvm-linking"))
+        .args(["--target", "x86_64-unknown-linux-gnu", "--root"])
+        .arg(&tools);
+    // Settings of the cargo that runs xtask must not reach this unrelated build.
+    for var in [
+        "CARGO_ENCODED_RUSTFLAGS",
+        "CARGO_TARGET_DIR",
+        "CARGO_BUILD_TARGET",
+        "RUSTUP_TOOLCHAIN",
+        "RUSTC",
+    ] {
+        install.env_remove(var);
+    }
+    install.env("RUSTFLAGS", rustflags);
+    run(&mut install)?;
+    done.push(format!("built bpf-linker {BPF_LINKER} against {llvm}"));
+    Ok(())
+}
+
+/// The exact `neo4j==X.Y.Z` pin in the requirements file.
+pub fn neo4j_pin(requirements: &str) -> Option<String> {
+    requirements.lines().find_map(|l| {
+        let l = l.split('#').next()?.trim();
+        l.strip_prefix("neo4j==").map(|v| v.trim().to_string())
+    })
+}
+
+fn python_venv(repo: &Path, done: &mut Vec<String>) -> Result<()> {
+    let req = repo.join("tests").join("py").join("requirements.txt");
+    if !req.exists() {
+        fs::create_dir_all(req.parent().unwrap_or(repo))?;
+        fs::write(&req, format!("{DEFAULT_NEO4J_PIN}\n"))
+            .with_context(|| format!("writing {}", req.display()))?;
+        done.push(format!("wrote {}", req.display()));
+    }
+    let text = fs::read_to_string(&req).with_context(|| format!("reading {}", req.display()))?;
+    let pin = neo4j_pin(&text)
+        .with_context(|| format!("{} has no exact neo4j==X.Y.Z pin", req.display()))?;
+    let venv = repo.join(".venv");
+    let python = venv.join("bin").join("python");
+    let have = probe_stdout(&mut cmd(
+        &python.to_string_lossy(),
+        &["-c", "import neo4j; print(neo4j.__version__)"],
+    ));
+    if have.as_deref().map(str::trim) == Some(pin.as_str()) {
+        return Ok(());
+    }
+    if !python.exists() {
+        run(cmd("python3", &["-m", "venv"]).arg(&venv))?;
+    }
+    run(cmd(&python.to_string_lossy(), &["-m", "pip", "install"])
+        .args(["--disable-pip-version-check", "-q", "-r"])
+        .arg(&req))?;
+    done.push(format!("venv .venv with neo4j {pin}"));
+    Ok(())
+}
+
+fn bpffs(done: &mut Vec<String>) -> Result<()> {
+    let mounts = fs::read_to_string("/proc/mounts").context("reading /proc/mounts")?;
+    if mounts
+        .lines()
+        .any(|l| l.split_whitespace().nth(1) == Some("/sys/fs/bpf") && l.contains(" bpf "))
+    {
+        return Ok(());
+    }
+    require_root("mounting bpffs")?;
+    run(&mut cmd("mount", &["-t", "bpf", "bpf", "/sys/fs/bpf"]))?;
+    done.push("mounted bpffs at /sys/fs/bpf".into());
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn llvm_library_name_and_major_come_from_the_linker_script_file() {
+        let files = vec![
+            "libLLVM.so.22.1-rust-1.97.0-nightly".to_string(),
+            "librustc_driver-b5a965480ee51f9a.so".to_string(),
+            "libLLVM-22-rust-1.97.0-nightly.so".to_string(),
+        ];
+        assert_eq!(
+            llvm_lib_name(&files),
+            Some(("LLVM-22-rust-1.97.0-nightly".to_string(), 22))
+        );
+        assert_eq!(llvm_lib_name(&["librustc_driver.so".to_string()]), None);
+    }
+
+    #[test]
+    fn the_neo4j_pin_is_read_past_comments() {
+        let req = "# the official driver\nneo4j==6.4.1  # verified\n";
+        assert_eq!(neo4j_pin(req), Some("6.4.1".to_string()));
+        assert_eq!(neo4j_pin("neo4j>=6\n"), None);
+    }
+}

@@ -1,0 +1,296 @@
+//! `cargo xtask test`: lint, build, then run every test binary of the workspace ourselves, privileged
+//! (`#[ignore]`d) tests included, one test at a time, timing each suite.
+
+use std::collections::BTreeSet;
+use std::io::{BufRead, BufReader, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+use serde_json::Value;
+
+use crate::cmd::{cargo, describe, repo};
+
+/// One test binary to run.
+#[derive(Debug, Clone)]
+pub struct Suite {
+    /// `package::target` (`package (lib)` for unit tests of a library).
+    pub name: String,
+    pub executable: PathBuf,
+    /// Directory of the package's manifest (cargo runs tests from there).
+    pub package_dir: PathBuf,
+    pub package: String,
+}
+
+/// Counts read from libtest's `test result:` lines.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Counts {
+    pub passed: u64,
+    pub failed: u64,
+    pub ignored: u64,
+}
+
+impl Counts {
+    fn add(&mut self, other: Counts) {
+        self.passed += other.passed;
+        self.failed += other.failed;
+        self.ignored += other.ignored;
+    }
+}
+
+/// Parses `test result: ok. 3 passed; 1 failed; 2 ignored; 0 measured; 0 filtered out; ...`.
+pub fn parse_result_line(line: &str) -> Option<Counts> {
+    let rest = line.trim().strip_prefix("test result: ")?;
+    let mut counts = Counts::default();
+    for part in rest.split(';') {
+        let words: Vec<&str> = part.split_whitespace().collect();
+        // "ok. 3 passed" or "3 failed"
+        let (num, what) = match words.as_slice() {
+            [_, n, w, ..] if n.parse::<u64>().is_ok() => (*n, *w),
+            [n, w, ..] => (*n, *w),
+            _ => continue,
+        };
+        let Ok(n) = num.parse::<u64>() else { continue };
+        match what {
+            "passed" => counts.passed = n,
+            "failed" => counts.failed = n,
+            "ignored" => counts.ignored = n,
+            _ => {}
+        }
+    }
+    Some(counts)
+}
+
+/// The package name in a cargo package id (`path+file:///x/tests#lb-tests@0.1.0`, or the old
+/// `lb-tests 0.1.0 (path+file:///x/tests)`).
+pub fn package_name(id: &str) -> String {
+    if let Some((url, frag)) = id.rsplit_once('#') {
+        match frag.split_once('@') {
+            Some((name, _)) => name.to_string(),
+            // `...#0.1.0`: the name is the last path segment
+            None => url.rsplit('/').next().unwrap_or(url).to_string(),
+        }
+    } else {
+        id.split_whitespace().next().unwrap_or(id).to_string()
+    }
+}
+
+/// Builds the test binaries (`cargo test --workspace --no-run --message-format=json`) and lists them.
+pub fn build_suites() -> Result<Vec<Suite>> {
+    let mut cmd = cargo();
+    cmd.args([
+        "test",
+        "--workspace",
+        "--no-run",
+        "--message-format=json-diagnostic-rendered-ansi",
+    ])
+    .stdout(Stdio::piped());
+    eprintln!("xtask$ {}", describe(&cmd));
+    let mut child = cmd.spawn().context("running cargo test --no-run")?;
+    let stdout = child.stdout.take().context("cargo stdout")?;
+    let mut suites = Vec::new();
+    let mut seen = BTreeSet::new();
+    for line in BufReader::new(stdout).lines() {
+        let line = line.context("reading cargo output")?;
+        let Ok(msg) = serde_json::from_str::<Value>(&line) else {
+            continue;
+        };
+        match msg["reason"].as_str() {
+            Some("compiler-message") => {
+                if let Some(r) = msg["message"]["rendered"].as_str() {
+                    eprint!("{r}");
+                }
+            }
+            Some("compiler-artifact") if msg["profile"]["test"].as_bool() == Some(true) => {
+                let Some(exe) = msg["executable"].as_str() else {
+                    continue;
+                };
+                if !seen.insert(exe.to_string()) {
+                    continue;
+                }
+                let package = package_name(msg["package_id"].as_str().unwrap_or("?"));
+                let target = msg["target"]["name"].as_str().unwrap_or("?");
+                let kinds: Vec<&str> = msg["target"]["kind"]
+                    .as_array()
+                    .map(|a| a.iter().filter_map(Value::as_str).collect())
+                    .unwrap_or_default();
+                let name = if kinds.iter().any(|k| k.contains("lib")) {
+                    format!("{package} (lib)")
+                } else if kinds.contains(&"bin") {
+                    format!("{package} (bin {target})")
+                } else {
+                    format!("{package}::{target}")
+                };
+                let manifest = PathBuf::from(msg["manifest_path"].as_str().unwrap_or("."));
+                suites.push(Suite {
+                    name,
+                    executable: PathBuf::from(exe),
+                    package_dir: manifest.parent().unwrap_or(Path::new(".")).to_path_buf(),
+                    package,
+                });
+            }
+            _ => {}
+        }
+    }
+    let status = child.wait().context("waiting for cargo")?;
+    if !status.success() {
+        bail!("building the tests failed ({status})");
+    }
+    suites.sort_by(|a, b| a.name.cmp(&b.name));
+    Ok(suites)
+}
+
+/// Runs `cmd`, echoing its stdout line by line and summing its `test result:` lines. A run that
+/// fails without any result line (a crash, a build error) counts as one failure.
+fn run_streaming(cmd: &mut Command) -> Result<Counts> {
+    eprintln!("xtask$ {}", describe(cmd));
+    let mut child = cmd
+        .stdout(Stdio::piped())
+        .spawn()
+        .with_context(|| format!("running {}", describe(cmd)))?;
+    let stdout = child.stdout.take().context("test stdout")?;
+    let mut counts = Counts::default();
+    let mut saw_result = false;
+    let out = std::io::stdout();
+    for line in BufReader::new(stdout).lines() {
+        let line = line.context("reading test output")?;
+        {
+            let mut out = out.lock();
+            let _ = writeln!(out, "{line}");
+            let _ = out.flush();
+        }
+        if let Some(c) = parse_result_line(&line) {
+            counts.add(c);
+            saw_result = true;
+        }
+    }
+    let status = child.wait()?;
+    if !status.success() && (!saw_result || counts.failed == 0) {
+        eprintln!("xtask: {} exited with {status}", describe(cmd));
+        counts.failed += 1;
+    }
+    Ok(counts)
+}
+
+/// Lint, build the test binaries, run them all; prints the table and the final summary line.
+pub fn test(filter: &[String], lint: bool) -> Result<bool> {
+    let repo = repo();
+    if lint {
+        if crate::cmd::status(cargo().args(["fmt", "--all", "--check"]))
+            .map(|s| !s.success())
+            .unwrap_or(true)
+        {
+            bail!("formatting differs: run `cargo fmt --all` (or pass --no-lint to skip lints)");
+        }
+        if crate::cmd::status(cargo().args([
+            "clippy",
+            "--workspace",
+            "--all-targets",
+            "--",
+            "-D",
+            "warnings",
+        ]))
+        .map(|s| !s.success())
+        .unwrap_or(true)
+        {
+            bail!("clippy found problems (see above); fix them or pass --no-lint to skip lints");
+        }
+    }
+    crate::build(false)?;
+    let suites = build_suites()?;
+    let env = [
+        ("LB_BIN", repo.join("target/debug/lb")),
+        ("LB_SIM_BIN", repo.join("target/debug/neo4j-sim")),
+        ("LB_PYTHON", repo.join(".venv/bin/python")),
+        ("LB_REPO", repo.clone()),
+    ];
+    let mut rows: Vec<(String, Counts, f64)> = Vec::new();
+    for suite in &suites {
+        println!("\n=== {} ===", suite.name);
+        let mut cmd = Command::new(&suite.executable);
+        cmd.args(filter)
+            .args(["--include-ignored", "--test-threads=1"])
+            .current_dir(&suite.package_dir)
+            .env("CARGO_MANIFEST_DIR", &suite.package_dir)
+            .env("CARGO_PKG_NAME", &suite.package);
+        for (k, v) in &env {
+            cmd.env(k, v);
+        }
+        let start = Instant::now();
+        let counts = run_streaming(&mut cmd)?;
+        rows.push((suite.name.clone(), counts, start.elapsed().as_secs_f64()));
+    }
+    // Doc tests are not in --no-run's artifacts; cargo runs them.
+    println!("\n=== doctests ===");
+    let mut doc = cargo();
+    doc.args(["test", "--workspace", "--doc", "--"])
+        .args(filter)
+        .args(["--include-ignored", "--test-threads=1"]);
+    for (k, v) in &env {
+        doc.env(k, v);
+    }
+    let start = Instant::now();
+    let counts = run_streaming(&mut doc)?;
+    rows.push(("doctests".into(), counts, start.elapsed().as_secs_f64()));
+
+    let width = rows.iter().map(|r| r.0.len()).max().unwrap_or(5).max(5);
+    println!();
+    println!(
+        "{:<width$}  {:>6}  {:>6}  {:>7}  {:>8}",
+        "suite", "passed", "failed", "ignored", "seconds"
+    );
+    let mut total = Counts::default();
+    let mut total_secs = 0.0;
+    for (name, c, secs) in &rows {
+        println!(
+            "{name:<width$}  {:>6}  {:>6}  {:>7}  {secs:>8.1}",
+            c.passed, c.failed, c.ignored
+        );
+        total.add(*c);
+        total_secs += secs;
+    }
+    println!(
+        "{:<width$}  {:>6}  {:>6}  {:>7}  {total_secs:>8.1}",
+        "total", total.passed, total.failed, total.ignored
+    );
+    println!(
+        "{} passed, {} failed, {} skipped",
+        total.passed, total.failed, total.ignored
+    );
+    Ok(total.failed == 0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn result_lines_yield_passed_failed_and_ignored() {
+        let c = parse_result_line(
+            "test result: FAILED. 5 passed; 2 failed; 1 ignored; 0 measured; 3 filtered out; finished in 3.98s",
+        );
+        assert_eq!(
+            c,
+            Some(Counts {
+                passed: 5,
+                failed: 2,
+                ignored: 1
+            })
+        );
+        assert_eq!(parse_result_line("test foo ... ok"), None);
+    }
+
+    #[test]
+    fn package_names_come_from_both_id_formats() {
+        assert_eq!(
+            package_name("path+file:///work/main/tests#lb-tests@0.1.0"),
+            "lb-tests"
+        );
+        assert_eq!(package_name("path+file:///work/main/xtask#0.1.0"), "xtask");
+        assert_eq!(
+            package_name("lb-user 0.1.0 (path+file:///work/main/lb-user)"),
+            "lb-user"
+        );
+    }
+}
