@@ -1,0 +1,1090 @@
+//! Packet-level tests of the XDP program through `BPF_PROG_TEST_RUN`: an input frame, the action
+//! the program must return and the exact bytes it must leave in the frame. Expected frames are
+//! built with `etherparse` from a description of what the balancer should have done (the input's
+//! description with the translated fields changed), never copied from the program's output.
+//! Every XDP_PASS must leave the frame byte for byte as it was.
+//!
+//! Each test builds its own namespace and program (see `lb_tests::fixture`): client 198.18.0.2
+//! behind `cl0`, backends db01-db03 (10.0.1.10-12) behind `bk0` (10.0.1.1, the SNAT address),
+//! services VIP 198.18.0.10:7680 "write" -> db01:7687 and :7681 "read" -> db02, db03.
+
+use std::net::Ipv4Addr;
+
+use anyhow::Result;
+use lb_common::{
+    Counter, Flow, FlowKey, DIR_FORWARD, DIR_REPLY, FLOW_ESTABLISHED, FLOW_SYN_RECV, FLOW_SYN_SENT,
+    IPPROTO_TCP,
+};
+use lb_tests::fixture::frames::{
+    self, describe_diff, hex, TcpFrame, XorShift, ACK, FIN, PSH, RST, SYN,
+};
+use lb_tests::fixture::*;
+
+const CLIENT_PORT: u16 = 40000;
+
+// ---------------------------------------------------------------------------------------------
+// Helpers
+// ---------------------------------------------------------------------------------------------
+
+/// The client's SYN from `port` to the VIP's `service_port`.
+fn client_syn(port: u16, service_port: u16) -> TcpFrame {
+    TcpFrame::syn(CLIENT_MAC, CL0_MAC, sa(CLIENT, port), sa(VIP, service_port))
+}
+
+/// A client segment with `flags` on the connection from `port` to the write service.
+fn client_segment(port: u16, flags: u8) -> TcpFrame {
+    TcpFrame::new(CLIENT_MAC, CL0_MAC, sa(CLIENT, port), sa(VIP, WRITE_PORT))
+        .with_flags(flags)
+        .with_seq_ack(0x1000_0001, 0x5000_0001)
+}
+
+/// A segment from `backend:7687` (`mac`) to the SNAT address's `snat_port`.
+fn backend_segment(backend: Ipv4Addr, mac: [u8; 6], snat_port: u16, flags: u8) -> TcpFrame {
+    TcpFrame::new(
+        mac,
+        BK0_MAC,
+        sa(backend, BACKEND_PORT),
+        sa(SNAT_ADDR, snat_port),
+    )
+    .with_flags(flags)
+    .with_seq_ack(0x5000_0000, 0x1000_0001)
+}
+
+/// What the balancer must send to `backend` for the client segment `seg` over `snat_port`.
+fn to_backend(seg: &TcpFrame, backend: Ipv4Addr, mac: [u8; 6], snat_port: u16) -> TcpFrame {
+    seg.clone()
+        .forwarded(BK0_MAC, mac)
+        .translated(sa(SNAT_ADDR, snat_port), sa(backend, BACKEND_PORT))
+}
+
+/// What the balancer must send to the client for the backend segment `seg`.
+fn to_client(seg: &TcpFrame, client_port: u16, service_port: u16) -> TcpFrame {
+    seg.clone()
+        .forwarded(CL0_MAC, CLIENT_MAC)
+        .translated(sa(VIP, service_port), sa(CLIENT, client_port))
+}
+
+/// The source port of a rewritten TCP frame (the SNAT port the program claimed).
+fn sport_of(frame: &[u8]) -> u16 {
+    u16::from_be_bytes([frame[34], frame[35]])
+}
+
+#[track_caller]
+fn assert_output(out: &Outcome, action: Action, want: &[u8]) {
+    assert_eq!(
+        out.action,
+        action,
+        "action (output frame {})",
+        hex(&out.frame)
+    );
+    assert!(
+        out.frame == want,
+        "the output frame is not the expected one:\n{}",
+        describe_diff(&out.frame, want)
+    );
+}
+
+/// Runs `frame` on `ingress` and checks it passed byte for byte without touching any counter.
+#[track_caller]
+fn assert_passes_untouched(fx: &Fixture, what: &str, frame: &[u8], ingress: u32) -> Result<()> {
+    let before = fx.counters()?;
+    let out = fx.test_run(frame, ingress)?;
+    assert_eq!(out.action, Action::Pass, "{what}: action");
+    assert!(
+        out.frame == frame,
+        "{what}: a passed frame must be unchanged:\n{}",
+        describe_diff(&out.frame, frame)
+    );
+    assert_eq!(
+        fx.counters()?.changes_since(&before),
+        moved(&[]),
+        "{what}: counters"
+    );
+    Ok(())
+}
+
+/// Runs `frame` on `ingress`, checks it was dropped and that exactly `counters` moved.
+#[track_caller]
+fn assert_dropped(
+    fx: &Fixture,
+    what: &str,
+    frame: &[u8],
+    ingress: u32,
+    counters: &[(Counter, u64)],
+) -> Result<()> {
+    let before = fx.counters()?;
+    let out = fx.test_run(frame, ingress)?;
+    assert_eq!(out.action, Action::Drop, "{what}: action");
+    assert_eq!(
+        fx.counters()?.changes_since(&before),
+        moved(counters),
+        "{what}: counters"
+    );
+    Ok(())
+}
+
+/// The entry for `key` in `table`, if any.
+fn entry(table: &[(FlowKey, Flow)], key: &FlowKey) -> Option<Flow> {
+    table.iter().find(|(k, _)| k == key).map(|(_, f)| *f)
+}
+
+fn tuples(table: &[(FlowKey, Flow)]) -> Vec<String> {
+    table
+        .iter()
+        .map(|(k, f)| format!("{:?} -> {:?}", key_tuple(k), nat_tuple(f)))
+        .collect()
+}
+
+/// Sends the client's SYN from `client_port` to the write service and returns the SNAT port the
+/// program claimed (after checking the forwarded frame byte for byte).
+fn open_write_flow(fx: &Fixture, client_port: u16) -> Result<(TcpFrame, u16)> {
+    let syn = client_syn(client_port, WRITE_PORT);
+    let out = fx.from_client(&syn.bytes()?)?;
+    assert_eq!(out.action, Action::Redirect, "SYN from {client_port}");
+    let port = sport_of(&out.frame);
+    assert_output(
+        &out,
+        Action::Redirect,
+        &to_backend(&syn, DB01, DB01_MAC, port).bytes()?,
+    );
+    Ok((syn, port))
+}
+
+/// Opens a write flow and lets db01 answer with a SYN-ACK; returns (syn, syn-ack, SNAT port).
+fn handshake_until_syn_ack(fx: &Fixture, client_port: u16) -> Result<(TcpFrame, TcpFrame, u16)> {
+    let (syn, port) = open_write_flow(fx, client_port)?;
+    let syn_ack = backend_segment(DB01, DB01_MAC, port, SYN | ACK)
+        .with_seq_ack(0x5000_0000, syn.seq.wrapping_add(1))
+        .with_options(&frames::SYN_OPTIONS);
+    let out = fx.from_backends(&syn_ack.bytes()?)?;
+    assert_output(
+        &out,
+        Action::Redirect,
+        &to_client(&syn_ack, client_port, WRITE_PORT).bytes()?,
+    );
+    Ok((syn, syn_ack, port))
+}
+
+// ---------------------------------------------------------------------------------------------
+// New flows, replies, establishment
+// ---------------------------------------------------------------------------------------------
+
+#[test]
+#[ignore = "needs root and netns: run cargo xtask test"]
+fn syn_to_vip_is_dnatted_and_snatted_to_the_master() -> Result<()> {
+    Fixture::run("syn", |fx| {
+        let syn = client_syn(CLIENT_PORT, WRITE_PORT);
+        let before = fx.counters()?;
+        let out = fx.from_client(&syn.bytes()?)?;
+
+        assert_eq!(out.action, Action::Redirect, "bk0 is not the ingress cl0");
+        let port = sport_of(&out.frame);
+        assert!(
+            (SNAT_PORTS.0..=SNAT_PORTS.1).contains(&port),
+            "SNAT port {port} outside {SNAT_PORTS:?}"
+        );
+        // eth bk0 -> db01, IP 10.0.1.1 -> 10.0.1.10, TTL - 1, ports <snat> -> 7687, the rest
+        // (seq, options) untouched, both checksums valid.
+        let want = to_backend(&syn, DB01, DB01_MAC, port);
+        assert_eq!(want.ttl, 63);
+        assert_output(&out, Action::Redirect, &want.bytes()?);
+
+        assert_eq!(
+            fx.counters()?.changes_since(&before),
+            moved(&[
+                (Counter::FwdPackets, 1),
+                (Counter::NewFlows, 1),
+                (Counter::FibResult0, 1)
+            ])
+        );
+
+        let emb = fx.embryonic()?;
+        assert_eq!(emb.len(), 2, "embryonic: {:?}", tuples(&emb));
+        let fwd_key = flow_key(sa(CLIENT, CLIENT_PORT), sa(VIP, WRITE_PORT));
+        let rev_key = flow_key(sa(DB01, BACKEND_PORT), sa(SNAT_ADDR, port));
+        let fwd = entry(&emb, &fwd_key).expect("forward entry");
+        let rev = entry(&emb, &rev_key).expect("reverse entry {db01:7687 -> 10.0.1.1:port}");
+        assert_eq!(
+            nat_tuple(&fwd),
+            (sa(SNAT_ADDR, port), sa(DB01, BACKEND_PORT))
+        );
+        assert_eq!(
+            (fwd.ifindex, fwd.smac, fwd.dmac, fwd.dir, fwd.state),
+            (
+                fx.bk0.ifindex,
+                BK0_MAC,
+                DB01_MAC,
+                DIR_FORWARD,
+                FLOW_SYN_SENT
+            )
+        );
+        assert_eq!(
+            nat_tuple(&rev),
+            (sa(VIP, WRITE_PORT), sa(CLIENT, CLIENT_PORT))
+        );
+        assert_eq!(
+            (rev.ifindex, rev.smac, rev.dmac, rev.dir, rev.state),
+            (
+                fx.cl0.ifindex,
+                CL0_MAC,
+                CLIENT_MAC,
+                DIR_REPLY,
+                FLOW_SYN_SENT
+            )
+        );
+        assert_eq!((fwd.service_id, fwd.backend_id), (0, 0));
+        assert_eq!((rev.service_id, rev.backend_id), (0, 0));
+        assert!(fwd.points_back_to(&rev_key) && rev.points_back_to(&fwd_key));
+        assert_eq!(fwd.partner_key(IPPROTO_TCP), rev_key);
+        assert_eq!(rev.partner_key(IPPROTO_TCP), fwd_key);
+        assert!(fx.established()?.is_empty());
+        Ok(())
+    })
+}
+
+#[test]
+#[ignore = "needs root and netns: run cargo xtask test"]
+fn a_retransmitted_syn_reuses_the_flow_and_its_snat_port() -> Result<()> {
+    Fixture::run("synrtx", |fx| {
+        let (syn, port) = open_write_flow(fx, CLIENT_PORT)?;
+        let before = fx.counters()?;
+        let out = fx.from_client(&syn.bytes()?)?;
+        assert_output(
+            &out,
+            Action::Redirect,
+            &to_backend(&syn, DB01, DB01_MAC, port).bytes()?,
+        );
+        assert_eq!(
+            fx.counters()?.changes_since(&before),
+            moved(&[(Counter::FwdPackets, 1)])
+        );
+        assert_eq!(fx.embryonic()?.len(), 2);
+        Ok(())
+    })
+}
+
+#[test]
+#[ignore = "needs root and netns: run cargo xtask test"]
+fn backend_syn_ack_is_translated_back_to_the_client() -> Result<()> {
+    Fixture::run("synack", |fx| {
+        let (syn, port) = open_write_flow(fx, CLIENT_PORT)?;
+        let syn_ack = backend_segment(DB01, DB01_MAC, port, SYN | ACK)
+            .with_seq_ack(0x5000_0000, syn.seq + 1)
+            .with_options(&frames::SYN_OPTIONS);
+        let before = fx.counters()?;
+        let out = fx.from_backends(&syn_ack.bytes()?)?;
+
+        // eth cl0 (the client frame's destination) -> client (its source), IP VIP -> client,
+        // ports 7680 -> 40000.
+        let want = to_client(&syn_ack, CLIENT_PORT, WRITE_PORT);
+        assert_eq!((want.eth_src, want.eth_dst), (syn.eth_dst, syn.eth_src));
+        assert_output(&out, Action::Redirect, &want.bytes()?);
+        assert_eq!(
+            fx.counters()?.changes_since(&before),
+            moved(&[(Counter::ReplyPackets, 1)])
+        );
+        let fwd_key = flow_key(sa(CLIENT, CLIENT_PORT), sa(VIP, WRITE_PORT));
+        let fwd = entry(&fx.embryonic()?, &fwd_key).expect("forward entry");
+        assert_eq!(fwd.state, FLOW_SYN_RECV, "the SYN-ACK marks the flow");
+        Ok(())
+    })
+}
+
+#[test]
+#[ignore = "needs root and netns: run cargo xtask test"]
+fn the_clients_ack_establishes_the_flow_and_data_takes_the_established_path() -> Result<()> {
+    Fixture::run("establish", |fx| {
+        let (syn, syn_ack, port) = handshake_until_syn_ack(fx, CLIENT_PORT)?;
+        let fwd_key = flow_key(sa(CLIENT, CLIENT_PORT), sa(VIP, WRITE_PORT));
+        let rev_key = flow_key(sa(DB01, BACKEND_PORT), sa(SNAT_ADDR, port));
+
+        let ack = client_segment(CLIENT_PORT, ACK).with_seq_ack(syn.seq + 1, syn_ack.seq + 1);
+        let before = fx.counters()?;
+        let out = fx.from_client(&ack.bytes()?)?;
+        assert_output(
+            &out,
+            Action::Redirect,
+            &to_backend(&ack, DB01, DB01_MAC, port).bytes()?,
+        );
+        assert_eq!(
+            fx.counters()?.changes_since(&before),
+            moved(&[(Counter::FwdPackets, 1), (Counter::Established, 1)])
+        );
+        let emb = fx.embryonic()?;
+        assert!(emb.is_empty(), "embryonic left: {:?}", tuples(&emb));
+        let est = fx.established()?;
+        assert_eq!(est.len(), 2, "established: {:?}", tuples(&est));
+        let fwd = entry(&est, &fwd_key).expect("established forward entry");
+        let rev = entry(&est, &rev_key).expect("established reverse entry");
+        assert_eq!((fwd.state, rev.state), (FLOW_ESTABLISHED, FLOW_ESTABLISHED));
+        assert!(fwd.points_back_to(&rev_key) && rev.points_back_to(&fwd_key));
+
+        // Data both ways, then the client's FIN: exact bytes, counted, no table changes.
+        let data = client_segment(CLIENT_PORT, PSH | ACK)
+            .with_seq_ack(syn.seq + 1, syn_ack.seq + 1)
+            .with_payload(b"\x60\x60\xb0\x17\x00\x00\x04\x04\x00\x00\x00\x00");
+        let before = fx.counters()?;
+        let out = fx.from_client(&data.bytes()?)?;
+        assert_output(
+            &out,
+            Action::Redirect,
+            &to_backend(&data, DB01, DB01_MAC, port).bytes()?,
+        );
+        let answer = backend_segment(DB01, DB01_MAC, port, PSH | ACK)
+            .with_seq_ack(syn_ack.seq + 1, syn.seq + 13)
+            .with_payload(b"\x00\x00\x04\x04");
+        let out = fx.from_backends(&answer.bytes()?)?;
+        assert_output(
+            &out,
+            Action::Redirect,
+            &to_client(&answer, CLIENT_PORT, WRITE_PORT).bytes()?,
+        );
+        let fin =
+            client_segment(CLIENT_PORT, FIN | ACK).with_seq_ack(syn.seq + 13, syn_ack.seq + 5);
+        let out = fx.from_client(&fin.bytes()?)?;
+        assert_output(
+            &out,
+            Action::Redirect,
+            &to_backend(&fin, DB01, DB01_MAC, port).bytes()?,
+        );
+        assert_eq!(
+            fx.counters()?.changes_since(&before),
+            moved(&[(Counter::FwdPackets, 2), (Counter::ReplyPackets, 1)])
+        );
+        assert_eq!(fx.established()?.len(), 2);
+        assert!(fx.embryonic()?.is_empty());
+        Ok(())
+    })
+}
+
+#[test]
+#[ignore = "needs root and netns: run cargo xtask test"]
+fn syns_to_the_read_service_alternate_between_its_backends() -> Result<()> {
+    Fixture::run("rr", |fx| {
+        let expected = [
+            (DB02, DB02_MAC, 1),
+            (DB03, DB03_MAC, 2),
+            (DB02, DB02_MAC, 1),
+            (DB03, DB03_MAC, 2),
+            (DB02, DB02_MAC, 1),
+        ];
+        for (i, (backend, mac, id)) in expected.into_iter().enumerate() {
+            let client_port = 41000 + i as u16;
+            let syn = client_syn(client_port, READ_PORT);
+            let out = fx.from_client(&syn.bytes()?)?;
+            let port = sport_of(&out.frame);
+            assert_output(
+                &out,
+                Action::Redirect,
+                &to_backend(&syn, backend, mac, port).bytes()?,
+            );
+            let fwd = entry(
+                &fx.embryonic()?,
+                &flow_key(sa(CLIENT, client_port), sa(VIP, READ_PORT)),
+            )
+            .expect("forward entry");
+            assert_eq!((fwd.service_id, fwd.backend_id), (1, id), "SYN #{i}");
+        }
+        assert_eq!(fx.embryonic()?.len(), 2 * expected.len());
+        Ok(())
+    })
+}
+
+// ---------------------------------------------------------------------------------------------
+// Traffic that is not the balancer's passes untouched
+// ---------------------------------------------------------------------------------------------
+
+#[test]
+#[ignore = "needs root and netns: run cargo xtask test"]
+fn traffic_not_for_a_service_passes_byte_for_byte() -> Result<()> {
+    Fixture::run("notours", |fx| {
+        let cl0 = fx.cl0.ifindex;
+        let cases: Vec<(&str, Vec<u8>)> = vec![
+            (
+                "TCP to the host's own address (ssh)",
+                client_syn(CLIENT_PORT, 22)
+                    .translated(sa(CLIENT, CLIENT_PORT), sa(CL0_ADDR, 22))
+                    .bytes()?,
+            ),
+            (
+                "TCP to the VIP on a port that is no service",
+                client_syn(CLIENT_PORT, 80).bytes()?,
+            ),
+            (
+                "TCP ACK to the VIP on a port that is no service",
+                client_segment(CLIENT_PORT, ACK)
+                    .translated(sa(CLIENT, CLIENT_PORT), sa(VIP, 7474))
+                    .bytes()?,
+            ),
+            (
+                "UDP to the VIP's service port",
+                frames::udp(
+                    CLIENT_MAC,
+                    CL0_MAC,
+                    sa(CLIENT, CLIENT_PORT),
+                    sa(VIP, WRITE_PORT),
+                    b"not tcp",
+                )?,
+            ),
+            (
+                "ICMP echo to the VIP",
+                frames::icmp_echo(CLIENT_MAC, CL0_MAC, CLIENT, VIP, b"ping payload")?,
+            ),
+            (
+                "ARP who-has the VIP",
+                frames::arp_request(CLIENT_MAC, CLIENT, VIP),
+            ),
+            (
+                "IPv6 SYN",
+                frames::ipv6_syn(
+                    CLIENT_MAC,
+                    CL0_MAC,
+                    [0x20, 0x01, 0x0d, 0xb8, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 2],
+                    [0x20, 0x01, 0x0d, 0xb8, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 10],
+                    WRITE_PORT,
+                )?,
+            ),
+            (
+                "VLAN-tagged SYN to the VIP:port",
+                frames::vlan_syn(
+                    CLIENT_MAC,
+                    CL0_MAC,
+                    100,
+                    sa(CLIENT, CLIENT_PORT),
+                    sa(VIP, WRITE_PORT),
+                )?,
+            ),
+        ];
+        for (what, frame) in &cases {
+            assert_passes_untouched(fx, what, frame, cl0)?;
+        }
+        assert!(fx.embryonic()?.is_empty());
+        Ok(())
+    })
+}
+
+#[test]
+#[ignore = "needs root and netns: run cargo xtask test"]
+fn host_traffic_on_snat_range_ports_passes_unless_it_comes_from_a_backend_data_port() -> Result<()>
+{
+    Fixture::run("hostsnat", |fx| {
+        let bk0 = fx.bk0.ifindex;
+        let other = Ipv4Addr::new(10, 0, 1, 99);
+        let cases = [
+            (
+                "a non-backend host to an SNAT-range port",
+                TcpFrame::new(
+                    [2, 0, 0, 0, 1, 0x99],
+                    BK0_MAC,
+                    sa(other, 7687),
+                    sa(SNAT_ADDR, 15000),
+                ),
+            ),
+            (
+                "a backend address from a port that is not its data port",
+                TcpFrame::new(DB01_MAC, BK0_MAC, sa(DB01, 7474), sa(SNAT_ADDR, 15000)),
+            ),
+            (
+                "a backend data port to a port outside the SNAT range",
+                TcpFrame::new(
+                    DB01_MAC,
+                    BK0_MAC,
+                    sa(DB01, BACKEND_PORT),
+                    sa(SNAT_ADDR, 40000),
+                ),
+            ),
+        ];
+        for (what, seg) in cases {
+            for flags in [SYN, SYN | ACK, ACK, PSH | ACK, RST] {
+                let frame = seg.clone().with_flags(flags).bytes()?;
+                assert_passes_untouched(fx, &format!("{what}, flags {flags:#x}"), &frame, bk0)?;
+            }
+        }
+        Ok(())
+    })
+}
+
+// ---------------------------------------------------------------------------------------------
+// Packets for the balancer that match no flow
+// ---------------------------------------------------------------------------------------------
+
+#[test]
+#[ignore = "needs root and netns: run cargo xtask test"]
+fn a_backend_reply_without_a_flow_is_dropped() -> Result<()> {
+    Fixture::run("replynoflow", |fx| {
+        for flags in [ACK, SYN | ACK, PSH | ACK, RST, FIN | ACK] {
+            let seg = backend_segment(DB01, DB01_MAC, 15000, flags).bytes()?;
+            assert_dropped(
+                fx,
+                &format!("flags {flags:#x}"),
+                &seg,
+                fx.bk0.ifindex,
+                &[(Counter::DropNoFlow, 1)],
+            )?;
+        }
+        assert!(fx.embryonic()?.is_empty() && fx.established()?.is_empty());
+        Ok(())
+    })
+}
+
+#[test]
+#[ignore = "needs root and netns: run cargo xtask test"]
+fn only_a_plain_syn_may_open_a_flow_to_a_vip() -> Result<()> {
+    Fixture::run("nonsyn", |fx| {
+        for flags in [
+            ACK,
+            PSH | ACK,
+            FIN | ACK,
+            RST,
+            RST | ACK,
+            SYN | ACK,
+            SYN | FIN,
+            SYN | RST,
+        ] {
+            let seg = client_segment(40001, flags).bytes()?;
+            assert_dropped(
+                fx,
+                &format!("flags {flags:#x}"),
+                &seg,
+                fx.cl0.ifindex,
+                &[(Counter::DropNoFlow, 1)],
+            )?;
+        }
+        assert!(fx.embryonic()?.is_empty() && fx.established()?.is_empty());
+        Ok(())
+    })
+}
+
+#[test]
+#[ignore = "needs root and netns: run cargo xtask test"]
+fn an_embryonic_entry_whose_partner_is_gone_counts_as_no_flow() -> Result<()> {
+    Fixture::run("partner", |fx| {
+        // The reverse entry disappears: the client's ACK finds an orphan forward entry.
+        let (syn, port) = open_write_flow(fx, CLIENT_PORT)?;
+        let rev_key = flow_key(sa(DB01, BACKEND_PORT), sa(SNAT_ADDR, port));
+        fx.remove_embryonic(&rev_key)?;
+        let ack = client_segment(CLIENT_PORT, ACK).with_seq_ack(syn.seq + 1, 0x5000_0001);
+        assert_dropped(
+            fx,
+            "client ACK, reverse entry gone",
+            &ack.bytes()?,
+            fx.cl0.ifindex,
+            &[(Counter::DropNoFlow, 1)],
+        )?;
+
+        // The forward entry disappears: the backend's SYN-ACK finds an orphan reverse entry.
+        let (syn, port) = open_write_flow(fx, CLIENT_PORT + 1)?;
+        fx.remove_embryonic(&flow_key(sa(CLIENT, CLIENT_PORT + 1), sa(VIP, WRITE_PORT)))?;
+        let syn_ack =
+            backend_segment(DB01, DB01_MAC, port, SYN | ACK).with_seq_ack(0x5000_0000, syn.seq + 1);
+        assert_dropped(
+            fx,
+            "backend SYN-ACK, forward entry gone",
+            &syn_ack.bytes()?,
+            fx.bk0.ifindex,
+            &[(Counter::DropNoFlow, 1)],
+        )?;
+        Ok(())
+    })
+}
+
+// ---------------------------------------------------------------------------------------------
+// Malformed, truncated, fragmented, optioned, expiring packets
+// ---------------------------------------------------------------------------------------------
+
+#[test]
+#[ignore = "needs root and netns: run cargo xtask test"]
+fn truncated_frames_are_never_forwarded() -> Result<()> {
+    Fixture::run("truncated", |fx| {
+        // Shorter than an Ethernet header: the kernel refuses to run the program at all.
+        for len in [1usize, 13] {
+            assert!(
+                fx.from_client(&vec![0xaa; len]).is_err(),
+                "a {len}-byte test run should be refused by the kernel"
+            );
+        }
+
+        // Every prefix of an option-less SYN to the VIP (and of a backend reply): without the
+        // IPv4 header or the ports it is not recognisably ours and passes; with the ports but
+        // not the whole TCP header it is ours and malformed.
+        let syn = client_syn(CLIENT_PORT, WRITE_PORT)
+            .with_options(&[])
+            .bytes()?;
+        let reply = backend_segment(DB01, DB01_MAC, 15000, ACK).bytes()?;
+        assert_eq!((syn.len(), reply.len()), (54, 54));
+        for (what, frame, ingress) in [
+            ("SYN to the VIP", &syn, fx.cl0.ifindex),
+            ("backend reply", &reply, fx.bk0.ifindex),
+        ] {
+            for len in 14..54 {
+                let cut = &frame[..len];
+                let what = format!("{what} cut to {len} bytes");
+                if len < 14 + 20 + 8 {
+                    assert_passes_untouched(fx, &what, cut, ingress)?;
+                } else {
+                    assert_dropped(fx, &what, cut, ingress, &[(Counter::DropMalformed, 1)])?;
+                }
+            }
+        }
+        assert!(fx.embryonic()?.is_empty());
+        Ok(())
+    })
+}
+
+#[test]
+#[ignore = "needs root and netns: run cargo xtask test"]
+fn random_frames_are_passed_unchanged_or_dropped() -> Result<()> {
+    Fixture::run("random", |fx| {
+        let mut rng = XorShift::new(0x5eed_b0a7_0001);
+        let to_vip = client_segment(CLIENT_PORT, ACK).bytes()?;
+        let to_snat = backend_segment(DB01, DB01_MAC, 15000, ACK).bytes()?;
+        let mut actions = std::collections::BTreeMap::new();
+        for i in 0..600 {
+            let len = rng.range(14, 160);
+            let mut frame = rng.bytes(len);
+            match i % 3 {
+                // Random bytes.
+                0 => {}
+                // An IPv4 ethertype and version, the rest random.
+                1 => {
+                    frame[12] = 0x08;
+                    frame[13] = 0x00;
+                    if len > 14 {
+                        frame[14] = 0x40 | (frame[14] & 0x0f);
+                    }
+                }
+                // A TCP segment to the VIP:7680 (or from db01:7687 to an SNAT port) with a
+                // mostly valid IHL, mostly unfragmented, random TCP bytes (but always ACK set, so
+                // no flow can be opened), cut at a random length.
+                _ => {
+                    let template = if i % 2 == 0 { &to_vip } else { &to_snat };
+                    // Ethernet, IPv4 and the ports from the template; the rest stays random.
+                    let n = len.min(38);
+                    frame[..n].copy_from_slice(&template[..n]);
+                    if len > 14 && rng.range(0, 3) == 0 {
+                        frame[14] = 0x40 | (rng.range(0, 15) as u8);
+                    }
+                    if len > 21 {
+                        let frag: u16 = match rng.range(0, 5) {
+                            0 => 0x2000,                      // MF
+                            1 => rng.range(1, 0x1fff) as u16, // a later fragment
+                            _ => 0x4000,                      // DF
+                        };
+                        frame[20..22].copy_from_slice(&frag.to_be_bytes());
+                    }
+                    if len > 47 {
+                        frame[47] |= ACK;
+                    }
+                }
+            }
+            let ingress = if i % 2 == 0 {
+                fx.cl0.ifindex
+            } else {
+                fx.bk0.ifindex
+            };
+            let out = fx.test_run(&frame, ingress)?;
+            match out.action {
+                Action::Pass => assert!(
+                    out.frame == frame,
+                    "random frame #{i} passed modified:\n{}",
+                    describe_diff(&out.frame, &frame)
+                ),
+                Action::Drop => {}
+                a => panic!("random frame #{i} got {a:?}: {}", hex(&frame)),
+            }
+            *actions.entry(format!("{:?}", out.action)).or_insert(0) += 1;
+        }
+        eprintln!("random frames: {actions:?}");
+        assert!(
+            actions.contains_key("Drop"),
+            "the VIP-shaped frames must hit the drop paths"
+        );
+        assert!(fx.embryonic()?.is_empty() && fx.established()?.is_empty());
+        Ok(())
+    })
+}
+
+#[test]
+#[ignore = "needs root and netns: run cargo xtask test"]
+fn a_first_fragment_for_a_vip_is_dropped_and_later_fragments_pass() -> Result<()> {
+    Fixture::run("frag", |fx| {
+        let mut first = client_syn(CLIENT_PORT, WRITE_PORT);
+        first.dont_fragment = false;
+        first.more_fragments = true;
+        assert_dropped(
+            fx,
+            "first fragment (MF, offset 0) to the VIP",
+            &first.bytes()?,
+            fx.cl0.ifindex,
+            &[(Counter::DropFragment, 1)],
+        )?;
+
+        let mut reply_first = backend_segment(DB01, DB01_MAC, 15000, ACK);
+        reply_first.dont_fragment = false;
+        reply_first.more_fragments = true;
+        assert_dropped(
+            fx,
+            "first fragment from a backend to an SNAT port",
+            &reply_first.bytes()?,
+            fx.bk0.ifindex,
+            &[(Counter::DropFragment, 1)],
+        )?;
+
+        // A later fragment carries no ports (whatever its first bytes look like): the kernel's.
+        for more in [true, false] {
+            let mut later = client_syn(CLIENT_PORT, WRITE_PORT);
+            later.dont_fragment = false;
+            later.more_fragments = more;
+            later.fragment_offset = 185;
+            assert_passes_untouched(
+                fx,
+                &format!("later fragment (offset 185, MF {more})"),
+                &later.bytes()?,
+                fx.cl0.ifindex,
+            )?;
+        }
+        assert!(fx.embryonic()?.is_empty());
+        Ok(())
+    })
+}
+
+#[test]
+#[ignore = "needs root and netns: run cargo xtask test"]
+fn ip_options_on_a_vip_packet_are_dropped() -> Result<()> {
+    Fixture::run("ipopts", |fx| {
+        let mut syn = client_syn(CLIENT_PORT, WRITE_PORT);
+        syn.ip_options = vec![1, 1, 1, 0]; // NOP NOP NOP EOL: IHL 6
+        let frame = syn.bytes()?;
+        assert_eq!(frame[14], 0x46);
+        assert_dropped(
+            fx,
+            "SYN with IP options",
+            &frame,
+            fx.cl0.ifindex,
+            &[(Counter::DropIpOptions, 1)],
+        )?;
+        // Not ours with options: untouched.
+        let mut other =
+            client_syn(CLIENT_PORT, 22).translated(sa(CLIENT, CLIENT_PORT), sa(CL0_ADDR, 22));
+        other.ip_options = vec![1, 1, 1, 0];
+        assert_passes_untouched(
+            fx,
+            "host SYN with IP options",
+            &other.bytes()?,
+            fx.cl0.ifindex,
+        )?;
+        assert!(fx.embryonic()?.is_empty());
+        Ok(())
+    })
+}
+
+#[test]
+#[ignore = "needs root and netns: run cargo xtask test"]
+fn a_syn_with_ttl_1_is_left_to_the_kernel() -> Result<()> {
+    Fixture::run("ttl", |fx| {
+        for ttl in [1, 0] {
+            let mut syn = client_syn(CLIENT_PORT, WRITE_PORT);
+            syn.ttl = ttl;
+            let frame = syn.bytes()?;
+            let before = fx.counters()?;
+            let out = fx.from_client(&frame)?;
+            assert_output(&out, Action::Pass, &frame);
+            assert_eq!(
+                fx.counters()?.changes_since(&before),
+                moved(&[(Counter::PassTtl, 1)]),
+                "TTL {ttl}"
+            );
+        }
+        assert!(fx.embryonic()?.is_empty(), "no flow for an expiring SYN");
+        Ok(())
+    })
+}
+
+// ---------------------------------------------------------------------------------------------
+// Next hop and SNAT failures
+// ---------------------------------------------------------------------------------------------
+
+#[test]
+#[ignore = "needs root and netns: run cargo xtask test"]
+fn a_syn_to_an_unroutable_backend_is_dropped_without_a_flow() -> Result<()> {
+    let config = format!(
+        "{CONFIG}\n[[backend]]\nname = \"far\"\naddress = \"203.0.113.5\"\n\
+         [[service]]\nname = \"far\"\nvip = \"198.18.0.10:7682\"\nbackend_port = 7687\nbackends = [\"far\"]\n"
+    );
+    Fixture::run_with_config("fibroute", &config, |fx| {
+        // No route to 203.0.113.0/24 (no default route either): fib says "not forwarded".
+        assert_dropped(
+            fx,
+            "SYN to a backend without a route",
+            &client_syn(CLIENT_PORT, 7682).bytes()?,
+            fx.cl0.ifindex,
+            &[(Counter::DropFib, 1), (Counter::FibResult4, 1)],
+        )?;
+        assert!(fx.embryonic()?.is_empty());
+        Ok(())
+    })
+}
+
+#[test]
+#[ignore = "needs root and netns: run cargo xtask test"]
+fn a_syn_to_a_backend_without_a_neighbour_entry_is_dropped_without_a_flow() -> Result<()> {
+    Fixture::run("fibneigh", |fx| {
+        fx.ns.ip(&["neigh", "del", "10.0.1.10", "dev", "bk0"])?;
+        assert_dropped(
+            fx,
+            "SYN to db01 without its neighbour",
+            &client_syn(CLIENT_PORT, WRITE_PORT).bytes()?,
+            fx.cl0.ifindex,
+            &[(Counter::DropFib, 1), (Counter::FibResult7, 1)],
+        )?;
+        assert!(fx.embryonic()?.is_empty() && fx.established()?.is_empty());
+        Ok(())
+    })
+}
+
+#[test]
+#[ignore = "needs root and netns: run cargo xtask test"]
+fn when_the_snat_ports_run_out_the_syn_is_answered_with_a_rst() -> Result<()> {
+    let config = CONFIG.replace("10000-32767", "10000-10001");
+    Fixture::run_with_config("snatfull", &config, |fx| {
+        let (_, a) = open_write_flow(fx, 40000)?;
+        let (_, b) = open_write_flow(fx, 40001)?;
+        let mut ports = [a, b];
+        ports.sort();
+        assert_eq!(ports, [10000, 10001]);
+
+        for (client_port, payload) in [(40002u16, &b""[..]), (40003, &b"early data"[..])] {
+            let syn = client_syn(client_port, WRITE_PORT).with_payload(payload);
+            let before = fx.counters()?;
+            let out = fx.from_client(&syn.bytes()?)?;
+
+            // The RST a TCP stack would answer the SYN with: addresses, ports and MACs swapped,
+            // TTL 64, ID 0, DF, seq 0, ack = SEG.SEQ + SEG.LEN (SYN counts 1), RST|ACK, window
+            // 0, no options and no payload: 54 bytes.
+            let mut rst = TcpFrame::new(
+                CL0_MAC,
+                CLIENT_MAC,
+                sa(VIP, WRITE_PORT),
+                sa(CLIENT, client_port),
+            )
+            .with_flags(RST | ACK)
+            .with_seq_ack(0, syn.seq + 1 + payload.len() as u32);
+            rst.id = 0;
+            rst.window = 0;
+            let want = rst.bytes()?;
+            assert_eq!(want.len(), 54);
+            assert_output(&out, Action::Tx, &want);
+            assert_eq!(
+                fx.counters()?.changes_since(&before),
+                moved(&[
+                    (Counter::RstSnatExhausted, 1),
+                    (Counter::RstSent, 1),
+                    (Counter::FibResult0, 1)
+                ]),
+                "SYN from {client_port}"
+            );
+        }
+        assert_eq!(fx.embryonic()?.len(), 4, "only the two admitted flows");
+        Ok(())
+    })
+}
+
+// ---------------------------------------------------------------------------------------------
+// ICMP errors
+// ---------------------------------------------------------------------------------------------
+
+const FRAG_NEEDED: (u8, u8) = (3, 4);
+const MTU_1400: [u8; 4] = [0, 0, 0x05, 0x78];
+
+#[test]
+#[ignore = "needs root and netns: run cargo xtask test"]
+fn frag_needed_about_a_forwarded_packet_is_translated_to_the_client() -> Result<()> {
+    Fixture::run("icmpfwd", |fx| {
+        let (syn, port) = open_write_flow(fx, CLIENT_PORT)?;
+        // The packet the router refused, as the balancer sent it, and as the client sent it.
+        let sent = to_backend(&syn, DB01, DB01_MAC, port);
+        let original = sent
+            .clone()
+            .translated(sa(CLIENT, CLIENT_PORT), sa(VIP, WRITE_PORT));
+        assert_eq!(original.tcp_checksum()?, syn.tcp_checksum()?);
+        let (sent_ip, original_ip) = (sent.ip_bytes()?, original.ip_bytes()?);
+
+        // Quoting the IP header + 8 bytes (RFC 792), then the whole TCP header (RFC 1812).
+        for quote_len in [28usize, 40] {
+            let icmp = frames::icmp_error(
+                ROUTER_MAC,
+                BK0_MAC,
+                ROUTER,
+                SNAT_ADDR,
+                64,
+                FRAG_NEEDED.0,
+                FRAG_NEEDED.1,
+                MTU_1400,
+                &sent_ip[..quote_len],
+            )?;
+            // Outer: to the client over cl0, source (the router) kept, TTL - 1; inner: the
+            // client's own packet again (addresses, ports, IP checksum and, when quoted, the TCP
+            // checksum); ICMP checksum valid.
+            let want = frames::icmp_error(
+                CL0_MAC,
+                CLIENT_MAC,
+                ROUTER,
+                CLIENT,
+                63,
+                FRAG_NEEDED.0,
+                FRAG_NEEDED.1,
+                MTU_1400,
+                &original_ip[..quote_len],
+            )?;
+            let before = fx.counters()?;
+            let out = fx.from_backends(&icmp)?;
+            assert_output(&out, Action::Redirect, &want);
+            assert_eq!(
+                fx.counters()?.changes_since(&before),
+                moved(&[(Counter::IcmpTranslated, 1)]),
+                "quote of {quote_len} bytes"
+            );
+        }
+        Ok(())
+    })
+}
+
+#[test]
+#[ignore = "needs root and netns: run cargo xtask test"]
+fn time_exceeded_about_a_reply_is_translated_to_the_backend() -> Result<()> {
+    Fixture::run("icmprev", |fx| {
+        let (_, syn_ack, port) = handshake_until_syn_ack(fx, CLIENT_PORT)?;
+        let sent = to_client(&syn_ack, CLIENT_PORT, WRITE_PORT);
+        let original = sent
+            .clone()
+            .translated(sa(DB01, BACKEND_PORT), sa(SNAT_ADDR, port));
+        let client_router = Ipv4Addr::new(198, 18, 0, 254);
+        let router_mac = [0x02, 0, 0, 0, 0, 0xfe];
+        let icmp = frames::icmp_error(
+            router_mac,
+            CL0_MAC,
+            client_router,
+            VIP,
+            64,
+            11,
+            0,
+            [0; 4],
+            &sent.ip_bytes()?[..40],
+        )?;
+        let want = frames::icmp_error(
+            BK0_MAC,
+            DB01_MAC,
+            client_router,
+            DB01,
+            63,
+            11,
+            0,
+            [0; 4],
+            &original.ip_bytes()?[..40],
+        )?;
+        let before = fx.counters()?;
+        let out = fx.from_client(&icmp)?;
+        assert_output(&out, Action::Redirect, &want);
+        assert_eq!(
+            fx.counters()?.changes_since(&before),
+            moved(&[(Counter::IcmpTranslated, 1)])
+        );
+        Ok(())
+    })
+}
+
+#[test]
+#[ignore = "needs root and netns: run cargo xtask test"]
+fn icmp_errors_about_balancer_tuples_without_a_flow_are_dropped() -> Result<()> {
+    Fixture::run("icmpnoflow", |fx| {
+        // About a "reply" VIP:7680 -> client that belongs to no flow.
+        let reply = TcpFrame::new(CL0_MAC, CLIENT_MAC, sa(VIP, WRITE_PORT), sa(CLIENT, 40001))
+            .with_flags(ACK);
+        let icmp = frames::icmp_error(
+            CLIENT_MAC,
+            CL0_MAC,
+            CLIENT,
+            VIP,
+            64,
+            3,
+            3,
+            [0; 4],
+            &reply.ip_bytes()?[..28],
+        )?;
+        assert_dropped(
+            fx,
+            "port unreachable about VIP:7680 -> client",
+            &icmp,
+            fx.cl0.ifindex,
+            &[(Counter::DropIcmpNoFlow, 1)],
+        )?;
+        // About a "forwarded" SNAT:15000 -> db01:7687 that belongs to no flow.
+        let fwd = TcpFrame::new(
+            BK0_MAC,
+            DB01_MAC,
+            sa(SNAT_ADDR, 15000),
+            sa(DB01, BACKEND_PORT),
+        )
+        .with_flags(ACK);
+        let icmp = frames::icmp_error(
+            ROUTER_MAC,
+            BK0_MAC,
+            ROUTER,
+            SNAT_ADDR,
+            64,
+            FRAG_NEEDED.0,
+            FRAG_NEEDED.1,
+            MTU_1400,
+            &fwd.ip_bytes()?[..28],
+        )?;
+        assert_dropped(
+            fx,
+            "frag needed about SNAT:15000 -> db01:7687",
+            &icmp,
+            fx.bk0.ifindex,
+            &[(Counter::DropIcmpNoFlow, 1)],
+        )?;
+        Ok(())
+    })
+}
+
+#[test]
+#[ignore = "needs root and netns: run cargo xtask test"]
+fn icmp_errors_about_host_traffic_pass_byte_for_byte() -> Result<()> {
+    Fixture::run("icmphost", |fx| {
+        // A flow exists, to make sure the lookups have something to (not) find.
+        open_write_flow(fx, CLIENT_PORT)?;
+        let host_tcp =
+            TcpFrame::new(BK0_MAC, DB01_MAC, sa(SNAT_ADDR, 45000), sa(DB01, 22)).with_flags(SYN);
+        let host_to_backend_port_outside_range = TcpFrame::new(
+            BK0_MAC,
+            DB01_MAC,
+            sa(SNAT_ADDR, 45000),
+            sa(DB01, BACKEND_PORT),
+        )
+        .with_flags(SYN);
+        let host_udp = frames::udp(BK0_MAC, DB01_MAC, sa(SNAT_ADDR, 33000), sa(DB01, 53), b"q")?;
+        let cases = [
+            ("host ssh to db01", host_tcp.ip_bytes()?[..28].to_vec()),
+            (
+                "host TCP from a non-SNAT port to db01:7687",
+                host_to_backend_port_outside_range.ip_bytes()?[..28].to_vec(),
+            ),
+            ("host UDP", host_udp[14..14 + 28].to_vec()),
+        ];
+        for (what, quote) in cases {
+            for (ty, code) in [(3u8, 3u8), (3, 4), (11, 0)] {
+                let icmp = frames::icmp_error(
+                    DB01_MAC, BK0_MAC, DB01, SNAT_ADDR, 64, ty, code, [0; 4], &quote,
+                )?;
+                assert_passes_untouched(
+                    fx,
+                    &format!("ICMP {ty}/{code} about {what}"),
+                    &icmp,
+                    fx.bk0.ifindex,
+                )?;
+            }
+        }
+        Ok(())
+    })
+}
