@@ -126,15 +126,6 @@ pub struct Ports {
     pub seq: u32,
 }
 
-/// Ethernet + option-less IPv4 + TCP, checked in one bound test (the layout of every packet
-/// the program rewrites).
-#[repr(C)]
-pub struct EthIpTcp {
-    pub eth: EthHdr,
-    pub ip: Ip,
-    pub tcp: Tcp,
-}
-
 /// The 16-bit words of a 20-byte header, for checksum sums.
 #[inline(always)]
 pub fn words20<T>(h: &T) -> &[u16; 10] {

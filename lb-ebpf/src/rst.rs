@@ -5,11 +5,12 @@ use aya_ebpf::{
     bindings::xdp_action, helpers::generated::bpf_xdp_adjust_tail, programs::XdpContext,
 };
 use lb_common::Counter;
+use network_types::eth::EthHdr;
 
 use crate::{
     csum,
     parse::{
-        words20, EthIpTcp, Frame, ETH_LEN, IPPROTO_TCP, L4_OFF, TCP_ACK, TCP_FIN, TCP_LEN, TCP_RST,
+        words20, Frame, Ip, Tcp, ETH_LEN, IPPROTO_TCP, L4_OFF, TCP_ACK, TCP_FIN, TCP_LEN, TCP_RST,
         TCP_SYN,
     },
     stats,
@@ -17,15 +18,22 @@ use crate::{
 
 const RST_FRAME_LEN: usize = L4_OFF + TCP_LEN;
 
+/// The Ethernet, option-less IPv4 and TCP headers at their fixed offsets (14, 34). Fetched one
+/// by one: a `#[repr(C)]` struct of the three would put the IPv4 header (alignment 4) at offset
+/// 16, not 14.
+#[inline(always)]
+fn headers(f: &Frame) -> Option<(&'static mut EthHdr, &'static mut Ip, &'static mut Tcp)> {
+    Some((f.get::<EthHdr>(0)?, f.get::<Ip>(ETH_LEN)?, f.get::<Tcp>(L4_OFF)?))
+}
+
 /// Answers the segment with a RST. The caller checked the IPv4 header has no options.
 /// A RST is never answered (dropped instead).
 #[inline(always)]
 pub fn reply(ctx: &XdpContext) -> u32 {
     let f = Frame::new(ctx);
-    let Some(h) = f.get::<EthIpTcp>(0) else {
+    let Some((eth, ip, tcp)) = headers(&f) else {
         return xdp_action::XDP_DROP;
     };
-    let (eth, ip, tcp) = (&mut h.eth, &mut h.ip, &mut h.tcp);
     let flags = tcp.flags;
     if flags & TCP_RST != 0 {
         return xdp_action::XDP_DROP;
@@ -84,10 +92,9 @@ pub fn reply(ctx: &XdpContext) -> u32 {
     }
     // The frame may have moved: look at it anew.
     let f = Frame::new(ctx);
-    let Some(h) = f.get::<EthIpTcp>(0) else {
+    let Some((_, ip, tcp)) = headers(&f) else {
         return xdp_action::XDP_DROP;
     };
-    let ip = &mut h.ip;
     let ip_check = csum::finish(csum::sum_words(words20(ip)));
     let pseudo = (ip.saddr >> 16) as u64
         + (ip.saddr & 0xffff) as u64
@@ -95,9 +102,9 @@ pub fn reply(ctx: &XdpContext) -> u32 {
         + (ip.daddr & 0xffff) as u64
         + u16::from_ne_bytes([0, IPPROTO_TCP]) as u64
         + u16::from_ne_bytes([0, TCP_LEN as u8]) as u64;
-    let tcp_check = csum::finish(pseudo + csum::sum_words(words20(&h.tcp)));
+    let tcp_check = csum::finish(pseudo + csum::sum_words(words20(tcp)));
     ip.check = ip_check;
-    h.tcp.check = tcp_check;
+    tcp.check = tcp_check;
     stats::count(Counter::RstSent);
     xdp_action::XDP_TX
 }
