@@ -5,7 +5,8 @@ use std::collections::BTreeSet;
 use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::time::Instant;
+use std::sync::mpsc::RecvTimeoutError;
+use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use serde_json::Value;
@@ -141,6 +142,15 @@ pub fn build_suites() -> Result<Vec<Suite>> {
     Ok(suites)
 }
 
+/// Per-suite time limit: `$LB_SUITE_TIMEOUT_SECS`, default 20 minutes.
+fn suite_timeout() -> Duration {
+    let secs = std::env::var("LB_SUITE_TIMEOUT_SECS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(20 * 60);
+    Duration::from_secs(secs)
+}
+
 /// Runs `cmd`, echoing its stdout line by line and summing its `test result:` lines. A run that
 /// fails without any result line (a crash, a build error) counts as one failure.
 fn run_streaming(cmd: &mut Command) -> Result<Counts> {
@@ -150,6 +160,20 @@ fn run_streaming(cmd: &mut Command) -> Result<Counts> {
         .spawn()
         .with_context(|| format!("running {}", describe(cmd)))?;
     let stdout = child.stdout.take().context("test stdout")?;
+    // A hung suite must not eat CI's whole budget: kill it after the timeout, count a failure.
+    let (done_tx, done_rx) = std::sync::mpsc::channel::<()>();
+    let pid = child.id();
+    let limit = suite_timeout();
+    let watchdog = std::thread::spawn(move || {
+        if done_rx.recv_timeout(limit) == Err(RecvTimeoutError::Timeout) {
+            eprintln!("xtask: suite exceeded {limit:?} (LB_SUITE_TIMEOUT_SECS), killing pid {pid}");
+            // SAFETY: plain kill(2) on our own child's pid; it is not reaped before done_tx fires.
+            unsafe { libc::kill(pid as libc::pid_t, libc::SIGKILL) };
+            true
+        } else {
+            false
+        }
+    });
     let mut counts = Counts::default();
     let mut saw_result = false;
     let out = std::io::stdout();
@@ -165,8 +189,13 @@ fn run_streaming(cmd: &mut Command) -> Result<Counts> {
             saw_result = true;
         }
     }
+    // Output closed: the child exited (or closed stdout); stop the watchdog before reaping.
+    let _ = done_tx.send(());
+    let timed_out = watchdog.join().unwrap_or(false);
     let status = child.wait()?;
-    if !status.success() && (!saw_result || counts.failed == 0) {
+    if timed_out {
+        counts.failed += 1;
+    } else if !status.success() && (!saw_result || counts.failed == 0) {
         eprintln!("xtask: {} exited with {status}", describe(cmd));
         counts.failed += 1;
     }

@@ -30,6 +30,12 @@ impl TestLock {
             .write(true)
             .open(path)
             .with_context(|| format!("opening {LOCK_PATH}"))?;
+        let file = match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
+            Ok(lock) => return Ok(TestLock { _lock: lock }),
+            Err((file, nix::errno::Errno::EWOULDBLOCK)) => file,
+            Err((_, e)) => return Err(e).with_context(|| format!("flock {LOCK_PATH}")),
+        };
+        eprintln!("harness: waiting for {LOCK_PATH}: another privileged test holds it");
         let lock = Flock::lock(file, FlockArg::LockExclusive)
             .map_err(|(_, e)| e)
             .with_context(|| format!("flock {LOCK_PATH}"))?;

@@ -137,12 +137,19 @@ pub fn run(cmd: &mut Command) -> Result<Output> {
         .output()
         .with_context(|| format!("running {}", describe(cmd)))?;
     if !out.status.success() {
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        let stdout = String::from_utf8_lossy(&out.stdout);
         bail!(
-            "{} failed ({}): {}{}",
+            "{} failed ({}): {}{}{}",
             describe(cmd),
             out.status,
-            String::from_utf8_lossy(&out.stderr).trim(),
-            String::from_utf8_lossy(&out.stdout).trim()
+            stderr.trim(),
+            if stdout.trim().is_empty() {
+                ""
+            } else {
+                "\nstdout: "
+            },
+            stdout.trim()
         );
     }
     Ok(out)
