@@ -48,16 +48,19 @@ pub fn forward(
             stats::count(Counter::PassTtl);
             return xdp_action::XDP_PASS;
         }
+        // Copied before `promote`, which deletes the embryonic entries `found` points into: a
+        // deleted element of a preallocated (LRU) hash map goes back to the free list at once
+        // and another CPU's insert may overwrite it while we still read it.
+        let flow = *found.flow;
         if found.established {
             conntrack::touch(found.flow, now);
         } else if flags & (TCP_SYN | TCP_ACK | TCP_RST) == TCP_ACK
-            && found.flow.state == FLOW_SYN_RECV
+            && flow.state == FLOW_SYN_RECV
             && !conntrack::promote(&key, &found, now)
         {
             stats::service_drop(svc.id, Counter::DropEstablishedFull);
             return xdp_action::XDP_DROP;
         }
-        let flow = *found.flow;
         return send(ctx, eth, ip, tcp, &flow, bytes, false);
     }
 
