@@ -198,6 +198,14 @@ fn syn_to_vip_is_dnatted_and_snatted_to_the_master() -> Result<()> {
             ])
         );
 
+        let (svc, be) = (fx.service_stats(0)?, fx.backend_stats(0)?);
+        let len = syn.bytes()?.len() as u64;
+        assert_eq!(
+            (svc.new_flows, svc.packets, svc.bytes, svc.drops),
+            (1, 1, len, 0)
+        );
+        assert_eq!((be.new_flows, be.packets, be.bytes), (1, 1, len));
+
         let emb = fx.embryonic()?;
         assert_eq!(emb.len(), 2, "embryonic: {:?}", tuples(&emb));
         let fwd_key = flow_key(sa(CLIENT, CLIENT_PORT), sa(VIP, WRITE_PORT));
@@ -353,6 +361,109 @@ fn the_clients_ack_establishes_the_flow_and_data_takes_the_established_path() ->
         );
         assert_eq!(fx.established()?.len(), 2);
         assert!(fx.embryonic()?.is_empty());
+        Ok(())
+    })
+}
+
+#[test]
+#[ignore = "needs root and netns: run cargo xtask test"]
+fn a_backend_behind_the_ingress_interface_gets_the_syn_by_xdp_tx() -> Result<()> {
+    // One-armed: the backend lives on the client's segment, the SNAT address is cl0's.
+    let near = Ipv4Addr::new(198, 18, 0, 20);
+    let near_mac = [0x02, 0, 0, 0, 0, 0x20];
+    let config = format!(
+        "{CONFIG}\n[[backend]]\nname = \"near\"\naddress = \"{near}\"\n\
+         [[service]]\nname = \"near\"\nvip = \"198.18.0.10:7682\"\nbackend_port = 7687\nbackends = [\"near\"]\n"
+    );
+    Fixture::run_with_config("onearm", &config, |fx| {
+        fx.ns.ip(&[
+            "neigh",
+            "add",
+            &near.to_string(),
+            "lladdr",
+            "02:00:00:00:00:20",
+            "dev",
+            "cl0",
+            "nud",
+            "permanent",
+        ])?;
+        let syn = client_syn(CLIENT_PORT, 7682);
+        let out = fx.from_client(&syn.bytes()?)?;
+        let port = sport_of(&out.frame);
+        let want = syn
+            .clone()
+            .forwarded(CL0_MAC, near_mac)
+            .translated(sa(CL0_ADDR, port), sa(near, BACKEND_PORT));
+        assert_output(&out, Action::Tx, &want.bytes()?);
+
+        let syn_ack = TcpFrame::new(
+            near_mac,
+            CL0_MAC,
+            sa(near, BACKEND_PORT),
+            sa(CL0_ADDR, port),
+        )
+        .with_flags(SYN | ACK)
+        .with_seq_ack(0x5000_0000, syn.seq + 1);
+        let out = fx.from_client(&syn_ack.bytes()?)?;
+        assert_output(
+            &out,
+            Action::Tx,
+            &to_client(&syn_ack, CLIENT_PORT, 7682).bytes()?,
+        );
+        Ok(())
+    })
+}
+
+#[test]
+#[ignore = "needs root and netns: run cargo xtask test"]
+fn an_embryonic_flow_older_than_the_connect_timeout_counts_as_no_flow() -> Result<()> {
+    Fixture::run("expired", |fx| {
+        let (syn, port) = open_write_flow(fx, CLIENT_PORT)?;
+        let fwd_key = flow_key(sa(CLIENT, CLIENT_PORT), sa(VIP, WRITE_PORT));
+        let rev_key = flow_key(sa(DB01, BACKEND_PORT), sa(SNAT_ADDR, port));
+        // Age both entries: created at boot, far more than 30 s ago.
+        for key in [fwd_key, rev_key] {
+            let mut flow = entry(&fx.embryonic()?, &key).expect("entry");
+            flow.created_ns = 0;
+            fx.put_embryonic(&key, &flow)?;
+        }
+        let syn_ack =
+            backend_segment(DB01, DB01_MAC, port, SYN | ACK).with_seq_ack(0x5000_0000, syn.seq + 1);
+        assert_dropped(
+            fx,
+            "SYN-ACK for an expired flow",
+            &syn_ack.bytes()?,
+            fx.bk0.ifindex,
+            &[(Counter::DropNoFlow, 1)],
+        )?;
+        let ack = client_segment(CLIENT_PORT, ACK).with_seq_ack(syn.seq + 1, 0x5000_0001);
+        assert_dropped(
+            fx,
+            "ACK for an expired flow",
+            &ack.bytes()?,
+            fx.cl0.ifindex,
+            &[(Counter::DropNoFlow, 1)],
+        )?;
+        // A new SYN on the same tuple opens a fresh flow.
+        let before = fx.counters()?;
+        let out = fx.from_client(&syn.bytes()?)?;
+        let port = sport_of(&out.frame);
+        assert_output(
+            &out,
+            Action::Redirect,
+            &to_backend(&syn, DB01, DB01_MAC, port).bytes()?,
+        );
+        assert_eq!(
+            fx.counters()?.changes_since(&before),
+            moved(&[
+                (Counter::FwdPackets, 1),
+                (Counter::NewFlows, 1),
+                (Counter::FibResult0, 1)
+            ])
+        );
+        let fwd = entry(&fx.embryonic()?, &fwd_key).expect("fresh forward entry");
+        assert_ne!(fwd.created_ns, 0);
+        assert_eq!(nat_tuple(&fwd).0, sa(SNAT_ADDR, port));
         Ok(())
     })
 }
