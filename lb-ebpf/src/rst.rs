@@ -23,7 +23,11 @@ const RST_FRAME_LEN: usize = L4_OFF + TCP_LEN;
 /// 16, not 14.
 #[inline(always)]
 fn headers(f: &Frame) -> Option<(&'static mut EthHdr, &'static mut Ip, &'static mut Tcp)> {
-    Some((f.get::<EthHdr>(0)?, f.get::<Ip>(ETH_LEN)?, f.get::<Tcp>(L4_OFF)?))
+    Some((
+        f.get::<EthHdr>(0)?,
+        f.get::<Ip>(ETH_LEN)?,
+        f.get::<Tcp>(L4_OFF)?,
+    ))
 }
 
 /// Answers the segment with a RST. The caller checked the IPv4 header has no options.
