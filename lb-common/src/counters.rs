@@ -45,6 +45,8 @@ pub enum Counter {
     GenericLarge,
     /// RSTs generated (all reasons).
     RstSent,
+    /// The route's source address for a backend is not an address of an attached interface.
+    DropNoSnatAddr,
     /// `bpf_fib_lookup` result codes 0..=9 for new flows, one counter each.
     FibResult0,
     FibResult1,
@@ -85,6 +87,7 @@ pub const COUNTER_NAMES: [&str; COUNTER_MAX as usize] = [
     "drop_redirect",
     "generic_large_frames",
     "rst_sent",
+    "drop_no_snat_addr",
     "fib_success",
     "fib_blackhole",
     "fib_unreachable",

@@ -6,6 +6,8 @@ pub const MAX_SERVICES: u32 = 64;
 pub const MAX_BACKENDS: u32 = 256;
 /// Most members in one service's backend set.
 pub const MAX_SET_SIZE: usize = 32;
+/// Most local addresses that can serve as SNAT source addresses.
+pub const MAX_SNAT_ADDRS: u32 = 64;
 /// Most interfaces the program can redirect to.
 pub const MAX_IFACES: u32 = 64;
 /// Default size of the embryonic (SYN seen, not yet established) flow table, in entries.
@@ -29,6 +31,7 @@ pub mod names {
     pub const STATS_GLOBAL: &str = "STATS_GLOBAL";
     pub const STATS_SERVICE: &str = "STATS_SERVICE";
     pub const STATS_BACKEND: &str = "STATS_BACKEND";
+    pub const SNAT_ADDRS: &str = "SNAT_ADDRS";
     /// Every map the agent pins, in a stable order.
     pub const ALL: &[&str] = &[
         CONFIG,
@@ -42,6 +45,7 @@ pub mod names {
         STATS_GLOBAL,
         STATS_SERVICE,
         STATS_BACKEND,
+        SNAT_ADDRS,
     ];
 }
 

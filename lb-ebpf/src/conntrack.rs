@@ -70,6 +70,19 @@ pub fn claim_embryonic(key: &FlowKey, flow: &Flow) -> bool {
     CT_EMBRYONIC.insert(key, flow, BPF_NOEXIST as u64).is_ok()
 }
 
+/// Takes over the embryonic entry at `key` if it has expired (its flow never completed), so
+/// that dead handshakes do not hold SNAT ports until the LRU evicts them.
+#[inline(always)]
+pub fn reclaim_expired(key: &FlowKey, flow: &Flow, now: u64, embryonic_timeout: u64) -> bool {
+    match CT_EMBRYONIC.get_ptr(key) {
+        // SAFETY: value valid for the program run; only read.
+        Some(old) if now.wrapping_sub(unsafe { (*old).created_ns }) > embryonic_timeout => {
+            CT_EMBRYONIC.insert(key, flow, BPF_ANY as u64).is_ok()
+        }
+        _ => false,
+    }
+}
+
 /// Inserts (or replaces an expired) forward entry.
 #[inline(always)]
 pub fn insert_embryonic(key: &FlowKey, flow: &Flow) -> bool {

@@ -7,7 +7,7 @@ use network_types::eth::EthHdr;
 
 use crate::{
     conntrack, csum, forward,
-    maps::is_backend,
+    maps::{is_backend, is_snat_addr},
     nat,
     parse::{Frame, Icmp, Ip, Ports, L4_OFF},
     service, stats,
@@ -51,7 +51,7 @@ pub fn handle(
         let sport = u16::from_be(ports.sport);
         let from_snat =
             cfg.snat_port_max != 0 && sport >= cfg.snat_port_min && sport <= cfg.snat_port_max;
-        if !from_snat || !is_backend(inner.daddr, ports.dport) {
+        if !from_snat || !is_snat_addr(inner.saddr) || !is_backend(inner.daddr, ports.dport) {
             return xdp_action::XDP_PASS;
         }
     }

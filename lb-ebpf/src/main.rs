@@ -43,7 +43,7 @@ mod prog {
 
     use crate::{
         icmp,
-        maps::{config, is_backend},
+        maps::{config, is_backend, is_snat_addr},
         parse::{Frame, Ip, Ports, Tcp, ETH_LEN, ETH_P_IPV4, IPPROTO_ICMP, IPPROTO_TCP, L4_OFF},
         path, service, stats,
     };
@@ -115,6 +115,7 @@ mod prog {
         if cfg.snat_port_max != 0
             && dport >= cfg.snat_port_min
             && dport <= cfg.snat_port_max
+            && is_snat_addr(ip.daddr)
             && is_backend(ip.saddr, ports.sport)
         {
             let Some(tcp) = checked_tcp(f, ip, u32::MAX) else {

@@ -8,7 +8,7 @@ use aya_ebpf::{
 use lb_common::{
     BackendKey, BackendSet, BackendStats, Config, Flow, FlowKey, Service, ServiceKey, ServiceStats,
     COUNTER_MAX, DEFAULT_EMBRYONIC_ENTRIES, DEFAULT_ESTABLISHED_ENTRIES, MAX_BACKENDS, MAX_IFACES,
-    MAX_SERVICES,
+    MAX_SERVICES, MAX_SNAT_ADDRS,
 };
 
 /// `BPF_F_NO_COMMON_LRU` is not used: a per-CPU LRU list would evict a flow whose reply
@@ -54,6 +54,11 @@ pub static RR_CURSOR: Array<u32, { MAX_SERVICES as usize }> = Array::new();
 #[btf_map]
 pub static TX_PORTS: DevMapHash<{ MAX_IFACES as usize }> = DevMapHash::new();
 
+/// Local addresses of the attached interfaces (network order -> 1): the only destinations a
+/// backend's reply can be translated for.
+#[btf_map]
+pub static SNAT_ADDRS: HashMap<u32, u32, { MAX_SNAT_ADDRS as usize }> = HashMap::new();
+
 /// Global counters, indexed by `lb_common::Counter`.
 #[btf_map]
 pub static STATS_GLOBAL: PerCpuArray<u64, { COUNTER_MAX as usize }> = PerCpuArray::new();
@@ -90,4 +95,10 @@ pub fn is_backend(addr: u32, port: u16) -> bool {
         _pad: 0,
     };
     BACKENDS.get_ptr(key).is_some()
+}
+
+/// Whether `addr` is an SNAT (local) address of this balancer.
+#[inline(always)]
+pub fn is_snat_addr(addr: u32) -> bool {
+    SNAT_ADDRS.get_ptr(addr).is_some()
 }

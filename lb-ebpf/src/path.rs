@@ -42,6 +42,7 @@ pub fn forward(
     let key = key_of(ip, tcp);
     let flags = tcp.flags;
     let bytes = f.len() as u64;
+    count_large(cfg, f);
 
     if let Some(found) = conntrack::lookup(&key, now, cfg.embryonic_timeout_ns) {
         if ip.ttl <= 1 {
@@ -78,9 +79,6 @@ pub fn forward(
         return xdp_action::XDP_DROP;
     };
     let generic = cfg.flags & CONFIG_F_GENERIC != 0;
-    if generic && f.len() > 1514 {
-        stats::count(Counter::GenericLarge);
-    }
     let tot_len = if generic { 0 } else { u16::from_be(ip.tot_len) };
     let ingress = ctx.ingress_ifindex() as u32;
     let hop = match forward::lookup(ctx, ingress, backend.addr, backend.port, tot_len) {
@@ -91,6 +89,10 @@ pub fn forward(
         }
     };
 
+    if !crate::maps::is_snat_addr(hop.src) {
+        stats::service_drop(svc.id, Counter::DropNoSnatAddr);
+        return xdp_action::XDP_DROP;
+    }
     let reply = Flow {
         created_ns: now,
         last_seen_ns: now,
@@ -115,6 +117,8 @@ pub fn forward(
         cfg.snat_port_min,
         cfg.snat_port_max,
         &reply,
+        now,
+        cfg.embryonic_timeout_ns,
     ) else {
         stats::service_drop(svc.id, Counter::RstSnatExhausted);
         return rst::reply(ctx);
@@ -169,6 +173,7 @@ pub fn reply(
     cfg: &Config,
     now: u64,
 ) -> u32 {
+    count_large(cfg, f);
     let key = key_of(ip, tcp);
     let Some(found) = conntrack::lookup(&key, now, cfg.embryonic_timeout_ns) else {
         stats::count(Counter::DropNoFlow);
@@ -185,6 +190,15 @@ pub fn reply(
     }
     let flow = *found.flow;
     send(ctx, eth, ip, tcp, &flow, f.len() as u64, true)
+}
+
+/// In generic mode, counts frames larger than an Ethernet MTU (GSO super-packets, which the
+/// kernel's generic redirect refuses).
+#[inline(always)]
+fn count_large(cfg: &Config, f: Frame) {
+    if cfg.flags & CONFIG_F_GENERIC != 0 && f.len() > 1514 {
+        stats::count(Counter::GenericLarge);
+    }
 }
 
 /// Rewrites the packet for `flow`, counts it and transmits it.

@@ -2,7 +2,7 @@
 //!
 //! A port is claimed by inserting the flow's reply entry (backend -> SNAT address:port) into
 //! the embryonic table with BPF_NOEXIST; a port whose reply key is in the established table is
-//! taken too. The search starts at a random port and gives up after `SNAT_TRIES` ports.
+//! taken too, and so is a port whose embryonic entry has expired. The search starts at a random port and gives up after `SNAT_TRIES` ports.
 use aya_ebpf::helpers::bpf_get_prandom_u32;
 use lb_common::{Flow, FlowKey, IPPROTO_TCP};
 
@@ -12,7 +12,9 @@ pub const SNAT_TRIES: u32 = 32;
 
 /// Claims a port for the reply entry `reply` from `backend:bport` to `snat_addr`, trying
 /// ports in `[min, max]` (host order). Returns the port (network order) or `None`.
+/// Embryonic entries older than `embryonic_timeout` at `now` are taken over.
 #[inline(always)]
+#[allow(clippy::too_many_arguments)]
 pub fn claim(
     backend: u32,
     bport: u16,
@@ -20,6 +22,8 @@ pub fn claim(
     min: u16,
     max: u16,
     reply: &Flow,
+    now: u64,
+    embryonic_timeout: u64,
 ) -> Option<u16> {
     if max < min {
         return None;
@@ -38,7 +42,10 @@ pub fn claim(
             proto: IPPROTO_TCP,
             _pad: [0; 3],
         };
-        if !conntrack::established_has(&key) && conntrack::claim_embryonic(&key, reply) {
+        if !conntrack::established_has(&key)
+            && (conntrack::claim_embryonic(&key, reply)
+                || conntrack::reclaim_expired(&key, reply, now, embryonic_timeout))
+        {
             return Some(port.to_be());
         }
         i += 1;

@@ -31,6 +31,7 @@ pub struct Control {
     backends: HashMap<MapData, BackendKey, u32>,
     sets: ArrayOfMaps<MapData, Array<MapData, BackendSet>>,
     tx_ports: DevMapHash<MapData>,
+    snat_addrs: HashMap<MapData, u32, u32>,
     live: Vec<Option<Array<MapData, BackendSet>>>,
     spare: Vec<Option<Array<MapData, BackendSet>>>,
     generation: u64,
@@ -56,10 +57,45 @@ impl Control {
             backends: take(ebpf, names::BACKENDS)?,
             sets: take(ebpf, names::BACKEND_SETS)?,
             tx_ports: take(ebpf, names::TX_PORTS)?,
+            snat_addrs: take(ebpf, names::SNAT_ADDRS)?,
             live: (0..n).map(|_| None).collect(),
             spare: (0..n).map(|_| None).collect(),
             generation: 0,
         })
+    }
+
+    /// Fills every writer-owned map from `cfg` before the program sees a packet: settings,
+    /// redirect targets, SNAT addresses, services and each service's configured backend set.
+    pub fn configure(
+        &mut self,
+        cfg: &Config,
+        generic: bool,
+        ifindexes: &[u32],
+        snat_addrs: &[Ipv4Addr],
+    ) -> Result<()> {
+        self.write_config(cfg, generic)?;
+        self.register_ifaces(ifindexes)?;
+        self.register_snat_addrs(snat_addrs)?;
+        self.install_services(cfg)?;
+        for (id, s) in cfg.services.iter().enumerate() {
+            let members: Vec<Member> = s
+                .backends
+                .iter()
+                .map(|&b| Member {
+                    id: b as u32,
+                    addr: cfg.backends[b].address,
+                    port: s.backend_port,
+                })
+                .collect();
+            let generation = self.install_set(id as u32, &members)?;
+            let names: Vec<&str> = s
+                .backends
+                .iter()
+                .map(|&b| cfg.backends[b].name.as_str())
+                .collect();
+            info!(service = %s.name, vip = %s.vip, backends = ?names, generation, "service configured");
+        }
+        Ok(())
     }
 
     /// Writes the data path's runtime settings.
@@ -87,6 +123,16 @@ impl Control {
             self.tx_ports
                 .insert(i, i, None, 0)
                 .with_context(|| format!("add ifindex {i} to TX_PORTS"))?;
+        }
+        Ok(())
+    }
+
+    /// Registers the addresses replies may come back to (the attached interfaces' addresses).
+    pub fn register_snat_addrs(&mut self, addrs: &[Ipv4Addr]) -> Result<()> {
+        for a in addrs {
+            self.snat_addrs
+                .insert(addr_be(a.octets()), 1, 0)
+                .with_context(|| format!("add {a} to SNAT_ADDRS"))?;
         }
         Ok(())
     }

@@ -84,6 +84,7 @@ pub struct HostChanges {
     reserved_ports: Option<String>,
     vips: Vec<(Ipv4Addr, String)>,
     neighbors: Vec<(Ipv4Addr, String)>,
+    offloads: Vec<(String, &'static str)>,
 }
 
 /// The next hop (gateway or the address itself) and device the kernel routes `addr` through.
@@ -198,7 +199,69 @@ impl HostChanges {
         Ok(())
     }
 
+    /// Waits up to `timeout` for every managed neighbor to be resolved, so that the first
+    /// connections are not dropped for want of a MAC address. Unresolved ones are logged.
+    pub fn wait_neighbors(&self, timeout: std::time::Duration) {
+        let deadline = std::time::Instant::now() + timeout;
+        for (nh, dev) in &self.neighbors {
+            loop {
+                let resolved = Command::new("ip")
+                    .args(["neigh", "show", &nh.to_string(), "dev", dev])
+                    .output()
+                    .map(|o| String::from_utf8_lossy(&o.stdout).contains("lladdr"))
+                    .unwrap_or(false);
+                if resolved {
+                    break;
+                }
+                if std::time::Instant::now() >= deadline {
+                    warn!(next_hop = %nh, dev, "neighbor not resolved yet: new flows to backends behind it are dropped (fib_no_neigh) until it answers ARP");
+                    break;
+                }
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+        }
+    }
+
+    /// Turns receive offloads that merge frames (GRO, LRO) off on `iface`: in generic mode the
+    /// program would see the merged super-packets, which the kernel's generic XDP redirect
+    /// refuses as larger than the MTU.
+    pub fn disable_receive_offloads(&mut self, iface: &str) -> Result<()> {
+        let out = Command::new("ethtool")
+            .args(["-k", iface])
+            .output()
+            .context("run `ethtool -k` (is ethtool installed?)")?;
+        let text = String::from_utf8_lossy(&out.stdout).to_string();
+        for (feature, line) in [
+            ("gro", "generic-receive-offload: on"),
+            ("lro", "large-receive-offload: on"),
+        ] {
+            if !text.lines().any(|l| l.trim() == line) {
+                continue;
+            }
+            let ok = Command::new("ethtool")
+                .args(["-K", iface, feature, "off"])
+                .status()
+                .map(|s| s.success())
+                .unwrap_or(false);
+            if ok {
+                info!(
+                    iface,
+                    "{feature} turned off for generic XDP (restored on exit)"
+                );
+                self.offloads.push((iface.to_string(), feature));
+            } else {
+                warn!(iface, "could not turn {feature} off; merged frames larger than the MTU will be dropped");
+            }
+        }
+        Ok(())
+    }
+
     pub fn restore(&mut self) {
+        for (iface, feature) in self.offloads.drain(..) {
+            let _ = Command::new("ethtool")
+                .args(["-K", &iface, feature, "on"])
+                .status();
+        }
         for (nh, dev) in self.neighbors.drain(..) {
             let _ = Command::new("ip")
                 .args(["neigh", "del", &nh.to_string(), "dev", &dev])

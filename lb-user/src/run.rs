@@ -11,7 +11,7 @@ use tracing::{info, warn};
 
 use crate::{
     config::{Config, VipMode},
-    control::{Control, Member},
+    control::Control,
     dataplane::{self, AttachMode},
     host::{self, HostChanges},
     status::{self, InstanceInfo},
@@ -89,34 +89,35 @@ async fn serve(
     for b in &cfg.backends {
         host.manage_neighbor(b.address)?;
     }
+    host.wait_neighbors(std::time::Duration::from_secs(3));
 
-    // Fill every map before the program sees a packet.
-    control.write_config(cfg, mode == AttachMode::Generic)?;
-    control.register_ifaces(ifindexes)?;
-    control.install_services(cfg)?;
-    for (id, s) in cfg.services.iter().enumerate() {
-        let members: Vec<Member> = s
-            .backends
-            .iter()
-            .map(|&b| Member {
-                id: b as u32,
-                addr: cfg.backends[b].address,
-                port: s.backend_port,
-            })
-            .collect();
-        let generation = control.install_set(id as u32, &members)?;
-        let names: Vec<&str> = s
-            .backends
-            .iter()
-            .map(|&b| cfg.backends[b].name.as_str())
-            .collect();
-        info!(service = %s.name, vip = %s.vip, backends = ?names, generation, "service configured");
+    let vips = cfg.vip_addrs();
+    let mut snat_addrs = Vec::new();
+    for iface in ifaces {
+        snat_addrs.extend(
+            host::iface_addrs(iface)?
+                .into_iter()
+                .filter(|a| !vips.contains(a)),
+        );
     }
+    if snat_addrs.is_empty() {
+        bail!(
+            "none of {} has an IPv4 address to use as the SNAT source address",
+            ifaces.join(", ")
+        );
+    }
+    info!(addrs = ?snat_addrs, "SNAT source addresses");
+    control.configure(cfg, mode == AttachMode::Generic, ifindexes, &snat_addrs)?;
 
     let modes = dataplane::attach(ebpf, ifaces, mode)?;
     let generic = modes.contains(&XdpMode::Skb);
     if generic && mode != AttachMode::Generic {
         control.write_config(cfg, true)?;
+    }
+    for (iface, m) in ifaces.iter().zip(&modes) {
+        if *m == XdpMode::Skb {
+            host.disable_receive_offloads(iface)?;
+        }
     }
     let range = (cfg.snat_ports.1 - cfg.snat_ports.0) as u64 + 1;
     info!(

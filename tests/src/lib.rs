@@ -1,3 +1,4 @@
+pub mod fixture;
 pub mod harness;
 pub mod sim;
-pub mod fixture;
+pub mod traffic;

@@ -596,6 +596,15 @@ fn host_traffic_on_snat_range_ports_passes_unless_it_comes_from_a_backend_data_p
                 TcpFrame::new(DB01_MAC, BK0_MAC, sa(DB01, 7474), sa(SNAT_ADDR, 15000)),
             ),
             (
+                "a backend data port to an SNAT-range port of another host (lb routes for it)",
+                TcpFrame::new(
+                    DB01_MAC,
+                    BK0_MAC,
+                    sa(DB01, BACKEND_PORT),
+                    sa(Ipv4Addr::new(10, 0, 1, 11), 15000),
+                ),
+            ),
+            (
                 "a backend data port to a port outside the SNAT range",
                 TcpFrame::new(
                     DB01_MAC,
