@@ -15,3 +15,4 @@ pub mod status;
 
 /// The compiled XDP object (built by `build.rs` from `lb-ebpf`).
 pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/lb-ebpf.o"));
+pub mod health;
