@@ -3,4 +3,5 @@
 //! ([`scheduler`]). Results flow to the map owner as [`scheduler::Update`]s.
 pub mod machine;
 pub mod probe;
+pub mod scheduler;
 pub mod spec;
