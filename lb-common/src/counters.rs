@@ -58,6 +58,14 @@ pub enum Counter {
     FibResult7,
     FibResult8,
     FibResult9,
+    /// Segment with no flow (to a VIP:port, or from a backend to an SNAT port) answered with RST.
+    RstNoFlow,
+    /// SYN to a service whose backend set is empty (e.g. no master) answered with RST.
+    RstNoBackend,
+    /// Segment of a flow whose backend was demoted with `on_down = "reset"`: flow deleted, RST.
+    RstFlowReset,
+    /// A RST that the per-CPU rate limit suppressed (the segment was dropped instead).
+    DropRstLimited,
     /// Number of counters (array size), not a counter.
     Max,
 }
@@ -98,4 +106,8 @@ pub const COUNTER_NAMES: [&str; COUNTER_MAX as usize] = [
     "fib_no_neigh",
     "fib_frag_needed",
     "fib_no_src_addr",
+    "rst_no_flow",
+    "rst_no_backend",
+    "rst_flow_reset",
+    "drop_rst_limited",
 ];

@@ -32,6 +32,8 @@ pub mod names {
     pub const STATS_SERVICE: &str = "STATS_SERVICE";
     pub const STATS_BACKEND: &str = "STATS_BACKEND";
     pub const SNAT_ADDRS: &str = "SNAT_ADDRS";
+    pub const RESET_EPOCH: &str = "RESET_EPOCH";
+    pub const RST_BUCKET: &str = "RST_BUCKET";
     /// Every map the agent pins, in a stable order.
     pub const ALL: &[&str] = &[
         CONFIG,
@@ -46,6 +48,8 @@ pub mod names {
         STATS_SERVICE,
         STATS_BACKEND,
         SNAT_ADDRS,
+        RESET_EPOCH,
+        RST_BUCKET,
     ];
 }
 
@@ -64,6 +68,9 @@ pub struct Config {
     pub snat_port_max: u16,
     /// `CONFIG_F_*` bits.
     pub flags: u32,
+    /// Generated RSTs allowed per second per CPU (token bucket; excess dropped and counted).
+    pub rst_per_sec: u32,
+    pub _pad: u32,
 }
 
 /// Per-packet debug log lines through aya-log.
@@ -91,9 +98,20 @@ pub struct ServiceKey {
 pub struct Service {
     /// Index into `BACKEND_SETS`, `RR_CURSOR` and `STATS_SERVICE`.
     pub id: u32,
-    /// `SERVICE_F_*` bits (none yet).
+    /// `BALANCE_*` in the low bits.
     pub flags: u32,
 }
+
+/// Round robin over the set (default).
+pub const BALANCE_ROUNDROBIN: u32 = 0;
+/// Always the set's first member (the agent orders sets by configuration order).
+pub const BALANCE_FIRST: u32 = 1;
+/// Maglev consistent hashing over the connection's addresses and ports.
+pub const BALANCE_MAGLEV: u32 = 2;
+pub const BALANCE_MASK: u32 = 0x3;
+
+/// Size of a backend set's Maglev lookup table (a prime; 128x the largest set).
+pub const MAGLEV_SIZE: usize = 4093;
 
 /// One member of a backend set.
 #[repr(C)]
@@ -123,6 +141,9 @@ pub struct BackendSet {
     pub count: u32,
     pub _pad: u32,
     pub members: [Backend; MAX_SET_SIZE],
+    /// Maglev lookup table: hash % MAGLEV_SIZE -> index into `members`.
+    pub maglev: [u8; MAGLEV_SIZE],
+    pub _pad2: [u8; 3],
 }
 
 impl Default for BackendSet {
@@ -132,6 +153,8 @@ impl Default for BackendSet {
             count: 0,
             _pad: 0,
             members: [Backend::default(); MAX_SET_SIZE],
+            maglev: [0; MAGLEV_SIZE],
+            _pad2: [0; 3],
         }
     }
 }
@@ -210,6 +233,10 @@ pub struct Flow {
     pub state: u8,
     pub dir: u8,
     pub _pad: [u8; 2],
+    /// `RESET_EPOCH[service][backend]` when the flow was created; a different value now means
+    /// the backend was demoted with `on_down = "reset"`: the flow is reset on its next segment.
+    pub epoch: u32,
+    pub _pad2: u32,
 }
 
 impl Flow {
@@ -234,6 +261,21 @@ impl Flow {
             && self.nat_sport == key.dport
             && self.nat_dport == key.sport
     }
+}
+
+/// Per-CPU token bucket of generated RSTs (`RST_BUCKET[0]`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[cfg_attr(feature = "user", derive(bytemuck::Pod, bytemuck::Zeroable))]
+pub struct RstBucket {
+    pub tokens: u64,
+    pub last_ns: u64,
+}
+
+/// Index of a (service, backend) pair in `RESET_EPOCH`.
+#[inline(always)]
+pub const fn epoch_index(service: u32, backend: u32) -> u32 {
+    service * MAX_BACKENDS + backend
 }
 
 /// Per-CPU counters of one service (`STATS_SERVICE[service id]`).
@@ -279,6 +321,7 @@ mod pod {
     unsafe impl aya::Pod for super::Flow {}
     unsafe impl aya::Pod for super::ServiceStats {}
     unsafe impl aya::Pod for super::BackendStats {}
+    unsafe impl aya::Pod for super::RstBucket {}
 }
 
 #[cfg(test)]
@@ -289,11 +332,11 @@ mod tests {
     #[test]
     fn map_values_have_the_sizes_the_kernel_sees() {
         assert_eq!(size_of::<FlowKey>(), 16);
-        assert_eq!(size_of::<Flow>(), 64);
+        assert_eq!(size_of::<Flow>(), 72);
         assert_eq!(size_of::<ServiceKey>(), 8);
         assert_eq!(size_of::<Backend>(), 16);
-        assert_eq!(size_of::<BackendSet>(), 16 + 16 * MAX_SET_SIZE);
-        assert_eq!(size_of::<Config>(), 24);
+        assert_eq!(size_of::<BackendSet>(), 16 + 16 * MAX_SET_SIZE + 4096);
+        assert_eq!(size_of::<Config>(), 32);
     }
 
     #[test]

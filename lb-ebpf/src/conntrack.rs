@@ -134,6 +134,19 @@ pub fn promote(fwd_key: &FlowKey, found: &Found, now: u64) -> bool {
     true
 }
 
+/// Deletes both entries of a flow found at `key` (its backend was demoted with reset).
+#[inline(always)]
+pub fn delete(key: &FlowKey, found: &Found) {
+    let partner = found.flow.partner_key(IPPROTO_TCP);
+    if found.established {
+        let _ = CT_ESTABLISHED.remove(key);
+        let _ = CT_ESTABLISHED.remove(&partner);
+    } else {
+        remove_embryonic(key);
+        remove_embryonic(&partner);
+    }
+}
+
 /// Refreshes `last_seen_ns`, at most once a second per entry (a shared cache line).
 #[inline(always)]
 pub fn touch(flow: &mut Flow, now: u64) {

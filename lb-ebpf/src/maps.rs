@@ -6,9 +6,9 @@ use aya_ebpf::{
     macros::btf_map,
 };
 use lb_common::{
-    BackendKey, BackendSet, BackendStats, Config, Flow, FlowKey, Service, ServiceKey, ServiceStats,
-    COUNTER_MAX, DEFAULT_EMBRYONIC_ENTRIES, DEFAULT_ESTABLISHED_ENTRIES, MAX_BACKENDS, MAX_IFACES,
-    MAX_SERVICES, MAX_SNAT_ADDRS,
+    epoch_index, BackendKey, BackendSet, BackendStats, Config, Flow, FlowKey, RstBucket, Service,
+    ServiceKey, ServiceStats, COUNTER_MAX, DEFAULT_EMBRYONIC_ENTRIES, DEFAULT_ESTABLISHED_ENTRIES,
+    MAX_BACKENDS, MAX_IFACES, MAX_SERVICES, MAX_SNAT_ADDRS,
 };
 
 /// `BPF_F_NO_COMMON_LRU` is not used: a per-CPU LRU list would evict a flow whose reply
@@ -59,6 +59,15 @@ pub static TX_PORTS: DevMapHash<{ MAX_IFACES as usize }> = DevMapHash::new();
 #[btf_map]
 pub static SNAT_ADDRS: HashMap<u32, u32, { MAX_SNAT_ADDRS as usize }> = HashMap::new();
 
+/// Reset epoch per (service, backend), bumped by the agent when it demotes a backend with
+/// `on_down = "reset"`; flows created under an older epoch are reset on their next segment.
+#[btf_map]
+pub static RESET_EPOCH: Array<u32, { (MAX_SERVICES * MAX_BACKENDS) as usize }> = Array::new();
+
+/// Token bucket of generated RSTs, per CPU.
+#[btf_map]
+pub static RST_BUCKET: PerCpuArray<RstBucket, 1> = PerCpuArray::new();
+
 /// Global counters, indexed by `lb_common::Counter`.
 #[btf_map]
 pub static STATS_GLOBAL: PerCpuArray<u64, { COUNTER_MAX as usize }> = PerCpuArray::new();
@@ -101,4 +110,16 @@ pub fn is_backend(addr: u32, port: u16) -> bool {
 #[inline(always)]
 pub fn is_snat_addr(addr: u32) -> bool {
     SNAT_ADDRS.get_ptr(addr).is_some()
+}
+
+/// The current reset epoch of (service, backend).
+#[inline(always)]
+pub fn reset_epoch(service: u32, backend: u32) -> u32 {
+    if service >= MAX_SERVICES || backend >= MAX_BACKENDS {
+        return 0;
+    }
+    RESET_EPOCH
+        .get(epoch_index(service, backend))
+        .copied()
+        .unwrap_or(0)
 }

@@ -9,7 +9,9 @@ use lb_common::{
 use network_types::eth::EthHdr;
 
 use crate::{
-    conntrack, forward, nat,
+    conntrack, forward,
+    maps::reset_epoch,
+    nat,
     parse::{Frame, Ip, Tcp, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN},
     rst, service, snat, stats,
 };
@@ -53,6 +55,10 @@ pub fn forward(
         // deleted element of a preallocated (LRU) hash map goes back to the free list at once
         // and another CPU's insert may overwrite it while we still read it.
         let flow = *found.flow;
+        if is_reset(&flow) {
+            conntrack::delete(&key, &found);
+            return refuse(ctx, cfg, flow.service_id, flags, Counter::RstFlowReset);
+        }
         if found.established {
             conntrack::touch(found.flow, now);
         } else if flags & (TCP_SYN | TCP_ACK | TCP_RST) == TCP_ACK
@@ -67,16 +73,15 @@ pub fn forward(
 
     // No flow: only a plain SYN may start one.
     if flags & (TCP_SYN | TCP_ACK | TCP_RST | TCP_FIN) != TCP_SYN {
-        stats::service_drop(svc.id, Counter::DropNoFlow);
-        return xdp_action::XDP_DROP;
+        return refuse(ctx, cfg, svc.id, flags, Counter::RstNoFlow);
     }
     if ip.ttl <= 1 {
         stats::count(Counter::PassTtl);
         return xdp_action::XDP_PASS;
     }
-    let Some((backend, generation)) = service::pick(svc.id) else {
-        stats::service_drop(svc.id, Counter::DropNoBackend);
-        return xdp_action::XDP_DROP;
+    let Some((backend, generation)) = service::pick(&svc, &key) else {
+        // No backend holds the role (e.g. no master): refuse fast, never black-hole.
+        return refuse(ctx, cfg, svc.id, flags, Counter::RstNoBackend);
     };
     let generic = cfg.flags & CONFIG_F_GENERIC != 0;
     let tot_len = if generic { 0 } else { u16::from_be(ip.tot_len) };
@@ -109,6 +114,8 @@ pub fn forward(
         state: FLOW_SYN_SENT,
         dir: DIR_REPLY,
         _pad: [0; 2],
+        epoch: reset_epoch(svc.id, backend.id),
+        _pad2: 0,
     };
     let Some(port) = snat::claim(
         backend.addr,
@@ -121,7 +128,7 @@ pub fn forward(
         cfg.embryonic_timeout_ns,
     ) else {
         stats::service_drop(svc.id, Counter::RstSnatExhausted);
-        return rst::reply(ctx);
+        return rst::reply(ctx, cfg.rst_per_sec);
     };
     let fwd = Flow {
         nat_saddr: hop.src,
@@ -175,13 +182,18 @@ pub fn reply(
 ) -> u32 {
     count_large(cfg, f);
     let key = key_of(ip, tcp);
+    let flags = tcp.flags;
     let Some(found) = conntrack::lookup(&key, now, cfg.embryonic_timeout_ns) else {
-        stats::count(Counter::DropNoFlow);
-        return xdp_action::XDP_DROP;
+        return refuse(ctx, cfg, u32::MAX, flags, Counter::RstNoFlow);
     };
     if ip.ttl <= 1 {
         stats::count(Counter::PassTtl);
         return xdp_action::XDP_PASS;
+    }
+    if is_reset(found.flow) {
+        let service = found.flow.service_id;
+        conntrack::delete(&key, &found);
+        return refuse(ctx, cfg, service, flags, Counter::RstFlowReset);
     }
     if found.established {
         conntrack::touch(found.flow, now);
@@ -190,6 +202,24 @@ pub fn reply(
     }
     let flow = *found.flow;
     send(ctx, eth, ip, tcp, &flow, f.len() as u64, true)
+}
+
+/// Whether the flow's backend was demoted with reset since the flow was created.
+#[inline(always)]
+fn is_reset(flow: &Flow) -> bool {
+    reset_epoch(flow.service_id, flow.backend_id) != flow.epoch
+}
+
+/// Answers a segment that may not pass with a RST (a RST itself is dropped, never answered),
+/// counting `reason`.
+#[inline(always)]
+fn refuse(ctx: &XdpContext, cfg: &Config, service: u32, flags: u8, reason: Counter) -> u32 {
+    if flags & TCP_RST != 0 {
+        stats::service_drop(service, Counter::DropNoFlow);
+        return xdp_action::XDP_DROP;
+    }
+    stats::service_drop(service, reason);
+    rst::reply(ctx, cfg.rst_per_sec)
 }
 
 /// In generic mode, counts frames larger than an Ethernet MTU (GSO super-packets, which the

@@ -2,13 +2,16 @@
 //! answer it with (RFC 9293 3.10.7.1), options and payload stripped, and sent back out of
 //! the ingress device.
 use aya_ebpf::{
-    bindings::xdp_action, helpers::generated::bpf_xdp_adjust_tail, programs::XdpContext,
+    bindings::xdp_action,
+    helpers::{bpf_ktime_get_ns, generated::bpf_xdp_adjust_tail},
+    programs::XdpContext,
 };
 use lb_common::Counter;
 use network_types::eth::EthHdr;
 
 use crate::{
     csum,
+    maps::RST_BUCKET,
     parse::{
         words20, Frame, Ip, Tcp, ETH_LEN, IPPROTO_TCP, L4_OFF, TCP_ACK, TCP_FIN, TCP_LEN, TCP_RST,
         TCP_SYN,
@@ -17,6 +20,31 @@ use crate::{
 };
 
 const RST_FRAME_LEN: usize = L4_OFF + TCP_LEN;
+const NS_PER_SEC: u64 = 1_000_000_000;
+
+/// Takes a token from this CPU's bucket (capacity and refill: `per_sec`).
+#[inline(always)]
+fn take_token(per_sec: u32) -> bool {
+    let Some(b) = RST_BUCKET.get_ptr_mut(0) else {
+        return false;
+    };
+    // SAFETY: this CPU's slot; nothing else runs on it while we do.
+    let b = unsafe { &mut *b };
+    // SAFETY: helper without arguments.
+    let now = unsafe { bpf_ktime_get_ns() };
+    let rate = per_sec as u64;
+    let elapsed = now.wrapping_sub(b.last_ns).min(NS_PER_SEC);
+    let refill = elapsed * rate / NS_PER_SEC;
+    if refill > 0 {
+        b.tokens = (b.tokens + refill).min(rate);
+        b.last_ns = now;
+    }
+    if b.tokens == 0 {
+        return false;
+    }
+    b.tokens -= 1;
+    true
+}
 
 /// The Ethernet, option-less IPv4 and TCP headers at their fixed offsets (14, 34). Fetched one
 /// by one: a `#[repr(C)]` struct of the three would put the IPv4 header (alignment 4) at offset
@@ -33,7 +61,11 @@ fn headers(f: &Frame) -> Option<(&'static mut EthHdr, &'static mut Ip, &'static 
 /// Answers the segment with a RST. The caller checked the IPv4 header has no options.
 /// A RST is never answered (dropped instead).
 #[inline(always)]
-pub fn reply(ctx: &XdpContext) -> u32 {
+pub fn reply(ctx: &XdpContext, per_sec: u32) -> u32 {
+    if !take_token(per_sec) {
+        stats::count(Counter::DropRstLimited);
+        return xdp_action::XDP_DROP;
+    }
     let f = Frame::new(ctx);
     let Some((eth, ip, tcp)) = headers(&f) else {
         return xdp_action::XDP_DROP;

@@ -1,5 +1,8 @@
 //! VIP:port -> service, and the choice of a backend from the service's current set.
-use lb_common::{Backend, Service, ServiceKey, IPPROTO_TCP, MAX_SERVICES, MAX_SET_SIZE};
+use lb_common::{
+    Backend, FlowKey, Service, ServiceKey, BALANCE_FIRST, BALANCE_MAGLEV, BALANCE_MASK,
+    IPPROTO_TCP, MAGLEV_SIZE, MAX_SERVICES, MAX_SET_SIZE,
+};
 
 use crate::maps::{backend_set, RR_CURSOR, SERVICES};
 
@@ -16,10 +19,11 @@ pub fn lookup(addr: u32, port: u16) -> Option<Service> {
     unsafe { SERVICES.get(key).copied() }
 }
 
-/// A backend chosen round robin from the installed set, with the set's generation.
-/// `None` when the set is empty (or not installed yet).
+/// A backend chosen from the installed set by the service's balance mode, with the set's
+/// generation. `None` when the set is empty (or not installed yet).
 #[inline(always)]
-pub fn pick(service_id: u32) -> Option<(Backend, u64)> {
+pub fn pick(svc: &Service, key: &FlowKey) -> Option<(Backend, u64)> {
+    let service_id = svc.id;
     if service_id >= MAX_SERVICES {
         return None;
     }
@@ -28,22 +32,51 @@ pub fn pick(service_id: u32) -> Option<(Backend, u64)> {
     if count == 0 || count as usize > MAX_SET_SIZE {
         return None;
     }
-    let cursor = RR_CURSOR.get_ptr_mut(service_id)?;
-    // SAFETY: array slot valid for the program run. The increment is not atomic: two CPUs
-    // racing may pick the same backend once, which round robin tolerates.
-    let n = unsafe {
-        let n = *cursor;
-        *cursor = n.wrapping_add(1);
-        n
+    let i = match svc.flags & BALANCE_MASK {
+        BALANCE_FIRST => 0,
+        BALANCE_MAGLEV => {
+            let slot = (flow_hash(key) % MAGLEV_SIZE as u32) as usize;
+            // The compiler knows the bound, the verifier does not (see below).
+            // SAFETY: reading a local through a valid reference.
+            let slot = unsafe { core::ptr::read_volatile(&slot) };
+            if slot >= MAGLEV_SIZE {
+                return None;
+            }
+            *set.maglev.get(slot)? as usize
+        }
+        _ => {
+            let cursor = RR_CURSOR.get_ptr_mut(service_id)?;
+            // SAFETY: array slot valid for the program run. The increment is not atomic: two
+            // CPUs racing may pick the same backend once, which round robin tolerates.
+            let n = unsafe {
+                let n = *cursor;
+                *cursor = n.wrapping_add(1);
+                n
+            };
+            (n % count) as usize
+        }
     };
-    let i = (n % count) as usize;
     // The compiler knows `i < count <= MAX_SET_SIZE`, the verifier does not: a volatile
     // round trip keeps an explicit bound check in the program.
     // SAFETY: reading a local through a valid reference.
     let i = unsafe { core::ptr::read_volatile(&i) };
-    if i >= MAX_SET_SIZE {
+    if i >= count as usize || i >= MAX_SET_SIZE {
         return None;
     }
     let b = set.members.get(i)?;
     Some((*b, set.generation))
+}
+
+/// A hash of the connection's addresses and ports (the protocol is always TCP here), mixed
+/// so that neighbouring ports spread over the Maglev table.
+#[inline(always)]
+pub fn flow_hash(key: &FlowKey) -> u32 {
+    let mut h = (key.saddr as u64) << 32 | key.daddr as u64;
+    h ^= ((key.sport as u64) << 16 | key.dport as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+    h ^= h >> 33;
+    h = h.wrapping_mul(0xff51_afd7_ed55_8ccd);
+    h ^= h >> 33;
+    h = h.wrapping_mul(0xc4ce_b9fe_1a85_ec53);
+    h ^= h >> 33;
+    h as u32
 }

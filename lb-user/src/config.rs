@@ -8,7 +8,11 @@ use std::{
     time::Duration,
 };
 
+use std::sync::Arc;
+
 use anyhow::{bail, Context, Result};
+
+use crate::health::spec::{preset, CheckSpec, RawCheck, PRESET_NAMES};
 use serde::Deserialize;
 use toml::Spanned;
 
@@ -23,6 +27,9 @@ struct RawConfig {
     vip_mode: Option<Spanned<String>>,
     #[serde(default)]
     debug: bool,
+    rst_per_sec: Option<u32>,
+    #[serde(default, rename = "check")]
+    checks: Vec<Spanned<RawCheck>>,
     #[serde(default)]
     timeouts: RawTimeouts,
     #[serde(default)]
@@ -52,6 +59,7 @@ struct RawTables {
 struct RawBackend {
     name: Spanned<String>,
     address: Spanned<String>,
+    check_port: Option<u16>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -61,6 +69,10 @@ struct RawService {
     vip: Spanned<String>,
     backend_port: Spanned<u16>,
     backends: Spanned<Vec<String>>,
+    check: Option<Spanned<String>>,
+    balance: Option<Spanned<String>>,
+    on_down: Option<Spanned<String>>,
+    fallback: Option<Spanned<String>>,
 }
 
 /// How a VIP reaches this host.
@@ -76,15 +88,52 @@ pub enum VipMode {
 pub struct Backend {
     pub name: String,
     pub address: Ipv4Addr,
+    /// Port of the HTTP role endpoints (Neo4j: 7474).
+    pub check_port: u16,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// How a service spreads new connections over its set.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Balance {
+    First,
+    RoundRobin,
+    Maglev,
+}
+
+impl Balance {
+    pub fn flags(self) -> u32 {
+        match self {
+            Balance::First => lb_common::BALANCE_FIRST,
+            Balance::RoundRobin => lb_common::BALANCE_ROUNDROBIN,
+            Balance::Maglev => lb_common::BALANCE_MAGLEV,
+        }
+    }
+}
+
+/// What happens to a backend's flows when it leaves a service's set.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OnDown {
+    /// Reset them (on their next segment) after a definitive negative answer or a replacement.
+    Reset,
+    /// Let them finish.
+    Drain,
+}
+
+#[derive(Debug, Clone, PartialEq)]
 pub struct Service {
     pub name: String,
     pub vip: SocketAddrV4,
     pub backend_port: u16,
     /// Indexes into [`Config::backends`].
     pub backends: Vec<usize>,
+    /// The role check; `None`: every configured backend is always in the set.
+    pub check: Option<Arc<CheckSpec>>,
+    pub balance: Balance,
+    pub on_down: OnDown,
+    /// At most one member (the role holder), from the check.
+    pub exclusive: bool,
+    /// Index of the service whose set to use when none of ours is healthy.
+    pub fallback: Option<usize>,
 }
 
 /// A validated configuration.
@@ -95,6 +144,7 @@ pub struct Config {
     pub snat_ports: (u16, u16),
     pub vip_mode: VipMode,
     pub debug: bool,
+    pub rst_per_sec: u32,
     pub connect_timeout: Duration,
     pub idle_timeout: Duration,
     pub embryonic_entries: u32,
@@ -226,7 +276,11 @@ impl Config {
                     ),
                 )
             })?;
-            backends.push(Backend { name, address });
+            backends.push(Backend {
+                name,
+                address,
+                check_port: b.check_port.unwrap_or(7474),
+            });
         }
         if backends.len() > lb_common::MAX_BACKENDS as usize {
             bail!(
@@ -235,6 +289,26 @@ impl Config {
                 backends.len(),
                 lb_common::MAX_BACKENDS
             );
+        }
+
+        let mut checks: Vec<Arc<CheckSpec>> = Vec::new();
+        for c in &raw.checks {
+            let spec = c
+                .get_ref()
+                .resolve()
+                .map_err(|e| at(path, text, c.span(), format!("[[check]]: {e}")))?;
+            if checks.iter().any(|k| k.name == spec.name) || preset(&spec.name).is_some() {
+                return Err(at(
+                    path,
+                    text,
+                    c.span(),
+                    format!(
+                        "check {:?} is defined twice (or shadows a preset)",
+                        spec.name
+                    ),
+                ));
+            }
+            checks.push(Arc::new(spec));
         }
 
         let mut services = Vec::new();
@@ -306,12 +380,71 @@ impl Config {
                     ),
                 ));
             }
+            let check = match &s.check {
+                None => None,
+                Some(c) => Some(match checks.iter().find(|k| &k.name == c.get_ref()) {
+                    Some(k) => k.clone(),
+                    None => Arc::new(preset(c.get_ref()).ok_or_else(|| {
+                        let mut known: Vec<&str> = PRESET_NAMES.to_vec();
+                        known.extend(checks.iter().map(|k| k.name.as_str()));
+                        at(path, text, c.span(), format!("service {name:?}: unknown check {:?} (presets and [[check]] names: {})", c.get_ref(), known.join(", ")))
+                    })?),
+                }),
+            };
+            let exclusive = check.as_ref().is_some_and(|c| c.exclusive);
+            let balance = match s.balance.as_ref().map(|b| (b.get_ref().as_str(), b.span())) {
+                None if exclusive => Balance::First,
+                None => Balance::RoundRobin,
+                Some(("first", _)) => Balance::First,
+                Some(("roundrobin", _)) => Balance::RoundRobin,
+                Some(("maglev", _)) => Balance::Maglev,
+                Some((other, span)) => {
+                    return Err(at(path, text, span, format!("service {name:?}: balance = {other:?}: expected \"first\", \"roundrobin\" or \"maglev\"")))
+                }
+            };
+            let on_down = match s.on_down.as_ref().map(|b| (b.get_ref().as_str(), b.span())) {
+                None if exclusive => OnDown::Reset,
+                None => OnDown::Drain,
+                Some(("reset", _)) => OnDown::Reset,
+                Some(("drain", _)) => OnDown::Drain,
+                Some((other, span)) => {
+                    return Err(at(
+                        path,
+                        text,
+                        span,
+                        format!(
+                        "service {name:?}: on_down = {other:?}: expected \"reset\" or \"drain\""
+                    ),
+                    ))
+                }
+            };
             services.push(Service {
                 name,
                 vip,
                 backend_port: *s.backend_port.get_ref(),
                 backends: idx,
+                check,
+                balance,
+                on_down,
+                exclusive,
+                fallback: None,
             });
+        }
+        for (i, s) in raw.services.iter().enumerate() {
+            if let Some(f) = &s.fallback {
+                let j = services.iter().position(|x| &x.name == f.get_ref()).ok_or_else(|| {
+                    at(path, text, f.span(), format!("service {:?}: fallback {:?} is not a service name (e.g. fallback = \"write\" sends reads to the master when no slave is healthy)", s.name.get_ref(), f.get_ref()))
+                })?;
+                if j == i {
+                    return Err(at(
+                        path,
+                        text,
+                        f.span(),
+                        "a service cannot fall back to itself",
+                    ));
+                }
+                services[i].fallback = Some(j);
+            }
         }
         if services.is_empty() {
             bail!(
@@ -334,6 +467,7 @@ impl Config {
             snat_ports,
             vip_mode,
             debug: raw.debug,
+            rst_per_sec: raw.rst_per_sec.unwrap_or(1000),
             connect_timeout,
             idle_timeout,
             embryonic_entries: raw

@@ -32,6 +32,7 @@ pub struct Control {
     sets: ArrayOfMaps<MapData, Array<MapData, BackendSet>>,
     tx_ports: DevMapHash<MapData>,
     snat_addrs: HashMap<MapData, u32, u32>,
+    reset_epoch: Array<MapData, u32>,
     live: Vec<Option<Array<MapData, BackendSet>>>,
     spare: Vec<Option<Array<MapData, BackendSet>>>,
     generation: u64,
@@ -58,6 +59,7 @@ impl Control {
             sets: take(ebpf, names::BACKEND_SETS)?,
             tx_ports: take(ebpf, names::TX_PORTS)?,
             snat_addrs: take(ebpf, names::SNAT_ADDRS)?,
+            reset_epoch: take(ebpf, names::RESET_EPOCH)?,
             live: (0..n).map(|_| None).collect(),
             spare: (0..n).map(|_| None).collect(),
             generation: 0,
@@ -78,22 +80,25 @@ impl Control {
         self.register_snat_addrs(snat_addrs)?;
         self.install_services(cfg)?;
         for (id, s) in cfg.services.iter().enumerate() {
-            let members: Vec<Member> = s
-                .backends
-                .iter()
-                .map(|&b| Member {
-                    id: b as u32,
-                    addr: cfg.backends[b].address,
-                    port: s.backend_port,
-                })
-                .collect();
-            let generation = self.install_set(id as u32, &members)?;
-            let names: Vec<&str> = s
-                .backends
+            // Checked services start empty: servers are DOWN until their first check passes.
+            let members = if s.check.is_some() {
+                vec![]
+            } else {
+                s.backends.clone()
+            };
+            let generation = self.install_backends(cfg, id, &members)?;
+            let names: Vec<&str> = members
                 .iter()
                 .map(|&b| cfg.backends[b].name.as_str())
                 .collect();
-            info!(service = %s.name, vip = %s.vip, backends = ?names, generation, "service configured");
+            match &s.check {
+                None => {
+                    info!(service = %s.name, vip = %s.vip, backends = ?names, generation, "service configured (no check: static set)")
+                }
+                Some(c) => {
+                    info!(service = %s.name, vip = %s.vip, check = %c.name, generation, "service configured; its set is empty until checks pass")
+                }
+            }
         }
         Ok(())
     }
@@ -113,6 +118,8 @@ impl Control {
             snat_port_min: cfg.snat_ports.0,
             snat_port_max: cfg.snat_ports.1,
             flags,
+            rst_per_sec: cfg.rst_per_sec,
+            _pad: 0,
         };
         self.config.set(0, c, 0).context("write CONFIG")
     }
@@ -151,7 +158,7 @@ impl Control {
                     key,
                     Service {
                         id: id as u32,
-                        flags: 0,
+                        flags: s.balance.flags(),
                     },
                     0,
                 )
@@ -168,6 +175,36 @@ impl Control {
                     .with_context(|| format!("add backend {} to BACKENDS", be.name))?;
             }
         }
+        Ok(())
+    }
+
+    /// Installs the configured backends `members` (indexes into `cfg.backends`) as service
+    /// `service`'s set; returns the generation.
+    pub fn install_backends(
+        &mut self,
+        cfg: &Config,
+        service: usize,
+        members: &[usize],
+    ) -> Result<u64> {
+        let s = &cfg.services[service];
+        let m: Vec<Member> = members
+            .iter()
+            .map(|&b| Member {
+                id: b as u32,
+                addr: cfg.backends[b].address,
+                port: s.backend_port,
+            })
+            .collect();
+        self.install_set(service as u32, &m)
+    }
+
+    /// Resets the flows of `backend` in `service` (on their next segment, in the data path).
+    pub fn reset_flows(&mut self, service: u32, backend: u32) -> Result<()> {
+        let i = lb_common::epoch_index(service, backend);
+        let cur = self.reset_epoch.get(&i, 0).context("read RESET_EPOCH")?;
+        self.reset_epoch
+            .set(i, cur.wrapping_add(1), 0)
+            .context("write RESET_EPOCH")?;
         Ok(())
     }
 
@@ -195,6 +232,12 @@ impl Control {
                 _pad2: 0,
             };
         }
+        let keys: Vec<String> = members
+            .iter()
+            .map(|m| format!("backend-{}", m.id))
+            .collect();
+        let keys: Vec<&str> = keys.iter().map(String::as_str).collect();
+        set.maglev = crate::maglev::table(&keys);
         let mut inner = match self.spare[slot].take() {
             Some(m) => m,
             None => {

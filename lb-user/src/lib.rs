@@ -4,14 +4,20 @@
 //! - [`dataplane`]: load, attach, pin.
 //! - [`control`]: the only writer of the config and backend-set maps (atomic set swaps).
 //! - [`host`]: host settings lb changes and restores (forwarding, reserved ports, VIPs).
+//! - [`desired`]: where backend sets are decided from health (role rules).
+//! - [`supervise`]: the loop from check results to installed sets.
+//! - [`maglev`]: consistent-hash lookup tables.
 //! - [`run`]: `lb run`, tying them together.
 //! - [`status`]: `lb status`, reading pinned counters.
 pub mod config;
 pub mod control;
 pub mod dataplane;
+pub mod desired;
 pub mod host;
+pub mod maglev;
 pub mod run;
 pub mod status;
+pub mod supervise;
 
 /// The compiled XDP object (built by `build.rs` from `lb-ebpf`).
 pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/lb-ebpf.o"));

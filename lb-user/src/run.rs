@@ -9,12 +9,19 @@ use tokio::{
 };
 use tracing::{info, warn};
 
+use std::{
+    net::{SocketAddr, SocketAddrV4},
+    time::Duration,
+};
+
 use crate::{
     config::{Config, VipMode},
     control::Control,
     dataplane::{self, AttachMode},
+    health::scheduler::{self, Target, Update},
     host::{self, HostChanges},
     status::{self, InstanceInfo},
+    supervise::Supervisor,
 };
 
 pub struct RunArgs {
@@ -109,6 +116,20 @@ async fn serve(
     info!(addrs = ?snat_addrs, "SNAT source addresses");
     control.configure(cfg, mode == AttachMode::Generic, ifindexes, &snat_addrs)?;
 
+    // Health checks: one task per (checked service, backend); results come back on `updates`.
+    let targets = check_targets(cfg);
+    let (updates_tx, mut updates) = tokio::sync::mpsc::channel::<Update>(1024);
+    let commands = (!targets.is_empty()).then(|| scheduler::spawn(targets.clone(), updates_tx));
+    let mut supervisor = Supervisor::new(cfg, commands);
+    first_round(
+        cfg,
+        &mut control,
+        &mut supervisor,
+        &mut updates,
+        targets.len(),
+    )
+    .await?;
+
     let modes = dataplane::attach(ebpf, ifaces, mode)?;
     let generic = modes.contains(&XdpMode::Skb);
     if generic && mode != AttachMode::Generic {
@@ -160,6 +181,7 @@ async fn serve(
         tokio::select! {
             _ = term.recv() => break,
             _ = int.recv() => break,
+            Some(u) = updates.recv() => supervisor.on_update(cfg, &mut control, &u)?,
             r = async { match log_fd.as_mut() { Some(fd) => fd.readable_mut().await, None => std::future::pending().await } } => {
                 let mut guard = r.context("log ring")?;
                 guard.get_inner_mut().flush();
@@ -169,5 +191,68 @@ async fn serve(
     }
     info!("stopping: detaching XDP, restoring host settings");
     host.restore();
+    Ok(())
+}
+
+/// Every (checked service, backend) pair to check, at the backend's check port (or the
+/// check's own port).
+fn check_targets(cfg: &Config) -> Vec<Target> {
+    let mut out = Vec::new();
+    for (si, s) in cfg.services.iter().enumerate() {
+        let Some(spec) = &s.check else { continue };
+        for &b in &s.backends {
+            let be = &cfg.backends[b];
+            let port = spec.port.unwrap_or(be.check_port);
+            out.push(Target {
+                service: si,
+                backend: b,
+                addr: SocketAddr::V4(SocketAddrV4::new(be.address, port)),
+                spec: spec.clone(),
+            });
+        }
+    }
+    out
+}
+
+/// Applies check results until every target answered once (or its timeout passed), so that
+/// the sets are right before the program is attached and "lb ready" is printed.
+async fn first_round(
+    cfg: &Config,
+    control: &mut Control,
+    supervisor: &mut Supervisor,
+    updates: &mut tokio::sync::mpsc::Receiver<Update>,
+    targets: usize,
+) -> Result<()> {
+    if targets == 0 {
+        return Ok(());
+    }
+    let longest = cfg
+        .services
+        .iter()
+        .filter_map(|s| s.check.as_ref())
+        .map(|c| c.timeout)
+        .max()
+        .unwrap_or_default();
+    let deadline = tokio::time::Instant::now() + longest + Duration::from_millis(500);
+    let mut seen = std::collections::HashSet::new();
+    while seen.len() < targets {
+        match tokio::time::timeout_at(deadline, updates.recv()).await {
+            Ok(Some(u)) => {
+                seen.insert((u.service, u.backend));
+                supervisor.on_update(cfg, control, &u)?;
+            }
+            Ok(None) | Err(_) => break,
+        }
+    }
+    for (i, s) in cfg.services.iter().enumerate() {
+        if s.check.is_some() {
+            let names: Vec<&str> = supervisor
+                .installed(i)
+                .iter()
+                .map(|&b| cfg.backends[b].name.as_str())
+                .collect();
+            info!(service = %s.name, backends = ?names, "after the first round of checks");
+        }
+    }
     Ok(())
 }

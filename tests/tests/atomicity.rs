@@ -1,0 +1,160 @@
+//! Backend-set swaps are atomic: a flow is only ever sent to a member of the set generation
+//! that chose it, while sets flip 1,000 times under continuous connections.
+//!
+//! The test drives the data plane through the agent's own library (load, host settings,
+//! `Control`), because an agent's set changes are paced by health checks; here the only writer
+//! is the test, flipping as fast as it can.
+use std::{
+    collections::HashMap,
+    net::SocketAddrV4,
+    sync::atomic::{AtomicBool, Ordering},
+    thread,
+    time::Duration,
+};
+
+use anyhow::{ensure, Context, Result};
+use aya::maps::HashMap as BpfHashMap;
+use lb_common::{names, Flow, FlowKey, DIR_FORWARD};
+use lb_tests::{
+    harness::{Ns, Topology},
+    traffic::{fnv64, payload, send, Sink},
+};
+use lb_user::{
+    config::Config,
+    control::Control,
+    dataplane::{self, AttachMode},
+    host::{self, HostChanges},
+};
+
+const SINK_PORT: u16 = 9000;
+
+/// Restores host settings from inside the namespace they were made in.
+struct RestoreIn<'a>(Option<HostChanges>, &'a Ns);
+
+impl Drop for RestoreIn<'_> {
+    fn drop(&mut self) {
+        if let Some(h) = self.0.take() {
+            let _ = self.1.run_in(move || drop(h));
+        }
+    }
+}
+
+#[test]
+#[ignore = "needs root and netns: run cargo xtask test"]
+fn every_flow_goes_to_a_member_of_the_generation_that_chose_it_across_1000_flips() -> Result<()> {
+    let topo = Topology::two_armed("atomic")?;
+    let _sinks: Vec<Sink> = topo
+        .backends
+        .iter()
+        .map(|b| Sink::start(&b.ns, &b.name, SocketAddrV4::new(b.addr, SINK_PORT)))
+        .collect::<Result<_>>()?;
+    let mut toml = format!("instance = \"{}\"\n", topo.instance);
+    for b in &topo.backends {
+        toml += &format!(
+            "[[backend]]\nname = \"{}\"\naddress = \"{}\"\n",
+            b.name, b.addr
+        );
+    }
+    toml += &format!(
+        "[[service]]\nname = \"write\"\nvip = \"{}:7680\"\nbackend_port = {SINK_PORT}\nbackends = [\"db01\", \"db02\", \"db03\"]\n",
+        topo.vip
+    );
+    let cfg = Config::parse(std::path::Path::new("atomic.toml"), &toml)?;
+    let ifaces = topo.lb.ifaces.clone();
+
+    // Bring the data plane up inside the lb namespace, as `lb run` does.
+    let (mut ebpf, mut control, host) = topo.lb.ns.run_in(|| -> Result<_> {
+        let mut ebpf = dataplane::load(&cfg)?;
+        let mut control = Control::new(&mut ebpf)?;
+        let mut host = HostChanges::default();
+        let mut ifindexes = Vec::new();
+        let mut snat = Vec::new();
+        for i in &ifaces {
+            host.enable_forwarding(i)?;
+            ifindexes.push(host::if_index(i)?);
+            snat.extend(host::iface_addrs(i)?);
+        }
+        for b in &cfg.backends {
+            host.manage_neighbor(b.address)?;
+        }
+        host.wait_neighbors(Duration::from_secs(3));
+        host.ensure_vip(*cfg.services[0].vip.ip(), &ifaces[0], &ifaces)?;
+        control.configure(&cfg, false, &ifindexes, &snat)?;
+        dataplane::attach(&mut ebpf, &ifaces, AttachMode::Native)?;
+        Ok((ebpf, control, host))
+    })??;
+
+    // Host settings are undone inside the lb namespace, never in the test's own.
+    let _host = RestoreIn(Some(host), &topo.lb.ns);
+    let sets: [&[usize]; 2] = [&[0], &[1, 2]];
+    let mut generations: HashMap<u64, Vec<usize>> = HashMap::new();
+    generations.insert(1, vec![0, 1, 2]); // installed by `configure`
+    let stop = AtomicBool::new(false);
+    let vip = SocketAddrV4::new(topo.vip, 7680);
+    let done = thread::scope(|s| -> Result<usize> {
+        let clients: Vec<_> = (0..8u64)
+            .map(|c| {
+                let (stop, topo) = (&stop, &topo);
+                s.spawn(move || {
+                    topo.client.ns.run_in(|| -> Result<usize> {
+                        let mut n = 0;
+                        while !stop.load(Ordering::Relaxed) {
+                            let data = payload(c * 1_000_000 + n as u64, 64 + n % 512);
+                            let r = send(vip, &data)
+                                .with_context(|| format!("client {c} connection {n}"))?;
+                            ensure!(
+                                r.len == data.len() && r.hash == fnv64(&data),
+                                "client {c} connection {n} arrived damaged: {r:?}"
+                            );
+                            n += 1;
+                        }
+                        Ok(n)
+                    })?
+                })
+            })
+            .collect();
+        for i in 0..1000 {
+            let members = sets[i % 2];
+            let generation = control.install_backends(&cfg, 0, members)?;
+            generations.insert(generation, members.to_vec());
+            thread::sleep(Duration::from_millis(2));
+        }
+        stop.store(true, Ordering::Relaxed);
+        let mut total = 0;
+        for c in clients {
+            total += c.join().map_err(|_| anyhow::anyhow!("client panicked"))??;
+        }
+        Ok(total)
+    })?;
+    ensure!(
+        done >= 200,
+        "only {done} connections completed during the flips"
+    );
+
+    let mut checked = 0;
+    for table in [names::CT_ESTABLISHED, names::CT_EMBRYONIC] {
+        let map = ebpf.map_mut(table).context("table")?;
+        let flows: BpfHashMap<_, FlowKey, Flow> = BpfHashMap::try_from(map)?;
+        for entry in flows.iter() {
+            let (_, f) = entry?;
+            if f.dir != DIR_FORWARD {
+                continue;
+            }
+            let set = generations
+                .get(&f.generation)
+                .with_context(|| format!("flow with unknown generation {}", f.generation))?;
+            ensure!(
+                set.contains(&(f.backend_id as usize)),
+                "a flow of generation {} went to backend {} outside its set {set:?}",
+                f.generation,
+                f.backend_id
+            );
+            checked += 1;
+        }
+    }
+    ensure!(
+        checked >= done,
+        "checked {checked} flows of {done} connections"
+    );
+    Ok(())
+}
