@@ -29,21 +29,26 @@ address = "10.0.1.11"
 [[backend]]
 name = "db03"
 address = "10.0.1.12"
+# The manual's three HAProxy sections: HEAD /db/manage/server/ha/master|slave and GET .../available
+# on port 7474, with HAProxy's default timings (inter 2s, rise 2, fall 3; fastinter 250ms).
 [[service]]
 name = "write"
 vip = "198.18.0.10:7680"
 backend_port = 7687
-backends = ["db01"]
+backends = ["db01", "db02", "db03"]
+check = "neo4j-ha-master"
 [[service]]
 name = "read"
 vip = "198.18.0.10:7681"
 backend_port = 7687
-backends = ["db02", "db03"]
+backends = ["db01", "db02", "db03"]
+check = "neo4j-ha-slave"
 [[service]]
 name = "http"
 vip = "198.18.0.10:80"
 backend_port = 7474
 backends = ["db01", "db02", "db03"]
+check = "neo4j-ha-available"
 "#;
 
 const WRITES: usize = 50;
@@ -94,7 +99,7 @@ fn main() -> ExitCode {
 }
 
 fn demo() -> Result<bool> {
-    say("1/7 building namespaces: client 198.18.0.2 -> lb (l0 198.18.0.1, l1 10.0.1.1) -> switch br0 -> db01..db03 10.0.1.10-12");
+    say("1/8 building namespaces: client 198.18.0.2 -> lb (l0 198.18.0.1, l1 10.0.1.1) -> switch br0 -> db01..db03 10.0.1.10-12");
     let topo = Topology::new(
         "demo",
         Shape::TwoArmed,
@@ -112,18 +117,18 @@ fn demo() -> Result<bool> {
             .join(" ")
     ));
 
-    say("2/7 starting simulated Neo4j 3.x servers (HTTP role checks on :7474, Bolt on :7687): db01 master, db02 and db03 slaves");
+    say("2/8 starting simulated Neo4j 3.x servers (HTTP role checks on :7474, Bolt on :7687): db01 master, db02 and db03 slaves");
     let sims = topo.start_sims(&["master", "slave", "slave"])?;
 
     say(&format!(
-        "3/7 starting `lb run` in the lb namespace with services write {vip}:7680 -> db01, read {vip}:7681 -> db02/db03, http {vip}:80 -> all",
+        "3/8 starting `lb run` in the lb namespace: write {vip}:7680 -> the master, read {vip}:7681 -> the slaves, http {vip}:80 -> all available (role checks on :7474)",
         vip = topo.vip
     ));
     let lb = topo.start_lb(CONFIG, &[])?;
     say(&format!("    {}", lb.ready_line.trim()));
 
     say(&format!(
-        "4/7 {WRITES} Bolt connections to the write VIP and {READS} to the read VIP, each a new connection of the official Python driver"
+        "4/8 {WRITES} Bolt connections to the write VIP and {READS} to the read VIP, each a new connection of the official Python driver"
     ));
     let mut ok = true;
     let python = harness::python();
@@ -173,7 +178,7 @@ fn demo() -> Result<bool> {
     }
 
     say(&format!(
-        "5/7 {HTTP_GETS} HTTP GETs of /db/manage/server/ha/available to {}:80 (each server answers its role)",
+        "5/8 {HTTP_GETS} HTTP GETs of /db/manage/server/ha/available to {}:80 (each server answers its role)",
         topo.vip
     ));
     let vip_http = SocketAddr::from((topo.vip, 80));
@@ -200,7 +205,19 @@ fn demo() -> Result<bool> {
         ok = false;
     }
 
-    say("6/7 what each server saw (from the simulators' control sockets), then lb's own counters");
+    say("6/8 failover: db01 becomes a slave and db02 the master (out of band); lb's role checks move new writes");
+    match failover(&topo, &sims) {
+        Ok((took, stale, refused)) => say(&format!(
+            "    first write answered by db02 {} ms after the role change; before that {stale} writes reached the demoted db01 (it refused them: NotALeader) and {refused} were refused fast by lb (no master)",
+            took.as_millis()
+        )),
+        Err(e) => {
+            say(&format!("    failover did not complete: {e:#}"));
+            ok = false;
+        }
+    }
+
+    say("7/8 what each server saw (from the simulators' control sockets), then lb's own counters");
     for sim in &sims {
         match SimControl::new(&sim.control).stats() {
             Ok(s) => say(&format!(
@@ -223,7 +240,7 @@ fn demo() -> Result<bool> {
         Err(e) => say(&format!("    lb status could not run: {e}")),
     }
 
-    say("7/7 stopping lb and the simulators, deleting the namespaces");
+    say("8/8 stopping lb and the simulators, deleting the namespaces");
     if let Err(e) = lb.stop() {
         say(&format!("    stopping lb: {e:#}"));
     }
@@ -251,4 +268,38 @@ fn http_get(addr: SocketAddr, path: &str) -> Result<(u16, String)> {
         .map(|(_, b)| b.trim().to_string())
         .unwrap_or_default();
     Ok((status, body))
+}
+
+/// Flips the master role from db01 to db02 and writes through the VIP every 20 ms until db02
+/// answers; returns how long that took, and how many writes before that reached db01 (which
+/// refuses them, being a slave now) or were refused by lb while no server was master.
+fn failover(topo: &Topology, sims: &[harness::SimProcess]) -> Result<(Duration, usize, usize)> {
+    use lb_tests::sim::{
+        bolt_client::{Access, BoltClient, Negotiation},
+        Role,
+    };
+    let vip = SocketAddr::from((topo.vip, 7680));
+    SimControl::new(&sims[0].control).set_role(Role::Slave)?;
+    let t0 = std::time::Instant::now();
+    SimControl::new(&sims[1].control).set_role(Role::Master)?;
+    topo.client
+        .ns
+        .run_in(|| -> Result<(Duration, usize, usize)> {
+            let (mut stale, mut refused) = (0, 0);
+            while t0.elapsed() < Duration::from_secs(10) {
+                match BoltClient::connect(vip, Negotiation::Classic, None) {
+                    Ok(mut c) => match c.run("RETURN 1", Access::Write) {
+                        Ok(r) if r.server == "db02" => return Ok((t0.elapsed(), stale, refused)),
+                        Ok(r) => anyhow::bail!(
+                            "a write was accepted by {} after the role change",
+                            r.server
+                        ),
+                        Err(_) => stale += 1,
+                    },
+                    Err(_) => refused += 1,
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            anyhow::bail!("no write reached db02 within 10 s")
+        })?
 }
