@@ -349,3 +349,107 @@ fn a_staged_transition_refuses_writes_while_no_server_is_master_then_moves() -> 
     );
     Ok(())
 }
+
+/// Reads through the read VIP; the servers that answered.
+fn reads(topo: &Topology, n: usize) -> Result<Vec<String>> {
+    let r = SocketAddrV4::new(topo.vip, 7681);
+    topo.client.ns.run_in(|| {
+        (0..n)
+            .map(|_| ask(r, Access::Read))
+            .collect::<Result<Vec<_>>>()
+    })?
+}
+
+#[test]
+#[ignore = "needs root and netns: run cargo xtask test"]
+fn a_slave_whose_checks_fail_leaves_the_read_set_within_the_bound_and_others_are_not_delayed(
+) -> Result<()> {
+    // fall 2 x (inter 200 ms + timeout 300 ms), plus slack for scheduling on 2 cores.
+    let bound = Duration::from_millis(1400);
+    for case in [
+        "hangs",
+        "answers 500",
+        "answers garbage",
+        "demands credentials",
+        "is killed",
+    ] {
+        let topo = Topology::two_armed("checkfail")?;
+        let (sims, _lb) = up(&topo, case)?;
+        ensure!(
+            reads(&topo, 10)?.iter().any(|s| s == "db02"),
+            "{case}: db02 not serving reads before"
+        );
+        let db02 = control(&sims, 1);
+        match case {
+            "hangs" => drop(db02.set_mode(Mode::Hang)?),
+            "answers 500" => drop(db02.set_mode(Mode::Status500)?),
+            "answers garbage" => drop(db02.set_mode(Mode::Garbage)?),
+            "demands credentials" => drop(db02.set_auth(Some("neo4j:secret".parse()?))?),
+            _ => drop(sims[1].stop()?),
+        }
+        thread::sleep(bound);
+        let after = reads(&topo, 20).with_context(|| format!("reads after db02 {case}"))?;
+        ensure!(
+            after.iter().all(|s| s == "db03"),
+            "{case}: reads still reach {after:?} after {bound:?}"
+        );
+        // The master's checks went on meanwhile: writes still reach db01.
+        let w = SocketAddrV4::new(topo.vip, 7680);
+        let (seen, _) = topo.client.ns.run_in(|| attempt(w))?;
+        ensure!(
+            seen == Seen::Server("db01".into()),
+            "{case}: writes: {seen:?}"
+        );
+    }
+    Ok(())
+}
+
+#[test]
+#[ignore = "needs root and netns: run cargo xtask test"]
+fn checks_authenticate_with_a_password_file_and_never_reveal_it() -> Result<()> {
+    let topo = Topology::two_armed("auth")?;
+    let sims = topo.start_sims(&["master", "slave", "slave"])?;
+    let secret = "s3cret-Pa55";
+    for i in 0..3 {
+        control(&sims, i).set_auth(Some(format!("neo4j:{secret}").parse()?))?;
+    }
+    let pw = topo.log_dir.join("neo4j.pass");
+    std::fs::write(&pw, format!("{secret}\n"))?;
+    let cfg = config(&topo).replace(
+        "preset = \"neo4j-ha-master\"\n",
+        &format!(
+            "preset = \"neo4j-ha-master\"\nuser = \"neo4j\"\npassword_file = \"{}\"\n",
+            pw.display()
+        ),
+    );
+    let lb = topo.start_lb(&cfg, &["--xdp-mode", "native"])?;
+    let w = SocketAddrV4::new(topo.vip, 7680);
+    let answer = topo.client.ns.run_in(|| {
+        let mut c = BoltClient::connect(
+            SocketAddr::V4(w),
+            Negotiation::Classic,
+            Some(("neo4j", secret)),
+        )?;
+        c.run("RETURN 1", Access::Write)
+    })??;
+    ensure!(answer.server == "db01", "write went to {}", answer.server);
+    let mut status = topo.lb.ns.command(lb_tests::harness::lb_bin());
+    status.args(["status", "--instance", &topo.instance]);
+    let out = lb_tests::harness::ns::run(&mut status)?;
+    let logs = lb.logs();
+    for (what, text) in [
+        ("lb's log", logs),
+        (
+            "lb status",
+            String::from_utf8_lossy(&out.stdout).to_string(),
+        ),
+    ] {
+        ensure!(!text.contains(secret), "the password appears in {what}");
+    }
+    let cmdline = std::fs::read(format!("/proc/{}/cmdline", lb.pid()))?;
+    ensure!(
+        !String::from_utf8_lossy(&cmdline).contains(secret),
+        "the password appears in lb's argv"
+    );
+    Ok(())
+}
