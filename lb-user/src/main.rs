@@ -48,6 +48,19 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
+    /// Take a backend out of (or back into) every set, like HAProxy's runtime API.
+    ///
+    /// drain: no new connections, established ones continue (rolling upgrades);
+    /// disable: out of every set and its connections are reset (maintenance);
+    /// enable: follows its health checks again.
+    Server {
+        /// Backend name, as in the configuration.
+        name: String,
+        #[arg(value_parser = ["drain", "disable", "enable"])]
+        action: String,
+        #[arg(long, default_value = "default")]
+        instance: String,
+    },
     /// Remove an instance's pinned maps (after a crash; a running agent removes them itself).
     Detach {
         #[arg(long, default_value = "default")]
@@ -87,6 +100,14 @@ fn main() -> Result<()> {
             } else {
                 status::print(&s);
             }
+            Ok(())
+        }
+        Cmd::Server {
+            name,
+            action,
+            instance,
+        } => {
+            println!("{}", lb_user::ops::request(&instance, &name, &action)?);
             Ok(())
         }
         Cmd::Detach { instance } => {

@@ -14,12 +14,16 @@ use std::{
     time::Duration,
 };
 
+use std::sync::{Arc, RwLock};
+
 use crate::{
     config::{Config, VipMode},
     control::Control,
     dataplane::{self, AttachMode},
     health::scheduler::{self, Target, Update},
     host::{self, HostChanges},
+    live::{Live, LiveView},
+    ops::{self, OpRequest},
     status::{self, InstanceInfo},
     supervise::Supervisor,
 };
@@ -120,7 +124,18 @@ async fn serve(
     let targets = check_targets(cfg);
     let (updates_tx, mut updates) = tokio::sync::mpsc::channel::<Update>(1024);
     let commands = (!targets.is_empty()).then(|| scheduler::spawn(targets.clone(), updates_tx));
-    let mut supervisor = Supervisor::new(cfg, commands);
+    let live: Live = Arc::new(RwLock::new(LiveView::new(
+        cfg,
+        if mode == AttachMode::Generic {
+            "generic"
+        } else {
+            "native"
+        },
+        ifaces,
+    )));
+    let mut supervisor = Supervisor::new(cfg, commands, live.clone());
+    let (ops_tx, mut ops) = tokio::sync::mpsc::channel::<OpRequest>(16);
+    ops::listen(&cfg.instance, ops_tx.clone())?;
     first_round(
         cfg,
         &mut control,
@@ -182,6 +197,10 @@ async fn serve(
             _ = term.recv() => break,
             _ = int.recv() => break,
             Some(u) = updates.recv() => supervisor.on_update(cfg, &mut control, &u)?,
+            Some(op) = ops.recv() => {
+                let r = supervisor.set_admin(cfg, &mut control, &op.backend, op.admin).map_err(|e| format!("{e:#}"));
+                let _ = op.reply.send(r);
+            }
             r = async { match log_fd.as_mut() { Some(fd) => fd.readable_mut().await, None => std::future::pending().await } } => {
                 let mut guard = r.context("log ring")?;
                 guard.get_inner_mut().flush();
@@ -190,6 +209,7 @@ async fn serve(
         }
     }
     info!("stopping: detaching XDP, restoring host settings");
+    let _ = std::fs::remove_file(ops::socket_path(&cfg.instance));
     host.restore();
     Ok(())
 }

@@ -4,7 +4,7 @@
 //! [`Control`] (the only writer), which logs the generation.
 use std::collections::{HashMap, HashSet};
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 use tokio::sync::mpsc::Sender;
 use tracing::{info, warn};
 
@@ -16,6 +16,7 @@ use crate::{
         probe::Outcome,
         scheduler::{Command, Update},
     },
+    live::{Admin, Live},
 };
 
 pub struct Supervisor {
@@ -26,11 +27,14 @@ pub struct Supervisor {
     fast: HashSet<usize>,
     last_warning: Vec<Option<String>>,
     commands: Option<Sender<Command>>,
+    /// Operator overrides per backend (configuration order).
+    admin: Vec<Admin>,
+    live: Live,
 }
 
 impl Supervisor {
     /// `installed`: what `Control::configure` installed (static sets, empty checked ones).
-    pub fn new(cfg: &Config, commands: Option<Sender<Command>>) -> Self {
+    pub fn new(cfg: &Config, commands: Option<Sender<Command>>, live: Live) -> Self {
         let installed = cfg
             .services
             .iter()
@@ -42,13 +46,50 @@ impl Supervisor {
                 }
             })
             .collect();
-        Self {
+        let sup = Self {
             health: HashMap::new(),
             installed,
             fast: HashSet::new(),
             last_warning: vec![None; cfg.services.len()],
             commands,
+            admin: vec![Admin::Ready; cfg.backends.len()],
+            live,
+        };
+        for s in 0..cfg.services.len() {
+            sup.publish_set(cfg, s);
         }
+        sup
+    }
+
+    /// Applies an operator's override of backend `name` to every service it is in.
+    pub fn set_admin(
+        &mut self,
+        cfg: &Config,
+        control: &mut Control,
+        name: &str,
+        admin: Admin,
+    ) -> Result<String> {
+        let b = cfg
+            .backends
+            .iter()
+            .position(|x| x.name == name)
+            .with_context(|| {
+                let known: Vec<&str> = cfg.backends.iter().map(|b| b.name.as_str()).collect();
+                format!("no backend {name:?} (configured: {})", known.join(", "))
+            })?;
+        let old = std::mem::replace(&mut self.admin[b], admin);
+        info!(backend = name, "operator: {old:?} -> {admin:?}");
+        if let Ok(mut v) = self.live.write() {
+            v.admin[b].1 = admin;
+        }
+        for s in 0..cfg.services.len() {
+            self.recompute(cfg, control, s)?;
+            // Maintenance: its connections go too, whether it was still in the set or draining.
+            if admin == Admin::Disable && cfg.services[s].backends.contains(&b) {
+                control.reset_flows(s as u32, b as u32)?;
+            }
+        }
+        Ok(format!("{name}: {admin:?}"))
     }
 
     pub fn installed(&self, service: usize) -> &[usize] {
@@ -69,6 +110,7 @@ impl Supervisor {
             latest_negative: matches!(u.probe.outcome, Outcome::Negative { .. }),
         };
         self.health.insert((u.service, u.backend), h);
+        self.record(cfg, u);
         let svc = &cfg.services[u.service];
         // A positive claim from a server that is not the holder: re-check the holder now.
         if svc.exclusive && h.latest_positive {
@@ -94,14 +136,20 @@ impl Supervisor {
     pub fn recompute(&mut self, cfg: &Config, control: &mut Control, s: usize) -> Result<()> {
         let svc = &cfg.services[s];
         let fallback = svc.fallback.map(|f| self.installed[f].clone());
-        let health = |b: usize| self.health.get(&(s, b)).copied().unwrap_or_default();
-        let d = decide(
+        let admin = &self.admin;
+        let health = |b: usize| match admin[b] {
+            Admin::Ready => self.health.get(&(s, b)).copied().unwrap_or_default(),
+            _ => Health::default(),
+        };
+        let mut d = decide(
             svc,
             &cfg.backends,
             health,
             &self.installed[s],
             fallback.as_deref(),
         );
+        // Operator overrides apply to every service, checked or not.
+        d.members.retain(|&b| admin[b] == Admin::Ready);
         if d.warning != self.last_warning[s] {
             if let Some(w) = &d.warning {
                 warn!("{w}");
@@ -112,9 +160,13 @@ impl Supervisor {
             return Ok(());
         }
         let old = std::mem::replace(&mut self.installed[s], d.members.clone());
+        self.publish_set(cfg, s);
         // Install first, then reset: a flow created from the old set after the reset would
         // otherwise survive.
         let generation = control.install_backends(cfg, s, &d.members)?;
+        if let Ok(mut v) = self.live.write() {
+            v.services[s].generation = generation;
+        }
         for &b in &d.reset {
             control.reset_flows(s as u32, b as u32)?;
         }
@@ -159,5 +211,44 @@ impl Supervisor {
             }
         }
         Ok(())
+    }
+
+    /// Mirrors a check result into the live view.
+    fn record(&self, cfg: &Config, u: &Update) {
+        let Some(i) = cfg.services[u.service]
+            .backends
+            .iter()
+            .position(|&b| b == u.backend)
+        else {
+            return;
+        };
+        let Ok(mut v) = self.live.write() else { return };
+        let p = &mut v.services[u.service].pairs[i];
+        let (pos, fail) = u.progress;
+        p.up = u.up;
+        p.state = match (u.up, pos, fail) {
+            (true, _, 0) => "UP".into(),
+            (true, _, f) => format!("UP (going down, {f} failed)"),
+            (false, 0, _) => "DOWN".into(),
+            (false, p, _) => format!("DOWN (going up, {p} passed)"),
+        };
+        p.last_check = Some(match &u.probe.outcome {
+            Outcome::Positive => "positive".to_string(),
+            other => other.to_string(),
+        });
+        p.last_latency_ms = Some(u.probe.latency.as_secs_f64() * 1000.0);
+        p.since = Some(u.since);
+    }
+
+    fn publish_set(&self, cfg: &Config, s: usize) {
+        let Ok(mut v) = self.live.write() else { return };
+        let members: Vec<String> = self.installed[s]
+            .iter()
+            .map(|&b| cfg.backends[b].name.clone())
+            .collect();
+        for p in &mut v.services[s].pairs {
+            p.in_set = members.contains(&p.backend);
+        }
+        v.services[s].members = members;
     }
 }

@@ -453,3 +453,52 @@ fn checks_authenticate_with_a_password_file_and_never_reveal_it() -> Result<()> 
     );
     Ok(())
 }
+
+fn lb_server(topo: &Topology, name: &str, action: &str) -> Result<String> {
+    let mut cmd = topo.lb.ns.command(lb_tests::harness::lb_bin());
+    cmd.args(["server", name, action, "--instance", &topo.instance]);
+    let out = lb_tests::harness::ns::run(&mut cmd)?;
+    Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
+}
+
+#[test]
+#[ignore = "needs root and netns: run cargo xtask test"]
+fn operators_drain_disable_and_enable_a_backend() -> Result<()> {
+    let topo = Topology::two_armed("operator")?;
+    let (_sims, _lb) = up(&topo, "operator")?;
+    let r = SocketAddrV4::new(topo.vip, 7681);
+    // An established read session on db02 (round robin: the first read goes to db02).
+    let mut session = topo.client.ns.run_in(|| -> Result<BoltClient> {
+        loop {
+            let mut c = BoltClient::connect(SocketAddr::V4(r), Negotiation::Classic, None)?;
+            if c.run("RETURN 1", Access::Read)?.server == "db02" {
+                return Ok(c);
+            }
+        }
+    })??;
+    ensure!(lb_server(&topo, "db02", "drain")?.contains("Drain"));
+    ensure!(
+        reads(&topo, 10)?.iter().all(|s| s == "db03"),
+        "new reads still reach db02 while it drains"
+    );
+    ensure!(
+        session.run("RETURN 1", Access::Read)?.server == "db02",
+        "a draining backend's session must continue"
+    );
+    ensure!(lb_server(&topo, "db02", "disable")?.contains("Disable"));
+    ensure!(
+        session.run("RETURN 1", Access::Read).is_err(),
+        "a disabled backend's sessions are reset"
+    );
+    ensure!(lb_server(&topo, "db02", "enable")?.contains("Ready"));
+    ensure!(
+        reads(&topo, 10)?.iter().any(|s| s == "db02"),
+        "db02 gets reads again once enabled"
+    );
+    let err = lb_server(&topo, "db09", "drain").unwrap_err();
+    ensure!(
+        format!("{err:#}").contains("no backend \"db09\""),
+        "{err:#}"
+    );
+    Ok(())
+}
