@@ -127,8 +127,7 @@ pub fn forward(
         now,
         cfg.embryonic_timeout_ns,
     ) else {
-        stats::service_drop(svc.id, Counter::RstSnatExhausted);
-        return rst::reply(ctx, cfg.rst_per_sec);
+        return refuse(ctx, cfg, svc.id, flags, Counter::RstSnatExhausted);
     };
     let fwd = Flow {
         nat_saddr: hop.src,
@@ -218,8 +217,14 @@ fn refuse(ctx: &XdpContext, cfg: &Config, service: u32, flags: u8, reason: Count
         stats::service_drop(service, Counter::DropNoFlow);
         return xdp_action::XDP_DROP;
     }
-    stats::service_drop(service, reason);
-    rst::reply(ctx, cfg.rst_per_sec)
+    let action = rst::reply(ctx, cfg.rst_per_sec);
+    if action == xdp_action::XDP_TX {
+        stats::service_drop(service, reason);
+    } else if let Some(s) = stats::service(service) {
+        // Not answered (rate limit, counted there): a drop, but not one of `reason`.
+        s.drops += 1;
+    }
+    action
 }
 
 /// In generic mode, counts frames larger than an Ethernet MTU (GSO super-packets, which the
