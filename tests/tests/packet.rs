@@ -165,6 +165,207 @@ fn handshake_until_syn_ack(fx: &Fixture, client_port: u16) -> Result<(TcpFrame, 
     Ok((syn, syn_ack, port))
 }
 
+/// The RST a TCP stack answers `seg` with (RFC 9293 3.10.7.1), as the balancer must build it:
+/// MACs, addresses and ports swapped, TTL 64, IP id 0, DF, window 0, no options or payload;
+/// for a segment with ACK: RST, seq = SEG.ACK, ack 0; without: RST|ACK, seq 0,
+/// ack = SEG.SEQ + SEG.LEN (payload, +1 for SYN, +1 for FIN).
+fn rst_answer(seg: &TcpFrame) -> TcpFrame {
+    let (seq, ack, flags) = if seg.flags & ACK != 0 {
+        (seg.ack, 0, RST)
+    } else {
+        let len = seg.payload.len() as u32
+            + u32::from(seg.flags & SYN != 0)
+            + u32::from(seg.flags & FIN != 0);
+        (0, seg.seq.wrapping_add(len), RST | ACK)
+    };
+    let mut rst = TcpFrame::new(seg.eth_dst, seg.eth_src, seg.dst, seg.src)
+        .with_flags(flags)
+        .with_seq_ack(seq, ack);
+    rst.id = 0;
+    rst.window = 0;
+    rst
+}
+
+/// Runs `seg` on `ingress` and checks it was answered with exactly `want` (XDP_TX, 54 bytes)
+/// and that exactly `counters` moved.
+#[track_caller]
+fn assert_rst(
+    fx: &Fixture,
+    what: &str,
+    seg: &TcpFrame,
+    ingress: u32,
+    want: &TcpFrame,
+    counters: &[(Counter, u64)],
+) -> Result<()> {
+    let want = want.bytes()?;
+    assert_eq!(
+        want.len(),
+        54,
+        "{what}: a RST frame has no options or payload"
+    );
+    let before = fx.counters()?;
+    let out = fx.test_run(&seg.bytes()?, ingress)?;
+    assert_eq!(
+        out.action,
+        Action::Tx,
+        "{what}: action (output frame {})",
+        hex(&out.frame)
+    );
+    assert!(
+        out.frame == want,
+        "{what}: the RST is not the expected one:\n{}",
+        describe_diff(&out.frame, &want)
+    );
+    assert_eq!(
+        fx.counters()?.changes_since(&before),
+        moved(counters),
+        "{what}: counters"
+    );
+    Ok(())
+}
+
+/// The MAC of a backend address.
+fn backend_mac(addr: Ipv4Addr) -> [u8; 6] {
+    match addr {
+        DB01 => DB01_MAC,
+        DB02 => DB02_MAC,
+        DB03 => DB03_MAC,
+        other => panic!("{other} is not a fixture backend"),
+    }
+}
+
+/// The destination address of a rewritten IPv4 frame (the backend the program chose).
+fn daddr_of(frame: &[u8]) -> Ipv4Addr {
+    Ipv4Addr::new(frame[30], frame[31], frame[32], frame[33])
+}
+
+/// Pins the calling thread to CPU 0, so that every test run uses the same per-CPU maps
+/// (`RST_BUCKET`).
+fn pin_to_cpu0() -> Result<()> {
+    let mut set = nix::sched::CpuSet::new();
+    set.set(0)?;
+    nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(0), &set)?;
+    Ok(())
+}
+
+/// An established flow through the balancer.
+struct Est {
+    client_port: u16,
+    service_port: u16,
+    backend: Ipv4Addr,
+    /// The SNAT port.
+    port: u16,
+    /// The client's and the backend's next sequence numbers.
+    client_seq: u32,
+    backend_seq: u32,
+}
+
+impl Est {
+    fn fwd_key(&self) -> FlowKey {
+        flow_key(sa(CLIENT, self.client_port), sa(VIP, self.service_port))
+    }
+
+    fn rev_key(&self) -> FlowKey {
+        flow_key(sa(self.backend, BACKEND_PORT), sa(SNAT_ADDR, self.port))
+    }
+
+    /// A data segment from the client.
+    fn client_data(&self, payload: &[u8]) -> TcpFrame {
+        TcpFrame::new(
+            CLIENT_MAC,
+            CL0_MAC,
+            sa(CLIENT, self.client_port),
+            sa(VIP, self.service_port),
+        )
+        .with_flags(PSH | ACK)
+        .with_seq_ack(self.client_seq, self.backend_seq)
+        .with_payload(payload)
+    }
+
+    /// A data segment from the backend.
+    fn backend_data(&self, payload: &[u8]) -> TcpFrame {
+        TcpFrame::new(
+            backend_mac(self.backend),
+            BK0_MAC,
+            sa(self.backend, BACKEND_PORT),
+            sa(SNAT_ADDR, self.port),
+        )
+        .with_flags(PSH | ACK)
+        .with_seq_ack(self.backend_seq, self.client_seq)
+        .with_payload(payload)
+    }
+
+    /// Checks that a client data segment and a backend data segment are forwarded (exact
+    /// bytes), i.e. that the flow is alive.
+    #[track_caller]
+    fn assert_alive(&self, fx: &Fixture, what: &str) -> Result<()> {
+        let data = self.client_data(b"ping");
+        let out = fx.from_client(&data.bytes()?)?;
+        let want = to_backend(&data, self.backend, backend_mac(self.backend), self.port);
+        assert_eq!(out.action, Action::Redirect, "{what}: client data");
+        assert_output(&out, Action::Redirect, &want.bytes()?);
+        let answer = self.backend_data(b"pong");
+        let out = fx.from_backends(&answer.bytes()?)?;
+        let want = to_client(&answer, self.client_port, self.service_port);
+        assert_eq!(out.action, Action::Redirect, "{what}: backend data");
+        assert_output(&out, Action::Redirect, &want.bytes()?);
+        Ok(())
+    }
+}
+
+/// Opens a flow from `client_port` to the VIP's `service_port` through the whole handshake and
+/// checks its two established entries.
+fn establish(fx: &Fixture, client_port: u16, service_port: u16) -> Result<Est> {
+    let syn = client_syn(client_port, service_port);
+    let out = fx.from_client(&syn.bytes()?)?;
+    assert_eq!(out.action, Action::Redirect, "SYN from {client_port}");
+    let (backend, port) = (daddr_of(&out.frame), sport_of(&out.frame));
+    let mac = backend_mac(backend);
+    assert_output(
+        &out,
+        Action::Redirect,
+        &to_backend(&syn, backend, mac, port).bytes()?,
+    );
+    let syn_ack = TcpFrame::new(mac, BK0_MAC, sa(backend, BACKEND_PORT), sa(SNAT_ADDR, port))
+        .with_flags(SYN | ACK)
+        .with_seq_ack(0x5000_0000, syn.seq + 1);
+    let out = fx.from_backends(&syn_ack.bytes()?)?;
+    assert_output(
+        &out,
+        Action::Redirect,
+        &to_client(&syn_ack, client_port, service_port).bytes()?,
+    );
+    let est = Est {
+        client_port,
+        service_port,
+        backend,
+        port,
+        client_seq: syn.seq + 1,
+        backend_seq: syn_ack.seq + 1,
+    };
+    let ack = TcpFrame::new(
+        CLIENT_MAC,
+        CL0_MAC,
+        sa(CLIENT, client_port),
+        sa(VIP, service_port),
+    )
+    .with_flags(ACK)
+    .with_seq_ack(est.client_seq, est.backend_seq);
+    let out = fx.from_client(&ack.bytes()?)?;
+    assert_output(
+        &out,
+        Action::Redirect,
+        &to_backend(&ack, backend, mac, port).bytes()?,
+    );
+    let table = fx.established()?;
+    assert!(
+        entry(&table, &est.fwd_key()).is_some() && entry(&table, &est.rev_key()).is_some(),
+        "flow from {client_port} not established: {:?}",
+        tuples(&table)
+    );
+    Ok(est)
+}
+
 // ---------------------------------------------------------------------------------------------
 // New flows, replies, establishment
 // ---------------------------------------------------------------------------------------------
@@ -427,22 +628,36 @@ fn an_embryonic_flow_older_than_the_connect_timeout_counts_as_no_flow() -> Resul
             flow.created_ns = 0;
             fx.put_embryonic(&key, &flow)?;
         }
+        // No flow any more: each side's segment is answered with a RST (seq = its ACK).
         let syn_ack =
             backend_segment(DB01, DB01_MAC, port, SYN | ACK).with_seq_ack(0x5000_0000, syn.seq + 1);
-        assert_dropped(
+        let mut want = TcpFrame::new(
+            BK0_MAC,
+            DB01_MAC,
+            sa(SNAT_ADDR, port),
+            sa(DB01, BACKEND_PORT),
+        )
+        .with_flags(RST)
+        .with_seq_ack(syn.seq + 1, 0);
+        want.id = 0;
+        want.window = 0;
+        assert_eq!(want, rst_answer(&syn_ack));
+        assert_rst(
             fx,
             "SYN-ACK for an expired flow",
-            &syn_ack.bytes()?,
+            &syn_ack,
             fx.bk0.ifindex,
-            &[(Counter::DropNoFlow, 1)],
+            &want,
+            &[(Counter::RstNoFlow, 1), (Counter::RstSent, 1)],
         )?;
         let ack = client_segment(CLIENT_PORT, ACK).with_seq_ack(syn.seq + 1, 0x5000_0001);
-        assert_dropped(
+        assert_rst(
             fx,
             "ACK for an expired flow",
-            &ack.bytes()?,
+            &ack,
             fx.cl0.ifindex,
-            &[(Counter::DropNoFlow, 1)],
+            &rst_answer(&ack),
+            &[(Counter::RstNoFlow, 1), (Counter::RstSent, 1)],
         )?;
         // A new SYN on the same tuple opens a fresh flow.
         let before = fx.counters()?;
@@ -497,6 +712,122 @@ fn syns_to_the_read_service_alternate_between_its_backends() -> Result<()> {
             assert_eq!((fwd.service_id, fwd.backend_id), (1, id), "SYN #{i}");
         }
         assert_eq!(fx.embryonic()?.len(), 2 * expected.len());
+        Ok(())
+    })
+}
+
+/// Sends the client's SYN from `client_port` to the VIP's `service_port`, checks the forwarded
+/// frame byte for byte, forgets the flow (both embryonic entries) and returns the backend the
+/// program chose.
+fn pick_backend(fx: &mut Fixture, client_port: u16, service_port: u16) -> Result<Ipv4Addr> {
+    let syn = client_syn(client_port, service_port);
+    let out = fx.from_client(&syn.bytes()?)?;
+    assert_eq!(out.action, Action::Redirect, "SYN from {client_port}");
+    let (backend, port) = (daddr_of(&out.frame), sport_of(&out.frame));
+    assert_output(
+        &out,
+        Action::Redirect,
+        &to_backend(&syn, backend, backend_mac(backend), port).bytes()?,
+    );
+    fx.remove_embryonic(&flow_key(sa(CLIENT, client_port), sa(VIP, service_port)))?;
+    fx.remove_embryonic(&flow_key(sa(backend, BACKEND_PORT), sa(SNAT_ADDR, port)))?;
+    Ok(backend)
+}
+
+fn member(id: u32, addr: Ipv4Addr) -> lb_user::control::Member {
+    lb_user::control::Member {
+        id,
+        addr,
+        port: BACKEND_PORT,
+    }
+}
+
+#[test]
+#[ignore = "needs root and netns: run cargo xtask test"]
+fn balance_first_always_picks_the_first_member_of_the_set() -> Result<()> {
+    let config = format!(
+        "{CONFIG}\n[[service]]\nname = \"first\"\nvip = \"198.18.0.10:7682\"\nbackend_port = 7687\n\
+         backends = [\"db02\", \"db03\"]\nbalance = \"first\"\n"
+    );
+    Fixture::run_with_config("first", &config, |fx| {
+        for i in 0..6 {
+            assert_eq!(pick_backend(fx, 42000 + i, 7682)?, DB02, "SYN #{i}");
+        }
+        // The agent reorders the set: the new first member takes every new flow.
+        fx.control
+            .install_set(2, &[member(2, DB03), member(1, DB02)])?;
+        for i in 0..6 {
+            assert_eq!(
+                pick_backend(fx, 42100 + i, 7682)?,
+                DB03,
+                "SYN #{i} after reorder"
+            );
+        }
+        // The round-robin service next to it still alternates.
+        let rr: Vec<Ipv4Addr> = (0..4)
+            .map(|i| pick_backend(fx, 42200 + i, READ_PORT))
+            .collect::<Result<_>>()?;
+        assert_eq!(rr, [DB02, DB03, DB02, DB03]);
+        Ok(())
+    })
+}
+
+#[test]
+#[ignore = "needs root and netns: run cargo xtask test"]
+fn balance_maglev_maps_tuples_stably_evenly_and_with_minimal_disruption() -> Result<()> {
+    let config = format!(
+        "{CONFIG}\n[[service]]\nname = \"hash\"\nvip = \"198.18.0.10:7682\"\nbackend_port = 7687\n\
+         backends = [\"db01\", \"db02\", \"db03\"]\nbalance = \"maglev\"\n"
+    );
+    Fixture::run_with_config("maglev", &config, |fx| {
+        let ports: Vec<u16> = (43000..43300).collect();
+        let round = |fx: &mut Fixture| -> Result<Vec<Ipv4Addr>> {
+            ports.iter().map(|&p| pick_backend(fx, p, 7682)).collect()
+        };
+        let first = round(fx)?;
+        let share = |v: &[Ipv4Addr], b: Ipv4Addr| v.iter().filter(|&&x| x == b).count();
+        let shares = [
+            share(&first, DB01),
+            share(&first, DB02),
+            share(&first, DB03),
+        ];
+        eprintln!("maglev shares of 300 tuples (db01, db02, db03): {shares:?}");
+        assert!(
+            shares.iter().all(|&s| s >= 50),
+            "300 client ports over 3 backends: {shares:?}"
+        );
+
+        // The same tuple, sent again once its flow is forgotten, lands on the same backend.
+        assert_eq!(round(fx)?, first, "a second round of the same tuples");
+        // Also after the same set is installed again (new generation).
+        fx.control
+            .install_set(2, &[member(0, DB01), member(1, DB02), member(2, DB03)])?;
+        assert_eq!(round(fx)?, first, "after re-installing the same set");
+
+        // db02 leaves: its tuples move, those of db01 and db03 stay (almost all).
+        fx.control
+            .install_set(2, &[member(0, DB01), member(2, DB03)])?;
+        let after = round(fx)?;
+        assert!(
+            after.iter().all(|&b| b != DB02),
+            "a tuple still maps to the removed db02"
+        );
+        let survivors: Vec<usize> = (0..ports.len()).filter(|&i| first[i] != DB02).collect();
+        let kept = survivors.iter().filter(|&&i| after[i] == first[i]).count();
+        eprintln!(
+            "maglev: {kept} of {} tuples of surviving backends kept their backend",
+            survivors.len()
+        );
+        assert!(
+            kept * 10 >= survivors.len() * 9,
+            "only {kept} of {} tuples of db01/db03 kept their backend",
+            survivors.len()
+        );
+        // Spread over the two survivors.
+        assert!(
+            share(&after, DB01) >= 75 && share(&after, DB03) >= 75,
+            "{after:?}"
+        );
         Ok(())
     })
 }
@@ -630,14 +961,66 @@ fn host_traffic_on_snat_range_ports_passes_unless_it_comes_from_a_backend_data_p
 
 #[test]
 #[ignore = "needs root and netns: run cargo xtask test"]
-fn a_backend_reply_without_a_flow_is_dropped() -> Result<()> {
+fn a_backend_segment_without_a_flow_is_answered_with_a_rst() -> Result<()> {
     Fixture::run("replynoflow", |fx| {
-        for flags in [ACK, SYN | ACK, PSH | ACK, RST, FIN | ACK] {
-            let seg = backend_segment(DB01, DB01_MAC, 15000, flags).bytes()?;
+        // db01:7687 -> 10.0.1.1:15000, seq 0x5000_0000, ack 0x1000_0001: no such flow.
+        let seg = |flags| backend_segment(DB01, DB01_MAC, 15000, flags);
+        // (segment, RST flags, seq, ack): with ACK, seq = SEG.ACK; without, RST|ACK and
+        // ack = SEG.SEQ + payload (+1 for SYN, +1 for FIN).
+        let cases = [
+            (seg(ACK), RST, 0x1000_0001, 0),
+            (
+                seg(SYN | ACK).with_options(&frames::SYN_OPTIONS),
+                RST,
+                0x1000_0001,
+                0,
+            ),
+            (
+                seg(PSH | ACK).with_payload(&[0xab; 100]),
+                RST,
+                0x1000_0001,
+                0,
+            ),
+            (seg(FIN | ACK), RST, 0x1000_0001, 0),
+            (seg(SYN), RST | ACK, 0, 0x5000_0001),
+            (seg(FIN), RST | ACK, 0, 0x5000_0001),
+            (seg(FIN).with_payload(b"bye"), RST | ACK, 0, 0x5000_0004),
+            (seg(SYN | FIN), RST | ACK, 0, 0x5000_0002),
+            (seg(PSH).with_payload(b"x"), RST | ACK, 0, 0x5000_0001),
+        ];
+        for (seg, flags, seq, ack) in cases {
+            let what = format!(
+                "flags {:#x}, {} bytes of data",
+                seg.flags,
+                seg.payload.len()
+            );
+            // MACs, addresses and ports swapped: back to db01 over bk0.
+            let mut want = TcpFrame::new(
+                BK0_MAC,
+                DB01_MAC,
+                sa(SNAT_ADDR, 15000),
+                sa(DB01, BACKEND_PORT),
+            )
+            .with_flags(flags)
+            .with_seq_ack(seq, ack);
+            want.id = 0;
+            want.window = 0;
+            assert_eq!(want, rst_answer(&seg), "{what}: the helper agrees");
+            assert_rst(
+                fx,
+                &what,
+                &seg,
+                fx.bk0.ifindex,
+                &want,
+                &[(Counter::RstNoFlow, 1), (Counter::RstSent, 1)],
+            )?;
+        }
+        // A RST is never answered.
+        for flags in [RST, RST | ACK] {
             assert_dropped(
                 fx,
                 &format!("flags {flags:#x}"),
-                &seg,
+                &seg(flags).bytes()?,
                 fx.bk0.ifindex,
                 &[(Counter::DropNoFlow, 1)],
             )?;
@@ -649,27 +1032,99 @@ fn a_backend_reply_without_a_flow_is_dropped() -> Result<()> {
 
 #[test]
 #[ignore = "needs root and netns: run cargo xtask test"]
-fn only_a_plain_syn_may_open_a_flow_to_a_vip() -> Result<()> {
+fn a_non_syn_segment_to_a_vip_without_a_flow_is_answered_with_a_rst() -> Result<()> {
     Fixture::run("nonsyn", |fx| {
-        for flags in [
-            ACK,
-            PSH | ACK,
-            FIN | ACK,
-            RST,
-            RST | ACK,
-            SYN | ACK,
-            SYN | FIN,
-            SYN | RST,
-        ] {
-            let seg = client_segment(40001, flags).bytes()?;
+        // client:40001 -> VIP:7680, seq 0x1000_0001, ack 0x5000_0001: no such flow, and only a
+        // plain SYN may open one.
+        let seg = |flags| client_segment(40001, flags);
+        let cases = [
+            (seg(ACK), RST, 0x5000_0001, 0),
+            (
+                seg(PSH | ACK)
+                    .with_options(&[1, 1, 8, 10, 0, 0, 0, 1, 0, 0, 0, 2])
+                    .with_payload(&[0x42; 200]),
+                RST,
+                0x5000_0001,
+                0,
+            ),
+            (seg(FIN | ACK), RST, 0x5000_0001, 0),
+            (seg(SYN | ACK), RST, 0x5000_0001, 0),
+            (seg(SYN | FIN), RST | ACK, 0, 0x1000_0003),
+            (
+                seg(SYN | FIN).with_payload(&[7; 10]),
+                RST | ACK,
+                0,
+                0x1000_000d,
+            ),
+            (seg(FIN), RST | ACK, 0, 0x1000_0002),
+            (seg(0), RST | ACK, 0, 0x1000_0001),
+            (seg(PSH).with_payload(b"hello"), RST | ACK, 0, 0x1000_0006),
+        ];
+        let n = cases.len() as u64;
+        for (seg, flags, seq, ack) in cases {
+            let what = format!(
+                "flags {:#x}, {} bytes of data",
+                seg.flags,
+                seg.payload.len()
+            );
+            let mut want =
+                TcpFrame::new(CL0_MAC, CLIENT_MAC, sa(VIP, WRITE_PORT), sa(CLIENT, 40001))
+                    .with_flags(flags)
+                    .with_seq_ack(seq, ack);
+            want.id = 0;
+            want.window = 0;
+            assert_eq!(want, rst_answer(&seg), "{what}: the helper agrees");
+            assert_rst(
+                fx,
+                &what,
+                &seg,
+                fx.cl0.ifindex,
+                &want,
+                &[(Counter::RstNoFlow, 1), (Counter::RstSent, 1)],
+            )?;
+        }
+        // A minimum-size Ethernet frame (54 bytes padded to 60, as NICs deliver it): the IP
+        // length counts, the padding is cut.
+        let ack = seg(ACK);
+        let mut padded = ack.bytes()?;
+        padded.extend_from_slice(&[0; 6]);
+        let want = rst_answer(&ack).bytes()?;
+        let before = fx.counters()?;
+        let out = fx.from_client(&padded)?;
+        assert_output(&out, Action::Tx, &want);
+        assert_eq!(
+            fx.counters()?.changes_since(&before),
+            moved(&[(Counter::RstNoFlow, 1), (Counter::RstSent, 1)]),
+            "padded ACK"
+        );
+        // The read service, too (its own VIP port in the answer).
+        let read_ack = seg(ACK).translated(sa(CLIENT, 40001), sa(VIP, READ_PORT));
+        assert_rst(
+            fx,
+            "ACK to the read service",
+            &read_ack,
+            fx.cl0.ifindex,
+            &rst_answer(&read_ack),
+            &[(Counter::RstNoFlow, 1), (Counter::RstSent, 1)],
+        )?;
+        // A RST is never answered.
+        let rsts = [RST, RST | ACK, SYN | RST, FIN | RST];
+        for flags in rsts {
             assert_dropped(
                 fx,
                 &format!("flags {flags:#x}"),
-                &seg,
+                &seg(flags).bytes()?,
                 fx.cl0.ifindex,
                 &[(Counter::DropNoFlow, 1)],
             )?;
         }
+        let (write, read) = (fx.service_stats(0)?, fx.service_stats(1)?);
+        assert_eq!(
+            (write.drops, write.new_flows, write.packets),
+            (n + 1 + rsts.len() as u64, 0, 0),
+            "write service: every refused segment counts as a drop"
+        );
+        assert_eq!((read.drops, read.new_flows), (1, 0));
         assert!(fx.embryonic()?.is_empty() && fx.established()?.is_empty());
         Ok(())
     })
@@ -684,12 +1139,23 @@ fn an_embryonic_entry_whose_partner_is_gone_counts_as_no_flow() -> Result<()> {
         let rev_key = flow_key(sa(DB01, BACKEND_PORT), sa(SNAT_ADDR, port));
         fx.remove_embryonic(&rev_key)?;
         let ack = client_segment(CLIENT_PORT, ACK).with_seq_ack(syn.seq + 1, 0x5000_0001);
-        assert_dropped(
+        let mut want = TcpFrame::new(
+            CL0_MAC,
+            CLIENT_MAC,
+            sa(VIP, WRITE_PORT),
+            sa(CLIENT, CLIENT_PORT),
+        )
+        .with_flags(RST)
+        .with_seq_ack(0x5000_0001, 0);
+        want.id = 0;
+        want.window = 0;
+        assert_rst(
             fx,
             "client ACK, reverse entry gone",
-            &ack.bytes()?,
+            &ack,
             fx.cl0.ifindex,
-            &[(Counter::DropNoFlow, 1)],
+            &want,
+            &[(Counter::RstNoFlow, 1), (Counter::RstSent, 1)],
         )?;
 
         // The forward entry disappears: the backend's SYN-ACK finds an orphan reverse entry.
@@ -697,13 +1163,338 @@ fn an_embryonic_entry_whose_partner_is_gone_counts_as_no_flow() -> Result<()> {
         fx.remove_embryonic(&flow_key(sa(CLIENT, CLIENT_PORT + 1), sa(VIP, WRITE_PORT)))?;
         let syn_ack =
             backend_segment(DB01, DB01_MAC, port, SYN | ACK).with_seq_ack(0x5000_0000, syn.seq + 1);
-        assert_dropped(
+        let mut want = TcpFrame::new(
+            BK0_MAC,
+            DB01_MAC,
+            sa(SNAT_ADDR, port),
+            sa(DB01, BACKEND_PORT),
+        )
+        .with_flags(RST)
+        .with_seq_ack(syn.seq + 1, 0);
+        want.id = 0;
+        want.window = 0;
+        assert_rst(
             fx,
             "backend SYN-ACK, forward entry gone",
-            &syn_ack.bytes()?,
+            &syn_ack,
             fx.bk0.ifindex,
+            &want,
+            &[(Counter::RstNoFlow, 1), (Counter::RstSent, 1)],
+        )?;
+        Ok(())
+    })
+}
+
+#[test]
+#[ignore = "needs root and netns: run cargo xtask test"]
+fn generated_rsts_pass_a_per_cpu_token_bucket() -> Result<()> {
+    let config = format!("rst_per_sec = 3\n{CONFIG}");
+    Fixture::run_with_config("rstlimit", &config, |fx| {
+        // One CPU, one bucket (capacity and refill: 3 per second).
+        pin_to_cpu0()?;
+        let rst_counters = [(Counter::RstNoFlow, 1), (Counter::RstSent, 1)];
+        let limited = [(Counter::DropRstLimited, 1)];
+        let ack = |port: u16| client_segment(port, ACK);
+        for port in 40001..=40003 {
+            let seg = ack(port);
+            assert_rst(
+                fx,
+                &format!("no-flow ACK #{}", port - 40000),
+                &seg,
+                fx.cl0.ifindex,
+                &rst_answer(&seg),
+                &rst_counters,
+            )?;
+        }
+        assert_dropped(
+            fx,
+            "4th no-flow ACK in quick succession",
+            &ack(40004).bytes()?,
+            fx.cl0.ifindex,
+            &limited,
+        )?;
+        // The same bucket serves the backend side.
+        assert_dropped(
+            fx,
+            "no-flow backend segment with the bucket empty",
+            &backend_segment(DB01, DB01_MAC, 15000, ACK).bytes()?,
+            fx.bk0.ifindex,
+            &limited,
+        )?;
+        // A RST is dropped as before, without touching the bucket.
+        assert_dropped(
+            fx,
+            "RST with the bucket empty",
+            &ack(40005).with_flags(RST).bytes()?,
+            fx.cl0.ifindex,
             &[(Counter::DropNoFlow, 1)],
         )?;
+
+        // A third of a second later one token is back.
+        std::thread::sleep(std::time::Duration::from_millis(400));
+        let seg = ack(40006);
+        assert_rst(
+            fx,
+            "no-flow ACK 400 ms later",
+            &seg,
+            fx.cl0.ifindex,
+            &rst_answer(&seg),
+            &rst_counters,
+        )?;
+        // After more than a second the bucket is full again, but holds no more than 3.
+        std::thread::sleep(std::time::Duration::from_millis(1100));
+        for port in 40007..=40009 {
+            let seg = ack(port);
+            assert_rst(
+                fx,
+                &format!("no-flow ACK from {port} after a refill"),
+                &seg,
+                fx.cl0.ifindex,
+                &rst_answer(&seg),
+                &rst_counters,
+            )?;
+        }
+        assert_dropped(
+            fx,
+            "4th no-flow ACK after a refill",
+            &ack(40010).bytes()?,
+            fx.cl0.ifindex,
+            &limited,
+        )?;
+        Ok(())
+    })
+}
+
+#[test]
+#[ignore = "needs root and netns: run cargo xtask test"]
+fn a_syn_to_a_service_without_backends_is_refused_with_a_rst() -> Result<()> {
+    // A role-checked service: its set stays empty until a check passes (none runs here).
+    let config = format!(
+        "{CONFIG}\n[[service]]\nname = \"master\"\nvip = \"198.18.0.10:7682\"\nbackend_port = 7687\n\
+         backends = [\"db01\", \"db02\", \"db03\"]\ncheck = \"neo4j-ha-master\"\n"
+    );
+    Fixture::run_with_config("nobackend", &config, |fx| {
+        let refused = [(Counter::RstNoBackend, 1), (Counter::RstSent, 1)];
+        for (client_port, payload) in [(40001u16, &b""[..]), (40002, &b"early data"[..])] {
+            let syn = client_syn(client_port, 7682).with_payload(payload);
+            let mut want =
+                TcpFrame::new(CL0_MAC, CLIENT_MAC, sa(VIP, 7682), sa(CLIENT, client_port))
+                    .with_flags(RST | ACK)
+                    .with_seq_ack(0, syn.seq + 1 + payload.len() as u32);
+            want.id = 0;
+            want.window = 0;
+            assert_rst(
+                fx,
+                &format!("SYN to the empty service, {} bytes", payload.len()),
+                &syn,
+                fx.cl0.ifindex,
+                &want,
+                &refused,
+            )?;
+        }
+        let svc = fx.service_stats(2)?;
+        assert_eq!((svc.drops, svc.new_flows, svc.packets), (2, 0, 0));
+        assert!(fx.embryonic()?.is_empty());
+
+        // The write service emptied by the agent (its master lost the role): new connections
+        // are refused, an established one drains.
+        let est = establish(fx, 40010, WRITE_PORT)?;
+        fx.control.install_set(0, &[])?;
+        let syn = client_syn(40011, WRITE_PORT);
+        assert_rst(
+            fx,
+            "SYN to the emptied write service",
+            &syn,
+            fx.cl0.ifindex,
+            &rst_answer(&syn),
+            &refused,
+        )?;
+        est.assert_alive(fx, "established flow after its set was emptied")?;
+        // Installed again: new flows go through.
+        fx.control.install_set(
+            0,
+            &[lb_user::control::Member {
+                id: 0,
+                addr: DB01,
+                port: BACKEND_PORT,
+            }],
+        )?;
+        open_write_flow(fx, 40012)?;
+        Ok(())
+    })
+}
+
+// ---------------------------------------------------------------------------------------------
+// on_down = "reset": flows of a demoted backend are reset on their next segment
+// ---------------------------------------------------------------------------------------------
+
+/// The fixture's services plus "any" (service 2, VIP:7682) -> db01.
+fn config_with_second_db01_service() -> String {
+    format!(
+        "{CONFIG}\n[[service]]\nname = \"any\"\nvip = \"198.18.0.10:7682\"\nbackend_port = 7687\n\
+         backends = [\"db01\"]\n"
+    )
+}
+
+#[track_caller]
+fn assert_flow_gone(fx: &Fixture, what: &str, est: &Est) -> Result<()> {
+    for (name, table) in [
+        ("established", fx.established()?),
+        ("embryonic", fx.embryonic()?),
+    ] {
+        assert!(
+            entry(&table, &est.fwd_key()).is_none() && entry(&table, &est.rev_key()).is_none(),
+            "{what}: entries left in {name}: {:?}",
+            tuples(&table)
+        );
+    }
+    Ok(())
+}
+
+#[test]
+#[ignore = "needs root and netns: run cargo xtask test"]
+fn reset_flows_answers_the_clients_next_segment_with_a_rst_and_deletes_the_flow() -> Result<()> {
+    Fixture::run_with_config("resetcl", &config_with_second_db01_service(), |fx| {
+        let a = establish(fx, 40000, WRITE_PORT)?;
+        let b = establish(fx, 40001, 7682)?;
+        let c = establish(fx, 40002, READ_PORT)?;
+        let d = establish(fx, 40003, READ_PORT)?;
+        assert_eq!(
+            (a.backend, b.backend, c.backend, d.backend),
+            (DB01, DB01, DB02, DB03)
+        );
+        assert_eq!(fx.established()?.len(), 8);
+
+        // db01 demoted in "write" (service 0, backend 0).
+        fx.control.reset_flows(0, 0)?;
+        let data = a.client_data(b"CREATE (n)");
+        let mut want = TcpFrame::new(CL0_MAC, CLIENT_MAC, sa(VIP, WRITE_PORT), sa(CLIENT, 40000))
+            .with_flags(RST)
+            .with_seq_ack(a.backend_seq, 0);
+        want.id = 0;
+        want.window = 0;
+        let drops = fx.service_stats(0)?.drops;
+        assert_rst(
+            fx,
+            "client data after the reset",
+            &data,
+            fx.cl0.ifindex,
+            &want,
+            &[(Counter::RstFlowReset, 1), (Counter::RstSent, 1)],
+        )?;
+        assert_eq!(fx.service_stats(0)?.drops, drops + 1);
+        assert_flow_gone(fx, "after the client's reset segment", &a)?;
+        assert_eq!(fx.established()?.len(), 6);
+        // The flow is gone: further segments of it are no-flow segments.
+        let again = a.client_data(b"again");
+        assert_rst(
+            fx,
+            "client data once the flow is gone",
+            &again,
+            fx.cl0.ifindex,
+            &rst_answer(&again),
+            &[(Counter::RstNoFlow, 1), (Counter::RstSent, 1)],
+        )?;
+        let late = a.backend_data(b"late");
+        assert_rst(
+            fx,
+            "backend data once the flow is gone",
+            &late,
+            fx.bk0.ifindex,
+            &rst_answer(&late),
+            &[(Counter::RstNoFlow, 1), (Counter::RstSent, 1)],
+        )?;
+
+        // db01 in another service, and other backends, are untouched.
+        b.assert_alive(fx, "db01 in service \"any\"")?;
+        c.assert_alive(fx, "db02 in \"read\"")?;
+        d.assert_alive(fx, "db03 in \"read\"")?;
+
+        // Another backend of the same service: only its flows.
+        fx.control.reset_flows(1, 2)?;
+        let data = d.client_data(b"MATCH (n)");
+        assert_rst(
+            fx,
+            "client data to db03 after its reset",
+            &data,
+            fx.cl0.ifindex,
+            &rst_answer(&data),
+            &[(Counter::RstFlowReset, 1), (Counter::RstSent, 1)],
+        )?;
+        assert_flow_gone(fx, "db03's flow", &d)?;
+        c.assert_alive(fx, "db02 in \"read\" after db03's reset")?;
+        b.assert_alive(fx, "db01 in \"any\" after db03's reset")?;
+        assert_eq!(fx.established()?.len(), 4);
+        Ok(())
+    })
+}
+
+#[test]
+#[ignore = "needs root and netns: run cargo xtask test"]
+fn reset_flows_answers_the_backends_next_segment_with_a_rst_and_deletes_the_flow() -> Result<()> {
+    Fixture::run_with_config("resetbk", &config_with_second_db01_service(), |fx| {
+        let a = establish(fx, 40000, WRITE_PORT)?;
+        let b = establish(fx, 40001, 7682)?;
+        let c = establish(fx, 40002, READ_PORT)?;
+
+        fx.control.reset_flows(0, 0)?;
+        // db01's answer goes back to db01 as a RST: from the SNAT address and port, seq = its
+        // ACK (the client's next sequence number).
+        let reply = a.backend_data(b"\x00\x00\x04\x04");
+        let mut want = TcpFrame::new(
+            BK0_MAC,
+            DB01_MAC,
+            sa(SNAT_ADDR, a.port),
+            sa(DB01, BACKEND_PORT),
+        )
+        .with_flags(RST)
+        .with_seq_ack(a.client_seq, 0);
+        want.id = 0;
+        want.window = 0;
+        assert_rst(
+            fx,
+            "backend data after the reset",
+            &reply,
+            fx.bk0.ifindex,
+            &want,
+            &[(Counter::RstFlowReset, 1), (Counter::RstSent, 1)],
+        )?;
+        assert_flow_gone(fx, "after the backend's reset segment", &a)?;
+        b.assert_alive(fx, "db01 in service \"any\"")?;
+        c.assert_alive(fx, "db02 in \"read\"")?;
+
+        // A flow opened after the reset records the new epoch and lives.
+        let n = establish(fx, 40004, WRITE_PORT)?;
+        n.assert_alive(fx, "a write flow opened after the reset")?;
+
+        // A second reset catches it, and a flow still in its handshake.
+        let (syn, port) = open_write_flow(fx, 40005)?;
+        fx.control.reset_flows(0, 0)?;
+        let syn_ack =
+            backend_segment(DB01, DB01_MAC, port, SYN | ACK).with_seq_ack(0x5000_0000, syn.seq + 1);
+        assert_rst(
+            fx,
+            "SYN-ACK of an embryonic flow after the reset",
+            &syn_ack,
+            fx.bk0.ifindex,
+            &rst_answer(&syn_ack),
+            &[(Counter::RstFlowReset, 1), (Counter::RstSent, 1)],
+        )?;
+        let emb = fx.embryonic()?;
+        assert!(emb.is_empty(), "embryonic left: {:?}", tuples(&emb));
+        let reply = n.backend_data(b"result");
+        assert_rst(
+            fx,
+            "backend data of the newer flow after the second reset",
+            &reply,
+            fx.bk0.ifindex,
+            &rst_answer(&reply),
+            &[(Counter::RstFlowReset, 1), (Counter::RstSent, 1)],
+        )?;
+        assert_flow_gone(fx, "the newer flow", &n)?;
+        b.assert_alive(fx, "db01 in service \"any\" after the second reset")?;
+        c.assert_alive(fx, "db02 in \"read\" after the second reset")?;
+        assert_eq!(fx.established()?.len(), 4);
         Ok(())
     })
 }
@@ -751,9 +1542,59 @@ fn truncated_frames_are_never_forwarded() -> Result<()> {
     })
 }
 
+/// Checks that `out` is the RST answering the TCP segment `input` (which has ACK set): 54
+/// bytes, MACs, addresses and ports swapped, flags RST, seq = the input's ACK, both checksums
+/// valid.
+#[track_caller]
+fn assert_is_rst_answer(input: &[u8], out: &[u8], i: usize) {
+    let what = format!(
+        "random frame #{i} ({}) answered with {}",
+        hex(input),
+        hex(out)
+    );
+    assert_eq!(out.len(), 54, "{what}: length");
+    assert_eq!(
+        (&out[0..6], &out[6..12], &out[12..14]),
+        (&input[6..12], &input[0..6], &input[12..14]),
+        "{what}: Ethernet"
+    );
+    assert_eq!(
+        (&out[26..30], &out[30..34], &out[34..36], &out[36..38]),
+        (
+            &input[30..34],
+            &input[26..30],
+            &input[36..38],
+            &input[34..36]
+        ),
+        "{what}: addresses and ports"
+    );
+    assert_eq!(&out[38..42], &input[42..46], "{what}: seq = SEG.ACK");
+    assert_eq!(out[47], RST, "{what}: flags");
+    let p = etherparse::SlicedPacket::from_ethernet(out).expect("parses");
+    let Some(etherparse::NetSlice::Ipv4(ip)) = p.net else {
+        panic!("{what}: not IPv4")
+    };
+    let Some(etherparse::TransportSlice::Tcp(tcp)) = p.transport else {
+        panic!("{what}: not TCP")
+    };
+    let iph = ip.header().to_header();
+    assert_eq!(
+        iph.header_checksum,
+        iph.calc_header_checksum(),
+        "{what}: IP checksum"
+    );
+    assert_eq!(
+        tcp.checksum(),
+        tcp.to_header()
+            .calc_checksum_ipv4(&iph, tcp.payload())
+            .expect("checksum"),
+        "{what}: TCP checksum"
+    );
+}
+
 #[test]
 #[ignore = "needs root and netns: run cargo xtask test"]
-fn random_frames_are_passed_unchanged_or_dropped() -> Result<()> {
+fn random_frames_are_passed_unchanged_dropped_or_answered_with_a_rst() -> Result<()> {
     Fixture::run("random", |fx| {
         let mut rng = XorShift::new(0x5eed_b0a7_0001);
         let to_vip = client_segment(CLIENT_PORT, ACK).bytes()?;
@@ -810,6 +1651,8 @@ fn random_frames_are_passed_unchanged_or_dropped() -> Result<()> {
                     describe_diff(&out.frame, &frame)
                 ),
                 Action::Drop => {}
+                // A well-formed no-flow segment with ACK: answered with a RST.
+                Action::Tx => assert_is_rst_answer(&frame, &out.frame, i),
                 a => panic!("random frame #{i} got {a:?}: {}", hex(&frame)),
             }
             *actions.entry(format!("{:?}", out.action)).or_insert(0) += 1;
@@ -818,6 +1661,10 @@ fn random_frames_are_passed_unchanged_or_dropped() -> Result<()> {
         assert!(
             actions.contains_key("Drop"),
             "the VIP-shaped frames must hit the drop paths"
+        );
+        assert!(
+            actions.contains_key("Tx"),
+            "some VIP-shaped frames must be answered with a RST"
         );
         assert!(fx.embryonic()?.is_empty() && fx.established()?.is_empty());
         Ok(())
