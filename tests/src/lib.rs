@@ -1,3 +1,4 @@
+pub mod bench;
 pub mod fixture;
 pub mod harness;
 pub mod sim;
