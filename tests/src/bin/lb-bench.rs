@@ -1,0 +1,252 @@
+//! `cargo xtask bench`: benchmarks of lb against the HAProxy setup it replaces, in network namespaces.
+//!
+//! `lb-bench failover [--runs N] [--quick] [--only ID,...]`: failover timing (see
+//! `lb_tests::bench::failover`). Prints a markdown table of medians over the runs and writes the raw
+//! records to `target/bench/failover.json`. Numbers are reported, never asserted; the exit status is
+//! non-zero only when a contestant produced no data at all.
+//!
+//! Environment (set by xtask): LB_BIN, LB_SIM_BIN (release builds), LB_REPO; LB_HAPROXY optional.
+
+use std::process::ExitCode;
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
+
+use anyhow::{Context, Result};
+use clap::{Parser, Subcommand};
+use lb_tests::bench::failover::{self, Contestant, RunRecord, Scenario};
+use lb_tests::harness;
+use serde::Serialize;
+
+#[derive(Parser)]
+#[command(
+    name = "lb-bench",
+    about = "lb benchmarks (run through `cargo xtask bench`)"
+)]
+struct Cli {
+    #[command(subcommand)]
+    bench: Bench,
+}
+
+#[derive(Subcommand)]
+enum Bench {
+    /// Failover timing: roles flip db01 -> db02 under load; lb vs HAProxy 2.6, two timings each.
+    Failover {
+        /// Runs per contestant (the table shows medians).
+        #[arg(long, default_value_t = 5)]
+        runs: usize,
+        /// One run each, shorter steady state and fast-timing windows (under 2 minutes).
+        #[arg(long)]
+        quick: bool,
+        /// Only these contestants (comma-separated): lb-manual, lb-fast, haproxy-manual, haproxy-fast.
+        #[arg(long, value_delimiter = ',')]
+        only: Vec<String>,
+    },
+}
+
+#[derive(Serialize)]
+struct Report<'a> {
+    bench: &'static str,
+    command: String,
+    unix_time: u64,
+    machine: Machine,
+    scenario: Scenario,
+    runs_per_contestant: usize,
+    /// How the client reaches each balancer.
+    addressing: &'static str,
+    summaries: Vec<failover::Summary>,
+    errors: Vec<RunError>,
+    runs: Vec<&'a RunRecord>,
+}
+
+#[derive(Serialize)]
+struct Machine {
+    kernel: String,
+    cpus: usize,
+    haproxy: Option<String>,
+    lb_bin: String,
+    lb_commit: Option<String>,
+}
+
+#[derive(Serialize)]
+struct RunError {
+    contestant: Contestant,
+    run: usize,
+    error: String,
+}
+
+const ADDRESSING: &str = "every contestant is reached at the VIP 198.18.0.10:7680 from the client \
+namespace; lb answers it in XDP, HAProxy (`bind *:7680`) gets it as a /32 on the lb namespace's l0";
+
+fn main() -> ExitCode {
+    match real_main() {
+        Ok(true) => ExitCode::SUCCESS,
+        Ok(false) => ExitCode::FAILURE,
+        Err(e) => {
+            eprintln!("lb-bench: error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn real_main() -> Result<bool> {
+    let cli = Cli::parse();
+    match cli.bench {
+        Bench::Failover { runs, quick, only } => failover_bench(runs, quick, &only),
+    }
+}
+
+fn failover_bench(runs: usize, quick: bool, only: &[String]) -> Result<bool> {
+    let started = Instant::now();
+    let (runs, scenario) = if quick {
+        (1, Scenario::quick())
+    } else {
+        (runs.max(1), Scenario::full())
+    };
+    let contestants: Vec<Contestant> = if only.is_empty() {
+        Contestant::ALL.to_vec()
+    } else {
+        only.iter()
+            .map(|s| Contestant::parse(s))
+            .collect::<Result<_>>()?
+    };
+    eprintln!(
+        "lb-bench failover: {} contestants x {runs} runs; lb {}, sims {}",
+        contestants.len(),
+        harness::lb_bin().display(),
+        harness::sim_bin().display()
+    );
+    let mut records: Vec<RunRecord> = Vec::new();
+    let mut errors: Vec<RunError> = Vec::new();
+    // Interleaved (run 1 of each, run 2 of each, ...) so slow drifts of the machine hit everyone.
+    for run in 0..runs {
+        for &c in &contestants {
+            let t = Instant::now();
+            match failover::run_once(c, &scenario, run) {
+                Ok(r) => {
+                    let f = &r.figures;
+                    eprintln!(
+                        "  {} run {}: first new {} / last old {}{} / overlap {} / failed {} ({:.1} s)",
+                        c.id(),
+                        run + 1,
+                        secs(f.first_new_master_s),
+                        secs(f.last_old_master_s),
+                        if f.old_master_until_end { " (until end)" } else { "" },
+                        secs(f.overlap_s),
+                        f.failed_after_t0,
+                        t.elapsed().as_secs_f64()
+                    );
+                    records.push(r);
+                }
+                Err(e) => {
+                    eprintln!("  {} run {}: FAILED: {e:#}", c.id(), run + 1);
+                    errors.push(RunError {
+                        contestant: c,
+                        run,
+                        error: format!("{e:#}"),
+                    });
+                }
+            }
+        }
+    }
+
+    let summaries: Vec<failover::Summary> = contestants
+        .iter()
+        .map(|&c| {
+            let mine: Vec<RunRecord> = records
+                .iter()
+                .filter(|r| r.contestant == c)
+                .cloned()
+                .collect();
+            let failed = errors.iter().filter(|e| e.contestant == c).count();
+            failover::summarize(c, &mine, failed)
+        })
+        .collect();
+
+    let command = format!(
+        "cargo xtask bench failover -- {}",
+        std::env::args().skip(2).collect::<Vec<_>>().join(" ")
+    );
+    println!(
+        "\n## Failover: roles flip db01 -> db02 at T0 (median over {runs} run{}, min-max in brackets)\n",
+        if runs == 1 { "" } else { "s" }
+    );
+    print!("{}", failover::table(&summaries));
+    println!(
+        "\nNew Bolt write connection every {} ms, {} pooled connections writing every {} ms; window {} s after T0 ({} s for the fast timings); {ADDRESSING}. Times are client send times relative to T0; a NotALeader from db01 counts as reaching db01. Command: `{}`.",
+        scenario.new_every_ms,
+        scenario.pooled,
+        scenario.pooled_every_ms,
+        scenario.window_ms as f64 / 1000.0,
+        scenario.fast_window_ms as f64 / 1000.0,
+        command.trim_end()
+    );
+
+    let report = Report {
+        bench: "failover",
+        command: command.trim_end().to_string(),
+        unix_time: SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or_default(),
+        machine: machine(),
+        scenario,
+        runs_per_contestant: runs,
+        addressing: ADDRESSING,
+        summaries: summaries.clone(),
+        errors,
+        runs: records.iter().collect(),
+    };
+    let dir = harness::repo_root().join("target").join("bench");
+    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    let path = dir.join("failover.json");
+    std::fs::write(&path, serde_json::to_vec_pretty(&report)?)
+        .with_context(|| format!("writing {}", path.display()))?;
+    println!("\nRaw records: {}", path.display());
+    eprintln!(
+        "lb-bench failover: done in {:.1} s",
+        started.elapsed().as_secs_f64()
+    );
+
+    let empty: Vec<&failover::Summary> = summaries.iter().filter(|s| s.runs_ok == 0).collect();
+    for s in &empty {
+        eprintln!("lb-bench: {} produced no data; errors:", s.contestant.id());
+        for e in report
+            .errors
+            .iter()
+            .filter(|e| e.contestant == s.contestant)
+        {
+            eprintln!("--- run {} ---\n{}", e.run + 1, e.error);
+        }
+    }
+    Ok(empty.is_empty())
+}
+
+fn secs(v: Option<f64>) -> String {
+    v.map_or_else(|| "-".into(), |v| format!("{v:.3} s"))
+}
+
+fn machine() -> Machine {
+    let cmd_out = |prog: &str, args: &[&str]| {
+        std::process::Command::new(prog)
+            .args(args)
+            .output()
+            .ok()
+            .filter(|o| o.status.success())
+            .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+    };
+    Machine {
+        kernel: cmd_out("uname", &["-srm"]).unwrap_or_default(),
+        cpus: std::thread::available_parallelism().map_or(0, |n| n.get()),
+        haproxy: failover::haproxy_version(),
+        lb_bin: harness::lb_bin().display().to_string(),
+        lb_commit: cmd_out(
+            "git",
+            &[
+                "-C",
+                &harness::repo_root().display().to_string(),
+                "rev-parse",
+                "--short",
+                "HEAD",
+            ],
+        ),
+    }
+}
