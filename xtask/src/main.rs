@@ -47,8 +47,15 @@ enum Task {
     },
     /// Setup, build, then show lb balancing a simulated 3-server Neo4j cluster in namespaces.
     Demo,
-    /// Benchmarks (not implemented yet).
-    Bench,
+    /// Setup, release build, then run a benchmark: `cargo xtask bench [failover] [-- --runs N --quick]`.
+    Bench {
+        /// Which benchmark (`failover`).
+        #[arg(default_value = "failover")]
+        suite: String,
+        /// Passed to `lb-bench <suite>`, e.g. `--runs 3` or `--quick`.
+        #[arg(last = true)]
+        args: Vec<String>,
+    },
 }
 
 /// `cargo build` of the agent and the test binaries (simulator, demo driver).
@@ -106,7 +113,20 @@ fn real_main() -> Result<u8> {
             )?;
             return Ok(u8::try_from(exit_code(status)).unwrap_or(1));
         }
-        Task::Bench => println!("bench: not implemented yet (issue 4)"),
+        Task::Bench { suite, args } => {
+            setup::setup()?;
+            build(true)?;
+            let release = repo().join("target/release");
+            let status = cmd::status(
+                std::process::Command::new(release.join("lb-bench"))
+                    .arg(&suite)
+                    .args(&args)
+                    .env("LB_BIN", release.join("lb"))
+                    .env("LB_SIM_BIN", release.join("neo4j-sim"))
+                    .env("LB_REPO", repo()),
+            )?;
+            return Ok(u8::try_from(exit_code(status)).unwrap_or(1));
+        }
     }
     Ok(0)
 }
