@@ -66,6 +66,9 @@ pub enum Counter {
     RstFlowReset,
     /// A RST that the per-CPU rate limit suppressed (the segment was dropped instead).
     DropRstLimited,
+    /// SYN on the tuple of a closing flow (FIN both ways or RST): the old flow was deleted and
+    /// a new one started (TIME_WAIT reuse by the client).
+    ClosedTupleReused,
     /// Number of counters (array size), not a counter.
     Max,
 }
@@ -110,4 +113,5 @@ pub const COUNTER_NAMES: [&str; COUNTER_MAX as usize] = [
     "rst_no_backend",
     "rst_flow_reset",
     "drop_rst_limited",
+    "closed_tuple_reused",
 ];

@@ -62,6 +62,9 @@ pub struct Config {
     pub embryonic_timeout_ns: u64,
     /// Idle timeout of established flows (used by the table GC).
     pub idle_timeout_ns: u64,
+    /// How long a closing flow (FIN both ways, or a RST) stays after its last segment (used
+    /// by the table GC).
+    pub close_timeout_ns: u64,
     /// First SNAT port (host byte order; compared after conversion).
     pub snat_port_min: u16,
     /// Last SNAT port, inclusive (host byte order).
@@ -203,6 +206,20 @@ pub const FLOW_SYN_SENT: u8 = 1;
 pub const FLOW_SYN_RECV: u8 = 2;
 pub const FLOW_ESTABLISHED: u8 = 3;
 
+/// `Flow::close`: this direction sent a FIN.
+pub const FLOW_CLOSE_FIN: u8 = 1;
+/// `Flow::close`: this direction sent a RST (cleared again by a later non-RST segment from the
+/// same direction, which proves the RST spoofed: a genuine RST's sender is gone).
+pub const FLOW_CLOSE_RST: u8 = 2;
+
+/// Whether the flow of the entries `a` and `b` is closing: FINs sent in both directions, or a
+/// RST in either. A closing flow is deleted by the GC after the close timeout, and a SYN on
+/// its tuple starts a new flow.
+#[inline(always)]
+pub const fn is_closing(a: &Flow, b: &Flow) -> bool {
+    (a.close & b.close & FLOW_CLOSE_FIN) != 0 || ((a.close | b.close) & FLOW_CLOSE_RST) != 0
+}
+
 /// Direction of a flow entry.
 pub const DIR_FORWARD: u8 = 0;
 pub const DIR_REPLY: u8 = 1;
@@ -232,7 +249,10 @@ pub struct Flow {
     pub dmac: [u8; 6],
     pub state: u8,
     pub dir: u8,
-    pub _pad: [u8; 2],
+    /// `FLOW_CLOSE_*` bits about the segments sent in this entry's direction; only the path of
+    /// that direction writes them. A flow is closing per [`is_closing`] over both entries.
+    pub close: u8,
+    pub _pad: u8,
     /// `RESET_EPOCH[service][backend]` when the flow was created; a different value now means
     /// the backend was demoted with `on_down = "reset"`: the flow is reset on its next segment.
     pub epoch: u32,
@@ -336,7 +356,20 @@ mod tests {
         assert_eq!(size_of::<ServiceKey>(), 8);
         assert_eq!(size_of::<Backend>(), 16);
         assert_eq!(size_of::<BackendSet>(), 16 + 16 * MAX_SET_SIZE + 4096);
-        assert_eq!(size_of::<Config>(), 32);
+        assert_eq!(size_of::<Config>(), 40);
+    }
+
+    #[test]
+    fn a_flow_is_closing_after_fins_both_ways_or_a_rst_either_way() {
+        let with = |close| Flow {
+            close,
+            ..Default::default()
+        };
+        let (none, fin, rst) = (with(0), with(FLOW_CLOSE_FIN), with(FLOW_CLOSE_RST));
+        assert!(!is_closing(&none, &none));
+        assert!(!is_closing(&fin, &none) && !is_closing(&none, &fin), "half-closed");
+        assert!(is_closing(&fin, &fin));
+        assert!(is_closing(&rst, &none) && is_closing(&none, &rst));
     }
 
     #[test]

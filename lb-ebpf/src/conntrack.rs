@@ -2,10 +2,14 @@
 //! (preallocated, never evicted). Every flow has a forward and a reply entry; a lookup only
 //! counts when the partner entry exists in the same table and points back.
 use aya_ebpf::bindings::{BPF_ANY, BPF_NOEXIST};
-use lb_common::{Counter, Flow, FlowKey, FLOW_ESTABLISHED, FLOW_SYN_RECV, IPPROTO_TCP};
+use lb_common::{
+    Counter, Flow, FlowKey, FLOW_CLOSE_FIN, FLOW_CLOSE_RST, FLOW_ESTABLISHED, FLOW_SYN_RECV,
+    IPPROTO_TCP,
+};
 
 use crate::{
     maps::{CT_EMBRYONIC, CT_ESTABLISHED},
+    parse::{TCP_FIN, TCP_RST},
     stats,
 };
 
@@ -144,6 +148,30 @@ pub fn delete(key: &FlowKey, found: &Found) {
     } else {
         remove_embryonic(key);
         remove_embryonic(&partner);
+    }
+}
+
+/// Records what a segment with `flags` says about the connection's end in `flow`, the entry of
+/// the direction it travels (each direction writes only its own entry, so the two paths never
+/// race on one byte). Nothing is deleted here: a half-closed connection keeps working, the
+/// last ACK and retransmitted FINs still translate, and the GC deletes the flow once it has
+/// been closing for the close timeout. A RST marks the entry; any later non-RST segment from
+/// the same side clears the mark again (a genuine RST's sender never sends on the tuple again,
+/// so that RST was spoofed). A changed mark refreshes `last_seen_ns`: the close timeout counts
+/// from the segment that closed the flow.
+#[inline(always)]
+pub fn track(flow: &mut Flow, flags: u8, now: u64) {
+    let old = flow.close;
+    let new = if flags & TCP_RST != 0 {
+        old | FLOW_CLOSE_RST
+    } else if flags & TCP_FIN != 0 {
+        (old & !FLOW_CLOSE_RST) | FLOW_CLOSE_FIN
+    } else {
+        old & !FLOW_CLOSE_RST
+    };
+    if new != old {
+        flow.close = new;
+        flow.last_seen_ns = now;
     }
 }
 

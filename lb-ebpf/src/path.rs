@@ -3,8 +3,8 @@
 use aya_ebpf::{bindings::xdp_action, programs::XdpContext};
 use aya_log_ebpf::info;
 use lb_common::{
-    Config, Counter, Flow, FlowKey, Service, CONFIG_F_DEBUG, CONFIG_F_GENERIC, DIR_FORWARD,
-    DIR_REPLY, FLOW_SYN_RECV, FLOW_SYN_SENT, IPPROTO_TCP,
+    is_closing, Config, Counter, Flow, FlowKey, Service, CONFIG_F_DEBUG, CONFIG_F_GENERIC,
+    DIR_FORWARD, DIR_REPLY, FLOW_SYN_RECV, FLOW_SYN_SENT, IPPROTO_TCP,
 };
 use network_types::eth::EthHdr;
 
@@ -51,24 +51,16 @@ pub fn forward(
             stats::count(Counter::PassTtl);
             return xdp_action::XDP_PASS;
         }
-        // Copied before `promote`, which deletes the embryonic entries `found` points into: a
-        // deleted element of a preallocated (LRU) hash map goes back to the free list at once
-        // and another CPU's insert may overwrite it while we still read it.
-        let flow = *found.flow;
-        if is_reset(&flow) {
-            conntrack::delete(&key, &found);
-            return refuse(ctx, cfg, flow.service_id, flags, Counter::RstFlowReset);
-        }
-        if found.established {
-            conntrack::touch(found.flow, now);
-        } else if flags & (TCP_SYN | TCP_ACK | TCP_RST) == TCP_ACK
-            && flow.state == FLOW_SYN_RECV
-            && !conntrack::promote(&key, &found, now)
+        if flags & (TCP_SYN | TCP_ACK | TCP_RST | TCP_FIN) == TCP_SYN
+            && is_closing(found.flow, found.partner)
         {
-            stats::service_drop(svc.id, Counter::DropEstablishedFull);
-            return xdp_action::XDP_DROP;
+            // The client reuses the tuple of a closed connection (TIME_WAIT reuse): the old
+            // flow is over; this SYN starts a new one below.
+            conntrack::delete(&key, &found);
+            stats::count(Counter::ClosedTupleReused);
+        } else {
+            return existing(ctx, eth, ip, tcp, &key, found, svc, cfg, now, bytes);
         }
-        return send(ctx, eth, ip, tcp, &flow, bytes, false);
     }
 
     // No flow: only a plain SYN may start one.
@@ -113,7 +105,8 @@ pub fn forward(
         dmac: eth.src_addr,
         state: FLOW_SYN_SENT,
         dir: DIR_REPLY,
-        _pad: [0; 2],
+        close: 0,
+        _pad: 0,
         epoch: reset_epoch(svc.id, backend.id),
         _pad2: 0,
     };
@@ -168,6 +161,45 @@ pub fn forward(
     send(ctx, eth, ip, tcp, &fwd, bytes, false)
 }
 
+/// A client segment of an existing flow: forwarded on the flow's mapping (a SYN on an
+/// established key too; on an embryonic key it is a retransmit).
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+fn existing(
+    ctx: &XdpContext,
+    eth: &mut EthHdr,
+    ip: &mut Ip,
+    tcp: &mut Tcp,
+    key: &FlowKey,
+    found: conntrack::Found,
+    svc: Service,
+    cfg: &Config,
+    now: u64,
+    bytes: u64,
+) -> u32 {
+    let flags = tcp.flags;
+    // Copied before `promote`, which deletes the embryonic entries `found` points into: a
+    // deleted element of a preallocated (LRU) hash map goes back to the free list at once
+    // and another CPU's insert may overwrite it while we still read it.
+    let flow = *found.flow;
+    if is_reset(&flow) {
+        conntrack::delete(key, &found);
+        return refuse(ctx, cfg, flow.service_id, flags, Counter::RstFlowReset);
+    }
+    // Before `promote`, which copies the entry: an ACK that establishes may carry a FIN.
+    conntrack::track(found.flow, flags, now);
+    if found.established {
+        conntrack::touch(found.flow, now);
+    } else if flags & (TCP_SYN | TCP_ACK | TCP_RST) == TCP_ACK
+        && flow.state == FLOW_SYN_RECV
+        && !conntrack::promote(key, &found, now)
+    {
+        stats::service_drop(svc.id, Counter::DropEstablishedFull);
+        return xdp_action::XDP_DROP;
+    }
+    send(ctx, eth, ip, tcp, &flow, bytes, false)
+}
+
 /// A packet from a configured backend to an SNAT-range port.
 #[inline(always)]
 pub fn reply(
@@ -194,6 +226,7 @@ pub fn reply(
         conntrack::delete(&key, &found);
         return refuse(ctx, cfg, service, flags, Counter::RstFlowReset);
     }
+    conntrack::track(found.flow, flags, now);
     if found.established {
         conntrack::touch(found.flow, now);
     } else if tcp.flags & (TCP_SYN | TCP_ACK) == (TCP_SYN | TCP_ACK) {

@@ -45,6 +45,7 @@ struct RawConfig {
 struct RawTimeouts {
     connect: Option<Spanned<String>>,
     idle: Option<Spanned<String>>,
+    close: Option<Spanned<String>>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -147,6 +148,9 @@ pub struct Config {
     pub rst_per_sec: u32,
     pub connect_timeout: Duration,
     pub idle_timeout: Duration,
+    /// How long a closed flow (FIN both ways, or a RST) stays in the table after its last
+    /// segment (`[timeouts] close`, default 10 s).
+    pub close_timeout: Duration,
     pub embryonic_entries: u32,
     pub established_entries: u32,
     pub backends: Vec<Backend>,
@@ -251,6 +255,10 @@ impl Config {
         let idle_timeout = match &raw.timeouts.idle {
             Some(v) => parse_duration(path, text, v, "timeouts.idle")?,
             None => Duration::from_secs(2 * 3600),
+        };
+        let close_timeout = match &raw.timeouts.close {
+            Some(v) => parse_duration(path, text, v, "timeouts.close")?,
+            None => Duration::from_secs(10),
         };
 
         let mut backends = Vec::new();
@@ -470,6 +478,7 @@ impl Config {
             rst_per_sec: raw.rst_per_sec.unwrap_or(1000),
             connect_timeout,
             idle_timeout,
+            close_timeout,
             embryonic_entries: raw
                 .tables
                 .embryonic
@@ -533,6 +542,7 @@ backends = ["db02", "db01"]
         assert_eq!(c.snat_ports, (20000, 29999));
         assert_eq!(c.connect_timeout, Duration::from_secs(5));
         assert_eq!(c.idle_timeout, Duration::from_secs(7200));
+        assert_eq!(c.close_timeout, Duration::from_secs(10));
         assert_eq!(c.services[1].backends, vec![1, 0]);
         assert_eq!(c.vip_addrs(), vec![Ipv4Addr::new(198, 18, 0, 10)]);
         assert_eq!(c.vip_mode, VipMode::Local);

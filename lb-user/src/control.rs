@@ -115,6 +115,7 @@ impl Control {
         let c = MapConfig {
             embryonic_timeout_ns: cfg.connect_timeout.as_nanos() as u64,
             idle_timeout_ns: cfg.idle_timeout.as_nanos() as u64,
+            close_timeout_ns: cfg.close_timeout.as_nanos() as u64,
             snat_port_min: cfg.snat_ports.0,
             snat_port_max: cfg.snat_ports.1,
             flags,
