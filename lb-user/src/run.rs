@@ -80,6 +80,7 @@ async fn serve(
         }
     };
     let mut control = Control::new(ebpf)?;
+    let mut gc = crate::gc::Gc::new(ebpf, crate::gc::Timeouts::from_config(cfg))?;
     let mut host = HostChanges::default();
     for iface in ifaces {
         host.enable_forwarding(iface)?;
@@ -192,6 +193,8 @@ async fn serve(
         ),
         None => None,
     };
+    let mut gc_tick = tokio::time::interval(crate::gc::PERIOD);
+    gc_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
             _ = term.recv() => break,
@@ -200,6 +203,11 @@ async fn serve(
             Some(op) = ops.recv() => {
                 let r = supervisor.set_admin(cfg, &mut control, &op.backend, op.admin).map_err(|e| format!("{e:#}"));
                 let _ = op.reply.send(r);
+            }
+            _ = gc_tick.tick() => {
+                if let Err(e) = gc.run_once() {
+                    warn!("connection-table GC: {e:#}");
+                }
             }
             r = async { match log_fd.as_mut() { Some(fd) => fd.readable_mut().await, None => std::future::pending().await } } => {
                 let mut guard = r.context("log ring")?;

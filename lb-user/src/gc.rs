@@ -1,0 +1,387 @@
+//! The connection-table GC: once a second the agent walks both tables and deletes
+//! - embryonic entries older than the connect timeout (handshakes that never completed; this
+//!   returns their SNAT ports at once instead of when the LRU gets round to them),
+//! - established flows closing (FIN both ways, or a RST; see `lb_common::is_closing`) whose
+//!   last segment is older than the close timeout,
+//! - established flows idle for longer than the idle timeout,
+//! - established entries whose partner is gone (a delete interrupted half-way), once they are
+//!   older than the close timeout.
+//!
+//! The data path never deletes a flow on FIN or RST: a half-closed connection keeps working,
+//! the last ACK and retransmitted FINs still translate, and a spoofed RST can be taken back by
+//! the next genuine segment. Flow timestamps are `bpf_ktime_get_ns`, i.e. CLOCK_MONOTONIC;
+//! `last_seen_ns` is written at most once a second per entry, so idle expiry is accurate to a
+//! second.
+//!
+//! A pass first reads a table completely, then deletes: deleting the key an iteration stands on
+//! would restart `BPF_MAP_GET_NEXT_KEY` from the first key. Each doomed flow is read again just
+//! before its delete and kept if it changed meanwhile (a new flow on the same tuple, or a
+//! segment that made it active again). A pass deletes at most [`MAX_DELETIONS`] entries; the
+//! rest waits for the next second.
+use std::{collections::HashMap as StdHashMap, os::fd::AsFd, time::Duration};
+
+use anyhow::{Context, Result};
+use aya::{
+    maps::{HashMap, Map, MapData, MapError},
+    Ebpf,
+};
+use lb_common::{is_closing, names, Flow, FlowKey, DIR_FORWARD, IPPROTO_TCP};
+use tracing::{debug, warn};
+
+use crate::config::Config;
+
+/// Most entries one pass deletes.
+pub const MAX_DELETIONS: usize = 100_000;
+
+/// How often the agent runs a pass.
+pub const PERIOD: Duration = Duration::from_secs(1);
+
+/// The timeouts a pass applies, in nanoseconds. Zero disables the idle or close expiry.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Timeouts {
+    pub connect_ns: u64,
+    pub idle_ns: u64,
+    pub close_ns: u64,
+}
+
+impl Timeouts {
+    pub fn from_config(cfg: &Config) -> Self {
+        let ns = |d: Duration| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX);
+        Self {
+            connect_ns: ns(cfg.connect_timeout),
+            idle_ns: ns(cfg.idle_timeout),
+            close_ns: ns(cfg.close_timeout),
+        }
+    }
+}
+
+/// What one pass saw and did.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SweepStats {
+    /// Entries read from each table.
+    pub embryonic_entries: usize,
+    pub established_entries: usize,
+    /// Embryonic entries deleted (past the connect timeout).
+    pub embryonic_expired: usize,
+    /// Established flows (two entries each) deleted after the close timeout.
+    pub closed: usize,
+    /// Established flows (two entries each) deleted after the idle timeout.
+    pub idle: usize,
+    /// Established entries without their partner, deleted.
+    pub orphans: usize,
+    /// Doomed flows found changed when read again, and kept.
+    pub revived: usize,
+    /// The pass stopped at [`MAX_DELETIONS`] (or at a read error); the rest waits.
+    pub truncated: bool,
+}
+
+impl SweepStats {
+    /// Entries deleted in this pass.
+    pub fn deleted_entries(&self) -> usize {
+        self.embryonic_expired + 2 * (self.closed + self.idle) + self.orphans
+    }
+}
+
+/// Why an established flow goes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Expiry {
+    Closed,
+    Idle,
+}
+
+type Table = HashMap<MapData, FlowKey, Flow>;
+
+/// The GC: handles on both connection tables and the timeouts.
+pub struct Gc {
+    embryonic: Table,
+    established: Table,
+    /// Most keys one walk of each table visits. A key deleted under the walk (by the data
+    /// path) makes the kernel restart it from the first key; this keeps such a pass finite.
+    embryonic_visits: usize,
+    established_visits: usize,
+    timeouts: Timeouts,
+}
+
+/// A table as a typed map, and the visit bound of a walk over it.
+fn table(map: Map, name: &str) -> Result<(Table, usize)> {
+    let max_entries = match &map {
+        Map::HashMap(m) | Map::LruHashMap(m) => m
+            .info()
+            .map(|i| i.max_entries() as usize)
+            .with_context(|| format!("map {name}: info"))?,
+        _ => anyhow::bail!("map {name} is not a hash map"),
+    };
+    let t = Table::try_from(map)
+        .with_context(|| format!("map {name} has an unexpected type or layout"))?;
+    Ok((t, max_entries.saturating_mul(2).saturating_add(1024)))
+}
+
+/// A second handle on the map `name` of `ebpf`, which stays in the object.
+fn share(ebpf: &Ebpf, name: &str) -> Result<Map> {
+    let data = match ebpf.map(name) {
+        Some(Map::HashMap(m) | Map::LruHashMap(m)) => m,
+        Some(_) => anyhow::bail!("map {name} is not a hash map"),
+        None => anyhow::bail!("the object has no map {name}"),
+    };
+    let fd = data
+        .fd()
+        .as_fd()
+        .try_clone_to_owned()
+        .with_context(|| format!("duplicate the fd of map {name}"))?;
+    let data = MapData::from_fd(fd).with_context(|| format!("reopen map {name}"))?;
+    Map::from_map_data(data).with_context(|| format!("map {name}"))
+}
+
+/// CLOCK_MONOTONIC in nanoseconds: the clock of `bpf_ktime_get_ns`.
+pub fn monotonic_now() -> Result<u64> {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: `ts` is a valid, writable timespec for the duration of the call.
+    let r = unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    if r != 0 {
+        return Err(std::io::Error::last_os_error()).context("clock_gettime(CLOCK_MONOTONIC)");
+    }
+    Ok((ts.tv_sec as u64).saturating_mul(1_000_000_000) + ts.tv_nsec as u64)
+}
+
+impl Gc {
+    /// Takes both connection tables out of the loaded object (after `Control::new`, which
+    /// takes only the maps it writes).
+    pub fn new(ebpf: &mut Ebpf, timeouts: Timeouts) -> Result<Self> {
+        let mut take = |name: &str| -> Result<(Table, usize)> {
+            let map = ebpf
+                .take_map(name)
+                .with_context(|| format!("the object has no map {name}"))?;
+            table(map, name)
+        };
+        let (embryonic, embryonic_visits) = take(names::CT_EMBRYONIC)?;
+        let (established, established_visits) = take(names::CT_ESTABLISHED)?;
+        Ok(Self {
+            embryonic,
+            established,
+            embryonic_visits,
+            established_visits,
+            timeouts,
+        })
+    }
+
+    /// Opens second handles on both tables and leaves them in the object (for tests that
+    /// still read the tables through it).
+    pub fn shared(ebpf: &Ebpf, timeouts: Timeouts) -> Result<Self> {
+        let (embryonic, embryonic_visits) =
+            table(share(ebpf, names::CT_EMBRYONIC)?, names::CT_EMBRYONIC)?;
+        let (established, established_visits) =
+            table(share(ebpf, names::CT_ESTABLISHED)?, names::CT_ESTABLISHED)?;
+        Ok(Self {
+            embryonic,
+            established,
+            embryonic_visits,
+            established_visits,
+            timeouts,
+        })
+    }
+
+    /// Opens both tables of a running instance from their pins in `dir`.
+    pub fn from_pins(dir: &std::path::Path, timeouts: Timeouts) -> Result<Self> {
+        let open = |name: &str| -> Result<(Table, usize)> {
+            let path = dir.join(name);
+            let data =
+                MapData::from_pin(&path).with_context(|| format!("open {}", path.display()))?;
+            table(Map::from_map_data(data)?, name)
+        };
+        let (embryonic, embryonic_visits) = open(names::CT_EMBRYONIC)?;
+        let (established, established_visits) = open(names::CT_ESTABLISHED)?;
+        Ok(Self {
+            embryonic,
+            established,
+            embryonic_visits,
+            established_visits,
+            timeouts,
+        })
+    }
+
+    pub fn timeouts(&self) -> Timeouts {
+        self.timeouts
+    }
+
+    /// One pass at the current time; logs what it deleted at debug level.
+    pub fn run_once(&mut self) -> Result<SweepStats> {
+        let st = self.sweep(monotonic_now()?);
+        if st.deleted_entries() > 0 || st.revived > 0 || st.truncated {
+            debug!(
+                embryonic = st.embryonic_entries,
+                established = st.established_entries,
+                embryonic_expired = st.embryonic_expired,
+                closed = st.closed,
+                idle = st.idle,
+                orphans = st.orphans,
+                revived = st.revived,
+                truncated = st.truncated,
+                "connection-table GC pass"
+            );
+        }
+        Ok(st)
+    }
+
+    /// One pass as if the monotonic clock read `now` (ns).
+    pub fn sweep(&mut self, now: u64) -> SweepStats {
+        let mut st = SweepStats::default();
+        let budget = self.sweep_established(now, MAX_DELETIONS, &mut st);
+        self.sweep_embryonic(now, budget, &mut st);
+        st
+    }
+
+    /// Why the flow of the entries `a` and `b` should go at `now`, if it should.
+    fn expiry(&self, now: u64, a: &Flow, b: &Flow) -> Option<Expiry> {
+        let quiet = now.saturating_sub(a.last_seen_ns.max(b.last_seen_ns));
+        let t = self.timeouts;
+        if t.close_ns != 0 && is_closing(a, b) && quiet > t.close_ns {
+            Some(Expiry::Closed)
+        } else if t.idle_ns != 0 && quiet > t.idle_ns {
+            Some(Expiry::Idle)
+        } else {
+            None
+        }
+    }
+
+    /// Deletes expired established flows and orphans, at most `budget` entries; returns the
+    /// budget left.
+    fn sweep_established(&mut self, now: u64, budget: usize, st: &mut SweepStats) -> usize {
+        let mut snapshot: StdHashMap<FlowKey, Flow> = StdHashMap::new();
+        for item in self.established.iter().take(self.established_visits) {
+            match item {
+                Ok((k, f)) => {
+                    snapshot.insert(k, f);
+                }
+                Err(e) => {
+                    warn!("reading {}: {e}", names::CT_ESTABLISHED);
+                    st.truncated = true;
+                    break;
+                }
+            }
+        }
+        st.established_entries = snapshot.len();
+
+        let mut flows: Vec<(FlowKey, FlowKey, Expiry)> = Vec::new();
+        let mut orphans: Vec<FlowKey> = Vec::new();
+        let mut planned = 0usize;
+        for (key, flow) in &snapshot {
+            if planned + 2 > budget {
+                st.truncated = true;
+                break;
+            }
+            let pkey = flow.partner_key(IPPROTO_TCP);
+            match snapshot.get(&pkey) {
+                Some(partner) if partner.points_back_to(key) => {
+                    // Each flow once, from its forward entry.
+                    if flow.dir != DIR_FORWARD {
+                        continue;
+                    }
+                    if let Some(why) = self.expiry(now, flow, partner) {
+                        flows.push((*key, pkey, why));
+                        planned += 2;
+                    }
+                }
+                _ => {
+                    let grace = self.timeouts.close_ns.max(PERIOD.as_nanos() as u64);
+                    if now.saturating_sub(flow.last_seen_ns.max(flow.created_ns)) > grace {
+                        orphans.push(*key);
+                        planned += 1;
+                    }
+                }
+            }
+        }
+
+        for (fkey, rkey, why) in flows {
+            // Read again: a segment may have revived the flow, or a new one taken the tuple.
+            let (Ok(f), Ok(r)) = (
+                self.established.get(&fkey, 0),
+                self.established.get(&rkey, 0),
+            ) else {
+                st.revived += 1;
+                continue;
+            };
+            let before = snapshot.get(&fkey).map(|s| s.created_ns);
+            if before != Some(f.created_ns)
+                || !r.points_back_to(&fkey)
+                || self.expiry(now, &f, &r) != Some(why)
+            {
+                st.revived += 1;
+                continue;
+            }
+            remove(&mut self.established, &fkey);
+            remove(&mut self.established, &rkey);
+            match why {
+                Expiry::Closed => st.closed += 1,
+                Expiry::Idle => st.idle += 1,
+            }
+        }
+        for key in orphans {
+            let Ok(f) = self.established.get(&key, 0) else {
+                continue;
+            };
+            let partner_back = self
+                .established
+                .get(&f.partner_key(IPPROTO_TCP), 0)
+                .is_ok_and(|p| p.points_back_to(&key));
+            if partner_back || snapshot.get(&key).map(|s| s.created_ns) != Some(f.created_ns) {
+                st.revived += 1;
+                continue;
+            }
+            remove(&mut self.established, &key);
+            st.orphans += 1;
+        }
+        budget.saturating_sub(planned)
+    }
+
+    /// Deletes embryonic entries past the connect timeout, at most `budget`.
+    fn sweep_embryonic(&mut self, now: u64, budget: usize, st: &mut SweepStats) {
+        let timeout = self.timeouts.connect_ns;
+        let mut doomed: Vec<(FlowKey, u64)> = Vec::new();
+        let mut seen = std::collections::HashSet::new();
+        for item in self.embryonic.iter().take(self.embryonic_visits) {
+            match item {
+                Ok((k, f)) => {
+                    if !seen.insert(k) {
+                        continue;
+                    }
+                    st.embryonic_entries += 1;
+                    if now.saturating_sub(f.created_ns) > timeout {
+                        if doomed.len() >= budget {
+                            st.truncated = true;
+                            break;
+                        }
+                        doomed.push((k, f.created_ns));
+                    }
+                }
+                Err(e) => {
+                    warn!("reading {}: {e}", names::CT_EMBRYONIC);
+                    st.truncated = true;
+                    break;
+                }
+            }
+        }
+        for (key, created) in doomed {
+            // An expired entry may have been taken over by a new flow meanwhile (SNAT claim).
+            match self.embryonic.get(&key, 0) {
+                Ok(f) if f.created_ns == created => {
+                    remove(&mut self.embryonic, &key);
+                    st.embryonic_expired += 1;
+                }
+                _ => st.revived += 1,
+            }
+        }
+    }
+}
+
+/// Deletes `key`; an entry already gone (the data path deleted it) is fine.
+fn remove(table: &mut Table, key: &FlowKey) {
+    match table.remove(key) {
+        Ok(()) => {}
+        Err(MapError::KeyNotFound) => {}
+        Err(MapError::SyscallError(e)) if e.io_error.raw_os_error() == Some(libc::ENOENT) => {}
+        Err(e) => warn!("connection-table GC: delete failed: {e}"),
+    }
+}
