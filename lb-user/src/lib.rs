@@ -25,3 +25,4 @@ pub mod supervise;
 pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/lb-ebpf.o"));
 pub mod health;
 pub mod gc;
+pub mod haproxy;
