@@ -28,8 +28,17 @@ enum Cmd {
     ///          lb run --config lb.toml --iface eth0 --iface eth1 (clients on eth0, backends on eth1)
     Run {
         /// TOML configuration (services, backends, SNAT ports, timeouts).
-        #[arg(long, short)]
-        config: PathBuf,
+        #[arg(
+            long,
+            short,
+            required_unless_present = "haproxy_config",
+            conflicts_with = "haproxy_config"
+        )]
+        config: Option<PathBuf>,
+        /// Run from HAProxy configuration files instead (as `lb import-haproxy` translates them;
+        /// `bind *:PORT` serves the port on the first IPv4 address of the first --iface).
+        #[arg(long = "haproxy-config", num_args = 1.., value_name = "FILE")]
+        haproxy_config: Vec<PathBuf>,
         /// Interface to attach to; repeat for a two-armed setup. The first one gets the VIPs.
         #[arg(long = "iface", short, required = true)]
         ifaces: Vec<String>,
@@ -39,6 +48,30 @@ enum Cmd {
         /// Instance name (pins under /sys/fs/bpf/lb/<instance>/); overrides the config's.
         #[arg(long)]
         instance: Option<String>,
+    },
+    /// Translate HAProxy configuration files (the Neo4j manual's haproxy.cfg) into lb's TOML.
+    ///
+    /// Prints the TOML on stdout and every note, warning and error as FILE:LINE: ... on stderr;
+    /// lines lb does not understand are never dropped silently. Credentials found in check
+    /// lines are written to 0600 files in --password-dir and never printed.
+    ///
+    /// Example: lb import-haproxy /etc/haproxy/haproxy.cfg --vip 192.0.2.10 > lb.toml
+    ImportHaproxy {
+        /// HAProxy configuration files, read in order like `haproxy -f A -f B`.
+        #[arg(required = true, value_name = "FILE")]
+        files: Vec<PathBuf>,
+        /// The VIP of every service (`bind *:PORT` otherwise gets a placeholder address).
+        #[arg(long, value_name = "ADDR")]
+        vip: Option<std::net::Ipv4Addr>,
+        /// Keep HAProxy's round robin for role backends lb would import as exclusive (master).
+        #[arg(long)]
+        faithful: bool,
+        /// Fail on warnings too (any line lb does not map exactly).
+        #[arg(long)]
+        strict: bool,
+        /// Where to write credentials found in check lines (default: the current directory).
+        #[arg(long, value_name = "DIR")]
+        password_dir: Option<PathBuf>,
     },
     /// Print an instance's counters from its pinned maps.
     Status {
@@ -79,6 +112,7 @@ fn main() -> Result<()> {
     match cli.cmd {
         Cmd::Run {
             config,
+            haproxy_config,
             ifaces,
             xdp_mode,
             instance,
@@ -87,12 +121,20 @@ fn main() -> Result<()> {
                 .enable_all()
                 .build()?;
             rt.block_on(run::run(run::RunArgs {
-                config,
+                config: config.unwrap_or_default(),
+                haproxy: haproxy_config,
                 ifaces,
                 xdp_mode,
                 instance,
             }))
         }
+        Cmd::ImportHaproxy {
+            files,
+            vip,
+            faithful,
+            strict,
+            password_dir,
+        } => import_haproxy(&files, vip, faithful, strict, password_dir.as_deref()),
         Cmd::Status { instance, json } => {
             let s = status::snapshot(&instance)?;
             if json {
@@ -114,4 +156,40 @@ fn main() -> Result<()> {
             lb_user::dataplane::unpin(&lb_user::dataplane::pin_dir(&instance))
         }
     }
+}
+
+/// `lb import-haproxy`: TOML on stdout, diagnostics on stderr, password files written only when
+/// the import succeeds.
+fn import_haproxy(
+    files: &[PathBuf],
+    vip: Option<std::net::Ipv4Addr>,
+    faithful: bool,
+    strict: bool,
+    password_dir: Option<&std::path::Path>,
+) -> Result<()> {
+    use lb_user::haproxy;
+    let opts = haproxy::Options {
+        vip,
+        wildcard_vip: None,
+        faithful,
+        password_dir: haproxy::default_password_dir(password_dir)?,
+    };
+    let imp = haproxy::import_paths(files, &opts)?;
+    for d in &imp.diags {
+        eprintln!("{d}");
+    }
+    let n = imp.failures(strict);
+    if n > 0 {
+        let what = if strict {
+            "error(s) or warning(s) (--strict)"
+        } else {
+            "error(s)"
+        };
+        anyhow::bail!("{n} {what} in the HAProxy configuration; no lb configuration written");
+    }
+    for s in &imp.secrets {
+        s.write()?;
+    }
+    print!("{}", imp.toml);
+    Ok(())
 }

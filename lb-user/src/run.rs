@@ -30,13 +30,19 @@ use crate::{
 
 pub struct RunArgs {
     pub config: PathBuf,
+    /// HAProxy files to run from instead of `config` (`--haproxy-config`).
+    pub haproxy: Vec<PathBuf>,
     pub ifaces: Vec<String>,
     pub xdp_mode: AttachMode,
     pub instance: Option<String>,
 }
 
 pub async fn run(args: RunArgs) -> Result<()> {
-    let mut cfg = Config::load(&args.config)?;
+    let mut cfg = if args.haproxy.is_empty() {
+        Config::load(&args.config)?
+    } else {
+        crate::haproxy::load_for_run(&args.haproxy, &args.ifaces)?
+    };
     if let Some(i) = args.instance {
         cfg.instance = i;
     }
