@@ -584,7 +584,7 @@ fn admin_table(px: &Proxy, opts: &Options, out: &mut Out<'_>) -> Admin {
                     px.name
                 ),
             );
-            crate::config::DEFAULT_ADMIN_LISTEN.to_string()
+            "127.0.0.1:8080".to_string() // lb's default [admin] listen
         }
     };
     let mut auth = None;
