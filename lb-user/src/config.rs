@@ -2,7 +2,7 @@
 //! line and what is wrong.
 use std::{
     collections::HashSet,
-    net::{Ipv4Addr, SocketAddrV4},
+    net::{Ipv4Addr, SocketAddr, SocketAddrV4},
     ops::Range,
     path::{Path, PathBuf},
     time::Duration,
@@ -12,7 +12,7 @@ use std::sync::Arc;
 
 use anyhow::{bail, Context, Result};
 
-use crate::health::spec::{preset, CheckSpec, RawCheck, PRESET_NAMES};
+use crate::health::spec::{preset, BasicAuth, CheckSpec, RawCheck, PRESET_NAMES};
 use serde::Deserialize;
 use toml::Spanned;
 
@@ -38,6 +38,19 @@ struct RawConfig {
     backends: Vec<RawBackend>,
     #[serde(default, rename = "service")]
     services: Vec<RawService>,
+    admin: Option<Spanned<RawAdmin>>,
+}
+
+/// `[admin]`: the admin HTTP server (dashboard, /stats.json, ;csv, /metrics), like HAProxy's
+/// `listen admin` with `stats enable`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawAdmin {
+    listen: Option<Spanned<String>>,
+    user: Option<Spanned<String>>,
+    password_file: Option<Spanned<PathBuf>>,
+    password_env: Option<Spanned<String>>,
+    refresh: Option<Spanned<String>>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -137,6 +150,30 @@ pub struct Service {
     pub fallback: Option<usize>,
 }
 
+/// Default address of the admin server (HAProxy's `listen admin` in the manual uses 8080).
+pub const DEFAULT_ADMIN_LISTEN: &str = "127.0.0.1:8080";
+
+/// The admin HTTP server's settings (`[admin]`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AdminConfig {
+    /// Where to listen; `None`: `listen = "off"`, no admin server.
+    pub listen: Option<SocketAddr>,
+    /// Basic auth on every route, if set. `Debug` never shows the password.
+    pub auth: Option<BasicAuth>,
+    /// How often the dashboard refreshes itself.
+    pub refresh: Duration,
+}
+
+impl Default for AdminConfig {
+    fn default() -> Self {
+        Self {
+            listen: DEFAULT_ADMIN_LISTEN.parse().ok(),
+            auth: None,
+            refresh: Duration::from_secs(2),
+        }
+    }
+}
+
 /// A validated configuration.
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -155,6 +192,7 @@ pub struct Config {
     pub established_entries: u32,
     pub backends: Vec<Backend>,
     pub services: Vec<Service>,
+    pub admin: AdminConfig,
 }
 
 /// An error at a place in the file.
@@ -172,6 +210,122 @@ fn parse_duration(path: &Path, text: &str, v: &Spanned<String>, what: &str) -> R
             format!("{what}: {e} (examples: \"30s\", \"2h\", \"500ms\")"),
         )
     })
+}
+
+/// Validates `[admin]` and reads its password (the password never appears in an error).
+fn parse_admin(path: &Path, text: &str, a: &Spanned<RawAdmin>) -> Result<AdminConfig> {
+    let raw = a.get_ref();
+    let mut out = AdminConfig::default();
+    if let Some(l) = &raw.listen {
+        out.listen = match l.get_ref().trim() {
+            "off" => None,
+            s => Some(s.parse().map_err(|_| {
+                at(
+                    path,
+                    text,
+                    l.span(),
+                    format!(
+                        "[admin] listen = {s:?}: expected ADDRESS:PORT, e.g. \"{DEFAULT_ADMIN_LISTEN}\", or \"off\""
+                    ),
+                )
+            })?),
+        };
+    }
+    if let Some(r) = &raw.refresh {
+        out.refresh = parse_duration(path, text, r, "[admin] refresh")?;
+        if out.refresh < Duration::from_millis(100) {
+            return Err(at(path, text, r.span(), "[admin] refresh: at least 100ms"));
+        }
+    }
+    let err = |span: Range<usize>, msg: String| at(path, text, span, format!("[admin] {msg}"));
+    let Some(user) = &raw.user else {
+        if let Some(p) = &raw.password_file {
+            return Err(err(p.span(), "password_file needs `user`".into()));
+        }
+        if let Some(p) = &raw.password_env {
+            return Err(err(p.span(), "password_env needs `user`".into()));
+        }
+        return Ok(out);
+    };
+    let name = user.get_ref();
+    if name.is_empty() || name.contains(':') || name.bytes().any(|c| c < b' ' || c == 0x7f) {
+        return Err(err(
+            user.span(),
+            format!(
+                "user {name:?} must be non-empty, without ':' or control characters (Basic auth)"
+            ),
+        ));
+    }
+    let password = match (&raw.password_file, &raw.password_env) {
+        (Some(f), Some(_)) => {
+            return Err(err(
+                f.span(),
+                "set only one of password_file and password_env".into(),
+            ))
+        }
+        (None, None) => return Err(err(
+            user.span(),
+            "`user` needs password_file or password_env (passwords are never put in the config)"
+                .into(),
+        )),
+        (Some(f), None) => {
+            let file = f.get_ref();
+            let mut p = std::fs::read_to_string(file).map_err(|e| {
+                let reason = match e.kind() {
+                    std::io::ErrorKind::NotFound => "no such file".to_string(),
+                    std::io::ErrorKind::PermissionDenied => "permission denied".to_string(),
+                    std::io::ErrorKind::InvalidData => "not valid UTF-8".to_string(),
+                    _ => e.to_string(),
+                };
+                err(
+                    f.span(),
+                    format!("cannot read password_file {}: {reason}", file.display()),
+                )
+            })?;
+            if p.ends_with('\n') {
+                p.pop();
+                if p.ends_with('\r') {
+                    p.pop();
+                }
+            }
+            if p.is_empty() {
+                return Err(err(
+                    f.span(),
+                    format!("password_file {} is empty", file.display()),
+                ));
+            }
+            p
+        }
+        (None, Some(v)) => {
+            let var = v.get_ref();
+            match std::env::var(var) {
+                Ok(p) if !p.is_empty() => p,
+                Ok(_) => {
+                    return Err(err(
+                        v.span(),
+                        format!("environment variable {var} (password_env) is empty"),
+                    ))
+                }
+                Err(std::env::VarError::NotPresent) => {
+                    return Err(err(
+                        v.span(),
+                        format!("environment variable {var} (password_env) is not set"),
+                    ))
+                }
+                Err(std::env::VarError::NotUnicode(_)) => {
+                    return Err(err(
+                        v.span(),
+                        format!("environment variable {var} (password_env) is not valid UTF-8"),
+                    ))
+                }
+            }
+        }
+    };
+    out.auth = Some(BasicAuth {
+        user: name.clone(),
+        password,
+    });
+    Ok(out)
 }
 
 impl Config {
@@ -469,6 +623,11 @@ impl Config {
             );
         }
 
+        let admin = match &raw.admin {
+            None => AdminConfig::default(),
+            Some(a) => parse_admin(path, text, a)?,
+        };
+
         Ok(Self {
             path: path.to_path_buf(),
             instance,
@@ -489,6 +648,7 @@ impl Config {
                 .unwrap_or(lb_common::DEFAULT_ESTABLISHED_ENTRIES),
             backends,
             services,
+            admin,
         })
     }
 
@@ -579,5 +739,86 @@ backends = ["db02", "db01"]
         assert!(err(&GOOD.replace("\"5s\"", "\"soon\"")).contains("timeouts.connect"));
         assert!(err(&GOOD.replace("10.0.1.11", "10.0.1.300")).contains("not an IPv4 address"));
         assert!(err(&GOOD.replace(":7681", ":7680")).contains("used by another service"));
+    }
+
+    fn admin(extra: &str) -> Result<AdminConfig> {
+        Config::parse(Path::new("lb.toml"), &format!("{GOOD}[admin]\n{extra}")).map(|c| c.admin)
+    }
+
+    #[test]
+    fn admin_defaults_to_loopback_8080_without_auth() {
+        let c = Config::parse(Path::new("lb.toml"), GOOD).unwrap();
+        assert_eq!(c.admin.listen, Some("127.0.0.1:8080".parse().unwrap()));
+        assert_eq!(c.admin.auth, None);
+        assert_eq!(c.admin.refresh, Duration::from_secs(2));
+        let a = admin("listen = \"0.0.0.0:9000\"\nrefresh = \"500ms\"\n").unwrap();
+        assert_eq!(a.listen, Some("0.0.0.0:9000".parse().unwrap()));
+        assert_eq!(a.refresh, Duration::from_millis(500));
+        assert_eq!(admin("listen = \"off\"\n").unwrap().listen, None);
+    }
+
+    #[test]
+    fn admin_errors_name_the_line_and_what_is_expected() {
+        let line = GOOD.lines().count() + 2;
+        let e = format!("{:#}", admin("listen = \"localhost\"\n").unwrap_err());
+        assert!(
+            e.starts_with(&format!(
+                "lb.toml:{line}: [admin] listen = \"localhost\": expected ADDRESS:PORT"
+            )),
+            "{e}"
+        );
+        let e = format!("{:#}", admin("refresh = \"often\"\n").unwrap_err());
+        assert!(e.contains("[admin] refresh"), "{e}");
+        let e = format!("{:#}", admin("refresh = \"10ms\"\n").unwrap_err());
+        assert!(e.contains("at least 100ms"), "{e}");
+        let e = format!("{:#}", admin("port = 8080\n").unwrap_err());
+        assert!(e.contains("port"), "{e}");
+        let e = format!("{:#}", admin("password_env = \"X\"\n").unwrap_err());
+        assert!(e.contains("password_env needs `user`"), "{e}");
+        let e = format!("{:#}", admin("user = \"admin\"\n").unwrap_err());
+        assert!(e.contains("needs password_file or password_env"), "{e}");
+        let e = format!(
+            "{:#}",
+            admin("user = \"a:b\"\npassword_env = \"X\"\n").unwrap_err()
+        );
+        assert!(e.contains("without ':'"), "{e}");
+        let e = format!(
+            "{:#}",
+            admin("user = \"admin\"\npassword_file = \"/nonexistent/pw\"\n").unwrap_err()
+        );
+        assert!(
+            e.contains("cannot read password_file /nonexistent/pw: no such file"),
+            "{e}"
+        );
+        let e = format!(
+            "{:#}",
+            admin("user = \"admin\"\npassword_env = \"LB_TEST_ADMIN_PW_UNSET\"\n").unwrap_err()
+        );
+        assert!(
+            e.contains("LB_TEST_ADMIN_PW_UNSET (password_env) is not set"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn admin_password_is_read_and_never_printed() {
+        let dir = std::env::temp_dir().join(format!("lb-admin-pw-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let f = dir.join("pw");
+        std::fs::write(&f, "adm1n-s3cret\n").unwrap();
+        let a = admin(&format!("user = \"ops\"\npassword_file = {:?}\n", f)).unwrap();
+        let auth = a.auth.clone().unwrap();
+        assert_eq!(
+            (auth.user.as_str(), auth.password.as_str()),
+            ("ops", "adm1n-s3cret")
+        );
+        assert!(!format!("{a:?}").contains("adm1n-s3cret"));
+        std::fs::write(&f, "").unwrap();
+        let e = format!(
+            "{:#}",
+            admin(&format!("user = \"ops\"\npassword_file = {:?}\n", f)).unwrap_err()
+        );
+        assert!(e.contains("is empty"), "{e}");
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }
