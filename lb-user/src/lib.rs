@@ -9,6 +9,8 @@
 //! - [`maglev`]: consistent-hash lookup tables.
 //! - [`run`]: `lb run`, tying them together.
 //! - [`status`]: `lb status`, reading pinned counters.
+//! - [`admin`]: the admin HTTP server (dashboard, /stats.json, ;csv, /metrics).
+pub mod admin;
 pub mod config;
 pub mod control;
 pub mod dataplane;

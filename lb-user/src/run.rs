@@ -17,6 +17,7 @@ use std::{
 use std::sync::{Arc, RwLock};
 
 use crate::{
+    admin,
     config::{Config, VipMode},
     control::Control,
     dataplane::{self, AttachMode},
@@ -143,6 +144,7 @@ async fn serve(
     let mut supervisor = Supervisor::new(cfg, commands, live.clone());
     let (ops_tx, mut ops) = tokio::sync::mpsc::channel::<OpRequest>(16);
     ops::listen(&cfg.instance, ops_tx.clone())?;
+    admin::spawn(cfg, live.clone(), ops_tx.clone())?;
     first_round(
         cfg,
         &mut control,
