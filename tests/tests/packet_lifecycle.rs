@@ -1,0 +1,588 @@
+//! Connection-table lifecycle through `BPF_PROG_TEST_RUN`: FIN and RST are recorded, never
+//! acted on at once (half-close, last ACK, retransmitted FIN, spoofed RST), a SYN on a closing
+//! tuple starts a new flow while one on an established tuple keeps the mapping; and the agent's
+//! GC (`lb_user::gc`, called directly with a chosen clock) deletes closed, idle and expired
+//! embryonic flows and nothing else.
+//!
+//! Same fixture as `packet.rs`: client 198.18.0.2 behind `cl0`, db01 10.0.1.10 behind `bk0`
+//! (10.0.1.1, the SNAT address); VIP 198.18.0.10:7680 "write" -> db01:7687. Connect timeout
+//! 30 s (fixture), idle 2 h and close 10 s (defaults) unless a test says otherwise.
+
+use std::time::Duration;
+
+use anyhow::Result;
+use aya::maps::HashMap;
+use lb_common::{
+    is_closing, names, Counter, Flow, FlowKey, FLOW_CLOSE_FIN, FLOW_CLOSE_RST, FLOW_ESTABLISHED,
+};
+use lb_tests::fixture::frames::{describe_diff, hex, TcpFrame, ACK, FIN, PSH, RST, SYN};
+use lb_tests::fixture::*;
+use lb_user::gc::{monotonic_now, Gc, SweepStats, Timeouts};
+
+const SEC: u64 = 1_000_000_000;
+
+// ---------------------------------------------------------------------------------------------
+// Helpers (the frame conventions of packet.rs)
+// ---------------------------------------------------------------------------------------------
+
+fn client_syn(port: u16) -> TcpFrame {
+    TcpFrame::syn(CLIENT_MAC, CL0_MAC, sa(CLIENT, port), sa(VIP, WRITE_PORT))
+}
+
+fn to_backend(seg: &TcpFrame, snat_port: u16) -> TcpFrame {
+    seg.clone()
+        .forwarded(BK0_MAC, DB01_MAC)
+        .translated(sa(SNAT_ADDR, snat_port), sa(DB01, BACKEND_PORT))
+}
+
+fn to_client(seg: &TcpFrame, client_port: u16) -> TcpFrame {
+    seg.clone()
+        .forwarded(CL0_MAC, CLIENT_MAC)
+        .translated(sa(VIP, WRITE_PORT), sa(CLIENT, client_port))
+}
+
+fn sport_of(frame: &[u8]) -> u16 {
+    u16::from_be_bytes([frame[34], frame[35]])
+}
+
+#[track_caller]
+fn assert_output(what: &str, out: &Outcome, action: Action, want: &TcpFrame) -> Result<()> {
+    let want = want.bytes()?;
+    assert_eq!(
+        out.action,
+        action,
+        "{what}: action (output frame {})",
+        hex(&out.frame)
+    );
+    assert!(
+        out.frame == want,
+        "{what}: the output frame is not the expected one:\n{}",
+        describe_diff(&out.frame, &want)
+    );
+    Ok(())
+}
+
+fn entry(table: &[(FlowKey, Flow)], key: &FlowKey) -> Option<Flow> {
+    table.iter().find(|(k, _)| k == key).map(|(_, f)| *f)
+}
+
+/// An established write flow; `client_seq`/`backend_seq` are the next sequence numbers.
+struct Conn {
+    client_port: u16,
+    port: u16,
+    client_seq: u32,
+    backend_seq: u32,
+}
+
+impl Conn {
+    fn fwd_key(&self) -> FlowKey {
+        flow_key(sa(CLIENT, self.client_port), sa(VIP, WRITE_PORT))
+    }
+
+    fn rev_key(&self) -> FlowKey {
+        flow_key(sa(DB01, BACKEND_PORT), sa(SNAT_ADDR, self.port))
+    }
+
+    fn client(&self, flags: u8, payload: &[u8]) -> TcpFrame {
+        TcpFrame::new(
+            CLIENT_MAC,
+            CL0_MAC,
+            sa(CLIENT, self.client_port),
+            sa(VIP, WRITE_PORT),
+        )
+        .with_flags(flags)
+        .with_seq_ack(self.client_seq, self.backend_seq)
+        .with_payload(payload)
+    }
+
+    fn backend(&self, flags: u8, payload: &[u8]) -> TcpFrame {
+        TcpFrame::new(
+            DB01_MAC,
+            BK0_MAC,
+            sa(DB01, BACKEND_PORT),
+            sa(SNAT_ADDR, self.port),
+        )
+        .with_flags(flags)
+        .with_seq_ack(self.backend_seq, self.client_seq)
+        .with_payload(payload)
+    }
+
+    /// Sends a client segment and checks it reached db01 translated, byte for byte.
+    #[track_caller]
+    fn from_client(&mut self, fx: &Fixture, what: &str, flags: u8, payload: &[u8]) -> Result<()> {
+        let seg = self.client(flags, payload);
+        let out = fx.from_client(&seg.bytes()?)?;
+        assert_output(what, &out, Action::Redirect, &to_backend(&seg, self.port))?;
+        self.client_seq = self
+            .client_seq
+            .wrapping_add(payload.len() as u32 + u32::from(flags & FIN != 0));
+        Ok(())
+    }
+
+    /// Sends a backend segment and checks it reached the client translated, byte for byte.
+    #[track_caller]
+    fn from_backend(&mut self, fx: &Fixture, what: &str, flags: u8, payload: &[u8]) -> Result<()> {
+        let seg = self.backend(flags, payload);
+        let out = fx.from_backends(&seg.bytes()?)?;
+        assert_output(
+            what,
+            &out,
+            Action::Redirect,
+            &to_client(&seg, self.client_port),
+        )?;
+        self.backend_seq = self
+            .backend_seq
+            .wrapping_add(payload.len() as u32 + u32::from(flags & FIN != 0));
+        Ok(())
+    }
+
+    /// Both established entries (forward, reply); panics if either is missing.
+    #[track_caller]
+    fn entries(&self, fx: &Fixture) -> Result<(Flow, Flow)> {
+        let t = fx.established()?;
+        let f = entry(&t, &self.fwd_key()).expect("established forward entry");
+        let r = entry(&t, &self.rev_key()).expect("established reply entry");
+        Ok((f, r))
+    }
+
+    fn closing(&self, fx: &Fixture) -> Result<bool> {
+        let (f, r) = self.entries(fx)?;
+        Ok(is_closing(&f, &r))
+    }
+
+    /// Whether either entry of this flow is still in the established table.
+    fn in_table(&self, fx: &Fixture) -> Result<bool> {
+        let t = fx.established()?;
+        Ok(entry(&t, &self.fwd_key()).is_some() || entry(&t, &self.rev_key()).is_some())
+    }
+}
+
+/// The three-way handshake from `client_port` to the write service (db01).
+fn establish(fx: &Fixture, client_port: u16) -> Result<Conn> {
+    let syn = client_syn(client_port);
+    let out = fx.from_client(&syn.bytes()?)?;
+    assert_eq!(out.action, Action::Redirect, "SYN from {client_port}");
+    let port = sport_of(&out.frame);
+    assert_output("SYN", &out, Action::Redirect, &to_backend(&syn, port))?;
+    let mut c = Conn {
+        client_port,
+        port,
+        client_seq: syn.seq.wrapping_add(1),
+        backend_seq: 0x5000_0000,
+    };
+    let syn_ack = c.backend(SYN | ACK, b"");
+    let out = fx.from_backends(&syn_ack.bytes()?)?;
+    assert_output(
+        "SYN-ACK",
+        &out,
+        Action::Redirect,
+        &to_client(&syn_ack, client_port),
+    )?;
+    c.backend_seq += 1;
+    c.from_client(fx, "handshake ACK", ACK, b"")?;
+    let (f, r) = c.entries(fx)?;
+    assert_eq!((f.state, r.state), (FLOW_ESTABLISHED, FLOW_ESTABLISHED));
+    assert_eq!((f.close, r.close), (0, 0));
+    Ok(c)
+}
+
+fn default_timeouts(fx: &Fixture) -> Timeouts {
+    Timeouts::from_config(&fx.cfg)
+}
+
+/// Writes `flow` under `key` into `CT_ESTABLISHED` (to age an entry by hand).
+fn put_established(fx: &mut Fixture, key: &FlowKey, flow: &Flow) -> Result<()> {
+    let map = fx
+        .ebpf
+        .map_mut(names::CT_ESTABLISHED)
+        .expect("CT_ESTABLISHED");
+    let mut m = HashMap::<_, FlowKey, Flow>::try_from(map)?;
+    m.insert(key, flow, 0)?;
+    Ok(())
+}
+
+fn remove_established(fx: &mut Fixture, key: &FlowKey) -> Result<()> {
+    let map = fx
+        .ebpf
+        .map_mut(names::CT_ESTABLISHED)
+        .expect("CT_ESTABLISHED");
+    let mut m = HashMap::<_, FlowKey, Flow>::try_from(map)?;
+    m.remove(key)?;
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------------
+// TCP state in the data path
+// ---------------------------------------------------------------------------------------------
+
+#[test]
+#[ignore = "needs root and netns: run cargo xtask test"]
+fn a_half_closed_connection_keeps_translating_both_ways() -> Result<()> {
+    Fixture::run("halfclose", |fx| {
+        let mut c = establish(fx, 40000)?;
+        c.from_client(fx, "client FIN", FIN | ACK, b"")?;
+        let (f, r) = c.entries(fx)?;
+        assert_eq!((f.close, r.close), (FLOW_CLOSE_FIN, 0), "FIN recorded");
+        assert!(!is_closing(&f, &r), "one FIN is a half-close, not a close");
+
+        // The backend keeps sending (e.g. a long result after the client's shutdown(WR)).
+        for i in 0..3 {
+            c.from_backend(fx, &format!("backend data #{i}"), PSH | ACK, b"RECORD")?;
+            c.from_client(fx, &format!("client ACK #{i}"), ACK, b"")?;
+        }
+        assert!(!c.closing(fx)?);
+        assert!(fx.embryonic()?.is_empty());
+        Ok(())
+    })
+}
+
+#[test]
+#[ignore = "needs root and netns: run cargo xtask test"]
+fn fins_both_ways_mark_the_flow_closing_and_the_last_ack_and_a_retransmitted_fin_translate(
+) -> Result<()> {
+    Fixture::run("finfin", |fx| {
+        let mut c = establish(fx, 40001)?;
+        c.from_client(fx, "client FIN", FIN | ACK, b"")?;
+        let before = fx.counters()?;
+        c.from_backend(fx, "backend FIN", FIN | ACK, b"")?;
+        let (f, r) = c.entries(fx)?;
+        assert_eq!((f.close, r.close), (FLOW_CLOSE_FIN, FLOW_CLOSE_FIN));
+        assert!(is_closing(&f, &r), "FINs both ways: closing");
+
+        c.from_client(fx, "last ACK", ACK, b"")?;
+        // The client's FIN, retransmitted (its ACK of our FIN was lost): same bytes as before.
+        c.client_seq -= 1;
+        c.from_client(fx, "retransmitted client FIN", FIN | ACK, b"")?;
+        c.backend_seq -= 1;
+        c.from_backend(fx, "retransmitted backend FIN", FIN | ACK, b"")?;
+        assert_eq!(
+            fx.counters()?.changes_since(&before),
+            moved(&[(Counter::FwdPackets, 2), (Counter::ReplyPackets, 2)]),
+            "translated, nothing deleted, refused or reset"
+        );
+        assert!(c.closing(fx)?, "still closing, still in the table");
+        Ok(())
+    })
+}
+
+#[test]
+#[ignore = "needs root and netns: run cargo xtask test"]
+fn a_rst_marks_the_flow_closing_and_a_later_segment_from_its_side_proves_it_spoofed() -> Result<()>
+{
+    Fixture::run("rst", |fx| {
+        let mut c = establish(fx, 40002)?;
+
+        // A RST "from the client" (spoofed, say): translated like any segment, flow kept, marked.
+        c.from_client(fx, "client RST", RST | ACK, b"")?;
+        let (f, r) = c.entries(fx)?;
+        assert_eq!((f.close, r.close), (FLOW_CLOSE_RST, 0));
+        assert!(is_closing(&f, &r), "a RST makes the flow closing");
+        // The backend's answer does not clear it: it is not the RST's side.
+        c.from_backend(fx, "backend data after the client RST", PSH | ACK, b"x")?;
+        assert!(c.closing(fx)?, "only the RST's own side can take it back");
+        // The client sends again: its RST cannot have been genuine.
+        c.from_client(fx, "client data after its RST", PSH | ACK, b"y")?;
+        let (f, r) = c.entries(fx)?;
+        assert_eq!((f.close, r.close), (0, 0), "the spoofed RST's mark is gone");
+        assert!(!is_closing(&f, &r));
+
+        // Same from the backend side; a FIN recorded earlier survives the RST being cleared.
+        c.from_backend(fx, "backend FIN", FIN | ACK, b"")?;
+        c.from_backend(fx, "backend RST", RST, b"")?;
+        let (_, r) = c.entries(fx)?;
+        assert_eq!(r.close, FLOW_CLOSE_FIN | FLOW_CLOSE_RST);
+        assert!(c.closing(fx)?);
+        c.backend_seq -= 1;
+        c.from_backend(
+            fx,
+            "backend FIN retransmitted after its RST",
+            FIN | ACK,
+            b"",
+        )?;
+        let (f, r) = c.entries(fx)?;
+        assert_eq!((f.close, r.close), (0, FLOW_CLOSE_FIN));
+        assert!(!is_closing(&f, &r), "half-closed again, not closing");
+        Ok(())
+    })
+}
+
+#[test]
+#[ignore = "needs root and netns: run cargo xtask test"]
+fn a_syn_on_a_closing_tuple_starts_a_new_flow() -> Result<()> {
+    Fixture::run("reuse", |fx| {
+        for (what, client_port) in [("FINs both ways", 40003u16), ("a RST", 40004)] {
+            let mut c = establish(fx, client_port)?;
+            if client_port == 40003 {
+                c.from_client(fx, "client FIN", FIN | ACK, b"")?;
+                c.from_backend(fx, "backend FIN", FIN | ACK, b"")?;
+                c.from_client(fx, "last ACK", ACK, b"")?;
+            } else {
+                c.from_backend(fx, "backend RST", RST, b"")?;
+            }
+            assert!(c.closing(fx)?, "{what}: closing");
+
+            // The client reuses the tuple (TIME_WAIT reuse): a new SYN, a new sequence space.
+            let syn = client_syn(client_port).with_seq_ack(0x7000_0000, 0);
+            let before = fx.counters()?;
+            let out = fx.from_client(&syn.bytes()?)?;
+            let port = sport_of(&out.frame);
+            assert_output(
+                &format!("{what}: SYN on the closing tuple"),
+                &out,
+                Action::Redirect,
+                &to_backend(&syn, port),
+            )?;
+            assert_eq!(
+                fx.counters()?.changes_since(&before),
+                moved(&[
+                    (Counter::FwdPackets, 1),
+                    (Counter::NewFlows, 1),
+                    (Counter::FibResult0, 1),
+                    (Counter::ClosedTupleReused, 1),
+                ]),
+                "{what}: counters"
+            );
+            assert!(
+                !c.in_table(fx)?,
+                "{what}: the old flow's entries are deleted"
+            );
+            let emb = fx.embryonic()?;
+            let new_rev = flow_key(sa(DB01, BACKEND_PORT), sa(SNAT_ADDR, port));
+            let fwd = entry(&emb, &c.fwd_key()).expect("new embryonic forward entry");
+            let rev = entry(&emb, &new_rev).expect("new embryonic reply entry");
+            assert_eq!((fwd.close, rev.close), (0, 0), "{what}: a clean new flow");
+            assert!(fwd.points_back_to(&new_rev) && rev.points_back_to(&c.fwd_key()));
+
+            // The new flow completes its handshake like any other.
+            let mut n = Conn {
+                client_port,
+                port,
+                client_seq: syn.seq + 1,
+                backend_seq: 0x6000_0000,
+            };
+            let syn_ack = n.backend(SYN | ACK, b"");
+            let out = fx.from_backends(&syn_ack.bytes()?)?;
+            assert_output(
+                "new SYN-ACK",
+                &out,
+                Action::Redirect,
+                &to_client(&syn_ack, client_port),
+            )?;
+            n.backend_seq += 1;
+            n.from_client(fx, "new handshake ACK", ACK, b"")?;
+            n.from_backend(fx, "new flow data", PSH | ACK, b"hello")?;
+            assert!(!n.closing(fx)?);
+            assert!(fx.embryonic()?.is_empty());
+        }
+        Ok(())
+    })
+}
+
+#[test]
+#[ignore = "needs root and netns: run cargo xtask test"]
+fn a_syn_on_an_established_or_half_closed_tuple_is_forwarded_on_the_existing_mapping() -> Result<()>
+{
+    Fixture::run("synest", |fx| {
+        let mut c = establish(fx, 40005)?;
+        for what in ["established", "half-closed"] {
+            let syn = client_syn(c.client_port);
+            let before = fx.counters()?;
+            let out = fx.from_client(&syn.bytes()?)?;
+            assert_output(
+                &format!("SYN on the {what} tuple"),
+                &out,
+                Action::Redirect,
+                &to_backend(&syn, c.port),
+            )?;
+            assert_eq!(
+                fx.counters()?.changes_since(&before),
+                moved(&[(Counter::FwdPackets, 1)]),
+                "{what}: no new flow"
+            );
+            assert_eq!(fx.established()?.len(), 2, "{what}: same flow");
+            assert!(fx.embryonic()?.is_empty());
+            c.from_client(fx, "client FIN", FIN | ACK, b"")?;
+        }
+        Ok(())
+    })
+}
+
+// ---------------------------------------------------------------------------------------------
+// The GC
+// ---------------------------------------------------------------------------------------------
+
+#[test]
+#[ignore = "needs root and netns: run cargo xtask test"]
+fn gc_deletes_closed_flows_after_the_close_timeout_and_keeps_open_and_half_closed_ones(
+) -> Result<()> {
+    Fixture::run("gcclose", |fx| {
+        let mut fin = establish(fx, 41000)?;
+        fin.from_client(fx, "FIN", FIN | ACK, b"")?;
+        fin.from_backend(fx, "FIN", FIN | ACK, b"")?;
+        fin.from_client(fx, "last ACK", ACK, b"")?;
+        let mut rst = establish(fx, 41001)?;
+        rst.from_client(fx, "RST", RST, b"")?;
+        let open = establish(fx, 41002)?;
+        let mut half = establish(fx, 41003)?;
+        half.from_client(fx, "FIN", FIN | ACK, b"")?;
+        let t0 = monotonic_now()?;
+        let mut gc = Gc::shared(&fx.ebpf, default_timeouts(fx))?;
+        assert_eq!(gc.timeouts().close_ns, 10 * SEC, "default close timeout");
+
+        let st = gc.sweep(t0 + 5 * SEC);
+        assert_eq!(st.deleted_entries(), 0, "within the close timeout: {st:?}");
+        assert_eq!(fx.established()?.len(), 8);
+
+        let st = gc.sweep(t0 + 11 * SEC);
+        assert_eq!(
+            (st.closed, st.idle, st.orphans, st.embryonic_expired),
+            (2, 0, 0, 0),
+            "{st:?}"
+        );
+        assert!(
+            !fin.in_table(fx)? && !rst.in_table(fx)?,
+            "closed flows gone"
+        );
+        assert!(open.in_table(fx)? && half.in_table(fx)?, "open flows kept");
+        assert_eq!(fx.established()?.len(), 4);
+
+        // A half-closed flow is only subject to the idle timeout (2 h by default).
+        let st = gc.sweep(t0 + 7200 * SEC + 2 * SEC);
+        assert_eq!((st.closed, st.idle), (0, 2), "{st:?}");
+        assert!(fx.established()?.is_empty());
+        Ok(())
+    })
+}
+
+#[test]
+#[ignore = "needs root and netns: run cargo xtask test"]
+fn gc_counts_the_close_timeout_from_the_last_segment() -> Result<()> {
+    Fixture::run("gclast", |fx| {
+        let mut c = establish(fx, 41010)?;
+        c.from_client(fx, "FIN", FIN | ACK, b"")?;
+        c.from_backend(fx, "FIN", FIN | ACK, b"")?;
+        // Age the marks by hand: the FINs were 20 s ago, the last segment now.
+        let t0 = monotonic_now()?;
+        let (mut f, r) = c.entries(fx)?;
+        let mut r_old = r;
+        f.last_seen_ns = t0 - 20 * SEC;
+        r_old.last_seen_ns = t0 - 20 * SEC;
+        put_established(fx, &c.fwd_key(), &f)?;
+        put_established(fx, &c.rev_key(), &r_old)?;
+        let mut gc = Gc::shared(&fx.ebpf, default_timeouts(fx))?;
+        let st = gc.sweep(t0);
+        assert_eq!(st.closed, 1, "quiet for 20 s: gone ({st:?})");
+
+        let mut c = establish(fx, 41011)?;
+        c.from_client(fx, "FIN", FIN | ACK, b"")?;
+        c.from_backend(fx, "FIN", FIN | ACK, b"")?;
+        let t0 = monotonic_now()?;
+        let (mut f, r) = c.entries(fx)?;
+        f.last_seen_ns = t0 - 20 * SEC;
+        put_established(fx, &c.fwd_key(), &f)?;
+        let st = gc.sweep(t0);
+        assert_eq!(
+            st.deleted_entries(),
+            0,
+            "the reply side spoke just now: {st:?}"
+        );
+        assert!(c.in_table(fx)?);
+        let st = gc.sweep(r.last_seen_ns + 10 * SEC + SEC / 2);
+        assert_eq!(st.closed, 1, "{st:?}");
+        Ok(())
+    })
+}
+
+/// The fixture's configuration with `[timeouts]` replaced.
+fn config_with_timeouts(timeouts: &str) -> String {
+    CONFIG.replace("[timeouts]\nconnect = \"30s\"", timeouts)
+}
+
+#[test]
+#[ignore = "needs root and netns: run cargo xtask test"]
+fn gc_deletes_idle_flows_after_the_idle_timeout_and_keeps_active_ones() -> Result<()> {
+    let cfg = config_with_timeouts("[timeouts]\nconnect = \"30s\"\nidle = \"2s\"\nclose = \"1s\"");
+    Fixture::run_with_config("gcidle", &cfg, |fx| {
+        let mut gc = Gc::shared(&fx.ebpf, default_timeouts(fx))?;
+        assert_eq!(
+            gc.timeouts(),
+            Timeouts {
+                connect_ns: 30 * SEC,
+                idle_ns: 2 * SEC,
+                close_ns: SEC
+            }
+        );
+        let idle = establish(fx, 42000)?;
+        let mut client_talks = establish(fx, 42001)?;
+        let mut backend_talks = establish(fx, 42002)?;
+        // 3.5 s of real time: one flow silent, the others active in one direction each
+        // (`last_seen_ns` is written at most once a second per entry).
+        for i in 0..7 {
+            std::thread::sleep(Duration::from_millis(500));
+            client_talks.from_client(fx, &format!("client data #{i}"), PSH | ACK, b".")?;
+            backend_talks.from_backend(fx, &format!("backend data #{i}"), PSH | ACK, b".")?;
+            let st = gc.sweep(monotonic_now()?);
+            assert_eq!(st.closed + st.orphans + st.embryonic_expired, 0, "{st:?}");
+        }
+        assert!(!idle.in_table(fx)?, "idle for 3.5 s > 2 s: gone");
+        assert!(client_talks.in_table(fx)? && backend_talks.in_table(fx)?);
+        assert_eq!(fx.established()?.len(), 4);
+        // Once they stop too, they go too.
+        std::thread::sleep(Duration::from_millis(3100));
+        let st = gc.sweep(monotonic_now()?);
+        assert_eq!(st.idle, 2, "{st:?}");
+        assert!(fx.established()?.is_empty());
+        Ok(())
+    })
+}
+
+#[test]
+#[ignore = "needs root and netns: run cargo xtask test"]
+fn gc_deletes_embryonic_entries_past_the_connect_timeout() -> Result<()> {
+    Fixture::run("gcemb", |fx| {
+        let syn = client_syn(43000);
+        let out = fx.from_client(&syn.bytes()?)?;
+        assert_eq!(out.action, Action::Redirect);
+        let t0 = monotonic_now()?;
+        assert_eq!(fx.embryonic()?.len(), 2);
+        let mut gc = Gc::shared(&fx.ebpf, default_timeouts(fx))?;
+        assert_eq!(
+            gc.sweep(t0 + 29 * SEC),
+            SweepStats {
+                embryonic_entries: 2,
+                ..Default::default()
+            }
+        );
+        assert_eq!(fx.embryonic()?.len(), 2, "within the connect timeout");
+
+        let st = gc.sweep(t0 + 31 * SEC);
+        assert_eq!(st.embryonic_expired, 2, "{st:?}");
+        assert!(
+            fx.embryonic()?.is_empty(),
+            "both entries (and the SNAT port) freed"
+        );
+        Ok(())
+    })
+}
+
+#[test]
+#[ignore = "needs root and netns: run cargo xtask test"]
+fn gc_deletes_an_established_entry_whose_partner_is_gone_after_a_grace_period() -> Result<()> {
+    Fixture::run("gcorphan", |fx| {
+        let c = establish(fx, 44000)?;
+        let other = establish(fx, 44001)?;
+        remove_established(fx, &c.fwd_key())?;
+        let t0 = monotonic_now()?;
+        let mut gc = Gc::shared(&fx.ebpf, default_timeouts(fx))?;
+        assert_eq!(
+            gc.sweep(t0).deleted_entries(),
+            0,
+            "a delete may be in progress"
+        );
+        let st = gc.sweep(t0 + 11 * SEC);
+        assert_eq!((st.orphans, st.idle, st.closed), (1, 0, 0), "{st:?}");
+        assert!(!c.in_table(fx)?);
+        assert!(other.in_table(fx)?);
+        Ok(())
+    })
+}
