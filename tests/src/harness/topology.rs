@@ -418,6 +418,25 @@ impl Topology {
         })
     }
 
+    /// Starts `$LB_BIN run --instance <instance> --iface ... <args>` in the lb namespace with no
+    /// config file of the harness's own (e.g. `--haproxy-config F`); waits for `lb ready` like
+    /// [`Topology::start_lb`].
+    pub fn start_lb_args(&self, args: &[&str]) -> Result<LbProcess> {
+        let mut cmd = self.lb.ns.command(super::lb_bin());
+        cmd.arg("run").args(["--instance", &self.instance]);
+        for iface in &self.lb.ifaces {
+            cmd.args(["--iface", iface]);
+        }
+        cmd.args(args);
+        let process = self.spawn_command("lb", cmd)?;
+        let ready_line = process.wait_for_line(Stream::Stderr, "lb ready", READY_TIMEOUT)?;
+        Ok(LbProcess {
+            process,
+            config: PathBuf::new(),
+            ready_line,
+        })
+    }
+
     /// Starts `neo4j-sim` for backend `index` with `role` (`master`, `slave`, ...), HTTP on 7474 and
     /// Bolt on 7687 of all its addresses, control socket `log_dir/<name>.sock`; waits for its
     /// `neo4j-sim <name> ready` line.
