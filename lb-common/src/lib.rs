@@ -7,6 +7,7 @@
 //! With the `user` feature the types are `bytemuck::Pod` and `aya::Pod`.
 #![cfg_attr(not(any(feature = "user", test)), no_std)]
 
+pub mod abi;
 pub mod counters;
 pub mod maps;
 

@@ -34,6 +34,8 @@ pub mod names {
     pub const SNAT_ADDRS: &str = "SNAT_ADDRS";
     pub const RESET_EPOCH: &str = "RESET_EPOCH";
     pub const RST_BUCKET: &str = "RST_BUCKET";
+    /// Agent-only: the layout hash of every pinned map (`lb_common::abi`), never read by the program.
+    pub const META: &str = "META";
     /// Every map the agent pins, in a stable order.
     pub const ALL: &[&str] = &[
         CONFIG,
@@ -367,7 +369,10 @@ mod tests {
         };
         let (none, fin, rst) = (with(0), with(FLOW_CLOSE_FIN), with(FLOW_CLOSE_RST));
         assert!(!is_closing(&none, &none));
-        assert!(!is_closing(&fin, &none) && !is_closing(&none, &fin), "half-closed");
+        assert!(
+            !is_closing(&fin, &none) && !is_closing(&none, &fin),
+            "half-closed"
+        );
         assert!(is_closing(&fin, &fin));
         assert!(is_closing(&rst, &none) && is_closing(&none, &rst));
     }

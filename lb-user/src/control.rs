@@ -80,6 +80,11 @@ impl Control {
         self.register_snat_addrs(snat_addrs)?;
         self.install_services(cfg)?;
         for (id, s) in cfg.services.iter().enumerate() {
+            if s.check.is_some() && self.generation > 0 {
+                // Adopted instance: the set an earlier agent installed stays until one full
+                // round of checks has been seen.
+                continue;
+            }
             // Checked services start empty: servers are DOWN until their first check passes.
             let members = if s.check.is_some() {
                 vec![]
@@ -197,6 +202,32 @@ impl Control {
             })
             .collect();
         self.install_set(service as u32, &m)
+    }
+
+    /// The sets installed now (by an earlier agent, when the maps were adopted), as indexes
+    /// into `cfg.backends` matched by address and port; continues the generation count after
+    /// the highest one found.
+    pub fn adopt_sets(&mut self, cfg: &Config) -> Vec<Vec<usize>> {
+        let mut out = Vec::new();
+        for (id, s) in cfg.services.iter().enumerate() {
+            let mut members = Vec::new();
+            if let Ok(inner) = self.sets.get(&(id as u32), 0) {
+                if let Ok(set) = inner.get(&0, 0) {
+                    self.generation = self.generation.max(set.generation);
+                    for m in set.members.iter().take(set.count as usize) {
+                        let found = s.backends.iter().copied().find(|&b| {
+                            addr_be(cfg.backends[b].address.octets()) == m.addr
+                                && port_be(s.backend_port) == m.port
+                        });
+                        if let Some(b) = found {
+                            members.push(b);
+                        }
+                    }
+                }
+            }
+            out.push(members);
+        }
+        out
     }
 
     /// Resets the flows of `backend` in `service` (on their next segment, in the data path).

@@ -6,10 +6,15 @@ use std::{
 
 use anyhow::{bail, Context, Result};
 use aya::{
-    programs::{Xdp, XdpMode},
+    maps::{Array, Map, MapData},
+    programs::{
+        links::{FdLink, PinnedLink},
+        xdp::{XdpLink, XdpLinkId},
+        Xdp, XdpMode,
+    },
     Ebpf, EbpfLoader,
 };
-use lb_common::names;
+use lb_common::{abi, names, Flow, FlowKey};
 use tracing::{info, warn};
 
 use crate::{config::Config, host};
@@ -53,9 +58,126 @@ pub fn ensure_bpffs() -> Result<()> {
 
 /// Loads the object with the configured table sizes. Nothing is attached yet.
 pub fn load(cfg: &Config) -> Result<Ebpf> {
-    let mut ebpf = EbpfLoader::new()
+    load_with(cfg, None)
+}
+
+/// The configured size of a map that has one (the connection tables), else 0.
+fn configured_size(cfg: &Config, name: &str) -> u32 {
+    match name {
+        names::CT_EMBRYONIC => cfg.embryonic_entries,
+        names::CT_ESTABLISHED => cfg.established_entries,
+        _ => 0,
+    }
+}
+
+/// The `META` hashes this build expects for `cfg`, by map name.
+fn expected_meta(cfg: &Config) -> Result<Vec<(&'static str, u64)>> {
+    names::ALL
+        .iter()
+        .map(|&n| {
+            let layout = abi::layout(n).with_context(|| format!("no ABI layout for map {n}"))?;
+            Ok((n, abi::map_hash(layout, configured_size(cfg, n))))
+        })
+        .collect()
+}
+
+/// Whether an instance was found pinned and adopted, and how many flows it carried.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Pins {
+    Fresh,
+    Adopted { flows: u64 },
+}
+
+/// Counts the flows (two entries each) of a pinned established table.
+fn pinned_flows(dir: &Path) -> u64 {
+    let Ok(data) = MapData::from_pin(dir.join(names::CT_ESTABLISHED)) else {
+        return 0;
+    };
+    let Ok(map) = Map::from_map_data(data) else {
+        return 0;
+    };
+    let Ok(table) = aya::maps::HashMap::<_, FlowKey, Flow>::try_from(map) else {
+        return 0;
+    };
+    table.keys().filter(|k| k.is_ok()).count() as u64 / 2
+}
+
+/// Refuses to reuse pinned maps whose layout differs from this build's.
+fn check_meta(cfg: &Config, dir: &Path) -> Result<Pins> {
+    let meta_path = dir.join(names::META);
+    if !meta_path.exists() {
+        if dir.exists()
+            && fs::read_dir(dir)
+                .map(|mut d| d.next().is_some())
+                .unwrap_or(false)
+        {
+            bail!(
+                "{} holds pins without a META map (an older or foreign build): `lb detach --instance {}` removes them",
+                dir.display(),
+                cfg.instance
+            );
+        }
+        return Ok(Pins::Fresh);
+    }
+    let meta: Array<MapData, u64> = Array::try_from(Map::from_map_data(
+        MapData::from_pin(&meta_path).context("open pinned META")?,
+    )?)
+    .context("pinned META has an unexpected layout")?;
+    let version = meta.get(&abi::META_VERSION_SLOT, 0).unwrap_or(0);
+    let mut changed = Vec::new();
+    for (i, (name, want)) in expected_meta(cfg)?.into_iter().enumerate() {
+        if meta.get(&(i as u32), 0).unwrap_or(0) != want {
+            changed.push(name);
+        }
+    }
+    let flows = pinned_flows(dir);
+    if !changed.is_empty() {
+        bail!(
+            "{} layout changed (v{version} -> v{}): this build cannot reuse the pinned maps of instance {:?}. \
+             `lb detach --instance {}` drops {flows} flows and lets it start",
+            changed.join(", "),
+            abi::ABI_VERSION,
+            cfg.instance,
+            cfg.instance
+        );
+    }
+    Ok(Pins::Adopted { flows })
+}
+
+fn write_meta(cfg: &Config, dir: &Path) -> Result<()> {
+    let mut meta = Array::<MapData, u64>::create(abi::META_ENTRIES, 0).context("create META")?;
+    for (i, (_, h)) in expected_meta(cfg)?.into_iter().enumerate() {
+        meta.set(i as u32, h, 0)?;
+    }
+    meta.set(abi::META_VERSION_SLOT, abi::ABI_VERSION, 0)?;
+    meta.pin(dir.join(names::META)).context("pin META")?;
+    Ok(())
+}
+
+/// Loads the object with every map pinned under `dir`: maps already pinned there (a running or
+/// crashed instance) are reused after their layout hashes match this build's, so connection
+/// tables and counters survive an agent restart or upgrade.
+pub fn load_pinned(cfg: &Config, dir: &Path) -> Result<(Ebpf, Pins)> {
+    let pins = check_meta(cfg, dir)?;
+    fs::create_dir_all(dir).with_context(|| format!("create {}", dir.display()))?;
+    let ebpf = load_with(cfg, Some(dir))?;
+    if pins == Pins::Fresh {
+        write_meta(cfg, dir)?;
+    }
+    Ok((ebpf, pins))
+}
+
+fn load_with(cfg: &Config, pin_dir: Option<&Path>) -> Result<Ebpf> {
+    let mut loader = EbpfLoader::new();
+    loader
         .map_max_entries(names::CT_EMBRYONIC, cfg.embryonic_entries)
-        .map_max_entries(names::CT_ESTABLISHED, cfg.established_entries)
+        .map_max_entries(names::CT_ESTABLISHED, cfg.established_entries);
+    if let Some(dir) = pin_dir {
+        for name in names::ALL {
+            loader.map_pin_path(name, dir.join(name));
+        }
+    }
+    let mut ebpf = loader
         .load(crate::EBPF_OBJECT)
         .context("loading the XDP object into the kernel failed (are you root? is the kernel >= 6.7 with BTF?)")?;
     let prog: &mut Xdp = ebpf
@@ -72,81 +194,113 @@ pub fn load(cfg: &Config) -> Result<Ebpf> {
     Ok(ebpf)
 }
 
-/// Attaches `lb_xdp` to each interface; returns the mode each one got.
-pub fn attach(ebpf: &mut Ebpf, ifaces: &[String], mode: AttachMode) -> Result<Vec<XdpMode>> {
+/// Attaches `lb_xdp` to each interface through a link pinned under `dir`: where a link is
+/// already pinned for the interface (an earlier agent's), the program behind it is replaced
+/// atomically instead, so traffic never stops. The links outlive the agent; `lb detach`
+/// removes them.
+pub fn attach_pinned(
+    ebpf: &mut Ebpf,
+    ifaces: &[String],
+    mode: AttachMode,
+    dir: &Path,
+) -> Result<Vec<XdpMode>> {
     let prog: &mut Xdp = ebpf
         .program_mut("lb_xdp")
         .context("no lb_xdp")?
         .try_into()?;
     let mut modes = Vec::new();
     for iface in ifaces {
-        let veth = host::driver(iface).as_deref() == Some("veth");
-        let got = match mode {
-            AttachMode::Native => {
-                prog.attach(iface, XdpMode::Driver).with_context(|| {
-                    format!("attaching XDP in native mode to {iface} failed; its driver may lack XDP support: try --xdp-mode generic or auto")
-                })?;
-                XdpMode::Driver
-            }
-            AttachMode::Generic => {
-                prog.attach(iface, XdpMode::Skb)
-                    .with_context(|| format!("attaching XDP in generic mode to {iface} failed"))?;
+        let path = dir.join(format!("link_{iface}"));
+        if path.exists() {
+            let pinned = PinnedLink::from_pin(&path)
+                .with_context(|| format!("open pinned link {}", path.display()))?;
+            let link = XdpLink::try_from(FdLink::from(pinned))
+                .context("the pinned link is not an XDP link")?;
+            prog.attach_to_link(link)
+                .with_context(|| format!("replace the program attached to {iface}"))?;
+            let m = if host::has_generic_xdp(iface) {
                 XdpMode::Skb
-            }
-            AttachMode::Auto => match prog.attach(iface, XdpMode::Driver) {
-                Ok(_) => XdpMode::Driver,
-                Err(e) => {
-                    warn!(
-                        iface,
-                        "native XDP refused ({e}); falling back to generic (SKB) mode"
-                    );
-                    prog.attach(iface, XdpMode::Skb).with_context(|| {
-                        format!("attaching XDP to {iface} failed in native and generic mode")
-                    })?;
-                    XdpMode::Skb
-                }
-            },
-        };
-        if got == XdpMode::Driver && veth {
-            warn!(
-                iface,
-                "native XDP on a veth: the peer must carry an XDP program to receive XDP_TX/REDIRECT frames, \
-                 and local senders behind it need `ethtool -K <veth> tx off` (partial checksums)"
-            );
-        }
-        info!(
-            iface,
-            mode = if got == XdpMode::Driver {
-                "native"
             } else {
-                "generic"
-            },
-            "XDP attached"
-        );
-        modes.push(got);
+                XdpMode::Driver
+            };
+            info!(
+                iface,
+                "XDP program replaced atomically through the pinned link; traffic kept flowing"
+            );
+            modes.push(m);
+            continue;
+        }
+        let (m, id) = attach_one(prog, iface, mode)?;
+        let link = prog.take_link(id).context("take the XDP link")?;
+        let fd_link = FdLink::try_from(link)
+            .context("the kernel attached XDP without a bpf_link, which cannot be pinned")?;
+        fd_link
+            .pin(&path)
+            .with_context(|| format!("pin the XDP link at {}", path.display()))?;
+        modes.push(m);
     }
     Ok(modes)
 }
 
-/// Pins every map under `dir` (created; it must not exist yet).
-pub fn pin_maps(ebpf: &Ebpf, dir: &Path) -> Result<()> {
-    if dir.exists() {
-        bail!(
-            "{} exists: instance is already running, or a previous run was killed. \
-             Stop it, or remove the stale pins with `lb detach --instance {}`",
-            dir.display(),
-            dir.file_name().and_then(|n| n.to_str()).unwrap_or("?")
+/// Attaches `lb_xdp` to each interface; returns the mode each one got. The links live as long
+/// as the `Ebpf` object.
+pub fn attach(ebpf: &mut Ebpf, ifaces: &[String], mode: AttachMode) -> Result<Vec<XdpMode>> {
+    let prog: &mut Xdp = ebpf
+        .program_mut("lb_xdp")
+        .context("no lb_xdp")?
+        .try_into()?;
+    ifaces
+        .iter()
+        .map(|i| attach_one(prog, i, mode).map(|(m, _)| m))
+        .collect()
+}
+
+fn attach_one(prog: &mut Xdp, iface: &str, mode: AttachMode) -> Result<(XdpMode, XdpLinkId)> {
+    let veth = host::driver(iface).as_deref() == Some("veth");
+    let (got, id) = match mode {
+        AttachMode::Native => {
+            let id = prog.attach(iface, XdpMode::Driver).with_context(|| {
+                format!("attaching XDP in native mode to {iface} failed; its driver may lack XDP support: try --xdp-mode generic or auto")
+            })?;
+            (XdpMode::Driver, id)
+        }
+        AttachMode::Generic => {
+            let id = prog
+                .attach(iface, XdpMode::Skb)
+                .with_context(|| format!("attaching XDP in generic mode to {iface} failed"))?;
+            (XdpMode::Skb, id)
+        }
+        AttachMode::Auto => match prog.attach(iface, XdpMode::Driver) {
+            Ok(id) => (XdpMode::Driver, id),
+            Err(e) => {
+                warn!(
+                    iface,
+                    "native XDP refused ({e}); falling back to generic (SKB) mode"
+                );
+                let id = prog.attach(iface, XdpMode::Skb).with_context(|| {
+                    format!("attaching XDP to {iface} failed in native and generic mode")
+                })?;
+                (XdpMode::Skb, id)
+            }
+        },
+    };
+    if got == XdpMode::Driver && veth {
+        warn!(
+            iface,
+            "native XDP on a veth: the peer must carry an XDP program to receive XDP_TX/REDIRECT frames, \
+             and local senders behind it need `ethtool -K <veth> tx off` (partial checksums)"
         );
     }
-    fs::create_dir_all(dir).with_context(|| format!("create {}", dir.display()))?;
-    for name in names::ALL {
-        let map = ebpf
-            .map(name)
-            .with_context(|| format!("the object has no map {name}"))?;
-        map.pin(dir.join(name))
-            .with_context(|| format!("pin {name} under {}", dir.display()))?;
-    }
-    Ok(())
+    info!(
+        iface,
+        mode = if got == XdpMode::Driver {
+            "native"
+        } else {
+            "generic"
+        },
+        "XDP attached"
+    );
+    Ok((got, id))
 }
 
 /// Removes an instance's pins.

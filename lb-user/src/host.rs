@@ -77,14 +77,30 @@ pub fn check_snat_range(snat: (u16, u16)) -> Result<()> {
     Ok(())
 }
 
-/// Everything lb changed on the host, undone by [`HostChanges::restore`] (also on drop).
-#[derive(Default)]
+/// Whether an XDP program is attached to `iface` in generic (SKB) mode.
+pub fn has_generic_xdp(iface: &str) -> bool {
+    Command::new("ip")
+        .args(["-o", "link", "show", "dev", iface])
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).contains(" xdpgeneric"))
+        .unwrap_or(false)
+}
+
+fn state_path(instance: &str) -> std::path::PathBuf {
+    std::path::Path::new("/run/lb").join(format!("{instance}.host.json"))
+}
+
+/// Everything lb changed on the host, undone by [`HostChanges::restore`] (also on drop, unless
+/// [`HostChanges::keep`] handed them over to a later `lb detach`).
+#[derive(Default, serde::Serialize, serde::Deserialize)]
 pub struct HostChanges {
+    #[serde(skip)]
+    kept: bool,
     forwarding: Vec<(String, String)>,
     reserved_ports: Option<String>,
     vips: Vec<(Ipv4Addr, String)>,
     neighbors: Vec<(Ipv4Addr, String)>,
-    offloads: Vec<(String, &'static str)>,
+    offloads: Vec<(String, String)>,
 }
 
 /// The next hop (gateway or the address itself) and device the kernel routes `addr` through.
@@ -134,6 +150,10 @@ impl HostChanges {
     pub fn reserve_ports(&mut self, snat: (u16, u16)) -> Result<()> {
         let old = read_trim(RESERVED_PORTS)?;
         let range = format!("{}-{}", snat.0, snat.1);
+        if old.split(',').any(|r| r == range) {
+            // Reserved by an earlier agent of this instance, which recorded the original value.
+            return Ok(());
+        }
         let new = if old.is_empty() {
             range.clone()
         } else {
@@ -248,7 +268,7 @@ impl HostChanges {
                     iface,
                     "{feature} turned off for generic XDP (restored on exit)"
                 );
-                self.offloads.push((iface.to_string(), feature));
+                self.offloads.push((iface.to_string(), feature.to_string()));
             } else {
                 warn!(iface, "could not turn {feature} off; merged frames larger than the MTU will be dropped");
             }
@@ -259,7 +279,7 @@ impl HostChanges {
     pub fn restore(&mut self) {
         for (iface, feature) in self.offloads.drain(..) {
             let _ = Command::new("ethtool")
-                .args(["-K", &iface, feature, "on"])
+                .args(["-K", &iface, &feature, "on"])
                 .status();
         }
         for (nh, dev) in self.neighbors.drain(..) {
@@ -290,8 +310,37 @@ impl HostChanges {
     }
 }
 
+impl HostChanges {
+    /// The changes an earlier agent of `instance` left in place for the data path (so that a
+    /// later `lb detach` restores the values from before the first agent).
+    pub fn load(instance: &str) -> HostChanges {
+        std::fs::read(state_path(instance))
+            .ok()
+            .and_then(|b| serde_json::from_slice(&b).ok())
+            .unwrap_or_default()
+    }
+
+    /// Leaves the changes in place for the pinned data path and records them for `lb detach`.
+    pub fn keep(&mut self, instance: &str) -> Result<()> {
+        std::fs::create_dir_all("/run/lb").context("create /run/lb")?;
+        std::fs::write(state_path(instance), serde_json::to_vec_pretty(self)?)
+            .context("record host changes")?;
+        self.kept = true;
+        Ok(())
+    }
+
+    /// Restores what the agents of `instance` changed (for `lb detach`).
+    pub fn restore_recorded(instance: &str) {
+        let mut h = HostChanges::load(instance);
+        h.restore();
+        let _ = std::fs::remove_file(state_path(instance));
+    }
+}
+
 impl Drop for HostChanges {
     fn drop(&mut self) {
-        self.restore();
+        if !self.kept {
+            self.restore();
+        }
     }
 }

@@ -94,7 +94,9 @@ enum Cmd {
         #[arg(long, default_value = "default")]
         instance: String,
     },
-    /// Remove an instance's pinned maps (after a crash; a running agent removes them itself).
+    /// Stop an instance's data path: unpin its XDP links and maps (dropping its connections) and
+    /// restore the host settings its agents changed. `lb run` leaves them in place on exit so
+    /// that traffic keeps flowing while the agent restarts or upgrades.
     Detach {
         #[arg(long, default_value = "default")]
         instance: String,
@@ -152,9 +154,7 @@ fn main() -> Result<()> {
             println!("{}", lb_user::ops::request(&instance, &name, &action)?);
             Ok(())
         }
-        Cmd::Detach { instance } => {
-            lb_user::dataplane::unpin(&lb_user::dataplane::pin_dir(&instance))
-        }
+        Cmd::Detach { instance } => lb_user::run::detach(&instance),
     }
 }
 

@@ -1,5 +1,5 @@
 //! `lb run`: load, attach, fill the maps, serve until SIGINT/SIGTERM, then undo everything.
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
 use aya::programs::XdpMode;
@@ -20,7 +20,7 @@ use crate::{
     admin,
     config::{Config, VipMode},
     control::Control,
-    dataplane::{self, AttachMode},
+    dataplane::{self, AttachMode, Pins},
     health::scheduler::{self, Target, Update},
     host::{self, HostChanges},
     live::{Live, LiveView},
@@ -61,15 +61,54 @@ pub async fn run(args: RunArgs) -> Result<()> {
     host::check_snat_range(cfg.snat_ports)?;
     dataplane::ensure_bpffs()?;
 
-    let mut ebpf = dataplane::load(&cfg)?;
     let pin_dir = dataplane::pin_dir(&cfg.instance);
-    dataplane::pin_maps(&ebpf, &pin_dir)?;
-    let result = serve(&mut ebpf, &cfg, &args.ifaces, &ifindexes, args.xdp_mode).await;
-    if let Err(e) = dataplane::unpin(&pin_dir) {
-        warn!("{e:#}");
+    let (mut ebpf, pins) = dataplane::load_pinned(&cfg, &pin_dir)?;
+    match pins {
+        Pins::Fresh => info!(dir = %pin_dir.display(), "new instance: maps pinned"),
+        Pins::Adopted { flows } => info!(
+            dir = %pin_dir.display(),
+            flows,
+            "adopting the running instance: its maps, links and {flows} flows are kept"
+        ),
     }
-    let _ = std::fs::remove_file(status::info_path(&cfg.instance));
+    let result = serve(
+        &mut ebpf,
+        &cfg,
+        &args.ifaces,
+        &ifindexes,
+        args.xdp_mode,
+        pins,
+        &pin_dir,
+    )
+    .await;
+    if result.is_err() && pins == Pins::Fresh {
+        // Nothing was serving before us: leave nothing behind.
+        let _ = dataplane::unpin(&pin_dir);
+        let _ = std::fs::remove_file(status::info_path(&cfg.instance));
+    }
     result
+}
+
+/// `lb detach`: stops the pinned data path of `instance` and restores the host settings its
+/// agents changed.
+pub fn detach(instance: &str) -> Result<()> {
+    let dir = dataplane::pin_dir(instance);
+    let existed = dir.exists();
+    dataplane::unpin(&dir)?;
+    HostChanges::restore_recorded(instance);
+    let _ = std::fs::remove_file(status::info_path(instance));
+    if existed {
+        info!(
+            instance,
+            "detached: XDP links and maps unpinned, host settings restored"
+        );
+    } else {
+        info!(
+            instance,
+            "nothing pinned for this instance; host settings restored if recorded"
+        );
+    }
+    Ok(())
 }
 
 async fn serve(
@@ -78,6 +117,8 @@ async fn serve(
     ifaces: &[String],
     ifindexes: &[u32],
     mode: AttachMode,
+    pins: Pins,
+    pin_dir: &Path,
 ) -> Result<()> {
     let mut logger = match aya_log::EbpfLogger::init(ebpf) {
         Ok(l) => Some(l),
@@ -88,7 +129,7 @@ async fn serve(
     };
     let mut control = Control::new(ebpf)?;
     let mut gc = crate::gc::Gc::new(ebpf, crate::gc::Timeouts::from_config(cfg))?;
-    let mut host = HostChanges::default();
+    let mut host = HostChanges::load(&cfg.instance);
     for iface in ifaces {
         host.enable_forwarding(iface)?;
     }
@@ -126,10 +167,16 @@ async fn serve(
         );
     }
     info!(addrs = ?snat_addrs, "SNAT source addresses");
+    let adopted = if pins == Pins::Fresh {
+        vec![]
+    } else {
+        control.adopt_sets(cfg)
+    };
     control.configure(cfg, mode == AttachMode::Generic, ifindexes, &snat_addrs)?;
 
     // Health checks: one task per (checked service, backend); results come back on `updates`.
-    let targets = check_targets(cfg);
+    // Pairs in a set an earlier agent installed start UP at full health.
+    let targets = check_targets(cfg, &adopted);
     let (updates_tx, mut updates) = tokio::sync::mpsc::channel::<Update>(1024);
     let commands = (!targets.is_empty()).then(|| scheduler::spawn(targets.clone(), updates_tx));
     let live: Live = Arc::new(RwLock::new(LiveView::new(
@@ -142,6 +189,9 @@ async fn serve(
         ifaces,
     )));
     let mut supervisor = Supervisor::new(cfg, commands, live.clone());
+    if adopted.iter().any(|s| !s.is_empty()) {
+        supervisor.adopt(cfg, adopted.clone());
+    }
     let (ops_tx, mut ops) = tokio::sync::mpsc::channel::<OpRequest>(16);
     ops::listen(&cfg.instance, ops_tx.clone())?;
     admin::spawn(cfg, live.clone(), ops_tx.clone())?;
@@ -153,8 +203,9 @@ async fn serve(
         targets.len(),
     )
     .await?;
+    supervisor.release(cfg, &mut control)?;
 
-    let modes = dataplane::attach(ebpf, ifaces, mode)?;
+    let modes = dataplane::attach_pinned(ebpf, ifaces, mode, pin_dir)?;
     let generic = modes.contains(&XdpMode::Skb);
     if generic && mode != AttachMode::Generic {
         control.write_config(cfg, true)?;
@@ -224,15 +275,19 @@ async fn serve(
             }
         }
     }
-    info!("stopping: detaching XDP, restoring host settings");
+    info!(
+        "stopping the agent: the XDP program, its maps and host settings stay in place and traffic keeps flowing \
+         (sets are frozen and no failover happens until an agent runs again); `lb detach --instance {}` removes them",
+        cfg.instance
+    );
     let _ = std::fs::remove_file(ops::socket_path(&cfg.instance));
-    host.restore();
+    host.keep(&cfg.instance)?;
     Ok(())
 }
 
 /// Every (checked service, backend) pair to check, at the backend's check port (or the
 /// check's own port).
-fn check_targets(cfg: &Config) -> Vec<Target> {
+fn check_targets(cfg: &Config, adopted: &[Vec<usize>]) -> Vec<Target> {
     let mut out = Vec::new();
     for (si, s) in cfg.services.iter().enumerate() {
         let Some(spec) = &s.check else { continue };
@@ -244,6 +299,7 @@ fn check_targets(cfg: &Config) -> Vec<Target> {
                 backend: b,
                 addr: SocketAddr::V4(SocketAddrV4::new(be.address, port)),
                 spec: spec.clone(),
+                initially_up: adopted.get(si).is_some_and(|m| m.contains(&b)),
             });
         }
     }

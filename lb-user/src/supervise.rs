@@ -30,6 +30,9 @@ pub struct Supervisor {
     /// Operator overrides per backend (configuration order).
     admin: Vec<Admin>,
     live: Live,
+    /// While set, results are recorded but no set is written (adoption: one full round of
+    /// checks first).
+    hold: bool,
 }
 
 impl Supervisor {
@@ -54,11 +57,50 @@ impl Supervisor {
             commands,
             admin: vec![Admin::Ready; cfg.backends.len()],
             live,
+            hold: false,
         };
         for s in 0..cfg.services.len() {
             sup.publish_set(cfg, s);
         }
         sup
+    }
+
+    /// Takes over the sets an earlier agent installed: their members count as UP at full
+    /// health, and nothing is written until [`Supervisor::release`].
+    pub fn adopt(&mut self, cfg: &Config, installed: Vec<Vec<usize>>) {
+        for (s, members) in installed.iter().enumerate() {
+            if cfg.services[s].check.is_none() {
+                continue;
+            }
+            for &b in members {
+                self.health.insert(
+                    (s, b),
+                    Health {
+                        up: true,
+                        latest_positive: true,
+                        latest_negative: false,
+                    },
+                );
+            }
+            self.installed[s] = members.clone();
+            self.publish_set(cfg, s);
+        }
+        self.hold = true;
+    }
+
+    /// Ends the hold of [`Supervisor::adopt`] and decides every set from what the checks said.
+    pub fn release(&mut self, cfg: &Config, control: &mut Control) -> Result<()> {
+        self.hold = false;
+        for s in 0..cfg.services.len() {
+            self.recompute(cfg, control, s)?;
+        }
+        Ok(())
+    }
+
+    /// Whether the pair was in an adopted set (its check starts UP).
+    pub fn adopted_up(&self, service: usize, backend: usize) -> bool {
+        self.installed[service].contains(&backend)
+            && self.health.get(&(service, backend)).is_some_and(|h| h.up)
     }
 
     /// Applies an operator's override of backend `name` to every service it is in.
@@ -134,6 +176,9 @@ impl Supervisor {
 
     /// Re-decides service `s` and installs the result if it changed.
     pub fn recompute(&mut self, cfg: &Config, control: &mut Control, s: usize) -> Result<()> {
+        if self.hold {
+            return Ok(());
+        }
         let svc = &cfg.services[s];
         let fallback = svc.fallback.map(|f| self.installed[f].clone());
         let admin = &self.admin;

@@ -67,6 +67,16 @@ pub struct Machine {
 
 impl Machine {
     /// A DOWN server that has not been checked yet.
+    /// A server already in service when the agent (re)started: UP at full health, so that only
+    /// a definitive negative or `fall` failures take it out (HAProxy's server-state file).
+    pub fn new_up(spec: &CheckSpec) -> Self {
+        Machine {
+            up: true,
+            checked: true,
+            ..Machine::new(spec)
+        }
+    }
+
     pub fn new(spec: &CheckSpec) -> Self {
         Machine {
             up: false,

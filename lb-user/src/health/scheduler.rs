@@ -26,6 +26,8 @@ pub struct Target {
     /// The backend's address and check port.
     pub addr: SocketAddr,
     pub spec: Arc<CheckSpec>,
+    /// Start UP at full health (the pair was in an installed set an earlier agent left).
+    pub initially_up: bool,
 }
 
 /// The result of one check, sent after every check.
@@ -117,7 +119,11 @@ async fn run_target(
     mut ctl: mpsc::UnboundedReceiver<Ctl>,
 ) {
     let spec = t.spec.clone();
-    let mut machine = Machine::new(&spec);
+    let mut machine = if t.initially_up {
+        Machine::new_up(&spec)
+    } else {
+        Machine::new(&spec)
+    };
     let mut fast = false;
     let mut ctl_open = true;
     loop {
@@ -238,12 +244,14 @@ mod tests {
                     backend: 0,
                     addr: hung,
                     spec: spec(100, 2000),
+                    initially_up: false,
                 },
                 Target {
                     service: 0,
                     backend: 1,
                     addr: healthy,
                     spec: spec(100, 2000),
+                    initially_up: false,
                 },
             ],
             tx,
@@ -298,6 +306,7 @@ mod tests {
                 backend: 5,
                 addr,
                 spec: spec(10_000, 500),
+                initially_up: false,
             }],
             tx,
         );
@@ -342,6 +351,7 @@ mod tests {
                 backend: 0,
                 addr,
                 spec: Arc::new(s),
+                initially_up: false,
             }],
             tx,
         );
@@ -386,6 +396,7 @@ mod tests {
                 backend: 0,
                 addr,
                 spec: spec(20, 500),
+                initially_up: false,
             }],
             tx,
         );

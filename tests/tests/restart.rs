@@ -1,0 +1,162 @@
+//! The data plane outlives the agent: its XDP links and maps are pinned, so a stream through
+//! the VIP survives `kill -9` of the agent and its restart (adoption), and a build whose map
+//! layout changed refuses to adopt them.
+use std::{
+    io::{Read, Write},
+    net::{SocketAddr, SocketAddrV4, TcpListener, TcpStream},
+    sync::atomic::{AtomicBool, Ordering},
+    thread,
+    time::{Duration, Instant},
+};
+
+use anyhow::{bail, ensure, Context, Result};
+use aya::maps::{Array, Map, MapData};
+use lb_common::{abi, names};
+use lb_tests::harness::{Ns, Topology};
+use nix::sys::signal::Signal;
+
+const ECHO_PORT: u16 = 9000;
+
+fn config(topo: &Topology, extra: &str) -> String {
+    let mut s = format!("instance = \"{}\"\n", topo.instance);
+    s += "[[check]]\nname = \"master\"\npreset = \"neo4j-ha-master\"\ninter = \"200ms\"\nrise = 1\nfall = 2\n";
+    for b in &topo.backends {
+        s += &format!(
+            "[[backend]]\nname = \"{}\"\naddress = \"{}\"\n",
+            b.name, b.addr
+        );
+    }
+    s += &format!(
+        "[[service]]\nname = \"write\"\nvip = \"{}:7680\"\nbackend_port = {ECHO_PORT}\nbackends = [\"db01\", \"db02\", \"db03\"]\ncheck = \"master\"\n",
+        topo.vip
+    );
+    s + extra
+}
+
+/// An echo server in `ns` on `addr` (one connection).
+fn echo(ns: &Ns, addr: SocketAddrV4) -> Result<thread::JoinHandle<Result<u64>>> {
+    let listener = ns.run_in(|| TcpListener::bind(addr))??;
+    Ok(thread::spawn(move || -> Result<u64> {
+        let (mut c, _) = listener.accept()?;
+        c.set_read_timeout(Some(Duration::from_secs(10)))?;
+        let mut buf = [0u8; 4096];
+        let mut total = 0;
+        loop {
+            let n = c.read(&mut buf)?;
+            if n == 0 {
+                return Ok(total);
+            }
+            c.write_all(&buf[..n])?;
+            total += n as u64;
+        }
+    }))
+}
+
+/// Streams chunks through `conn` and checks every echoed byte until `stop`; returns bytes.
+fn stream(mut conn: TcpStream, stop: &AtomicBool) -> Result<u64> {
+    conn.set_read_timeout(Some(Duration::from_secs(5)))?;
+    let mut total = 0u64;
+    let mut i = 0u64;
+    while !stop.load(Ordering::Relaxed) {
+        let chunk: Vec<u8> = (0..4096u64).map(|j| (i * 31 + j) as u8).collect();
+        conn.write_all(&chunk)
+            .with_context(|| format!("write after {total} bytes"))?;
+        let mut back = vec![0u8; chunk.len()];
+        conn.read_exact(&mut back)
+            .with_context(|| format!("echo after {total} bytes"))?;
+        ensure!(back == chunk, "chunk {i} came back damaged");
+        total += chunk.len() as u64;
+        i += 1;
+        thread::sleep(Duration::from_millis(20));
+    }
+    conn.shutdown(std::net::Shutdown::Write)?;
+    Ok(total)
+}
+
+#[test]
+#[ignore = "needs root and netns: run cargo xtask test"]
+fn a_stream_survives_kill_9_of_the_agent_and_its_restart_with_a_changed_config() -> Result<()> {
+    let topo = Topology::two_armed("restart")?;
+    let _sims = topo.start_sims(&["master", "slave", "slave"])?;
+    let server = echo(
+        &topo.backends[0].ns,
+        SocketAddrV4::new(topo.backends[0].addr, ECHO_PORT),
+    )?;
+    let lb = topo.start_lb(&config(&topo, ""), &["--xdp-mode", "native"])?;
+    let vip = SocketAddr::V4(SocketAddrV4::new(topo.vip, 7680));
+    let conn = topo
+        .client
+        .ns
+        .run_in(|| TcpStream::connect_timeout(&vip, Duration::from_secs(5)))??;
+    let stop = AtomicBool::new(false);
+    let sent = thread::scope(|s| -> Result<u64> {
+        let streamer = s.spawn(|| stream(conn, &stop));
+        thread::sleep(Duration::from_millis(1000));
+        lb.signal(Signal::SIGKILL)?;
+        let t = Instant::now();
+        while lb.try_wait()?.is_none() {
+            ensure!(t.elapsed() < Duration::from_secs(5), "lb did not die");
+            thread::sleep(Duration::from_millis(10));
+        }
+        // No agent: the pinned program keeps translating.
+        thread::sleep(Duration::from_millis(1500));
+        ensure!(
+            !streamer.is_finished(),
+            "the stream stopped while no agent ran"
+        );
+        // A new agent, with a changed configuration (one more service), adopts the instance.
+        let extra = format!("[[service]]\nname = \"read\"\nvip = \"{}:7681\"\nbackend_port = {ECHO_PORT}\nbackends = [\"db02\"]\n", topo.vip);
+        let again = topo.start_lb(&config(&topo, &extra), &["--xdp-mode", "native"])?;
+        ensure!(
+            again.logs().contains("adopting the running instance"),
+            "the restarted agent did not adopt: {}",
+            again.logs()
+        );
+        thread::sleep(Duration::from_millis(1500));
+        stop.store(true, Ordering::Relaxed);
+        let sent = streamer
+            .join()
+            .map_err(|_| anyhow::anyhow!("streamer panicked"))??;
+        drop(again);
+        Ok(sent)
+    })?;
+    let received = server
+        .join()
+        .map_err(|_| anyhow::anyhow!("echo panicked"))??;
+    ensure!(
+        sent > 100 * 4096 && received == sent,
+        "sent {sent} bytes, the backend received {received}"
+    );
+    Ok(())
+}
+
+#[test]
+#[ignore = "needs root and netns: run cargo xtask test"]
+fn a_build_whose_map_layout_changed_refuses_to_adopt_the_pinned_maps() -> Result<()> {
+    let topo = Topology::two_armed("abi")?;
+    let _sims = topo.start_sims(&["master", "slave", "slave"])?;
+    let lb = topo.start_lb(&config(&topo, ""), &["--xdp-mode", "native"])?;
+    lb.stop()?;
+    // Pretend the pinned conntrack table was made by a build whose flow value had another layout.
+    let dir = std::path::Path::new("/sys/fs/bpf/lb").join(&topo.instance);
+    let mut meta: Array<MapData, u64> = Array::try_from(Map::from_map_data(MapData::from_pin(
+        dir.join(names::META),
+    )?)?)?;
+    let slot = names::ALL
+        .iter()
+        .position(|n| *n == names::CT_ESTABLISHED)
+        .context("slot")? as u32;
+    meta.set(slot, 0xdead_beef, 0)?;
+    match topo.start_lb(&config(&topo, ""), &["--xdp-mode", "native"]) {
+        Ok(_) => bail!("an incompatible build adopted the pinned maps"),
+        Err(e) => {
+            let text = format!("{e:#}");
+            ensure!(text.contains("CT_ESTABLISHED layout changed"), "{text}");
+            ensure!(
+                text.contains(&format!("v{}", abi::ABI_VERSION)) && text.contains("drops 0 flows"),
+                "{text}"
+            );
+        }
+    }
+    Ok(())
+}
