@@ -3,7 +3,8 @@
 //! One run: a fresh two-armed topology, simulators db01 (master), db02 and db03 (slaves), the
 //! balancer under test in the lb namespace. The client namespace opens a new Bolt connection every
 //! 10 ms (one `RETURN 1` write each) and keeps 4 pooled connections that write every 50 ms. After the
-//! balancer has sent 20 consecutive writes to db01 (warm-up) and a steady second more, the roles are
+//! balancer has sent 20 consecutive writes to db01 (warm-up) and a steady second more (plus a phase
+//! offset, below), the roles are
 //! flipped out of band at T0 (db01 -> slave, db02 -> master, back to back on the control sockets);
 //! the load continues for the window (6 s, the manual's timings), then everything is torn down.
 //!
@@ -15,6 +16,11 @@
 //!   `default-server inter 250ms rise 1 fall 1`. It binds `*:7680` in the lb namespace, so the VIP is
 //!   added to `l0` as a /32 for it; IPv4 forwarding stays off there (it proxies, no XDP, no routes
 //!   beyond the harness's).
+//!
+//! The warm-up ends a fixed time after a health check (the one that settled the roles), and checks
+//! are periodic, so a fixed steady state would flip the roles at the same check phase in every run
+//! and report one point of the distribution as its median. Run `i` of `n` therefore waits an extra
+//! `(i + 0.5) / n` of the contestant's check interval: the runs sample the phase evenly.
 //!
 //! Send times are taken on the client just before `connect` (new connections) or before the write
 //! (pooled ones) and reported in seconds relative to T0.
@@ -98,6 +104,11 @@ impl Contestant {
         matches!(self, Contestant::LbFast | Contestant::HaproxyFast)
     }
 
+    /// The check interval (`inter`) of this contestant's timings.
+    pub fn inter(self) -> Duration {
+        Duration::from_millis(if self.fast() { 250 } else { 2000 })
+    }
+
     /// Whether the balancer is lb (else HAProxy).
     pub fn is_lb(self) -> bool {
         matches!(self, Contestant::LbManual | Contestant::LbFast)
@@ -107,7 +118,7 @@ impl Contestant {
 /// The scenario's timings and sizes.
 #[derive(Debug, Clone, Copy, Serialize)]
 pub struct Scenario {
-    /// Steady state between warm-up and T0.
+    /// Steady state between warm-up and T0 (before the phase offset).
     pub steady_ms: u64,
     /// How long the load continues after T0 (manual timings).
     pub window_ms: u64,
@@ -576,6 +587,8 @@ pub struct RunRecord {
     pub flip_ms: f64,
     pub warmup_attempts: usize,
     pub warmup_s: f64,
+    /// Steady state actually waited between warm-up and T0 (with the phase offset).
+    pub steady_s: f64,
     pub window_s: f64,
     /// Where the client sent its writes.
     pub client_target: String,
@@ -594,12 +607,19 @@ pub struct RunRecord {
     pub pooled_writes: Vec<PooledWrite>,
 }
 
-/// Runs the scenario once for `c` on a fresh topology (removed again before this returns).
-pub fn run_once(c: Contestant, s: &Scenario, run: usize) -> Result<RunRecord> {
+/// The extra steady-state time of run `run` of `runs`: `(run + 0.5) / runs` of `c`'s check interval.
+pub fn phase_offset(c: Contestant, run: usize, runs: usize) -> Duration {
+    c.inter().mul_f64((run as f64 + 0.5) / runs.max(1) as f64)
+}
+
+/// Runs the scenario once for `c` on a fresh topology (removed again before this returns); `run`
+/// of `runs` picks the phase offset.
+pub fn run_once(c: Contestant, s: &Scenario, run: usize, runs: usize) -> Result<RunRecord> {
     let topo = Topology::two_armed("bench_failover")?;
     let sims = topo.start_sims(&["master", "slave", "slave"])?;
     let (balancer, balancer_config) = start_balancer(&topo, c)?;
-    let result = measure(&topo, &sims, &balancer, c, s, run);
+    let steady = Duration::from_millis(s.steady_ms) + phase_offset(c, run, runs);
+    let result = measure(&topo, &sims, &balancer, c, s, run, steady);
     let log: Vec<String> = balancer
         .process()
         .stderr()
@@ -624,6 +644,7 @@ fn measure(
     c: Contestant,
     s: &Scenario,
     run: usize,
+    steady: Duration,
 ) -> Result<RunRecord> {
     let addr = SocketAddrV4::new(topo.vip, WRITE_PORT);
     let (warmup_attempts, warmup) = warm_up(topo, addr, s)?;
@@ -655,10 +676,7 @@ fn measure(
         addr,
         new_every: Duration::from_millis(s.new_every_ms),
         pooled_every: Duration::from_millis(s.pooled_every_ms),
-        deadline: Instant::now()
-            + Duration::from_millis(s.steady_ms)
-            + window
-            + Duration::from_secs(5),
+        deadline: Instant::now() + steady + window + Duration::from_secs(5),
     };
     let load = topo
         .client
@@ -666,7 +684,7 @@ fn measure(
         .run_in(move || Load::start(spec, pooled))?
         .context("starting the client load")?;
 
-    thread::sleep(Duration::from_millis(s.steady_ms));
+    thread::sleep(steady);
     let (old, new) = (
         SimControl::new(&sims[0].control),
         SimControl::new(&sims[1].control),
@@ -720,6 +738,7 @@ fn measure(
         flip_ms: flip.as_secs_f64() * 1000.0,
         warmup_attempts,
         warmup_s: warmup.as_secs_f64(),
+        steady_s: steady.as_secs_f64(),
         window_s: window.as_secs_f64(),
         client_target: addr.to_string(),
         lb_ns_forwarding: forwarding,
@@ -1036,6 +1055,13 @@ mod tests {
         assert_eq!(pooled_summary(1, &writes).fate, Fate::StayedOnOld);
         assert_eq!(pooled_summary(2, &writes).fate, Fate::ResetNotBack);
         assert_eq!(pooled_summary(3, &writes).fate, Fate::Other);
+    }
+
+    #[test]
+    fn runs_sample_the_check_phase_evenly() {
+        let ms = |run, runs| phase_offset(Contestant::LbManual, run, runs).as_millis();
+        assert_eq!((ms(0, 1), ms(0, 4), ms(3, 4)), (1000, 250, 1750));
+        assert_eq!(phase_offset(Contestant::HaproxyFast, 1, 5).as_millis(), 75);
     }
 
     #[test]

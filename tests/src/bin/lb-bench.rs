@@ -120,7 +120,7 @@ fn failover_bench(runs: usize, quick: bool, only: &[String]) -> Result<bool> {
     for run in 0..runs {
         for &c in &contestants {
             let t = Instant::now();
-            match failover::run_once(c, &scenario, run) {
+            match failover::run_once(c, &scenario, run, runs) {
                 Ok(r) => {
                     let f = &r.figures;
                     eprintln!(
@@ -171,10 +171,11 @@ fn failover_bench(runs: usize, quick: bool, only: &[String]) -> Result<bool> {
     );
     print!("{}", failover::table(&summaries));
     println!(
-        "\nNew Bolt write connection every {} ms, {} pooled connections writing every {} ms; window {} s after T0 ({} s for the fast timings); {ADDRESSING}. Times are client send times relative to T0; a NotALeader from db01 counts as reaching db01. Command: `{}`.",
+        "\nNew Bolt write connection every {} ms, {} pooled connections writing every {} ms; T0 after a steady state of {} s plus (run + 0.5) / runs of the contestant's check interval (the runs sample the check phase evenly); window {} s after T0 ({} s for the fast timings); {ADDRESSING}. Times are client send times relative to T0; a NotALeader from db01 counts as reaching db01. Command: `{}`.",
         scenario.new_every_ms,
         scenario.pooled,
         scenario.pooled_every_ms,
+        scenario.steady_ms as f64 / 1000.0,
         scenario.window_ms as f64 / 1000.0,
         scenario.fast_window_ms as f64 / 1000.0,
         command.trim_end()
