@@ -109,7 +109,7 @@ impl Conn {
 
     /// Sends a client segment and checks it reached db01 translated, byte for byte.
     #[track_caller]
-    fn from_client(&mut self, fx: &Fixture, what: &str, flags: u8, payload: &[u8]) -> Result<()> {
+    fn client_sends(&mut self, fx: &Fixture, what: &str, flags: u8, payload: &[u8]) -> Result<()> {
         let seg = self.client(flags, payload);
         let out = fx.from_client(&seg.bytes()?)?;
         assert_output(what, &out, Action::Redirect, &to_backend(&seg, self.port))?;
@@ -121,7 +121,7 @@ impl Conn {
 
     /// Sends a backend segment and checks it reached the client translated, byte for byte.
     #[track_caller]
-    fn from_backend(&mut self, fx: &Fixture, what: &str, flags: u8, payload: &[u8]) -> Result<()> {
+    fn backend_sends(&mut self, fx: &Fixture, what: &str, flags: u8, payload: &[u8]) -> Result<()> {
         let seg = self.backend(flags, payload);
         let out = fx.from_backends(&seg.bytes()?)?;
         assert_output(
@@ -179,7 +179,7 @@ fn establish(fx: &Fixture, client_port: u16) -> Result<Conn> {
         &to_client(&syn_ack, client_port),
     )?;
     c.backend_seq += 1;
-    c.from_client(fx, "handshake ACK", ACK, b"")?;
+    c.client_sends(fx, "handshake ACK", ACK, b"")?;
     let (f, r) = c.entries(fx)?;
     assert_eq!((f.state, r.state), (FLOW_ESTABLISHED, FLOW_ESTABLISHED));
     assert_eq!((f.close, r.close), (0, 0));
@@ -220,15 +220,15 @@ fn remove_established(fx: &mut Fixture, key: &FlowKey) -> Result<()> {
 fn a_half_closed_connection_keeps_translating_both_ways() -> Result<()> {
     Fixture::run("halfclose", |fx| {
         let mut c = establish(fx, 40000)?;
-        c.from_client(fx, "client FIN", FIN | ACK, b"")?;
+        c.client_sends(fx, "client FIN", FIN | ACK, b"")?;
         let (f, r) = c.entries(fx)?;
         assert_eq!((f.close, r.close), (FLOW_CLOSE_FIN, 0), "FIN recorded");
         assert!(!is_closing(&f, &r), "one FIN is a half-close, not a close");
 
         // The backend keeps sending (e.g. a long result after the client's shutdown(WR)).
         for i in 0..3 {
-            c.from_backend(fx, &format!("backend data #{i}"), PSH | ACK, b"RECORD")?;
-            c.from_client(fx, &format!("client ACK #{i}"), ACK, b"")?;
+            c.backend_sends(fx, &format!("backend data #{i}"), PSH | ACK, b"RECORD")?;
+            c.client_sends(fx, &format!("client ACK #{i}"), ACK, b"")?;
         }
         assert!(!c.closing(fx)?);
         assert!(fx.embryonic()?.is_empty());
@@ -242,19 +242,19 @@ fn fins_both_ways_mark_the_flow_closing_and_the_last_ack_and_a_retransmitted_fin
 ) -> Result<()> {
     Fixture::run("finfin", |fx| {
         let mut c = establish(fx, 40001)?;
-        c.from_client(fx, "client FIN", FIN | ACK, b"")?;
+        c.client_sends(fx, "client FIN", FIN | ACK, b"")?;
         let before = fx.counters()?;
-        c.from_backend(fx, "backend FIN", FIN | ACK, b"")?;
+        c.backend_sends(fx, "backend FIN", FIN | ACK, b"")?;
         let (f, r) = c.entries(fx)?;
         assert_eq!((f.close, r.close), (FLOW_CLOSE_FIN, FLOW_CLOSE_FIN));
         assert!(is_closing(&f, &r), "FINs both ways: closing");
 
-        c.from_client(fx, "last ACK", ACK, b"")?;
+        c.client_sends(fx, "last ACK", ACK, b"")?;
         // The client's FIN, retransmitted (its ACK of our FIN was lost): same bytes as before.
         c.client_seq -= 1;
-        c.from_client(fx, "retransmitted client FIN", FIN | ACK, b"")?;
+        c.client_sends(fx, "retransmitted client FIN", FIN | ACK, b"")?;
         c.backend_seq -= 1;
-        c.from_backend(fx, "retransmitted backend FIN", FIN | ACK, b"")?;
+        c.backend_sends(fx, "retransmitted backend FIN", FIN | ACK, b"")?;
         assert_eq!(
             fx.counters()?.changes_since(&before),
             moved(&[(Counter::FwdPackets, 2), (Counter::ReplyPackets, 2)]),
@@ -273,27 +273,27 @@ fn a_rst_marks_the_flow_closing_and_a_later_segment_from_its_side_proves_it_spoo
         let mut c = establish(fx, 40002)?;
 
         // A RST "from the client" (spoofed, say): translated like any segment, flow kept, marked.
-        c.from_client(fx, "client RST", RST | ACK, b"")?;
+        c.client_sends(fx, "client RST", RST | ACK, b"")?;
         let (f, r) = c.entries(fx)?;
         assert_eq!((f.close, r.close), (FLOW_CLOSE_RST, 0));
         assert!(is_closing(&f, &r), "a RST makes the flow closing");
         // The backend's answer does not clear it: it is not the RST's side.
-        c.from_backend(fx, "backend data after the client RST", PSH | ACK, b"x")?;
+        c.backend_sends(fx, "backend data after the client RST", PSH | ACK, b"x")?;
         assert!(c.closing(fx)?, "only the RST's own side can take it back");
         // The client sends again: its RST cannot have been genuine.
-        c.from_client(fx, "client data after its RST", PSH | ACK, b"y")?;
+        c.client_sends(fx, "client data after its RST", PSH | ACK, b"y")?;
         let (f, r) = c.entries(fx)?;
         assert_eq!((f.close, r.close), (0, 0), "the spoofed RST's mark is gone");
         assert!(!is_closing(&f, &r));
 
         // Same from the backend side; a FIN recorded earlier survives the RST being cleared.
-        c.from_backend(fx, "backend FIN", FIN | ACK, b"")?;
-        c.from_backend(fx, "backend RST", RST, b"")?;
+        c.backend_sends(fx, "backend FIN", FIN | ACK, b"")?;
+        c.backend_sends(fx, "backend RST", RST, b"")?;
         let (_, r) = c.entries(fx)?;
         assert_eq!(r.close, FLOW_CLOSE_FIN | FLOW_CLOSE_RST);
         assert!(c.closing(fx)?);
         c.backend_seq -= 1;
-        c.from_backend(
+        c.backend_sends(
             fx,
             "backend FIN retransmitted after its RST",
             FIN | ACK,
@@ -313,11 +313,11 @@ fn a_syn_on_a_closing_tuple_starts_a_new_flow() -> Result<()> {
         for (what, client_port) in [("FINs both ways", 40003u16), ("a RST", 40004)] {
             let mut c = establish(fx, client_port)?;
             if client_port == 40003 {
-                c.from_client(fx, "client FIN", FIN | ACK, b"")?;
-                c.from_backend(fx, "backend FIN", FIN | ACK, b"")?;
-                c.from_client(fx, "last ACK", ACK, b"")?;
+                c.client_sends(fx, "client FIN", FIN | ACK, b"")?;
+                c.backend_sends(fx, "backend FIN", FIN | ACK, b"")?;
+                c.client_sends(fx, "last ACK", ACK, b"")?;
             } else {
-                c.from_backend(fx, "backend RST", RST, b"")?;
+                c.backend_sends(fx, "backend RST", RST, b"")?;
             }
             assert!(c.closing(fx)?, "{what}: closing");
 
@@ -369,8 +369,8 @@ fn a_syn_on_a_closing_tuple_starts_a_new_flow() -> Result<()> {
                 &to_client(&syn_ack, client_port),
             )?;
             n.backend_seq += 1;
-            n.from_client(fx, "new handshake ACK", ACK, b"")?;
-            n.from_backend(fx, "new flow data", PSH | ACK, b"hello")?;
+            n.client_sends(fx, "new handshake ACK", ACK, b"")?;
+            n.backend_sends(fx, "new flow data", PSH | ACK, b"hello")?;
             assert!(!n.closing(fx)?);
             assert!(fx.embryonic()?.is_empty());
         }
@@ -401,7 +401,7 @@ fn a_syn_on_an_established_or_half_closed_tuple_is_forwarded_on_the_existing_map
             );
             assert_eq!(fx.established()?.len(), 2, "{what}: same flow");
             assert!(fx.embryonic()?.is_empty());
-            c.from_client(fx, "client FIN", FIN | ACK, b"")?;
+            c.client_sends(fx, "client FIN", FIN | ACK, b"")?;
         }
         Ok(())
     })
@@ -417,14 +417,14 @@ fn gc_deletes_closed_flows_after_the_close_timeout_and_keeps_open_and_half_close
 ) -> Result<()> {
     Fixture::run("gcclose", |fx| {
         let mut fin = establish(fx, 41000)?;
-        fin.from_client(fx, "FIN", FIN | ACK, b"")?;
-        fin.from_backend(fx, "FIN", FIN | ACK, b"")?;
-        fin.from_client(fx, "last ACK", ACK, b"")?;
+        fin.client_sends(fx, "FIN", FIN | ACK, b"")?;
+        fin.backend_sends(fx, "FIN", FIN | ACK, b"")?;
+        fin.client_sends(fx, "last ACK", ACK, b"")?;
         let mut rst = establish(fx, 41001)?;
-        rst.from_client(fx, "RST", RST, b"")?;
+        rst.client_sends(fx, "RST", RST, b"")?;
         let open = establish(fx, 41002)?;
         let mut half = establish(fx, 41003)?;
-        half.from_client(fx, "FIN", FIN | ACK, b"")?;
+        half.client_sends(fx, "FIN", FIN | ACK, b"")?;
         let t0 = monotonic_now()?;
         let mut gc = Gc::shared(&fx.ebpf, default_timeouts(fx))?;
         assert_eq!(gc.timeouts().close_ns, 10 * SEC, "default close timeout");
@@ -459,8 +459,8 @@ fn gc_deletes_closed_flows_after_the_close_timeout_and_keeps_open_and_half_close
 fn gc_counts_the_close_timeout_from_the_last_segment() -> Result<()> {
     Fixture::run("gclast", |fx| {
         let mut c = establish(fx, 41010)?;
-        c.from_client(fx, "FIN", FIN | ACK, b"")?;
-        c.from_backend(fx, "FIN", FIN | ACK, b"")?;
+        c.client_sends(fx, "FIN", FIN | ACK, b"")?;
+        c.backend_sends(fx, "FIN", FIN | ACK, b"")?;
         // Age the marks by hand: the FINs were 20 s ago, the last segment now.
         let t0 = monotonic_now()?;
         let (mut f, r) = c.entries(fx)?;
@@ -474,8 +474,8 @@ fn gc_counts_the_close_timeout_from_the_last_segment() -> Result<()> {
         assert_eq!(st.closed, 1, "quiet for 20 s: gone ({st:?})");
 
         let mut c = establish(fx, 41011)?;
-        c.from_client(fx, "FIN", FIN | ACK, b"")?;
-        c.from_backend(fx, "FIN", FIN | ACK, b"")?;
+        c.client_sends(fx, "FIN", FIN | ACK, b"")?;
+        c.backend_sends(fx, "FIN", FIN | ACK, b"")?;
         let t0 = monotonic_now()?;
         let (mut f, r) = c.entries(fx)?;
         f.last_seen_ns = t0 - 20 * SEC;
@@ -519,8 +519,8 @@ fn gc_deletes_idle_flows_after_the_idle_timeout_and_keeps_active_ones() -> Resul
         // (`last_seen_ns` is written at most once a second per entry).
         for i in 0..7 {
             std::thread::sleep(Duration::from_millis(500));
-            client_talks.from_client(fx, &format!("client data #{i}"), PSH | ACK, b".")?;
-            backend_talks.from_backend(fx, &format!("backend data #{i}"), PSH | ACK, b".")?;
+            client_talks.client_sends(fx, &format!("client data #{i}"), PSH | ACK, b".")?;
+            backend_talks.backend_sends(fx, &format!("backend data #{i}"), PSH | ACK, b".")?;
             let st = gc.sweep(monotonic_now()?);
             assert_eq!(st.closed + st.orphans + st.embryonic_expired, 0, "{st:?}");
         }
