@@ -84,6 +84,8 @@ function serviceTable(s){
     ' \u00b7 generation ', el('span', {'data-k': 'generation'}, [num(s.generation)]),
     ' \u00b7 set [' + s.members.join(', ') + ']'])]);
   var t = el('table', {id: 'svc-' + s.name, 'data-service': s.name}, [cap]);
+  t.appendChild(el('tr', null, [el('th', {colspan: '7', 'class': 'l'}, ['check']),
+    el('th', {colspan: '6'}, ['backend traffic (all services: the data path counts per backend)']), el('th')]));
   t.appendChild(heads(['backend', 'state', 'in set', 'override', 'last check', 'latency', 'since change'].concat(TRAFFIC_HEADS).concat(['drops'])));
   s.backends.forEach(function(p){
     var tr = el('tr', {id: 'row-' + s.name + '-' + p.backend, 'data-service': s.name, 'data-backend': p.backend, 'class': stateClass(p)}, [
