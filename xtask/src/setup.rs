@@ -24,6 +24,7 @@ pub const PACKAGES: &[&str] = &[
     "procps",       // sysctl in namespaces
     "python3-venv", // the Neo4j driver venv
     "python3-pip",
+    "chromium", // renders the admin dashboard in the admin end-to-end test
 ];
 
 /// The nightly the eBPF build and bpf-linker are tied to (platform-facts).

@@ -1,0 +1,674 @@
+//! The admin server (`[admin]`, HAProxy's `listen admin` / `stats enable`), end to end: lb in
+//! front of three simulated Neo4j servers, the admin server on the lb namespace's loopback
+//! (127.0.0.1:8080 there), Bolt writes through the VIP. Checks that `/stats.json` counts them
+//! exactly, that `/metrics` and `;csv` say the same, that headless Chromium renders a dashboard
+//! with the same values, and that Basic auth refuses without credentials and never leaks the
+//! password.
+use std::{
+    collections::HashMap,
+    io::{Read, Write},
+    net::{SocketAddr, SocketAddrV4, TcpStream},
+    process::Stdio,
+    time::{Duration, Instant},
+};
+
+use anyhow::{bail, ensure, Context, Result};
+use lb_tests::{
+    harness::{ns::describe, Topology},
+    sim::bolt_client::{Access, BoltClient, Negotiation},
+};
+use serde_json::Value;
+
+const ADMIN: &str = "127.0.0.1:8080";
+
+/// The manual's three services with role checks (faster timings), plus `admin` (an `[admin]`
+/// table body, or nothing for the defaults).
+fn config(topo: &Topology, admin: &str) -> String {
+    let mut s = format!("instance = \"{}\"\n", topo.instance);
+    for (name, preset) in [
+        ("master", "neo4j-ha-master"),
+        ("slave", "neo4j-ha-slave"),
+        ("available", "neo4j-ha-available"),
+    ] {
+        s += &format!(
+            "[[check]]\nname = \"{name}\"\npreset = \"{preset}\"\ninter = \"200ms\"\nfastinter = \"100ms\"\nrise = 2\nfall = 2\ntimeout = \"300ms\"\n"
+        );
+    }
+    for b in &topo.backends {
+        s += &format!(
+            "[[backend]]\nname = \"{}\"\naddress = \"{}\"\n",
+            b.name, b.addr
+        );
+    }
+    let all = "\"db01\", \"db02\", \"db03\"";
+    for (name, port, bport, check) in [
+        ("write", 7680, 7687, "master"),
+        ("read", 7681, 7687, "slave"),
+        ("http", 80, 7474, "available"),
+    ] {
+        s += &format!("[[service]]\nname = \"{name}\"\nvip = \"{}:{port}\"\nbackend_port = {bport}\nbackends = [{all}]\ncheck = \"{check}\"\n", topo.vip);
+    }
+    if !admin.is_empty() {
+        s += &format!("[admin]\n{admin}");
+    }
+    s
+}
+
+/// One HTTP/1.0 exchange with the admin server (run inside the lb namespace).
+struct Answer {
+    status: u16,
+    head: String,
+    body: String,
+}
+
+fn http(method: &str, path: &str, auth: Option<(&str, &str)>) -> Result<Answer> {
+    let mut s = TcpStream::connect_timeout(&ADMIN.parse()?, Duration::from_secs(2))
+        .with_context(|| format!("connect to the admin server at {ADMIN}"))?;
+    s.set_read_timeout(Some(Duration::from_secs(10)))?;
+    let mut req = format!("{method} {path} HTTP/1.0\r\nHost: {ADMIN}\r\n");
+    if let Some((u, p)) = auth {
+        use base64::Engine;
+        let cred = base64::engine::general_purpose::STANDARD.encode(format!("{u}:{p}"));
+        req += &format!("Authorization: Basic {cred}\r\n");
+    }
+    req += "\r\n";
+    s.write_all(req.as_bytes())?;
+    let mut raw = String::new();
+    s.read_to_string(&mut raw)?;
+    let (head, body) = raw
+        .split_once("\r\n\r\n")
+        .with_context(|| format!("no header end in {raw:?}"))?;
+    let status = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .with_context(|| format!("no status in {head:?}"))?;
+    Ok(Answer {
+        status,
+        head: head.to_string(),
+        body: body.to_string(),
+    })
+}
+
+fn get_ok(topo: &Topology, path: &str, auth: Option<(&str, &str)>) -> Result<String> {
+    let a = topo.lb.ns.run_in(|| http("GET", path, auth))??;
+    ensure!(a.status == 200, "GET {path}: {}\n{}", a.head, a.body);
+    Ok(a.body)
+}
+
+fn stats(topo: &Topology, auth: Option<(&str, &str)>) -> Result<Value> {
+    serde_json::from_str(&get_ok(topo, "/stats.json", auth)?).context("/stats.json is not JSON")
+}
+
+fn u(v: &Value) -> Result<u64> {
+    v.as_u64().with_context(|| format!("{v} is not a count"))
+}
+
+fn service<'a>(doc: &'a Value, name: &str) -> Result<&'a Value> {
+    doc["services"]
+        .as_array()
+        .and_then(|a| a.iter().find(|s| s["name"] == name))
+        .with_context(|| format!("no service {name} in {doc}"))
+}
+
+fn backend<'a>(doc: &'a Value, name: &str) -> Result<&'a Value> {
+    doc["backends"]
+        .as_array()
+        .and_then(|a| a.iter().find(|s| s["name"] == name))
+        .with_context(|| format!("no backend {name} in {doc}"))
+}
+
+fn pair<'a>(doc: &'a Value, svc: &str, be: &str) -> Result<&'a Value> {
+    service(doc, svc)?["backends"]
+        .as_array()
+        .and_then(|a| a.iter().find(|p| p["backend"] == be))
+        .with_context(|| format!("no backend {be} in service {svc}"))
+}
+
+/// A series: metric name and sorted labels.
+type Key = (String, Vec<(String, String)>);
+
+/// Prometheus text format: `name{k="v",...} value` lines, by series.
+fn parse_metrics(text: &str) -> Result<HashMap<Key, f64>> {
+    let mut out = HashMap::new();
+    for line in text.lines() {
+        if line.starts_with('#') || line.is_empty() {
+            continue;
+        }
+        let (series, value) = line
+            .rsplit_once(' ')
+            .with_context(|| format!("metrics line {line:?}"))?;
+        let value: f64 = value
+            .parse()
+            .with_context(|| format!("metrics value in {line:?}"))?;
+        let (name, labels) = match series.split_once('{') {
+            None => (series.to_string(), vec![]),
+            Some((n, l)) => {
+                let l = l
+                    .strip_suffix('}')
+                    .with_context(|| format!("labels in {line:?}"))?;
+                let mut labels = Vec::new();
+                for kv in l.split(',').filter(|x| !x.is_empty()) {
+                    let (k, v) = kv
+                        .split_once('=')
+                        .with_context(|| format!("label in {line:?}"))?;
+                    labels.push((k.to_string(), v.trim_matches('"').to_string()));
+                }
+                labels.sort();
+                (n.to_string(), labels)
+            }
+        };
+        out.insert((name, labels), value);
+    }
+    Ok(out)
+}
+
+fn metric(m: &HashMap<Key, f64>, name: &str, labels: &[(&str, &str)]) -> Result<f64> {
+    let mut l: Vec<(String, String)> = labels
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+    l.sort();
+    m.get(&(name.to_string(), l))
+        .copied()
+        .with_context(|| format!("no {name}{labels:?} in /metrics"))
+}
+
+/// `n` Bolt writes through the write VIP, each with a query of `query_len` bytes.
+fn writes(topo: &Topology, n: usize, query_len: usize) -> Result<()> {
+    let w = SocketAddrV4::new(topo.vip, 7680);
+    let query = format!("RETURN '{}'", "x".repeat(query_len.saturating_sub(10)));
+    topo.client.ns.run_in(|| -> Result<()> {
+        for i in 0..n {
+            let mut c = BoltClient::connect(SocketAddr::V4(w), Negotiation::Classic, None)
+                .with_context(|| format!("write {i}"))?;
+            let r = c.run(&query, Access::Write)?;
+            ensure!(r.server == "db01", "write {i} went to {}", r.server);
+            c.goodbye()?;
+        }
+        Ok(())
+    })?
+}
+
+/// Runs headless Chromium in the lb namespace (own profile dir, no network but loopback there),
+/// with a deadline; returns its stdout.
+fn chromium(topo: &Topology, args: &[String]) -> Result<String> {
+    let profile = topo.log_dir.join(format!(
+        "chromium-profile-{}",
+        Instant::now().elapsed().as_nanos()
+    ));
+    std::fs::create_dir_all(&profile)?;
+    let mut cmd = topo.lb.ns.command("chromium");
+    cmd.args([
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-dev-shm-usage",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        "--no-first-run",
+        "--virtual-time-budget=3000",
+    ])
+    .arg(format!("--user-data-dir={}", profile.display()))
+    .args(args)
+    .arg(format!("http://{ADMIN}/"))
+    .env("HOME", &profile)
+    .stdin(Stdio::null())
+    .stdout(Stdio::piped())
+    .stderr(Stdio::piped());
+    let what = describe(&cmd);
+    let mut child = cmd.spawn().with_context(|| format!("spawn {what}"))?;
+    let deadline = Instant::now() + Duration::from_secs(90);
+    // Read stdout on a thread so a large DOM cannot fill the pipe and stall Chromium.
+    let mut stdout = child.stdout.take().context("chromium stdout")?;
+    let mut stderr = child.stderr.take().context("chromium stderr")?;
+    let out = std::thread::spawn(move || {
+        let mut s = String::new();
+        let _ = stdout.read_to_string(&mut s);
+        s
+    });
+    let err = std::thread::spawn(move || {
+        let mut s = String::new();
+        let _ = stderr.read_to_string(&mut s);
+        s
+    });
+    let status = loop {
+        if let Some(s) = child.try_wait()? {
+            break s;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            bail!("{what} did not finish within 90 s");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let out = out.join().unwrap_or_default();
+    let err = err.join().unwrap_or_default();
+    std::fs::write(topo.log_dir.join("chromium.stderr"), &err)?;
+    let _ = std::fs::remove_dir_all(&profile);
+    ensure!(status.success(), "{what}: {status}\n{err}");
+    Ok(out)
+}
+
+/// The `<tr id="ID" ...>...</tr>` element of the dumped DOM.
+fn row<'a>(dom: &'a str, id: &str) -> Result<&'a str> {
+    let start = dom
+        .find(&format!("id=\"{id}\""))
+        .with_context(|| format!("no element id={id} in the dashboard DOM"))?;
+    let end = dom[start..]
+        .find("</tr>")
+        .with_context(|| format!("row {id} does not end"))?;
+    Ok(&dom[start..start + end])
+}
+
+/// A cell of a row: (data-v if present, text).
+fn cell(row: &str, key: &str) -> Result<(Option<String>, String)> {
+    let at = row
+        .find(&format!("data-k=\"{key}\""))
+        .with_context(|| format!("no cell {key} in {row}"))?;
+    let tag_end = at + row[at..].find('>').context("cell tag")?;
+    let tag = &row[at..tag_end];
+    let v = tag.find("data-v=\"").and_then(|i| {
+        let rest = &tag[i + 8..];
+        rest.find('"').map(|j| rest[..j].to_string())
+    });
+    let text_end = tag_end + row[tag_end..].find('<').context("cell text")?;
+    let text = row[tag_end + 1..text_end]
+        .replace("&amp;", "&")
+        .replace("&lt;", "<")
+        .replace("&gt;", ">")
+        .replace("&quot;", "\"");
+    Ok((v, text))
+}
+
+#[test]
+#[ignore = "needs root and netns: run cargo xtask test"]
+fn stats_json_metrics_csv_and_the_dashboard_count_writes_exactly() -> Result<()> {
+    let topo = Topology::two_armed("admin")?;
+    let _sims = topo.start_sims(&["master", "slave", "slave"])?;
+    let lb = topo.start_lb(&config(&topo, ""), &["--xdp-mode", "native"])?;
+
+    let before = stats(&topo, None)?;
+    ensure!(
+        before["mode"] == "native",
+        "mode {} (expected native)",
+        before["mode"]
+    );
+    // The first round of checks installed the master.
+    ensure!(
+        service(&before, "write")?["members"] == serde_json::json!(["db01"]),
+        "write set {}",
+        service(&before, "write")?["members"]
+    );
+
+    const N: u64 = 25;
+    const QUERY: usize = 1000;
+    writes(&topo, N as usize, QUERY)?;
+    let after = stats(&topo, None)?;
+
+    // Exact: new flows of the write service and of db01 (nothing else sends to db01: it is not
+    // a slave, and the http service got no traffic; checks are not balanced flows).
+    let wb = &service(&before, "write")?["counters"];
+    let wa = &service(&after, "write")?["counters"];
+    ensure!(
+        u(&wa["new_flows"])? - u(&wb["new_flows"])? == N,
+        "write service: {} new flows for {N} connections",
+        u(&wa["new_flows"])? - u(&wb["new_flows"])?
+    );
+    let db01b = &backend(&before, "db01")?["counters"];
+    let db01a = &backend(&after, "db01")?["counters"];
+    ensure!(
+        u(&db01a["new_flows"])? - u(&db01b["new_flows"])? == N,
+        "db01: {} new flows for {N} connections",
+        u(&db01a["new_flows"])? - u(&db01b["new_flows"])?
+    );
+    ensure!(pair(&after, "write", "db01")?["counters"] == *db01a);
+    // Lower bounds: every connection carried its query (client to backend), and at least
+    // SYN, handshake, HELLO, RUN+PULL, GOODBYE in, and SYN-ACK, version, SUCCESS, RECORD out.
+    let d = |a: &Value, b: &Value, k: &str| -> Result<u64> { Ok(u(&a[k])? - u(&b[k])?) };
+    for (what, a, b) in [("write", wa, wb), ("db01", db01a, db01b)] {
+        ensure!(
+            d(a, b, "bytes_in")? >= N * QUERY as u64,
+            "{what}: bytes in {}",
+            d(a, b, "bytes_in")?
+        );
+        ensure!(
+            d(a, b, "packets_in")? >= N * 5,
+            "{what}: packets in {}",
+            d(a, b, "packets_in")?
+        );
+        ensure!(
+            d(a, b, "packets_out")? >= N * 3,
+            "{what}: packets out {}",
+            d(a, b, "packets_out")?
+        );
+        ensure!(
+            d(a, b, "bytes_out")? >= N * 100,
+            "{what}: bytes out {}",
+            d(a, b, "bytes_out")?
+        );
+    }
+    for other in ["db02", "db03"] {
+        ensure!(
+            backend(&after, other)?["counters"]["new_flows"]
+                == backend(&before, other)?["counters"]["new_flows"],
+            "{other} got new flows"
+        );
+    }
+    ensure!(pair(&after, "write", "db01")?["state"] == "UP");
+    ensure!(pair(&after, "write", "db01")?["in_set"] == true);
+    ensure!(pair(&after, "write", "db02")?["in_set"] == false);
+
+    // Rates: within two sampling windows the writes show up as a positive rate, and once
+    // nothing flows the rate goes back to zero (a window, not since start).
+    let mut rates_seen = false;
+    let mut idle_seen = false;
+    let mut seen = Vec::new();
+    // The first window needs two samples at least 1 s apart (sampled every second).
+    let end = Instant::now() + Duration::from_secs(5);
+    while stats(&topo, None)?["rate_window_s"].is_null() {
+        ensure!(Instant::now() < end, "no rate window 5 s after the start");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let end = Instant::now() + Duration::from_secs(8);
+    writes(&topo, 5, 10)?;
+    while Instant::now() < end && !(rates_seen && idle_seen) {
+        let doc = stats(&topo, None)?;
+        let r = service(&doc, "write")?["rates"]["new_flows"]
+            .as_f64()
+            .unwrap_or(-1.0);
+        seen.push((r, doc["rate_window_s"].clone()));
+        if r > 0.0 {
+            rates_seen = true;
+        } else if rates_seen && r == 0.0 {
+            idle_seen = true;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    ensure!(
+        rates_seen && idle_seen,
+        "rates: seen positive {rates_seen}, back to zero {idle_seen}: (rate, window) {seen:?}"
+    );
+
+    // Traffic has stopped: every view read now must agree with /stats.json read now.
+    let doc = stats(&topo, None)?;
+    let m = parse_metrics(&get_ok(&topo, "/metrics", None)?)?;
+    let w = service(&doc, "write")?;
+    ensure!(
+        metric(&m, "lb_service_new_flows_total", &[("service", "write")])?
+            == u(&w["counters"]["new_flows"])? as f64
+    );
+    ensure!(
+        metric(
+            &m,
+            "lb_service_bytes_total",
+            &[("service", "write"), ("direction", "in")]
+        )? == u(&w["counters"]["bytes_in"])? as f64
+    );
+    ensure!(
+        metric(
+            &m,
+            "lb_service_packets_total",
+            &[("service", "write"), ("direction", "out")]
+        )? == u(&w["counters"]["packets_out"])? as f64
+    );
+    ensure!(
+        metric(&m, "lb_backend_new_flows_total", &[("backend", "db01")])?
+            == u(&backend(&doc, "db01")?["counters"]["new_flows"])? as f64
+    );
+    ensure!(
+        metric(
+            &m,
+            "lb_backend_up",
+            &[("service", "write"), ("backend", "db01")]
+        )? == 1.0
+    );
+    ensure!(
+        metric(
+            &m,
+            "lb_backend_up",
+            &[("service", "write"), ("backend", "db02")]
+        )? == 0.0
+    );
+    ensure!(
+        metric(
+            &m,
+            "lb_backend_in_set",
+            &[("service", "read"), ("backend", "db02")]
+        )? == 1.0
+    );
+    ensure!(
+        metric(&m, "lb_set_generation", &[("service", "write")])? == u(&w["generation"])? as f64
+    );
+    ensure!(
+        metric(
+            &m,
+            "lb_check_latency_seconds",
+            &[("service", "write"), ("backend", "db01")]
+        )? >= 0.0
+    );
+    ensure!(metric(&m, "lb_service_drops_total", &[("service", "write")])? >= 0.0);
+    ensure!(metric(&m, "lb_uptime_seconds", &[])? > 0.0);
+    ensure!(
+        m.keys().any(|(n, _)| n == "lb_datapath_events_total"),
+        "no lb_datapath_events_total"
+    );
+
+    // CSV, both URLs: one row per backend per service, plus FRONTEND and BACKEND.
+    for url in ["/;csv", "/haproxy?stats;csv"] {
+        let csv = get_ok(&topo, url, None)?;
+        let mut lines = csv.lines();
+        let header = lines.next().context("empty csv")?;
+        ensure!(
+            header.starts_with("# pxname,svname,qcur,qmax,scur,smax,slim,stot,bin,bout,"),
+            "{header}"
+        );
+        let cols: Vec<&str> = header.trim_start_matches("# ").split(',').collect();
+        let stot = cols.iter().position(|c| *c == "stot").context("stot")?;
+        let rows: Vec<Vec<&str>> = lines.map(|l| l.split(',').collect()).collect();
+        for s in ["write", "read", "http"] {
+            for sv in ["FRONTEND", "db01", "db02", "db03", "BACKEND"] {
+                let n = rows.iter().filter(|r| r[0] == s && r[1] == sv).count();
+                ensure!(n == 1, "{url}: {n} rows for {s}/{sv}");
+            }
+        }
+        ensure!(rows.len() == 15, "{url}: {} rows", rows.len());
+        let fe = rows
+            .iter()
+            .find(|r| r[0] == "write" && r[1] == "FRONTEND")
+            .context("write FRONTEND")?;
+        let want = u(&w["counters"]["new_flows"])?.to_string();
+        ensure!(fe[stot] == want, "csv stot {} vs {want}", fe[stot]);
+    }
+    let page = get_ok(&topo, "/haproxy?stats", None)?;
+    ensure!(
+        page.contains("<!DOCTYPE html>"),
+        "/haproxy?stats is not the dashboard"
+    );
+
+    // The dashboard as a browser renders it.
+    let dom = chromium(&topo, &["--dump-dom".to_string()])?;
+    let doc = stats(&topo, None)?;
+    std::fs::write(topo.log_dir.join("dashboard.dom.html"), &dom)?;
+    for s in doc["services"].as_array().context("services")? {
+        let sname = s["name"].as_str().context("service name")?;
+        ensure!(
+            dom.contains(&format!("id=\"svc-{sname}\"")),
+            "no table for {sname}"
+        );
+        for p in s["backends"].as_array().context("pairs")? {
+            let b = p["backend"].as_str().context("backend name")?;
+            let r = row(&dom, &format!("row-{sname}-{b}"))?;
+            let (_, state) = cell(r, "state")?;
+            ensure!(
+                state == p["state"].as_str().unwrap_or(""),
+                "{sname}/{b}: state {state:?} vs {}",
+                p["state"]
+            );
+            let (v, _) = cell(r, "new_flows")?;
+            ensure!(
+                v.as_deref() == Some(p["counters"]["new_flows"].to_string().as_str()),
+                "{sname}/{b}: new flows {v:?} vs {}",
+                p["counters"]["new_flows"]
+            );
+            let (v, _) = cell(r, "in_set")?;
+            ensure!(
+                v.as_deref() == Some(p["in_set"].to_string().as_str()),
+                "{sname}/{b}: in set {v:?}"
+            );
+            let (v, _) = cell(r, "bytes_in")?;
+            ensure!(
+                v.as_deref() == Some(p["counters"]["bytes_in"].to_string().as_str()),
+                "{sname}/{b}: bytes in {v:?}"
+            );
+        }
+        let t = row(&dom, &format!("total-{sname}"))?;
+        let (v, _) = cell(t, "new_flows")?;
+        ensure!(
+            v.as_deref() == Some(s["counters"]["new_flows"].to_string().as_str()),
+            "{sname} total new flows {v:?}"
+        );
+    }
+    for b in doc["backends"].as_array().context("backends")? {
+        let name = b["name"].as_str().context("backend name")?;
+        let r = row(&dom, &format!("backend-{name}"))?;
+        let (v, _) = cell(r, "new_flows")?;
+        ensure!(
+            v.as_deref() == Some(b["counters"]["new_flows"].to_string().as_str()),
+            "backend {name}: {v:?}"
+        );
+    }
+    let (mode, _) = cell(&dom, "mode")?;
+    ensure!(mode.as_deref() == Some("native"), "mode {mode:?}");
+
+    // A screenshot for people (an artifact, not an assertion).
+    let shot = topo.log_dir.join("dashboard.png");
+    if let Err(e) = chromium(
+        &topo,
+        &[
+            format!("--screenshot={}", shot.display()),
+            "--window-size=1280,900".to_string(),
+        ],
+    ) {
+        eprintln!("dashboard screenshot failed (not an assertion): {e:#}");
+    } else {
+        eprintln!("dashboard screenshot: {}", shot.display());
+    }
+    drop(lb);
+    Ok(())
+}
+
+#[test]
+#[ignore = "needs root and netns: run cargo xtask test"]
+fn basic_auth_refuses_without_credentials_and_the_password_never_shows() -> Result<()> {
+    let topo = Topology::two_armed("admin-auth")?;
+    let _sims = topo.start_sims(&["master", "slave", "slave"])?;
+    let secret = "Adm1n-s3cret-pw";
+    let pw = topo.log_dir.join("admin.pass");
+    std::fs::write(&pw, format!("{secret}\n"))?;
+    let cfg = config(
+        &topo,
+        &format!(
+            "user = \"ops\"\npassword_file = \"{}\"\nrefresh = \"1s\"\n",
+            pw.display()
+        ),
+    );
+    let lb = topo.start_lb(&cfg, &["--xdp-mode", "native"])?;
+    let creds = Some(("ops", secret));
+    for path in ["/", "/haproxy?stats", "/stats.json", "/;csv", "/metrics"] {
+        let a = topo.lb.ns.run_in(|| http("GET", path, None))??;
+        ensure!(
+            a.status == 401,
+            "GET {path} without credentials: {}",
+            a.head
+        );
+        ensure!(
+            a.head
+                .to_ascii_lowercase()
+                .contains("www-authenticate: basic realm=\"lb\""),
+            "{}",
+            a.head
+        );
+        let a = topo
+            .lb
+            .ns
+            .run_in(|| http("GET", path, Some(("ops", "wrong"))))??;
+        ensure!(
+            a.status == 401,
+            "GET {path} with a wrong password: {}",
+            a.head
+        );
+        let a = topo.lb.ns.run_in(|| http("GET", path, creds))??;
+        ensure!(a.status == 200, "GET {path} with credentials: {}", a.head);
+        ensure!(!a.body.contains(secret), "{path} shows the password");
+    }
+    let a = topo
+        .lb
+        .ns
+        .run_in(|| http("POST", "/api/server/db03/drain", None))??;
+    ensure!(a.status == 401, "POST without credentials: {}", a.head);
+
+    // Operator control through the admin server, as the dashboard's buttons do.
+    let a = topo
+        .lb
+        .ns
+        .run_in(|| http("POST", "/api/server/db03/drain", creds))??;
+    ensure!(a.status == 200, "drain: {}\n{}", a.head, a.body);
+    let doc = stats(&topo, creds)?;
+    ensure!(
+        backend(&doc, "db03")?["admin"] == "drain",
+        "{}",
+        backend(&doc, "db03")?
+    );
+    ensure!(pair(&doc, "read", "db03")?["in_set"] == false);
+    let a = topo
+        .lb
+        .ns
+        .run_in(|| http("POST", "/api/server/db03/enable", creds))??;
+    ensure!(a.status == 200, "enable: {}\n{}", a.head, a.body);
+    let a = topo
+        .lb
+        .ns
+        .run_in(|| http("POST", "/api/server/db09/enable", creds))??;
+    ensure!(
+        a.status == 400 && a.body.contains("db09"),
+        "unknown backend: {}\n{}",
+        a.head,
+        a.body
+    );
+
+    let mut status = topo.lb.ns.command(lb_tests::harness::lb_bin());
+    status.args(["status", "--instance", &topo.instance]);
+    let out = lb_tests::harness::ns::run(&mut status)?;
+    for (what, text) in [
+        ("lb's log", lb.logs()),
+        (
+            "lb status",
+            String::from_utf8_lossy(&out.stdout).to_string(),
+        ),
+        (
+            "lb status (stderr)",
+            String::from_utf8_lossy(&out.stderr).to_string(),
+        ),
+    ] {
+        ensure!(!text.contains(secret), "the password appears in {what}");
+    }
+    ensure!(
+        lb.logs().contains("admin server") && lb.logs().contains("basic"),
+        "the log does not say the admin server runs with auth:\n{}",
+        lb.logs()
+    );
+    let cmdline = std::fs::read(format!("/proc/{}/cmdline", lb.pid()))?;
+    ensure!(
+        !String::from_utf8_lossy(&cmdline).contains(secret),
+        "the password appears in lb's argv"
+    );
+    let environ = std::fs::read(format!("/proc/{}/environ", lb.pid()))?;
+    ensure!(
+        !String::from_utf8_lossy(&environ).contains(secret),
+        "the password appears in lb's environment"
+    );
+    Ok(())
+}
