@@ -65,6 +65,7 @@ const FLOW: u64 = fold(&[
     offset_of!(Flow, dmac) as u64,
     offset_of!(Flow, state) as u64,
     offset_of!(Flow, dir) as u64,
+    offset_of!(Flow, close) as u64,
     offset_of!(Flow, epoch) as u64,
 ]);
 
