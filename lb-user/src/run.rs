@@ -210,6 +210,14 @@ async fn serve(
     if generic && mode != AttachMode::Generic {
         control.write_config(cfg, true)?;
     }
+    if let Ok(mut v) = live.write() {
+        // The mode the interfaces actually got (auto may have fallen back to generic).
+        v.mode = if generic {
+            "generic".into()
+        } else {
+            "native".into()
+        };
+    }
     for (iface, m) in ifaces.iter().zip(&modes) {
         if *m == XdpMode::Skb {
             host.disable_receive_offloads(iface)?;
