@@ -424,8 +424,8 @@ pub struct Figures {
     /// Last new write that reached the old master (answered, or refused as NotALeader), seconds
     /// after T0; 0 when none was sent after T0.
     pub last_old_master_s: Option<f64>,
-    /// The old master still got new writes in the last 250 ms of the window (the figure above is
-    /// then a lower bound).
+    /// One of the window's last [`END_ATTEMPTS`] new writes still reached the old master: it was
+    /// still in the rotation when the window closed, and the figure above is a lower bound.
     pub old_master_until_end: bool,
     /// Time during which new writes reached both: last old after first new, else 0.
     pub overlap_s: Option<f64>,
@@ -445,8 +445,12 @@ pub struct Figures {
     pub pending: u64,
 }
 
-/// Computes the figures from the new-connection attempts of one run (`window` in seconds).
-pub fn figures(attempts: &[Attempt], window: f64, pending: u64) -> Figures {
+/// How many of a window's last new writes decide whether the old master was still reached at its end
+/// (5 at 10 ms spacing: 50 ms; under a 50/50 split, all five miss the old master with p = 1/32).
+pub const END_ATTEMPTS: usize = 5;
+
+/// Computes the figures from the new-connection attempts of one run, sorted by send time.
+pub fn figures(attempts: &[Attempt], pending: u64) -> Figures {
     let mut f = Figures {
         pending,
         ..Figures::default()
@@ -480,7 +484,11 @@ pub fn figures(attempts: &[Attempt], window: f64, pending: u64) -> Figures {
         }
     }
     f.last_old_master_s = last_old;
-    f.old_master_until_end = last_old.is_some_and(|t| t >= window - 0.25);
+    let after: Vec<&Attempt> = attempts.iter().filter(|a| a.t >= 0.0).collect();
+    f.old_master_until_end = after.len() >= END_ATTEMPTS
+        && after[after.len() - END_ATTEMPTS..]
+            .iter()
+            .any(|a| a.outcome.reached() == Some(OLD));
     if let (Some(first), Some(last)) = (f.first_new_master_s, last_old) {
         f.overlap_s = Some((last - first).max(0.0));
         if last < first {
@@ -723,7 +731,7 @@ fn measure(
         attempts.iter().any(|a| a.t >= 0.0),
         "no new write was recorded after T0"
     );
-    let figures = figures(&attempts, window.as_secs_f64(), rec.new_pending);
+    let figures = figures(&attempts, rec.new_pending);
     let pooled = (0..s.pooled)
         .map(|i| pooled_summary(i, &pooled_writes))
         .collect();
@@ -993,8 +1001,10 @@ mod tests {
                 a(0.3, Outcome::Refused),
                 a(0.4, on("db02")),
                 a(0.5, on("db02")),
+                a(0.6, on("db02")),
+                a(0.7, on("db02")),
+                a(0.8, on("db02")),
             ],
-            6.0,
             0,
         );
         assert_eq!(f.first_new_master_s, Some(0.4));
@@ -1003,24 +1013,33 @@ mod tests {
         assert!((f.gap_s.unwrap() - 0.2).abs() < 1e-9);
         assert_eq!(
             (f.new_after_t0, f.failed_after_t0, f.not_a_leader_after_t0),
-            (5, 1, 1)
+            (8, 1, 1)
         );
         assert!(!f.old_master_until_end);
     }
 
     #[test]
     fn a_split_has_overlap_and_a_censored_end() {
-        let f = figures(
-            &[a(2.0, on("db02")), a(3.0, nal("db01")), a(5.9, on("db01"))],
-            6.0,
-            2,
-        );
+        let mut split: Vec<Attempt> = (0..10)
+            .map(|i| {
+                a(
+                    5.0 + 0.1 * f64::from(i),
+                    on(if i % 2 == 0 { "db02" } else { "db01" }),
+                )
+            })
+            .collect();
+        split.insert(0, a(2.0, on("db02")));
+        let f = figures(&split, 2);
         assert!((f.overlap_s.unwrap() - 3.9).abs() < 1e-9);
         assert!(f.old_master_until_end);
         assert_eq!(f.pending, 2);
         // Nothing after T0 on the old master: its last write counts as T0.
-        let f = figures(&[a(-0.01, on("db01")), a(0.3, on("db02"))], 6.0, 0);
+        let f = figures(&[a(-0.01, on("db01")), a(0.3, on("db02"))], 0);
         assert_eq!(f.last_old_master_s, Some(0.0));
+        // The old master left just before the end: not censored.
+        let mut late: Vec<Attempt> = vec![a(5.8, on("db01"))];
+        late.extend((0..5).map(|i| a(5.81 + 0.01 * f64::from(i), on("db02"))));
+        assert!(!figures(&late, 0).old_master_until_end);
     }
 
     #[test]
