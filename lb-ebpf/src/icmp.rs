@@ -9,7 +9,7 @@ use crate::{
     conntrack, csum, forward,
     maps::{is_backend, is_snat_addr},
     nat,
-    parse::{Frame, Icmp, Ip, Ports, L4_OFF},
+    parse::{Frame, Icmp, Ip, Ports, ETH_LEN, L4_OFF},
     service, stats,
 };
 
@@ -90,7 +90,14 @@ pub fn handle(
     icmp_check = csum::replace2(icmp_check, inner.check, inner_check);
     icmp_check = csum::replace2(icmp_check, ports.sport, sp);
     icmp_check = csum::replace2(icmp_check, ports.dport, dp);
-    if let Some(tc) = f.get::<u16>(INNER_TCP_CHECK_OFF) {
+    // Quoted only if the outer packet's total length covers it: bytes past it are Ethernet
+    // padding or a trailer, which the ICMP checksum does not cover (updating the checksum for
+    // them would corrupt it).
+    let quotes_tcp_check = u16::from_be(ip.tot_len) as usize >= INNER_TCP_CHECK_OFF + 2 - ETH_LEN;
+    if let Some(tc) = f
+        .get::<u16>(INNER_TCP_CHECK_OFF)
+        .filter(|_| quotes_tcp_check)
+    {
         let mut t = *tc;
         t = csum::replace4(t, inner.saddr, s);
         t = csum::replace4(t, inner.daddr, d);
