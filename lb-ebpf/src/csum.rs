@@ -47,3 +47,10 @@ pub fn sum_words<const N: usize>(words: &[u16; N]) -> u64 {
 pub fn finish(sum: u64) -> u16 {
     !fold(sum)
 }
+
+/// Whether an option-less IPv4 header's checksum is right: its words, the checksum included,
+/// sum to all ones (RFC 1071 4.1).
+#[inline(always)]
+pub fn ipv4_header_ok(words: &[u16; 10]) -> bool {
+    fold(sum_words(words)) == 0xffff
+}

@@ -9,7 +9,7 @@ use crate::{
     conntrack, csum, forward,
     maps::{is_backend, is_snat_addr},
     nat,
-    parse::{Frame, Icmp, Ip, Ports, ETH_LEN, L4_OFF},
+    parse::{words20, Frame, Icmp, Ip, Ports, ETH_LEN, L4_OFF},
     service, stats,
 };
 
@@ -54,6 +54,12 @@ pub fn handle(
         if !from_snat || !is_snat_addr(inner.saddr) || !is_backend(inner.daddr, ports.dport) {
             return xdp_action::XDP_PASS;
         }
+    }
+    // Ours, but corrupt: the kernel would discard it (RFC 1812 5.2.2), so must we; the
+    // translation would carry the wrong checksum along.
+    if !csum::ipv4_header_ok(words20(ip)) {
+        stats::count(Counter::DropMalformed);
+        return xdp_action::XDP_DROP;
     }
     // The quoted packet travelled the other way: its reverse is the key of our packets.
     let key = FlowKey {

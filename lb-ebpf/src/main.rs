@@ -42,9 +42,11 @@ mod prog {
     use network_types::eth::EthHdr;
 
     use crate::{
-        icmp,
+        csum, icmp,
         maps::{config, is_backend, is_snat_addr},
-        parse::{Frame, Ip, Ports, Tcp, ETH_LEN, ETH_P_IPV4, IPPROTO_ICMP, IPPROTO_TCP, L4_OFF},
+        parse::{
+            words20, Frame, Ip, Ports, Tcp, ETH_LEN, ETH_P_IPV4, IPPROTO_ICMP, IPPROTO_TCP, L4_OFF,
+        },
         path, service, stats,
     };
 
@@ -129,13 +131,17 @@ mod prog {
     }
 
     /// The TCP header of a packet that is ours, or `None` (counted) when the packet has IP
-    /// options, is a fragment or is truncated: such packets are dropped, never forwarded.
+    /// options, is a fragment, has a wrong IP header checksum or is truncated: such packets are
+    /// dropped, never forwarded, answered or turned into flows (the kernel's forwarding path,
+    /// which XDP bypasses, discards bad checksums too: RFC 1812 5.2.2).
     #[inline(always)]
     fn checked_tcp(f: Frame, ip: &Ip, service: u32) -> Option<&'static mut Tcp> {
         let reason = if ip.ihl() != 5 {
             Counter::DropIpOptions
         } else if ip.is_fragment() {
             Counter::DropFragment
+        } else if !csum::ipv4_header_ok(words20(ip)) {
+            Counter::DropMalformed
         } else if let Some(tcp) = f.get::<Tcp>(L4_OFF) {
             return Some(tcp);
         } else {
