@@ -101,25 +101,49 @@ fn is_not_a_leader(e: &anyhow::Error) -> bool {
     })
 }
 
-/// One `RETURN 1` write on an open session; the bool says whether the session is still usable.
-pub fn write_on(client: &mut BoltClient) -> (Outcome, bool) {
+/// One write on an open session and whether the session survived it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Written {
+    pub outcome: Outcome,
+    /// Why the session is unusable now (`None`: still usable). Differs from `outcome` when a
+    /// server refused the write and the connection then failed during the follow-up read (a
+    /// balancer resetting the demoted master's flows does exactly that).
+    pub lost: Option<Outcome>,
+}
+
+/// One `RETURN 1` write on an open session.
+pub fn write_on(client: &mut BoltClient) -> Written {
     match client.run("RETURN 1", Access::Write) {
-        Ok(record) => (
-            Outcome::Answered {
+        Ok(record) => Written {
+            outcome: Outcome::Answered {
                 server: record.server,
             },
-            true,
-        ),
+            lost: None,
+        },
         Err(e) if is_not_a_leader(&e) => {
-            let server = client
+            match client
                 .reset()
                 .and_then(|()| client.run("RETURN 1", Access::Read))
-                .map(|r| r.server)
-                .ok();
-            let usable = server.is_some();
-            (Outcome::NotALeader { server }, usable)
+            {
+                Ok(r) => Written {
+                    outcome: Outcome::NotALeader {
+                        server: Some(r.server),
+                    },
+                    lost: None,
+                },
+                Err(e) => Written {
+                    outcome: Outcome::NotALeader { server: None },
+                    lost: Some(classify(&e)),
+                },
+            }
         }
-        Err(e) => (classify(&e), false),
+        Err(e) => {
+            let outcome = classify(&e);
+            Written {
+                lost: Some(outcome.clone()),
+                outcome,
+            }
+        }
     }
 }
 
@@ -127,11 +151,11 @@ pub fn write_on(client: &mut BoltClient) -> (Outcome, bool) {
 pub fn new_write(addr: SocketAddrV4) -> Outcome {
     match BoltClient::connect(SocketAddr::V4(addr), Negotiation::Classic, None) {
         Ok(mut client) => {
-            let (outcome, usable) = write_on(&mut client);
-            if usable {
+            let w = write_on(&mut client);
+            if w.lost.is_none() {
                 let _ = client.goodbye();
             }
-            outcome
+            w.outcome
         }
         Err(e) => classify(&e),
     }
@@ -156,6 +180,8 @@ pub struct RawPooled {
     /// Whether this write went over a connection opened for it (after the previous one failed).
     pub reconnect: bool,
     pub attempt: RawAttempt,
+    /// Why the connection was dropped after this write, if it was.
+    pub lost: Option<Outcome>,
 }
 
 /// Knobs of the client load.
@@ -338,43 +364,51 @@ fn pooled_loop(
     stop: &AtomicBool,
     tx: &mpsc::Sender<Event>,
 ) {
-    let mut open = Some(client);
+    // A TCP connection through a balancer is pinned to one server: the server that answered on it
+    // before is the one that refused a write whose follow-up read did not get through.
+    let mut open: Option<(BoltClient, Option<String>)> = Some((client, None));
     let mut next = Instant::now();
     while running(stop, &spec) {
         let sent = Instant::now();
-        let (outcome, reconnect) = match open.take() {
-            Some(mut client) => {
-                let (outcome, usable) = write_on(&mut client);
-                if usable {
-                    open = Some(client);
+        let reconnect = open.is_none();
+        let connected = match open.take() {
+            Some(c) => Ok(c),
+            None => BoltClient::connect(SocketAddr::V4(spec.addr), Negotiation::Classic, None)
+                .map(|c| (c, None)),
+        };
+        let mut w = match connected {
+            Ok((mut client, server)) => {
+                let mut w = write_on(&mut client);
+                let server = w.outcome.reached().map(str::to_string).or(server);
+                if let Outcome::NotALeader { server: s @ None } = &mut w.outcome {
+                    s.clone_from(&server);
                 }
-                (outcome, false)
+                if w.lost.is_none() {
+                    open = Some((client, server));
+                }
+                w
             }
-            None => {
-                match BoltClient::connect(SocketAddr::V4(spec.addr), Negotiation::Classic, None) {
-                    Ok(mut client) => {
-                        let (outcome, usable) = write_on(&mut client);
-                        if usable {
-                            open = Some(client);
-                        }
-                        (outcome, true)
-                    }
-                    Err(e) => (classify(&e), true),
+            Err(e) => {
+                let outcome = classify(&e);
+                Written {
+                    lost: Some(outcome.clone()),
+                    outcome,
                 }
             }
         };
         let _ = tx.send(Event::Pooled(RawPooled {
             conn,
             reconnect,
+            lost: w.lost.take(),
             attempt: RawAttempt {
                 sent,
                 took: sent.elapsed(),
-                outcome,
+                outcome: w.outcome,
             },
         }));
         next = pace(next, spec.pooled_every);
     }
-    if let Some(client) = open {
+    if let Some((client, _)) = open {
         let _ = client.goodbye();
     }
     let _ = tx.send(Event::PooledDone);

@@ -398,6 +398,20 @@ pub struct PooledWrite {
     pub t: f64,
     pub took_ms: f64,
     pub outcome: Outcome,
+    /// Why the client dropped the connection after this write (e.g. reset right after a
+    /// NotALeader), if it did.
+    pub lost: Option<Outcome>,
+}
+
+impl PooledWrite {
+    /// The failure this write revealed: its own outcome, or the loss of its connection.
+    fn failure(&self) -> Option<&Outcome> {
+        if self.outcome.is_failure() {
+            Some(&self.outcome)
+        } else {
+            self.lost.as_ref()
+        }
+    }
 }
 
 fn rel(t: Instant, t0: Instant) -> f64 {
@@ -541,7 +555,9 @@ pub fn pooled_summary(conn: usize, writes: &[PooledWrite]) -> PooledSummary {
     let mut mine: Vec<&PooledWrite> = writes.iter().filter(|w| w.conn == conn).collect();
     mine.sort_by(|a, b| a.t.total_cmp(&b.t));
     let after: Vec<&&PooledWrite> = mine.iter().filter(|w| w.t >= 0.0).collect();
-    let first_failure = after.iter().find(|w| w.outcome.is_failure());
+    let first_failure = after
+        .iter()
+        .find_map(|w| w.failure().map(|f| (w.t, f.label())));
     let new_master_s = after
         .iter()
         .find(|w| matches!(&w.outcome, Outcome::Answered { server } if server == NEW))
@@ -552,7 +568,7 @@ pub fn pooled_summary(conn: usize, writes: &[PooledWrite]) -> PooledSummary {
         .find(|w| w.outcome.reached() == Some(OLD))
         .map(|w| w.t);
     let last = mine.last();
-    let fate = match (new_master_s, first_failure, last) {
+    let fate = match (new_master_s, &first_failure, last) {
         (Some(_), Some(_), _) => Fate::MovedAfterReset,
         (Some(_), None, _) => Fate::MovedWithoutReset,
         (None, _, Some(l)) if l.t >= 0.0 && l.outcome.reached() == Some(OLD) => Fate::StayedOnOld,
@@ -565,8 +581,8 @@ pub fn pooled_summary(conn: usize, writes: &[PooledWrite]) -> PooledSummary {
         initial: mine
             .first()
             .and_then(|w| w.outcome.reached().map(str::to_string)),
-        first_failure_s: first_failure.map(|w| w.t),
-        first_failure: first_failure.map(|w| w.outcome.label()),
+        first_failure_s: first_failure.as_ref().map(|(t, _)| *t),
+        first_failure: first_failure.map(|(_, l)| l),
         new_master_s,
         last_old_master_s: last_old,
         not_a_leader_after_t0: after
@@ -721,6 +737,7 @@ fn measure(
             PooledWrite {
                 conn: p.conn,
                 reconnect: p.reconnect,
+                lost: p.lost.clone(),
                 t: a.t,
                 took_ms: a.took_ms,
                 outcome: a.outcome,
@@ -1047,6 +1064,7 @@ mod tests {
         let w = |conn, t, outcome| PooledWrite {
             conn,
             reconnect: false,
+            lost: None,
             t,
             took_ms: 1.0,
             outcome,
@@ -1074,6 +1092,16 @@ mod tests {
         assert_eq!(pooled_summary(1, &writes).fate, Fate::StayedOnOld);
         assert_eq!(pooled_summary(2, &writes).fate, Fate::ResetNotBack);
         assert_eq!(pooled_summary(3, &writes).fate, Fate::Other);
+        // Refused as NotALeader, then reset during the follow-up read: a reset all the same.
+        let mut lost = w(4, 0.125, nal("db01"));
+        lost.lost = Some(Outcome::Reset);
+        let later = vec![w(4, -0.1, on("db01")), lost, w(4, 0.175, on("db02"))];
+        let p4 = pooled_summary(4, &later);
+        assert_eq!(p4.fate, Fate::MovedAfterReset);
+        assert_eq!(
+            (p4.first_failure_s, p4.first_failure.as_deref()),
+            (Some(0.125), Some("reset"))
+        );
     }
 
     #[test]
