@@ -36,6 +36,8 @@ pub mod names {
     pub const RST_BUCKET: &str = "RST_BUCKET";
     /// Agent-only: the layout hash of every pinned map (`lb_common::abi`), never read by the program.
     pub const META: &str = "META";
+    /// Agent-only: the health of every (service, backend) pair, mirrored for `lb status`.
+    pub const HEALTH: &str = "HEALTH";
     /// Every map the agent pins, in a stable order.
     pub const ALL: &[&str] = &[
         CONFIG,
@@ -294,6 +296,45 @@ pub struct RstBucket {
     pub last_ns: u64,
 }
 
+/// Agent-only mirror of one (service, backend) pair's health (`HEALTH[epoch_index(s, b)]`),
+/// so that `lb status` shows the last state even when no agent runs.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[cfg_attr(feature = "user", derive(bytemuck::Pod, bytemuck::Zeroable))]
+pub struct HealthRecord {
+    /// Wall-clock time (ms since the Unix epoch) of the last transition.
+    pub since_unix_ms: u64,
+    /// Latency of the last check, microseconds.
+    pub latency_us: u32,
+    /// `HEALTH_F_*` bits.
+    pub flags: u32,
+    /// Operator override: 0 ready, 1 drain, 2 disable.
+    pub admin: u32,
+    pub positives: u16,
+    pub failures: u16,
+    /// The last check result, UTF-8, NUL-padded.
+    pub last: [u8; 64],
+}
+
+impl Default for HealthRecord {
+    fn default() -> Self {
+        Self {
+            since_unix_ms: 0,
+            latency_us: 0,
+            flags: 0,
+            admin: 0,
+            positives: 0,
+            failures: 0,
+            last: [0; 64],
+        }
+    }
+}
+
+pub const HEALTH_F_UP: u32 = 1;
+pub const HEALTH_F_IN_SET: u32 = 2;
+pub const HEALTH_F_CHECKED: u32 = 4;
+pub const HEALTH_F_CONFIGURED: u32 = 8;
+
 /// Index of a (service, backend) pair in `RESET_EPOCH`.
 #[inline(always)]
 pub const fn epoch_index(service: u32, backend: u32) -> u32 {
@@ -344,6 +385,7 @@ mod pod {
     unsafe impl aya::Pod for super::ServiceStats {}
     unsafe impl aya::Pod for super::BackendStats {}
     unsafe impl aya::Pod for super::RstBucket {}
+    unsafe impl aya::Pod for super::HealthRecord {}
 }
 
 #[cfg(test)]

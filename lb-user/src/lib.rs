@@ -18,6 +18,7 @@ pub mod desired;
 pub mod host;
 pub mod live;
 pub mod maglev;
+pub mod mirror;
 pub mod ops;
 pub mod run;
 pub mod status;

@@ -24,6 +24,7 @@ use crate::{
     health::scheduler::{self, Target, Update},
     host::{self, HostChanges},
     live::{Live, LiveView},
+    mirror::Mirror,
     ops::{self, OpRequest},
     status::{self, InstanceInfo},
     supervise::Supervisor,
@@ -191,6 +192,10 @@ async fn serve(
     let mut supervisor = Supervisor::new(cfg, commands, live.clone());
     if adopted.iter().any(|s| !s.is_empty()) {
         supervisor.adopt(cfg, adopted.clone());
+    }
+    match Mirror::open_or_create(pin_dir) {
+        Ok(m) => supervisor.mirror_to(cfg, m),
+        Err(e) => warn!("health will not be mirrored for `lb status`: {e:#}"),
     }
     let (ops_tx, mut ops) = tokio::sync::mpsc::channel::<OpRequest>(16);
     ops::listen(&cfg.instance, ops_tx.clone())?;

@@ -60,6 +60,63 @@ pub struct Snapshot {
     pub global: Vec<(String, u64)>,
     pub services: Vec<(String, ServiceCounters)>,
     pub backends: Vec<(String, BackendCounters)>,
+    /// Whether an agent serves the instance now (its operator socket answers). Without one
+    /// the data path keeps forwarding, but sets are frozen and no failover happens.
+    pub agent_running: bool,
+    /// The health mirror: every configured (service, backend) pair.
+    pub health: Vec<HealthRow>,
+}
+
+#[derive(Debug, Serialize, Clone)]
+pub struct HealthRow {
+    pub service: String,
+    pub backend: String,
+    pub up: bool,
+    pub in_set: bool,
+    pub checked: bool,
+    pub admin: String,
+    pub last_check: String,
+    pub latency_ms: f64,
+    /// Seconds since the last transition (wall clock), if known.
+    pub since_s: Option<f64>,
+}
+
+fn health_rows(dir: &Path, services: &[String], backends: &[String]) -> Vec<HealthRow> {
+    let Ok(map) = crate::mirror::open(dir) else {
+        return vec![];
+    };
+    let now_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_millis() as u64;
+    let mut rows = Vec::new();
+    for (si, sname) in services.iter().enumerate() {
+        for (bi, bname) in backends.iter().enumerate() {
+            let Ok(r) = map.get(&lb_common::epoch_index(si as u32, bi as u32), 0) else {
+                continue;
+            };
+            if r.flags & lb_common::HEALTH_F_CONFIGURED == 0 {
+                continue;
+            }
+            let end = r.last.iter().position(|&c| c == 0).unwrap_or(r.last.len());
+            rows.push(HealthRow {
+                service: sname.clone(),
+                backend: bname.clone(),
+                up: r.flags & lb_common::HEALTH_F_UP != 0,
+                in_set: r.flags & lb_common::HEALTH_F_IN_SET != 0,
+                checked: r.flags & lb_common::HEALTH_F_CHECKED != 0,
+                admin: ["ready", "drain", "disable"]
+                    .get(r.admin as usize)
+                    .unwrap_or(&"?")
+                    .to_string(),
+                last_check: String::from_utf8_lossy(&r.last[..end]).to_string(),
+                latency_ms: r.latency_us as f64 / 1000.0,
+                since_s: (r.since_unix_ms > 0)
+                    .then(|| now_ms.saturating_sub(r.since_unix_ms) as f64 / 1000.0),
+            });
+        }
+    }
+    rows
 }
 
 #[derive(Debug, Default, Serialize, Clone, Copy)]
@@ -145,17 +202,61 @@ pub fn snapshot(instance: &str) -> Result<Snapshot> {
             },
         ));
     }
+    let health = health_rows(&dir, &snames, &bnames);
+    let agent_running =
+        std::os::unix::net::UnixStream::connect(crate::ops::socket_path(instance)).is_ok();
     Ok(Snapshot {
         instance: instance.to_string(),
         global,
         services,
         backends,
+        agent_running,
+        health,
     })
 }
 
 pub fn print(s: &Snapshot) {
     println!("instance {}", s.instance);
+    if s.agent_running {
+        println!("agent: running");
+    } else {
+        println!(
+            "agent: NOT running: the data path keeps forwarding with the last sets, but they are frozen and no \
+             failover happens until `lb run` runs again (or `lb detach --instance {}` stops it)",
+            s.instance
+        );
+    }
     println!();
+    if !s.health.is_empty() {
+        println!(
+            "{:<10} {:<8} {:<6} {:<7} {:<8} {:>9} {:>10}  last check",
+            "service", "backend", "state", "in set", "admin", "latency", "since"
+        );
+        for h in &s.health {
+            let state = if h.up { "UP" } else { "DOWN" };
+            let since = h
+                .since_s
+                .map(|x| format!("{x:.1}s"))
+                .unwrap_or_else(|| "-".into());
+            let last = if h.checked {
+                h.last_check.as_str()
+            } else {
+                "no check"
+            };
+            println!(
+                "{:<10} {:<8} {:<6} {:<7} {:<8} {:>7.1}ms {:>10}  {}",
+                h.service,
+                h.backend,
+                state,
+                if h.in_set { "yes" } else { "no" },
+                h.admin,
+                h.latency_ms,
+                since,
+                last
+            );
+        }
+        println!();
+    }
     println!(
         "{:<12} {:>10} {:>12} {:>10} {:>12} {:>10} {:>8}",
         "service", "new flows", "pkts in", "bytes in", "pkts out", "bytes out", "drops"

@@ -17,6 +17,7 @@ use crate::{
         scheduler::{Command, Update},
     },
     live::{Admin, Live},
+    mirror::Mirror,
 };
 
 pub struct Supervisor {
@@ -33,6 +34,7 @@ pub struct Supervisor {
     /// While set, results are recorded but no set is written (adoption: one full round of
     /// checks first).
     hold: bool,
+    mirror: Option<Mirror>,
 }
 
 impl Supervisor {
@@ -58,11 +60,29 @@ impl Supervisor {
             admin: vec![Admin::Ready; cfg.backends.len()],
             live,
             hold: false,
+            mirror: None,
         };
         for s in 0..cfg.services.len() {
             sup.publish_set(cfg, s);
         }
         sup
+    }
+
+    /// Mirrors health into the pinned `HEALTH` map from now on (for `lb status`).
+    pub fn mirror_to(&mut self, cfg: &Config, mirror: Mirror) {
+        self.mirror = Some(mirror);
+        for s in 0..cfg.services.len() {
+            self.mirror_service(cfg, s);
+        }
+    }
+
+    fn mirror_service(&mut self, cfg: &Config, s: usize) {
+        let Some(m) = self.mirror.as_mut() else {
+            return;
+        };
+        if let Ok(v) = self.live.read() {
+            m.write_service(cfg, &v, s);
+        }
     }
 
     /// Takes over the sets an earlier agent installed: their members count as UP at full
@@ -130,6 +150,7 @@ impl Supervisor {
             if admin == Admin::Disable && cfg.services[s].backends.contains(&b) {
                 control.reset_flows(s as u32, b as u32)?;
             }
+            self.mirror_service(cfg, s);
         }
         Ok(format!("{name}: {admin:?}"))
     }
@@ -153,6 +174,7 @@ impl Supervisor {
         };
         self.health.insert((u.service, u.backend), h);
         self.record(cfg, u);
+        self.mirror_service(cfg, u.service);
         let svc = &cfg.services[u.service];
         // A positive claim from a server that is not the holder: re-check the holder now.
         if svc.exclusive && h.latest_positive {
@@ -206,6 +228,7 @@ impl Supervisor {
         }
         let old = std::mem::replace(&mut self.installed[s], d.members.clone());
         self.publish_set(cfg, s);
+        self.mirror_service(cfg, s);
         // Install first, then reset: a flow created from the old set after the reset would
         // otherwise survive.
         let generation = control.install_backends(cfg, s, &d.members)?;
