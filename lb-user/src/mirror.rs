@@ -51,8 +51,10 @@ impl Mirror {
             let Some(p) = view.services[s].pairs.get(i) else {
                 continue;
             };
-            let mut r = HealthRecord::default();
-            r.flags = HEALTH_F_CONFIGURED;
+            let mut r = HealthRecord {
+                flags: HEALTH_F_CONFIGURED,
+                ..Default::default()
+            };
             if p.up {
                 r.flags |= HEALTH_F_UP;
             }
