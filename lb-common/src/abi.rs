@@ -139,11 +139,6 @@ const fn eq(a: &[u8], b: &str) -> bool {
     true
 }
 
-/// The hash stored for map `name` given its configured size.
-pub const fn map_hash(layout: u64, max_entries: u32) -> u64 {
-    mix(layout, max_entries as u64)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -156,11 +151,5 @@ mod tests {
             assert!(!seen.contains(&h), "{n} collides");
             seen.push(h);
         }
-    }
-
-    #[test]
-    fn the_size_is_part_of_the_hash() {
-        let l = layout(names::CT_ESTABLISHED).unwrap();
-        assert_ne!(map_hash(l, 1024), map_hash(l, 2048));
     }
 }

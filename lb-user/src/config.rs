@@ -638,14 +638,17 @@ impl Config {
             connect_timeout,
             idle_timeout,
             close_timeout,
+            // Default: room for every flow the SNAT ports allow (two entries a flow), at least
+            // the built-in sizes' order of magnitude for small setups.
             embryonic_entries: raw
                 .tables
                 .embryonic
                 .unwrap_or(lb_common::DEFAULT_EMBRYONIC_ENTRIES),
-            established_entries: raw
-                .tables
-                .established
-                .unwrap_or(lb_common::DEFAULT_ESTABLISHED_ENTRIES),
+            established_entries: raw.tables.established.unwrap_or_else(|| {
+                let flows = (snat_ports.1 - snat_ports.0) as u64 + 1;
+                let flows = flows * backends.len().max(1) as u64;
+                (2 * flows).clamp(1024, 1 << 24) as u32
+            }),
             backends,
             services,
             admin,

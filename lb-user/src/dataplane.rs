@@ -71,15 +71,20 @@ fn configured_size(cfg: &Config, name: &str) -> u32 {
 }
 
 /// The `META` hashes this build expects for `cfg`, by map name.
-fn expected_meta(cfg: &Config) -> Result<Vec<(&'static str, u64)>> {
+/// META slot `i` holds map `names::ALL[i]`'s layout hash, slot `SIZE_SLOTS + i` its size.
+fn expected_meta() -> Result<Vec<(&'static str, u64)>> {
     names::ALL
         .iter()
         .map(|&n| {
-            let layout = abi::layout(n).with_context(|| format!("no ABI layout for map {n}"))?;
-            Ok((n, abi::map_hash(layout, configured_size(cfg, n))))
+            Ok((
+                n,
+                abi::layout(n).with_context(|| format!("no ABI layout for map {n}"))?,
+            ))
         })
         .collect()
 }
+
+const SIZE_SLOTS: u32 = 24;
 
 /// Whether an instance was found pinned and adopted, and how many flows it carried.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -102,8 +107,9 @@ fn pinned_flows(dir: &Path) -> u64 {
     table.keys().filter(|k| k.is_ok()).count() as u64 / 2
 }
 
-/// Refuses to reuse pinned maps whose layout differs from this build's.
-fn check_meta(cfg: &Config, dir: &Path) -> Result<Pins> {
+/// Refuses to reuse pinned maps whose layout differs from this build's. A pinned table keeps
+/// its size (the kernel cannot resize a map): `cfg` is adjusted to it, with a warning.
+fn check_meta(cfg: &mut Config, dir: &Path) -> Result<Pins> {
     let meta_path = dir.join(names::META);
     if !meta_path.exists() {
         if dir.exists()
@@ -125,9 +131,22 @@ fn check_meta(cfg: &Config, dir: &Path) -> Result<Pins> {
     .context("pinned META has an unexpected layout")?;
     let version = meta.get(&abi::META_VERSION_SLOT, 0).unwrap_or(0);
     let mut changed = Vec::new();
-    for (i, (name, want)) in expected_meta(cfg)?.into_iter().enumerate() {
+    for (i, (name, want)) in expected_meta()?.into_iter().enumerate() {
         if meta.get(&(i as u32), 0).unwrap_or(0) != want {
             changed.push(name);
+        }
+        let pinned = meta.get(&(SIZE_SLOTS + i as u32), 0).unwrap_or(0) as u32;
+        let configured = configured_size(cfg, name);
+        if configured != 0 && pinned != 0 && pinned != configured {
+            warn!(
+                map = name,
+                "the pinned table keeps its size {pinned} (configured {configured}); the new size applies after `lb detach`"
+            );
+            match name {
+                names::CT_EMBRYONIC => cfg.embryonic_entries = pinned,
+                names::CT_ESTABLISHED => cfg.established_entries = pinned,
+                _ => {}
+            }
         }
     }
     let flows = pinned_flows(dir);
@@ -146,8 +165,9 @@ fn check_meta(cfg: &Config, dir: &Path) -> Result<Pins> {
 
 fn write_meta(cfg: &Config, dir: &Path) -> Result<()> {
     let mut meta = Array::<MapData, u64>::create(abi::META_ENTRIES, 0).context("create META")?;
-    for (i, (_, h)) in expected_meta(cfg)?.into_iter().enumerate() {
+    for (i, (name, h)) in expected_meta()?.into_iter().enumerate() {
         meta.set(i as u32, h, 0)?;
+        meta.set(SIZE_SLOTS + i as u32, configured_size(cfg, name) as u64, 0)?;
     }
     meta.set(abi::META_VERSION_SLOT, abi::ABI_VERSION, 0)?;
     meta.pin(dir.join(names::META)).context("pin META")?;
@@ -157,7 +177,7 @@ fn write_meta(cfg: &Config, dir: &Path) -> Result<()> {
 /// Loads the object with every map pinned under `dir`: maps already pinned there (a running or
 /// crashed instance) are reused after their layout hashes match this build's, so connection
 /// tables and counters survive an agent restart or upgrade.
-pub fn load_pinned(cfg: &Config, dir: &Path) -> Result<(Ebpf, Pins)> {
+pub fn load_pinned(cfg: &mut Config, dir: &Path) -> Result<(Ebpf, Pins)> {
     let pins = check_meta(cfg, dir)?;
     fs::create_dir_all(dir).with_context(|| format!("create {}", dir.display()))?;
     let ebpf = load_with(cfg, Some(dir))?;

@@ -63,7 +63,7 @@ pub async fn run(args: RunArgs) -> Result<()> {
     dataplane::ensure_bpffs()?;
 
     let pin_dir = dataplane::pin_dir(&cfg.instance);
-    let (mut ebpf, pins) = dataplane::load_pinned(&cfg, &pin_dir)?;
+    let (mut ebpf, pins) = dataplane::load_pinned(&mut cfg, &pin_dir)?;
     match pins {
         Pins::Fresh => info!(dir = %pin_dir.display(), "new instance: maps pinned"),
         Pins::Adopted { flows } => info!(
@@ -229,12 +229,21 @@ async fn serve(
         }
     }
     let range = (cfg.snat_ports.1 - cfg.snat_ports.0) as u64 + 1;
+    // A hash-map element: key and value rounded to 8 bytes plus the kernel's htab_elem header
+    // (hash node, hash, LRU node): about 48 bytes on x86_64.
+    let entry = (std::mem::size_of::<lb_common::FlowKey>()
+        + std::mem::size_of::<lb_common::Flow>())
+    .next_multiple_of(8)
+        + 48;
+    let mib = |n: u32| (n as usize * entry) as f64 / (1024.0 * 1024.0);
     info!(
-        "capacity: {range} SNAT ports x {} backends = {} concurrent flows; tables: {} embryonic, {} established entries",
+        "capacity: {range} SNAT ports x {} backends = {} concurrent flows; tables: {} established entries (~{:.1} MiB, preallocated), {} embryonic (~{:.1} MiB)",
         cfg.backends.len(),
         range * cfg.backends.len() as u64,
+        cfg.established_entries,
+        mib(cfg.established_entries),
         cfg.embryonic_entries,
-        cfg.established_entries
+        mib(cfg.embryonic_entries),
     );
     status::write_info(&InstanceInfo {
         instance: cfg.instance.clone(),
