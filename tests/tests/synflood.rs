@@ -1,0 +1,93 @@
+//! A SYN flood fills the (small, evictable) embryonic table without touching established
+//! flows: a session idle during the flood still works afterwards, and new connections succeed
+//! once the flood stops.
+use std::{
+    io::{Read, Write},
+    net::{SocketAddr, SocketAddrV4, TcpListener, TcpStream},
+    thread,
+    time::Duration,
+};
+
+use anyhow::{ensure, Context, Result};
+use lb_tests::{
+    harness::{Ns, Topology},
+    traffic::{payload, send, Sink},
+};
+
+const ECHO_PORT: u16 = 9001;
+const SINK_PORT: u16 = 9000;
+const FLOOD: usize = 100_000;
+
+fn mac_of(ns: &Ns, iface: &str) -> Result<String> {
+    let out = ns.exec(&["cat", &format!("/sys/class/net/{iface}/address")])?;
+    Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
+}
+
+#[test]
+#[ignore = "needs root and netns: run cargo xtask test"]
+fn a_syn_flood_fills_only_the_embryonic_table_and_service_resumes_after_it() -> Result<()> {
+    let topo = Topology::two_armed("synflood")?;
+    let db01 = &topo.backends[0];
+    let _sinks = Sink::start(&db01.ns, &db01.name, SocketAddrV4::new(db01.addr, SINK_PORT))?;
+    let echo = db01.ns.run_in(|| TcpListener::bind(SocketAddrV4::new(db01.addr, ECHO_PORT)))??;
+    let mut cfg = format!("instance = \"{}\"\n[tables]\nembryonic = 4096\nestablished = 1024\n", topo.instance);
+    for b in &topo.backends {
+        cfg += &format!("[[backend]]\nname = \"{}\"\naddress = \"{}\"\n", b.name, b.addr);
+    }
+    cfg += &format!("[[service]]\nname = \"flooded\"\nvip = \"{}:{SINK_PORT}\"\nbackend_port = {SINK_PORT}\nbackends = [\"db01\"]\n", topo.vip);
+    cfg += &format!("[[service]]\nname = \"session\"\nvip = \"{}:{ECHO_PORT}\"\nbackend_port = {ECHO_PORT}\nbackends = [\"db01\"]\n", topo.vip);
+    let _lb = topo.start_lb(&cfg, &["--xdp-mode", "native"])?;
+
+    // A session established before the flood, idle during it.
+    let vip_echo = SocketAddr::V4(SocketAddrV4::new(topo.vip, ECHO_PORT));
+    let mut session = topo.client.ns.run_in(|| TcpStream::connect_timeout(&vip_echo, Duration::from_secs(5)))??;
+    session.set_read_timeout(Some(Duration::from_secs(5)))?;
+    let (mut server, _) = echo.accept()?;
+    server.set_read_timeout(Some(Duration::from_secs(5)))?;
+    let mut ping = |round: u8| -> Result<()> {
+        session.write_all(&[round; 8])?;
+        let mut buf = [0u8; 8];
+        server.read_exact(&mut buf)?;
+        server.write_all(&buf)?;
+        session.read_exact(&mut buf)?;
+        ensure!(buf == [round; 8], "round {round}: {buf:?}");
+        Ok(())
+    };
+    ping(1)?;
+
+    // 100k spoofed SYNs (bounded, generated inside the test's own namespaces).
+    let script = lb_tests::harness::repo_root().join("tests/py/synflood.py");
+    let src_mac = mac_of(&topo.client.ns, &topo.client.iface)?;
+    let dst_mac = mac_of(&topo.lb.ns, &topo.lb.ifaces[0])?;
+    topo.client.ns.exec(&[
+        "python3",
+        script.to_str().context("path")?,
+        &topo.client.iface,
+        &src_mac,
+        &dst_mac,
+        &topo.vip.to_string(),
+        &SINK_PORT.to_string(),
+        &FLOOD.to_string(),
+    ])?;
+    thread::sleep(Duration::from_millis(500));
+
+    let mut status = topo.lb.ns.command(lb_tests::harness::lb_bin());
+    status.args(["status", "--instance", &topo.instance, "--json"]);
+    let s: serde_json::Value = serde_json::from_slice(&lb_tests::harness::ns::run(&mut status)?.stdout)?;
+    let counter = |name: &str| {
+        s["global"].as_array().into_iter().flatten().find(|e| e[0] == name).and_then(|e| e[1].as_u64()).unwrap_or(0)
+    };
+    ensure!(counter("new_flows") >= FLOOD as u64 / 2, "the flood did not reach the data path: {} new flows", counter("new_flows"));
+
+    ping(2).context("the idle session after the flood")?;
+    let vip = SocketAddrV4::new(topo.vip, SINK_PORT);
+    topo.client.ns.run_in(|| -> Result<()> {
+        for i in 0..20u64 {
+            let data = payload(i, 256);
+            let r = send(vip, &data).with_context(|| format!("connection {i} after the flood"))?;
+            ensure!(r.len == data.len(), "connection {i}: {r:?}");
+        }
+        Ok(())
+    })??;
+    Ok(())
+}
