@@ -26,7 +26,7 @@ use aya::{
     Ebpf,
 };
 use lb_common::{is_closing, names, Flow, FlowKey, DIR_FORWARD, IPPROTO_TCP};
-use tracing::{debug, warn};
+use tracing::{debug, info, warn};
 
 use crate::config::Config;
 
@@ -100,6 +100,51 @@ pub struct Gc {
     embryonic_visits: usize,
     established_visits: usize,
     timeouts: Timeouts,
+    log: ConnLog,
+}
+
+/// The connection log: one line per finished connection (backends only see the SNAT address,
+/// so this is how an operator maps a backend's peer back to a client), at most
+/// `ConnLog::PER_PASS` lines a pass, the rest summarised. Target `lb::conn` in the agent's log.
+#[derive(Default)]
+struct ConnLog {
+    suppressed: u64,
+}
+
+impl ConnLog {
+    const PER_PASS: usize = 100;
+
+    fn line(&mut self, logged: &mut usize, key: &FlowKey, fwd: &Flow, rev: &Flow, why: Expiry) {
+        if *logged >= Self::PER_PASS {
+            self.suppressed += 1;
+            return;
+        }
+        *logged += 1;
+        let ip = |a: u32| std::net::Ipv4Addr::from(u32::from_be(a));
+        let reason = match why {
+            Expiry::Idle => "idle timeout",
+            Expiry::Closed if (fwd.close | rev.close) & lb_common::FLOW_CLOSE_RST != 0 => "reset",
+            Expiry::Closed => "closed (FIN both ways)",
+        };
+        let last = fwd.last_seen_ns.max(rev.last_seen_ns);
+        info!(
+            target: "lb::conn",
+            client = %format!("{}:{}", ip(key.saddr), u16::from_be(key.sport)),
+            vip = %format!("{}:{}", ip(key.daddr), u16::from_be(key.dport)),
+            snat = %format!("{}:{}", ip(fwd.nat_saddr), u16::from_be(fwd.nat_sport)),
+            backend = %format!("{}:{}", ip(fwd.nat_daddr), u16::from_be(fwd.nat_dport)),
+            duration_s = format!("{:.1}", last.saturating_sub(fwd.created_ns) as f64 / 1e9),
+            reason,
+            "connection ended"
+        );
+    }
+
+    fn flush(&mut self) {
+        if self.suppressed > 0 {
+            info!(target: "lb::conn", "{} more connections ended (connection log limited to {} lines a second)", self.suppressed, Self::PER_PASS);
+            self.suppressed = 0;
+        }
+    }
 }
 
 /// A table as a typed map, and the visit bound of a walk over it.
@@ -164,6 +209,7 @@ impl Gc {
             embryonic_visits,
             established_visits,
             timeouts,
+            log: ConnLog::default(),
         })
     }
 
@@ -180,6 +226,7 @@ impl Gc {
             embryonic_visits,
             established_visits,
             timeouts,
+            log: ConnLog::default(),
         })
     }
 
@@ -199,6 +246,7 @@ impl Gc {
             embryonic_visits,
             established_visits,
             timeouts,
+            log: ConnLog::default(),
         })
     }
 
@@ -294,6 +342,7 @@ impl Gc {
             }
         }
 
+        let mut logged = 0;
         for (fkey, rkey, why) in flows {
             // Read again: a segment may have revived the flow, or a new one taken the tuple.
             let (Ok(f), Ok(r)) = (
@@ -313,6 +362,7 @@ impl Gc {
             }
             remove(&mut self.established, &fkey);
             remove(&mut self.established, &rkey);
+            self.log.line(&mut logged, &fkey, &f, &r, why);
             match why {
                 Expiry::Closed => st.closed += 1,
                 Expiry::Idle => st.idle += 1,
@@ -333,6 +383,7 @@ impl Gc {
             remove(&mut self.established, &key);
             st.orphans += 1;
         }
+        self.log.flush();
         budget.saturating_sub(planned)
     }
 

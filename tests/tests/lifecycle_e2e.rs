@@ -141,7 +141,7 @@ fn idle_and_closed_flows_leave_the_table_after_their_timeouts_while_active_ones_
     let listener = db01
         .ns
         .run_in(|| TcpListener::bind(SocketAddrV4::new(db01.addr, PORT)))??;
-    let _lb = topo.start_lb(&config(&topo), &["--xdp-mode", "native"])?;
+    let lb = topo.start_lb(&config(&topo), &["--xdp-mode", "native"])?;
     let table = established(&topo)?;
 
     let idle = Conn::open(&topo, &listener)?;
@@ -227,5 +227,23 @@ fn idle_and_closed_flows_leave_the_table_after_their_timeouts_while_active_ones_
         "the active connection lost its entries"
     );
     active.ping(200)?;
+
+    // The connection log names the client behind each SNAT port and why the connection ended.
+    let logs = lb.logs();
+    let ended: Vec<&str> = logs
+        .lines()
+        .filter(|l| l.contains("connection ended"))
+        .collect();
+    ensure!(
+        ended.iter().any(|l| l.contains("idle timeout"))
+            && ended.iter().any(|l| l.contains("FIN both ways")),
+        "connection log: {ended:#?}"
+    );
+    ensure!(
+        ended
+            .iter()
+            .all(|l| l.contains(&format!("client={}:", topo.client.addr)) && l.contains("snat=")),
+        "connection log lines lack the client or SNAT port: {ended:#?}"
+    );
     Ok(())
 }
