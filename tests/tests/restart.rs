@@ -101,9 +101,17 @@ fn a_stream_survives_kill_9_of_the_agent_and_its_restart_with_a_changed_config()
         // No agent: the pinned program keeps translating, and `lb status` says so.
         let mut status = topo.lb.ns.command(lb_tests::harness::lb_bin());
         status.args(["status", "--instance", &topo.instance]);
-        let out = String::from_utf8_lossy(&lb_tests::harness::ns::run(&mut status)?.stdout).to_string();
-        ensure!(out.contains("agent: NOT running") && out.contains("no failover happens"), "{out}");
-        ensure!(out.lines().any(|l| l.starts_with("write") && l.contains("db01") && l.contains("UP")), "{out}");
+        let out =
+            String::from_utf8_lossy(&lb_tests::harness::ns::run(&mut status)?.stdout).to_string();
+        ensure!(
+            out.contains("agent: NOT running") && out.contains("no failover happens"),
+            "{out}"
+        );
+        ensure!(
+            out.lines()
+                .any(|l| l.starts_with("write") && l.contains("db01") && l.contains("UP")),
+            "{out}"
+        );
         thread::sleep(Duration::from_millis(1500));
         ensure!(
             !streamer.is_finished(),

@@ -28,11 +28,23 @@ fn mac_of(ns: &Ns, iface: &str) -> Result<String> {
 fn a_syn_flood_fills_only_the_embryonic_table_and_service_resumes_after_it() -> Result<()> {
     let topo = Topology::two_armed("synflood")?;
     let db01 = &topo.backends[0];
-    let _sinks = Sink::start(&db01.ns, &db01.name, SocketAddrV4::new(db01.addr, SINK_PORT))?;
-    let echo = db01.ns.run_in(|| TcpListener::bind(SocketAddrV4::new(db01.addr, ECHO_PORT)))??;
-    let mut cfg = format!("instance = \"{}\"\n[tables]\nembryonic = 4096\nestablished = 1024\n", topo.instance);
+    let _sinks = Sink::start(
+        &db01.ns,
+        &db01.name,
+        SocketAddrV4::new(db01.addr, SINK_PORT),
+    )?;
+    let echo = db01
+        .ns
+        .run_in(|| TcpListener::bind(SocketAddrV4::new(db01.addr, ECHO_PORT)))??;
+    let mut cfg = format!(
+        "instance = \"{}\"\n[tables]\nembryonic = 4096\nestablished = 1024\n",
+        topo.instance
+    );
     for b in &topo.backends {
-        cfg += &format!("[[backend]]\nname = \"{}\"\naddress = \"{}\"\n", b.name, b.addr);
+        cfg += &format!(
+            "[[backend]]\nname = \"{}\"\naddress = \"{}\"\n",
+            b.name, b.addr
+        );
     }
     cfg += &format!("[[service]]\nname = \"flooded\"\nvip = \"{}:{SINK_PORT}\"\nbackend_port = {SINK_PORT}\nbackends = [\"db01\"]\n", topo.vip);
     cfg += &format!("[[service]]\nname = \"session\"\nvip = \"{}:{ECHO_PORT}\"\nbackend_port = {ECHO_PORT}\nbackends = [\"db01\"]\n", topo.vip);
@@ -40,7 +52,10 @@ fn a_syn_flood_fills_only_the_embryonic_table_and_service_resumes_after_it() -> 
 
     // A session established before the flood, idle during it.
     let vip_echo = SocketAddr::V4(SocketAddrV4::new(topo.vip, ECHO_PORT));
-    let mut session = topo.client.ns.run_in(|| TcpStream::connect_timeout(&vip_echo, Duration::from_secs(5)))??;
+    let mut session = topo
+        .client
+        .ns
+        .run_in(|| TcpStream::connect_timeout(&vip_echo, Duration::from_secs(5)))??;
     session.set_read_timeout(Some(Duration::from_secs(5)))?;
     let (mut server, _) = echo.accept()?;
     server.set_read_timeout(Some(Duration::from_secs(5)))?;
@@ -73,11 +88,22 @@ fn a_syn_flood_fills_only_the_embryonic_table_and_service_resumes_after_it() -> 
 
     let mut status = topo.lb.ns.command(lb_tests::harness::lb_bin());
     status.args(["status", "--instance", &topo.instance, "--json"]);
-    let s: serde_json::Value = serde_json::from_slice(&lb_tests::harness::ns::run(&mut status)?.stdout)?;
+    let s: serde_json::Value =
+        serde_json::from_slice(&lb_tests::harness::ns::run(&mut status)?.stdout)?;
     let counter = |name: &str| {
-        s["global"].as_array().into_iter().flatten().find(|e| e[0] == name).and_then(|e| e[1].as_u64()).unwrap_or(0)
+        s["global"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|e| e[0] == name)
+            .and_then(|e| e[1].as_u64())
+            .unwrap_or(0)
     };
-    ensure!(counter("new_flows") >= FLOOD as u64 / 2, "the flood did not reach the data path: {} new flows", counter("new_flows"));
+    ensure!(
+        counter("new_flows") >= FLOOD as u64 / 2,
+        "the flood did not reach the data path: {} new flows",
+        counter("new_flows")
+    );
 
     ping(2).context("the idle session after the flood")?;
     let vip = SocketAddrV4::new(topo.vip, SINK_PORT);
