@@ -9,7 +9,19 @@
 //!   `inter 250ms rise 1 fall 1`.
 //! - [`clients`]: the Bolt client load (new connections, pooled ones) and outcome classification;
 //! - [`stats`]: medians and spreads over runs.
+//! - [`driver`]: `lb-bench all|throughput|connrate|latency|cost|memory` (the figures):
+//!   [`contestants`] (direct, lb native/generic, HAProxy, nftables, each in a fresh cell),
+//!   [`suite`] (iperf3, Bolt short sessions and ping-pong from [`loadgen`], memory), [`probe`]
+//!   (CPU, bpf_stats, lb counters, ForwDatagrams), [`cost`] (XDP cost per packet via
+//!   BPF_PROG_TEST_RUN) and [`report`] (the markdown tables).
 
 pub mod clients;
+pub mod contestants;
+pub mod cost;
+pub mod driver;
 pub mod failover;
+pub mod loadgen;
+pub mod probe;
+pub mod report;
 pub mod stats;
+pub mod suite;

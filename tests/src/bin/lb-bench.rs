@@ -5,6 +5,10 @@
 //! records to `target/bench/failover.json`. Numbers are reported, never asserted; the exit status is
 //! non-zero only when a contestant produced no data at all.
 //!
+//! `lb-bench all|throughput|connrate|latency|cost|memory [--quick] [--smoke] [--rounds N] [--only
+//! ID,...]`: lb against direct, HAProxy and nftables (see `lb_tests::bench::driver`); `all` also
+//! writes `BENCHMARKS.md`. Non-zero exit on a missing cell or a failed honesty check.
+//!
 //! Environment (set by xtask): LB_BIN, LB_SIM_BIN (release builds), LB_REPO; LB_HAPROXY optional.
 
 use std::process::ExitCode;
@@ -12,6 +16,7 @@ use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
+use lb_tests::bench::driver::{self, Which};
 use lb_tests::bench::failover::{self, Contestant, RunRecord, Scenario};
 use lb_tests::harness;
 use serde::Serialize;
@@ -40,6 +45,34 @@ enum Bench {
         #[arg(long, value_delimiter = ',')]
         only: Vec<String>,
     },
+    /// Every figure below (not failover): the report goes to stdout and BENCHMARKS.md.
+    All(PerfArgs),
+    /// Bulk throughput with iperf3, 1 and 4 streams.
+    Throughput(PerfArgs),
+    /// Bolt short sessions: connections per second, connect + first-byte latency.
+    Connrate(PerfArgs),
+    /// Ping-pong on a persistent connection.
+    Latency(PerfArgs),
+    /// XDP program cost per packet (BPF_PROG_TEST_RUN).
+    Cost(PerfArgs),
+    /// Agent RSS and BPF map memory (and HAProxy's RSS).
+    Memory(PerfArgs),
+}
+
+#[derive(clap::Args)]
+struct PerfArgs {
+    /// One round, shorter measurements (under 2 minutes for `all`).
+    #[arg(long)]
+    quick: bool,
+    /// Tiny durations: checks that every cell runs (used by `cargo xtask test`).
+    #[arg(long)]
+    smoke: bool,
+    /// Rounds per contestant (default 3, 1 with --quick).
+    #[arg(long)]
+    rounds: Option<usize>,
+    /// Only these contestants: direct, direct-offloads, lb-native, lb-generic, haproxy, nftables.
+    #[arg(long, value_delimiter = ',')]
+    only: Vec<String>,
 }
 
 #[derive(Serialize)]
@@ -91,7 +124,27 @@ fn real_main() -> Result<bool> {
     let cli = Cli::parse();
     match cli.bench {
         Bench::Failover { runs, quick, only } => failover_bench(runs, quick, &only),
+        Bench::All(a) => perf(Which::All, a),
+        Bench::Throughput(a) => perf(Which::Throughput, a),
+        Bench::Connrate(a) => perf(Which::Connrate, a),
+        Bench::Latency(a) => perf(Which::Latency, a),
+        Bench::Cost(a) => perf(Which::Cost, a),
+        Bench::Memory(a) => perf(Which::Memory, a),
     }
+}
+
+fn perf(which: Which, a: PerfArgs) -> Result<bool> {
+    let args: Vec<String> = std::env::args().skip(2).collect();
+    driver::run(&driver::Options {
+        which,
+        quick: a.quick,
+        smoke: a.smoke,
+        rounds: a.rounds,
+        only: a.only,
+        command: format!("cargo xtask bench {} -- {}", which.id(), args.join(" "))
+            .trim_end_matches(" -- ")
+            .to_string(),
+    })
 }
 
 fn failover_bench(runs: usize, quick: bool, only: &[String]) -> Result<bool> {

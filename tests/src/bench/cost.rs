@@ -1,0 +1,222 @@
+//! `lb-bench cost`: the XDP program's cost per packet through `BPF_PROG_TEST_RUN`, in the packet
+//! fixture's namespace (the program loaded and configured as the agent does it), against
+//! `lb_pass` (XDP_PASS and nothing else) from the same object measured the same way.
+//!
+//! `repeat` re-runs the program on the buffer the previous run left, so it serves only the paths
+//! that leave the frame alone: the non-VIP pass and the floor. The rewriting paths (new-flow SYN,
+//! established client segment, reply segment) each run once on N distinct pre-built frames of N
+//! distinct flows (`repeat = 1`), and the floor is measured likewise (`lb_pass`, once on each of
+//! the N SYN frames); each path is reported as the median over its frames minus that floor, which
+//! also removes the syscall's timer overhead that a single run carries.
+
+use anyhow::{ensure, Context, Result};
+use aya::programs::{TestRun, TestRunOptions, Xdp};
+use serde::Serialize;
+
+use crate::fixture::frames::{TcpFrame, ACK, PSH, SYN};
+use crate::fixture::{
+    sa, Action, Fixture, BACKEND_PORT, BK0_MAC, CL0_ADDR, CL0_MAC, CLIENT, CLIENT_MAC, DB01,
+    DB01_MAC, SNAT_ADDR, VIP, WRITE_PORT,
+};
+
+/// Frames per path and rounds.
+#[derive(Debug, Clone, Copy, Serialize)]
+pub struct CostPlan {
+    /// Distinct flows per round (each rewriting path runs once per flow).
+    pub frames: usize,
+    /// `repeat` of the non-modifying paths.
+    pub repeat: u32,
+    pub rounds: usize,
+}
+
+impl CostPlan {
+    pub fn full() -> CostPlan {
+        CostPlan {
+            frames: 4000,
+            repeat: 200_000,
+            rounds: 5,
+        }
+    }
+    pub fn quick() -> CostPlan {
+        CostPlan {
+            frames: 2000,
+            repeat: 100_000,
+            rounds: 3,
+        }
+    }
+    pub fn smoke() -> CostPlan {
+        CostPlan {
+            frames: 100,
+            repeat: 1000,
+            rounds: 1,
+        }
+    }
+}
+
+/// One round's medians, nanoseconds per packet.
+#[derive(Debug, Clone, Copy, Default, Serialize)]
+pub struct CostRound {
+    /// `lb_pass`, repeat = 1 over the N SYN frames (median): floor of the rewriting paths.
+    pub floor_once_ns: f64,
+    /// `lb_pass`, repeat = R on the non-VIP frame: floor of the non-VIP pass.
+    pub floor_repeat_ns: f64,
+    /// lb_xdp, gross (before subtracting the floor).
+    pub syn_ns: f64,
+    pub established_ns: f64,
+    pub reply_ns: f64,
+    pub non_vip_ns: f64,
+}
+
+fn run_once(prog: &Xdp, frame: &[u8], ifindex: u32, repeat: u32) -> Result<(Action, f64, Vec<u8>)> {
+    let md: [u32; 6] = [0, frame.len() as u32, 0, ifindex, 0, 0];
+    let ctx: Vec<u8> = md.iter().flat_map(|w| w.to_ne_bytes()).collect();
+    let mut out = vec![0u8; frame.len() + 256];
+    let r = prog
+        .test_run(TestRunOptions {
+            data_in: Some(frame),
+            data_out: Some(&mut out),
+            ctx_in: Some(&ctx),
+            repeat,
+            ..Default::default()
+        })
+        .context("BPF_PROG_TEST_RUN")?;
+    out.truncate(r.data_size_out as usize);
+    Ok((
+        Action::from(r.return_value),
+        r.duration.as_nanos() as f64,
+        out,
+    ))
+}
+
+fn median(v: &mut [f64]) -> f64 {
+    v.sort_by(f64::total_cmp);
+    if v.is_empty() {
+        return 0.0;
+    }
+    v[v.len() / 2]
+}
+
+/// Runs `plan` in a packet fixture; one [`CostRound`] per round.
+pub fn measure(plan: &CostPlan) -> Result<Vec<CostRound>> {
+    Fixture::run("bench_cost", |fx| {
+        {
+            let pass: &mut Xdp = fx
+                .ebpf
+                .program_mut("lb_pass")
+                .context("no lb_pass program")?
+                .try_into()?;
+            pass.load().context("loading lb_pass")?;
+        }
+        let (cl0, bk0) = (fx.cl0.ifindex, fx.bk0.ifindex);
+        let mut rounds = Vec::new();
+        let n = plan.frames;
+        ensure!(
+            n * plan.rounds < 60_000,
+            "at most 60000 flows (client ports)"
+        );
+        for round in 0..plan.rounds {
+            let lb: &Xdp = fx.ebpf.program("lb_xdp").context("no lb_xdp")?.try_into()?;
+            let pass: &Xdp = fx
+                .ebpf
+                .program("lb_pass")
+                .context("no lb_pass")?
+                .try_into()?;
+            let base = 2000 + (round * n) as u16;
+            let syns: Vec<(TcpFrame, Vec<u8>)> = (0..n)
+                .map(|i| {
+                    let f = TcpFrame::syn(
+                        CLIENT_MAC,
+                        CL0_MAC,
+                        sa(CLIENT, base + i as u16),
+                        sa(VIP, WRITE_PORT),
+                    );
+                    let b = f.bytes()?;
+                    Ok((f, b))
+                })
+                .collect::<Result<_>>()?;
+            let mut floor_once = Vec::with_capacity(n);
+            for (_, b) in &syns {
+                floor_once.push(run_once(pass, b, cl0, 1)?.1);
+            }
+            // New flows: one SYN each.
+            let mut syn_ns = Vec::with_capacity(n);
+            let mut snat_ports = Vec::with_capacity(n);
+            for (_, b) in &syns {
+                let (action, ns, out) = run_once(lb, b, cl0, 1)?;
+                ensure!(
+                    matches!(action, Action::Redirect | Action::Tx),
+                    "SYN: {action:?}"
+                );
+                snat_ports.push(u16::from_be_bytes([out[34], out[35]]));
+                syn_ns.push(ns);
+            }
+            // Complete the handshakes (not timed): SYN-ACK from db01, the client's ACK.
+            let client_seq = syns[0].0.seq.wrapping_add(1);
+            let backend_seq = 0x5000_0000u32;
+            let backend = |port: u16, flags: u8, payload: &[u8]| {
+                TcpFrame::new(
+                    DB01_MAC,
+                    BK0_MAC,
+                    sa(DB01, BACKEND_PORT),
+                    sa(SNAT_ADDR, port),
+                )
+                .with_flags(flags)
+                .with_seq_ack(backend_seq, client_seq)
+                .with_payload(payload)
+            };
+            let client = |cport: u16, flags: u8, payload: &[u8]| {
+                TcpFrame::new(CLIENT_MAC, CL0_MAC, sa(CLIENT, cport), sa(VIP, WRITE_PORT))
+                    .with_flags(flags)
+                    .with_seq_ack(client_seq, backend_seq.wrapping_add(1))
+                    .with_payload(payload)
+            };
+            for (i, &port) in snat_ports.iter().enumerate() {
+                let sa_frame = backend(port, SYN | ACK, b"").bytes()?;
+                let (a, _, _) = run_once(lb, &sa_frame, bk0, 1)?;
+                ensure!(matches!(a, Action::Redirect | Action::Tx), "SYN-ACK: {a:?}");
+                let ack = client(base + i as u16, ACK, b"").bytes()?;
+                let (a, _, _) = run_once(lb, &ack, cl0, 1)?;
+                ensure!(matches!(a, Action::Redirect | Action::Tx), "ACK: {a:?}");
+            }
+            // A small Bolt-sized request and response on every flow.
+            let request = [0u8; 64];
+            let mut est_ns = Vec::with_capacity(n);
+            let mut reply_ns = Vec::with_capacity(n);
+            let requests: Vec<Vec<u8>> = (0..n)
+                .map(|i| client(base + i as u16, PSH | ACK, &request).bytes())
+                .collect::<Result<_>>()?;
+            let replies: Vec<Vec<u8>> = snat_ports
+                .iter()
+                .map(|&p| backend(p, PSH | ACK, &request).bytes())
+                .collect::<Result<_>>()?;
+            for (req, rep) in requests.iter().zip(&replies) {
+                let (a, ns, _) = run_once(lb, req, cl0, 1)?;
+                ensure!(
+                    matches!(a, Action::Redirect | Action::Tx),
+                    "established: {a:?}"
+                );
+                est_ns.push(ns);
+                let (a, ns, _) = run_once(lb, rep, bk0, 1)?;
+                ensure!(matches!(a, Action::Redirect | Action::Tx), "reply: {a:?}");
+                reply_ns.push(ns);
+            }
+            // Not for a VIP: to the lb host's own address (e.g. ssh), left alone.
+            let other =
+                TcpFrame::syn(CLIENT_MAC, CL0_MAC, sa(CLIENT, 50000), sa(CL0_ADDR, 22)).bytes()?;
+            let (a, non_vip, out) = run_once(lb, &other, cl0, plan.repeat)?;
+            ensure!(a == Action::Pass, "non-VIP frame: {a:?}");
+            ensure!(out == other, "the non-VIP frame was modified");
+            let (a, floor_repeat, _) = run_once(pass, &other, cl0, plan.repeat)?;
+            ensure!(a == Action::Pass, "lb_pass: {a:?}");
+            rounds.push(CostRound {
+                floor_once_ns: median(&mut floor_once),
+                floor_repeat_ns: floor_repeat,
+                syn_ns: median(&mut syn_ns),
+                established_ns: median(&mut est_ns),
+                reply_ns: median(&mut reply_ns),
+                non_vip_ns: non_vip,
+            });
+        }
+        Ok(rounds)
+    })
+}
