@@ -47,12 +47,12 @@ enum Task {
     },
     /// Setup, build, then show lb balancing a simulated 3-server Neo4j cluster in namespaces.
     Demo,
-    /// Setup, release build, then run a benchmark: `cargo xtask bench [failover] [-- --runs N --quick]`.
+    /// Setup, release build, then run benchmarks: `cargo xtask bench [SUITE] [-- --quick ...]`;
+    /// without a suite, `all` (writes BENCHMARKS.md) and then `failover`.
     Bench {
-        /// Which benchmark (`failover`).
-        #[arg(default_value = "failover")]
-        suite: String,
-        /// Passed to `lb-bench <suite>`, e.g. `--runs 3` or `--quick`.
+        /// all, throughput, connrate, latency, cost, memory or failover.
+        suite: Option<String>,
+        /// Passed to `lb-bench <suite>`, e.g. `--quick` or `--runs 3`.
         #[arg(last = true)]
         args: Vec<String>,
     },
@@ -117,15 +117,23 @@ fn real_main() -> Result<u8> {
             setup::setup()?;
             build(true)?;
             let release = repo().join("target/release");
-            let status = cmd::status(
-                std::process::Command::new(release.join("lb-bench"))
-                    .arg(&suite)
-                    .args(&args)
-                    .env("LB_BIN", release.join("lb"))
-                    .env("LB_SIM_BIN", release.join("neo4j-sim"))
-                    .env("LB_REPO", repo()),
-            )?;
-            return Ok(u8::try_from(exit_code(status)).unwrap_or(1));
+            let suites = match suite {
+                Some(s) => vec![s],
+                None => vec!["all".to_string(), "failover".to_string()],
+            };
+            let mut worst = 0;
+            for suite in suites {
+                let status = cmd::status(
+                    std::process::Command::new(release.join("lb-bench"))
+                        .arg(&suite)
+                        .args(&args)
+                        .env("LB_BIN", release.join("lb"))
+                        .env("LB_SIM_BIN", release.join("neo4j-sim"))
+                        .env("LB_REPO", repo()),
+                )?;
+                worst = worst.max(u8::try_from(exit_code(status)).unwrap_or(1));
+            }
+            return Ok(worst);
         }
     }
     Ok(0)
