@@ -381,6 +381,17 @@ fn setup_notes(
         plan.sessions_ms as f64 / 1000.0,
         plan.ping_ms as f64 / 1000.0
     );
+    let bg: Vec<Option<f64>> = cells.iter().map(|c| Some(c.background_busy_cpus)).collect();
+    if let Some(b) = super::stats::spread(&bg) {
+        s += &format!(
+            "- Other work on the machine (it is shared: other builds and tests may run): busy CPUs with no benchmark traffic, measured for {:.1} s after each cell's setup, median {:.2} ({:.2}-{:.2}) of {}; that background rate times the wall time is subtracted from each measurement's busy CPU time. Load averages per cell are in the JSON.\n",
+            super::suite::BACKGROUND.as_secs_f64(),
+            b.median,
+            b.min,
+            b.max,
+            m.cpus
+        );
+    }
     s += "- CPU: whole-machine busy time from /proc/stat over each measurement (XDP and the kernel's forwarding run in softirq, not in a process), per Gbit moved by iperf3 -P 4 and per completed session; `added` subtracts direct's figure of the same round. XDP run time from `bpf_stats` (kernel.bpf_stats_enabled=1 during the run); HAProxy's and lb's own process CPU from /proc/PID/stat.\n";
     if let Some(c) = cost {
         s += &format!(

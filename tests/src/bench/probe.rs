@@ -226,8 +226,10 @@ pub struct Snapshot {
 #[derive(Debug, Clone, Copy, Default, Serialize)]
 pub struct Usage {
     pub wall_s: f64,
-    /// Busy CPU seconds of the whole machine (all CPUs).
+    /// Busy CPU seconds of the whole machine (all CPUs), less the background measured before.
     pub busy_cpu_s: f64,
+    /// The same before subtracting the background.
+    pub raw_busy_cpu_s: f64,
     pub xdp_run_time_ns: Option<u64>,
     pub xdp_run_cnt: Option<u64>,
     pub balancer_cpu_s: Option<f64>,
@@ -268,6 +270,7 @@ impl Snapshot {
         Usage {
             wall_s,
             busy_cpu_s: after.cpu.busy_s - self.cpu.busy_s,
+            raw_busy_cpu_s: after.cpu.busy_s - self.cpu.busy_s,
             xdp_run_time_ns: sub(
                 self.xdp.map(|x| x.run_time_ns),
                 after.xdp.map(|x| x.run_time_ns),

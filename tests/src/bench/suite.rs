@@ -129,6 +129,11 @@ pub struct CellRecord {
     pub contestant: Contestant,
     pub round: usize,
     pub setup_s: f64,
+    /// Busy CPUs (0..=cpus) of the whole machine over [`BACKGROUND`] with no traffic, right after
+    /// setup: other work on the machine, subtracted from each measurement's busy time.
+    pub background_busy_cpus: f64,
+    /// `/proc/loadavg` after setup.
+    pub loadavg: String,
     pub bolt_target: String,
     pub iperf_target: String,
     pub offloads: Vec<String>,
@@ -198,6 +203,8 @@ fn run_cell(plan: &Plan, c: Contestant, round: usize) -> CellRecord {
         contestant: c,
         round,
         setup_s: 0.0,
+        background_busy_cpus: 0.0,
+        loadavg: String::new(),
         bolt_target: String::new(),
         iperf_target: String::new(),
         offloads: Vec::new(),
@@ -221,6 +228,15 @@ fn run_cell(plan: &Plan, c: Contestant, round: usize) -> CellRecord {
     rec.iperf_target = cell.iperf.to_string();
     rec.offloads = cell.offloads();
     rec.config = cell.config.clone();
+    rec.loadavg = std::fs::read_to_string("/proc/loadavg")
+        .unwrap_or_default()
+        .trim()
+        .to_string();
+    match background() {
+        Ok(b) => rec.background_busy_cpus = b,
+        Err(e) => rec.errors.push(format!("background CPU: {e:#}")),
+    }
+    let bg = rec.background_busy_cpus;
     let xdp_id = if c.is_lb() {
         match probe::xdp_prog_id(&cell.topo.lb.ns, &cell.topo.lb.ifaces[0]) {
             Ok(id) => Some(id),
@@ -235,7 +251,7 @@ fn run_cell(plan: &Plan, c: Contestant, round: usize) -> CellRecord {
     if plan.throughput {
         for streams in [1, 4] {
             let phase = format!("iperf3 -P {streams}");
-            match measured(&cell, xdp_id, || iperf(&cell, plan.iperf_s, streams)) {
+            match measured(&cell, xdp_id, bg, || iperf(&cell, plan.iperf_s, streams)) {
                 Ok(((gbps, retransmits), usage)) => {
                     honesty(&mut rec, &cell, &phase, &usage, u64::from(streams) + 1);
                     rec.checks.push(Check {
@@ -262,7 +278,7 @@ fn run_cell(plan: &Plan, c: Contestant, round: usize) -> CellRecord {
             plan.clients,
             Duration::from_millis(plan.sessions_ms),
         );
-        let r = measured(&cell, xdp_id, || {
+        let r = measured(&cell, xdp_id, bg, || {
             cell.topo
                 .client
                 .ns
@@ -300,7 +316,7 @@ fn run_cell(plan: &Plan, c: Contestant, round: usize) -> CellRecord {
     if plan.latency {
         let phase = "ping-pong".to_string();
         let (addr, dur) = (cell.bolt, Duration::from_millis(plan.ping_ms));
-        let r = measured(&cell, xdp_id, || {
+        let r = measured(&cell, xdp_id, bg, || {
             cell.topo
                 .client
                 .ns
@@ -339,9 +355,12 @@ fn run_cell(plan: &Plan, c: Contestant, round: usize) -> CellRecord {
 }
 
 /// Runs `f` between two snapshots.
+/// Runs `f` between two snapshots; the busy time of `background` CPUs over the wall time is
+/// taken off the machine's busy time.
 fn measured<T>(
     cell: &Cell,
     xdp_id: Option<u64>,
+    background: f64,
     f: impl FnOnce() -> Result<T>,
 ) -> Result<(T, Usage)> {
     let before = Snapshot::take(cell, xdp_id, true)?;
@@ -349,7 +368,22 @@ fn measured<T>(
     let out = f()?;
     let wall = t.elapsed().as_secs_f64();
     let after = Snapshot::take(cell, xdp_id, false)?;
-    Ok((out, before.usage(&after, wall)))
+    let mut usage = before.usage(&after, wall);
+    usage.raw_busy_cpu_s = usage.busy_cpu_s;
+    usage.busy_cpu_s = (usage.busy_cpu_s - background * wall).max(0.0);
+    Ok((out, usage))
+}
+
+/// How long the machine is watched with no traffic before a cell's measurements.
+pub const BACKGROUND: Duration = Duration::from_millis(500);
+
+/// Busy CPUs of the whole machine over [`BACKGROUND`].
+fn background() -> Result<f64> {
+    let a = probe::machine_cpu()?;
+    let t = Instant::now();
+    std::thread::sleep(BACKGROUND);
+    let b = probe::machine_cpu()?;
+    Ok((b.busy_s - a.busy_s) / t.elapsed().as_secs_f64())
 }
 
 /// The honesty checks of lb's cells; other cells only record `ForwDatagrams`.
