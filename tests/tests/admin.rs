@@ -34,12 +34,7 @@ fn config(topo: &Topology, admin: &str) -> String {
             "[[check]]\nname = \"{name}\"\npreset = \"{preset}\"\ninter = \"200ms\"\nfastinter = \"100ms\"\nrise = 2\nfall = 2\ntimeout = \"300ms\"\n"
         );
     }
-    for b in &topo.backends {
-        s += &format!(
-            "[[backend]]\nname = \"{}\"\naddress = \"{}\"\n",
-            b.name, b.addr
-        );
-    }
+    s += &topo.backends_toml();
     let all = "\"db01\", \"db02\", \"db03\"";
     for (name, port, bport, check) in [
         ("write", 7680, 7687, "master"),

@@ -49,12 +49,7 @@ fn every_flow_goes_to_a_member_of_the_generation_that_chose_it_across_1000_flips
         .map(|b| Sink::start(&b.ns, &b.name, SocketAddrV4::new(b.addr, SINK_PORT)))
         .collect::<Result<_>>()?;
     let mut toml = format!("instance = \"{}\"\n", topo.instance);
-    for b in &topo.backends {
-        toml += &format!(
-            "[[backend]]\nname = \"{}\"\naddress = \"{}\"\n",
-            b.name, b.addr
-        );
-    }
+    toml += &topo.backends_toml();
     toml += &format!(
         "[[service]]\nname = \"write\"\nvip = \"{}:7680\"\nbackend_port = {SINK_PORT}\nbackends = [\"db01\", \"db02\", \"db03\"]\n",
         topo.vip

@@ -27,12 +27,7 @@ fn config(topo: &Topology) -> String {
         "instance = \"{}\"\nsnat_ports = \"10000-32767\"\n[timeouts]\nidle = \"3s\"\nclose = \"2s\"\n",
         topo.instance
     );
-    for b in &topo.backends {
-        s += &format!(
-            "[[backend]]\nname = \"{}\"\naddress = \"{}\"\n",
-            b.name, b.addr
-        );
-    }
+    s += &topo.backends_toml();
     s += &format!(
         "[[service]]\nname = \"write\"\nvip = \"{}:{VIP_PORT}\"\nbackend_port = {PORT}\nbackends = [\"db01\"]\n",
         topo.vip

@@ -23,12 +23,7 @@ fn config(topo: &Topology) -> String {
         "instance = \"{}\"\nsnat_ports = \"10000-32767\"\n",
         topo.instance
     );
-    for b in &topo.backends {
-        s += &format!(
-            "[[backend]]\nname = \"{}\"\naddress = \"{}\"\n",
-            b.name, b.addr
-        );
-    }
+    s += &topo.backends_toml();
     let svc = |name: &str, port: u16, bport: u16, members: &str| {
         format!("[[service]]\nname = \"{name}\"\nvip = \"{}:{port}\"\nbackend_port = {bport}\nbackends = [{members}]\n", topo.vip)
     };

@@ -20,12 +20,7 @@ const ECHO_PORT: u16 = 9000;
 fn config(topo: &Topology, extra: &str) -> String {
     let mut s = format!("instance = \"{}\"\n", topo.instance);
     s += "[[check]]\nname = \"master\"\npreset = \"neo4j-ha-master\"\ninter = \"200ms\"\nrise = 1\nfall = 2\n";
-    for b in &topo.backends {
-        s += &format!(
-            "[[backend]]\nname = \"{}\"\naddress = \"{}\"\n",
-            b.name, b.addr
-        );
-    }
+    s += &topo.backends_toml();
     s += &format!(
         "[[service]]\nname = \"write\"\nvip = \"{}:7680\"\nbackend_port = {ECHO_PORT}\nbackends = [\"db01\", \"db02\", \"db03\"]\ncheck = \"master\"\n",
         topo.vip

@@ -40,12 +40,7 @@ fn a_syn_flood_fills_only_the_embryonic_table_and_service_resumes_after_it() -> 
         "instance = \"{}\"\n[tables]\nembryonic = 4096\nestablished = 1024\n",
         topo.instance
     );
-    for b in &topo.backends {
-        cfg += &format!(
-            "[[backend]]\nname = \"{}\"\naddress = \"{}\"\n",
-            b.name, b.addr
-        );
-    }
+    cfg += &topo.backends_toml();
     cfg += &format!("[[service]]\nname = \"flooded\"\nvip = \"{}:{SINK_PORT}\"\nbackend_port = {SINK_PORT}\nbackends = [\"db01\"]\n", topo.vip);
     cfg += &format!("[[service]]\nname = \"session\"\nvip = \"{}:{ECHO_PORT}\"\nbackend_port = {ECHO_PORT}\nbackends = [\"db01\"]\n", topo.vip);
     let _lb = topo.start_lb(&cfg, &["--xdp-mode", "native"])?;

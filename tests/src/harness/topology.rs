@@ -359,17 +359,25 @@ impl Topology {
 
     /// The standard Neo4j config for this topology: write VIP port 7680 -> master db01:7687, read
     /// 7681 -> the other backends (db01 too if it is the only one), HTTP 80 -> all backends' 7474.
+    /// The `[[backend]]` tables of this topology's backends (name and address).
+    pub fn backends_toml(&self) -> String {
+        self.backends
+            .iter()
+            .map(|b| {
+                format!(
+                    "\n[[backend]]\nname = \"{}\"\naddress = \"{}\"\n",
+                    b.name, b.addr
+                )
+            })
+            .collect()
+    }
+
     pub fn neo4j_config(&self) -> String {
         let mut s = format!(
             "instance = \"{}\"\nsnat_ports = \"10000-32767\"\n",
             self.instance
         );
-        for b in &self.backends {
-            s.push_str(&format!(
-                "\n[[backend]]\nname = \"{}\"\naddress = \"{}\"\n",
-                b.name, b.addr
-            ));
-        }
+        s.push_str(&self.backends_toml());
         let names: Vec<String> = self
             .backends
             .iter()
