@@ -69,6 +69,11 @@ pub enum Counter {
     /// SYN on the tuple of a closing flow (FIN both ways or RST): the old flow was deleted and
     /// a new one started (TIME_WAIT reuse by the client).
     ClosedTupleReused,
+    /// `xdp:xdp_redirect_err` tracepoint hits (any XDP program on this host): a redirect the
+    /// kernel refused after the program returned (e.g. frame larger than the egress MTU).
+    XdpRedirectErr,
+    /// `xdp:xdp_exception` tracepoint hits (XDP_ABORTED, or an action the driver cannot do).
+    XdpException,
     /// Number of counters (array size), not a counter.
     Max,
 }
@@ -114,4 +119,6 @@ pub const COUNTER_NAMES: [&str; COUNTER_MAX as usize] = [
     "rst_flow_reset",
     "drop_rst_limited",
     "closed_tuple_reused",
+    "xdp_redirect_err",
+    "xdp_exception",
 ];

@@ -1,7 +1,7 @@
 //! lb's XDP program. The entry points only dispatch; each concern lives in its own module:
 //! `parse` (header access), `service` (VIP lookup, backend choice), `conntrack` (flow tables),
 //! `snat` (port claim), `nat` + `csum` (rewrite), `forward` (next hop, transmit), `path` (the
-//! forward and reply TCP paths), `icmp` (error translation), `rst` (RST synthesis), `stats`.
+//! forward and reply TCP paths), `icmp` (error translation), `rst` (RST synthesis), `stats`, `trace` (XDP failure tracepoints).
 //!
 //! Anything not addressed to a VIP:port, and not a reply from a backend to an SNAT-range port
 //! (or an ICMP error about one), is passed to the kernel byte for byte.
@@ -32,6 +32,8 @@ mod service;
 mod snat;
 #[cfg(target_arch = "bpf")]
 mod stats;
+#[cfg(target_arch = "bpf")]
+mod trace;
 
 #[cfg(target_arch = "bpf")]
 mod prog {

@@ -10,7 +10,7 @@ use aya::{
     programs::{
         links::{FdLink, PinnedLink},
         xdp::{XdpLink, XdpLinkId},
-        Xdp, XdpMode,
+        TracePoint, Xdp, XdpMode,
     },
     Ebpf, EbpfLoader,
 };
@@ -212,6 +212,34 @@ fn load_with(cfg: &Config, pin_dir: Option<&Path>) -> Result<Ebpf> {
         }
     }
     Ok(ebpf)
+}
+
+/// Counts the kernel's XDP failure tracepoints (`xdp:xdp_redirect_err`, `xdp:xdp_exception`)
+/// into the global counters while the agent runs. tracefs is mounted if needed.
+pub fn attach_failure_tracepoints(ebpf: &mut Ebpf) -> Result<()> {
+    if !Path::new("/sys/kernel/tracing/events").exists() {
+        nix::mount::mount(
+            Some("nodev"),
+            "/sys/kernel/tracing",
+            Some("tracefs"),
+            nix::mount::MsFlags::empty(),
+            None::<&str>,
+        )
+        .context("mount tracefs at /sys/kernel/tracing")?;
+    }
+    for (prog, event) in [
+        ("lb_redirect_err", "xdp_redirect_err"),
+        ("lb_exception", "xdp_exception"),
+    ] {
+        let tp: &mut TracePoint = ebpf
+            .program_mut(prog)
+            .with_context(|| format!("no {prog}"))?
+            .try_into()?;
+        tp.load().with_context(|| format!("load {prog}"))?;
+        tp.attach("xdp", event)
+            .with_context(|| format!("attach to xdp:{event}"))?;
+    }
+    Ok(())
 }
 
 /// Attaches `lb_xdp` to each interface through a link pinned under `dir`: where a link is

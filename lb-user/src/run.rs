@@ -211,6 +211,9 @@ async fn serve(
     supervisor.release(cfg, &mut control)?;
 
     let modes = dataplane::attach_pinned(ebpf, ifaces, mode, pin_dir)?;
+    if let Err(e) = dataplane::attach_failure_tracepoints(ebpf) {
+        warn!("XDP failure tracepoints are not counted: {e:#}");
+    }
     let generic = modes.contains(&XdpMode::Skb);
     if generic && mode != AttachMode::Generic {
         control.write_config(cfg, true)?;

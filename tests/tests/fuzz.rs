@@ -141,6 +141,8 @@ const EVENTS: &[Counter] = &[
     Counter::NewFlows,
     Counter::Established,
     Counter::ClosedTupleReused,
+    Counter::XdpRedirectErr,
+    Counter::XdpException,
     Counter::RstSent,
     Counter::FibResult0,
     Counter::FibResult1,

@@ -359,3 +359,27 @@ fn http_get(to: SocketAddrV4, path: &str) -> Result<String> {
     ensure!(out.starts_with("HTTP/1."), "not an HTTP answer: {out:?}");
     Ok(out)
 }
+
+#[test]
+#[ignore = "needs root and netns: run cargo xtask test"]
+fn redirects_the_kernel_refuses_are_counted_from_the_xdp_tracepoints() -> Result<()> {
+    // Generic mode with a local sender's TSO on: its super-packets reach the program whole and
+    // the kernel's generic redirect refuses them (larger than the MTU) after the program
+    // returned. Only the xdp:xdp_redirect_err tracepoint sees that.
+    let topo = Topology::new("redirect_err", Shape::TwoArmed, TopologyOptions { sender_offloads: true, ..Default::default() })?;
+    let _sinks = sinks(&topo)?;
+    let _lb = topo.start_lb(&config(&topo), mode_args(true))?;
+    let vip = SocketAddrV4::new(topo.vip, 7681);
+    topo.client.ns.run_in(|| -> Result<()> {
+        let mut c = TcpStream::connect_timeout(&vip.into(), Duration::from_secs(5))?;
+        c.set_write_timeout(Some(Duration::from_secs(2)))?;
+        // The transfer stalls (its super-packets are dropped); only the counters matter here.
+        let _ = c.write_all(&payload(7, 1 << 20));
+        Ok(())
+    })??;
+    thread::sleep(Duration::from_millis(300));
+    let s = status(&topo)?;
+    ensure!(global(&s, "generic_large_frames") > 0, "no super-packets seen: {s}");
+    ensure!(global(&s, "xdp_redirect_err") > 0, "the refused redirects were not counted: {s}");
+    Ok(())
+}
