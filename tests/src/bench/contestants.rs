@@ -249,13 +249,19 @@ fn wait_listening(ns: &Ns, port: u16, what: &str) -> Result<()> {
     }
 }
 
-/// Builds a fresh topology for `c` and starts everything in it.
-pub fn setup(c: Contestant) -> Result<Cell> {
+/// Builds a fresh topology for `c` (named after the round too: an agent instance name must not
+/// come back within one process, since `lb` keeps its host changes in `/run/lb/<instance>.host.json`
+/// when stopped and a later agent of that name would trust them) and starts everything in it.
+pub fn setup(c: Contestant, round: usize) -> Result<Cell> {
     let options = TopologyOptions {
         sender_offloads: c == Contestant::DirectOffloads,
         ..TopologyOptions::default()
     };
-    let topo = Topology::new(&format!("bench_{}", c.id()), Shape::TwoArmed, options)?;
+    let topo = Topology::new(
+        &format!("bench_{}_r{round}", c.id()),
+        Shape::TwoArmed,
+        options,
+    )?;
     add_direct_leg(&topo, c == Contestant::DirectOffloads)?;
     sysctl(&topo.client.ns, &SHORT_CONNECTION_SYSCTLS)?;
     let sims = topo.start_sims(&["master", "slave", "slave"])?;
@@ -377,6 +383,19 @@ fn start_haproxy(topo: &Topology, cfg: &str) -> Result<Process> {
         }
     }
     Ok(p)
+}
+
+impl Drop for Cell {
+    fn drop(&mut self) {
+        // Stop lb first (it records its host changes on the way out), then forget them: the
+        // namespace they were made in goes away with the topology.
+        if let Balancer::Lb(lb) = &self.balancer {
+            let _ = lb.process.stop();
+        }
+        for suffix in ["json", "host.json"] {
+            let _ = std::fs::remove_file(format!("/run/lb/{}.{suffix}", self.topo.instance));
+        }
+    }
 }
 
 impl Cell {

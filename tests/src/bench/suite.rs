@@ -216,7 +216,7 @@ fn run_cell(plan: &Plan, c: Contestant, round: usize) -> CellRecord {
         errors: Vec::new(),
         config: String::new(),
     };
-    let cell = match contestants::setup(c) {
+    let cell = match contestants::setup(c, round) {
         Ok(cell) => cell,
         Err(e) => {
             rec.errors.push(format!("setup: {e:#}"));
