@@ -366,7 +366,14 @@ fn redirects_the_kernel_refuses_are_counted_from_the_xdp_tracepoints() -> Result
     // Generic mode with a local sender's TSO on: its super-packets reach the program whole and
     // the kernel's generic redirect refuses them (larger than the MTU) after the program
     // returned. Only the xdp:xdp_redirect_err tracepoint sees that.
-    let topo = Topology::new("redirect_err", Shape::TwoArmed, TopologyOptions { sender_offloads: true, ..Default::default() })?;
+    let topo = Topology::new(
+        "redirect_err",
+        Shape::TwoArmed,
+        TopologyOptions {
+            sender_offloads: true,
+            ..Default::default()
+        },
+    )?;
     let _sinks = sinks(&topo)?;
     let _lb = topo.start_lb(&config(&topo), mode_args(true))?;
     let vip = SocketAddrV4::new(topo.vip, 7681);
@@ -379,7 +386,13 @@ fn redirects_the_kernel_refuses_are_counted_from_the_xdp_tracepoints() -> Result
     })??;
     thread::sleep(Duration::from_millis(300));
     let s = status(&topo)?;
-    ensure!(global(&s, "generic_large_frames") > 0, "no super-packets seen: {s}");
-    ensure!(global(&s, "xdp_redirect_err") > 0, "the refused redirects were not counted: {s}");
+    ensure!(
+        global(&s, "generic_large_frames") > 0,
+        "no super-packets seen: {s}"
+    );
+    ensure!(
+        global(&s, "xdp_redirect_err") > 0,
+        "the refused redirects were not counted: {s}"
+    );
     Ok(())
 }
