@@ -104,6 +104,12 @@ fn gbps(streams: u32) -> impl Fn(&CellRecord) -> Option<f64> {
 fn conn_rate(r: &CellRecord) -> Option<f64> {
     r.sessions.as_ref().map(|s| s.per_s)
 }
+/// Percentage of session attempts that failed (refused, reset, timed out).
+fn failed_pct(r: &CellRecord) -> Option<f64> {
+    let s = &r.sessions.as_ref()?.sessions;
+    let n = s.attempts();
+    (n > 0).then(|| s.failed as f64 * 100.0 / n as f64)
+}
 fn fb(q: u8) -> impl Fn(&CellRecord) -> Option<f64> {
     move |r| {
         let s = r.sessions.as_ref()?;
@@ -193,6 +199,7 @@ pub fn summarize(recs: &[CellRecord], contestants: &[Contestant], rounds: usize)
             m.insert("gbps_4_x_direct", vs(Direct, &gbps(4), ratio));
             m.insert("conn_per_s", own(&conn_rate));
             m.insert("conn_per_s_x_direct", vs(Direct, &conn_rate, ratio));
+            m.insert("sessions_failed_pct", own(&failed_pct));
             m.insert("conn_per_s_x_haproxy", vs(Haproxy, &conn_rate, ratio));
             m.insert("first_byte_p50_us", own(&fb(50)));
             m.insert("first_byte_p99_us", own(&fb(99)));
@@ -253,11 +260,11 @@ pub fn tables(
     let g = |s: &Summary, k: &str| s.figures.get(k).copied().flatten();
     let mut out = String::new();
     out += "### Throughput, connections, latency\n\n\
-        | contestant | iperf3 1 stream, Gbit/s | 4 streams, Gbit/s | Bolt sessions/s | connect+first byte p50 / p99 / p999, µs | ping-pong p50 / p99, µs | ping-pong added vs direct p50 / p99, µs |\n\
-        |---|---|---|---|---|---|---|\n";
+        | contestant | iperf3 1 stream, Gbit/s | 4 streams, Gbit/s | Bolt sessions/s (completed) | sessions failed | connect+first byte p50 / p99 / p999, µs | ping-pong p50 / p99, µs | ping-pong added vs direct p50 / p99, µs |\n\
+        |---|---|---|---|---|---|---|---|\n";
     for s in summaries {
         out += &format!(
-            "| {} | {} {} | {} {} | {} {} {} | {} / {} / {} | {} / {} | {} / {} |\n",
+            "| {} | {} {} | {} {} | {} {} {} | {} | {} / {} / {} | {} / {} | {} / {} |\n",
             s.label,
             fmt(g(s, "gbps_1"), 2),
             fmt_ratio(g(s, "gbps_1_x_direct")),
@@ -269,6 +276,10 @@ pub fn tables(
                 Some(x) if s.contestant != Contestant::Haproxy =>
                     format!("[{} HAProxy]", fmt_ratio(Some(x))),
                 _ => String::new(),
+            },
+            match g(s, "sessions_failed_pct") {
+                Some(x) => format!("{} %", fmt(Some(x), 1)),
+                None => "-".into(),
             },
             fmt(g(s, "first_byte_p50_us"), 0),
             fmt(g(s, "first_byte_p99_us"), 0),

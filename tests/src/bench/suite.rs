@@ -1,8 +1,10 @@
 //! `lb-bench all|throughput|connrate|latency|memory`: the contestants of
 //! [`contestants`](super::contestants) on the same topology, one fresh cell per contestant and
 //! round, rounds interleaved (round 1 of everyone, then round 2, ...) so that drifts of the machine
-//! hit everyone alike. In each cell, in this order: iperf3 with 1 and 4 streams, short Bolt sessions
-//! (connection rate and connect + first-byte latency), a persistent ping-pong, memory.
+//! hit everyone alike. In each cell, in this order: iperf3 with 1 and 4 streams, a persistent
+//! ping-pong, short Bolt sessions (connection rate and connect + first-byte latency), memory. The
+//! sessions come last: a balancer that runs out of ports there (lb holds a closed flow's SNAT port
+//! for its close timeout) would refuse the measurements after them.
 //!
 //! Around every measurement the cell is probed ([`probe::Snapshot`]): whole-machine busy CPU,
 //! the XDP program's `bpf_stats`, the balancer process's CPU, lb's `new_flows` and the lb
@@ -271,6 +273,35 @@ fn run_cell(plan: &Plan, c: Contestant, round: usize) -> CellRecord {
             }
         }
     }
+    if plan.latency {
+        let phase = "ping-pong".to_string();
+        let (addr, dur) = (cell.bolt, Duration::from_millis(plan.ping_ms));
+        let r = measured(&cell, xdp_id, bg, || {
+            cell.topo
+                .client
+                .ns
+                .run_in(move || loadgen::ping_pong(addr, dur))?
+        });
+        match r {
+            Ok((mut p, usage)) => {
+                honesty(&mut rec, &cell, &phase, &usage, 1);
+                rec.checks.push(Check {
+                    phase: phase.clone(),
+                    what: "data".into(),
+                    ok: p.round_trips > 0,
+                    detail: format!("{} round trips", p.round_trips),
+                });
+                let (p50, p99) = (quantile(&mut p.rtt_us, 0.5), quantile(&mut p.rtt_us, 0.99));
+                rec.ping = Some(PingFigures {
+                    round_trips: p.round_trips,
+                    p50_us: p50,
+                    p99_us: p99,
+                    usage,
+                });
+            }
+            Err(e) => rec.errors.push(format!("{phase}: {e:#}")),
+        }
+    }
     if plan.connrate {
         let phase = "short sessions".to_string();
         let (addr, clients, dur) = (
@@ -307,35 +338,6 @@ fn run_cell(plan: &Plan, c: Contestant, round: usize) -> CellRecord {
                     first_byte_p99_us: p99,
                     first_byte_p999_us: p999,
                     session_p50_us: session_p50,
-                    usage,
-                });
-            }
-            Err(e) => rec.errors.push(format!("{phase}: {e:#}")),
-        }
-    }
-    if plan.latency {
-        let phase = "ping-pong".to_string();
-        let (addr, dur) = (cell.bolt, Duration::from_millis(plan.ping_ms));
-        let r = measured(&cell, xdp_id, bg, || {
-            cell.topo
-                .client
-                .ns
-                .run_in(move || loadgen::ping_pong(addr, dur))?
-        });
-        match r {
-            Ok((mut p, usage)) => {
-                honesty(&mut rec, &cell, &phase, &usage, 1);
-                rec.checks.push(Check {
-                    phase: phase.clone(),
-                    what: "data".into(),
-                    ok: p.round_trips > 0,
-                    detail: format!("{} round trips", p.round_trips),
-                });
-                let (p50, p99) = (quantile(&mut p.rtt_us, 0.5), quantile(&mut p.rtt_us, 0.99));
-                rec.ping = Some(PingFigures {
-                    round_trips: p.round_trips,
-                    p50_us: p50,
-                    p99_us: p99,
                     usage,
                 });
             }
