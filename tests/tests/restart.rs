@@ -121,6 +121,11 @@ fn a_stream_survives_kill_9_of_the_agent_and_its_restart_with_a_changed_config()
             again.logs()
         );
         thread::sleep(Duration::from_millis(1500));
+        // Still streaming after the restart: the same connection, never reset, no reconnect.
+        ensure!(
+            !streamer.is_finished(),
+            "the stream ended after the restart"
+        );
         stop.store(true, Ordering::Relaxed);
         let sent = streamer
             .join()
@@ -132,7 +137,7 @@ fn a_stream_survives_kill_9_of_the_agent_and_its_restart_with_a_changed_config()
         .join()
         .map_err(|_| anyhow::anyhow!("echo panicked"))??;
     ensure!(
-        sent > 100 * 4096 && received == sent,
+        sent >= 20 * 4096 && received == sent,
         "sent {sent} bytes, the backend received {received}"
     );
     Ok(())
