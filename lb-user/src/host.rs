@@ -193,9 +193,9 @@ impl HostChanges {
     /// neighbor and cannot trigger resolution itself.
     pub fn manage_neighbor(&mut self, addr: Ipv4Addr) -> Result<()> {
         let (nh, dev) = next_hop(addr)?;
-        if self.neighbors.iter().any(|(a, d)| *a == nh && *d == dev) {
-            return Ok(());
-        }
+        // Always (re)made: `ip neigh replace` is idempotent, and a record inherited from an
+        // earlier agent says nothing about the entry being there now.
+        let known = self.neighbors.iter().any(|(a, d)| *a == nh && *d == dev);
         let out = Command::new("ip")
             .args([
                 "neigh",
@@ -215,7 +215,9 @@ impl HostChanges {
             );
         }
         info!(backend = %addr, next_hop = %nh, dev, "neighbor kept resolved by the kernel (managed entry, removed on exit)");
-        self.neighbors.push((nh, dev));
+        if !known {
+            self.neighbors.push((nh, dev));
+        }
         Ok(())
     }
 
@@ -318,6 +320,12 @@ impl HostChanges {
             .ok()
             .and_then(|b| serde_json::from_slice(&b).ok())
             .unwrap_or_default()
+    }
+
+    /// No record: a fresh instance (a stale record of a vanished one is removed).
+    pub fn forget(instance: &str) -> HostChanges {
+        let _ = std::fs::remove_file(state_path(instance));
+        HostChanges::default()
     }
 
     /// Leaves the changes in place for the pinned data path and records them for `lb detach`.

@@ -130,7 +130,12 @@ async fn serve(
     };
     let mut control = Control::new(ebpf)?;
     let mut gc = crate::gc::Gc::new(ebpf, crate::gc::Timeouts::from_config(cfg))?;
-    let mut host = HostChanges::load(&cfg.instance);
+    // A record of host changes belongs to the pinned instance it was kept for: trusted only when
+    // adopting that instance (a fresh one starts from the host as it is).
+    let mut host = match pins {
+        Pins::Adopted { .. } => HostChanges::load(&cfg.instance),
+        Pins::Fresh => HostChanges::forget(&cfg.instance),
+    };
     for iface in ifaces {
         host.enable_forwarding(iface)?;
     }

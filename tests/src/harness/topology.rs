@@ -515,6 +515,11 @@ impl Drop for Topology {
                 eprintln!("harness: could not delete namespace {}: {e:#}", ns.name);
             }
         }
+        // The agent's records under /run/lb outlive it by design (for `lb detach`); the
+        // namespaces they describe are gone now.
+        for suffix in [".json", ".host.json", ".sock"] {
+            let _ = fs::remove_file(format!("/run/lb/{}{suffix}", self.instance));
+        }
         if let Err(e) = cleanup::remove_pin_dir(&self.instance) {
             eprintln!("harness: {e:#}");
         }
