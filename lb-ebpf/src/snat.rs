@@ -2,7 +2,8 @@
 //!
 //! A port is claimed by inserting the flow's reply entry (backend -> SNAT address:port) into
 //! the embryonic table with BPF_NOEXIST; a port whose reply key is in the established table is
-//! taken too, and so is a port whose embryonic entry has expired. The search starts at a random port and gives up after `SNAT_TRIES` ports.
+//! taken too, and so is a port whose embryonic entry has expired. Each try draws a random
+//! port; the search gives up after `SNAT_TRIES` tries.
 use aya_ebpf::helpers::bpf_get_prandom_u32;
 use lb_common::{Flow, FlowKey, IPPROTO_TCP};
 
@@ -29,11 +30,12 @@ pub fn claim(
         return None;
     }
     let range = (max - min) as u32 + 1;
-    // SAFETY: helper without arguments.
-    let start = unsafe { bpf_get_prandom_u32() } % range;
     let mut i = 0;
     while i < SNAT_TRIES {
-        let port = (min as u32 + (start + i) % range) as u16;
+        // A fresh random port each try: taken ports cluster, and a walk from one random start
+        // would keep hitting the same cluster.
+        // SAFETY: helper without arguments.
+        let port = (min as u32 + unsafe { bpf_get_prandom_u32() } % range) as u16;
         let key = FlowKey {
             saddr: backend,
             daddr: snat_addr,
