@@ -359,24 +359,7 @@ fn start_haproxy(topo: &Topology, cfg: &str) -> Result<Process> {
     ])?;
     sysctl(lb_ns, &["net.ipv4.conf.all.forwarding=0"])?;
     sysctl(lb_ns, &SHORT_CONNECTION_SYSCTLS)?;
-    let bin = failover::haproxy_bin();
-    let check = lb_ns.exec_unchecked(&[
-        bin.as_os_str(),
-        "-c".as_ref(),
-        "-f".as_ref(),
-        path.as_os_str(),
-    ])?;
-    if !check.status.success() {
-        bail!(
-            "haproxy -c rejected the config ({}):\n{}{}\n--- config ---\n{cfg}",
-            check.status,
-            String::from_utf8_lossy(&check.stdout),
-            String::from_utf8_lossy(&check.stderr)
-        );
-    }
-    let mut cmd = lb_ns.command(&bin);
-    cmd.arg("-f").arg(&path).arg("-db");
-    let p = topo.spawn_command("haproxy", cmd)?;
+    let p = failover::spawn_haproxy(topo, &path, cfg)?;
     for port in [WRITE_PORT, IPERF_PORT] {
         if let Err(e) = wait_listening(lb_ns, port, "haproxy") {
             bail!("{e:#}\n{}", p.logs());

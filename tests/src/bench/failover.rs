@@ -305,24 +305,7 @@ fn start_balancer(topo: &Topology, c: Contestant) -> Result<(Balancer, String)> 
         &topo.lb.ifaces[0],
     ])?;
     lb_ns.exec(&["sysctl", "-qw", "net.ipv4.conf.all.forwarding=0"])?;
-    let bin = haproxy_bin();
-    let check = lb_ns.exec_unchecked(&[
-        bin.as_os_str(),
-        "-c".as_ref(),
-        "-f".as_ref(),
-        path.as_os_str(),
-    ])?;
-    if !check.status.success() {
-        bail!(
-            "haproxy -c rejected the config ({}):\n{}{}\n--- config ---\n{cfg}",
-            check.status,
-            String::from_utf8_lossy(&check.stdout),
-            String::from_utf8_lossy(&check.stderr)
-        );
-    }
-    let mut cmd = lb_ns.command(&bin);
-    cmd.arg("-f").arg(&path).arg("-db");
-    let p = topo.spawn_command("haproxy", cmd)?;
+    let p = spawn_haproxy(topo, &path, &cfg)?;
     let addr = SocketAddrV4::new(topo.vip, WRITE_PORT);
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
@@ -984,6 +967,34 @@ pub fn table(summaries: &[Summary]) -> String {
         );
     }
     out
+}
+
+/// Validates the configuration `cfg` (written at `path`) with `haproxy -c` and starts HAProxy
+/// in the foreground in the lb namespace.
+pub fn spawn_haproxy(
+    topo: &Topology,
+    path: &std::path::Path,
+    cfg: &str,
+) -> Result<crate::harness::Process> {
+    let lb_ns = &topo.lb.ns;
+    let bin = haproxy_bin();
+    let check = lb_ns.exec_unchecked(&[
+        bin.as_os_str(),
+        "-c".as_ref(),
+        "-f".as_ref(),
+        path.as_os_str(),
+    ])?;
+    if !check.status.success() {
+        bail!(
+            "haproxy -c rejected the config ({}):\n{}{}\n--- config ---\n{cfg}",
+            check.status,
+            String::from_utf8_lossy(&check.stdout),
+            String::from_utf8_lossy(&check.stderr)
+        );
+    }
+    let mut cmd = lb_ns.command(&bin);
+    cmd.arg("-f").arg(path).arg("-db");
+    topo.spawn_command("haproxy", cmd)
 }
 
 #[cfg(test)]
