@@ -24,25 +24,7 @@ const ADMIN: &str = "127.0.0.1:8080";
 /// The manual's three services with role checks (faster timings), plus `admin` (an `[admin]`
 /// table body, or nothing for the defaults).
 fn config(topo: &Topology, admin: &str) -> String {
-    let mut s = format!("instance = \"{}\"\n", topo.instance);
-    for (name, preset) in [
-        ("master", "neo4j-ha-master"),
-        ("slave", "neo4j-ha-slave"),
-        ("available", "neo4j-ha-available"),
-    ] {
-        s += &format!(
-            "[[check]]\nname = \"{name}\"\npreset = \"{preset}\"\ninter = \"200ms\"\nfastinter = \"100ms\"\nrise = 2\nfall = 2\ntimeout = \"300ms\"\n"
-        );
-    }
-    s += &topo.backends_toml();
-    let all = "\"db01\", \"db02\", \"db03\"";
-    for (name, port, bport, check) in [
-        ("write", 7680, 7687, "master"),
-        ("read", 7681, 7687, "slave"),
-        ("http", 80, 7474, "available"),
-    ] {
-        s += &format!("[[service]]\nname = \"{name}\"\nvip = \"{}:{port}\"\nbackend_port = {bport}\nbackends = [{all}]\ncheck = \"{check}\"\n", topo.vip);
-    }
+    let mut s = topo.role_checked_config();
     if !admin.is_empty() {
         s += &format!("[admin]\n{admin}");
     }

@@ -20,26 +20,7 @@ use lb_tests::{
 
 /// The manual's three services with role checks every 200 ms (rise 2, fall 2).
 fn config(topo: &Topology) -> String {
-    let mut s = format!("instance = \"{}\"\n", topo.instance);
-    for (name, preset) in [
-        ("master", "neo4j-ha-master"),
-        ("slave", "neo4j-ha-slave"),
-        ("available", "neo4j-ha-available"),
-    ] {
-        s += &format!(
-            "[[check]]\nname = \"{name}\"\npreset = \"{preset}\"\ninter = \"200ms\"\nfastinter = \"100ms\"\nrise = 2\nfall = 2\ntimeout = \"300ms\"\n"
-        );
-    }
-    s += &topo.backends_toml();
-    let all = "\"db01\", \"db02\", \"db03\"";
-    for (name, port, bport, check) in [
-        ("write", 7680, 7687, "master"),
-        ("read", 7681, 7687, "slave"),
-        ("http", 80, 7474, "available"),
-    ] {
-        s += &format!("[[service]]\nname = \"{name}\"\nvip = \"{}:{port}\"\nbackend_port = {bport}\nbackends = [{all}]\ncheck = \"{check}\"\n", topo.vip);
-    }
-    s
+    topo.role_checked_config()
 }
 
 fn control(sims: &[SimProcess], i: usize) -> SimControl {
@@ -52,6 +33,17 @@ fn ask(vip: SocketAddrV4, access: Access) -> Result<String> {
     let mut c = BoltClient::connect(SocketAddr::V4(vip), Negotiation::Classic, None)?;
     let r = c.run("RETURN 1", access)?;
     Ok(r.server)
+}
+
+/// A Bolt session through the write VIP `w` that landed on the master db01, kept open (as a
+/// driver's pooled connection would be).
+fn master_session(topo: &Topology, w: SocketAddrV4) -> Result<BoltClient> {
+    let mut c = topo
+        .client
+        .ns
+        .run_in(|| BoltClient::connect(SocketAddr::V4(w), Negotiation::Classic, None))??;
+    ensure!(c.run("RETURN 1", Access::Write)?.server == "db01");
+    Ok(c)
 }
 
 /// Outcome of one connection attempt.
@@ -155,11 +147,7 @@ fn failover_moves_new_writes_without_overlap_and_resets_the_demoted_masters_flow
     let (sims, _lb) = up(&topo, "failover")?;
     let w = SocketAddrV4::new(topo.vip, 7680);
     // A pooled-style connection to the current master, kept open across the failover.
-    let mut old = topo
-        .client
-        .ns
-        .run_in(|| BoltClient::connect(SocketAddr::V4(w), Negotiation::Classic, None))??;
-    ensure!(old.run("RETURN 1", Access::Write)?.server == "db01");
+    let mut old = master_session(&topo, w)?;
 
     let seen = thread::scope(|s| -> Result<Vec<(Seen, Duration)>> {
         let clients = s.spawn(|| {
@@ -271,11 +259,7 @@ fn a_hung_master_with_no_rival_drains_instead_of_resetting_and_comes_back() -> R
     let topo = Topology::two_armed("hang")?;
     let (sims, _lb) = up(&topo, "hang")?;
     let w = SocketAddrV4::new(topo.vip, 7680);
-    let mut old = topo
-        .client
-        .ns
-        .run_in(|| BoltClient::connect(SocketAddr::V4(w), Negotiation::Classic, None))??;
-    ensure!(old.run("RETURN 1", Access::Write)?.server == "db01");
+    let mut old = master_session(&topo, w)?;
     control(&sims, 0).set_mode(Mode::Hang)?;
     // fall 2 x (inter 200 ms + timeout 300 ms), with slack.
     thread::sleep(Duration::from_millis(1500));

@@ -372,6 +372,39 @@ impl Topology {
             .collect()
     }
 
+    /// The manual's three services over every backend, each with its role check (presets
+    /// `neo4j-ha-master|slave|available`) at test timings: every 200 ms, rise 2, fall 2.
+    pub fn role_checked_config(&self) -> String {
+        let mut s = format!("instance = \"{}\"\n", self.instance);
+        for (name, preset) in [
+            ("master", "neo4j-ha-master"),
+            ("slave", "neo4j-ha-slave"),
+            ("available", "neo4j-ha-available"),
+        ] {
+            s += &format!(
+                "[[check]]\nname = \"{name}\"\npreset = \"{preset}\"\ninter = \"200ms\"\nfastinter = \"100ms\"\nrise = 2\nfall = 2\ntimeout = \"300ms\"\n"
+            );
+        }
+        s += &self.backends_toml();
+        let all: Vec<String> = self
+            .backends
+            .iter()
+            .map(|b| format!("\"{}\"", b.name))
+            .collect();
+        for (name, port, bport, check) in [
+            ("write", 7680, 7687, "master"),
+            ("read", 7681, 7687, "slave"),
+            ("http", 80, 7474, "available"),
+        ] {
+            s += &format!(
+                "[[service]]\nname = \"{name}\"\nvip = \"{}:{port}\"\nbackend_port = {bport}\nbackends = [{}]\ncheck = \"{check}\"\n",
+                self.vip,
+                all.join(", ")
+            );
+        }
+        s
+    }
+
     pub fn neo4j_config(&self) -> String {
         let mut s = format!(
             "instance = \"{}\"\nsnat_ports = \"10000-32767\"\n",
