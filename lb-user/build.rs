@@ -13,7 +13,6 @@ fn main() {
     ] {
         println!("cargo:rerun-if-changed={}", ws.join(p).display());
     }
-    println!("cargo:rerun-if-env-changed=LB_EBPF_CPU");
     let out = PathBuf::from(env::var("OUT_DIR").expect("OUT_DIR"));
     let target_dir = ws.join("target").join("ebpf");
     let tools_bin = ws.join(".tools").join("bin");
@@ -51,7 +50,8 @@ fn main() {
     // BTF is required by the map-of-maps definitions; debuginfo feeds it.
     cmd.env(
         "CARGO_ENCODED_RUSTFLAGS",
-        ["-Cdebuginfo=2", "-Clink-arg=--btf"].join("\u{1f}"),
+        // v3: the fetch form of the atomic add (`maxconn`), and 32-bit sub-registers.
+        ["-Cdebuginfo=2", "-Clink-arg=--btf", "-Ctarget-cpu=v3"].join("\u{1f}"),
     );
     let status = cmd.status().unwrap_or_else(|e| {
         panic!("cannot run `rustup run nightly cargo` ({e}); run `cargo xtask setup` first")

@@ -5,7 +5,7 @@ use core::mem::{offset_of, size_of};
 
 use crate::{
     names, Backend, BackendKey, BackendSet, BackendStats, Config, Flow, FlowKey, RstBucket,
-    Service, ServiceKey, ServiceStats,
+    Service, ServiceKey, ServiceStats, Slot, MAXCONN_ENTRIES,
 };
 
 /// Bump when a map's meaning changes without its layout changing.
@@ -67,6 +67,7 @@ const FLOW: u64 = fold(&[
     offset_of!(Flow, dir) as u64,
     offset_of!(Flow, close) as u64,
     offset_of!(Flow, epoch) as u64,
+    offset_of!(Flow, bytes) as u64,
 ]);
 
 const BACKEND_SET: u64 = fold(&[
@@ -79,6 +80,7 @@ const BACKEND_SET: u64 = fold(&[
     offset_of!(Backend, addr) as u64,
     offset_of!(Backend, port) as u64,
     offset_of!(Backend, id) as u64,
+    offset_of!(Backend, maxconn) as u64,
 ]);
 
 /// The static layout hash of map `name` (type, key and value layout), or `None` if unknown.
@@ -105,6 +107,14 @@ pub const fn layout(name: &str) -> Option<u64> {
         }
         b if eq(b, names::SNAT_ADDRS) => fold(&[HASH, 4, 4]),
         b if eq(b, names::RESET_EPOCH) => fold(&[ARRAY, 4, 4]),
+        b if eq(b, names::SLOTS) => fold(&[
+            HASH,
+            FLOW_KEY,
+            size_of::<Slot>() as u64,
+            offset_of!(Slot, created_ns) as u64,
+            offset_of!(Slot, index) as u64,
+        ]),
+        b if eq(b, names::MAXCONN_ACTIVE) => fold(&[ARRAY, 4, 8, MAXCONN_ENTRIES as u64]),
         b if eq(b, names::RST_BUCKET) => fold(&[PERCPU_ARRAY, 4, size_of::<RstBucket>() as u64]),
         _ => return None,
     };

@@ -74,6 +74,13 @@ pub enum Counter {
     XdpRedirectErr,
     /// `xdp:xdp_exception` tracepoint hits (XDP_ABORTED, or an action the driver cannot do).
     XdpException,
+    /// SYN over a `maxconn` limit (per backend or global), dropped (the client's SYN
+    /// retransmit stands in for HAProxy's queue).
+    DropMaxconn,
+    /// SYN over a `maxconn` limit answered with a RST (`on_maxconn = "reset"`).
+    RstMaxconn,
+    /// SYN dropped because the connection-slot table (`SLOTS`) refused the insert.
+    DropSlotsFull,
     /// Number of counters (array size), not a counter.
     Max,
 }
@@ -121,4 +128,7 @@ pub const COUNTER_NAMES: [&str; COUNTER_MAX as usize] = [
     "closed_tuple_reused",
     "xdp_redirect_err",
     "xdp_exception",
+    "drop_maxconn",
+    "rst_maxconn",
+    "drop_slots_full",
 ];

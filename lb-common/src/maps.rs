@@ -34,6 +34,8 @@ pub mod names {
     pub const SNAT_ADDRS: &str = "SNAT_ADDRS";
     pub const RESET_EPOCH: &str = "RESET_EPOCH";
     pub const RST_BUCKET: &str = "RST_BUCKET";
+    pub const SLOTS: &str = "SLOTS";
+    pub const MAXCONN_ACTIVE: &str = "MAXCONN_ACTIVE";
     /// Agent-only: the layout hash of every pinned map (`lb_common::abi`), never read by the program.
     pub const META: &str = "META";
     /// Agent-only: the health of every (service, backend) pair, mirrored for `lb status`.
@@ -54,6 +56,8 @@ pub mod names {
         SNAT_ADDRS,
         RESET_EPOCH,
         RST_BUCKET,
+        SLOTS,
+        MAXCONN_ACTIVE,
     ];
 }
 
@@ -77,7 +81,9 @@ pub struct Config {
     pub flags: u32,
     /// Generated RSTs allowed per second per CPU (token bucket; excess dropped and counted).
     pub rst_per_sec: u32,
-    pub _pad: u32,
+    /// Most connections all services together may hold (HAProxy's global `maxconn`); 0: no
+    /// limit.
+    pub maxconn: u32,
 }
 
 /// Per-packet debug log lines through aya-log.
@@ -116,6 +122,8 @@ pub const BALANCE_FIRST: u32 = 1;
 /// Maglev consistent hashing over the connection's addresses and ports.
 pub const BALANCE_MAGLEV: u32 = 2;
 pub const BALANCE_MASK: u32 = 0x3;
+/// `Service::flags`: a SYN over a `maxconn` limit is answered with a RST instead of dropped.
+pub const SERVICE_F_MAXCONN_RESET: u32 = 4;
 
 /// Size of a backend set's Maglev lookup table (a prime; 128x the largest set).
 pub const MAGLEV_SIZE: usize = 4093;
@@ -132,7 +140,9 @@ pub struct Backend {
     pub _pad: u16,
     /// Stable backend id (index into `STATS_BACKEND`).
     pub id: u32,
-    pub _pad2: u32,
+    /// Most connections this service may hold to this backend (HAProxy's `server ... maxconn`);
+    /// 0: no limit.
+    pub maxconn: u32,
 }
 
 /// The value of the single entry of an inner backend-set map. The agent writes a complete
@@ -261,6 +271,9 @@ pub struct Flow {
     /// the backend was demoted with `on_down = "reset"`: the flow is reset on its next segment.
     pub epoch: u32,
     pub _pad2: u32,
+    /// Bytes (whole frames) forwarded in this entry's direction: the forward entry counts the
+    /// client's, the reply entry the backend's. Only that direction's path adds to it.
+    pub bytes: u64,
 }
 
 impl Flow {
@@ -286,6 +299,26 @@ impl Flow {
             && self.nat_dport == key.sport
     }
 }
+
+/// A held connection slot (`SLOTS`, keyed by the flow's forward key): counted in
+/// `MAXCONN_ACTIVE[index]` and in `MAXCONN_ACTIVE[MAXCONN_GLOBAL]`. Whoever deletes the slot
+/// (the data path when the flow closes or is reset, the agent's GC through `lb_release` when
+/// the flow expired or vanished) decrements both counters, so each slot is released exactly
+/// once.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[cfg_attr(feature = "user", derive(bytemuck::Pod, bytemuck::Zeroable))]
+pub struct Slot {
+    pub created_ns: u64,
+    /// `epoch_index(service, backend)`.
+    pub index: u32,
+    pub _pad: u32,
+}
+
+/// Entries of `MAXCONN_ACTIVE`: one per (service, backend) pair, then the global count.
+pub const MAXCONN_ENTRIES: u32 = MAX_SERVICES * MAX_BACKENDS + 1;
+/// Index of the global count in `MAXCONN_ACTIVE`.
+pub const MAXCONN_GLOBAL: u32 = MAX_SERVICES * MAX_BACKENDS;
 
 /// Per-CPU token bucket of generated RSTs (`RST_BUCKET[0]`).
 #[repr(C)]
@@ -367,7 +400,8 @@ pub struct BackendStats {
     pub reply_packets: u64,
     pub reply_bytes: u64,
     pub new_flows: u64,
-    pub _reserved: u64,
+    /// SYNs refused because a `maxconn` limit of this backend (or the global one) was reached.
+    pub maxconn_refused: u64,
 }
 
 #[cfg(feature = "user")]
@@ -386,6 +420,7 @@ mod pod {
     unsafe impl aya::Pod for super::BackendStats {}
     unsafe impl aya::Pod for super::RstBucket {}
     unsafe impl aya::Pod for super::HealthRecord {}
+    unsafe impl aya::Pod for super::Slot {}
 }
 
 #[cfg(test)]
@@ -396,7 +431,8 @@ mod tests {
     #[test]
     fn map_values_have_the_sizes_the_kernel_sees() {
         assert_eq!(size_of::<FlowKey>(), 16);
-        assert_eq!(size_of::<Flow>(), 72);
+        assert_eq!(size_of::<Flow>(), 80);
+        assert_eq!(size_of::<Slot>(), 16);
         assert_eq!(size_of::<ServiceKey>(), 8);
         assert_eq!(size_of::<Backend>(), 16);
         assert_eq!(size_of::<BackendSet>(), 16 + 16 * MAX_SET_SIZE + 4096);

@@ -1,12 +1,14 @@
 //! lb's XDP program. The entry points only dispatch; each concern lives in its own module:
 //! `parse` (header access), `service` (VIP lookup, backend choice), `conntrack` (flow tables),
-//! `snat` (port claim), `nat` + `csum` (rewrite), `forward` (next hop, transmit), `path` (the
+//! `snat` (port claim), `maxconn` (connection limits), `nat` + `csum` (rewrite), `forward` (next hop, transmit), `path` (the
 //! forward and reply TCP paths), `icmp` (error translation), `rst` (RST synthesis), `stats`, `trace` (XDP failure tracepoints).
 //!
 //! Anything not addressed to a VIP:port, and not a reply from a backend to an SNAT-range port
 //! (or an ICMP error about one), is passed to the kernel byte for byte.
 #![cfg_attr(target_arch = "bpf", no_std)]
 #![cfg_attr(target_arch = "bpf", no_main)]
+#![cfg_attr(target_arch = "bpf", feature(core_intrinsics))]
+#![cfg_attr(target_arch = "bpf", allow(internal_features))]
 
 #[cfg(target_arch = "bpf")]
 mod conntrack;
@@ -18,6 +20,8 @@ mod forward;
 mod icmp;
 #[cfg(target_arch = "bpf")]
 mod maps;
+#[cfg(target_arch = "bpf")]
+mod maxconn;
 #[cfg(target_arch = "bpf")]
 mod nat;
 #[cfg(target_arch = "bpf")]

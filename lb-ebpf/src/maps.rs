@@ -7,8 +7,9 @@ use aya_ebpf::{
 };
 use lb_common::{
     epoch_index, BackendKey, BackendSet, BackendStats, Config, Flow, FlowKey, RstBucket, Service,
-    ServiceKey, ServiceStats, COUNTER_MAX, DEFAULT_EMBRYONIC_ENTRIES, DEFAULT_ESTABLISHED_ENTRIES,
-    MAX_BACKENDS, MAX_IFACES, MAX_SERVICES, MAX_SNAT_ADDRS,
+    ServiceKey, ServiceStats, Slot, COUNTER_MAX, DEFAULT_EMBRYONIC_ENTRIES,
+    DEFAULT_ESTABLISHED_ENTRIES, MAXCONN_ENTRIES, MAX_BACKENDS, MAX_IFACES, MAX_SERVICES,
+    MAX_SNAT_ADDRS,
 };
 
 /// `BPF_F_NO_COMMON_LRU` is not used: a per-CPU LRU list would evict a flow whose reply
@@ -45,6 +46,25 @@ pub static CT_EMBRYONIC: LruHashMap<
 #[btf_map]
 pub static CT_ESTABLISHED: HashMap<FlowKey, Flow, { DEFAULT_ESTABLISHED_ENTRIES as usize }> =
     HashMap::new();
+
+/// `BPF_F_NO_PREALLOC`: entries are allocated when inserted.
+const NO_PREALLOC: usize = 1;
+
+/// Connection slots held against `maxconn` limits, by forward flow key. Only flows of a
+/// limited backend (or under a global limit) have one. Not preallocated: an instance without
+/// limits pays no memory for it.
+#[btf_map]
+pub static SLOTS: HashMap<
+    FlowKey,
+    Slot,
+    { (DEFAULT_EMBRYONIC_ENTRIES / 2 + DEFAULT_ESTABLISHED_ENTRIES / 2) as usize },
+    NO_PREALLOC,
+> = HashMap::new();
+
+/// Connections held per (service, backend) pair, and in total at `MAXCONN_GLOBAL`; changed
+/// only with atomic adds (by the data path and by `lb_release`).
+#[btf_map]
+pub static MAXCONN_ACTIVE: Array<u64, { MAXCONN_ENTRIES as usize }> = Array::new();
 
 /// Round-robin cursor per service.
 #[btf_map]

@@ -4,14 +4,14 @@ use aya_ebpf::{bindings::xdp_action, programs::XdpContext};
 use aya_log_ebpf::info;
 use lb_common::{
     is_closing, Config, Counter, Flow, FlowKey, Service, CONFIG_F_DEBUG, CONFIG_F_GENERIC,
-    DIR_FORWARD, DIR_REPLY, FLOW_SYN_RECV, FLOW_SYN_SENT, IPPROTO_TCP,
+    DIR_FORWARD, DIR_REPLY, FLOW_SYN_RECV, FLOW_SYN_SENT, IPPROTO_TCP, SERVICE_F_MAXCONN_RESET,
 };
 use network_types::eth::EthHdr;
 
 use crate::{
     conntrack, forward,
     maps::reset_epoch,
-    nat,
+    maxconn, nat,
     parse::{Frame, Ip, Tcp, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN},
     rst, service, snat, stats,
 };
@@ -55,7 +55,8 @@ pub fn forward(
             && is_closing(found.flow, found.partner)
         {
             // The client reuses the tuple of a closed connection (TIME_WAIT reuse): the old
-            // flow is over; this SYN starts a new one below.
+            // flow is over; this SYN starts a new one below (its slot, if any, was released
+            // when it closed; `maxconn::acquire` takes care of a leftover).
             conntrack::delete(&key, &found);
             stats::count(Counter::ClosedTupleReused);
         } else {
@@ -90,6 +91,20 @@ pub fn forward(
         stats::service_drop(svc.id, Counter::DropNoSnatAddr);
         return xdp_action::XDP_DROP;
     }
+    let limited = backend.maxconn != 0 || cfg.maxconn != 0;
+    if limited {
+        if let Err(why) =
+            maxconn::acquire(&key, svc.id, backend.id, backend.maxconn, cfg.maxconn, now)
+        {
+            return match why {
+                maxconn::Refused::Limit => over_limit(ctx, cfg, &svc, backend.id, flags),
+                maxconn::Refused::TableFull => {
+                    stats::service_drop(svc.id, Counter::DropSlotsFull);
+                    xdp_action::XDP_DROP
+                }
+            };
+        }
+    }
     let reply = Flow {
         created_ns: now,
         last_seen_ns: now,
@@ -109,6 +124,7 @@ pub fn forward(
         _pad: 0,
         epoch: reset_epoch(svc.id, backend.id),
         _pad2: 0,
+        bytes: 0,
     };
     let Some(port) = snat::claim(
         backend.addr,
@@ -120,6 +136,9 @@ pub fn forward(
         now,
         cfg.embryonic_timeout_ns,
     ) else {
+        if limited {
+            maxconn::release(&key);
+        }
         return refuse(ctx, cfg, svc.id, flags, Counter::RstSnatExhausted);
     };
     let fwd = Flow {
@@ -131,10 +150,14 @@ pub fn forward(
         smac: hop.smac,
         dmac: hop.dmac,
         dir: DIR_FORWARD,
+        bytes,
         ..reply
     };
     if !conntrack::insert_embryonic(&key, &fwd) {
         conntrack::remove_embryonic(&fwd.partner_key(IPPROTO_TCP));
+        if limited {
+            maxconn::release(&key);
+        }
         stats::service_drop(svc.id, Counter::DropEmbryonicFull);
         return xdp_action::XDP_DROP;
     }
@@ -184,10 +207,15 @@ fn existing(
     let flow = *found.flow;
     if is_reset(&flow) {
         conntrack::delete(key, &found);
+        maxconn::release(key);
         return refuse(ctx, cfg, flow.service_id, flags, Counter::RstFlowReset);
     }
     // Before `promote`, which copies the entry: an ACK that establishes may carry a FIN.
     conntrack::track(found.flow, flags, now);
+    found.flow.bytes += bytes;
+    if flags & (TCP_FIN | TCP_RST) != 0 && is_closing(found.flow, found.partner) {
+        maxconn::release(key);
+    }
     if found.established {
         conntrack::touch(found.flow, now);
     } else if flags & (TCP_SYN | TCP_ACK | TCP_RST) == TCP_ACK
@@ -221,12 +249,19 @@ pub fn reply(
         stats::count(Counter::PassTtl);
         return xdp_action::XDP_PASS;
     }
+    // The forward key: where the flow's connection slot (if any) is recorded.
+    let fwd_key = found.flow.partner_key(IPPROTO_TCP);
     if is_reset(found.flow) {
         let service = found.flow.service_id;
         conntrack::delete(&key, &found);
+        maxconn::release(&fwd_key);
         return refuse(ctx, cfg, service, flags, Counter::RstFlowReset);
     }
     conntrack::track(found.flow, flags, now);
+    found.flow.bytes += f.len() as u64;
+    if flags & (TCP_FIN | TCP_RST) != 0 && is_closing(found.flow, found.partner) {
+        maxconn::release(&fwd_key);
+    }
     if found.established {
         conntrack::touch(found.flow, now);
     } else if tcp.flags & (TCP_SYN | TCP_ACK) == (TCP_SYN | TCP_ACK) {
@@ -234,6 +269,20 @@ pub fn reply(
     }
     let flow = *found.flow;
     send(ctx, eth, ip, tcp, &flow, f.len() as u64, true)
+}
+
+/// A SYN over a `maxconn` limit: dropped (the client retransmits its SYN, which stands in
+/// for HAProxy's queue), or refused with a RST when the service says `on_maxconn = "reset"`.
+#[inline(always)]
+fn over_limit(ctx: &XdpContext, cfg: &Config, svc: &Service, backend: u32, flags: u8) -> u32 {
+    if let Some(b) = stats::backend(backend) {
+        b.maxconn_refused += 1;
+    }
+    if svc.flags & SERVICE_F_MAXCONN_RESET != 0 {
+        return refuse(ctx, cfg, svc.id, flags, Counter::RstMaxconn);
+    }
+    stats::service_drop(svc.id, Counter::DropMaxconn);
+    xdp_action::XDP_DROP
 }
 
 /// Whether the flow's backend was demoted with reset since the flow was created.

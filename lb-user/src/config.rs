@@ -28,6 +28,7 @@ struct RawConfig {
     #[serde(default)]
     debug: bool,
     rst_per_sec: Option<u32>,
+    maxconn: Option<Spanned<u32>>,
     #[serde(default, rename = "check")]
     checks: Vec<Spanned<RawCheck>>,
     #[serde(default)]
@@ -87,6 +88,9 @@ struct RawService {
     balance: Option<Spanned<String>>,
     on_down: Option<Spanned<String>>,
     fallback: Option<Spanned<String>>,
+    backend_maxconn: Option<Spanned<u32>>,
+    on_maxconn: Option<Spanned<String>>,
+    idle_timeout: Option<Spanned<String>>,
 }
 
 /// How a VIP reaches this host.
@@ -148,6 +152,13 @@ pub struct Service {
     pub exclusive: bool,
     /// Index of the service whose set to use when none of ours is healthy.
     pub fallback: Option<usize>,
+    /// Most connections this service holds to each of its backends (HAProxy's
+    /// `server ... maxconn`); 0: no limit.
+    pub backend_maxconn: u32,
+    /// Answer a SYN over a limit with a RST instead of dropping it.
+    pub maxconn_reset: bool,
+    /// This service's idle timeout (HAProxy's `timeout client/server`); `None`: the global one.
+    pub idle_timeout: Option<Duration>,
 }
 
 /// Default address of the admin server (HAProxy's `listen admin` in the manual uses 8080).
@@ -183,6 +194,8 @@ pub struct Config {
     pub vip_mode: VipMode,
     pub debug: bool,
     pub rst_per_sec: u32,
+    /// Most connections all services hold together (HAProxy's global `maxconn`); 0: no limit.
+    pub maxconn: u32,
     pub connect_timeout: Duration,
     pub idle_timeout: Duration,
     /// How long a closed flow (FIN both ways, or a RST) stays in the table after its last
@@ -580,6 +593,39 @@ impl Config {
                     ))
                 }
             };
+            let maxconn_reset = match s.on_maxconn.as_ref().map(|b| (b.get_ref().as_str(), b.span())) {
+                None | Some(("drop", _)) => false,
+                Some(("reset", _)) => true,
+                Some((other, span)) => {
+                    return Err(at(path, text, span, format!("service {name:?}: on_maxconn = {other:?}: expected \"drop\" (default: the client's SYN retransmit waits for a free slot) or \"reset\"")))
+                }
+            };
+            let backend_maxconn = match &s.backend_maxconn {
+                Some(m) if *m.get_ref() == 0 => {
+                    return Err(at(path, text, m.span(), format!("service {name:?}: backend_maxconn = 0 would refuse every connection; leave it out for no limit")))
+                }
+                Some(m) => *m.get_ref(),
+                None => 0,
+            };
+            if let (Some(o), None, None) = (&s.on_maxconn, &s.backend_maxconn, &raw.maxconn) {
+                return Err(at(path, text, o.span(), format!("service {name:?}: on_maxconn has no effect without backend_maxconn here or a global maxconn")));
+            }
+            let idle_timeout = match &s.idle_timeout {
+                Some(v) => {
+                    let d =
+                        parse_duration(path, text, v, &format!("service {name:?}: idle_timeout"))?;
+                    if d.is_zero() {
+                        return Err(at(
+                            path,
+                            text,
+                            v.span(),
+                            format!("service {name:?}: idle_timeout must be positive"),
+                        ));
+                    }
+                    Some(d)
+                }
+                None => None,
+            };
             services.push(Service {
                 name,
                 vip,
@@ -590,6 +636,9 @@ impl Config {
                 on_down,
                 exclusive,
                 fallback: None,
+                backend_maxconn,
+                maxconn_reset,
+                idle_timeout,
             });
         }
         for (i, s) in raw.services.iter().enumerate() {
@@ -623,6 +672,19 @@ impl Config {
             );
         }
 
+        let maxconn = match &raw.maxconn {
+            Some(m) if *m.get_ref() == 0 => {
+                return Err(at(
+                    path,
+                    text,
+                    m.span(),
+                    "maxconn = 0 would refuse every connection; leave it out for no limit",
+                ))
+            }
+            Some(m) => *m.get_ref(),
+            None => 0,
+        };
+
         let admin = match &raw.admin {
             None => AdminConfig::default(),
             Some(a) => parse_admin(path, text, a)?,
@@ -635,6 +697,7 @@ impl Config {
             vip_mode,
             debug: raw.debug,
             rst_per_sec: raw.rst_per_sec.unwrap_or(1000),
+            maxconn,
             connect_timeout,
             idle_timeout,
             close_timeout,

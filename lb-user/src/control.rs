@@ -23,6 +23,8 @@ pub struct Member {
     pub id: u32,
     pub addr: Ipv4Addr,
     pub port: u16,
+    /// Most connections the service may hold to it; 0: no limit.
+    pub maxconn: u32,
 }
 
 pub struct Control {
@@ -125,7 +127,7 @@ impl Control {
             snat_port_max: cfg.snat_ports.1,
             flags,
             rst_per_sec: cfg.rst_per_sec,
-            _pad: 0,
+            maxconn: cfg.maxconn,
         };
         self.config.set(0, c, 0).context("write CONFIG")
     }
@@ -164,7 +166,12 @@ impl Control {
                     key,
                     Service {
                         id: id as u32,
-                        flags: s.balance.flags(),
+                        flags: s.balance.flags()
+                            | if s.maxconn_reset {
+                                lb_common::SERVICE_F_MAXCONN_RESET
+                            } else {
+                                0
+                            },
                     },
                     0,
                 )
@@ -199,6 +206,7 @@ impl Control {
                 id: b as u32,
                 addr: cfg.backends[b].address,
                 port: s.backend_port,
+                maxconn: s.backend_maxconn,
             })
             .collect();
         self.install_set(service as u32, &m)
@@ -261,7 +269,7 @@ impl Control {
                 port: port_be(m.port),
                 _pad: 0,
                 id: m.id,
-                _pad2: 0,
+                maxconn: m.maxconn,
             };
         }
         let keys: Vec<String> = members

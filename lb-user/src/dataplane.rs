@@ -66,8 +66,14 @@ fn configured_size(cfg: &Config, name: &str) -> u32 {
     match name {
         names::CT_EMBRYONIC => cfg.embryonic_entries,
         names::CT_ESTABLISHED => cfg.established_entries,
+        names::SLOTS => slots_size(cfg),
         _ => 0,
     }
+}
+
+/// Connection slots: one per connection the two tables can hold.
+fn slots_size(cfg: &Config) -> u32 {
+    cfg.embryonic_entries / 2 + cfg.established_entries / 2
 }
 
 /// The `META` hashes this build expects for `cfg`, by map name.
@@ -191,7 +197,8 @@ fn load_with(cfg: &Config, pin_dir: Option<&Path>) -> Result<Ebpf> {
     let mut loader = EbpfLoader::new();
     loader
         .map_max_entries(names::CT_EMBRYONIC, cfg.embryonic_entries)
-        .map_max_entries(names::CT_ESTABLISHED, cfg.established_entries);
+        .map_max_entries(names::CT_ESTABLISHED, cfg.established_entries)
+        .map_max_entries(names::SLOTS, slots_size(cfg).max(1));
     if let Some(dir) = pin_dir {
         for name in names::ALL {
             loader.map_pin_path(name, dir.join(name));
@@ -211,6 +218,12 @@ fn load_with(cfg: &Config, pin_dir: Option<&Path>) -> Result<Ebpf> {
             info!(verified_insns = n, "XDP program lb_xdp loaded");
         }
     }
+    let release: &mut Xdp = ebpf
+        .program_mut("lb_release")
+        .context("the object has no lb_release program")?
+        .try_into()
+        .context("lb_release is not an XDP program")?;
+    release.load().context("the verifier rejected lb_release")?;
     Ok(ebpf)
 }
 

@@ -5,7 +5,14 @@
 //!   last segment is older than the close timeout,
 //! - established flows idle for longer than the idle timeout,
 //! - established entries whose partner is gone (a delete interrupted half-way), once they are
-//!   older than the close timeout.
+//!   older than the close timeout;
+//!
+//! and then releases the connection slots (`maxconn`) of flows that are gone: deleted above,
+//! expired in or evicted from the embryonic table. The agent cannot decrement a count
+//! atomically from userspace, so it releases through `lb_release`, a program it runs with
+//! `BPF_PROG_TEST_RUN` that deletes the slot and, only if that delete succeeded, decrements.
+//!
+//! The idle timeout is per service (`idle_timeout` of a `[[service]]`, else the global one).
 //!
 //! The data path never deletes a flow on FIN or RST: a half-closed connection keeps working,
 //! the last ACK and retransmitted FINs still translate, and a spoofed RST can be taken back by
@@ -23,9 +30,10 @@ use std::{collections::HashMap as StdHashMap, os::fd::AsFd, time::Duration};
 use anyhow::{Context, Result};
 use aya::{
     maps::{HashMap, Map, MapData, MapError},
+    programs::{TestRun, TestRunOptions, Xdp},
     Ebpf,
 };
-use lb_common::{is_closing, names, Flow, FlowKey, DIR_FORWARD, IPPROTO_TCP};
+use lb_common::{is_closing, names, Flow, FlowKey, Slot, DIR_FORWARD, IPPROTO_TCP, MAX_SERVICES};
 use tracing::{debug, info, warn};
 
 use crate::config::Config;
@@ -36,21 +44,51 @@ pub const MAX_DELETIONS: usize = 100_000;
 /// How often the agent runs a pass.
 pub const PERIOD: Duration = Duration::from_secs(1);
 
+/// How old a slot must be before the GC may find its flow gone: the data path records the slot
+/// just before it inserts the flow.
+const SLOT_GRACE_NS: u64 = 1_000_000_000;
+
 /// The timeouts a pass applies, in nanoseconds. Zero disables the idle or close expiry.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Timeouts {
     pub connect_ns: u64,
     pub idle_ns: u64,
     pub close_ns: u64,
+    /// Idle timeout per service id; 0: `idle_ns`.
+    pub idle_by_service: [u64; MAX_SERVICES as usize],
 }
 
 impl Timeouts {
+    /// Global timeouts only.
+    pub fn new(connect_ns: u64, idle_ns: u64, close_ns: u64) -> Self {
+        Self {
+            connect_ns,
+            idle_ns,
+            close_ns,
+            idle_by_service: [0; MAX_SERVICES as usize],
+        }
+    }
+
     pub fn from_config(cfg: &Config) -> Self {
         let ns = |d: Duration| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX);
-        Self {
-            connect_ns: ns(cfg.connect_timeout),
-            idle_ns: ns(cfg.idle_timeout),
-            close_ns: ns(cfg.close_timeout),
+        let mut t = Self::new(
+            ns(cfg.connect_timeout),
+            ns(cfg.idle_timeout),
+            ns(cfg.close_timeout),
+        );
+        for (i, s) in cfg.services.iter().enumerate().take(MAX_SERVICES as usize) {
+            if let Some(d) = s.idle_timeout {
+                t.idle_by_service[i] = ns(d);
+            }
+        }
+        t
+    }
+
+    /// The idle timeout of flows of `service`.
+    pub fn idle_of(&self, service: u32) -> u64 {
+        match self.idle_by_service.get(service as usize) {
+            Some(&t) if t != 0 => t,
+            _ => self.idle_ns,
         }
     }
 }
@@ -71,6 +109,9 @@ pub struct SweepStats {
     pub orphans: usize,
     /// Doomed flows found changed when read again, and kept.
     pub revived: usize,
+    /// Connection slots held (`SLOTS` entries read) and released by this pass.
+    pub slots: usize,
+    pub slots_released: usize,
     /// The pass stopped at [`MAX_DELETIONS`] (or at a read error); the rest waits.
     pub truncated: bool,
 }
@@ -90,11 +131,13 @@ enum Expiry {
 }
 
 type Table = HashMap<MapData, FlowKey, Flow>;
+type Slots = HashMap<MapData, FlowKey, Slot>;
 
-/// The GC: handles on both connection tables and the timeouts.
+/// The GC: handles on both connection tables, the slot table and the timeouts.
 pub struct Gc {
     embryonic: Table,
     established: Table,
+    slots: Option<(Slots, usize)>,
     /// Most keys one walk of each table visits. A key deleted under the walk (by the data
     /// path) makes the kernel restart it from the first key; this keeps such a pass finite.
     embryonic_visits: usize,
@@ -203,9 +246,14 @@ impl Gc {
         };
         let (embryonic, embryonic_visits) = take(names::CT_EMBRYONIC)?;
         let (established, established_visits) = take(names::CT_ESTABLISHED)?;
+        let slots = slot_table(
+            ebpf.take_map(names::SLOTS)
+                .with_context(|| format!("the object has no map {}", names::SLOTS))?,
+        )?;
         Ok(Self {
             embryonic,
             established,
+            slots: Some(slots),
             embryonic_visits,
             established_visits,
             timeouts,
@@ -220,9 +268,11 @@ impl Gc {
             table(share(ebpf, names::CT_EMBRYONIC)?, names::CT_EMBRYONIC)?;
         let (established, established_visits) =
             table(share(ebpf, names::CT_ESTABLISHED)?, names::CT_ESTABLISHED)?;
+        let slots = slot_table(share(ebpf, names::SLOTS)?)?;
         Ok(Self {
             embryonic,
             established,
+            slots: Some(slots),
             embryonic_visits,
             established_visits,
             timeouts,
@@ -240,9 +290,14 @@ impl Gc {
         };
         let (embryonic, embryonic_visits) = open(names::CT_EMBRYONIC)?;
         let (established, established_visits) = open(names::CT_ESTABLISHED)?;
+        let slots = MapData::from_pin(dir.join(names::SLOTS))
+            .ok()
+            .and_then(|d| Map::from_map_data(d).ok())
+            .and_then(|m| slot_table(m).ok());
         Ok(Self {
             embryonic,
             established,
+            slots,
             embryonic_visits,
             established_visits,
             timeouts,
@@ -254,9 +309,12 @@ impl Gc {
         self.timeouts
     }
 
-    /// One pass at the current time; logs what it deleted at debug level.
-    pub fn run_once(&mut self) -> Result<SweepStats> {
-        let st = self.sweep(monotonic_now()?);
+    /// One pass at the current time, slots released through `ebpf`'s `lb_release`; logs
+    /// what it deleted at debug level.
+    pub fn run_once(&mut self, ebpf: &Ebpf) -> Result<SweepStats> {
+        let now = monotonic_now()?;
+        let mut st = self.sweep(now);
+        self.sweep_slots(now, ebpf, &mut st);
         if st.deleted_entries() > 0 || st.revived > 0 || st.truncated {
             debug!(
                 embryonic = st.embryonic_entries,
@@ -266,6 +324,7 @@ impl Gc {
                 idle = st.idle,
                 orphans = st.orphans,
                 revived = st.revived,
+                slots_released = st.slots_released,
                 truncated = st.truncated,
                 "connection-table GC pass"
             );
@@ -281,13 +340,66 @@ impl Gc {
         st
     }
 
+    /// Releases the slots of flows that are gone (run after [`Gc::sweep`], which deletes
+    /// expired flows): slots older than a second whose forward key is neither a live embryonic
+    /// entry nor an established one.
+    pub fn sweep_slots(&mut self, now: u64, ebpf: &Ebpf, st: &mut SweepStats) {
+        let Some((slots, visits)) = &self.slots else {
+            return;
+        };
+        let mut gone = Vec::new();
+        for item in slots.iter().take(*visits) {
+            match item {
+                Ok((k, slot)) => {
+                    st.slots += 1;
+                    if now.saturating_sub(slot.created_ns) > SLOT_GRACE_NS {
+                        gone.push(k);
+                    }
+                }
+                Err(e) => {
+                    warn!("reading {}: {e}", names::SLOTS);
+                    st.truncated = true;
+                    break;
+                }
+            }
+        }
+        // Embryonic first: a flow moving to the established table is inserted there before
+        // it leaves the embryonic one, so this order never misses a live flow.
+        gone.retain(|k| {
+            let embryonic = self
+                .embryonic
+                .get(k, 0)
+                .is_ok_and(|f| now.saturating_sub(f.created_ns) <= self.timeouts.connect_ns);
+            !embryonic && self.established.get(k, 0).is_err()
+        });
+        if gone.is_empty() {
+            return;
+        }
+        let prog: Option<&Xdp> = ebpf.program("lb_release").and_then(|p| p.try_into().ok());
+        let Some(prog) = prog else {
+            warn!("the object has no lb_release program: connection slots are not released");
+            return;
+        };
+        for key in gone {
+            match release_slot(prog, &key) {
+                Ok(true) => st.slots_released += 1,
+                Ok(false) => {}
+                Err(e) => {
+                    warn!("releasing a connection slot: {e:#}");
+                    break;
+                }
+            }
+        }
+    }
+
     /// Why the flow of the entries `a` and `b` should go at `now`, if it should.
     fn expiry(&self, now: u64, a: &Flow, b: &Flow) -> Option<Expiry> {
         let quiet = now.saturating_sub(a.last_seen_ns.max(b.last_seen_ns));
         let t = self.timeouts;
+        let idle = t.idle_of(a.service_id);
         if t.close_ns != 0 && is_closing(a, b) && quiet > t.close_ns {
             Some(Expiry::Closed)
-        } else if t.idle_ns != 0 && quiet > t.idle_ns {
+        } else if idle != 0 && quiet > idle {
             Some(Expiry::Idle)
         } else {
             None
@@ -425,6 +537,36 @@ impl Gc {
             }
         }
     }
+}
+
+/// The slot table as a typed map, and the visit bound of a walk over it.
+fn slot_table(map: Map) -> Result<(Slots, usize)> {
+    let max_entries = match &map {
+        Map::HashMap(m) => m
+            .info()
+            .map(|i| i.max_entries() as usize)
+            .context("map SLOTS: info")?,
+        _ => anyhow::bail!("map {} is not a hash map", names::SLOTS),
+    };
+    let t = Slots::try_from(map)
+        .with_context(|| format!("map {} has an unexpected type or layout", names::SLOTS))?;
+    Ok((t, max_entries.saturating_mul(2).saturating_add(1024)))
+}
+
+/// Releases the slot of the flow whose forward key is `key` by running `lb_release` on it:
+/// true when this call released it (the program deleted the slot and decremented the counts).
+pub fn release_slot(prog: &Xdp, key: &FlowKey) -> Result<bool> {
+    let bytes = bytemuck::bytes_of(key);
+    let mut out = [0u8; 64];
+    let r = prog
+        .test_run(TestRunOptions {
+            data_in: Some(bytes),
+            data_out: Some(&mut out),
+            ..Default::default()
+        })
+        .context("BPF_PROG_TEST_RUN of lb_release")?;
+    // XDP_PASS (2): released; XDP_DROP (1): no slot, or released by someone else first.
+    Ok(r.return_value == 2)
 }
 
 /// Deletes `key`; an entry already gone (the data path deleted it) is fine.

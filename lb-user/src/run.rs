@@ -294,7 +294,7 @@ async fn serve(
                 let _ = op.reply.send(r);
             }
             _ = gc_tick.tick() => {
-                if let Err(e) = gc.run_once() {
+                if let Err(e) = gc.run_once(ebpf) {
                     warn!("connection-table GC: {e:#}");
                 }
             }

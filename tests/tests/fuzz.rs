@@ -112,6 +112,9 @@ const OUTCOMES: &[Counter] = &[
     Counter::RstNoBackend,
     Counter::RstSnatExhausted,
     Counter::RstFlowReset,
+    Counter::DropMaxconn,
+    Counter::RstMaxconn,
+    Counter::DropSlotsFull,
 ];
 
 /// The outcomes whose action is XDP_DROP.
@@ -126,6 +129,8 @@ const DROP_OUTCOMES: &[Counter] = &[
     Counter::DropIcmpNoFlow,
     Counter::DropNoFlow,
     Counter::DropRstLimited,
+    Counter::DropMaxconn,
+    Counter::DropSlotsFull,
 ];
 
 /// The refusal reasons counted only when the RST was sent.
@@ -134,6 +139,7 @@ const RST_REASONS: &[Counter] = &[
     Counter::RstNoBackend,
     Counter::RstSnatExhausted,
     Counter::RstFlowReset,
+    Counter::RstMaxconn,
 ];
 
 /// Counters counted on top of an outcome (or never), not per frame.

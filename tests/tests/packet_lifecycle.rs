@@ -504,14 +504,7 @@ fn gc_deletes_idle_flows_after_the_idle_timeout_and_keeps_active_ones() -> Resul
     let cfg = config_with_timeouts("[timeouts]\nconnect = \"30s\"\nidle = \"2s\"\nclose = \"1s\"");
     Fixture::run_with_config("gcidle", &cfg, |fx| {
         let mut gc = Gc::shared(&fx.ebpf, default_timeouts(fx))?;
-        assert_eq!(
-            gc.timeouts(),
-            Timeouts {
-                connect_ns: 30 * SEC,
-                idle_ns: 2 * SEC,
-                close_ns: SEC
-            }
-        );
+        assert_eq!(gc.timeouts(), Timeouts::new(30 * SEC, 2 * SEC, SEC));
         let idle = establish(fx, 42000)?;
         let mut client_talks = establish(fx, 42001)?;
         let mut backend_talks = establish(fx, 42002)?;
