@@ -1,0 +1,362 @@
+//! `maxconn` through `BPF_PROG_TEST_RUN`: a SYN over a limit (per backend of a service, or
+//! global) is dropped and counted (or answered with a RST when the service says
+//! `on_maxconn = "reset"`); a slot is released exactly once, by whoever deletes it: the data
+//! path when the flow closes (FINs both ways, a RST) or is reset, the agent's GC (through
+//! `lb_release`) when the flow expired or vanished. The counts never go below zero. The
+//! program is built for BPF v3 and the verifier's (xlated) program uses the fetch form of the
+//! atomic add.
+//!
+//! Fixture of `packet.rs`: client 198.18.0.2 behind `cl0`; write 198.18.0.10:7680 -> db01,
+//! read :7681 -> db02, db03.
+
+use std::process::Command;
+
+use anyhow::{Context, Result};
+use aya::{
+    maps::{Array, HashMap},
+    programs::Xdp,
+};
+use lb_common::{
+    epoch_index, names, Counter, Flow, FlowKey, Slot, FLOW_ESTABLISHED, MAXCONN_GLOBAL,
+};
+use lb_tests::fixture::frames::{TcpFrame, ACK, FIN, PSH, RST, SYN};
+use lb_tests::fixture::*;
+use lb_user::gc::{monotonic_now, release_slot, Gc, Timeouts};
+
+const SEC: u64 = 1_000_000_000;
+
+/// The fixture's configuration with `extra` settings added to the write service (after its
+/// backends line) and `global` ones at the top.
+fn config(global: &str, write_extra: &str) -> String {
+    let c = CONFIG.replace(
+        "backends = [\"db01\"]\n",
+        &format!("backends = [\"db01\"]\n{write_extra}\n"),
+    );
+    c.replace(
+        "instance = \"pkt\"\n",
+        &format!("instance = \"pkt\"\n{global}\n"),
+    )
+}
+
+fn active(fx: &Fixture, index: u32) -> Result<u64> {
+    let map = fx
+        .ebpf
+        .map(names::MAXCONN_ACTIVE)
+        .context("MAXCONN_ACTIVE")?;
+    let a = Array::<_, u64>::try_from(map)?;
+    Ok(a.get(&index, 0)?)
+}
+
+/// (write/db01 count, read/db02 count, read/db03 count, global count).
+fn counts(fx: &Fixture) -> Result<(u64, u64, u64, u64)> {
+    Ok((
+        active(fx, epoch_index(0, 0))?,
+        active(fx, epoch_index(1, 1))?,
+        active(fx, epoch_index(1, 2))?,
+        active(fx, MAXCONN_GLOBAL)?,
+    ))
+}
+
+fn slots(fx: &Fixture) -> Result<Vec<(FlowKey, Slot)>> {
+    let map = fx.ebpf.map(names::SLOTS).context("SLOTS")?;
+    let m = HashMap::<_, FlowKey, Slot>::try_from(map)?;
+    Ok(m.iter().filter_map(|r| r.ok()).collect())
+}
+
+fn syn(client_port: u16, vip_port: u16) -> TcpFrame {
+    TcpFrame::syn(
+        CLIENT_MAC,
+        CL0_MAC,
+        sa(CLIENT, client_port),
+        sa(VIP, vip_port),
+    )
+}
+
+/// A write connection driven through the program: handshake, then any segments.
+struct Conn {
+    client_port: u16,
+    snat_port: u16,
+    cseq: u32,
+    bseq: u32,
+}
+
+impl Conn {
+    fn open(fx: &Fixture, client_port: u16) -> Result<Self> {
+        let s = syn(client_port, WRITE_PORT);
+        let out = fx.from_client(&s.bytes()?)?;
+        assert_eq!(out.action, Action::Redirect, "SYN from {client_port}");
+        let snat_port = u16::from_be_bytes([out.frame[34], out.frame[35]]);
+        let mut c = Self {
+            client_port,
+            snat_port,
+            cseq: s.seq.wrapping_add(1),
+            bseq: 0x7000_0000,
+        };
+        c.backend(fx, SYN | ACK)?;
+        c.bseq += 1;
+        c.client(fx, ACK)?;
+        let t = fx.established()?;
+        let fwd = t.iter().find(|(k, _)| *k == c.fwd_key()).map(|(_, f)| *f);
+        assert_eq!(fwd.map(|f| f.state), Some(FLOW_ESTABLISHED), "established");
+        Ok(c)
+    }
+
+    fn fwd_key(&self) -> FlowKey {
+        flow_key(sa(CLIENT, self.client_port), sa(VIP, WRITE_PORT))
+    }
+
+    fn client(&mut self, fx: &Fixture, flags: u8) -> Result<Action> {
+        let seg = TcpFrame::new(
+            CLIENT_MAC,
+            CL0_MAC,
+            sa(CLIENT, self.client_port),
+            sa(VIP, WRITE_PORT),
+        )
+        .with_flags(flags)
+        .with_seq_ack(self.cseq, self.bseq);
+        self.cseq = self.cseq.wrapping_add(u32::from(flags & FIN != 0));
+        Ok(fx.from_client(&seg.bytes()?)?.action)
+    }
+
+    fn backend(&mut self, fx: &Fixture, flags: u8) -> Result<Action> {
+        let seg = TcpFrame::new(
+            DB01_MAC,
+            BK0_MAC,
+            sa(DB01, BACKEND_PORT),
+            sa(SNAT_ADDR, self.snat_port),
+        )
+        .with_flags(flags)
+        .with_seq_ack(self.bseq, self.cseq);
+        self.bseq = self.bseq.wrapping_add(u32::from(flags & FIN != 0));
+        Ok(fx.from_backends(&seg.bytes()?)?.action)
+    }
+}
+
+#[test]
+#[ignore = "needs root and netns: run cargo xtask test"]
+fn a_syn_over_the_backend_limit_is_dropped_and_a_close_frees_the_slot() -> Result<()> {
+    Fixture::run_with_config("mcdrop", &config("", "backend_maxconn = 2"), |fx| {
+        let mut a = Conn::open(fx, 40001)?;
+        let mut b = Conn::open(fx, 40002)?;
+        assert_eq!(counts(fx)?, (2, 0, 0, 2), "two slots held");
+        assert_eq!(slots(fx)?.len(), 2);
+
+        // Third connection: over the limit. Dropped (the client's SYN retransmit waits for a
+        // slot, like HAProxy's queue), counted, no flow and no SNAT port taken.
+        let before = fx.counters()?;
+        let out = fx.from_client(&syn(40003, WRITE_PORT).bytes()?)?;
+        assert_eq!(out.action, Action::Drop, "SYN over maxconn");
+        assert_eq!(
+            fx.counters()?.changes_since(&before),
+            moved(&[(Counter::FibResult0, 1), (Counter::DropMaxconn, 1)])
+        );
+        assert_eq!(fx.backend_stats(0)?.maxconn_refused, 1);
+        assert!(fx.embryonic()?.is_empty(), "no flow for the refused SYN");
+        assert_eq!(
+            counts(fx)?,
+            (2, 0, 0, 2),
+            "a refusal leaves the counts alone"
+        );
+
+        // Held connections keep working, a retransmitted SYN on one of them too.
+        assert_eq!(a.client(fx, PSH | ACK)?, Action::Redirect);
+        let out = fx.from_client(&syn(40001, WRITE_PORT).bytes()?)?;
+        assert_eq!(out.action, Action::Redirect, "SYN on an established tuple");
+        assert_eq!(counts(fx)?.0, 2);
+
+        // The unlimited read service is not counted at all.
+        let out = fx.from_client(&syn(40100, READ_PORT).bytes()?)?;
+        assert_eq!(out.action, Action::Redirect, "read service has no limit");
+        assert_eq!(counts(fx)?, (2, 0, 0, 2));
+
+        // One FIN is a half-close: the slot stays. The second FIN closes: released at once.
+        assert_eq!(a.client(fx, FIN | ACK)?, Action::Redirect);
+        assert_eq!(counts(fx)?.0, 2, "half-closed still holds its slot");
+        assert_eq!(a.backend(fx, FIN | ACK)?, Action::Redirect);
+        assert_eq!(counts(fx)?, (1, 0, 0, 1), "closed: slot released");
+        // The last ACK and a retransmitted FIN still translate and release nothing more.
+        assert_eq!(a.client(fx, ACK)?, Action::Redirect);
+        assert_eq!(a.backend(fx, FIN | ACK)?, Action::Redirect);
+        assert_eq!(counts(fx)?, (1, 0, 0, 1), "released once");
+
+        let mut c = Conn::open(fx, 40003)?;
+        assert_eq!(counts(fx)?, (2, 0, 0, 2), "the freed slot is taken");
+
+        // A RST from the backend closes too.
+        assert_eq!(b.backend(fx, RST)?, Action::Redirect);
+        assert_eq!(counts(fx)?, (1, 0, 0, 1));
+        assert_eq!(b.backend(fx, RST)?, Action::Redirect);
+        assert_eq!(counts(fx)?, (1, 0, 0, 1), "a second RST releases nothing");
+
+        // A flow reset by the agent (on_down = "reset") releases its slot on its next segment.
+        fx.control.reset_flows(0, 0)?;
+        assert_eq!(
+            c.client(fx, PSH | ACK)?,
+            Action::Tx,
+            "reset flow answered with RST"
+        );
+        assert_eq!(counts(fx)?, (0, 0, 0, 0));
+        assert!(slots(fx)?.is_empty(), "no slot left");
+        Ok(())
+    })
+}
+
+#[test]
+#[ignore = "needs root and netns: run cargo xtask test"]
+fn on_maxconn_reset_answers_the_syn_over_the_limit_with_a_rst() -> Result<()> {
+    let cfg = config("", "backend_maxconn = 1\non_maxconn = \"reset\"");
+    Fixture::run_with_config("mcrst", &cfg, |fx| {
+        Conn::open(fx, 40201)?;
+        let before = fx.counters()?;
+        let out = fx.from_client(&syn(40202, WRITE_PORT).bytes()?)?;
+        assert_eq!(out.action, Action::Tx, "RST to the client");
+        let tcp_flags = out.frame[47];
+        assert_eq!(tcp_flags & RST, RST, "the answer is a RST");
+        assert_eq!(
+            fx.counters()?.changes_since(&before),
+            moved(&[
+                (Counter::RstSent, 1),
+                (Counter::FibResult0, 1),
+                (Counter::RstMaxconn, 1)
+            ])
+        );
+        assert_eq!(counts(fx)?, (1, 0, 0, 1));
+        Ok(())
+    })
+}
+
+#[test]
+#[ignore = "needs root and netns: run cargo xtask test"]
+fn the_global_limit_counts_every_service() -> Result<()> {
+    Fixture::run_with_config("mcglobal", &config("maxconn = 3", ""), |fx| {
+        Conn::open(fx, 40301)?;
+        for p in [40302, 40303] {
+            let out = fx.from_client(&syn(p, READ_PORT).bytes()?)?;
+            assert_eq!(out.action, Action::Redirect, "read SYN {p}");
+        }
+        let (w, r2, r3, g) = counts(fx)?;
+        assert_eq!((w, r2 + r3, g), (1, 2, 3), "per pair and global");
+        for (p, port) in [(40304, WRITE_PORT), (40305, READ_PORT)] {
+            let out = fx.from_client(&syn(p, port).bytes()?)?;
+            assert_eq!(out.action, Action::Drop, "fourth connection (port {port})");
+        }
+        assert_eq!(counts(fx)?.3, 3, "refusals undo their adds");
+        Ok(())
+    })
+}
+
+#[test]
+#[ignore = "needs root and netns: run cargo xtask test"]
+fn the_gc_releases_slots_of_expired_idle_and_vanished_flows_exactly_once() -> Result<()> {
+    let cfg = config("", "backend_maxconn = 8\nidle_timeout = \"60s\"");
+    Fixture::run_with_config("mcgc", &cfg, |fx| {
+        // An embryonic flow that never completes, an established one that goes idle, one
+        // whose embryonic entries vanish (as if evicted by the LRU), and a busy one.
+        let out = fx.from_client(&syn(40401, WRITE_PORT).bytes()?)?;
+        assert_eq!(out.action, Action::Redirect);
+        Conn::open(fx, 40402)?;
+        let out = fx.from_client(&syn(40403, WRITE_PORT).bytes()?)?;
+        let snat = u16::from_be_bytes([out.frame[34], out.frame[35]]);
+        fx.remove_embryonic(&flow_key(sa(CLIENT, 40403), sa(VIP, WRITE_PORT)))?;
+        fx.remove_embryonic(&flow_key(sa(DB01, BACKEND_PORT), sa(SNAT_ADDR, snat)))?;
+        let busy = Conn::open(fx, 40404)?;
+        assert_eq!(counts(fx)?.0, 4);
+
+        let t0 = monotonic_now()?;
+        let timeouts = Timeouts::from_config(&fx.cfg);
+        assert_eq!(
+            timeouts.idle_of(0),
+            60 * SEC,
+            "the write service's own idle timeout"
+        );
+        assert_eq!(
+            timeouts.idle_of(1),
+            7200 * SEC,
+            "the read service keeps the global one"
+        );
+        let mut gc = Gc::shared(&fx.ebpf, timeouts)?;
+
+        // Within a second nothing is released (the data path records a slot just before
+        // its flow): the vanished flow's slot waits for the next pass.
+        let mut st = gc.sweep(t0);
+        gc.sweep_slots(t0, &fx.ebpf, &mut st);
+        assert_eq!((st.slots, st.slots_released), (4, 0), "{st:?}");
+
+        // 2 s later: only the vanished flow's slot goes.
+        let mut st = gc.sweep(t0 + 2 * SEC);
+        gc.sweep_slots(t0 + 2 * SEC, &fx.ebpf, &mut st);
+        assert_eq!(st.slots_released, 1, "{st:?}");
+        assert_eq!(counts(fx)?.0, 3);
+
+        // 31 s: the embryonic flow expired (connect timeout 30 s): deleted and released.
+        let mut st = gc.sweep(t0 + 31 * SEC);
+        gc.sweep_slots(t0 + 31 * SEC, &fx.ebpf, &mut st);
+        assert_eq!((st.embryonic_expired, st.slots_released), (2, 1), "{st:?}");
+        assert_eq!(counts(fx)?.0, 2);
+
+        // 61 s with the busy flow touched: the idle flow goes (its service's 60 s), the busy
+        // one stays.
+        let mut f: Flow = fx
+            .established()?
+            .into_iter()
+            .find(|(k, _)| *k == busy.fwd_key())
+            .map(|(_, f)| f)
+            .context("busy flow")?;
+        f.last_seen_ns = t0 + 60 * SEC;
+        {
+            let map = fx.ebpf.map_mut(names::CT_ESTABLISHED).context("CT")?;
+            let mut m = HashMap::<_, FlowKey, Flow>::try_from(map)?;
+            m.insert(busy.fwd_key(), f, 0)?;
+        }
+        let mut st = gc.sweep(t0 + 61 * SEC);
+        gc.sweep_slots(t0 + 61 * SEC, &fx.ebpf, &mut st);
+        assert_eq!((st.idle, st.slots_released), (1, 1), "{st:?}");
+        assert_eq!(counts(fx)?, (1, 0, 0, 1), "only the busy flow holds a slot");
+
+        // Releasing again is a no-op: a slot is released once, and counts never wrap.
+        let prog: &Xdp = fx
+            .ebpf
+            .program("lb_release")
+            .context("lb_release")?
+            .try_into()?;
+        let gone = flow_key(sa(CLIENT, 40402), sa(VIP, WRITE_PORT));
+        assert!(!release_slot(prog, &gone)?, "already released");
+        assert!(
+            release_slot(prog, &busy.fwd_key())?,
+            "the busy flow's slot, once"
+        );
+        assert!(!release_slot(prog, &busy.fwd_key())?, "and not twice");
+        assert_eq!(counts(fx)?, (0, 0, 0, 0));
+        Ok(())
+    })
+}
+
+#[test]
+#[ignore = "needs root and netns: run cargo xtask test"]
+fn the_verified_program_uses_the_fetch_form_of_the_atomic_add() -> Result<()> {
+    Fixture::run("mcxlated", |fx| {
+        let prog: &Xdp = fx.ebpf.program("lb_xdp").context("lb_xdp")?.try_into()?;
+        let id = prog.info()?.id();
+        let out = Command::new("bpftool")
+            .args(["prog", "dump", "xlated", "id", &id.to_string()])
+            .output()
+            .context("run bpftool (installed by cargo xtask setup)")?;
+        assert!(
+            out.status.success(),
+            "bpftool: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let text = String::from_utf8_lossy(&out.stdout);
+        let fetch_adds = text.matches("atomic64_fetch_add(").count();
+        assert!(
+            fetch_adds >= 2,
+            "the verifier's program has {fetch_adds} BPF_ATOMIC|BPF_FETCH adds; expected the \
+             maxconn take and undo (is the object built with -C target-cpu=v3?)"
+        );
+        assert!(
+            !text.contains("lock *("),
+            "no plain (non-fetch) XADD: every maxconn add uses its old value or is an undo"
+        );
+        Ok(())
+    })
+}
