@@ -10,6 +10,7 @@
 //! - [`run`]: `lb run`, tying them together.
 //! - [`status`]: `lb status`, reading pinned counters.
 //! - [`admin`]: the admin HTTP server (dashboard, /stats.json, ;csv, /metrics).
+//! - [`nic`]: the NIC's own XDP counters (`ethtool -S`) for the admin views.
 pub mod admin;
 pub mod config;
 pub mod control;
@@ -19,6 +20,7 @@ pub mod host;
 pub mod live;
 pub mod maglev;
 pub mod mirror;
+pub mod nic;
 pub mod ops;
 pub mod run;
 pub mod status;

@@ -2,8 +2,8 @@
 //! front of three simulated Neo4j servers, the admin server on the lb namespace's loopback
 //! (127.0.0.1:8080 there), Bolt writes through the VIP. Checks that `/stats.json` counts them
 //! exactly, that `/metrics` and `;csv` say the same, that headless Chromium renders a dashboard
-//! with the same values, and that Basic auth refuses without credentials and never leaks the
-//! password.
+//! with the same values, that the NIC's own XDP counters (`ethtool -S`) are there and at least
+//! lb's, and that Basic auth refuses without credentials and never leaks the password.
 use std::{
     collections::HashMap,
     io::{Read, Write},
@@ -149,6 +149,69 @@ fn metric(m: &HashMap<Key, f64>, name: &str, labels: &[(&str, &str)]) -> Result<
     m.get(&(name.to_string(), l))
         .copied()
         .with_context(|| format!("no {name}{labels:?} in /metrics"))
+}
+
+/// The `"nic"` entry of `iface` in a stats document.
+fn nic<'a>(doc: &'a Value, iface: &str) -> Result<&'a Value> {
+    doc["nic"]
+        .as_array()
+        .and_then(|a| a.iter().find(|n| n["iface"] == iface))
+        .with_context(|| format!("no nic entry for {iface} in {}", doc["nic"]))
+}
+
+/// The NIC XDP section of `doc` against lb's own counters and `/metrics` read right after it.
+/// Every packet lb's program counted ran through the driver's XDP path of the interface it
+/// arrived on (clients on `ifaces[0]`, backends on `ifaces[1]`), so the driver's
+/// `rx_xdp_packets` is at least lb's count; `/metrics` has the same totals and nothing per queue.
+fn check_nic(doc: &Value, m: &HashMap<Key, f64>, ifaces: &[String]) -> Result<()> {
+    let totals = &doc["totals"]["counters"];
+    let lower = [
+        (&ifaces[0], "packets in", u(&totals["packets_in"])?),
+        (&ifaces[1], "packets out", u(&totals["packets_out"])?),
+    ];
+    for (iface, what, lb_count) in lower {
+        let n = nic(doc, iface)?;
+        ensure!(n["error"].is_null(), "{iface}: {}", n["error"]);
+        let xdp = u(&n["counters"]["rx_xdp_packets"])?;
+        ensure!(
+            xdp >= lb_count,
+            "{iface}: the driver's rx_xdp_packets {xdp} < lb's {what} {lb_count}"
+        );
+        // The total is the sum of the driver's per-queue values.
+        let queues: u64 = n["per_queue"]
+            .as_object()
+            .context("per_queue")?
+            .iter()
+            .filter(|(k, _)| k.starts_with("rx_queue_") && k.ends_with("_xdp_packets"))
+            .map(|(_, v)| v.as_u64().unwrap_or(0))
+            .sum();
+        ensure!(
+            queues == xdp,
+            "{iface}: per-queue sum {queues} vs total {xdp}"
+        );
+    }
+    let mut series = 0;
+    for n in doc["nic"].as_array().context("nic")? {
+        let iface = n["iface"].as_str().context("nic iface")?;
+        for (name, v) in n["counters"].as_object().context("nic counters")? {
+            let got = metric(
+                m,
+                "lb_nic_xdp_total",
+                &[("iface", iface), ("counter", name)],
+            )?;
+            ensure!(
+                got == u(v)? as f64,
+                "{iface}/{name}: /metrics {got} vs /stats.json {v}"
+            );
+            series += 1;
+        }
+    }
+    let in_metrics = m.keys().filter(|(n, _)| n == "lb_nic_xdp_total").count();
+    ensure!(
+        in_metrics == series,
+        "{in_metrics} lb_nic_xdp_total series for {series} counters in /stats.json"
+    );
+    Ok(())
 }
 
 /// `n` Bolt writes through the write VIP, each with a query of `query_len` bytes.
@@ -433,6 +496,28 @@ fn stats_json_metrics_csv_and_the_dashboard_count_writes_exactly() -> Result<()>
         "no lb_datapath_events_total"
     );
 
+    // The NIC's XDP counters. They are cached for a second, so /stats.json and /metrics read
+    // back to back agree unless a refresh fell between the two reads (health checks keep
+    // counting on the backend side): then read both again.
+    let mut tries = 0;
+    let nic_doc = loop {
+        let (doc, m) = if tries == 0 {
+            (doc.clone(), m.clone())
+        } else {
+            let d = stats(&topo, None)?;
+            (d, parse_metrics(&get_ok(&topo, "/metrics", None)?)?)
+        };
+        tries += 1;
+        match check_nic(&doc, &m, &topo.lb.ifaces) {
+            Ok(()) => break doc,
+            Err(e) if tries < 3 => {
+                eprintln!("NIC counters, try {tries}: {e:#}");
+                std::thread::sleep(Duration::from_millis(300));
+            }
+            Err(e) => return Err(e.context(format!("NIC counters after {tries} tries"))),
+        }
+    };
+
     // CSV, both URLs: one row per backend per service, plus FRONTEND and BACKEND.
     for url in ["/;csv", "/haproxy?stats;csv"] {
         let csv = get_ok(&topo, url, None)?;
@@ -519,6 +604,19 @@ fn stats_json_metrics_csv_and_the_dashboard_count_writes_exactly() -> Result<()>
     }
     let (mode, _) = cell(&dom, "mode")?;
     ensure!(mode.as_deref() == Some("native"), "mode {mode:?}");
+    // The NIC table of the client-facing interface, between the readings before and after.
+    let l0 = &topo.lb.ifaces[0];
+    let r = row(&dom, &format!("nic-{l0}-rx_xdp_packets"))?;
+    let (v, _) = cell(r, "value")?;
+    let shown: u64 = v.as_deref().unwrap_or("").parse().context("NIC value")?;
+    let (lo, hi) = (
+        u(&nic(&nic_doc, l0)?["counters"]["rx_xdp_packets"])?,
+        u(&nic(&doc, l0)?["counters"]["rx_xdp_packets"])?,
+    );
+    ensure!(
+        (lo..=hi).contains(&shown),
+        "dashboard {l0} rx_xdp_packets {shown}, not in {lo}..={hi}"
+    );
 
     // A screenshot for people (an artifact, not an assertion).
     let shot = topo.log_dir.join("dashboard.png");

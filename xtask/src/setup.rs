@@ -14,7 +14,7 @@ use crate::cmd::{cargo, cmd, probe, probe_stdout, repo, run};
 /// Debian packages the tools, tests and demo use.
 pub const PACKAGES: &[&str] = &[
     "iproute2",     // ip netns, veth, bridge
-    "ethtool",      // offload settings on veths
+    "ethtool",      // offload settings on veths; the agent's NIC XDP counters (ethtool -S)
     "bpftool",      // inspecting maps and programs
     "tcpdump",      // packet captures when debugging
     "iperf3",       // throughput runs

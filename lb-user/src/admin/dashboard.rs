@@ -5,7 +5,9 @@
 //!
 //! For tests and scripts the DOM is stable: each (service, backend) row is
 //! `<tr id="row-SERVICE-BACKEND">`, each service's total row `<tr id="total-SERVICE">`, each
-//! backend row of the backends table `<tr id="backend-BACKEND">`, and each cell has
+//! backend row of the backends table `<tr id="backend-BACKEND">`, each interface's "NIC XDP
+//! counters" table `<table id="nic-IFACE">` with a row `<tr id="nic-IFACE-COUNTER">` per counter
+//! (or one `<tr id="nic-IFACE-none">` saying why there are none), and each cell has
 //! `data-k="FIELD"` (and `data-v="RAW VALUE"` where the text is formatted).
 use super::model::StatsDoc;
 
@@ -17,6 +19,7 @@ header .kv span{margin-right:18px;white-space:nowrap}
 header b{color:#fff}
 main{padding:8px 16px}
 table{border-collapse:collapse;margin:10px 0 18px;background:#fff;min-width:900px}
+table.nic{min-width:360px}
 caption{text-align:left;font-weight:bold;padding:4px 0;font-size:14px}
 caption small{font-weight:normal;color:#555}
 th,td{border:1px solid #ccd;padding:3px 7px;text-align:right;white-space:nowrap}
@@ -129,6 +132,21 @@ function eventsTable(d){
   });
   return t;
 }
+function nicTable(n){
+  var t = el('table', {id: 'nic-' + n.iface, 'data-iface': n.iface, 'class': 'nic'}, [el('caption', null, ['NIC XDP counters \u00b7 ' + n.iface + ' ',
+    el('small', null, ['the driver\'s own counters (ethtool -S), queues summed'])])]);
+  t.appendChild(heads(['counter', 'total']));
+  var names = Object.keys(n.counters || {});
+  if (n.error || names.length === 0) {
+    var why = n.error ? 'unavailable: ' + n.error : 'driver reports no XDP counters';
+    t.appendChild(el('tr', {id: 'nic-' + n.iface + '-none'}, [el('td', {'class': 'l', colspan: '2', 'data-k': 'note'}, [why])]));
+    return t;
+  }
+  names.forEach(function(k){
+    t.appendChild(el('tr', {id: 'nic-' + n.iface + '-' + k}, [el('td', {'class': 'l', 'data-k': 'counter'}, [k]), td('value', n.counters[k])]));
+  });
+  return t;
+}
 function header(d){
   var c = d.totals.counters, r = d.totals.rates;
   function kv(label, k, v, text){ return el('span', null, [label + ' ', el('b', {'data-k': k, 'data-v': String(v)}, [text === undefined ? String(v) : text])]); }
@@ -157,6 +175,7 @@ function render(d){
   var kids = d.services.map(serviceTable);
   kids.push(backendTable(d));
   kids.push(eventsTable(d));
+  (d.nic || []).forEach(function(n){ kids.push(nicTable(n)); });
   m.replaceChildren.apply(m, kids);
   document.getElementById('updated').textContent = new Date().toLocaleTimeString();
 }
@@ -230,5 +249,7 @@ mod tests {
         let j: serde_json::Value = serde_json::from_str(&p[start..end]).unwrap();
         assert_eq!(j["instance"], "</script><b>x");
         assert_eq!(j["services"][0]["backends"][0]["backend"], "db01");
+        assert_eq!(j["nic"][0]["counters"]["rx_xdp_packets"], 42);
+        assert!(p.contains("NIC XDP counters") && p.contains("driver reports no XDP counters"));
     }
 }

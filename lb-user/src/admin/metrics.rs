@@ -16,10 +16,14 @@
 //! | `lb_backend_packets_total` | counter | backend, direction |
 //! | `lb_backend_bytes_total` | counter | backend, direction |
 //! | `lb_datapath_events_total` | counter | event (the data path's global counter name) |
+//! | `lb_nic_xdp_total` | counter | iface, counter (the driver's XDP counter, queues summed) |
 //! | `lb_set_generation` | gauge | service |
 //! | `lb_uptime_seconds` | gauge | |
 //!
 //! "in" is client to backend, "out" is backend to client. Backend counters cover all services.
+//! `lb_nic_xdp_total` is what `ethtool -S` reports with "xdp" in the name, one series per
+//! counter with the queue index taken out (`rx_queue_0_xdp_packets` and `rx_queue_1_...` are
+//! `counter="rx_xdp_packets"`); per-queue values are only in `/stats.json`.
 //! A fresh registry is filled from the document on every scrape, so `/metrics` always equals
 //! `/stats.json` read at the same moment.
 use std::sync::atomic::AtomicU64;
@@ -135,6 +139,11 @@ pub fn encode_doc(doc: &StatsDoc) -> Result<String> {
         "lb_datapath_events",
         "The data path's global event counters",
     );
+    let nic = counter_family(
+        &mut reg,
+        "lb_nic_xdp",
+        "The NIC driver's XDP counters (ethtool -S), summed over queues",
+    );
     let generation = gauge_family(
         &mut reg,
         "lb_set_generation",
@@ -198,6 +207,12 @@ pub fn encode_doc(doc: &StatsDoc) -> Result<String> {
         events
             .get_or_create(&vec![("event", e.name.clone())])
             .inc_by(e.value);
+    }
+    for n in &doc.nic {
+        for (name, v) in &n.counters {
+            nic.get_or_create(&vec![("iface", n.iface.clone()), ("counter", name.clone())])
+                .inc_by(*v);
+        }
     }
     uptime.set(doc.uptime_s);
 
@@ -293,6 +308,7 @@ mod tests {
             ("lb_backend_packets", "counter"),
             ("lb_backend_bytes", "counter"),
             ("lb_datapath_events", "counter"),
+            ("lb_nic_xdp", "counter"),
             ("lb_set_generation", "gauge"),
             ("lb_uptime_seconds", "gauge"),
         ] {
@@ -356,6 +372,27 @@ mod tests {
                 &[("event", "pass_not_ipv4")]
             ),
             48.0
+        );
+        assert_eq!(
+            value(
+                &s,
+                "lb_nic_xdp_total",
+                &[("iface", "veth0"), ("counter", "rx_xdp_packets")]
+            ),
+            42.0
+        );
+        assert_eq!(
+            value(
+                &s,
+                "lb_nic_xdp_total",
+                &[("iface", "veth0"), ("counter", "rx_xdp_tx_errors")]
+            ),
+            1.0
+        );
+        assert!(
+            !s.iter()
+                .any(|(_, l, _)| l.iter().any(|(_, v)| v.contains("queue"))),
+            "per-queue names in /metrics"
         );
         assert_eq!(value(&s, "lb_set_generation", &[("service", "write")]), 3.0);
         assert_eq!(

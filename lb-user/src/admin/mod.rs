@@ -10,7 +10,9 @@
 //! | `POST /api/server/NAME/drain\|disable\|enable` | operator override, like `lb server` |
 //!
 //! Counters are read from the pinned maps on each request; a background task samples them
-//! every second so that rates cover the last window, not the time since start.
+//! every second so that rates cover the last window, not the time since start. The NIC's XDP
+//! counters come from `ethtool -S` per attached interface, read at most once a second
+//! ([`crate::nic::Cache`]).
 pub mod csv;
 pub mod dashboard;
 pub mod metrics;
@@ -41,6 +43,7 @@ use crate::{
     config::{AdminConfig, Config},
     health::spec::BasicAuth,
     live::Live,
+    nic,
     ops::{parse_admin, OpRequest},
     status,
 };
@@ -57,6 +60,8 @@ pub struct State {
     pub ops: mpsc::Sender<OpRequest>,
     pub sampler: Mutex<Sampler>,
     pub counters: CounterSource,
+    /// The attached interfaces' XDP counters, cached.
+    pub nic: nic::Cache,
 }
 
 /// Starts the admin server of the running agent (nothing if `[admin] listen = "off"`).
@@ -67,16 +72,24 @@ pub fn spawn(cfg: &Config, live: Live, ops: mpsc::Sender<OpRequest>) -> Result<O
         let s = status::snapshot(&instance)?;
         Ok(Sample::from_snapshot(&s, Instant::now()))
     });
-    start(&cfg.admin, Static::new(cfg), live, ops, counters)
+    start(
+        &cfg.admin,
+        Static::new(cfg),
+        live,
+        ops,
+        counters,
+        nic::ethtool_source(),
+    )
 }
 
-/// [`spawn`] with the counter source given (tests).
+/// [`spawn`] with the counter sources given (tests).
 pub fn start(
     acfg: &AdminConfig,
     statics: Static,
     live: Live,
     ops: mpsc::Sender<OpRequest>,
     counters: CounterSource,
+    nic_source: nic::Source,
 ) -> Result<Option<SocketAddr>> {
     let Some(addr) = acfg.listen else {
         info!("admin server off ([admin] listen = \"off\")");
@@ -100,6 +113,7 @@ pub fn start(
         ops,
         sampler: Mutex::new(Sampler::default()),
         counters,
+        nic: nic::Cache::new(nic_source),
     });
     info!(
         listen = %bound,
@@ -288,13 +302,21 @@ fn percent_decode(s: &str) -> String {
     String::from_utf8_lossy(&out).into_owned()
 }
 
-/// The stats document now: live view, counters read now, rates over the last window.
+/// The stats document now: live view, counters read now, rates over the last window, the
+/// NIC's XDP counters of the last second.
 pub async fn document(state: &State) -> Result<StatsDoc> {
     let source = state.counters.clone();
     let now = tokio::task::spawn_blocking(move || source())
         .await
         .context("counter read task")?
         .map_err(|e| format!("{e:#}"));
+    let ifaces = state
+        .live
+        .read()
+        .map_err(|_| anyhow::anyhow!("live view lock poisoned"))?
+        .ifaces
+        .clone();
+    let nic = state.nic.get(&ifaces).await;
     let live = state
         .live
         .read()
@@ -309,6 +331,7 @@ pub async fn document(state: &State) -> Result<StatsDoc> {
         &state.statics,
         now.as_ref().map_err(|e| e.clone()),
         sampler.window(),
+        nic,
     ))
 }
 
@@ -411,7 +434,7 @@ async fn op(state: &State, backend: String, action: &str) -> Resp {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::admin::model::tests::{live, sample, statics};
+    use crate::admin::model::tests::{live, nic, sample, statics};
     use crate::live::Admin;
     use http_body_util::BodyExt;
     use std::sync::RwLock;
@@ -427,9 +450,14 @@ mod tests {
                 ops: tx,
                 sampler: Mutex::new(Sampler::default()),
                 counters,
+                nic: nic::Cache::new(stub_nic()),
             }),
             rx,
         )
+    }
+
+    fn stub_nic() -> nic::Source {
+        Arc::new(|_| Box::pin(async { nic() }))
     }
 
     fn req(method: Method, uri: &str, auth: Option<&str>) -> Request<()> {
@@ -528,12 +556,20 @@ mod tests {
         assert_eq!(r.status(), StatusCode::OK);
         let j: serde_json::Value = serde_json::from_str(&body(r).await).unwrap();
         assert_eq!(j["services"][0]["counters"]["new_flows"], 42);
+        assert_eq!(j["nic"][0]["counters"]["rx_xdp_packets"], 42);
         let r = handle(&st, req(Method::GET, "/;csv", None)).await;
         assert!(body(r).await.starts_with("# pxname,svname,"));
         let r = handle(&st, req(Method::GET, "/metrics", None)).await;
-        assert!(body(r)
-            .await
-            .contains("lb_service_new_flows_total{service=\"write\"} 42"));
+        let m = body(r).await;
+        assert!(m.contains("lb_service_new_flows_total{service=\"write\"} 42"));
+        assert!(
+            m.contains("lb_nic_xdp_total{iface=\"veth0\",counter=\"rx_xdp_packets\"} 42"),
+            "{m}"
+        );
+        assert!(
+            !m.contains("rx_queue_"),
+            "per-queue detail in /metrics: {m}"
+        );
         let r = handle(&st, req(Method::GET, "/", None)).await;
         assert!(body(r).await.contains("<!DOCTYPE html>"));
         let r = handle(&st, req(Method::DELETE, "/", None)).await;
@@ -578,9 +614,16 @@ mod tests {
             ..AdminConfig::default()
         };
         let live: Live = Arc::new(RwLock::new(live()));
-        let addr = start(&acfg, statics(), live.clone(), tx.clone(), counters.clone())
-            .unwrap()
-            .unwrap();
+        let addr = start(
+            &acfg,
+            statics(),
+            live.clone(),
+            tx.clone(),
+            counters.clone(),
+            stub_nic(),
+        )
+        .unwrap()
+        .unwrap();
         let got = tokio::task::spawn_blocking(move || {
             use std::io::{Read, Write};
             let mut s = std::net::TcpStream::connect(addr).unwrap();
@@ -598,7 +641,7 @@ mod tests {
             listen: Some(addr),
             ..AdminConfig::default()
         };
-        let e = start(&taken, statics(), live, tx, counters).unwrap_err();
+        let e = start(&taken, statics(), live, tx, counters, stub_nic()).unwrap_err();
         let e = format!("{e:#}");
         assert!(
             e.contains(&format!("admin server: cannot listen on {addr}")) && e.contains("in use"),
@@ -616,7 +659,8 @@ mod tests {
                 statics(),
                 live,
                 tx,
-                Arc::new(|| anyhow::bail!("unused"))
+                Arc::new(|| anyhow::bail!("unused")),
+                stub_nic(),
             )
             .unwrap(),
             None

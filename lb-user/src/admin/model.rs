@@ -12,6 +12,7 @@ use serde::Serialize;
 use crate::{
     config::{Balance, Config},
     live::{Admin, LiveView},
+    nic::NicStats,
     status::Snapshot,
 };
 
@@ -281,6 +282,8 @@ pub struct StatsDoc {
     pub backends: Vec<BackendDoc>,
     /// The data path's global event counters.
     pub datapath: Vec<EventDoc>,
+    /// The NIC's own XDP counters (`ethtool -S`), one entry per attached interface.
+    pub nic: Vec<NicStats>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -341,12 +344,14 @@ pub struct EventDoc {
     pub rate: f64,
 }
 
-/// Puts the document together. `now`: counters read for this request (`Err`: why not).
+/// Puts the document together. `now`: counters read for this request (`Err`: why not);
+/// `nic`: the attached interfaces' XDP counters.
 pub fn build(
     live: &LiveView,
     st: &Static,
     now: Result<&Sample, String>,
     window: Option<Window<'_>>,
+    nic: Vec<NicStats>,
 ) -> StatsDoc {
     let (sample, counters_error) = match now {
         Ok(s) => (Some(s), None),
@@ -475,6 +480,7 @@ pub fn build(
         services,
         backends,
         datapath,
+        nic,
     }
 }
 
@@ -631,7 +637,16 @@ backends = ["db02"]
         s.push(sample(t0, 10));
         s.push(sample(t0 + Duration::from_secs(1), 15));
         let now = sample(t0 + Duration::from_millis(1200), 16);
-        build(&live(), &statics(), Ok(&now), s.window())
+        build(&live(), &statics(), Ok(&now), s.window(), vec![nic()])
+    }
+
+    /// veth0's counters: two queues of xdp_packets and a driver total.
+    pub fn nic() -> NicStats {
+        NicStats::from_ethtool(
+            "veth0",
+            "NIC statistics:\n     rx_queue_0_xdp_packets: 40\n     rx_queue_1_xdp_packets: 2\n     \
+             rx_queue_0_xdp_tx_errors: 1\n     rx_queue_0_drops: 9\n",
+        )
     }
 
     #[test]
@@ -653,13 +668,24 @@ backends = ["db02"]
         assert_eq!(j["services"][0]["backends"][0]["state"], "UP");
         assert_eq!(j["services"][0]["backends"][1]["admin"], "drain");
         assert_eq!(j["rate_window_s"], 1.0);
+        assert_eq!(j["nic"][0]["iface"], "veth0");
+        assert_eq!(j["nic"][0]["counters"]["rx_xdp_packets"], 42);
+        assert_eq!(j["nic"][0]["per_queue"]["rx_queue_1_xdp_packets"], 2);
+        assert!(j["nic"][0]["error"].is_null());
     }
 
     #[test]
     fn without_counters_the_document_says_why() {
-        let d = build(&live(), &statics(), Err("no pins".into()), None);
+        let d = build(
+            &live(),
+            &statics(),
+            Err("no pins".into()),
+            None,
+            vec![NicStats::failed("veth0", "ethtool not found")],
+        );
         assert_eq!(d.counters_error.as_deref(), Some("no pins"));
         assert_eq!(d.services[0].counters.new_flows, 0);
         assert!(d.rate_window_s.is_none());
+        assert_eq!(d.nic[0].error.as_deref(), Some("ethtool not found"));
     }
 }
