@@ -1,0 +1,209 @@
+//! `maxconn` end to end: with `backend_maxconn = 32`, 64 clients connecting at once get exactly
+//! 32 connections; the others' SYNs are dropped (counted) and time out. The 32 all carry data.
+//! A SYN retransmitted after a slot frees gets in (the client's retransmit is the queue).
+//! After every connection closed the counts are back to zero, and 32 new ones fit again.
+use std::{
+    io::{Read, Write},
+    net::{Shutdown, SocketAddrV4, TcpListener, TcpStream},
+    sync::{Arc, Barrier, Mutex},
+    thread,
+    time::{Duration, Instant},
+};
+
+use anyhow::{ensure, Context, Result};
+use aya::maps::{Array, Map, MapData, PerCpuArray};
+use lb_common::{epoch_index, names, Counter, MAXCONN_GLOBAL};
+use lb_tests::harness::Topology;
+
+const PORT: u16 = 9100;
+const VIP_PORT: u16 = 7680;
+const LIMIT: usize = 32;
+
+fn config(topo: &Topology) -> String {
+    let mut s = format!(
+        "instance = \"{}\"\nsnat_ports = \"10000-32767\"\n",
+        topo.instance
+    );
+    s += &topo.backends_toml();
+    s += &format!(
+        "[[service]]\nname = \"http\"\nvip = \"{}:{VIP_PORT}\"\nbackend_port = {PORT}\nbackends = [\"db01\"]\nbackend_maxconn = {LIMIT}\n",
+        topo.vip
+    );
+    s
+}
+
+fn pinned(topo: &Topology, name: &str) -> Result<Map> {
+    let path = lb_user::dataplane::pin_dir(&topo.instance).join(name);
+    let data = MapData::from_pin(&path).with_context(|| format!("open {}", path.display()))?;
+    Ok(Map::from_map_data(data)?)
+}
+
+/// (the (http, db01) count, the global count) from the pinned `MAXCONN_ACTIVE`.
+fn counts(topo: &Topology) -> Result<(u64, u64)> {
+    let a = Array::<_, u64>::try_from(pinned(topo, names::MAXCONN_ACTIVE)?)?;
+    Ok((a.get(&epoch_index(0, 0), 0)?, a.get(&MAXCONN_GLOBAL, 0)?))
+}
+
+fn counter(topo: &Topology, c: Counter) -> Result<u64> {
+    let a = PerCpuArray::<_, u64>::try_from(pinned(topo, names::STATS_GLOBAL)?)?;
+    Ok(a.get(&(c as u32), 0)?.iter().sum())
+}
+
+/// Connects `n` clients at once (each with `timeout`); the connected streams.
+fn connect_all(topo: &Topology, n: usize, timeout: Duration) -> Result<Vec<TcpStream>> {
+    let vip = SocketAddrV4::new(topo.vip, VIP_PORT);
+    let got = Arc::new(Mutex::new(Vec::new()));
+    topo.client.ns.run_in(|| {
+        let start = Arc::new(Barrier::new(n));
+        thread::scope(|s| {
+            for _ in 0..n {
+                let (start, got) = (start.clone(), got.clone());
+                // Threads started here inherit the client namespace of this thread.
+                s.spawn(move || {
+                    start.wait();
+                    if let Ok(c) = TcpStream::connect_timeout(&vip.into(), timeout) {
+                        if let Ok(mut g) = got.lock() {
+                            g.push(c);
+                        }
+                    }
+                });
+            }
+        });
+    })?;
+    let v = std::mem::take(&mut *got.lock().map_err(|_| anyhow::anyhow!("poisoned"))?);
+    Ok(v)
+}
+
+/// One byte each way over every connection; returns the accepted server ends reordered so
+/// that `servers[i]` is `clients[i]`'s peer (matched by the byte client `i` sent).
+fn exchange(clients: &mut [TcpStream], servers: Vec<TcpStream>) -> Result<Vec<TcpStream>> {
+    for (i, c) in clients.iter_mut().enumerate() {
+        c.set_read_timeout(Some(Duration::from_secs(5)))?;
+        c.write_all(&[i as u8])?;
+    }
+    let mut paired: Vec<Option<TcpStream>> = (0..clients.len()).map(|_| None).collect();
+    for mut s in servers {
+        s.set_read_timeout(Some(Duration::from_secs(5)))?;
+        let mut b = [0u8; 1];
+        s.read_exact(&mut b)
+            .context("a backend connection got no byte")?;
+        s.write_all(&b)?;
+        let slot = paired.get_mut(b[0] as usize).context("unexpected byte")?;
+        ensure!(slot.is_none(), "two connections sent byte {}", b[0]);
+        *slot = Some(s);
+    }
+    for (i, c) in clients.iter_mut().enumerate() {
+        let mut b = [0u8; 1];
+        c.read_exact(&mut b)?;
+        ensure!(b[0] == i as u8, "echo");
+    }
+    paired
+        .into_iter()
+        .enumerate()
+        .map(|(i, s)| s.with_context(|| format!("client {i} reached no backend connection")))
+        .collect()
+}
+
+fn accept(listener: &TcpListener, n: usize) -> Result<Vec<TcpStream>> {
+    listener.set_nonblocking(false)?;
+    (0..n)
+        .map(|_| Ok(listener.accept().context("accept")?.0))
+        .collect()
+}
+
+fn close_all(clients: Vec<TcpStream>, servers: Vec<TcpStream>) -> Result<()> {
+    for c in &clients {
+        c.shutdown(Shutdown::Write)?;
+    }
+    for mut s in servers {
+        let mut rest = Vec::new();
+        s.read_to_end(&mut rest)?;
+        drop(s);
+    }
+    for mut c in clients {
+        let mut rest = Vec::new();
+        let _ = c.read_to_end(&mut rest);
+    }
+    Ok(())
+}
+
+fn wait_counts(topo: &Topology, want: (u64, u64), within: Duration) -> Result<()> {
+    let deadline = Instant::now() + within;
+    loop {
+        let got = counts(topo)?;
+        if got == want {
+            return Ok(());
+        }
+        ensure!(
+            Instant::now() < deadline,
+            "maxconn counts {got:?}, expected {want:?}"
+        );
+        thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+#[ignore = "needs root and netns: run cargo xtask test"]
+fn maxconn_32_holds_under_64_parallel_connections_and_counts_return_to_zero() -> Result<()> {
+    let topo = Topology::two_armed("maxconn")?;
+    let db01 = &topo.backends[0];
+    let listener = db01
+        .ns
+        .run_in(|| TcpListener::bind(SocketAddrV4::new(db01.addr, PORT)))??;
+    let lb = topo.start_lb(&config(&topo), &["--xdp-mode", "native"])?;
+
+    // 64 at once: exactly 32 connect; the rest are dropped at SYN and time out (1.5 s: one
+    // SYN retransmit each, also dropped).
+    let dropped_before = counter(&topo, Counter::DropMaxconn)?;
+    let mut clients = connect_all(&topo, 2 * LIMIT, Duration::from_millis(1500))?;
+    ensure!(
+        clients.len() == LIMIT,
+        "{} of 64 connected with backend_maxconn = {LIMIT}",
+        clients.len()
+    );
+    let mut servers = exchange(&mut clients, accept(&listener, LIMIT)?)?;
+    assert_eq!(counts(&topo)?, (LIMIT as u64, LIMIT as u64));
+    let dropped = counter(&topo, Counter::DropMaxconn)? - dropped_before;
+    ensure!(
+        dropped >= LIMIT as u64,
+        "{dropped} SYNs counted as over maxconn; expected at least one per refused client"
+    );
+    eprintln!("64 parallel clients: {LIMIT} connected, {dropped} SYNs dropped over maxconn");
+
+    // The queue: a client waiting while all slots are held gets in by its SYN retransmit
+    // once one closes.
+    let waiting = thread::scope(|s| -> Result<Vec<TcpStream>> {
+        let w = s.spawn(|| connect_all(&topo, 1, Duration::from_secs(5)));
+        thread::sleep(Duration::from_millis(300));
+        let (c, srv) = (clients.pop().context("a client")?, servers.pop());
+        close_all(vec![c], srv.into_iter().collect())?;
+        w.join()
+            .map_err(|_| anyhow::anyhow!("waiting client panicked"))?
+    })?;
+    ensure!(
+        waiting.len() == 1,
+        "the waiting client did not get the freed slot"
+    );
+    clients.extend(waiting);
+    let mut last = exchange(&mut clients[LIMIT - 1..], accept(&listener, 1)?)?;
+    servers.append(&mut last);
+    assert_eq!(counts(&topo)?, (LIMIT as u64, LIMIT as u64));
+
+    // Every connection closes: the counts go back to zero (the data path releases a slot
+    // when the flow's second FIN passes).
+    close_all(clients, servers)?;
+    wait_counts(&topo, (0, 0), Duration::from_secs(3))?;
+
+    // And the limit admits 32 new connections again.
+    let mut again = connect_all(&topo, LIMIT, Duration::from_secs(3))?;
+    ensure!(
+        again.len() == LIMIT,
+        "{} of {LIMIT} reconnected",
+        again.len()
+    );
+    let servers = exchange(&mut again, accept(&listener, LIMIT)?)?;
+    close_all(again, servers)?;
+    wait_counts(&topo, (0, 0), Duration::from_secs(3))?;
+    lb.process.stop()?;
+    Ok(())
+}
