@@ -775,6 +775,56 @@ backends = ["db02", "db01"]
     }
 
     #[test]
+    fn maxconn_on_maxconn_and_idle_timeout_per_service() {
+        let text = GOOD.replace(
+            "instance = \"t1\"\n",
+            "instance = \"t1\"\nmaxconn = 256\n",
+        )
+        .replace(
+            "backends = [\"db01\"]\n",
+            "backends = [\"db01\"]\nbackend_maxconn = 32\non_maxconn = \"reset\"\nidle_timeout = \"50s\"\n",
+        );
+        let c = Config::parse(Path::new("lb.toml"), &text).unwrap();
+        assert_eq!(c.maxconn, 256);
+        let (w, r) = (&c.services[0], &c.services[1]);
+        assert_eq!((w.backend_maxconn, w.maxconn_reset), (32, true));
+        assert_eq!(w.idle_timeout, Some(Duration::from_secs(50)));
+        assert_eq!(
+            (r.backend_maxconn, r.maxconn_reset, r.idle_timeout),
+            (0, false, None)
+        );
+
+        let with_write = |extra: &str| {
+            GOOD.replace(
+                "backends = [\"db01\"]\n",
+                &format!("backends = [\"db01\"]\n{extra}\n"),
+            )
+        };
+        let e = err(&with_write("backend_maxconn = 0"));
+        assert!(
+            e.starts_with("lb.toml:17: service \"write\": backend_maxconn = 0"),
+            "{e}"
+        );
+        let e = err(&with_write("on_maxconn = \"reset\""));
+        assert!(
+            e.contains("on_maxconn has no effect without backend_maxconn"),
+            "{e}"
+        );
+        let e = err(&with_write("backend_maxconn = 4\non_maxconn = \"queue\""));
+        assert!(
+            e.starts_with("lb.toml:18:") && e.contains("expected \"drop\""),
+            "{e}"
+        );
+        let e = err(&with_write("idle_timeout = \"soon\""));
+        assert!(
+            e.starts_with("lb.toml:17: service \"write\": idle_timeout"),
+            "{e}"
+        );
+        let e = err(&GOOD.replace("instance = \"t1\"\n", "instance = \"t1\"\nmaxconn = 0\n"));
+        assert!(e.starts_with("lb.toml:3: maxconn = 0"), "{e}");
+    }
+
+    #[test]
     fn an_unknown_backend_is_reported_with_its_line() {
         let bad = GOOD.replace(r#"backends = ["db02", "db01"]"#, r#"backends = ["db09"]"#);
         let e = err(&bad);

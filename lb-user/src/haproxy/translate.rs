@@ -80,6 +80,8 @@ struct CheckOut {
     exclusive: bool,
     on_down: Option<&'static str>,
     balance: Option<String>,
+    /// `backend_maxconn` of the services using this backend.
+    maxconn: Option<u32>,
     comments: Vec<String>,
     secret: Option<Secret>,
 }
@@ -330,6 +332,8 @@ pub fn translate(
     let mut idle: Option<(Duration, String)> = None;
     let mut connect_seen: Vec<Duration> = Vec::new();
     let mut idle_seen: Vec<Duration> = Vec::new();
+    // Each service's own idle timeout and where it comes from.
+    let mut svc_idle: Vec<Option<(Duration, String)>> = Vec::new();
     for s in &svcs {
         let (fe, be) = (&proxies[s.fe].settings, &proxies[s.be].settings);
         if let Some(c) = &be.timeout_connect {
@@ -344,22 +348,24 @@ pub fn translate(
             .collect();
         if parts.is_empty() {
             out.say(&mut t_comments, Severity::Warning, &proxies[s.fe].loc, format!("{}: no timeout client or server: HAProxy never expires its idle connections; lb uses its idle timeout, {}", s.name, human(LB_IDLE)));
+            svc_idle.push(None);
             continue;
         }
         let m = parts.iter().map(|a| a.v).max().unwrap_or_default();
         idle_seen.push(m);
+        let what = [
+            ("client", &fe.timeout_client),
+            ("server", &be.timeout_server),
+        ]
+        .into_iter()
+        .filter_map(|(n, a)| {
+            a.as_ref()
+                .map(|a| format!("timeout {n} {} at {}", human(a.v), a.loc))
+        })
+        .collect::<Vec<_>>()
+        .join(", ");
+        svc_idle.push(Some((m, what.clone())));
         if idle.as_ref().is_none_or(|x| m > x.0) {
-            let what = [
-                ("client", &fe.timeout_client),
-                ("server", &be.timeout_server),
-            ]
-            .into_iter()
-            .filter_map(|(n, a)| {
-                a.as_ref()
-                    .map(|a| format!("timeout {n} {} at {}", human(a.v), a.loc))
-            })
-            .collect::<Vec<_>>()
-            .join(", ");
             idle = Some((m, what));
         }
     }
@@ -382,14 +388,7 @@ pub fn translate(
             ),
         );
     }
-    if idle_seen.len() > 1 {
-        if let Some((d, _)) = &idle {
-            let loc = svcs.first().map(|s| proxies[s.fe].loc.clone());
-            if let Some(loc) = loc {
-                out.say(&mut t_comments, Severity::Warning, &loc, format!("the proxies have different client/server timeouts ({}); lb has one idle timeout: the longest, {}", idle_seen.iter().map(|d| human(*d)).collect::<Vec<_>>().join(", "), human(*d)));
-            }
-        }
-    }
+    let _ = idle_seen;
 
     // The text.
     let mut t = String::new();
@@ -399,21 +398,21 @@ pub fn translate(
         files.join(", ")
     );
     let _ = writeln!(t, "# Every decision that differs from HAProxy is a note or warning comment next to what it concerns.");
-    if let Some(m) = &p.global_maxconn {
+    if let Some(m) = p.global_maxconn.as_ref().filter(|m| m.v != 0) {
         let mut c = Vec::new();
         out.say(
             &mut c,
-            Severity::Warning,
+            Severity::Note,
             &m.loc,
             format!(
-                "global maxconn {} is not implemented by lb yet: not enforced",
+                "global maxconn {}: lb counts the connections of every service together against it; over it a SYN is dropped (HAProxy stops accepting; the client's SYN retransmit waits in both)",
                 m.v
             ),
         );
-        let _ = writeln!(t, "# maxconn = {} (global; not enforced yet)", m.v);
         for l in c {
             let _ = writeln!(t, "# {l}");
         }
+        let _ = writeln!(t, "maxconn = {}", m.v);
     }
     if admin.is_none() {
         let _ = writeln!(t, "# No `listen ... stats enable` in the HAProxy config: lb's admin server keeps its default, 127.0.0.1:8080 ([admin] listen = \"off\" disables it).");
@@ -478,7 +477,7 @@ pub fn translate(
             let _ = writeln!(t, "check_port = {p}");
         }
     }
-    for s in &svcs {
+    for (si, s) in svcs.iter().enumerate() {
         let fe = &proxies[s.fe];
         let be = &proxies[s.be];
         let _ = writeln!(t);
@@ -527,7 +526,16 @@ pub fn translate(
             if let Some(d) = c.on_down {
                 let _ = writeln!(t, "on_down = {}", q(d));
             }
+            if let Some(m) = c.maxconn {
+                let _ = writeln!(t, "backend_maxconn = {m} # server ... maxconn {m}");
+            }
             let _ = c.exclusive;
+        }
+        // The global idle timeout is the longest; a service with a shorter one keeps its own.
+        if let (Some(Some((d, what))), Some((global, _))) = (svc_idle.get(si), &idle) {
+            if d < global {
+                let _ = writeln!(t, "idle_timeout = {} # max({what})", q(&human(*d)));
+            }
         }
     }
     for (_, c) in checks.drain() {
@@ -679,25 +687,44 @@ fn check_for(
         );
     }
     if let Some(m) = px.servers.iter().find_map(|x| x.opts.maxconn.as_ref()) {
-        let all: Vec<String> = px
+        let limits: Vec<Option<u32>> = px
             .servers
             .iter()
-            .filter_map(|x| {
-                x.opts
-                    .maxconn
-                    .as_ref()
-                    .map(|m| format!("{} {}", x.name, m.v))
-            })
+            .map(|x| x.opts.maxconn.as_ref().map(|m| m.v).filter(|&v| v != 0))
             .collect();
-        out.say(
-            &mut cm,
-            Severity::Warning,
-            &m.loc,
-            format!(
-                "server maxconn ({}) is not implemented by lb yet: not enforced",
-                all.join(", ")
-            ),
-        );
+        let smallest = limits.iter().flatten().min().copied();
+        if limits.iter().any(|l| *l != limits[0]) {
+            let all: Vec<String> = px
+                .servers
+                .iter()
+                .zip(&limits)
+                .map(|(x, l)| match l {
+                    Some(v) => format!("{} {v}", x.name),
+                    None => format!("{} none", x.name),
+                })
+                .collect();
+            out.say(
+                &mut cm,
+                Severity::Warning,
+                &m.loc,
+                format!(
+                    "backend {}: the servers' maxconn differ ({}); lb has one limit per service for each of its backends: the smallest",
+                    px.name,
+                    all.join(", ")
+                ),
+            );
+        }
+        if let Some(v) = smallest {
+            out.say(
+                &mut cm,
+                Severity::Note,
+                &m.loc,
+                format!(
+                    "server maxconn {v}: HAProxy queues connections over the limit; lb drops their SYN and the client's SYN retransmit (1 s, 3 s, ...) waits for a free slot (on_maxconn = \"reset\" refuses at once instead)"
+                ),
+            );
+            c.maxconn = Some(v);
+        }
     }
 
     let checked: Vec<&super::parse::Server> = px
