@@ -271,8 +271,9 @@ pub struct Flow {
     /// the backend was demoted with `on_down = "reset"`: the flow is reset on its next segment.
     pub epoch: u32,
     pub _pad2: u32,
-    /// Bytes (whole frames) forwarded in this entry's direction: the forward entry counts the
-    /// client's, the reply entry the backend's. Only that direction's path adds to it.
+    /// TCP payload bytes forwarded in this entry's direction (retransmissions included): the
+    /// forward entry counts the client's, the reply entry the backend's. Only that direction's
+    /// path adds to it (two CPUs on one direction at once may lose an add: a log figure).
     pub bytes: u64,
 }
 

@@ -150,7 +150,7 @@ pub fn forward(
         smac: hop.smac,
         dmac: hop.dmac,
         dir: DIR_FORWARD,
-        bytes,
+        bytes: payload_len(ip, tcp),
         ..reply
     };
     if !conntrack::insert_embryonic(&key, &fwd) {
@@ -212,7 +212,7 @@ fn existing(
     }
     // Before `promote`, which copies the entry: an ACK that establishes may carry a FIN.
     conntrack::track(found.flow, flags, now);
-    found.flow.bytes += bytes;
+    found.flow.bytes += payload_len(ip, tcp);
     if flags & (TCP_FIN | TCP_RST) != 0 && is_closing(found.flow, found.partner) {
         maxconn::release(key);
     }
@@ -258,7 +258,7 @@ pub fn reply(
         return refuse(ctx, cfg, service, flags, Counter::RstFlowReset);
     }
     conntrack::track(found.flow, flags, now);
-    found.flow.bytes += f.len() as u64;
+    found.flow.bytes += payload_len(ip, tcp);
     if flags & (TCP_FIN | TCP_RST) != 0 && is_closing(found.flow, found.partner) {
         maxconn::release(&fwd_key);
     }
@@ -269,6 +269,12 @@ pub fn reply(
     }
     let flow = *found.flow;
     send(ctx, eth, ip, tcp, &flow, f.len() as u64, true)
+}
+
+/// TCP payload bytes of a segment (the IP header has no options: `checked_tcp`).
+#[inline(always)]
+fn payload_len(ip: &Ip, tcp: &Tcp) -> u64 {
+    (u16::from_be(ip.tot_len) as u64).saturating_sub(20 + ((tcp.doff >> 4) as u64) * 4)
 }
 
 /// A SYN over a `maxconn` limit: dropped (the client retransmits its SYN, which stands in

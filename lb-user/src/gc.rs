@@ -146,8 +146,10 @@ pub struct Gc {
     log: ConnLog,
 }
 
-/// The connection log: one line per finished connection (backends only see the SNAT address,
-/// so this is how an operator maps a backend's peer back to a client), at most
+/// The connection log: one line per finished connection: client, VIP, SNAT port, backend,
+/// duration, payload bytes each way (`bytes_in` from the client, `bytes_out` from the backend)
+/// and why it ended (backends only see the SNAT address, so this is how an operator maps a
+/// backend's peer back to a client), at most
 /// `ConnLog::PER_PASS` lines a pass, the rest summarised. Target `lb::conn` in the agent's log.
 #[derive(Default)]
 struct ConnLog {
@@ -177,6 +179,8 @@ impl ConnLog {
             snat = %format!("{}:{}", ip(fwd.nat_saddr), u16::from_be(fwd.nat_sport)),
             backend = %format!("{}:{}", ip(fwd.nat_daddr), u16::from_be(fwd.nat_dport)),
             duration_s = format!("{:.1}", last.saturating_sub(fwd.created_ns) as f64 / 1e9),
+            bytes_in = fwd.bytes,
+            bytes_out = rev.bytes,
             reason,
             "connection ended"
         );

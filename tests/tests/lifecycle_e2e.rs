@@ -240,5 +240,12 @@ fn idle_and_closed_flows_leave_the_table_after_their_timeouts_while_active_ones_
             .all(|l| l.contains(&format!("client={}:", topo.client.addr)) && l.contains("snat=")),
         "connection log lines lack the client or SNAT port: {ended:#?}"
     );
+    // Every logged connection carried one byte each way (`Conn::open`'s ping).
+    ensure!(
+        ended
+            .iter()
+            .all(|l| l.contains("bytes_in=1") && l.contains("bytes_out=1")),
+        "connection log lines lack the payload bytes each way (1 and 1): {ended:#?}"
+    );
     Ok(())
 }

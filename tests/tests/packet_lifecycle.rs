@@ -231,6 +231,9 @@ fn a_half_closed_connection_keeps_translating_both_ways() -> Result<()> {
             c.client_sends(fx, &format!("client ACK #{i}"), ACK, b"")?;
         }
         assert!(!c.closing(fx)?);
+        // Each entry counts the payload of its direction (the connection log's bytes).
+        let (f, r) = c.entries(fx)?;
+        assert_eq!((f.bytes, r.bytes), (0, 18), "payload bytes in, out");
         assert!(fx.embryonic()?.is_empty());
         Ok(())
     })
