@@ -123,6 +123,63 @@ impl SweepStats {
     }
 }
 
+/// How full a table is.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
+pub struct Fill {
+    pub entries: usize,
+    pub capacity: usize,
+}
+
+/// Live connections of one (service, backend) pair.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
+pub struct PairFlows {
+    pub service: u32,
+    pub backend: u32,
+    /// Established flows that are not closing (FIN both ways or a RST).
+    pub established: u64,
+    /// Handshakes in progress (embryonic flows within the connect timeout).
+    pub embryonic: u64,
+}
+
+/// What the tables held at the last pass (or census): entries per table against its capacity,
+/// connection slots, and live connections per (service, backend) pair.
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize)]
+pub struct TableFill {
+    pub embryonic: Fill,
+    pub established: Fill,
+    /// Connection slots held against `maxconn` limits.
+    pub slots: usize,
+    /// Pairs with at least one live connection, ordered by (service, backend).
+    pub pairs: Vec<PairFlows>,
+}
+
+impl TableFill {
+    /// The pair's connections (established + in handshake).
+    pub fn flows_of(&self, service: u32, backend: u32) -> u64 {
+        self.pairs
+            .iter()
+            .find(|p| p.service == service && p.backend == backend)
+            .map(|p| p.established + p.embryonic)
+            .unwrap_or(0)
+    }
+}
+
+/// Counts live connections per pair while a pass walks the tables.
+#[derive(Default)]
+struct Tally(std::collections::BTreeMap<(u32, u32), PairFlows>);
+
+impl Tally {
+    fn pair(&mut self, f: &Flow) -> &mut PairFlows {
+        self.0
+            .entry((f.service_id, f.backend_id))
+            .or_insert(PairFlows {
+                service: f.service_id,
+                backend: f.backend_id,
+                ..Default::default()
+            })
+    }
+}
+
 /// Why an established flow goes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Expiry {
@@ -138,6 +195,7 @@ pub struct Gc {
     embryonic: Table,
     established: Table,
     slots: Option<(Slots, usize)>,
+    fill: TableFill,
     /// Most keys one walk of each table visits. A key deleted under the walk (by the data
     /// path) makes the kernel restart it from the first key; this keeps such a pass finite.
     embryonic_visits: usize,
@@ -258,6 +316,7 @@ impl Gc {
             embryonic,
             established,
             slots: Some(slots),
+            fill: TableFill::default(),
             embryonic_visits,
             established_visits,
             timeouts,
@@ -277,6 +336,7 @@ impl Gc {
             embryonic,
             established,
             slots: Some(slots),
+            fill: TableFill::default(),
             embryonic_visits,
             established_visits,
             timeouts,
@@ -302,6 +362,7 @@ impl Gc {
             embryonic,
             established,
             slots,
+            fill: TableFill::default(),
             embryonic_visits,
             established_visits,
             timeouts,
@@ -339,9 +400,75 @@ impl Gc {
     /// One pass as if the monotonic clock read `now` (ns).
     pub fn sweep(&mut self, now: u64) -> SweepStats {
         let mut st = SweepStats::default();
-        let budget = self.sweep_established(now, MAX_DELETIONS, &mut st);
-        self.sweep_embryonic(now, budget, &mut st);
+        let mut tally = Tally::default();
+        let budget = self.sweep_established(now, MAX_DELETIONS, &mut st, &mut tally);
+        self.sweep_embryonic(now, budget, &mut st, &mut tally);
+        self.fill = TableFill {
+            embryonic: Fill {
+                entries: st.embryonic_entries,
+                capacity: capacity(self.embryonic_visits),
+            },
+            established: Fill {
+                entries: st.established_entries,
+                capacity: capacity(self.established_visits),
+            },
+            slots: self.fill.slots,
+            pairs: tally.0.into_values().collect(),
+        };
         st
+    }
+
+    /// What the tables held at the last pass.
+    pub fn fill(&self) -> &TableFill {
+        &self.fill
+    }
+
+    /// Reads both tables and the slot table without deleting anything (for `lb status`).
+    pub fn census(&mut self, now: u64) -> TableFill {
+        let mut tally = Tally::default();
+        let mut established = 0;
+        for (_, f) in self
+            .established
+            .iter()
+            .take(self.established_visits)
+            .flatten()
+        {
+            established += 1;
+            if f.dir == DIR_FORWARD {
+                let open = self
+                    .established
+                    .get(&f.partner_key(IPPROTO_TCP), 0)
+                    .is_ok_and(|p| !is_closing(&f, &p));
+                if open {
+                    tally.pair(&f).established += 1;
+                }
+            }
+        }
+        let mut embryonic = 0;
+        for (_, f) in self.embryonic.iter().take(self.embryonic_visits).flatten() {
+            embryonic += 1;
+            if f.dir == DIR_FORWARD && now.saturating_sub(f.created_ns) <= self.timeouts.connect_ns
+            {
+                tally.pair(&f).embryonic += 1;
+            }
+        }
+        let slots = self
+            .slots
+            .as_ref()
+            .map(|(m, v)| m.keys().take(*v).flatten().count())
+            .unwrap_or(0);
+        TableFill {
+            embryonic: Fill {
+                entries: embryonic,
+                capacity: capacity(self.embryonic_visits),
+            },
+            established: Fill {
+                entries: established,
+                capacity: capacity(self.established_visits),
+            },
+            slots,
+            pairs: tally.0.into_values().collect(),
+        }
     }
 
     /// Releases the slots of flows that are gone (run after [`Gc::sweep`], which deletes
@@ -351,6 +478,7 @@ impl Gc {
         let Some((slots, visits)) = &self.slots else {
             return;
         };
+        let held_before = st.slots;
         let mut gone = Vec::new();
         for item in slots.iter().take(*visits) {
             match item {
@@ -376,6 +504,7 @@ impl Gc {
                 .is_ok_and(|f| now.saturating_sub(f.created_ns) <= self.timeouts.connect_ns);
             !embryonic && self.established.get(k, 0).is_err()
         });
+        self.fill.slots = st.slots - held_before;
         if gone.is_empty() {
             return;
         }
@@ -386,7 +515,10 @@ impl Gc {
         };
         for key in gone {
             match release_slot(prog, &key) {
-                Ok(true) => st.slots_released += 1,
+                Ok(true) => {
+                    st.slots_released += 1;
+                    self.fill.slots = self.fill.slots.saturating_sub(1);
+                }
                 Ok(false) => {}
                 Err(e) => {
                     warn!("releasing a connection slot: {e:#}");
@@ -412,7 +544,13 @@ impl Gc {
 
     /// Deletes expired established flows and orphans, at most `budget` entries; returns the
     /// budget left.
-    fn sweep_established(&mut self, now: u64, budget: usize, st: &mut SweepStats) -> usize {
+    fn sweep_established(
+        &mut self,
+        now: u64,
+        budget: usize,
+        st: &mut SweepStats,
+        tally: &mut Tally,
+    ) -> usize {
         let mut snapshot: StdHashMap<FlowKey, Flow> = StdHashMap::new();
         for item in self.established.iter().take(self.established_visits) {
             match item {
@@ -442,6 +580,9 @@ impl Gc {
                     // Each flow once, from its forward entry.
                     if flow.dir != DIR_FORWARD {
                         continue;
+                    }
+                    if !is_closing(flow, partner) {
+                        tally.pair(flow).established += 1;
                     }
                     if let Some(why) = self.expiry(now, flow, partner) {
                         flows.push((*key, pkey, why));
@@ -504,7 +645,7 @@ impl Gc {
     }
 
     /// Deletes embryonic entries past the connect timeout, at most `budget`.
-    fn sweep_embryonic(&mut self, now: u64, budget: usize, st: &mut SweepStats) {
+    fn sweep_embryonic(&mut self, now: u64, budget: usize, st: &mut SweepStats, tally: &mut Tally) {
         let timeout = self.timeouts.connect_ns;
         let mut doomed: Vec<(FlowKey, u64)> = Vec::new();
         let mut seen = std::collections::HashSet::new();
@@ -515,6 +656,9 @@ impl Gc {
                         continue;
                     }
                     st.embryonic_entries += 1;
+                    if f.dir == DIR_FORWARD && now.saturating_sub(f.created_ns) <= timeout {
+                        tally.pair(&f).embryonic += 1;
+                    }
                     if now.saturating_sub(f.created_ns) > timeout {
                         if doomed.len() >= budget {
                             st.truncated = true;
@@ -541,6 +685,11 @@ impl Gc {
             }
         }
     }
+}
+
+/// A table's capacity from its walk's visit bound (see [`table`]).
+fn capacity(visits: usize) -> usize {
+    visits.saturating_sub(1024) / 2
 }
 
 /// The slot table as a typed map, and the visit bound of a walk over it.

@@ -28,6 +28,10 @@ pub enum Admin {
 #[derive(Debug, Clone, Serialize)]
 pub struct PairView {
     pub backend: String,
+    /// Stable backend id (index into the per-backend maps).
+    pub backend_id: u32,
+    /// `backend_maxconn` of the service, if limited.
+    pub maxconn: Option<u32>,
     /// "UP", "DOWN", "UP (going down 1/3)", "DOWN (going up 1/2)", or "NO CHECK".
     pub state: String,
     pub up: bool,
@@ -64,6 +68,10 @@ pub struct LiveView {
     pub services: Vec<ServiceView>,
     /// Per backend (configuration order): name and operator override.
     pub admin: Vec<(String, Admin)>,
+    /// The global `maxconn`, if set.
+    pub maxconn: Option<u32>,
+    /// The connection tables at the GC's last pass (none before the first).
+    pub tables: Option<crate::gc::TableFill>,
 }
 
 impl LiveView {
@@ -83,6 +91,8 @@ impl LiveView {
                     .iter()
                     .map(|&b| PairView {
                         backend: cfg.backends[b].name.clone(),
+                        backend_id: b as u32,
+                        maxconn: (s.backend_maxconn != 0).then_some(s.backend_maxconn),
                         state: if s.check.is_some() {
                             "DOWN".into()
                         } else {
@@ -110,6 +120,8 @@ impl LiveView {
                 .iter()
                 .map(|b| (b.name.clone(), Admin::Ready))
                 .collect(),
+            maxconn: (cfg.maxconn != 0).then_some(cfg.maxconn),
+            tables: None,
         }
     }
 

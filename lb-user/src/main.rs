@@ -139,7 +139,11 @@ fn main() -> Result<()> {
             password_dir,
         } => import_haproxy(&files, vip, faithful, strict, password_dir.as_deref()),
         Cmd::Status { instance, json } => {
-            let s = status::snapshot(&instance)?;
+            let mut s = status::snapshot(&instance)?;
+            match status::census(&instance) {
+                Ok(t) => s.tables = Some(t),
+                Err(e) => eprintln!("lb status: connection tables unavailable: {e:#}"),
+            }
             if json {
                 println!("{}", serde_json::to_string_pretty(&s)?);
             } else {

@@ -257,6 +257,8 @@ async fn serve(
         instance: cfg.instance.clone(),
         services: cfg.services.iter().map(|s| s.name.clone()).collect(),
         backends: cfg.backends.iter().map(|b| b.name.clone()).collect(),
+        maxconn: cfg.maxconn,
+        backend_maxconn: cfg.services.iter().map(|s| s.backend_maxconn).collect(),
         ifaces: ifaces.to_vec(),
         mode: if generic {
             "generic".into()
@@ -294,8 +296,13 @@ async fn serve(
                 let _ = op.reply.send(r);
             }
             _ = gc_tick.tick() => {
-                if let Err(e) = gc.run_once(ebpf) {
-                    warn!("connection-table GC: {e:#}");
+                match gc.run_once(ebpf) {
+                    Ok(_) => {
+                        if let Ok(mut v) = live.write() {
+                            v.tables = Some(gc.fill().clone());
+                        }
+                    }
+                    Err(e) => warn!("connection-table GC: {e:#}"),
                 }
             }
             r = async { match log_fd.as_mut() { Some(fd) => fd.readable_mut().await, None => std::future::pending().await } } => {

@@ -19,6 +19,12 @@ pub struct InstanceInfo {
     pub instance: String,
     pub services: Vec<String>,
     pub backends: Vec<String>,
+    /// The global `maxconn` (0: none).
+    #[serde(default)]
+    pub maxconn: u32,
+    /// Each service's `backend_maxconn` (0: none), by service id.
+    #[serde(default)]
+    pub backend_maxconn: Vec<u32>,
     pub ifaces: Vec<String>,
     pub mode: String,
 }
@@ -65,6 +71,67 @@ pub struct Snapshot {
     pub agent_running: bool,
     /// The health mirror: every configured (service, backend) pair.
     pub health: Vec<HealthRow>,
+    /// Connection slots held against `maxconn` limits: the global count and every limited
+    /// (service, backend) pair's (or one still holding slots).
+    pub maxconn: MaxconnView,
+    /// The connection tables (read by `lb status`; the admin server takes the GC's last pass).
+    pub tables: Option<crate::gc::TableFill>,
+}
+
+#[derive(Debug, Default, Serialize, Clone)]
+pub struct MaxconnView {
+    /// The global limit (0: none) and the connections counted against it.
+    pub limit: u32,
+    pub active: u64,
+    pub pairs: Vec<MaxconnRow>,
+}
+
+#[derive(Debug, Serialize, Clone)]
+pub struct MaxconnRow {
+    pub service: String,
+    pub backend: String,
+    /// `backend_maxconn` (0: none).
+    pub limit: u32,
+    pub active: u64,
+}
+
+/// Reads the pinned `MAXCONN_ACTIVE` counts.
+fn maxconn_view(dir: &Path, info: Option<&InstanceInfo>, health: &[HealthRow]) -> MaxconnView {
+    let Some(info) = info else {
+        return MaxconnView::default();
+    };
+    let Ok(a) = MapData::from_pin(dir.join(names::MAXCONN_ACTIVE))
+        .map_err(anyhow::Error::from)
+        .and_then(|d| Ok(Map::from_map_data(d)?))
+        .and_then(|m| Ok(aya::maps::Array::<MapData, u64>::try_from(m)?))
+    else {
+        return MaxconnView::default();
+    };
+    let mut v = MaxconnView {
+        limit: info.maxconn,
+        active: a.get(&lb_common::MAXCONN_GLOBAL, 0).unwrap_or(0),
+        pairs: vec![],
+    };
+    for (si, sname) in info.services.iter().enumerate() {
+        let limit = info.backend_maxconn.get(si).copied().unwrap_or(0);
+        for (bi, bname) in info.backends.iter().enumerate() {
+            let active = a
+                .get(&lb_common::epoch_index(si as u32, bi as u32), 0)
+                .unwrap_or(0);
+            let configured = health
+                .iter()
+                .any(|h| &h.service == sname && &h.backend == bname);
+            if (limit != 0 && configured) || active != 0 {
+                v.pairs.push(MaxconnRow {
+                    service: sname.clone(),
+                    backend: bname.clone(),
+                    limit,
+                    active,
+                });
+            }
+        }
+    }
+    v
 }
 
 #[derive(Debug, Serialize, Clone)]
@@ -203,6 +270,7 @@ pub fn snapshot(instance: &str) -> Result<Snapshot> {
         ));
     }
     let health = health_rows(&dir, &snames, &bnames);
+    let maxconn = maxconn_view(&dir, info.as_ref(), &health);
     let agent_running =
         std::os::unix::net::UnixStream::connect(crate::ops::socket_path(instance)).is_ok();
     Ok(Snapshot {
@@ -212,7 +280,23 @@ pub fn snapshot(instance: &str) -> Result<Snapshot> {
         backends,
         agent_running,
         health,
+        maxconn,
+        tables: None,
     })
+}
+
+/// Walks the pinned connection tables (read only) for `lb status`.
+pub fn census(instance: &str) -> Result<crate::gc::TableFill> {
+    let dir = pin_dir(instance);
+    let cfg = MapData::from_pin(dir.join(names::CONFIG))
+        .map_err(anyhow::Error::from)
+        .and_then(|d| Ok(Map::from_map_data(d)?))
+        .and_then(|m| Ok(aya::maps::Array::<MapData, lb_common::Config>::try_from(m)?))
+        .and_then(|a| Ok(a.get(&0, 0)?))
+        .context("read the pinned CONFIG")?;
+    let timeouts = crate::gc::Timeouts::new(cfg.embryonic_timeout_ns, 0, 0);
+    let mut gc = crate::gc::Gc::from_pins(&dir, timeouts)?;
+    Ok(gc.census(crate::gc::monotonic_now()?))
 }
 
 pub fn print(s: &Snapshot) {
@@ -279,6 +363,66 @@ pub fn print(s: &Snapshot) {
         );
     }
     println!();
+    if let Some(t) = &s.tables {
+        let pct = |e: usize, c: usize| {
+            if c == 0 {
+                0.0
+            } else {
+                100.0 * e as f64 / c as f64
+            }
+        };
+        println!(
+            "tables: established {} / {} entries ({:.1} %), embryonic {} / {} ({:.1} %), {} connection slots",
+            t.established.entries,
+            t.established.capacity,
+            pct(t.established.entries, t.established.capacity),
+            t.embryonic.entries,
+            t.embryonic.capacity,
+            pct(t.embryonic.entries, t.embryonic.capacity),
+            t.slots
+        );
+        for p in &t.pairs {
+            let svc: Vec<&str> = s.services.iter().map(|(n, _)| n.as_str()).collect();
+            let be: Vec<&str> = s.backends.iter().map(|(n, _)| n.as_str()).collect();
+            let name = |v: &[&str], i: u32| {
+                v.get(i as usize)
+                    .map(|n| n.to_string())
+                    .unwrap_or_else(|| format!("#{i}"))
+            };
+            println!(
+                "  {:<12} {:<10} {:>8} established {:>6} in handshake",
+                name(&svc, p.service),
+                name(&be, p.backend),
+                p.established,
+                p.embryonic
+            );
+        }
+        println!();
+    }
+    if s.maxconn.limit != 0 || !s.maxconn.pairs.is_empty() {
+        let lim = |l: u32| {
+            if l == 0 {
+                "-".to_string()
+            } else {
+                l.to_string()
+            }
+        };
+        println!(
+            "maxconn: {} connections held, global limit {}",
+            s.maxconn.active,
+            lim(s.maxconn.limit)
+        );
+        for r in &s.maxconn.pairs {
+            println!(
+                "  {:<12} {:<10} {:>6} / {}",
+                r.service,
+                r.backend,
+                r.active,
+                lim(r.limit)
+            );
+        }
+        println!();
+    }
     println!("data path counters (non-zero):");
     for (n, v) in &s.global {
         if *v != 0 {

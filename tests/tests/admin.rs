@@ -618,6 +618,52 @@ fn stats_json_metrics_csv_and_the_dashboard_count_writes_exactly() -> Result<()>
         "dashboard {l0} rx_xdp_packets {shown}, not in {lo}..={hi}"
     );
 
+    // Live connections: three held open show as the pair's active flows after a GC pass
+    // (once a second), in /stats.json and /metrics, with the table fill; closed, they go.
+    let vip = SocketAddrV4::new(topo.vip, 7680);
+    let held: Vec<TcpStream> = topo.client.ns.run_in(|| {
+        (0..3)
+            .map(|_| TcpStream::connect_timeout(&vip.into(), Duration::from_secs(3)))
+            .collect::<std::io::Result<Vec<_>>>()
+    })??;
+    let active = |doc: &Value| -> Result<u64> { u(&pair(doc, "write", "db01")?["active_flows"]) };
+    let wait_active = |want: u64| -> Result<Value> {
+        let end = Instant::now() + Duration::from_secs(5);
+        loop {
+            let doc = stats(&topo, None)?;
+            if active(&doc).ok() == Some(want) {
+                return Ok(doc);
+            }
+            ensure!(
+                Instant::now() < end,
+                "write/db01 active_flows {:?}, expected {want}",
+                pair(&doc, "write", "db01")?["active_flows"]
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    };
+    let doc = wait_active(3)?;
+    let est = &doc["tables"]["established"];
+    ensure!(
+        u(&est["entries"])? >= 6 && u(&est["capacity"])? > 0,
+        "established table fill {est}"
+    );
+    let m = parse_metrics(&get_ok(&topo, "/metrics", None)?)?;
+    let in_metrics = metric(
+        &m,
+        "lb_active_flows",
+        &[("service", "write"), ("backend", "db01")],
+    )?;
+    ensure!(
+        in_metrics == 3.0 || active(&stats(&topo, None)?)? as f64 == in_metrics,
+        "/metrics lb_active_flows {in_metrics}"
+    );
+    for c in &held {
+        c.shutdown(std::net::Shutdown::Both)?;
+    }
+    drop(held);
+    wait_active(0)?;
+
     // A screenshot for people (an artifact, not an assertion).
     let shot = topo.log_dir.join("dashboard.png");
     if let Err(e) = chromium(

@@ -220,6 +220,13 @@ pub fn encode_doc(doc: &StatsDoc) -> String {
         f.set("bout", s.counters.bytes_out);
         f.set("dreq", s.counters.drops.unwrap_or(0));
         f.set("status", "OPEN");
+        let scur: Option<u64> = s.backends.iter().map(|p| p.active_flows).sum();
+        if let Some(c) = scur {
+            f.set("scur", c);
+        }
+        if let Some(m) = doc.maxconn {
+            f.set("slim", m);
+        }
         f.set("pid", 1);
         f.set("iid", iid);
         f.set("sid", 0);
@@ -232,6 +239,12 @@ pub fn encode_doc(doc: &StatsDoc) -> String {
         for p in &s.backends {
             let mut r = Row::new(&s.name, &p.backend);
             r.set("status", server_status(s, p));
+            if let Some(a) = p.active_flows {
+                r.set("scur", a);
+            }
+            if let Some(m) = p.maxconn {
+                r.set("slim", m);
+            }
             let w = u8::from(p.in_set);
             r.set("weight", w);
             r.set("act", w);

@@ -87,9 +87,9 @@ function serviceTable(s){
     ' \u00b7 generation ', el('span', {'data-k': 'generation'}, [num(s.generation)]),
     ' \u00b7 set [' + s.members.join(', ') + ']'])]);
   var t = el('table', {id: 'svc-' + s.name, 'data-service': s.name}, [cap]);
-  t.appendChild(el('tr', null, [el('th', {colspan: '7', 'class': 'l'}, ['check']),
+  t.appendChild(el('tr', null, [el('th', {colspan: '7', 'class': 'l'}, ['check']), el('th', {colspan: '2'}, ['connections']),
     el('th', {colspan: '6'}, ['backend traffic (all services: the data path counts per backend)']), el('th')]));
-  t.appendChild(heads(['backend', 'state', 'in set', 'override', 'last check', 'latency', 'since change'].concat(TRAFFIC_HEADS).concat(['drops'])));
+  t.appendChild(heads(['backend', 'state', 'in set', 'override', 'last check', 'latency', 'since change', 'active', 'maxconn'].concat(TRAFFIC_HEADS).concat(['drops'])));
   s.backends.forEach(function(p){
     var tr = el('tr', {id: 'row-' + s.name + '-' + p.backend, 'data-service': s.name, 'data-backend': p.backend, 'class': stateClass(p)}, [
       el('td', {'data-k': 'backend', 'class': 'l'}, [p.backend]),
@@ -98,12 +98,14 @@ function serviceTable(s){
       td('admin', p.admin, p.admin, 'adm-' + p.admin),
       el('td', {'data-k': 'last_check', 'class': 'l'}, [p.last_check === null ? '-' : p.last_check]),
       td('last_latency_ms', p.last_latency_ms === null ? '' : p.last_latency_ms, p.last_latency_ms === null ? '-' : p.last_latency_ms.toFixed(1) + ' ms'),
-      td('since_change_s', p.since_change_s === null ? '' : p.since_change_s, dur(p.since_change_s))
+      td('since_change_s', p.since_change_s === null ? '' : p.since_change_s, dur(p.since_change_s)),
+      td('active_flows', p.active_flows === null ? '' : p.active_flows, p.active_flows === null ? '-' : num(p.active_flows)),
+      td('maxconn_active', p.maxconn === null ? '' : p.maxconn_active, p.maxconn === null ? '-' : p.maxconn_active + ' / ' + p.maxconn)
     ].concat(traffic(p.counters, p.rates, false)).concat([el('td', {'data-k': 'drops'}, ['-'])]));
     t.appendChild(tr);
   });
   t.appendChild(el('tr', {id: 'total-' + s.name, 'class': 'total'}, [
-    el('td', {'class': 'l', colspan: '7'}, ['service total (' + s.name + ')'])
+    el('td', {'class': 'l', colspan: '9'}, ['service total (' + s.name + ')'])
   ].concat(traffic(s.counters, s.rates, true))));
   return t;
 }
@@ -165,8 +167,20 @@ function header(d){
       kv('bytes in', 'bytes_in', c.bytes_in, bytes(c.bytes_in)), kv('bytes out', 'bytes_out', c.bytes_out, bytes(c.bytes_out)),
       kv('drops', 'drops', c.drops)
     ]),
+    tablesLine(d, kv),
     d.counters_error ? el('div', {id: 'counters-error'}, ['counters unavailable: ' + d.counters_error]) : el('span')
   ]);
+}
+function tablesLine(d, kv){
+  var t = d.tables;
+  function fill(k, f){
+    var pct = f.capacity ? 100 * f.entries / f.capacity : 0;
+    return kv(k, k + '_entries', f.entries, f.entries + ' / ' + f.capacity + ' (' + pct.toFixed(1) + ' %)');
+  }
+  var kids = t ? [fill('established', t.established), fill('embryonic', t.embryonic), kv('slots', 'slots', t.slots)]
+               : [el('span', null, ['connection tables: no GC pass yet'])];
+  if (d.maxconn !== null) kids.push(kv('maxconn', 'maxconn_active', d.maxconn_active, d.maxconn_active + ' / ' + d.maxconn));
+  return el('div', {'class': 'kv', id: 'tables-fill'}, kids);
 }
 function render(d){
   REFRESH = d.refresh_ms || REFRESH;

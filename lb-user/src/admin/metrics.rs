@@ -149,6 +149,27 @@ pub fn encode_doc(doc: &StatsDoc) -> Result<String> {
         "lb_set_generation",
         "Generation of the service's installed backend set (counts swaps)",
     );
+    let active = gauge_family(
+        &mut reg,
+        "lb_active_flows",
+        "Live connections of the pair (established + in handshake) at the last table GC pass",
+    );
+    let mc_active = gauge_family(
+        &mut reg,
+        "lb_maxconn_active",
+        "Connections counted against maxconn: per limited (service, backend) pair, and without labels the global count",
+    );
+    let mc_limit = gauge_family(
+        &mut reg,
+        "lb_maxconn_limit",
+        "The maxconn limit: per limited (service, backend) pair, and without labels the global one",
+    );
+    let t_entries = gauge_family(
+        &mut reg,
+        "lb_table_entries",
+        "Entries in a connection table (two per connection) at the last GC pass",
+    );
+    let t_capacity = gauge_family(&mut reg, "lb_table_capacity", "Size of a connection table");
     let uptime = GaugeF::default();
     reg.register(
         "lb_uptime_seconds",
@@ -178,6 +199,13 @@ pub fn encode_doc(doc: &StatsDoc) -> Result<String> {
                 .set(if p.in_set { 1.0 } else { 0.0 });
             if let Some(ms) = p.last_latency_ms {
                 latency.get_or_create(&pl).set(ms / 1000.0);
+            }
+            if let Some(a) = p.active_flows {
+                active.get_or_create(&pl).set(a as f64);
+            }
+            if let (Some(m), Some(a)) = (p.maxconn, p.maxconn_active) {
+                mc_limit.get_or_create(&pl).set(m as f64);
+                mc_active.get_or_create(&pl).set(a as f64);
             }
         }
     }
@@ -213,6 +241,22 @@ pub fn encode_doc(doc: &StatsDoc) -> Result<String> {
             nic.get_or_create(&vec![("iface", n.iface.clone()), ("counter", name.clone())])
                 .inc_by(*v);
         }
+    }
+    if let Some(m) = doc.maxconn {
+        mc_limit.get_or_create(&vec![]).set(m as f64);
+        mc_active
+            .get_or_create(&vec![])
+            .set(doc.maxconn_active as f64);
+    }
+    if let Some(t) = &doc.tables {
+        for (name, f) in [("established", t.established), ("embryonic", t.embryonic)] {
+            let l: Labels = vec![("table", name.to_string())];
+            t_entries.get_or_create(&l).set(f.entries as f64);
+            t_capacity.get_or_create(&l).set(f.capacity as f64);
+        }
+        t_entries
+            .get_or_create(&vec![("table", "slots".to_string())])
+            .set(t.slots as f64);
     }
     uptime.set(doc.uptime_s);
 
@@ -296,6 +340,19 @@ mod tests {
     fn metrics_parse_with_stable_names_and_labels() {
         let text = encode_doc(&doc()).unwrap();
         let (types, s) = parse(&text);
+        let wd = [("service", "write"), ("backend", "db01")];
+        assert_eq!(value(&s, "lb_active_flows", &wd), 4.0);
+        assert_eq!(value(&s, "lb_maxconn_active", &wd), 4.0);
+        assert_eq!(value(&s, "lb_maxconn_limit", &wd), 4.0);
+        assert_eq!(
+            value(&s, "lb_table_entries", &[("table", "established")]),
+            6.0
+        );
+        assert_eq!(
+            value(&s, "lb_table_capacity", &[("table", "embryonic")]),
+            100.0
+        );
+        assert_eq!(value(&s, "lb_table_entries", &[("table", "slots")]), 4.0);
         for (name, t) in [
             ("lb_backend_up", "gauge"),
             ("lb_backend_in_set", "gauge"),
@@ -311,6 +368,11 @@ mod tests {
             ("lb_nic_xdp", "counter"),
             ("lb_set_generation", "gauge"),
             ("lb_uptime_seconds", "gauge"),
+            ("lb_active_flows", "gauge"),
+            ("lb_maxconn_active", "gauge"),
+            ("lb_maxconn_limit", "gauge"),
+            ("lb_table_entries", "gauge"),
+            ("lb_table_capacity", "gauge"),
         ] {
             assert_eq!(
                 types.get(name).map(String::as_str),

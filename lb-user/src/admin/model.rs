@@ -92,6 +92,8 @@ pub struct Sample {
     pub backends: HashMap<String, Counters>,
     /// The data path's global event counters, in their order.
     pub global: Vec<(String, u64)>,
+    /// Connections held against `maxconn` limits.
+    pub maxconn: crate::status::MaxconnView,
 }
 
 impl Sample {
@@ -133,6 +135,7 @@ impl Sample {
                 })
                 .collect(),
             global: s.global.clone(),
+            maxconn: s.maxconn.clone(),
         }
     }
 }
@@ -284,6 +287,12 @@ pub struct StatsDoc {
     pub datapath: Vec<EventDoc>,
     /// The NIC's own XDP counters (`ethtool -S`), one entry per attached interface.
     pub nic: Vec<NicStats>,
+    /// The connection tables at the agent's last GC pass (none before the first): entries
+    /// against capacity, slots held, live connections per (service id, backend id).
+    pub tables: Option<crate::gc::TableFill>,
+    /// The global `maxconn` (none: no limit) and the connections counted against it.
+    pub maxconn: Option<u32>,
+    pub maxconn_active: u64,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -317,6 +326,11 @@ pub struct ServiceDoc {
 #[derive(Debug, Clone, Serialize)]
 pub struct PairDoc {
     pub backend: String,
+    /// Live connections of this pair (established + in handshake) at the last GC pass.
+    pub active_flows: Option<u64>,
+    /// `backend_maxconn` of the service (none: no limit) and the slots this pair holds.
+    pub maxconn: Option<u32>,
+    pub maxconn_active: Option<u64>,
     pub state: String,
     pub up: bool,
     pub in_set: bool,
@@ -421,6 +435,22 @@ pub fn build(
                     .iter()
                     .map(|p| PairDoc {
                         backend: p.backend.clone(),
+                        active_flows: live
+                            .tables
+                            .as_ref()
+                            .map(|t| t.flows_of(i as u32, p.backend_id)),
+                        maxconn: p.maxconn,
+                        maxconn_active: p.maxconn.map(|_| {
+                            sample
+                                .and_then(|x| {
+                                    x.maxconn
+                                        .pairs
+                                        .iter()
+                                        .find(|r| r.service == s.name && r.backend == p.backend)
+                                })
+                                .map(|r| r.active)
+                                .unwrap_or(0)
+                        }),
                         state: p.state.clone(),
                         up: p.up,
                         in_set: p.in_set,
@@ -481,6 +511,9 @@ pub fn build(
         backends,
         datapath,
         nic,
+        tables: live.tables.clone(),
+        maxconn: live.maxconn,
+        maxconn_active: sample.map(|x| x.maxconn.active).unwrap_or(0),
     }
 }
 
@@ -524,6 +557,16 @@ pub(crate) mod tests {
             .into(),
             backends: [("db01".to_string(), counters(n))].into(),
             global: vec![("pass_not_ipv4".into(), 3 * n)],
+            maxconn: crate::status::MaxconnView {
+                limit: 0,
+                active: 4,
+                pairs: vec![crate::status::MaxconnRow {
+                    service: "write".into(),
+                    backend: "db01".into(),
+                    limit: 4,
+                    active: 4,
+                }],
+            },
         }
     }
 
@@ -583,6 +626,7 @@ vip = "198.18.0.10:7680"
 backend_port = 7687
 backends = ["db01", "db02"]
 check = "neo4j-ha-master"
+backend_maxconn = 4
 [[service]]
 name = "read"
 vip = "198.18.0.10:7681"
@@ -595,6 +639,8 @@ backends = ["db02"]
         v.services[0].members = vec!["db01".into()];
         v.services[0].pairs[0] = PairView {
             backend: "db01".into(),
+            backend_id: 0,
+            maxconn: Some(4),
             state: "UP".into(),
             up: true,
             in_set: true,
@@ -606,6 +652,23 @@ backends = ["db02"]
         v.services[0].pairs[1].state = "DOWN (going up, 1 passed)".into();
         v.services[0].pairs[1].last_check = Some("negative: HTTP 404 \"false\"".into());
         v.admin[1].1 = Admin::Drain;
+        v.tables = Some(crate::gc::TableFill {
+            embryonic: crate::gc::Fill {
+                entries: 2,
+                capacity: 100,
+            },
+            established: crate::gc::Fill {
+                entries: 6,
+                capacity: 1000,
+            },
+            slots: 4,
+            pairs: vec![crate::gc::PairFlows {
+                service: 0,
+                backend: 0,
+                established: 3,
+                embryonic: 1,
+            }],
+        });
         v
     }
 
@@ -660,6 +723,27 @@ backends = ["db02"]
         assert_eq!(w.backends[0].counters.bytes_in, 16_000);
         assert_eq!(w.backends[1].admin, Admin::Drain);
         assert_eq!(w.backends[1].counters, Counters::default());
+        // Live connections from the GC's last pass, maxconn slots from the data path.
+        let (a, b) = (&w.backends[0], &w.backends[1]);
+        assert_eq!(
+            (a.active_flows, a.maxconn, a.maxconn_active),
+            (Some(4), Some(4), Some(4))
+        );
+        assert_eq!(
+            (b.active_flows, b.maxconn, b.maxconn_active),
+            (Some(0), Some(4), Some(0))
+        );
+        let r = &d.services[1].backends[0];
+        assert_eq!(
+            (r.active_flows, r.maxconn, r.maxconn_active),
+            (Some(0), None, None)
+        );
+        let t = d.tables.as_ref().unwrap();
+        assert_eq!(
+            (t.established.entries, t.established.capacity, t.slots),
+            (6, 1000, 4)
+        );
+        assert_eq!((d.maxconn, d.maxconn_active), (None, 4));
         assert_eq!(d.totals.counters.new_flows, 16);
         assert_eq!(d.totals.counters.drops, Some(1));
         assert_eq!(d.backends[1].address, "10.0.1.11");
