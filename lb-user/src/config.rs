@@ -203,6 +203,8 @@ pub struct Config {
     pub close_timeout: Duration,
     pub embryonic_entries: u32,
     pub established_entries: u32,
+    /// An XDP object to load instead of the built-in one (`lb run --xdp-object`).
+    pub xdp_object: Option<PathBuf>,
     pub backends: Vec<Backend>,
     pub services: Vec<Service>,
     pub admin: AdminConfig,
@@ -712,6 +714,7 @@ impl Config {
                 let flows = flows * backends.len().max(1) as u64;
                 (2 * flows).clamp(1024, 1 << 24) as u32
             }),
+            xdp_object: None,
             backends,
             services,
             admin,

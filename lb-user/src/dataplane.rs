@@ -204,8 +204,17 @@ fn load_with(cfg: &Config, pin_dir: Option<&Path>) -> Result<Ebpf> {
             loader.map_pin_path(name, dir.join(name));
         }
     }
+    let custom;
+    let object: &[u8] = match &cfg.xdp_object {
+        Some(p) => {
+            custom = fs::read(p).with_context(|| format!("read the XDP object {}", p.display()))?;
+            info!(object = %p.display(), bytes = custom.len(), "loading this XDP object instead of the built-in one");
+            &custom
+        }
+        None => crate::EBPF_OBJECT,
+    };
     let mut ebpf = loader
-        .load(crate::EBPF_OBJECT)
+        .load(object)
         .context("loading the XDP object into the kernel failed (are you root? is the kernel >= 6.7 with BTF?)")?;
     let prog: &mut Xdp = ebpf
         .program_mut("lb_xdp")

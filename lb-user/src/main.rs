@@ -48,6 +48,11 @@ enum Cmd {
         /// Instance name (pins under /sys/fs/bpf/lb/<instance>/); overrides the config's.
         #[arg(long)]
         instance: Option<String>,
+        /// Load this XDP object instead of the one built into lb (a custom or test build of
+        /// lb-ebpf from the same lb version: its maps must have this build's layout). A running
+        /// instance is upgraded to it atomically through its pinned link.
+        #[arg(long, value_name = "FILE")]
+        xdp_object: Option<PathBuf>,
     },
     /// Translate HAProxy configuration files (the Neo4j manual's haproxy.cfg) into lb's TOML.
     ///
@@ -119,6 +124,7 @@ fn main() -> Result<()> {
             ifaces,
             xdp_mode,
             instance,
+            xdp_object,
         } => {
             let rt = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
@@ -129,6 +135,7 @@ fn main() -> Result<()> {
                 ifaces,
                 xdp_mode,
                 instance,
+                xdp_object,
             }))
         }
         Cmd::ImportHaproxy {

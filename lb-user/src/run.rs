@@ -37,6 +37,7 @@ pub struct RunArgs {
     pub ifaces: Vec<String>,
     pub xdp_mode: AttachMode,
     pub instance: Option<String>,
+    pub xdp_object: Option<PathBuf>,
 }
 
 pub async fn run(args: RunArgs) -> Result<()> {
@@ -48,6 +49,7 @@ pub async fn run(args: RunArgs) -> Result<()> {
     if let Some(i) = args.instance {
         cfg.instance = i;
     }
+    cfg.xdp_object = args.xdp_object;
     if !nix::unistd::geteuid().is_root() {
         bail!("lb run needs root (CAP_BPF, CAP_NET_ADMIN, CAP_SYS_ADMIN): run it with sudo");
     }

@@ -1,6 +1,8 @@
-//! The data plane outlives the agent: its XDP links and maps are pinned, so a stream through
-//! the VIP survives `kill -9` of the agent and its restart (adoption), and a build whose map
-//! layout changed refuses to adopt them.
+//! The data plane outlives the agent: its XDP links and maps are pinned, so a 60 s stream
+//! through the VIP survives `kill -9` of the agent and its restart (adoption) with a changed
+//! configuration, and an upgrade to a genuinely different program build (replaced atomically
+//! through the pinned link), byte for byte; and a build whose map layout changed refuses to
+//! adopt the pinned maps.
 use std::{
     io::{Read, Write},
     net::{SocketAddr, SocketAddrV4, TcpListener, TcpStream},
@@ -68,9 +70,52 @@ fn stream(mut conn: TcpStream, stop: &AtomicBool) -> Result<u64> {
     Ok(total)
 }
 
+/// How long the stream runs in all.
+const STREAM: Duration = Duration::from_secs(60);
+
+/// The tag (hash of the instructions) of the program behind each pinned XDP link.
+fn link_program_tags(topo: &Topology) -> Result<Vec<String>> {
+    let dir = lb_user::dataplane::pin_dir(&topo.instance);
+    let bpftool = |args: &[&str]| -> Result<serde_json::Value> {
+        let out = std::process::Command::new("bpftool")
+            .arg("-j")
+            .args(args)
+            .output()
+            .context("run bpftool")?;
+        ensure!(
+            out.status.success(),
+            "bpftool {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Ok(serde_json::from_slice(&out.stdout)?)
+    };
+    let mut tags = Vec::new();
+    for iface in &topo.lb.ifaces {
+        let link = dir.join(format!("link_{iface}"));
+        let l = bpftool(&["link", "show", "pinned", &link.display().to_string()])?;
+        let id = l["prog_id"].as_u64().context("link without prog_id")?;
+        let p = bpftool(&["prog", "show", "id", &id.to_string()])?;
+        tags.push(p["tag"].as_str().context("program tag")?.to_string());
+    }
+    Ok(tags)
+}
+
+/// Kills the agent with SIGKILL and waits for it to be gone.
+fn kill_9(lb: &lb_tests::harness::Process) -> Result<()> {
+    lb.signal(Signal::SIGKILL)?;
+    let t = Instant::now();
+    while lb.try_wait()?.is_none() {
+        ensure!(t.elapsed() < Duration::from_secs(5), "lb did not die");
+        thread::sleep(Duration::from_millis(10));
+    }
+    Ok(())
+}
+
 #[test]
 #[ignore = "needs root and netns: run cargo xtask test"]
-fn a_stream_survives_kill_9_of_the_agent_and_its_restart_with_a_changed_config() -> Result<()> {
+fn a_60s_stream_survives_kill_9_a_config_change_and_a_program_upgrade() -> Result<()> {
+    // The other program build first (an incremental cargo build), so it cannot delay the stream.
+    let variant = lb_tests::harness::variant_xdp_object()?;
     let topo = Topology::two_armed("restart")?;
     let _sims = topo.start_sims(&["master", "slave", "slave"])?;
     let server = echo(
@@ -84,15 +129,11 @@ fn a_stream_survives_kill_9_of_the_agent_and_its_restart_with_a_changed_config()
         .ns
         .run_in(|| TcpStream::connect_timeout(&vip, Duration::from_secs(5)))??;
     let stop = AtomicBool::new(false);
+    let started = Instant::now();
     let sent = thread::scope(|s| -> Result<u64> {
         let streamer = s.spawn(|| stream(conn, &stop));
         thread::sleep(Duration::from_millis(1000));
-        lb.signal(Signal::SIGKILL)?;
-        let t = Instant::now();
-        while lb.try_wait()?.is_none() {
-            ensure!(t.elapsed() < Duration::from_secs(5), "lb did not die");
-            thread::sleep(Duration::from_millis(10));
-        }
+        kill_9(&lb.process)?;
         // No agent: the pinned program keeps translating, and `lb status` says so.
         let mut status = topo.lb.ns.command(lb_tests::harness::lb_bin());
         status.args(["status", "--instance", &topo.instance]);
@@ -126,19 +167,61 @@ fn a_stream_survives_kill_9_of_the_agent_and_its_restart_with_a_changed_config()
             !streamer.is_finished(),
             "the stream ended after the restart"
         );
+
+        // Upgrade: kill -9 again and start an agent with a different program build; it replaces
+        // the program behind each pinned link atomically and keeps the maps and flows.
+        let before = link_program_tags(&topo)?;
+        kill_9(&again.process)?;
+        let upgraded = topo.start_lb(
+            &config(&topo, &extra),
+            &[
+                "--xdp-mode",
+                "native",
+                "--xdp-object",
+                &variant.display().to_string(),
+            ],
+        )?;
+        let logs = upgraded.logs();
+        ensure!(
+            logs.contains("adopting the running instance")
+                && logs.contains("loading this XDP object instead of the built-in one")
+                && logs.contains("replaced atomically"),
+            "the upgrade did not adopt and replace: {logs}"
+        );
+        let after = link_program_tags(&topo)?;
+        ensure!(
+            before.iter().zip(&after).all(|(b, a)| b != a),
+            "the links still run the same program: tags {before:?} -> {after:?}"
+        );
+        eprintln!("program tags {before:?} -> {after:?} (upgrade-test build)");
+
+        // Stream on to the full minute.
+        while started.elapsed() < STREAM {
+            ensure!(
+                !streamer.is_finished(),
+                "the stream ended {:.1} s after its start",
+                started.elapsed().as_secs_f64()
+            );
+            thread::sleep(Duration::from_millis(250));
+        }
         stop.store(true, Ordering::Relaxed);
         let sent = streamer
             .join()
             .map_err(|_| anyhow::anyhow!("streamer panicked"))??;
-        drop(again);
+        drop(upgraded);
         Ok(sent)
     })?;
     let received = server
         .join()
         .map_err(|_| anyhow::anyhow!("echo panicked"))??;
+    // 4 KiB every 20 ms or so for a minute: well over 1000 chunks, every one echoed intact.
     ensure!(
-        sent >= 20 * 4096 && received == sent,
+        sent >= 1000 * 4096 && received == sent,
         "sent {sent} bytes, the backend received {received}"
+    );
+    eprintln!(
+        "{sent} bytes streamed over {:.0} s across two kill -9 restarts and a program upgrade",
+        STREAM.as_secs_f64()
     );
     Ok(())
 }
