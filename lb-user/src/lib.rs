@@ -9,8 +9,10 @@
 //! - [`maglev`]: consistent-hash lookup tables.
 //! - [`run`]: `lb run`, tying them together.
 //! - [`status`]: `lb status`, reading pinned counters.
+//! - [`capture`]: `lb capture`, sampled frames of one service to a pcap file.
 //! - [`admin`]: the admin HTTP server (dashboard, /stats.json, ;csv, /metrics).
 pub mod admin;
+pub mod capture;
 pub mod config;
 pub mod control;
 pub mod dataplane;
