@@ -309,7 +309,7 @@ async fn read_events(bufs: &mut Buffers, out: &mut Vec<Event>) -> Result<()> {
     .await
 }
 
-/// Writes the events the options want; returns true once `count` frames are written.
+/// Writes the copies the options want (of the direction asked for), up to `count` frames.
 struct Sink {
     writer: Writer,
     opts: Options,
