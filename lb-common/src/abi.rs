@@ -4,8 +4,8 @@
 use core::mem::{offset_of, size_of};
 
 use crate::{
-    names, Backend, BackendKey, BackendSet, BackendStats, Config, Flow, FlowKey, RstBucket,
-    Service, ServiceKey, ServiceStats, Slot, MAXCONN_ENTRIES,
+    names, Backend, BackendKey, BackendSet, BackendStats, CaptureConfig, CaptureHeader, Config,
+    Flow, FlowKey, RstBucket, Service, ServiceKey, ServiceStats, Slot, MAXCONN_ENTRIES,
 };
 
 /// Bump when a map's meaning changes without its layout changing.
@@ -35,6 +35,7 @@ const fn fold(values: &[u64]) -> u64 {
 /// BPF map type numbers (uapi `enum bpf_map_type`).
 const HASH: u64 = 1;
 const ARRAY: u64 = 2;
+const PERF_EVENT_ARRAY: u64 = 4;
 const PERCPU_ARRAY: u64 = 6;
 const LRU_HASH: u64 = 9;
 const ARRAY_OF_MAPS: u64 = 12;
@@ -116,6 +117,28 @@ pub const fn layout(name: &str) -> Option<u64> {
         ]),
         b if eq(b, names::MAXCONN_ACTIVE) => fold(&[ARRAY, 4, 8, MAXCONN_ENTRIES as u64]),
         b if eq(b, names::RST_BUCKET) => fold(&[PERCPU_ARRAY, 4, size_of::<RstBucket>() as u64]),
+        b if eq(b, names::CAPTURE) => fold(&[
+            ARRAY,
+            4,
+            size_of::<CaptureConfig>() as u64,
+            offset_of!(CaptureConfig, service) as u64,
+            offset_of!(CaptureConfig, sample) as u64,
+            offset_of!(CaptureConfig, snaplen) as u64,
+        ]),
+        // The events' header is part of what the program and `lb capture` agree on.
+        b if eq(b, names::CAPTURE_EVENTS) => fold(&[
+            PERF_EVENT_ARRAY,
+            4,
+            4,
+            size_of::<CaptureHeader>() as u64,
+            offset_of!(CaptureHeader, ts_ns) as u64,
+            offset_of!(CaptureHeader, service) as u64,
+            offset_of!(CaptureHeader, len) as u64,
+            offset_of!(CaptureHeader, caplen) as u64,
+            offset_of!(CaptureHeader, dir) as u64,
+            offset_of!(CaptureHeader, action) as u64,
+            offset_of!(CaptureHeader, reply) as u64,
+        ]),
         _ => return None,
     };
     Some(mix(mix(v, name_hash(name)), ABI_VERSION))

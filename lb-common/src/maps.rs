@@ -36,6 +36,10 @@ pub mod names {
     pub const RST_BUCKET: &str = "RST_BUCKET";
     pub const SLOTS: &str = "SLOTS";
     pub const MAXCONN_ACTIVE: &str = "MAXCONN_ACTIVE";
+    /// `lb capture`'s settings; written only by that command.
+    pub const CAPTURE: &str = "CAPTURE";
+    /// Perf event array the program emits captured frames to (`CaptureHeader` + frame bytes).
+    pub const CAPTURE_EVENTS: &str = "CAPTURE_EVENTS";
     /// Agent-only: the layout hash of every pinned map (`lb_common::abi`), never read by the program.
     pub const META: &str = "META";
     /// Agent-only: the health of every (service, backend) pair, mirrored for `lb status`.
@@ -58,6 +62,8 @@ pub mod names {
         RST_BUCKET,
         SLOTS,
         MAXCONN_ACTIVE,
+        CAPTURE,
+        CAPTURE_EVENTS,
     ];
 }
 
@@ -405,6 +411,52 @@ pub struct BackendStats {
     pub maxconn_refused: u64,
 }
 
+/// `CAPTURE[0]`: which service's frames `lb capture` samples. All zero (the state of a fresh
+/// instance, and what the command writes back when it exits) means capture is off.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[cfg_attr(feature = "user", derive(bytemuck::Pod, bytemuck::Zeroable))]
+pub struct CaptureConfig {
+    /// Service id + 1; 0: off.
+    pub service: u32,
+    /// One packet in `sample` is captured (0 and 1: every packet).
+    pub sample: u32,
+    /// Most bytes of each frame copied (capped at [`CAPTURE_MAX_SNAPLEN`]).
+    pub snaplen: u32,
+    pub _pad: u32,
+}
+
+/// Largest `snaplen`: a perf sample (its headers included) must fit in 64 KiB.
+pub const CAPTURE_MAX_SNAPLEN: u32 = 65_000;
+
+/// The frame as it arrived (before the rewrite).
+pub const CAPTURE_DIR_IN: u8 = 0;
+/// The frame as it leaves (after the rewrite): what the backend or the client receives.
+pub const CAPTURE_DIR_OUT: u8 = 1;
+/// `CaptureHeader::action` of an `in` frame (its action is not decided yet).
+pub const CAPTURE_NO_ACTION: u8 = 0xff;
+
+/// What the program emits to `CAPTURE_EVENTS` in front of the first `caplen` bytes of a frame.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[cfg_attr(feature = "user", derive(bytemuck::Pod, bytemuck::Zeroable))]
+pub struct CaptureHeader {
+    /// `bpf_ktime_get_ns()` (CLOCK_MONOTONIC) when the frame was captured.
+    pub ts_ns: u64,
+    pub service: u32,
+    /// The frame's length.
+    pub len: u32,
+    /// Bytes of the frame that follow the header.
+    pub caplen: u32,
+    /// `CAPTURE_DIR_IN` or `CAPTURE_DIR_OUT`.
+    pub dir: u8,
+    /// The XDP action of an `out` frame, else `CAPTURE_NO_ACTION`.
+    pub action: u8,
+    /// 1 on the reply path (backend -> client), 0 on the forward path.
+    pub reply: u8,
+    pub _pad: u8,
+}
+
 #[cfg(feature = "user")]
 mod pod {
     // SAFETY: all of these are #[repr(C)], Copy, padding-free (bytemuck::Pod is derived,
@@ -422,6 +474,7 @@ mod pod {
     unsafe impl aya::Pod for super::RstBucket {}
     unsafe impl aya::Pod for super::HealthRecord {}
     unsafe impl aya::Pod for super::Slot {}
+    unsafe impl aya::Pod for super::CaptureConfig {}
 }
 
 #[cfg(test)]
@@ -438,6 +491,8 @@ mod tests {
         assert_eq!(size_of::<Backend>(), 16);
         assert_eq!(size_of::<BackendSet>(), 16 + 16 * MAX_SET_SIZE + 4096);
         assert_eq!(size_of::<Config>(), 40);
+        assert_eq!(size_of::<CaptureConfig>(), 16);
+        assert_eq!(size_of::<CaptureHeader>(), 24);
     }
 
     #[test]

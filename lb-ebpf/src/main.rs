@@ -1,6 +1,6 @@
 //! lb's XDP program. The entry points only dispatch; each concern lives in its own module:
 //! `parse` (header access), `service` (VIP lookup, backend choice), `conntrack` (flow tables),
-//! `snat` (port claim), `maxconn` (connection limits), `nat` + `csum` (rewrite), `forward` (next hop, transmit), `path` (the
+//! `snat` (port claim), `capture` (`lb capture`'s frame copies), `maxconn` (connection limits), `nat` + `csum` (rewrite), `forward` (next hop, transmit), `path` (the
 //! forward and reply TCP paths), `icmp` (error translation), `rst` (RST synthesis), `stats`, `trace` (XDP failure tracepoints).
 //!
 //! Anything not addressed to a VIP:port, and not a reply from a backend to an SNAT-range port
@@ -10,6 +10,8 @@
 #![cfg_attr(target_arch = "bpf", feature(core_intrinsics))]
 #![cfg_attr(target_arch = "bpf", allow(internal_features))]
 
+#[cfg(target_arch = "bpf")]
+mod capture;
 #[cfg(target_arch = "bpf")]
 mod conntrack;
 #[cfg(target_arch = "bpf")]

@@ -2,12 +2,12 @@
 //! `BACKEND_SETS`, `BACKENDS` and `TX_PORTS`; the program owns the connection tables and the
 //! counters. Sizes here are defaults: the agent may override `max_entries` at load time.
 use aya_ebpf::{
-    btf_maps::{Array, ArrayOfMaps, DevMapHash, HashMap, LruHashMap, PerCpuArray},
+    btf_maps::{Array, ArrayOfMaps, DevMapHash, HashMap, LruHashMap, PerCpuArray, PerfEventArray},
     macros::btf_map,
 };
 use lb_common::{
-    epoch_index, BackendKey, BackendSet, BackendStats, Config, Flow, FlowKey, RstBucket, Service,
-    ServiceKey, ServiceStats, Slot, COUNTER_MAX, DEFAULT_EMBRYONIC_ENTRIES,
+    epoch_index, BackendKey, BackendSet, BackendStats, CaptureConfig, Config, Flow, FlowKey,
+    RstBucket, Service, ServiceKey, ServiceStats, Slot, COUNTER_MAX, DEFAULT_EMBRYONIC_ENTRIES,
     DEFAULT_ESTABLISHED_ENTRIES, MAXCONN_ENTRIES, MAX_BACKENDS, MAX_IFACES, MAX_SERVICES,
     MAX_SNAT_ADDRS,
 };
@@ -99,6 +99,14 @@ pub static STATS_SERVICE: PerCpuArray<ServiceStats, { MAX_SERVICES as usize }> =
 /// Per-backend counters, indexed by stable backend id.
 #[btf_map]
 pub static STATS_BACKEND: PerCpuArray<BackendStats, { MAX_BACKENDS as usize }> = PerCpuArray::new();
+
+/// `lb capture`'s settings, index 0 (all zero: off). Written only by that command.
+#[btf_map]
+pub static CAPTURE: Array<CaptureConfig, 1> = Array::new();
+
+/// Captured frames for `lb capture` (one perf buffer per CPU, opened by the command).
+#[btf_map]
+pub static CAPTURE_EVENTS: PerfEventArray = PerfEventArray::new();
 
 /// Reads the runtime settings (all zero before the agent wrote them).
 #[inline(always)]

@@ -3,13 +3,14 @@
 use aya_ebpf::{bindings::xdp_action, programs::XdpContext};
 use aya_log_ebpf::info;
 use lb_common::{
-    is_closing, Config, Counter, Flow, FlowKey, Service, CONFIG_F_DEBUG, CONFIG_F_GENERIC,
-    DIR_FORWARD, DIR_REPLY, FLOW_SYN_RECV, FLOW_SYN_SENT, IPPROTO_TCP, SERVICE_F_MAXCONN_RESET,
+    is_closing, Config, Counter, Flow, FlowKey, Service, CAPTURE_DIR_IN, CAPTURE_DIR_OUT,
+    CAPTURE_NO_ACTION, CONFIG_F_DEBUG, CONFIG_F_GENERIC, DIR_FORWARD, DIR_REPLY, FLOW_SYN_RECV,
+    FLOW_SYN_SENT, IPPROTO_TCP, SERVICE_F_MAXCONN_RESET,
 };
 use network_types::eth::EthHdr;
 
 use crate::{
-    conntrack, forward,
+    capture, conntrack, forward,
     maps::reset_epoch,
     maxconn, nat,
     parse::{Frame, Ip, Tcp, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN},
@@ -335,6 +336,17 @@ fn send(
     bytes: u64,
     is_reply: bool,
 ) -> u32 {
+    let cap = capture::sampled(flow.service_id);
+    if cap.service != 0 {
+        capture::emit(
+            ctx,
+            &cap,
+            flow.service_id,
+            CAPTURE_DIR_IN,
+            CAPTURE_NO_ACTION,
+            is_reply,
+        );
+    }
     nat::rewrite(eth, ip, tcp, flow);
     if is_reply {
         stats::count(Counter::ReplyPackets);
@@ -357,5 +369,17 @@ fn send(
             b.bytes += bytes;
         }
     }
-    forward::transmit(ctx, flow.ifindex)
+    let action = forward::transmit(ctx, flow.ifindex);
+    if cap.service != 0 {
+        // The redirect itself happens after the program returns: the frame is still ours.
+        capture::emit(
+            ctx,
+            &cap,
+            flow.service_id,
+            CAPTURE_DIR_OUT,
+            action as u8,
+            is_reply,
+        );
+    }
+    action
 }

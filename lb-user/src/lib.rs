@@ -9,9 +9,11 @@
 //! - [`maglev`]: consistent-hash lookup tables.
 //! - [`run`]: `lb run`, tying them together.
 //! - [`status`]: `lb status`, reading pinned counters.
+//! - [`capture`]: `lb capture`, sampled frames of one service to a pcap file.
 //! - [`admin`]: the admin HTTP server (dashboard, /stats.json, ;csv, /metrics).
 //! - [`nic`]: the NIC's own XDP counters (`ethtool -S`) for the admin views.
 pub mod admin;
+pub mod capture;
 pub mod config;
 pub mod control;
 pub mod dataplane;

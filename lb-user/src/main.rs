@@ -3,7 +3,7 @@ use std::path::PathBuf;
 
 use anyhow::Result;
 use clap::{Parser, Subcommand};
-use lb_user::{dataplane::AttachMode, run, status};
+use lb_user::{capture, dataplane::AttachMode, run, status};
 
 #[derive(Parser)]
 #[command(
@@ -99,6 +99,42 @@ enum Cmd {
         #[arg(long, default_value = "default")]
         instance: String,
     },
+    /// Write sampled frames of one service to a pcap file, as they arrived and as they left
+    /// (after the NAT rewrite): tcpdump does not see the frames XDP sends with TX/REDIRECT.
+    ///
+    /// Runs until --count frames are written, --duration passed, or Ctrl-C/SIGTERM; then
+    /// turns capture off and prints "captured N frames (M lost)". A FILE ending in .pcapng also
+    /// marks each frame inbound (as it arrived) or outbound (as it left).
+    ///
+    /// Example: lb capture --instance neo4j --service write -w write.pcap --count 100 --sample 1/10
+    Capture {
+        #[arg(long, default_value = "default")]
+        instance: String,
+        /// Service name, as in the configuration.
+        #[arg(long)]
+        service: String,
+        /// Output file (pcap; pcapng if it ends in .pcapng).
+        #[arg(short = 'w', long = "write", value_name = "FILE")]
+        file: PathBuf,
+        /// Stop after this many frames.
+        #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
+        count: Option<u64>,
+        /// Stop after this long (e.g. 30s, 5m).
+        #[arg(long, value_parser = humantime::parse_duration)]
+        duration: Option<std::time::Duration>,
+        /// Capture one packet in N (1/N or N); both copies of a sampled packet are written.
+        #[arg(long, default_value = "1/1", value_parser = capture::parse_sample, value_name = "1/N")]
+        sample: u32,
+        /// Bytes of each frame to keep.
+        #[arg(long, default_value_t = lb_common::CAPTURE_MAX_SNAPLEN, value_parser = capture::parse_snaplen)]
+        snaplen: u32,
+        /// Which copies to write.
+        #[arg(long, value_enum, default_value_t = capture::Direction::Both)]
+        direction: capture::Direction,
+        /// Take over from another capture of the instance (or one killed before it cleaned up).
+        #[arg(long)]
+        force: bool,
+    },
     /// Stop an instance's data path: unpin its XDP links and maps (dropping its connections) and
     /// restore the host settings its agents changed. `lb run` leaves them in place on exit so
     /// that traffic keeps flowing while the agent restarts or upgrades.
@@ -164,6 +200,34 @@ fn main() -> Result<()> {
             instance,
         } => {
             println!("{}", lb_user::ops::request(&instance, &name, &action)?);
+            Ok(())
+        }
+        Cmd::Capture {
+            instance,
+            service,
+            file,
+            count,
+            duration,
+            sample,
+            snaplen,
+            direction,
+            force,
+        } => {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?;
+            let s = rt.block_on(capture::run(capture::Options {
+                instance,
+                service,
+                file,
+                count,
+                duration,
+                sample,
+                snaplen,
+                direction,
+                force,
+            }))?;
+            eprintln!("captured {} frames ({} lost)", s.frames, s.lost);
             Ok(())
         }
         Cmd::Detach { instance } => lb_user::run::detach(&instance),
