@@ -34,6 +34,9 @@ pub mod names {
     pub const SNAT_ADDRS: &str = "SNAT_ADDRS";
     pub const RESET_EPOCH: &str = "RESET_EPOCH";
     pub const RST_BUCKET: &str = "RST_BUCKET";
+    /// Connections the data path ended itself (ring buffer; not pinned: each program build
+    /// writes its own, which its agent reads).
+    pub const CONN_EVENTS: &str = "CONN_EVENTS";
     pub const SLOTS: &str = "SLOTS";
     pub const MAXCONN_ACTIVE: &str = "MAXCONN_ACTIVE";
     /// `lb capture`'s settings; written only by that command.
@@ -322,6 +325,35 @@ pub struct Slot {
     pub _pad: u32,
 }
 
+/// `ConnEvent::reason`: the flow's backend was demoted with `on_down = "reset"`.
+pub const CONN_END_RESET: u32 = 1;
+/// `ConnEvent::reason`: a SYN reused the tuple of the closed flow before the GC deleted it.
+pub const CONN_END_REUSED: u32 = 2;
+
+/// A connection the data path deleted itself (`CONN_EVENTS`), for the agent's connection log:
+/// the GC, which logs the flows it expires, never sees these.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[cfg_attr(feature = "user", derive(bytemuck::Pod, bytemuck::Zeroable))]
+pub struct ConnEvent {
+    pub created_ns: u64,
+    pub ended_ns: u64,
+    /// Payload bytes from the client and from the backend.
+    pub bytes_in: u64,
+    pub bytes_out: u64,
+    /// The forward key: client -> VIP.
+    pub key: FlowKey,
+    /// SNAT address and port, backend address and port (network order).
+    pub snat_addr: u32,
+    pub backend_addr: u32,
+    pub snat_port: u16,
+    pub backend_port: u16,
+    pub service_id: u32,
+    pub backend_id: u32,
+    /// `CONN_END_*`.
+    pub reason: u32,
+}
+
 /// Entries of `MAXCONN_ACTIVE`: one per (service, backend) pair, then the global count.
 pub const MAXCONN_ENTRIES: u32 = MAX_SERVICES * MAX_BACKENDS + 1;
 /// Index of the global count in `MAXCONN_ACTIVE`.
@@ -474,6 +506,7 @@ mod pod {
     unsafe impl aya::Pod for super::RstBucket {}
     unsafe impl aya::Pod for super::HealthRecord {}
     unsafe impl aya::Pod for super::Slot {}
+    unsafe impl aya::Pod for super::ConnEvent {}
     unsafe impl aya::Pod for super::CaptureConfig {}
 }
 
@@ -487,6 +520,7 @@ mod tests {
         assert_eq!(size_of::<FlowKey>(), 16);
         assert_eq!(size_of::<Flow>(), 80);
         assert_eq!(size_of::<Slot>(), 16);
+        assert_eq!(size_of::<ConnEvent>(), 72);
         assert_eq!(size_of::<ServiceKey>(), 8);
         assert_eq!(size_of::<Backend>(), 16);
         assert_eq!(size_of::<BackendSet>(), 16 + 16 * MAX_SET_SIZE + 4096);

@@ -1,7 +1,9 @@
 //! lb's XDP program. The entry points only dispatch; each concern lives in its own module:
 //! `parse` (header access), `service` (VIP lookup, backend choice), `conntrack` (flow tables),
-//! `snat` (port claim), `capture` (`lb capture`'s frame copies), `maxconn` (connection limits), `nat` + `csum` (rewrite), `forward` (next hop, transmit), `path` (the
-//! forward and reply TCP paths), `icmp` (error translation), `rst` (RST synthesis), `stats`, `trace` (XDP failure tracepoints).
+//! `snat` (port claim), `maxconn` (connection limits), `nat` + `csum` (rewrite), `forward` (next
+//! hop, transmit), `path` (the forward and reply TCP paths), `icmp` (error translation), `rst`
+//! (RST synthesis), `stats`, `capture` (`lb capture`'s frame copies), `events` (connection ends
+//! for the agent's log), `trace` (XDP failure tracepoints).
 //!
 //! Anything not addressed to a VIP:port, and not a reply from a backend to an SNAT-range port
 //! (or an ICMP error about one), is passed to the kernel byte for byte.
@@ -16,6 +18,8 @@ mod capture;
 mod conntrack;
 #[cfg(target_arch = "bpf")]
 mod csum;
+#[cfg(target_arch = "bpf")]
+mod events;
 #[cfg(target_arch = "bpf")]
 mod forward;
 #[cfg(target_arch = "bpf")]

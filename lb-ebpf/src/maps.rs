@@ -2,14 +2,16 @@
 //! `BACKEND_SETS`, `BACKENDS` and `TX_PORTS`; the program owns the connection tables and the
 //! counters. Sizes here are defaults: the agent may override `max_entries` at load time.
 use aya_ebpf::{
-    btf_maps::{Array, ArrayOfMaps, DevMapHash, HashMap, LruHashMap, PerCpuArray, PerfEventArray},
+    btf_maps::{
+        Array, ArrayOfMaps, DevMapHash, HashMap, LruHashMap, PerCpuArray, PerfEventArray, RingBuf,
+    },
     macros::btf_map,
 };
 use lb_common::{
-    epoch_index, BackendKey, BackendSet, BackendStats, CaptureConfig, Config, Flow, FlowKey,
-    RstBucket, Service, ServiceKey, ServiceStats, Slot, COUNTER_MAX, DEFAULT_EMBRYONIC_ENTRIES,
-    DEFAULT_ESTABLISHED_ENTRIES, MAXCONN_ENTRIES, MAX_BACKENDS, MAX_IFACES, MAX_SERVICES,
-    MAX_SNAT_ADDRS,
+    epoch_index, BackendKey, BackendSet, BackendStats, CaptureConfig, Config, ConnEvent, Flow,
+    FlowKey, RstBucket, Service, ServiceKey, ServiceStats, Slot, COUNTER_MAX,
+    DEFAULT_EMBRYONIC_ENTRIES, DEFAULT_ESTABLISHED_ENTRIES, MAXCONN_ENTRIES, MAX_BACKENDS,
+    MAX_IFACES, MAX_SERVICES, MAX_SNAT_ADDRS,
 };
 
 /// `BPF_F_NO_COMMON_LRU` is not used: a per-CPU LRU list would evict a flow whose reply
@@ -65,6 +67,11 @@ pub static SLOTS: HashMap<
 /// only with atomic adds (by the data path and by `lb_release`).
 #[btf_map]
 pub static MAXCONN_ACTIVE: Array<u64, { MAXCONN_ENTRIES as usize }> = Array::new();
+
+/// Connections the data path ended itself, for the agent's connection log (256 KiB: about
+/// 3,000 events between two reads).
+#[btf_map]
+pub static CONN_EVENTS: RingBuf<ConnEvent, { 64 * 4096 }> = RingBuf::new();
 
 /// Round-robin cursor per service.
 #[btf_map]

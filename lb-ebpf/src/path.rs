@@ -4,13 +4,13 @@ use aya_ebpf::{bindings::xdp_action, programs::XdpContext};
 use aya_log_ebpf::info;
 use lb_common::{
     is_closing, Config, Counter, Flow, FlowKey, Service, CAPTURE_DIR_IN, CAPTURE_DIR_OUT,
-    CAPTURE_NO_ACTION, CONFIG_F_DEBUG, CONFIG_F_GENERIC, DIR_FORWARD, DIR_REPLY, FLOW_SYN_RECV,
-    FLOW_SYN_SENT, IPPROTO_TCP, SERVICE_F_MAXCONN_RESET,
+    CAPTURE_NO_ACTION, CONFIG_F_DEBUG, CONFIG_F_GENERIC, CONN_END_RESET, CONN_END_REUSED,
+    DIR_FORWARD, DIR_REPLY, FLOW_SYN_RECV, FLOW_SYN_SENT, IPPROTO_TCP, SERVICE_F_MAXCONN_RESET,
 };
 use network_types::eth::EthHdr;
 
 use crate::{
-    capture, conntrack, forward,
+    capture, conntrack, events, forward,
     maps::reset_epoch,
     maxconn, nat,
     parse::{Frame, Ip, Tcp, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN},
@@ -58,6 +58,7 @@ pub fn forward(
             // The client reuses the tuple of a closed connection (TIME_WAIT reuse): the old
             // flow is over; this SYN starts a new one below (its slot, if any, was released
             // when it closed; `maxconn::acquire` takes care of a leftover).
+            events::ended(&key, found.flow, found.partner, now, CONN_END_REUSED);
             conntrack::delete(&key, &found);
             stats::count(Counter::ClosedTupleReused);
         } else {
@@ -207,6 +208,7 @@ fn existing(
     // and another CPU's insert may overwrite it while we still read it.
     let flow = *found.flow;
     if is_reset(&flow) {
+        events::ended(key, &flow, found.partner, now, CONN_END_RESET);
         conntrack::delete(key, &found);
         maxconn::release(key);
         return refuse(ctx, cfg, flow.service_id, flags, Counter::RstFlowReset);
@@ -254,6 +256,7 @@ pub fn reply(
     let fwd_key = found.flow.partner_key(IPPROTO_TCP);
     if is_reset(found.flow) {
         let service = found.flow.service_id;
+        events::ended(&fwd_key, found.partner, found.flow, now, CONN_END_RESET);
         conntrack::delete(&key, &found);
         maxconn::release(&fwd_key);
         return refuse(ctx, cfg, service, flags, Counter::RstFlowReset);

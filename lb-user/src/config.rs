@@ -29,6 +29,7 @@ struct RawConfig {
     debug: bool,
     rst_per_sec: Option<u32>,
     maxconn: Option<Spanned<u32>>,
+    connection_log: Option<PathBuf>,
     #[serde(default, rename = "check")]
     checks: Vec<Spanned<RawCheck>>,
     #[serde(default)]
@@ -205,6 +206,8 @@ pub struct Config {
     pub established_entries: u32,
     /// An XDP object to load instead of the built-in one (`lb run --xdp-object`).
     pub xdp_object: Option<PathBuf>,
+    /// Append the connection log to this file instead of the agent's log.
+    pub connection_log: Option<PathBuf>,
     pub backends: Vec<Backend>,
     pub services: Vec<Service>,
     pub admin: AdminConfig,
@@ -715,6 +718,7 @@ impl Config {
                 (2 * flows).clamp(1024, 1 << 24) as u32
             }),
             xdp_object: None,
+            connection_log: raw.connection_log,
             backends,
             services,
             admin,

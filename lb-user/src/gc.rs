@@ -14,6 +14,8 @@
 //!
 //! The idle timeout is per service (`idle_timeout` of a `[[service]]`, else the global one).
 //!
+//! Every flow it deletes gets a line in the connection log (`crate::connlog`).
+//!
 //! The data path never deletes a flow on FIN or RST: a half-closed connection keeps working,
 //! the last ACK and retransmitted FINs still translate, and a spoofed RST can be taken back by
 //! the next genuine segment. Flow timestamps are `bpf_ktime_get_ns`, i.e. CLOCK_MONOTONIC;
@@ -34,9 +36,12 @@ use aya::{
     Ebpf,
 };
 use lb_common::{is_closing, names, Flow, FlowKey, Slot, DIR_FORWARD, IPPROTO_TCP, MAX_SERVICES};
-use tracing::{debug, info, warn};
+use tracing::{debug, warn};
 
-use crate::config::Config;
+use crate::{
+    config::Config,
+    connlog::{ConnLog, Ended},
+};
 
 /// Most entries one pass deletes.
 pub const MAX_DELETIONS: usize = 100_000;
@@ -204,51 +209,12 @@ pub struct Gc {
     log: ConnLog,
 }
 
-/// The connection log: one line per finished connection: client, VIP, SNAT port, backend,
-/// duration, payload bytes each way (`bytes_in` from the client, `bytes_out` from the backend)
-/// and why it ended (backends only see the SNAT address, so this is how an operator maps a
-/// backend's peer back to a client), at most
-/// `ConnLog::PER_PASS` lines a pass, the rest summarised. Target `lb::conn` in the agent's log.
-#[derive(Default)]
-struct ConnLog {
-    suppressed: u64,
-}
-
-impl ConnLog {
-    const PER_PASS: usize = 100;
-
-    fn line(&mut self, logged: &mut usize, key: &FlowKey, fwd: &Flow, rev: &Flow, why: Expiry) {
-        if *logged >= Self::PER_PASS {
-            self.suppressed += 1;
-            return;
-        }
-        *logged += 1;
-        let ip = |a: u32| std::net::Ipv4Addr::from(u32::from_be(a));
-        let reason = match why {
-            Expiry::Idle => "idle timeout",
-            Expiry::Closed if (fwd.close | rev.close) & lb_common::FLOW_CLOSE_RST != 0 => "reset",
-            Expiry::Closed => "closed (FIN both ways)",
-        };
-        let last = fwd.last_seen_ns.max(rev.last_seen_ns);
-        info!(
-            target: "lb::conn",
-            client = %format!("{}:{}", ip(key.saddr), u16::from_be(key.sport)),
-            vip = %format!("{}:{}", ip(key.daddr), u16::from_be(key.dport)),
-            snat = %format!("{}:{}", ip(fwd.nat_saddr), u16::from_be(fwd.nat_sport)),
-            backend = %format!("{}:{}", ip(fwd.nat_daddr), u16::from_be(fwd.nat_dport)),
-            duration_s = format!("{:.1}", last.saturating_sub(fwd.created_ns) as f64 / 1e9),
-            bytes_in = fwd.bytes,
-            bytes_out = rev.bytes,
-            reason,
-            "connection ended"
-        );
-    }
-
-    fn flush(&mut self) {
-        if self.suppressed > 0 {
-            info!(target: "lb::conn", "{} more connections ended (connection log limited to {} lines a second)", self.suppressed, Self::PER_PASS);
-            self.suppressed = 0;
-        }
+/// Why the GC ended a flow, as the connection log says it.
+fn reason(fwd: &Flow, rev: &Flow, why: Expiry) -> &'static str {
+    match why {
+        Expiry::Idle => "idle timeout",
+        Expiry::Closed if (fwd.close | rev.close) & lb_common::FLOW_CLOSE_RST != 0 => "reset",
+        Expiry::Closed => "closed (FIN both ways)",
     }
 }
 
@@ -368,6 +334,16 @@ impl Gc {
             timeouts,
             log: ConnLog::default(),
         })
+    }
+
+    /// Where the connection log goes (default: the agent's log).
+    pub fn set_log(&mut self, log: ConnLog) {
+        self.log = log;
+    }
+
+    /// Logs a connection the data path ended (a `CONN_EVENTS` record).
+    pub fn log_event(&mut self, e: &lb_common::ConnEvent) {
+        self.log.record(&Ended::from_event(e));
     }
 
     pub fn timeouts(&self) -> Timeouts {
@@ -599,7 +575,6 @@ impl Gc {
             }
         }
 
-        let mut logged = 0;
         for (fkey, rkey, why) in flows {
             // Read again: a segment may have revived the flow, or a new one taken the tuple.
             let (Ok(f), Ok(r)) = (
@@ -619,7 +594,8 @@ impl Gc {
             }
             remove(&mut self.established, &fkey);
             remove(&mut self.established, &rkey);
-            self.log.line(&mut logged, &fkey, &f, &r, why);
+            self.log
+                .record(&Ended::from_flows(&fkey, &f, &r, reason(&f, &r, why)));
             match why {
                 Expiry::Closed => st.closed += 1,
                 Expiry::Idle => st.idle += 1,

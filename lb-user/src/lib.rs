@@ -15,6 +15,7 @@
 pub mod admin;
 pub mod capture;
 pub mod config;
+pub mod connlog;
 pub mod control;
 pub mod dataplane;
 pub mod desired;

@@ -144,7 +144,7 @@ fn writes_go_to_the_master_reads_split_evenly_over_the_slaves() -> Result<()> {
 #[ignore = "needs root and netns: run cargo xtask test"]
 fn failover_moves_new_writes_without_overlap_and_resets_the_demoted_masters_flows() -> Result<()> {
     let topo = Topology::two_armed("failover")?;
-    let (sims, _lb) = up(&topo, "failover")?;
+    let (sims, lb) = up(&topo, "failover")?;
     let w = SocketAddrV4::new(topo.vip, 7680);
     // A pooled-style connection to the current master, kept open across the failover.
     let mut old = master_session(&topo, w)?;
@@ -202,6 +202,21 @@ fn failover_moves_new_writes_without_overlap_and_resets_the_demoted_masters_flow
     match old.run("RETURN 1", Access::Write) {
         Err(e) if format!("{e:#}").to_lowercase().contains("reset") => {}
         other => bail!("the old master's pooled connection was not reset: {other:?}"),
+    }
+    // The connection log names it (the data path reports the flows it resets).
+    let end = Instant::now() + Duration::from_secs(3);
+    loop {
+        let logs = lb.logs();
+        if logs.lines().any(|l| {
+            l.contains("connection ended") && l.contains("reset (backend demoted, on_down = reset)")
+        }) {
+            break;
+        }
+        ensure!(
+            Instant::now() < end,
+            "no connection-log line for the reset pooled connection"
+        );
+        thread::sleep(Duration::from_millis(100));
     }
     Ok(())
 }

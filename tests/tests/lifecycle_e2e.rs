@@ -24,8 +24,9 @@ const VIP_PORT: u16 = 7680;
 
 fn config(topo: &Topology) -> String {
     let mut s = format!(
-        "instance = \"{}\"\nsnat_ports = \"10000-32767\"\n[timeouts]\nidle = \"3s\"\nclose = \"2s\"\n",
-        topo.instance
+        "instance = \"{}\"\nsnat_ports = \"10000-32767\"\nconnection_log = \"{}\"\n[timeouts]\nidle = \"3s\"\nclose = \"2s\"\n",
+        topo.instance,
+        conn_log(topo).display()
     );
     s += &topo.backends_toml();
     s += &format!(
@@ -33,6 +34,11 @@ fn config(topo: &Topology) -> String {
         topo.vip
     );
     s
+}
+
+/// Where the agent appends its connection log (`connection_log`).
+fn conn_log(topo: &Topology) -> std::path::PathBuf {
+    topo.log_dir.join("connections.log")
 }
 
 /// The agent's established table, opened from its pin.
@@ -223,8 +229,13 @@ fn idle_and_closed_flows_leave_the_table_after_their_timeouts_while_active_ones_
     );
     active.ping(200)?;
 
-    // The connection log names the client behind each SNAT port and why the connection ended.
-    let logs = lb.logs();
+    // The connection log (in its own file, not the agent's log) names the client behind each
+    // SNAT port and why the connection ended.
+    ensure!(
+        !lb.logs().contains("connection ended"),
+        "connection lines in the agent's log although connection_log is set"
+    );
+    let logs = std::fs::read_to_string(conn_log(&topo)).context("read the connection log")?;
     let ended: Vec<&str> = logs
         .lines()
         .filter(|l| l.contains("connection ended"))

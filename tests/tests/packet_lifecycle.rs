@@ -582,3 +582,63 @@ fn gc_deletes_an_established_entry_whose_partner_is_gone_after_a_grace_period() 
         Ok(())
     })
 }
+
+/// The data path's `CONN_EVENTS` records, oldest first.
+fn conn_events(fx: &mut Fixture) -> Result<Vec<lb_common::ConnEvent>> {
+    let map = fx.ebpf.map_mut(names::CONN_EVENTS).expect("CONN_EVENTS");
+    let mut ring = aya::maps::RingBuf::try_from(map)?;
+    let mut out = Vec::new();
+    while let Some(item) = ring.next() {
+        let n = std::mem::size_of::<lb_common::ConnEvent>();
+        assert!(item.len() >= n, "short record: {} bytes", item.len());
+        let e: lb_common::ConnEvent = bytemuck::pod_read_unaligned(&item[..n]);
+        out.push(e);
+    }
+    Ok(out)
+}
+
+#[test]
+#[ignore = "needs root and netns: run cargo xtask test"]
+fn the_data_path_reports_the_flows_it_deletes_itself_for_the_connection_log() -> Result<()> {
+    Fixture::run("connev", |fx| {
+        assert!(conn_events(fx)?.is_empty(), "no events before any flow");
+        // A flow of a backend demoted with reset: deleted on its next segment, reported.
+        let mut c = establish(fx, 41200)?;
+        c.client_sends(fx, "query", PSH | ACK, b"RETURN 1")?;
+        c.backend_sends(fx, "answer", PSH | ACK, b"RECORD 1 DONE")?;
+        fx.control.reset_flows(0, 0)?;
+        let out = fx.from_client(&c.client(PSH | ACK, b"more").bytes()?)?;
+        assert_eq!(out.action, Action::Tx, "reset flow answered with RST");
+        let ev = conn_events(fx)?;
+        assert_eq!(ev.len(), 1, "{ev:?}");
+        let e = ev[0];
+        assert_eq!(e.key, c.fwd_key());
+        assert_eq!(e.reason, lb_common::CONN_END_RESET);
+        assert_eq!((e.bytes_in, e.bytes_out), (8, 13), "payload each way");
+        assert_eq!(
+            (e.snat_port, e.backend_addr, e.backend_port),
+            (
+                c.port.to_be(),
+                u32::from(DB01).to_be(),
+                BACKEND_PORT.to_be()
+            )
+        );
+        assert!(e.ended_ns >= e.created_ns && e.created_ns > 0);
+
+        // A closed flow whose tuple a new SYN reuses before the GC deleted it: reported once.
+        let mut d = establish(fx, 41201)?;
+        d.client_sends(fx, "client FIN", FIN | ACK, b"")?;
+        d.backend_sends(fx, "backend FIN", FIN | ACK, b"")?;
+        let syn = client_syn(41201).with_seq_ack(0x7100_0000, 0);
+        assert_eq!(fx.from_client(&syn.bytes()?)?.action, Action::Redirect);
+        let ev = conn_events(fx)?;
+        assert_eq!(ev.len(), 1, "{ev:?}");
+        assert_eq!(
+            (ev[0].key, ev[0].reason),
+            (d.fwd_key(), lb_common::CONN_END_REUSED)
+        );
+        // Flows the GC expires are logged by the GC, not here: no event for them.
+        assert!(conn_events(fx)?.is_empty());
+        Ok(())
+    })
+}
