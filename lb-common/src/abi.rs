@@ -67,6 +67,7 @@ const FLOW: u64 = fold(&[
     offset_of!(Flow, state) as u64,
     offset_of!(Flow, dir) as u64,
     offset_of!(Flow, close) as u64,
+    offset_of!(Flow, first_fin) as u64,
     offset_of!(Flow, epoch) as u64,
     offset_of!(Flow, bytes) as u64,
 ]);

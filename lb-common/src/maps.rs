@@ -275,7 +275,10 @@ pub struct Flow {
     /// `FLOW_CLOSE_*` bits about the segments sent in this entry's direction; only the path of
     /// that direction writes them. A flow is closing per [`is_closing`] over both entries.
     pub close: u8,
-    pub _pad: u8,
+    /// 1 when this direction's FIN came before the other direction's (its sender closed
+    /// first: a backend that closed first holds TIME_WAIT on the tuple, so the GC keeps the
+    /// flow, and with it the SNAT port, for the whole close timeout). Written with `close`.
+    pub first_fin: u8,
     /// `RESET_EPOCH[service][backend]` when the flow was created; a different value now means
     /// the backend was demoted with `on_down = "reset"`: the flow is reset on its next segment.
     pub epoch: u32,
@@ -329,6 +332,10 @@ pub struct Slot {
 pub const CONN_END_RESET: u32 = 1;
 /// `ConnEvent::reason`: a SYN reused the tuple of the closed flow before the GC deleted it.
 pub const CONN_END_REUSED: u32 = 2;
+/// `ConnEvent::reason`: a flow closed with FINs both ways whose SNAT port a new flow took over.
+pub const CONN_END_CLOSED: u32 = 3;
+/// `ConnEvent::reason`: a flow closed by a RST whose SNAT port a new flow took over.
+pub const CONN_END_CLOSED_RST: u32 = 4;
 
 /// A connection the data path deleted itself (`CONN_EVENTS`), for the agent's connection log:
 /// the GC, which logs the flows it expires, never sees these.

@@ -3,8 +3,8 @@
 //! counts when the partner entry exists in the same table and points back.
 use aya_ebpf::bindings::{BPF_ANY, BPF_NOEXIST};
 use lb_common::{
-    Counter, Flow, FlowKey, FLOW_CLOSE_FIN, FLOW_CLOSE_RST, FLOW_ESTABLISHED, FLOW_SYN_RECV,
-    IPPROTO_TCP,
+    is_closing, Counter, Flow, FlowKey, DIR_REPLY, FLOW_CLOSE_FIN, FLOW_CLOSE_RST,
+    FLOW_ESTABLISHED, FLOW_SYN_RECV, IPPROTO_TCP,
 };
 
 use crate::{
@@ -66,6 +66,50 @@ pub fn lookup(key: &FlowKey, now: u64, embryonic_timeout: u64) -> Option<Found> 
 #[inline(always)]
 pub fn established_has(key: &FlowKey) -> bool {
     CT_ESTABLISHED.get_ptr(key).is_some()
+}
+
+/// A closed flow whose SNAT port a new flow may take over (see [`closed_quiet`]).
+pub struct Closed {
+    pub fwd_key: FlowKey,
+    pub fwd: &'static Flow,
+    pub rev: &'static Flow,
+}
+
+/// If the established entry at `key` is the reply entry of a flow that has been closing for
+/// more than `quiet_ns` and whose backend did not close first (so the backend holds no
+/// TIME_WAIT on this tuple), the flow. Nothing is deleted here (see [`delete_closed`]).
+#[inline(always)]
+pub fn closed_quiet(key: &FlowKey, now: u64, quiet_ns: u64) -> Option<Closed> {
+    let rev = get_est(key)?;
+    if rev.dir != DIR_REPLY {
+        return None;
+    }
+    let fwd_key = rev.partner_key(IPPROTO_TCP);
+    let fwd = get_est(&fwd_key)?;
+    if !fwd.points_back_to(key) || !is_closing(fwd, rev) {
+        return None;
+    }
+    let reset = (fwd.close | rev.close) & FLOW_CLOSE_RST != 0;
+    let last = if fwd.last_seen_ns > rev.last_seen_ns {
+        fwd.last_seen_ns
+    } else {
+        rev.last_seen_ns
+    };
+    if (rev.first_fin != 0 && !reset) || now.wrapping_sub(last) <= quiet_ns {
+        return None;
+    }
+    Some(Closed { fwd_key, fwd, rev })
+}
+
+/// Deletes a closed flow found by [`closed_quiet`] at reply key `key`; false if another CPU
+/// deleted it first.
+#[inline(always)]
+pub fn delete_closed(c: &Closed, key: &FlowKey) -> bool {
+    if CT_ESTABLISHED.remove(&c.fwd_key).is_err() {
+        return false;
+    }
+    let _ = CT_ESTABLISHED.remove(key);
+    true
 }
 
 /// Inserts a new reply entry only if its key is free: this is what claims an SNAT port.
@@ -160,11 +204,16 @@ pub fn delete(key: &FlowKey, found: &Found) {
 /// so that RST was spoofed). A changed mark refreshes `last_seen_ns`: the close timeout counts
 /// from the segment that closed the flow.
 #[inline(always)]
-pub fn track(flow: &mut Flow, flags: u8, now: u64) {
+pub fn track(flow: &mut Flow, partner_close: u8, flags: u8, now: u64) {
     let old = flow.close;
     let new = if flags & TCP_RST != 0 {
         old | FLOW_CLOSE_RST
     } else if flags & TCP_FIN != 0 {
+        if old & FLOW_CLOSE_FIN == 0 && partner_close & FLOW_CLOSE_FIN == 0 {
+            // This side closes first (both at once: both entries say so, which the GC
+            // treats as the backend having closed first).
+            flow.first_fin = 1;
+        }
         (old & !FLOW_CLOSE_RST) | FLOW_CLOSE_FIN
     } else {
         old & !FLOW_CLOSE_RST

@@ -2,6 +2,7 @@
 //! data path reports the flows it deletes itself (reset on a demoted backend, a closed tuple
 //! reused by a new SYN); the agent's GC logs the ones it expires. A full ring loses the event,
 //! never the packet.
+use aya_ebpf::maps::ring_buf::RingBufEntry;
 use lb_common::{ConnEvent, Flow, FlowKey};
 
 use crate::maps::CONN_EVENTS;
@@ -10,8 +11,33 @@ use crate::maps::CONN_EVENTS;
 /// are about to be deleted.
 #[inline(always)]
 pub fn ended(fwd_key: &FlowKey, fwd: &Flow, rev: &Flow, now: u64, reason: u32) {
+    prepare(fwd_key, fwd, rev, now, reason).submit();
+}
+
+/// A record written into the ring, not yet visible to the agent.
+pub struct Pending(Option<RingBufEntry<ConnEvent>>);
+
+impl Pending {
+    #[inline(always)]
+    pub fn submit(self) {
+        if let Some(e) = self.0 {
+            e.submit(0);
+        }
+    }
+
+    #[inline(always)]
+    pub fn discard(self) {
+        if let Some(e) = self.0 {
+            e.discard(0);
+        }
+    }
+}
+
+/// Writes the record of a flow's end into the ring (in place: no stack copy) without sending it.
+#[inline(always)]
+pub fn prepare(fwd_key: &FlowKey, fwd: &Flow, rev: &Flow, now: u64, reason: u32) -> Pending {
     let Some(mut entry) = CONN_EVENTS.reserve(0) else {
-        return;
+        return Pending(None);
     };
     entry.write(ConnEvent {
         created_ns: fwd.created_ns,
@@ -27,5 +53,5 @@ pub fn ended(fwd_key: &FlowKey, fwd: &Flow, rev: &Flow, now: u64, reason: u32) {
         backend_id: fwd.backend_id,
         reason,
     });
-    entry.submit(0);
+    Pending(Some(entry))
 }

@@ -123,12 +123,12 @@ pub fn forward(
         state: FLOW_SYN_SENT,
         dir: DIR_REPLY,
         close: 0,
-        _pad: 0,
+        first_fin: 0,
         epoch: reset_epoch(svc.id, backend.id),
         _pad2: 0,
         bytes: 0,
     };
-    let Some(port) = snat::claim(
+    let claimed = snat::claim(
         backend.addr,
         backend.port,
         hop.src,
@@ -137,7 +137,19 @@ pub fn forward(
         &reply,
         now,
         cfg.embryonic_timeout_ns,
-    ) else {
+    )
+    .or_else(|| {
+        snat::claim_reusing(
+            backend.addr,
+            backend.port,
+            hop.src,
+            cfg.snat_port_min,
+            cfg.snat_port_max,
+            &reply,
+            now,
+        )
+    });
+    let Some(port) = claimed else {
         if limited {
             maxconn::release(&key);
         }
@@ -214,7 +226,7 @@ fn existing(
         return refuse(ctx, cfg, flow.service_id, flags, Counter::RstFlowReset);
     }
     // Before `promote`, which copies the entry: an ACK that establishes may carry a FIN.
-    conntrack::track(found.flow, flags, now);
+    conntrack::track(found.flow, found.partner.close, flags, now);
     found.flow.bytes += payload_len(ip, tcp);
     if flags & (TCP_FIN | TCP_RST) != 0 && is_closing(found.flow, found.partner) {
         maxconn::release(key);
@@ -261,7 +273,7 @@ pub fn reply(
         maxconn::release(&fwd_key);
         return refuse(ctx, cfg, service, flags, Counter::RstFlowReset);
     }
-    conntrack::track(found.flow, flags, now);
+    conntrack::track(found.flow, found.partner.close, flags, now);
     found.flow.bytes += payload_len(ip, tcp);
     if flags & (TCP_FIN | TCP_RST) != 0 && is_closing(found.flow, found.partner) {
         maxconn::release(&fwd_key);

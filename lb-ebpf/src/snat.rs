@@ -3,13 +3,22 @@
 //! A port is claimed by inserting the flow's reply entry (backend -> SNAT address:port) into
 //! the embryonic table with BPF_NOEXIST; a port whose reply key is in the established table is
 //! taken too, and so is a port whose embryonic entry has expired. Each try draws a random
-//! port; the search gives up after `SNAT_TRIES` tries.
+//! port; the search gives up after `SNAT_TRIES` tries. Under pressure (every try found its port
+//! taken), `claim_reusing` tries a few more ports and may also take over the port of a flow that
+//! has been closed for a while and whose backend did not close first: the backend has no
+//! TIME_WAIT on that tuple, and without this, connection churn to one backend would run out of
+//! ports while closed flows wait for the GC.
 use aya_ebpf::helpers::bpf_get_prandom_u32;
-use lb_common::{Flow, FlowKey, IPPROTO_TCP};
+use lb_common::{Flow, FlowKey, CONN_END_CLOSED, CONN_END_CLOSED_RST, FLOW_CLOSE_RST, IPPROTO_TCP};
 
-use crate::conntrack;
+use crate::{conntrack, events, maxconn};
 
 pub const SNAT_TRIES: u32 = 32;
+/// Tries of `claim_reusing`.
+pub const REUSE_TRIES: u32 = 8;
+/// How long a closed flow must have been quiet before a new flow may take over its port (its
+/// last ACK and retransmitted FINs have passed).
+pub const REUSE_QUIET_NS: u64 = 1_000_000_000;
 
 /// Claims a port for the reply entry `reply` from `backend:bport` to `snat_addr`, trying
 /// ports in `[min, max]` (host order). Returns the port (network order) or `None`.
@@ -48,6 +57,60 @@ pub fn claim(
             && (conntrack::claim_embryonic(&key, reply)
                 || conntrack::reclaim_expired(&key, reply, now, embryonic_timeout))
         {
+            return Some(port.to_be());
+        }
+        i += 1;
+    }
+    None
+}
+
+/// `claim`'s fallback: `REUSE_TRIES` more random ports, each also free when a flow that closed
+/// more than `REUSE_QUIET_NS` ago, with no TIME_WAIT at the backend, holds it (that flow is
+/// deleted, its slot released and its end reported to the connection log).
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+pub fn claim_reusing(
+    backend: u32,
+    bport: u16,
+    snat_addr: u32,
+    min: u16,
+    max: u16,
+    reply: &Flow,
+    now: u64,
+) -> Option<u16> {
+    if max < min {
+        return None;
+    }
+    let range = (max - min) as u32 + 1;
+    let mut i = 0;
+    while i < REUSE_TRIES {
+        // SAFETY: helper without arguments.
+        let port = (min as u32 + unsafe { bpf_get_prandom_u32() } % range) as u16;
+        let key = FlowKey {
+            saddr: backend,
+            daddr: snat_addr,
+            sport: bport,
+            dport: port.to_be(),
+            proto: IPPROTO_TCP,
+            _pad: [0; 3],
+        };
+        if let Some(c) = conntrack::closed_quiet(&key, now, REUSE_QUIET_NS) {
+            let reason = if (c.fwd.close | c.rev.close) & FLOW_CLOSE_RST != 0 {
+                CONN_END_CLOSED_RST
+            } else {
+                CONN_END_CLOSED
+            };
+            // The log record is written from the entries before they are deleted, and only
+            // sent if this CPU's delete is the one that succeeded.
+            let pending = events::prepare(&c.fwd_key, c.fwd, c.rev, now, reason);
+            if conntrack::delete_closed(&c, &key) {
+                pending.submit();
+                maxconn::release(&c.fwd_key);
+            } else {
+                pending.discard();
+            }
+        }
+        if !conntrack::established_has(&key) && conntrack::claim_embryonic(&key, reply) {
             return Some(port.to_be());
         }
         i += 1;

@@ -2,7 +2,8 @@
 //! duration, payload bytes each way, why it ended). Backends only see the SNAT address, so this
 //! is how an operator maps a backend's peer back to a client. Two sources feed it: the GC, for
 //! the flows it expires (closed, idle), and the data path's `CONN_EVENTS` ring buffer, for the
-//! flows it deletes itself (reset on a demoted backend, a closed tuple reused). At most
+//! flows it deletes itself (reset on a demoted backend, a closed tuple reused, a closed flow
+//! whose SNAT port a new flow took over). At most
 //! [`ConnLog::PER_SECOND`] lines a second, the rest counted in one summary line. Lines go to the
 //! agent's log (target `lb::conn`) or, with `connection_log = "FILE"`, appended to that file.
 use std::{
@@ -14,7 +15,9 @@ use std::{
 };
 
 use anyhow::{Context, Result};
-use lb_common::{ConnEvent, Flow, FlowKey, CONN_END_RESET, CONN_END_REUSED};
+use lb_common::{
+    ConnEvent, Flow, FlowKey, CONN_END_CLOSED, CONN_END_CLOSED_RST, CONN_END_RESET, CONN_END_REUSED,
+};
 use tracing::{info, warn};
 
 /// One finished connection.
@@ -63,6 +66,8 @@ impl Ended {
             reason: match e.reason {
                 CONN_END_RESET => "reset (backend demoted, on_down = reset)",
                 CONN_END_REUSED => "closed (tuple reused by a new connection)",
+                CONN_END_CLOSED => "closed (FIN both ways)",
+                CONN_END_CLOSED_RST => "reset",
                 _ => "ended by the data path",
             },
         }

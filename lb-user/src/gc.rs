@@ -35,7 +35,9 @@ use aya::{
     programs::{TestRun, TestRunOptions, Xdp},
     Ebpf,
 };
-use lb_common::{is_closing, names, Flow, FlowKey, Slot, DIR_FORWARD, IPPROTO_TCP, MAX_SERVICES};
+use lb_common::{
+    is_closing, names, Flow, FlowKey, Slot, DIR_FORWARD, FLOW_CLOSE_RST, IPPROTO_TCP, MAX_SERVICES,
+};
 use tracing::{debug, warn};
 
 use crate::{
@@ -48,6 +50,12 @@ pub const MAX_DELETIONS: usize = 100_000;
 
 /// How often the agent runs a pass.
 pub const PERIOD: Duration = Duration::from_secs(1);
+
+/// How long a flow closed by the client first (or by a RST) stays after its last segment, when
+/// the close timeout is longer: the backend holds no TIME_WAIT for it, so its SNAT port can be
+/// used again soon (under connection churn to one backend the ports would otherwise run out).
+/// Enough for retransmitted FINs and last ACKs; a later one finds no flow and gets a RST.
+pub const QUICK_CLOSE_NS: u64 = 2_000_000_000;
 
 /// How old a slot must be before the GC may find its flow gone: the data path records the slot
 /// just before it inserts the flow.
@@ -509,7 +517,14 @@ impl Gc {
         let quiet = now.saturating_sub(a.last_seen_ns.max(b.last_seen_ns));
         let t = self.timeouts;
         let idle = t.idle_of(a.service_id);
-        if t.close_ns != 0 && is_closing(a, b) && quiet > t.close_ns {
+        // `a` is the forward (client) entry, `b` the reply (backend) entry.
+        let backend_closed_first = b.first_fin != 0 && (a.close | b.close) & FLOW_CLOSE_RST == 0;
+        let close = if backend_closed_first {
+            t.close_ns
+        } else {
+            t.close_ns.min(QUICK_CLOSE_NS)
+        };
+        if t.close_ns != 0 && is_closing(a, b) && quiet > close {
             Some(Expiry::Closed)
         } else if idle != 0 && quiet > idle {
             Some(Expiry::Idle)

@@ -419,12 +419,30 @@ fn a_syn_on_an_established_or_half_closed_tuple_is_forwarded_on_the_existing_map
 fn gc_deletes_closed_flows_after_the_close_timeout_and_keeps_open_and_half_closed_ones(
 ) -> Result<()> {
     Fixture::run("gcclose", |fx| {
+        // Closed by the client first (the backend holds no TIME_WAIT), by a RST, and by the
+        // backend first (it holds TIME_WAIT on the tuple: the SNAT port waits longer).
         let mut fin = establish(fx, 41000)?;
         fin.client_sends(fx, "FIN", FIN | ACK, b"")?;
         fin.backend_sends(fx, "FIN", FIN | ACK, b"")?;
         fin.client_sends(fx, "last ACK", ACK, b"")?;
         let mut rst = establish(fx, 41001)?;
         rst.client_sends(fx, "RST", RST, b"")?;
+        let mut bfin = establish(fx, 41004)?;
+        bfin.backend_sends(fx, "FIN", FIN | ACK, b"")?;
+        bfin.client_sends(fx, "FIN", FIN | ACK, b"")?;
+        bfin.backend_sends(fx, "last ACK", ACK, b"")?;
+        let (f, r) = bfin.entries(fx)?;
+        assert_eq!(
+            (f.first_fin, r.first_fin),
+            (0, 1),
+            "the backend's FIN came first"
+        );
+        let (f, r) = fin.entries(fx)?;
+        assert_eq!(
+            (f.first_fin, r.first_fin),
+            (1, 0),
+            "the client's FIN came first"
+        );
         let open = establish(fx, 41002)?;
         let mut half = establish(fx, 41003)?;
         half.client_sends(fx, "FIN", FIN | ACK, b"")?;
@@ -432,11 +450,17 @@ fn gc_deletes_closed_flows_after_the_close_timeout_and_keeps_open_and_half_close
         let mut gc = Gc::shared(&fx.ebpf, default_timeouts(fx))?;
         assert_eq!(gc.timeouts().close_ns, 10 * SEC, "default close timeout");
 
-        let st = gc.sweep(t0 + 5 * SEC);
-        assert_eq!(st.deleted_entries(), 0, "within the close timeout: {st:?}");
-        assert_eq!(fx.established()?.len(), 8);
+        let st = gc.sweep(t0 + SEC);
+        assert_eq!(
+            st.deleted_entries(),
+            0,
+            "within every close timeout: {st:?}"
+        );
+        assert_eq!(fx.established()?.len(), 10);
 
-        let st = gc.sweep(t0 + 11 * SEC);
+        // After 2 s quiet: the flows the client or a RST closed go (their SNAT ports are free
+        // again); the one the backend closed first waits for the close timeout.
+        let st = gc.sweep(t0 + 3 * SEC);
         assert_eq!(
             (st.closed, st.idle, st.orphans, st.embryonic_expired),
             (2, 0, 0, 0),
@@ -444,7 +468,15 @@ fn gc_deletes_closed_flows_after_the_close_timeout_and_keeps_open_and_half_close
         );
         assert!(
             !fin.in_table(fx)? && !rst.in_table(fx)?,
-            "closed flows gone"
+            "client-closed and reset flows gone"
+        );
+        assert!(bfin.in_table(fx)?, "backend-closed flow kept");
+
+        let st = gc.sweep(t0 + 11 * SEC);
+        assert_eq!((st.closed, st.idle), (1, 0), "{st:?}");
+        assert!(
+            !bfin.in_table(fx)?,
+            "backend-closed flow gone after the close timeout"
         );
         assert!(open.in_table(fx)? && half.in_table(fx)?, "open flows kept");
         assert_eq!(fx.established()?.len(), 4);
@@ -639,6 +671,73 @@ fn the_data_path_reports_the_flows_it_deletes_itself_for_the_connection_log() ->
         );
         // Flows the GC expires are logged by the GC, not here: no event for them.
         assert!(conn_events(fx)?.is_empty());
+        Ok(())
+    })
+}
+
+#[test]
+#[ignore = "needs root and netns: run cargo xtask test"]
+fn with_every_snat_port_taken_a_new_flow_takes_over_the_port_of_a_quiet_client_closed_flow(
+) -> Result<()> {
+    // Two SNAT ports only: two flows take both.
+    let cfg = CONFIG.replace(
+        "snat_ports = \"10000-32767\"",
+        "snat_ports = \"10000-10001\"",
+    );
+    Fixture::run_with_config("takeover", &cfg, |fx| {
+        let mut client_closed = establish(fx, 41300)?;
+        let mut backend_closed = establish(fx, 41301)?;
+        client_closed.client_sends(fx, "query", PSH | ACK, b"RUN")?;
+        client_closed.client_sends(fx, "client FIN", FIN | ACK, b"")?;
+        client_closed.backend_sends(fx, "backend FIN", FIN | ACK, b"")?;
+        client_closed.client_sends(fx, "last ACK", ACK, b"")?;
+        backend_closed.backend_sends(fx, "backend FIN", FIN | ACK, b"")?;
+        backend_closed.client_sends(fx, "client FIN", FIN | ACK, b"")?;
+        backend_closed.backend_sends(fx, "last ACK", ACK, b"")?;
+        conn_events(fx)?;
+
+        // Just closed: no port is free yet (the last ACK or a FIN may still come).
+        let before = fx.counters()?;
+        let out = fx.from_client(&client_syn(41302).bytes()?)?;
+        assert_eq!(out.action, Action::Tx, "refused while both flows are fresh");
+        assert_eq!(
+            fx.counters()?.get(Counter::RstSnatExhausted) - before.get(Counter::RstSnatExhausted),
+            1
+        );
+
+        // Both closed flows quiet for 2 s (aged by hand).
+        let t0 = monotonic_now()?;
+        for c in [&client_closed, &backend_closed] {
+            let (mut f, mut r) = c.entries(fx)?;
+            f.last_seen_ns = t0 - 2 * SEC;
+            r.last_seen_ns = t0 - 2 * SEC;
+            put_established(fx, &c.fwd_key(), &f)?;
+            put_established(fx, &c.rev_key(), &r)?;
+        }
+        // The new flow gets the client-closed flow's port; the backend-closed one (TIME_WAIT at
+        // the backend) keeps its own.
+        let syn = client_syn(41303);
+        let out = fx.from_client(&syn.bytes()?)?;
+        assert_eq!(out.action, Action::Redirect, "a port taken over");
+        let port = sport_of(&out.frame);
+        assert_eq!(port, client_closed.port, "the client-closed flow's port");
+        assert_output("SYN", &out, Action::Redirect, &to_backend(&syn, port))?;
+        assert!(!client_closed.in_table(fx)?, "the closed flow is gone");
+        assert!(
+            backend_closed.in_table(fx)?,
+            "the backend-closed flow stays"
+        );
+        let ev = conn_events(fx)?;
+        assert_eq!(ev.len(), 1, "{ev:?}");
+        assert_eq!(
+            (ev[0].key, ev[0].reason, ev[0].bytes_in),
+            (client_closed.fwd_key(), lb_common::CONN_END_CLOSED, 3)
+        );
+
+        // No other port to take: the next SYN is refused, the backend-closed flow untouched.
+        let out = fx.from_client(&client_syn(41304).bytes()?)?;
+        assert_eq!(out.action, Action::Tx);
+        assert!(backend_closed.in_table(fx)?);
         Ok(())
     })
 }
