@@ -64,9 +64,11 @@ pub fn claim(
     None
 }
 
-/// `claim`'s fallback: `REUSE_TRIES` more random ports, each also free when a flow that closed
-/// more than `REUSE_QUIET_NS` ago, with no TIME_WAIT at the backend, holds it (that flow is
-/// deleted, its slot released and its end reported to the connection log).
+/// `claim`'s fallback: `REUSE_TRIES` more random ports, looking for a free one or one held by
+/// a flow that closed more than `REUSE_QUIET_NS` ago with no TIME_WAIT at the backend; that
+/// flow is deleted (its slot released, its end reported to the connection log) and its port
+/// claimed. The search only reads; the one takeover happens after it, so the verifier walks
+/// the takeover (and the rest of the path) once, not once per try.
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
 pub fn claim_reusing(
@@ -82,38 +84,51 @@ pub fn claim_reusing(
         return None;
     }
     let range = (max - min) as u32 + 1;
+    // One key, its port changed each try: the search ends with it on the port found.
+    let mut key = FlowKey {
+        saddr: backend,
+        daddr: snat_addr,
+        sport: bport,
+        dport: 0,
+        proto: IPPROTO_TCP,
+        _pad: [0; 3],
+    };
+    let mut found = false;
     let mut i = 0;
     while i < REUSE_TRIES {
         // SAFETY: helper without arguments.
         let port = (min as u32 + unsafe { bpf_get_prandom_u32() } % range) as u16;
-        let key = FlowKey {
-            saddr: backend,
-            daddr: snat_addr,
-            sport: bport,
-            dport: port.to_be(),
-            proto: IPPROTO_TCP,
-            _pad: [0; 3],
-        };
-        if let Some(c) = conntrack::closed_quiet(&key, now, REUSE_QUIET_NS) {
-            let reason = if (c.fwd.close | c.rev.close) & FLOW_CLOSE_RST != 0 {
-                CONN_END_CLOSED_RST
-            } else {
-                CONN_END_CLOSED
-            };
-            // The log record is written from the entries before they are deleted, and only
-            // sent if this CPU's delete is the one that succeeded.
-            let pending = events::prepare(&c.fwd_key, c.fwd, c.rev, now, reason);
-            if conntrack::delete_closed(&c, &key) {
-                pending.submit();
-                maxconn::release(&c.fwd_key);
-            } else {
-                pending.discard();
-            }
-        }
+        key.dport = port.to_be();
         if !conntrack::established_has(&key) && conntrack::claim_embryonic(&key, reply) {
-            return Some(port.to_be());
+            return Some(key.dport);
+        }
+        if conntrack::closed_quiet(&key, now, REUSE_QUIET_NS).is_some() {
+            found = true;
+            break;
         }
         i += 1;
     }
-    None
+    if !found {
+        return None;
+    }
+    let c = conntrack::closed_quiet(&key, now, REUSE_QUIET_NS)?;
+    let reason = if (c.fwd.close | c.rev.close) & FLOW_CLOSE_RST != 0 {
+        CONN_END_CLOSED_RST
+    } else {
+        CONN_END_CLOSED
+    };
+    // The log record is written from the entries before they are deleted, and only sent if
+    // this CPU's delete is the one that succeeded.
+    let pending = events::prepare(&c.fwd_key, c.fwd, c.rev, now, reason);
+    if conntrack::delete_closed(&c, &key) {
+        pending.submit();
+        maxconn::release(&c.fwd_key);
+    } else {
+        pending.discard();
+    }
+    if !conntrack::established_has(&key) && conntrack::claim_embryonic(&key, reply) {
+        Some(key.dport)
+    } else {
+        None
+    }
 }
