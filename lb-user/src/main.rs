@@ -24,8 +24,15 @@ struct Cli {
 enum Cmd {
     /// Load the XDP program onto the interfaces and balance until SIGINT/SIGTERM.
     ///
-    /// Example: lb run --config lb.toml --iface eth0            (one-armed)
-    ///          lb run --config lb.toml --iface eth0 --iface eth1 (clients on eth0, backends on eth1)
+    /// Examples:
+    ///   lb run --config lb.toml --iface eth0                (one-armed)
+    ///   lb run --config lb.toml --iface eth0 --iface eth1   (clients on eth0, backends on eth1)
+    ///
+    /// Stopping lb leaves the data path pinned and forwarding (sets frozen); a new `lb run`
+    /// adopts it, `lb detach` removes it. The configuration's keys (services, checks, maxconn,
+    /// timeouts, [admin], connection_log) are described in README.md; `lb import-haproxy`
+    /// writes one from a HAProxy configuration.
+    #[command(verbatim_doc_comment)]
     Run {
         /// TOML configuration (services, backends, SNAT ports, timeouts).
         #[arg(
