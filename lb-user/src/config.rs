@@ -29,7 +29,7 @@ struct RawConfig {
     debug: bool,
     rst_per_sec: Option<u32>,
     maxconn: Option<Spanned<u32>>,
-    connection_log: Option<PathBuf>,
+    connection_log: Option<Spanned<PathBuf>>,
     #[serde(default, rename = "check")]
     checks: Vec<Spanned<RawCheck>>,
     #[serde(default)]
@@ -690,6 +690,28 @@ impl Config {
             None => 0,
         };
 
+        let connection_log = match &raw.connection_log {
+            None => None,
+            Some(p) => {
+                let file = p.get_ref();
+                let dir = file.parent().filter(|d| !d.as_os_str().is_empty());
+                if file.as_os_str().is_empty() || file.is_dir() {
+                    return Err(at(path, text, p.span(), format!("connection_log = {:?}: name a file, e.g. \"/var/log/lb/connections.log\"", file.display().to_string())));
+                }
+                if let Some(d) = dir {
+                    if !d.is_dir() {
+                        return Err(at(
+                            path,
+                            text,
+                            p.span(),
+                            format!("connection_log: directory {} does not exist", d.display()),
+                        ));
+                    }
+                }
+                Some(file.clone())
+            }
+        };
+
         let admin = match &raw.admin {
             None => AdminConfig::default(),
             Some(a) => parse_admin(path, text, a)?,
@@ -718,7 +740,7 @@ impl Config {
                 (2 * flows).clamp(1024, 1 << 24) as u32
             }),
             xdp_object: None,
-            connection_log: raw.connection_log,
+            connection_log,
             backends,
             services,
             admin,
@@ -829,6 +851,30 @@ backends = ["db02", "db01"]
         );
         let e = err(&GOOD.replace("instance = \"t1\"\n", "instance = \"t1\"\nmaxconn = 0\n"));
         assert!(e.starts_with("lb.toml:3: maxconn = 0"), "{e}");
+    }
+
+    #[test]
+    fn connection_log_must_be_a_file_in_an_existing_directory() {
+        let with = |v: &str| {
+            GOOD.replace(
+                "instance = \"t1\"\n",
+                &format!("instance = \"t1\"\nconnection_log = \"{v}\"\n"),
+            )
+        };
+        let c = Config::parse(Path::new("lb.toml"), &with("/tmp/lb-conn.log")).unwrap();
+        assert_eq!(c.connection_log, Some(PathBuf::from("/tmp/lb-conn.log")));
+        let e = err(&with("/nonexistent-lb-dir/conn.log"));
+        assert!(
+            e.starts_with(
+                "lb.toml:3: connection_log: directory /nonexistent-lb-dir does not exist"
+            ),
+            "{e}"
+        );
+        let e = err(&with("/tmp"));
+        assert!(
+            e.starts_with("lb.toml:3: connection_log = \"/tmp\": name a file"),
+            "{e}"
+        );
     }
 
     #[test]
