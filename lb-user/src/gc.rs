@@ -177,9 +177,13 @@ impl TableFill {
     }
 }
 
-/// Counts live connections per pair while a pass walks the tables.
+/// Counts live connections per pair while a pass walks the tables, and remembers the forward
+/// keys of the flows the pass keeps (so that the slot sweep needs no lookup for them).
 #[derive(Default)]
-struct Tally(std::collections::BTreeMap<(u32, u32), PairFlows>);
+struct Tally(
+    std::collections::BTreeMap<(u32, u32), PairFlows>,
+    std::collections::HashSet<FlowKey>,
+);
 
 impl Tally {
     fn pair(&mut self, f: &Flow) -> &mut PairFlows {
@@ -209,6 +213,8 @@ pub struct Gc {
     established: Table,
     slots: Option<(Slots, usize)>,
     fill: TableFill,
+    /// Forward keys of the flows the last pass found alive and kept.
+    live: std::collections::HashSet<FlowKey>,
     /// Most keys one walk of each table visits. A key deleted under the walk (by the data
     /// path) makes the kernel restart it from the first key; this keeps such a pass finite.
     embryonic_visits: usize,
@@ -291,6 +297,7 @@ impl Gc {
             established,
             slots: Some(slots),
             fill: TableFill::default(),
+            live: Default::default(),
             embryonic_visits,
             established_visits,
             timeouts,
@@ -311,6 +318,7 @@ impl Gc {
             established,
             slots: Some(slots),
             fill: TableFill::default(),
+            live: Default::default(),
             embryonic_visits,
             established_visits,
             timeouts,
@@ -337,6 +345,7 @@ impl Gc {
             established,
             slots,
             fill: TableFill::default(),
+            live: Default::default(),
             embryonic_visits,
             established_visits,
             timeouts,
@@ -399,6 +408,7 @@ impl Gc {
             slots: self.fill.slots,
             pairs: tally.0.into_values().collect(),
         };
+        self.live = tally.1;
         st
     }
 
@@ -481,7 +491,12 @@ impl Gc {
         }
         // Embryonic first: a flow moving to the established table is inserted there before
         // it leaves the embryonic one, so this order never misses a live flow.
+        // Flows this pass found alive need no lookup; the others are looked up again (they may
+        // have been created or revived since).
         gone.retain(|k| {
+            if self.live.contains(k) {
+                return false;
+            }
             let embryonic = self
                 .embryonic
                 .get(k, 0)
@@ -578,6 +593,8 @@ impl Gc {
                     if let Some(why) = self.expiry(now, flow, partner) {
                         flows.push((*key, pkey, why));
                         planned += 2;
+                    } else {
+                        tally.1.insert(*key);
                     }
                 }
                 _ => {
@@ -649,6 +666,7 @@ impl Gc {
                     st.embryonic_entries += 1;
                     if f.dir == DIR_FORWARD && now.saturating_sub(f.created_ns) <= timeout {
                         tally.pair(&f).embryonic += 1;
+                        tally.1.insert(k);
                     }
                     if now.saturating_sub(f.created_ns) > timeout {
                         if doomed.len() >= budget {
