@@ -3,9 +3,10 @@
 //! fetch form of the BPF atomic add (the bpfel target has no compare-and-swap; the object is
 //! built with `--cpu v3` for `BPF_ATOMIC | BPF_FETCH`), undoes the add when the old value was
 //! already at the limit, and records the slot in `SLOTS` under the forward key. A slot is
-//! released by whoever deletes that `SLOTS` entry: the data path when the flow closes (FIN
-//! both ways or a RST) or is reset, or the agent's GC (through `lb_release`) when the flow
-//! expired or vanished from the tables. A delete succeeds once, so a slot is released once.
+//! released by whoever deletes that `SLOTS` entry: the data path when the flow closes with
+//! FINs both ways, is reset or gives its port to a new flow, or the agent's GC (through
+//! `lb_release`) when the flow expired (a RST-closed one after about 2 s) or vanished. A
+//! delete succeeds once, so a slot is released once.
 use core::intrinsics::{atomic_xadd, AtomicOrdering};
 
 use aya_ebpf::bindings::BPF_NOEXIST;

@@ -228,7 +228,7 @@ fn existing(
     // Before `promote`, which copies the entry: an ACK that establishes may carry a FIN.
     conntrack::track(found.flow, found.partner.close, flags, now);
     found.flow.bytes += payload_len(ip, tcp);
-    if flags & (TCP_FIN | TCP_RST) != 0 && is_closing(found.flow, found.partner) {
+    if flags & TCP_FIN != 0 && fins_both_ways(found.flow, found.partner) {
         maxconn::release(key);
     }
     if found.established {
@@ -275,7 +275,7 @@ pub fn reply(
     }
     conntrack::track(found.flow, found.partner.close, flags, now);
     found.flow.bytes += payload_len(ip, tcp);
-    if flags & (TCP_FIN | TCP_RST) != 0 && is_closing(found.flow, found.partner) {
+    if flags & TCP_FIN != 0 && fins_both_ways(found.flow, found.partner) {
         maxconn::release(&fwd_key);
     }
     if found.established {
@@ -285,6 +285,15 @@ pub fn reply(
     }
     let flow = *found.flow;
     send(ctx, eth, ip, tcp, &flow, f.len() as u64, true)
+}
+
+/// Whether both directions sent a FIN: the flow's maxconn slot is released at once. A flow
+/// closed by a RST keeps its slot until it is deleted (within about 2 s quiet, by the GC or a
+/// port takeover): a spoofed RST that the next genuine segment takes back must not free a slot
+/// the connection still uses.
+#[inline(always)]
+fn fins_both_ways(a: &Flow, b: &Flow) -> bool {
+    a.close & b.close & lb_common::FLOW_CLOSE_FIN != 0
 }
 
 /// TCP payload bytes of a segment (the IP header has no options: `checked_tcp`).

@@ -1,8 +1,8 @@
 //! `maxconn` through `BPF_PROG_TEST_RUN`: a SYN over a limit (per backend of a service, or
 //! global) is dropped and counted (or answered with a RST when the service says
 //! `on_maxconn = "reset"`); a slot is released exactly once, by whoever deletes it: the data
-//! path when the flow closes (FINs both ways, a RST) or is reset, the agent's GC (through
-//! `lb_release`) when the flow expired or vanished. The counts never go below zero. The
+//! path when the flow closes with FINs both ways or is reset, the agent's GC (through
+//! `lb_release`) when the flow (also one closed by a RST) expired or vanished. The counts never go below zero. The
 //! program is built for BPF v3 and the verifier's (xlated) program uses the fetch form of the
 //! atomic add.
 //!
@@ -182,11 +182,29 @@ fn a_syn_over_the_backend_limit_is_dropped_and_a_close_frees_the_slot() -> Resul
         let mut c = Conn::open(fx, 40003)?;
         assert_eq!(counts(fx)?, (2, 0, 0, 2), "the freed slot is taken");
 
-        // A RST from the backend closes too.
+        // A RST closes too, but the slot stays until the flow is deleted: a spoofed RST that
+        // the next genuine segment takes back must not free a slot the connection still uses.
         assert_eq!(b.backend(fx, RST)?, Action::Redirect);
+        assert_eq!(
+            counts(fx)?,
+            (2, 0, 0, 2),
+            "RST: slot kept until the flow goes"
+        );
+        assert_eq!(
+            b.backend(fx, PSH | ACK)?,
+            Action::Redirect,
+            "the RST taken back"
+        );
+        assert_eq!(counts(fx)?, (2, 0, 0, 2));
+        assert_eq!(b.backend(fx, RST)?, Action::Redirect);
+        // The GC deletes the reset flow once it is quiet (2 s) and releases its slot.
+        let later = monotonic_now()? + 3 * SEC;
+        let mut gc = Gc::shared(&fx.ebpf, Timeouts::from_config(&fx.cfg))?;
+        let mut st = gc.sweep(later);
+        gc.sweep_slots(later, &fx.ebpf, &mut st);
+        // (The FIN-closed flow goes too; its slot was released at its second FIN.)
+        assert_eq!((st.closed, st.slots_released), (2, 1), "{st:?}");
         assert_eq!(counts(fx)?, (1, 0, 0, 1));
-        assert_eq!(b.backend(fx, RST)?, Action::Redirect);
-        assert_eq!(counts(fx)?, (1, 0, 0, 1), "a second RST releases nothing");
 
         // A flow reset by the agent (on_down = "reset") releases its slot on its next segment.
         fx.control.reset_flows(0, 0)?;
