@@ -128,7 +128,7 @@ pub fn forward(
         _pad2: 0,
         bytes: 0,
     };
-    let claimed = snat::claim(
+    let Some(port) = snat::claim(
         backend.addr,
         backend.port,
         hop.src,
@@ -137,19 +137,7 @@ pub fn forward(
         &reply,
         now,
         cfg.embryonic_timeout_ns,
-    )
-    .or_else(|| {
-        snat::claim_reusing(
-            backend.addr,
-            backend.port,
-            hop.src,
-            cfg.snat_port_min,
-            cfg.snat_port_max,
-            &reply,
-            now,
-        )
-    });
-    let Some(port) = claimed else {
+    ) else {
         if limited {
             maxconn::release(&key);
         }
@@ -264,10 +252,10 @@ pub fn reply(
         stats::count(Counter::PassTtl);
         return xdp_action::XDP_PASS;
     }
-    // The forward key: where the flow's connection slot (if any) is recorded.
-    let fwd_key = found.flow.partner_key(IPPROTO_TCP);
     if is_reset(found.flow) {
         let service = found.flow.service_id;
+        // The forward key (where the flow's slot is recorded), read before the delete.
+        let fwd_key = found.flow.partner_key(IPPROTO_TCP);
         events::ended(&fwd_key, found.partner, found.flow, now, CONN_END_RESET);
         conntrack::delete(&key, &found);
         maxconn::release(&fwd_key);
@@ -276,7 +264,7 @@ pub fn reply(
     conntrack::track(found.flow, found.partner.close, flags, now);
     found.flow.bytes += payload_len(ip, tcp);
     if flags & TCP_FIN != 0 && fins_both_ways(found.flow, found.partner) {
-        maxconn::release(&fwd_key);
+        maxconn::release(&found.flow.partner_key(IPPROTO_TCP));
     }
     if found.established {
         conntrack::touch(found.flow, now);

@@ -4,7 +4,7 @@
 //! the embryonic table with BPF_NOEXIST; a port whose reply key is in the established table is
 //! taken too, and so is a port whose embryonic entry has expired. Each try draws a random
 //! port; the search gives up after `SNAT_TRIES` tries. Under pressure (every try found its port
-//! taken), `claim_reusing` tries a few more ports and may also take over the port of a flow that
+//! taken), it tries `REUSE_TRIES` more ports and may also take over the port of a flow that
 //! has been closed for a while and whose backend did not close first: the backend has no
 //! TIME_WAIT on that tuple, and without this, connection churn to one backend would run out of
 //! ports while closed flows wait for the GC.
@@ -14,7 +14,7 @@ use lb_common::{Flow, FlowKey, CONN_END_CLOSED, CONN_END_CLOSED_RST, FLOW_CLOSE_
 use crate::{conntrack, events, maxconn};
 
 pub const SNAT_TRIES: u32 = 32;
-/// Tries of `claim_reusing`.
+/// Tries of the second round of `claim` (under pressure).
 pub const REUSE_TRIES: u32 = 8;
 /// How long a closed flow must have been quiet before a new flow may take over its port (its
 /// last ACK and retransmitted FINs have passed).
@@ -22,7 +22,8 @@ pub const REUSE_QUIET_NS: u64 = 1_000_000_000;
 
 /// Claims a port for the reply entry `reply` from `backend:bport` to `snat_addr`, trying
 /// ports in `[min, max]` (host order). Returns the port (network order) or `None`.
-/// Embryonic entries older than `embryonic_timeout` at `now` are taken over.
+/// Embryonic entries older than `embryonic_timeout` at `now` are taken over; under pressure,
+/// so is the port of a quiet closed flow with no TIME_WAIT at the backend.
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
 pub fn claim(
@@ -39,52 +40,7 @@ pub fn claim(
         return None;
     }
     let range = (max - min) as u32 + 1;
-    let mut i = 0;
-    while i < SNAT_TRIES {
-        // A fresh random port each try: taken ports cluster, and a walk from one random start
-        // would keep hitting the same cluster.
-        // SAFETY: helper without arguments.
-        let port = (min as u32 + unsafe { bpf_get_prandom_u32() } % range) as u16;
-        let key = FlowKey {
-            saddr: backend,
-            daddr: snat_addr,
-            sport: bport,
-            dport: port.to_be(),
-            proto: IPPROTO_TCP,
-            _pad: [0; 3],
-        };
-        if !conntrack::established_has(&key)
-            && (conntrack::claim_embryonic(&key, reply)
-                || conntrack::reclaim_expired(&key, reply, now, embryonic_timeout))
-        {
-            return Some(port.to_be());
-        }
-        i += 1;
-    }
-    None
-}
-
-/// `claim`'s fallback: `REUSE_TRIES` more random ports, looking for a free one or one held by
-/// a flow that closed more than `REUSE_QUIET_NS` ago with no TIME_WAIT at the backend; that
-/// flow is deleted (its slot released, its end reported to the connection log) and its port
-/// claimed. The search only reads; the one takeover happens after it, so the verifier walks
-/// the takeover (and the rest of the path) once, not once per try.
-#[inline(always)]
-#[allow(clippy::too_many_arguments)]
-pub fn claim_reusing(
-    backend: u32,
-    bport: u16,
-    snat_addr: u32,
-    min: u16,
-    max: u16,
-    reply: &Flow,
-    now: u64,
-) -> Option<u16> {
-    if max < min {
-        return None;
-    }
-    let range = (max - min) as u32 + 1;
-    // One key, its port changed each try: the search ends with it on the port found.
+    // One key, its port changed each try.
     let mut key = FlowKey {
         saddr: backend,
         daddr: snat_addr,
@@ -93,12 +49,29 @@ pub fn claim_reusing(
         proto: IPPROTO_TCP,
         _pad: [0; 3],
     };
+    let mut i = 0;
+    while i < SNAT_TRIES {
+        // A fresh random port each try: taken ports cluster, and a walk from one random start
+        // would keep hitting the same cluster.
+        key.dport = random_port(min, range).to_be();
+        if !conntrack::established_has(&key)
+            && (conntrack::claim_embryonic(&key, reply)
+                || conntrack::reclaim_expired(&key, reply, now, embryonic_timeout))
+        {
+            return Some(key.dport);
+        }
+        i += 1;
+    }
+
+    // Under pressure: `REUSE_TRIES` more ports, looking for a free one or one held by a flow
+    // that closed more than `REUSE_QUIET_NS` ago with no TIME_WAIT at the backend; that flow is
+    // deleted (its slot released, its end reported to the connection log) and its port
+    // claimed. The search only reads; the one takeover follows it, so the verifier walks the
+    // takeover (and the rest of the path) once, not once per try.
     let mut found = false;
     let mut i = 0;
     while i < REUSE_TRIES {
-        // SAFETY: helper without arguments.
-        let port = (min as u32 + unsafe { bpf_get_prandom_u32() } % range) as u16;
-        key.dport = port.to_be();
+        key.dport = random_port(min, range).to_be();
         if !conntrack::established_has(&key) && conntrack::claim_embryonic(&key, reply) {
             return Some(key.dport);
         }
@@ -131,4 +104,11 @@ pub fn claim_reusing(
     } else {
         None
     }
+}
+
+/// A random port in `[min, min + range)` (host order).
+#[inline(always)]
+fn random_port(min: u16, range: u32) -> u16 {
+    // SAFETY: helper without arguments.
+    (min as u32 + unsafe { bpf_get_prandom_u32() } % range) as u16
 }

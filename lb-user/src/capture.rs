@@ -16,7 +16,7 @@ use std::{
 use anyhow::{bail, ensure, Context, Result};
 use aya::maps::{
     perf::{PerfEvent, PerfEventArrayBuffer},
-    Array, Map, MapData, PerfEventArray,
+    Array, MapData, PerfEventArray,
 };
 use lb_common::{
     abi, names, CaptureConfig, CaptureHeader, CAPTURE_DIR_IN, CAPTURE_DIR_OUT, CAPTURE_MAX_SNAPLEN,
@@ -215,17 +215,12 @@ fn wall_offset_ns() -> Result<i128> {
     Ok(ns(ClockId::CLOCK_REALTIME)? - ns(ClockId::CLOCK_MONOTONIC)?)
 }
 
-fn open_map(dir: &Path, name: &str) -> Result<Map> {
-    let data = MapData::from_pin(dir.join(name))
-        .with_context(|| format!("open pinned map {name} in {}", dir.display()))?;
-    Ok(Map::from_map_data(data)?)
-}
-
 /// Refuses to drive capture maps whose layout differs from this build's (an agent of another
 /// build loaded the data path).
 fn check_abi(dir: &Path) -> Result<()> {
-    let meta: Array<MapData, u64> = Array::try_from(open_map(dir, names::META)?)
-        .context("pinned META has an unexpected layout")?;
+    let meta: Array<MapData, u64> =
+        Array::try_from(crate::dataplane::open_pinned(dir, names::META)?)
+            .context("pinned META has an unexpected layout")?;
     for name in [names::CAPTURE, names::CAPTURE_EVENTS] {
         let slot = names::ALL
             .iter()
@@ -391,7 +386,7 @@ pub async fn run(opts: Options) -> Result<Summary> {
         &format!("lb:{}/{}", opts.instance, opts.service),
     )?;
     let mut map: Array<MapData, CaptureConfig> =
-        Array::try_from(open_map(&dir, names::CAPTURE)?)
+        Array::try_from(crate::dataplane::open_pinned(&dir, names::CAPTURE)?)
             .context("pinned CAPTURE has an unexpected layout")?;
     let current = map.get(&0, 0).context("read CAPTURE")?;
     if current.service != 0 && !opts.force {
@@ -406,8 +401,9 @@ pub async fn run(opts: Options) -> Result<Summary> {
         );
     }
 
-    let mut events = PerfEventArray::try_from(open_map(&dir, names::CAPTURE_EVENTS)?)
-        .context("pinned CAPTURE_EVENTS is not a perf event array")?;
+    let mut events =
+        PerfEventArray::try_from(crate::dataplane::open_pinned(&dir, names::CAPTURE_EVENTS)?)
+            .context("pinned CAPTURE_EVENTS is not a perf event array")?;
     let cpus = aya::util::online_cpus()
         .map_err(|(_, e)| e)
         .context("read the online CPUs")?;

@@ -38,6 +38,13 @@ pub fn pin_dir(instance: &str) -> PathBuf {
     Path::new(PIN_ROOT).join(instance)
 }
 
+/// The map pinned as `name` in `dir` (an instance's pin directory).
+pub fn open_pinned(dir: &Path, name: &str) -> Result<Map> {
+    let data = MapData::from_pin(dir.join(name))
+        .with_context(|| format!("open pinned map {name} in {}", dir.display()))?;
+    Ok(Map::from_map_data(data)?)
+}
+
 /// Mounts bpffs at /sys/fs/bpf unless it is there.
 pub fn ensure_bpffs() -> Result<()> {
     let st = nix::sys::statfs::statfs("/sys/fs/bpf").context("statfs /sys/fs/bpf")?;

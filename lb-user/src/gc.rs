@@ -180,14 +180,14 @@ impl TableFill {
 /// Counts live connections per pair while a pass walks the tables, and remembers the forward
 /// keys of the flows the pass keeps (so that the slot sweep needs no lookup for them).
 #[derive(Default)]
-struct Tally(
-    std::collections::BTreeMap<(u32, u32), PairFlows>,
-    std::collections::HashSet<FlowKey>,
-);
+struct Tally {
+    pairs: std::collections::BTreeMap<(u32, u32), PairFlows>,
+    live: std::collections::HashSet<FlowKey>,
+}
 
 impl Tally {
     fn pair(&mut self, f: &Flow) -> &mut PairFlows {
-        self.0
+        self.pairs
             .entry((f.service_id, f.backend_id))
             .or_insert(PairFlows {
                 service: f.service_id,
@@ -328,17 +328,11 @@ impl Gc {
 
     /// Opens both tables of a running instance from their pins in `dir`.
     pub fn from_pins(dir: &std::path::Path, timeouts: Timeouts) -> Result<Self> {
-        let open = |name: &str| -> Result<(Table, usize)> {
-            let path = dir.join(name);
-            let data =
-                MapData::from_pin(&path).with_context(|| format!("open {}", path.display()))?;
-            table(Map::from_map_data(data)?, name)
-        };
+        let open = |name: &str| table(crate::dataplane::open_pinned(dir, name)?, name);
         let (embryonic, embryonic_visits) = open(names::CT_EMBRYONIC)?;
         let (established, established_visits) = open(names::CT_ESTABLISHED)?;
-        let slots = MapData::from_pin(dir.join(names::SLOTS))
+        let slots = crate::dataplane::open_pinned(dir, names::SLOTS)
             .ok()
-            .and_then(|d| Map::from_map_data(d).ok())
             .and_then(|m| slot_table(m).ok());
         Ok(Self {
             embryonic,
@@ -406,9 +400,9 @@ impl Gc {
                 capacity: capacity(self.established_visits),
             },
             slots: self.fill.slots,
-            pairs: tally.0.into_values().collect(),
+            pairs: tally.pairs.into_values().collect(),
         };
-        self.live = tally.1;
+        self.live = tally.live;
         st
     }
 
@@ -461,7 +455,7 @@ impl Gc {
                 capacity: capacity(self.established_visits),
             },
             slots,
-            pairs: tally.0.into_values().collect(),
+            pairs: tally.pairs.into_values().collect(),
         }
     }
 
@@ -530,7 +524,7 @@ impl Gc {
     /// Why the flow of the entries `a` and `b` should go at `now`, if it should.
     fn expiry(&self, now: u64, a: &Flow, b: &Flow) -> Option<Expiry> {
         let quiet = now.saturating_sub(a.last_seen_ns.max(b.last_seen_ns));
-        let t = self.timeouts;
+        let t = &self.timeouts;
         let idle = t.idle_of(a.service_id);
         // `a` is the forward (client) entry, `b` the reply (backend) entry.
         let backend_closed_first = b.first_fin != 0 && (a.close | b.close) & FLOW_CLOSE_RST == 0;
@@ -594,7 +588,7 @@ impl Gc {
                         flows.push((*key, pkey, why));
                         planned += 2;
                     } else {
-                        tally.1.insert(*key);
+                        tally.live.insert(*key);
                     }
                 }
                 _ => {
@@ -666,7 +660,7 @@ impl Gc {
                     st.embryonic_entries += 1;
                     if f.dir == DIR_FORWARD && now.saturating_sub(f.created_ns) <= timeout {
                         tally.pair(&f).embryonic += 1;
-                        tally.1.insert(k);
+                        tally.live.insert(k);
                     }
                     if now.saturating_sub(f.created_ns) > timeout {
                         if doomed.len() >= budget {

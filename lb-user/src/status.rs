@@ -6,11 +6,11 @@ use std::{
 };
 
 use anyhow::{Context, Result};
-use aya::maps::{Map, MapData, PerCpuArray};
+use aya::maps::{MapData, PerCpuArray};
 use lb_common::{names, BackendStats, ServiceStats, COUNTER_MAX, COUNTER_NAMES};
 use serde::{Deserialize, Serialize};
 
-use crate::dataplane::pin_dir;
+use crate::dataplane::{open_pinned, pin_dir};
 
 /// Names of an instance's services and backends by id, written by the agent at start
 /// (the pinned maps only know ids).
@@ -41,10 +41,8 @@ pub fn write_info(info: &InstanceInfo) -> Result<()> {
 }
 
 fn open<T: aya::Pod>(dir: &Path, name: &str) -> Result<PerCpuArray<MapData, T>> {
-    let data = MapData::from_pin(dir.join(name))
-        .with_context(|| format!("open pinned map {name} in {}", dir.display()))?;
-    let map = Map::from_map_data(data)?;
-    PerCpuArray::try_from(map).with_context(|| format!("{name}: unexpected map type or layout"))
+    PerCpuArray::try_from(open_pinned(dir, name)?)
+        .with_context(|| format!("{name}: unexpected map type or layout"))
 }
 
 fn sum<T: aya::Pod + Default + Copy>(
@@ -100,9 +98,7 @@ fn maxconn_view(dir: &Path, info: Option<&InstanceInfo>, health: &[HealthRow]) -
     let Some(info) = info else {
         return MaxconnView::default();
     };
-    let Ok(a) = MapData::from_pin(dir.join(names::MAXCONN_ACTIVE))
-        .map_err(anyhow::Error::from)
-        .and_then(|d| Ok(Map::from_map_data(d)?))
+    let Ok(a) = open_pinned(dir, names::MAXCONN_ACTIVE)
         .and_then(|m| Ok(aya::maps::Array::<MapData, u64>::try_from(m)?))
     else {
         return MaxconnView::default();
@@ -288,9 +284,7 @@ pub fn snapshot(instance: &str) -> Result<Snapshot> {
 /// Walks the pinned connection tables (read only) for `lb status`.
 pub fn census(instance: &str) -> Result<crate::gc::TableFill> {
     let dir = pin_dir(instance);
-    let cfg = MapData::from_pin(dir.join(names::CONFIG))
-        .map_err(anyhow::Error::from)
-        .and_then(|d| Ok(Map::from_map_data(d)?))
+    let cfg = open_pinned(&dir, names::CONFIG)
         .and_then(|m| Ok(aya::maps::Array::<MapData, lb_common::Config>::try_from(m)?))
         .and_then(|a| Ok(a.get(&0, 0)?))
         .context("read the pinned CONFIG")?;

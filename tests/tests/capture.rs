@@ -76,15 +76,6 @@ fn drain(bufs: &mut [PerfEventArrayBuffer<MapData>]) -> Result<Vec<(CaptureHeade
         .collect()
 }
 
-fn syn(client_port: u16, vip_port: u16) -> TcpFrame {
-    TcpFrame::syn(
-        CLIENT_MAC,
-        CL0_MAC,
-        sa(CLIENT, client_port),
-        sa(VIP, vip_port),
-    )
-}
-
 fn check_event(
     what: &str,
     got: &(CaptureHeader, Vec<u8>),
@@ -120,13 +111,13 @@ fn a_captured_service_emits_each_frame_as_it_arrived_and_as_it_left() -> Result<
         let mut bufs = open_events(fx)?;
 
         // Off (the state of a fresh instance): nothing is emitted.
-        let out = fx.from_client(&syn(40000, WRITE_PORT).bytes()?)?;
+        let out = fx.from_client(&client_syn(40000, WRITE_PORT).bytes()?)?;
         assert_eq!(out.action, Action::Redirect);
         assert!(drain(&mut bufs)?.is_empty(), "events while capture is off");
 
         set_capture(fx, Some(WRITE), 1, 65_000)?;
         // Forward path: the client's SYN, then the rewritten SYN the backend receives.
-        let s = syn(40001, WRITE_PORT).bytes()?;
+        let s = client_syn(40001, WRITE_PORT).bytes()?;
         let out = fx.from_client(&s)?;
         assert_eq!(out.action, Action::Redirect);
         let ev = drain(&mut bufs)?;
@@ -182,13 +173,13 @@ fn a_captured_service_emits_each_frame_as_it_arrived_and_as_it_left() -> Result<
         )?;
 
         // Another service's packets are not captured.
-        let out = fx.from_client(&syn(40002, READ_PORT).bytes()?)?;
+        let out = fx.from_client(&client_syn(40002, READ_PORT).bytes()?)?;
         assert_eq!(out.action, Action::Redirect);
         assert!(drain(&mut bufs)?.is_empty(), "events of service read");
 
         // snaplen: the first bytes only, the frame's length in the header.
         set_capture(fx, Some(WRITE), 1, 40)?;
-        let s = syn(40003, WRITE_PORT).bytes()?;
+        let s = client_syn(40003, WRITE_PORT).bytes()?;
         let out = fx.from_client(&s)?;
         let ev = drain(&mut bufs)?;
         assert_eq!(ev.len(), 2);
@@ -200,7 +191,7 @@ fn a_captured_service_emits_each_frame_as_it_arrived_and_as_it_left() -> Result<
         // Sampling: with 1 in 1000 most packets are skipped, and in and out stay paired.
         set_capture(fx, Some(WRITE), 1000, 65_000)?;
         for port in 41000..41100 {
-            fx.from_client(&syn(port, WRITE_PORT).bytes()?)?;
+            fx.from_client(&client_syn(port, WRITE_PORT).bytes()?)?;
         }
         let ev = drain(&mut bufs)?;
         assert!(ev.len() <= 8, "{} events for 100 SYNs at 1/1000", ev.len());
@@ -209,8 +200,8 @@ fn a_captured_service_emits_each_frame_as_it_arrived_and_as_it_left() -> Result<
         // Off again (service id + 1 = 0): nothing.
         set_capture(fx, Some(READ), 1, 65_000)?;
         set_capture(fx, None, 1, 65_000)?;
-        fx.from_client(&syn(40004, WRITE_PORT).bytes()?)?;
-        fx.from_client(&syn(40005, READ_PORT).bytes()?)?;
+        fx.from_client(&client_syn(40004, WRITE_PORT).bytes()?)?;
+        fx.from_client(&client_syn(40005, READ_PORT).bytes()?)?;
         assert!(drain(&mut bufs)?.is_empty(), "events after capture off");
         Ok(())
     })

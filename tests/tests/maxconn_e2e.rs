@@ -11,7 +11,7 @@ use std::{
 };
 
 use anyhow::{ensure, Context, Result};
-use aya::maps::{Array, Map, MapData, PerCpuArray};
+use aya::maps::{Array, Map, PerCpuArray};
 use lb_common::{epoch_index, names, Counter, MAXCONN_GLOBAL};
 use lb_tests::harness::Topology;
 
@@ -33,9 +33,7 @@ fn config(topo: &Topology) -> String {
 }
 
 fn pinned(topo: &Topology, name: &str) -> Result<Map> {
-    let path = lb_user::dataplane::pin_dir(&topo.instance).join(name);
-    let data = MapData::from_pin(&path).with_context(|| format!("open {}", path.display()))?;
-    Ok(Map::from_map_data(data)?)
+    lb_user::dataplane::open_pinned(&lb_user::dataplane::pin_dir(&topo.instance), name)
 }
 
 /// (the (http, db01) count, the global count) from the pinned `MAXCONN_ACTIVE`.

@@ -26,11 +26,6 @@ const CLIENT_PORT: u16 = 40000;
 // Helpers
 // ---------------------------------------------------------------------------------------------
 
-/// The client's SYN from `port` to the VIP's `service_port`.
-fn client_syn(port: u16, service_port: u16) -> TcpFrame {
-    TcpFrame::syn(CLIENT_MAC, CL0_MAC, sa(CLIENT, port), sa(VIP, service_port))
-}
-
 /// A client segment with `flags` on the connection from `port` to the write service.
 fn client_segment(port: u16, flags: u8) -> TcpFrame {
     TcpFrame::new(CLIENT_MAC, CL0_MAC, sa(CLIENT, port), sa(VIP, WRITE_PORT))

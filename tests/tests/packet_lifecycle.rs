@@ -25,10 +25,6 @@ const SEC: u64 = 1_000_000_000;
 // Helpers (the frame conventions of packet.rs)
 // ---------------------------------------------------------------------------------------------
 
-fn client_syn(port: u16) -> TcpFrame {
-    TcpFrame::syn(CLIENT_MAC, CL0_MAC, sa(CLIENT, port), sa(VIP, WRITE_PORT))
-}
-
 fn to_backend(seg: &TcpFrame, snat_port: u16) -> TcpFrame {
     seg.clone()
         .forwarded(BK0_MAC, DB01_MAC)
@@ -159,7 +155,7 @@ impl Conn {
 
 /// The three-way handshake from `client_port` to the write service (db01).
 fn establish(fx: &Fixture, client_port: u16) -> Result<Conn> {
-    let syn = client_syn(client_port);
+    let syn = client_syn(client_port, WRITE_PORT);
     let out = fx.from_client(&syn.bytes()?)?;
     assert_eq!(out.action, Action::Redirect, "SYN from {client_port}");
     let port = sport_of(&out.frame);
@@ -325,7 +321,7 @@ fn a_syn_on_a_closing_tuple_starts_a_new_flow() -> Result<()> {
             assert!(c.closing(fx)?, "{what}: closing");
 
             // The client reuses the tuple (TIME_WAIT reuse): a new SYN, a new sequence space.
-            let syn = client_syn(client_port).with_seq_ack(0x7000_0000, 0);
+            let syn = client_syn(client_port, WRITE_PORT).with_seq_ack(0x7000_0000, 0);
             let before = fx.counters()?;
             let out = fx.from_client(&syn.bytes()?)?;
             let port = sport_of(&out.frame);
@@ -388,7 +384,7 @@ fn a_syn_on_an_established_or_half_closed_tuple_is_forwarded_on_the_existing_map
     Fixture::run("synest", |fx| {
         let mut c = establish(fx, 40005)?;
         for what in ["established", "half-closed"] {
-            let syn = client_syn(c.client_port);
+            let syn = client_syn(c.client_port, WRITE_PORT);
             let before = fx.counters()?;
             let out = fx.from_client(&syn.bytes()?)?;
             assert_output(
@@ -568,7 +564,7 @@ fn gc_deletes_idle_flows_after_the_idle_timeout_and_keeps_active_ones() -> Resul
 #[ignore = "needs root and netns: run cargo xtask test"]
 fn gc_deletes_embryonic_entries_past_the_connect_timeout() -> Result<()> {
     Fixture::run("gcemb", |fx| {
-        let syn = client_syn(43000);
+        let syn = client_syn(43000, WRITE_PORT);
         let out = fx.from_client(&syn.bytes()?)?;
         assert_eq!(out.action, Action::Redirect);
         let t0 = monotonic_now()?;
@@ -661,7 +657,7 @@ fn the_data_path_reports_the_flows_it_deletes_itself_for_the_connection_log() ->
         let mut d = establish(fx, 41201)?;
         d.client_sends(fx, "client FIN", FIN | ACK, b"")?;
         d.backend_sends(fx, "backend FIN", FIN | ACK, b"")?;
-        let syn = client_syn(41201).with_seq_ack(0x7100_0000, 0);
+        let syn = client_syn(41201, WRITE_PORT).with_seq_ack(0x7100_0000, 0);
         assert_eq!(fx.from_client(&syn.bytes()?)?.action, Action::Redirect);
         let ev = conn_events(fx)?;
         assert_eq!(ev.len(), 1, "{ev:?}");
@@ -698,7 +694,7 @@ fn with_every_snat_port_taken_a_new_flow_takes_over_the_port_of_a_quiet_client_c
 
         // Just closed: no port is free yet (the last ACK or a FIN may still come).
         let before = fx.counters()?;
-        let out = fx.from_client(&client_syn(41302).bytes()?)?;
+        let out = fx.from_client(&client_syn(41302, WRITE_PORT).bytes()?)?;
         assert_eq!(out.action, Action::Tx, "refused while both flows are fresh");
         assert_eq!(
             fx.counters()?.get(Counter::RstSnatExhausted) - before.get(Counter::RstSnatExhausted),
@@ -716,7 +712,7 @@ fn with_every_snat_port_taken_a_new_flow_takes_over_the_port_of_a_quiet_client_c
         }
         // The new flow gets the client-closed flow's port; the backend-closed one (TIME_WAIT at
         // the backend) keeps its own.
-        let syn = client_syn(41303);
+        let syn = client_syn(41303, WRITE_PORT);
         let out = fx.from_client(&syn.bytes()?)?;
         assert_eq!(out.action, Action::Redirect, "a port taken over");
         let port = sport_of(&out.frame);
@@ -735,7 +731,7 @@ fn with_every_snat_port_taken_a_new_flow_takes_over_the_port_of_a_quiet_client_c
         );
 
         // No other port to take: the next SYN is refused, the backend-closed flow untouched.
-        let out = fx.from_client(&client_syn(41304).bytes()?)?;
+        let out = fx.from_client(&client_syn(41304, WRITE_PORT).bytes()?)?;
         assert_eq!(out.action, Action::Tx);
         assert!(backend_closed.in_table(fx)?);
         Ok(())

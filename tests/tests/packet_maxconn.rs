@@ -63,15 +63,6 @@ fn slots(fx: &Fixture) -> Result<Vec<(FlowKey, Slot)>> {
     Ok(m.iter().filter_map(|r| r.ok()).collect())
 }
 
-fn syn(client_port: u16, vip_port: u16) -> TcpFrame {
-    TcpFrame::syn(
-        CLIENT_MAC,
-        CL0_MAC,
-        sa(CLIENT, client_port),
-        sa(VIP, vip_port),
-    )
-}
-
 /// A write connection driven through the program: handshake, then any segments.
 struct Conn {
     client_port: u16,
@@ -82,7 +73,7 @@ struct Conn {
 
 impl Conn {
     fn open(fx: &Fixture, client_port: u16) -> Result<Self> {
-        let s = syn(client_port, WRITE_PORT);
+        let s = client_syn(client_port, WRITE_PORT);
         let out = fx.from_client(&s.bytes()?)?;
         assert_eq!(out.action, Action::Redirect, "SYN from {client_port}");
         let snat_port = u16::from_be_bytes([out.frame[34], out.frame[35]]);
@@ -144,7 +135,7 @@ fn a_syn_over_the_backend_limit_is_dropped_and_a_close_frees_the_slot() -> Resul
         // Third connection: over the limit. Dropped (the client's SYN retransmit waits for a
         // slot, like HAProxy's queue), counted, no flow and no SNAT port taken.
         let before = fx.counters()?;
-        let out = fx.from_client(&syn(40003, WRITE_PORT).bytes()?)?;
+        let out = fx.from_client(&client_syn(40003, WRITE_PORT).bytes()?)?;
         assert_eq!(out.action, Action::Drop, "SYN over maxconn");
         assert_eq!(
             fx.counters()?.changes_since(&before),
@@ -160,12 +151,12 @@ fn a_syn_over_the_backend_limit_is_dropped_and_a_close_frees_the_slot() -> Resul
 
         // Held connections keep working, a retransmitted SYN on one of them too.
         assert_eq!(a.client(fx, PSH | ACK)?, Action::Redirect);
-        let out = fx.from_client(&syn(40001, WRITE_PORT).bytes()?)?;
+        let out = fx.from_client(&client_syn(40001, WRITE_PORT).bytes()?)?;
         assert_eq!(out.action, Action::Redirect, "SYN on an established tuple");
         assert_eq!(counts(fx)?.0, 2);
 
         // The unlimited read service is not counted at all.
-        let out = fx.from_client(&syn(40100, READ_PORT).bytes()?)?;
+        let out = fx.from_client(&client_syn(40100, READ_PORT).bytes()?)?;
         assert_eq!(out.action, Action::Redirect, "read service has no limit");
         assert_eq!(counts(fx)?, (2, 0, 0, 2));
 
@@ -226,7 +217,7 @@ fn on_maxconn_reset_answers_the_syn_over_the_limit_with_a_rst() -> Result<()> {
     Fixture::run_with_config("mcrst", &cfg, |fx| {
         Conn::open(fx, 40201)?;
         let before = fx.counters()?;
-        let out = fx.from_client(&syn(40202, WRITE_PORT).bytes()?)?;
+        let out = fx.from_client(&client_syn(40202, WRITE_PORT).bytes()?)?;
         assert_eq!(out.action, Action::Tx, "RST to the client");
         let tcp_flags = out.frame[47];
         assert_eq!(tcp_flags & RST, RST, "the answer is a RST");
@@ -249,13 +240,13 @@ fn the_global_limit_counts_every_service() -> Result<()> {
     Fixture::run_with_config("mcglobal", &config("maxconn = 3", ""), |fx| {
         Conn::open(fx, 40301)?;
         for p in [40302, 40303] {
-            let out = fx.from_client(&syn(p, READ_PORT).bytes()?)?;
+            let out = fx.from_client(&client_syn(p, READ_PORT).bytes()?)?;
             assert_eq!(out.action, Action::Redirect, "read SYN {p}");
         }
         let (w, r2, r3, g) = counts(fx)?;
         assert_eq!((w, r2 + r3, g), (1, 2, 3), "per pair and global");
         for (p, port) in [(40304, WRITE_PORT), (40305, READ_PORT)] {
-            let out = fx.from_client(&syn(p, port).bytes()?)?;
+            let out = fx.from_client(&client_syn(p, port).bytes()?)?;
             assert_eq!(out.action, Action::Drop, "fourth connection (port {port})");
         }
         assert_eq!(counts(fx)?.3, 3, "refusals undo their adds");
@@ -270,10 +261,10 @@ fn the_gc_releases_slots_of_expired_idle_and_vanished_flows_exactly_once() -> Re
     Fixture::run_with_config("mcgc", &cfg, |fx| {
         // An embryonic flow that never completes, an established one that goes idle, one
         // whose embryonic entries vanish (as if evicted by the LRU), and a busy one.
-        let out = fx.from_client(&syn(40401, WRITE_PORT).bytes()?)?;
+        let out = fx.from_client(&client_syn(40401, WRITE_PORT).bytes()?)?;
         assert_eq!(out.action, Action::Redirect);
         Conn::open(fx, 40402)?;
-        let out = fx.from_client(&syn(40403, WRITE_PORT).bytes()?)?;
+        let out = fx.from_client(&client_syn(40403, WRITE_PORT).bytes()?)?;
         let snat = u16::from_be_bytes([out.frame[34], out.frame[35]]);
         fx.remove_embryonic(&flow_key(sa(CLIENT, 40403), sa(VIP, WRITE_PORT)))?;
         fx.remove_embryonic(&flow_key(sa(DB01, BACKEND_PORT), sa(SNAT_ADDR, snat)))?;

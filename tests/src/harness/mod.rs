@@ -71,47 +71,13 @@ pub fn python() -> PathBuf {
 
 /// Builds (incrementally) and returns the `upgrade-test` variant of the XDP object: the same
 /// maps as the built-in program, different code. For the test that upgrades a running instance
-/// to a genuinely different program build (`lb run --xdp-object`). Built like lb-user/build.rs
-/// builds the default one, into `target/ebpf-variant`.
+/// to a genuinely different program build (`lb run --xdp-object`). Built with lb-user/build.rs's
+/// recipe (`lb-user/ebpf_build.rs`), into `target/ebpf-variant`.
 pub fn variant_xdp_object() -> anyhow::Result<PathBuf> {
     use anyhow::Context;
     let ws = repo_root();
     let target_dir = ws.join("target").join("ebpf-variant");
-    let path = format!(
-        "{}:{}",
-        ws.join(".tools").join("bin").display(),
-        std::env::var("PATH").unwrap_or_default()
-    );
-    let mut cmd = std::process::Command::new("rustup");
-    cmd.current_dir(&ws)
-        .args([
-            "run",
-            "nightly",
-            "cargo",
-            "build",
-            "-p",
-            "lb-ebpf",
-            "--release",
-        ])
-        .args(["--features", "upgrade-test"])
-        .args(["--target", "bpfel-unknown-none", "-Z", "build-std=core"])
-        .arg("--target-dir")
-        .arg(&target_dir)
-        .env("PATH", path);
-    for (k, _) in std::env::vars() {
-        if (k.starts_with("CARGO_") && k != "CARGO_HOME")
-            || k.starts_with("RUSTC")
-            || k == "RUSTFLAGS"
-            || k == "RUSTUP_TOOLCHAIN"
-        {
-            cmd.env_remove(k);
-        }
-    }
-    cmd.env(
-        "CARGO_ENCODED_RUSTFLAGS",
-        ["-Cdebuginfo=2", "-Clink-arg=--btf", "-Ctarget-cpu=v3"].join("\u{1f}"),
-    );
-    let out = cmd
+    let out = ebpf_build_command(&ws, &target_dir, &["upgrade-test"])
         .output()
         .context("run `rustup run nightly cargo build -p lb-ebpf --features upgrade-test`")?;
     anyhow::ensure!(
@@ -119,5 +85,7 @@ pub fn variant_xdp_object() -> anyhow::Result<PathBuf> {
         "building the upgrade-test XDP object failed:\n{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    Ok(target_dir.join("bpfel-unknown-none/release/lb-ebpf"))
+    Ok(ebpf_object_path(&target_dir))
 }
+
+include!("../../../lb-user/ebpf_build.rs");
