@@ -204,6 +204,8 @@ pub struct Config {
     pub close_timeout: Duration,
     pub embryonic_entries: u32,
     pub established_entries: u32,
+    /// `[tables] established` was given (else it follows the SNAT range and the backends).
+    pub established_configured: bool,
     /// An XDP object to load instead of the built-in one (`lb run --xdp-object`).
     pub xdp_object: Option<PathBuf>,
     /// Append the connection log to this file instead of the agent's log.
@@ -211,6 +213,42 @@ pub struct Config {
     pub backends: Vec<Backend>,
     pub services: Vec<Service>,
     pub admin: AdminConfig,
+}
+
+/// Parses an SNAT port range `"FIRST-LAST"` (config key `snat_ports`, `lb run --snat-ports`).
+pub fn parse_port_range(s: &str) -> std::result::Result<(u16, u16), String> {
+    let bad = || {
+        "expected \"FIRST-LAST\", e.g. \"10000-32767\", with 1024 <= FIRST <= LAST <= 65535"
+            .to_string()
+    };
+    let (a, b) = s.split_once('-').ok_or_else(bad)?;
+    let (a, b): (u16, u16) = (
+        a.trim().parse().map_err(|_| bad())?,
+        b.trim().parse().map_err(|_| bad())?,
+    );
+    if a < 1024 || a > b {
+        return Err(bad());
+    }
+    Ok((a, b))
+}
+
+/// The established table's default size: room for every flow the SNAT ports allow (two
+/// entries a flow, one port per backend), at least 1024 entries.
+fn default_established(snat_ports: (u16, u16), backends: usize) -> u32 {
+    let flows = (snat_ports.1 - snat_ports.0) as u64 + 1;
+    let flows = flows * backends.max(1) as u64;
+    (2 * flows).clamp(1024, 1 << 24) as u32
+}
+
+impl Config {
+    /// Uses `ports` as the SNAT range (`lb run --snat-ports`); the established table's default
+    /// size follows it unless `[tables] established` was given.
+    pub fn set_snat_ports(&mut self, ports: (u16, u16)) {
+        self.snat_ports = ports;
+        if !self.established_configured {
+            self.established_entries = default_established(ports, self.backends.len());
+        }
+    }
 }
 
 /// An error at a place in the file.
@@ -387,20 +425,14 @@ impl Config {
 
         let snat_ports = match &raw.snat_ports {
             None => DEFAULT_SNAT_PORTS,
-            Some(s) => {
-                let bad = || {
-                    at(path, text, s.span(), format!("snat_ports = {:?}: expected \"FIRST-LAST\", e.g. \"10000-32767\", with 1024 <= FIRST <= LAST", s.get_ref()))
-                };
-                let (a, b) = s.get_ref().split_once('-').ok_or_else(bad)?;
-                let (a, b): (u16, u16) = (
-                    a.trim().parse().map_err(|_| bad())?,
-                    b.trim().parse().map_err(|_| bad())?,
-                );
-                if a < 1024 || a > b {
-                    return Err(bad());
-                }
-                (a, b)
-            }
+            Some(s) => parse_port_range(s.get_ref()).map_err(|e| {
+                at(
+                    path,
+                    text,
+                    s.span(),
+                    format!("snat_ports = {:?}: {e}", s.get_ref()),
+                )
+            })?,
         };
 
         let vip_mode = match raw
@@ -734,11 +766,11 @@ impl Config {
                 .tables
                 .embryonic
                 .unwrap_or(lb_common::DEFAULT_EMBRYONIC_ENTRIES),
-            established_entries: raw.tables.established.unwrap_or_else(|| {
-                let flows = (snat_ports.1 - snat_ports.0) as u64 + 1;
-                let flows = flows * backends.len().max(1) as u64;
-                (2 * flows).clamp(1024, 1 << 24) as u32
-            }),
+            established_entries: raw
+                .tables
+                .established
+                .unwrap_or_else(|| default_established(snat_ports, backends.len())),
+            established_configured: raw.tables.established.is_some(),
             xdp_object: None,
             connection_log,
             backends,

@@ -1,6 +1,10 @@
 //! The balancer host's own settings that lb changes, and restores: per-interface forwarding,
 //! the kernel's reserved ports (the SNAT range), and VIP addresses lb added.
-use std::{fs, net::Ipv4Addr, process::Command};
+use std::{
+    fs,
+    net::{Ipv4Addr, SocketAddrV4},
+    process::Command,
+};
 
 use anyhow::{bail, Context, Result};
 use tracing::{info, warn};
@@ -62,19 +66,165 @@ pub fn local_port_range() -> Result<(u16, u16)> {
     }
 }
 
-/// Refuses an SNAT range that overlaps the kernel's ephemeral ports.
-pub fn check_snat_range(snat: (u16, u16)) -> Result<()> {
-    let (lo, hi) = local_port_range()?;
-    if snat.0 <= hi && lo <= snat.1 {
+/// A TCP socket of this host (network namespace), as `/proc/net/tcp` lists it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HostSocket {
+    pub local: SocketAddrV4,
+    pub remote: SocketAddrV4,
+    /// The kernel's TCP state number (1 ESTABLISHED ... 6 TIME_WAIT ... 10 LISTEN).
+    pub state: u8,
+}
+
+const TCP_LISTEN: u8 = 10;
+
+fn tcp_state_name(state: u8) -> &'static str {
+    match state {
+        1 => "ESTABLISHED",
+        2 => "SYN_SENT",
+        3 => "SYN_RECV",
+        4 => "FIN_WAIT1",
+        5 => "FIN_WAIT2",
+        6 => "TIME_WAIT",
+        7 => "CLOSE",
+        8 => "CLOSE_WAIT",
+        9 => "LAST_ACK",
+        10 => "LISTEN",
+        11 => "CLOSING",
+        _ => "?",
+    }
+}
+
+/// Parses `/proc/net/tcp` text: `sl local rem st ...` with addresses as `HEXADDR:HEXPORT`
+/// (the address in the host's byte order as the kernel stores it: network order read as a
+/// native integer).
+pub fn parse_proc_net_tcp(text: &str) -> Vec<HostSocket> {
+    let addr = |s: &str| -> Option<SocketAddrV4> {
+        let (a, p) = s.split_once(':')?;
+        let a = u32::from_str_radix(a, 16).ok()?;
+        let p = u16::from_str_radix(p, 16).ok()?;
+        Some(SocketAddrV4::new(Ipv4Addr::from(a.to_ne_bytes()), p))
+    };
+    text.lines()
+        .skip(1)
+        .filter_map(|l| {
+            let w: Vec<&str> = l.split_whitespace().collect();
+            Some(HostSocket {
+                local: addr(w.get(1)?)?,
+                remote: addr(w.get(2)?)?,
+                state: u8::from_str_radix(w.get(3)?, 16).ok()?,
+            })
+        })
+        .collect()
+}
+
+/// What lb takes of the host's ports for its SNAT range.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PortPlan {
+    pub snat: (u16, u16),
+    /// `net.ipv4.ip_local_port_range`.
+    pub ephemeral: (u16, u16),
+    /// Ports of the SNAT range inside the ephemeral range: reserved, so the kernel stops
+    /// handing them to the host's own connections.
+    pub shared: u32,
+    /// Ephemeral ports the host keeps for its own connections (and lb's health checks).
+    pub left: u32,
+}
+
+impl std::fmt::Display for PortPlan {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let (a, b) = self.snat;
+        let (lo, hi) = self.ephemeral;
+        if self.shared == 0 {
+            write!(
+                f,
+                "snat_ports {a}-{b}: outside the ephemeral range {lo}-{hi}, and reserved \
+                 (net.ipv4.ip_local_reserved_ports)"
+            )
+        } else {
+            write!(
+                f,
+                "snat_ports {a}-{b}: {} of them inside the ephemeral range {lo}-{hi} are reserved \
+                 (net.ipv4.ip_local_reserved_ports) so the kernel never gives them to the host's own \
+                 connections; the host keeps {} ephemeral ports",
+                self.shared, self.left
+            )
+        }
+    }
+}
+
+/// Fewer ephemeral ports than this left to the host is worth a warning.
+const FEW_EPHEMERAL_PORTS: u32 = 1024;
+
+/// Decides whether lb can take `snat` on a host with the ephemeral range `ephemeral` and
+/// these sockets: the range is reserved (the kernel then never binds it), so an overlap with
+/// the ephemeral range is fine as long as the host keeps ports of its own. Refused: a socket
+/// of the host that already holds a port of the range towards a backend (its tuple and an
+/// SNAT flow's could be the same), and a range that leaves the host no ephemeral port.
+pub fn plan_snat_ports(
+    snat: (u16, u16),
+    ephemeral: (u16, u16),
+    sockets: &[HostSocket],
+    backends: &[Ipv4Addr],
+) -> Result<PortPlan> {
+    let in_range = |p: u16| (snat.0..=snat.1).contains(&p);
+    let clashes: Vec<&HostSocket> = sockets
+        .iter()
+        .filter(|s| {
+            s.state != TCP_LISTEN && in_range(s.local.port()) && backends.contains(s.remote.ip())
+        })
+        .collect();
+    if let Some(first) = clashes.first() {
+        let listed: Vec<String> = clashes
+            .iter()
+            .take(5)
+            .map(|s| format!("{} -> {} ({})", s.local, s.remote, tcp_state_name(s.state)))
+            .collect();
         bail!(
-            "snat_ports {}-{} overlap net.ipv4.ip_local_port_range {lo}-{hi}: the kernel could pick the same \
-             ports for the host's own connections. Choose snat_ports outside it (the default is 10000-32767) \
-             or narrow the sysctl",
+            "{} socket(s) of this host already use a port of snat_ports {}-{} towards a backend ({}{}): \
+             an SNAT flow to that backend could get the same addresses and ports. Close them (a TIME_WAIT \
+             goes within 60 s), or choose another range with --snat-ports or snat_ports (e.g. one below {})",
+            clashes.len(),
+            snat.0,
+            snat.1,
+            listed.join(", "),
+            if clashes.len() > 5 { ", ..." } else { "" },
+            first.local.port().min(snat.0),
+        );
+    }
+    let (lo, hi) = ephemeral;
+    let total = (hi as u32 + 1).saturating_sub(lo as u32);
+    let shared = (hi.min(snat.1) as u32 + 1).saturating_sub(lo.max(snat.0) as u32);
+    let left = total - shared;
+    if left == 0 {
+        bail!(
+            "snat_ports {}-{} covers the whole ephemeral range net.ipv4.ip_local_port_range {lo}-{hi}: \
+             reserved for lb, it would leave the host (and lb's own health checks) no source port. \
+             Choose a smaller range with --snat-ports or snat_ports, or widen the sysctl",
             snat.0,
             snat.1
         );
     }
-    Ok(())
+    Ok(PortPlan {
+        snat,
+        ephemeral,
+        shared,
+        left,
+    })
+}
+
+/// Checks the SNAT range against this host (see [`plan_snat_ports`]) and says what lb takes.
+pub fn check_snat_ports(snat: (u16, u16), backends: &[Ipv4Addr]) -> Result<PortPlan> {
+    let sockets =
+        parse_proc_net_tcp(&fs::read_to_string("/proc/net/tcp").context("read /proc/net/tcp")?);
+    let plan = plan_snat_ports(snat, local_port_range()?, &sockets, backends)?;
+    info!("{plan}");
+    if plan.shared > 0 && plan.left < FEW_EPHEMERAL_PORTS {
+        warn!(
+            left = plan.left,
+            "few ephemeral ports are left to the host's own connections: consider a smaller snat_ports"
+        );
+    }
+    Ok(plan)
 }
 
 /// Whether an XDP program is attached to `iface` in generic (SKB) mode.
@@ -350,5 +500,78 @@ impl Drop for HostChanges {
         if !self.kept {
             self.restore();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sock(local: &str, remote: &str, state: u8) -> HostSocket {
+        HostSocket {
+            local: local.parse().unwrap(),
+            remote: remote.parse().unwrap(),
+            state,
+        }
+    }
+
+    const DB01: Ipv4Addr = Ipv4Addr::new(10, 0, 1, 10);
+
+    #[test]
+    fn proc_net_tcp_lines_are_read_in_the_kernels_byte_order() {
+        let text = "  sl  local_address rem_address   st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode\n\
+                    \x20  0: 0100007F:1F90 00000000:0000 0A 00000000:00000000 00:00000000 00000000     0        0 1 1 0 100 0 0 10 0\n\
+                    \x20  1: 0101000A:4E20 0A01000A:1D52 01 00000000:00000000 00:00000000 00000000     0        0 2 1 0 20 4 30 10 -1\n";
+        assert_eq!(
+            parse_proc_net_tcp(text),
+            vec![
+                sock("127.0.0.1:8080", "0.0.0.0:0", 10),
+                sock("10.0.1.1:20000", "10.0.1.10:7506", 1),
+            ]
+        );
+    }
+
+    #[test]
+    fn a_range_inside_a_wide_ephemeral_range_is_reserved_and_the_rest_left_to_the_host() {
+        // The HAProxy host's tuning: 10000-65535; lb's default range is inside it.
+        let p = plan_snat_ports((10000, 32767), (10000, 65535), &[], &[DB01]).unwrap();
+        assert_eq!((p.shared, p.left), (22768, 32768));
+        assert!(
+            p.to_string()
+                .contains("the host keeps 32768 ephemeral ports"),
+            "{p}"
+        );
+        // The kernel's default range: no overlap at all.
+        let p = plan_snat_ports((10000, 32767), (32768, 60999), &[], &[DB01]).unwrap();
+        assert_eq!((p.shared, p.left), (0, 28232));
+        assert!(p.to_string().contains("outside the ephemeral range"), "{p}");
+    }
+
+    #[test]
+    fn a_range_that_leaves_the_host_no_ephemeral_port_is_refused() {
+        let e = plan_snat_ports((10000, 65535), (10000, 65535), &[], &[DB01]).unwrap_err();
+        assert!(
+            e.to_string().contains("covers the whole ephemeral range"),
+            "{e}"
+        );
+        assert!(plan_snat_ports((10000, 65534), (10000, 65535), &[], &[DB01]).is_ok());
+    }
+
+    #[test]
+    fn only_a_host_socket_in_the_range_towards_a_backend_is_refused() {
+        let listening = sock("0.0.0.0:20000", "0.0.0.0:0", TCP_LISTEN);
+        let elsewhere = sock("10.0.1.1:20000", "192.0.2.99:443", 1);
+        let below = sock("10.0.1.1:9999", "10.0.1.10:7687", 1);
+        let ok = [listening, elsewhere, below];
+        assert!(plan_snat_ports((10000, 32767), (10000, 65535), &ok, &[DB01]).is_ok());
+        let clash = sock("10.0.1.1:20000", "10.0.1.10:7687", 6);
+        let e = plan_snat_ports((10000, 32767), (10000, 65535), &[listening, clash], &[DB01])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("10.0.1.1:20000 -> 10.0.1.10:7687 (TIME_WAIT)")
+                && e.contains("--snat-ports"),
+            "{e}"
+        );
     }
 }

@@ -60,6 +60,11 @@ enum Cmd {
         /// instance is upgraded to it atomically through its pinned link.
         #[arg(long, value_name = "FILE")]
         xdp_object: Option<PathBuf>,
+        /// SNAT source ports, FIRST-LAST (overrides the configuration's `snat_ports`; the way to
+        /// choose them with --haproxy-config). lb reserves them (net.ipv4.ip_local_reserved_ports),
+        /// so they may lie inside the host's ephemeral range; default 10000-32767.
+        #[arg(long, value_name = "FIRST-LAST", value_parser = lb_user::config::parse_port_range)]
+        snat_ports: Option<(u16, u16)>,
     },
     /// Translate HAProxy configuration files (the Neo4j manual's haproxy.cfg) into lb's TOML.
     ///
@@ -168,6 +173,7 @@ fn main() -> Result<()> {
             xdp_mode,
             instance,
             xdp_object,
+            snat_ports,
         } => {
             let rt = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
@@ -179,6 +185,7 @@ fn main() -> Result<()> {
                 xdp_mode,
                 instance,
                 xdp_object,
+                snat_ports,
             }))
         }
         Cmd::ImportHaproxy {

@@ -38,6 +38,8 @@ pub struct RunArgs {
     pub xdp_mode: AttachMode,
     pub instance: Option<String>,
     pub xdp_object: Option<PathBuf>,
+    /// `--snat-ports`: overrides the configuration's `snat_ports`.
+    pub snat_ports: Option<(u16, u16)>,
 }
 
 pub async fn run(args: RunArgs) -> Result<()> {
@@ -61,7 +63,11 @@ pub async fn run(args: RunArgs) -> Result<()> {
         .iter()
         .map(|i| host::if_index(i))
         .collect::<Result<_>>()?;
-    host::check_snat_range(cfg.snat_ports)?;
+    if let Some(ports) = args.snat_ports {
+        cfg.set_snat_ports(ports);
+    }
+    let backend_addrs: Vec<_> = cfg.backends.iter().map(|b| b.address).collect();
+    host::check_snat_ports(cfg.snat_ports, &backend_addrs)?;
     dataplane::ensure_bpffs()?;
 
     let pin_dir = dataplane::pin_dir(&cfg.instance);
