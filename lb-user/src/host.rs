@@ -455,7 +455,9 @@ impl HostChanges {
             }
         }
         if let Some(old) = self.reserved_ports.take() {
-            if let Err(e) = write(RESERVED_PORTS, &old) {
+            // An empty write is ignored by the kernel: a newline clears the list.
+            let value = if old.is_empty() { "\n" } else { old.as_str() };
+            if let Err(e) = write(RESERVED_PORTS, value) {
                 warn!("restore ip_local_reserved_ports: {e:#}");
             }
         }

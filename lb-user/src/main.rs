@@ -165,6 +165,9 @@ fn main() -> Result<()> {
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let cli = Cli::parse();
+    // Fault injection for tests (a build with the `failpoints` feature, FAILPOINTS set); a
+    // no-op otherwise.
+    let _faults = fail::FailScenario::setup();
     match cli.cmd {
         Cmd::Run {
             config,

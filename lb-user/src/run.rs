@@ -80,18 +80,23 @@ pub async fn run(args: RunArgs) -> Result<()> {
             "adopting the running instance: its maps, links and {flows} flows are kept"
         ),
     }
+    let mut ready = false;
     let result = serve(
         &mut ebpf,
         &cfg,
-        &args.ifaces,
-        &ifindexes,
-        args.xdp_mode,
+        &Ifaces {
+            names: &args.ifaces,
+            indexes: &ifindexes,
+            mode: args.xdp_mode,
+        },
         pins,
         &pin_dir,
+        &mut ready,
     )
     .await;
-    if result.is_err() && pins == Pins::Fresh {
-        // Nothing was serving before us: leave nothing behind.
+    if result.is_err() && pins == Pins::Fresh && !ready {
+        // Nothing was serving before us and the start failed: leave nothing behind. Once
+        // ready, an error (like a panic or a kill) leaves the data path forwarding.
         let _ = dataplane::unpin(&pin_dir);
         let _ = std::fs::remove_file(status::info_path(&cfg.instance));
     }
@@ -120,15 +125,22 @@ pub fn detach(instance: &str) -> Result<()> {
     Ok(())
 }
 
+/// The interfaces the program is attached to, and how.
+struct Ifaces<'a> {
+    names: &'a [String],
+    indexes: &'a [u32],
+    mode: AttachMode,
+}
+
 async fn serve(
     ebpf: &mut aya::Ebpf,
     cfg: &Config,
-    ifaces: &[String],
-    ifindexes: &[u32],
-    mode: AttachMode,
+    at: &Ifaces<'_>,
     pins: Pins,
     pin_dir: &Path,
+    ready: &mut bool,
 ) -> Result<()> {
+    let (ifaces, ifindexes, mode) = (at.names, at.indexes, at.mode);
     let mut logger = match aya_log::EbpfLogger::init(ebpf) {
         Ok(l) => Some(l),
         Err(e) => {
@@ -289,6 +301,11 @@ async fn serve(
             "native".into()
         },
     })?;
+    // From here on the data path forwards on its own: whatever ends this agent (SIGTERM, an
+    // error, a panic, a kill) leaves the XDP program, its maps and these host settings in
+    // place for the next agent to adopt; only `lb detach` undoes them.
+    host.keep(&cfg.instance)?;
+    *ready = true;
     eprintln!(
         "lb ready instance={} ifaces={} mode={}",
         cfg.instance,
@@ -319,6 +336,10 @@ async fn serve(
                 let _ = op.reply.send(r);
             }
             _ = gc_tick.tick() => {
+                fail::fail_point!("agent-loop", |what: Option<String>| Err(anyhow::anyhow!(
+                    "injected failure: {}",
+                    what.unwrap_or_default()
+                )));
                 match gc.run_once(ebpf) {
                     Ok(_) => {
                         if let Ok(mut v) = live.write() {
@@ -354,7 +375,6 @@ async fn serve(
         cfg.instance
     );
     let _ = std::fs::remove_file(ops::socket_path(&cfg.instance));
-    host.keep(&cfg.instance)?;
     Ok(())
 }
 

@@ -256,3 +256,146 @@ fn a_build_whose_map_layout_changed_refuses_to_adopt_the_pinned_maps() -> Result
     }
     Ok(())
 }
+
+/// What the agents of `topo`'s instance changed on the lb host and pinned: VIP address,
+/// managed neighbor entries, reserved ports, pinned links.
+fn host_settings(topo: &Topology) -> Result<Vec<String>> {
+    let text = |out: std::process::Output| String::from_utf8_lossy(&out.stdout).to_string();
+    let mut have = Vec::new();
+    let addrs = text(topo.lb.ns.exec(&["ip", "-o", "addr", "show"])?);
+    if addrs.contains(&format!("{}/32", topo.vip)) {
+        have.push(format!("VIP {}", topo.vip));
+    }
+    let neigh = text(topo.lb.ns.exec(&["ip", "neigh", "show"])?);
+    for b in &topo.backends {
+        if neigh
+            .lines()
+            .any(|l| l.starts_with(&format!("{} ", b.addr)) && l.contains("managed"))
+        {
+            have.push(format!("neighbor {}", b.name));
+        }
+    }
+    let reserved = text(
+        topo.lb
+            .ns
+            .exec(&["sysctl", "-n", "net.ipv4.ip_local_reserved_ports"])?,
+    );
+    if reserved.trim() == "10000-32767" {
+        have.push("reserved ports".into());
+    }
+    let dir = lb_user::dataplane::pin_dir(&topo.instance);
+    for iface in &topo.lb.ifaces {
+        if dir.join(format!("link_{iface}")).exists() {
+            have.push(format!("link {iface}"));
+        }
+    }
+    Ok(have)
+}
+
+#[test]
+#[ignore = "needs root and netns: run cargo xtask test"]
+fn an_agent_that_errors_or_panics_after_ready_leaves_the_data_path_forwarding_for_the_next(
+) -> Result<()> {
+    let topo = Topology::two_armed("crash")?;
+    let _sims = topo.start_sims(&["master", "slave", "slave"])?;
+    let server = echo(
+        &topo.backends[0].ns,
+        SocketAddrV4::new(topo.backends[0].addr, ECHO_PORT),
+    )?;
+    // The fault is injected into the agent's main loop at its third tick (about 2 s after
+    // ready): first an error returned from the loop (as a failed map write would), then a
+    // panic in a second agent.
+    let faults = [
+        (
+            "error",
+            "2*off->return(a map write failed)",
+            "injected failure: a map write failed",
+        ),
+        ("panic", "2*off->panic(injected panic)", "injected panic"),
+    ];
+    let vip = SocketAddr::V4(SocketAddrV4::new(topo.vip, 7680));
+    let mut lb = topo.start_lb_env(
+        &config(&topo, ""),
+        &["--xdp-mode", "native"],
+        &[("FAILPOINTS", &format!("agent-loop={}", faults[0].1))],
+    )?;
+    let expected = host_settings(&topo)?;
+    ensure!(expected.len() == 7, "after ready: {expected:?}");
+    let conn = topo
+        .client
+        .ns
+        .run_in(|| TcpStream::connect_timeout(&vip, Duration::from_secs(5)))??;
+    let stop = AtomicBool::new(false);
+    let sent = thread::scope(|s| -> Result<u64> {
+        let streamer = s.spawn(|| stream(conn, &stop));
+        for (i, (kind, _, message)) in faults.iter().enumerate() {
+            let t = Instant::now();
+            let status = loop {
+                if let Some(st) = lb.process.try_wait()? {
+                    break st;
+                }
+                ensure!(
+                    t.elapsed() < Duration::from_secs(10),
+                    "the {kind} was not injected"
+                );
+                thread::sleep(Duration::from_millis(20));
+            };
+            ensure!(!status.success(), "the agent's {kind} exited with {status}");
+            ensure!(lb.logs().contains(message), "{}", lb.logs());
+            // Everything stays: the stream goes on, new connections are balanced, the host
+            // keeps the VIP, the neighbor entries, the reserved ports and the pinned links.
+            thread::sleep(Duration::from_millis(1500));
+            ensure!(
+                !streamer.is_finished(),
+                "the stream ended after the agent's {kind}"
+            );
+            ensure!(
+                host_settings(&topo)? == expected,
+                "after the agent's {kind}: {:?}, was {expected:?}",
+                host_settings(&topo)?
+            );
+            // A new connection still gets its handshake through (the echo server's backlog).
+            topo.client
+                .ns
+                .run_in(|| TcpStream::connect_timeout(&vip, Duration::from_secs(3)))?
+                .with_context(|| format!("a new connection after the agent's {kind}"))?;
+            // A new agent adopts what the failed one left.
+            let next = faults.get(i + 1).map(|f| format!("agent-loop={}", f.1));
+            let env: Vec<(&str, &str)> = next.iter().map(|n| ("FAILPOINTS", n.as_str())).collect();
+            lb = topo.start_lb_env(&config(&topo, ""), &["--xdp-mode", "native"], &env)?;
+            ensure!(
+                lb.logs().contains("adopting the running instance"),
+                "after the {kind}: {}",
+                lb.logs()
+            );
+        }
+        thread::sleep(Duration::from_millis(1000));
+        ensure!(
+            !streamer.is_finished(),
+            "the stream ended under the last agent"
+        );
+        stop.store(true, Ordering::Relaxed);
+        streamer
+            .join()
+            .map_err(|_| anyhow::anyhow!("streamer panicked"))?
+    })?;
+    let received = server
+        .join()
+        .map_err(|_| anyhow::anyhow!("echo panicked"))??;
+    ensure!(
+        sent > 100 * 4096 && received == sent,
+        "sent {sent} bytes, the backend received {received}"
+    );
+    // Only `lb detach` undoes the host settings.
+    lb.stop()?;
+    ensure!(host_settings(&topo)? == expected);
+    let mut detach = topo.lb.ns.command(lb_tests::harness::lb_bin());
+    detach.args(["detach", "--instance", &topo.instance]);
+    lb_tests::harness::ns::run(&mut detach)?;
+    ensure!(
+        host_settings(&topo)?.is_empty(),
+        "after lb detach: {:?}",
+        host_settings(&topo)?
+    );
+    Ok(())
+}

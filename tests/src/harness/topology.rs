@@ -439,6 +439,16 @@ impl Topology {
     /// (via nsenter, so its pins land in the host's bpffs). Waits up to 20 s for a stderr line
     /// containing `lb ready`; on exit or timeout the error carries the agent's captured log.
     pub fn start_lb(&self, config_toml: &str, extra_args: &[&str]) -> Result<LbProcess> {
+        self.start_lb_env(config_toml, extra_args, &[])
+    }
+
+    /// [`Topology::start_lb`] with environment variables set for the agent (e.g. `FAILPOINTS`).
+    pub fn start_lb_env(
+        &self,
+        config_toml: &str,
+        extra_args: &[&str],
+        env: &[(&str, &str)],
+    ) -> Result<LbProcess> {
         let config = self.log_dir.join("lb.toml");
         fs::write(&config, config_toml).with_context(|| format!("writing {}", config.display()))?;
         let mut cmd = self.lb.ns.command(super::lb_bin());
@@ -449,7 +459,7 @@ impl Topology {
         for iface in &self.lb.ifaces {
             cmd.args(["--iface", iface]);
         }
-        cmd.args(extra_args);
+        cmd.args(extra_args).envs(env.iter().copied());
         let process = self.spawn_command("lb", cmd)?;
         let ready_line = process.wait_for_line(Stream::Stderr, "lb ready", READY_TIMEOUT)?;
         Ok(LbProcess {
