@@ -108,6 +108,7 @@ pub const fn layout(name: &str) -> Option<u64> {
             fold(&[PERCPU_ARRAY, 4, size_of::<BackendStats>() as u64])
         }
         b if eq(b, names::SNAT_ADDRS) => fold(&[HASH, 4, 4]),
+        b if eq(b, names::ROUTE_SRC) => fold(&[HASH, 4, 4]),
         b if eq(b, names::RESET_EPOCH) => fold(&[ARRAY, 4, 4]),
         b if eq(b, names::SLOTS) => fold(&[
             HASH,

@@ -32,6 +32,9 @@ pub mod names {
     pub const STATS_SERVICE: &str = "STATS_SERVICE";
     pub const STATS_BACKEND: &str = "STATS_BACKEND";
     pub const SNAT_ADDRS: &str = "SNAT_ADDRS";
+    /// Backend address -> its route's source address, for kernels without
+    /// `BPF_FIB_LOOKUP_SRC` (before 6.7).
+    pub const ROUTE_SRC: &str = "ROUTE_SRC";
     pub const RESET_EPOCH: &str = "RESET_EPOCH";
     pub const RST_BUCKET: &str = "RST_BUCKET";
     /// Connections the data path ended itself (ring buffer; not pinned: each program build
@@ -67,6 +70,7 @@ pub mod names {
         MAXCONN_ACTIVE,
         CAPTURE,
         CAPTURE_EVENTS,
+        ROUTE_SRC,
     ];
 }
 
@@ -99,6 +103,9 @@ pub struct Config {
 pub const CONFIG_F_DEBUG: u32 = 1;
 /// The program is attached in generic (SKB) mode: frames may be GSO super-packets.
 pub const CONFIG_F_GENERIC: u32 = 2;
+/// The kernel has no `BPF_FIB_LOOKUP_SRC` (Linux before 6.7): a new flow's source address is
+/// the one the agent resolved for its backend (`ROUTE_SRC`), not the FIB lookup's.
+pub const CONFIG_F_ROUTE_SRC: u32 = 4;
 
 /// `SERVICES` key: a virtual IP address and port.
 #[repr(C)]

@@ -6,7 +6,10 @@ use aya_ebpf::{
 };
 use lb_common::Counter;
 
-use crate::{maps::TX_PORTS, stats};
+use crate::{
+    maps::{ROUTE_SRC, TX_PORTS},
+    stats,
+};
 
 const AF_INET: u8 = 2;
 /// Fill `ipv4_src` with the route's preferred source address (kernel 6.7+).
@@ -20,6 +23,16 @@ pub struct NextHop {
     pub dmac: [u8; 6],
 }
 
+/// Where the source address of a new flow comes from.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum SrcFrom {
+    /// The FIB lookup fills it (`BPF_FIB_LOOKUP_SRC`, Linux 6.7+).
+    Fib,
+    /// The agent's route lookup for the backend, in `ROUTE_SRC` (older kernels); 0 if the
+    /// backend has none (dropped as "no SNAT address").
+    RouteSrc,
+}
+
 /// Looks up the route to `dst` (network order) for a packet that arrived on `ifindex`.
 /// `tot_len` 0 skips the MTU check (generic mode: GSO super-packets). On any result other
 /// than success returns the result code.
@@ -30,6 +43,7 @@ pub fn lookup(
     dst: u32,
     dport: u16,
     tot_len: u16,
+    src_from: SrcFrom,
 ) -> Result<NextHop, i64> {
     // SAFETY: bpf_fib_lookup is a plain-old-data struct; all-zero is a valid value.
     let mut p: bpf_fib_lookup = unsafe { core::mem::zeroed() };
@@ -46,15 +60,25 @@ pub fn lookup(
             ctx.ctx as *mut _,
             &mut p,
             core::mem::size_of::<bpf_fib_lookup>() as i32,
-            BPF_FIB_LOOKUP_SRC,
+            match src_from {
+                SrcFrom::Fib => BPF_FIB_LOOKUP_SRC,
+                SrcFrom::RouteSrc => 0,
+            },
         )
     };
     stats::count_fib(rc);
     if rc != 0 {
         return Err(rc);
     }
-    // SAFETY: on success the kernel filled the IPv4 source union member.
-    let src = unsafe { p.__bindgen_anon_3.ipv4_src };
+    let src = match src_from {
+        // SAFETY: on success with BPF_FIB_LOOKUP_SRC the kernel filled the IPv4 source union
+        // member.
+        SrcFrom::Fib => unsafe { p.__bindgen_anon_3.ipv4_src },
+        SrcFrom::RouteSrc => ROUTE_SRC.get_ptr(dst).map_or(0, |s| {
+            // SAFETY: a map value pointer from a successful lookup is valid for reading.
+            unsafe { *s }
+        }),
+    };
     Ok(NextHop {
         ifindex: p.ifindex,
         src,
@@ -76,5 +100,36 @@ pub fn transmit(ctx: &XdpContext, ifindex: u32) -> u32 {
             stats::count(Counter::DropNoEgress);
             xdp_action::XDP_DROP
         }
+    }
+}
+
+/// The agent's feature probe, never attached: run once through `BPF_PROG_TEST_RUN`, it asks
+/// the kernel for a route with `BPF_FIB_LOOKUP_SRC`. `XDP_PASS`: the flag is known; `XDP_DROP`:
+/// the kernel refused it as invalid (Linux before 6.7), so the agent sets `CONFIG_F_ROUTE_SRC`.
+#[aya_ebpf::macros::xdp]
+pub fn lb_probe_fib_src(ctx: XdpContext) -> u32 {
+    const EINVAL: i64 = 22;
+    // SAFETY: bpf_fib_lookup is a plain-old-data struct; all-zero is a valid value.
+    let mut p: bpf_fib_lookup = unsafe { core::mem::zeroed() };
+    p.family = AF_INET;
+    p.l4_protocol = crate::parse::IPPROTO_TCP;
+    // The loopback device (ifindex 1 in every network namespace) and 127.0.0.1: any answer
+    // but -EINVAL means the flag was accepted.
+    p.ifindex = 1;
+    p.__bindgen_anon_4.ipv4_dst = u32::from_be_bytes([127, 0, 0, 1]).to_be();
+    // SAFETY: `p` is a valid, writable bpf_fib_lookup of the size passed; ctx is the
+    // program's context pointer.
+    let rc = unsafe {
+        fib_lookup_helper(
+            ctx.ctx as *mut _,
+            &mut p,
+            core::mem::size_of::<bpf_fib_lookup>() as i32,
+            BPF_FIB_LOOKUP_SRC,
+        )
+    };
+    if rc == -EINVAL {
+        xdp_action::XDP_DROP
+    } else {
+        xdp_action::XDP_PASS
     }
 }

@@ -86,6 +86,12 @@ pub static TX_PORTS: DevMapHash<{ MAX_IFACES as usize }> = DevMapHash::new();
 #[btf_map]
 pub static SNAT_ADDRS: HashMap<u32, u32, { MAX_SNAT_ADDRS as usize }> = HashMap::new();
 
+/// Backend address -> the source address of the agent's route to it (network order). Read
+/// only with `CONFIG_F_ROUTE_SRC`, where the kernel's FIB lookup cannot say the source
+/// (`BPF_FIB_LOOKUP_SRC` is Linux 6.7+).
+#[btf_map]
+pub static ROUTE_SRC: HashMap<u32, u32, { MAX_BACKENDS as usize }> = HashMap::new();
+
 /// Reset epoch per (service, backend), bumped by the agent when it demotes a backend with
 /// `on_down = "reset"`; flows created under an older epoch are reset on their next segment.
 #[btf_map]

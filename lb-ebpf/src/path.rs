@@ -4,8 +4,9 @@ use aya_ebpf::{bindings::xdp_action, programs::XdpContext};
 use aya_log_ebpf::info;
 use lb_common::{
     is_closing, Config, Counter, Flow, FlowKey, Service, CAPTURE_DIR_IN, CAPTURE_DIR_OUT,
-    CAPTURE_NO_ACTION, CONFIG_F_DEBUG, CONFIG_F_GENERIC, CONN_END_RESET, CONN_END_REUSED,
-    DIR_FORWARD, DIR_REPLY, FLOW_SYN_RECV, FLOW_SYN_SENT, IPPROTO_TCP, SERVICE_F_MAXCONN_RESET,
+    CAPTURE_NO_ACTION, CONFIG_F_DEBUG, CONFIG_F_GENERIC, CONFIG_F_ROUTE_SRC, CONN_END_RESET,
+    CONN_END_REUSED, DIR_FORWARD, DIR_REPLY, FLOW_SYN_RECV, FLOW_SYN_SENT, IPPROTO_TCP,
+    SERVICE_F_MAXCONN_RESET,
 };
 use network_types::eth::EthHdr;
 
@@ -81,7 +82,12 @@ pub fn forward(
     let generic = cfg.flags & CONFIG_F_GENERIC != 0;
     let tot_len = if generic { 0 } else { u16::from_be(ip.tot_len) };
     let ingress = ctx.ingress_ifindex() as u32;
-    let hop = match forward::lookup(ctx, ingress, backend.addr, backend.port, tot_len) {
+    let src_from = if cfg.flags & CONFIG_F_ROUTE_SRC != 0 {
+        forward::SrcFrom::RouteSrc
+    } else {
+        forward::SrcFrom::Fib
+    };
+    let hop = match forward::lookup(ctx, ingress, backend.addr, backend.port, tot_len, src_from) {
         Ok(hop) => hop,
         Err(_) => {
             stats::service_drop(svc.id, Counter::DropFib);

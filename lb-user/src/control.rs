@@ -11,7 +11,8 @@ use aya::{
 };
 use lb_common::{
     addr_be, names, port_be, Backend, BackendKey, BackendSet, Config as MapConfig, Service,
-    ServiceKey, CONFIG_F_DEBUG, CONFIG_F_GENERIC, IPPROTO_TCP, MAX_SERVICES, MAX_SET_SIZE,
+    ServiceKey, CONFIG_F_DEBUG, CONFIG_F_GENERIC, CONFIG_F_ROUTE_SRC, IPPROTO_TCP, MAX_SERVICES,
+    MAX_SET_SIZE,
 };
 use tracing::info;
 
@@ -34,6 +35,9 @@ pub struct Control {
     sets: ArrayOfMaps<MapData, Array<MapData, BackendSet>>,
     tx_ports: DevMapHash<MapData>,
     snat_addrs: HashMap<MapData, u32, u32>,
+    route_src: HashMap<MapData, u32, u32>,
+    /// The kernel lacks `BPF_FIB_LOOKUP_SRC`: the data path reads `route_src` instead.
+    route_src_fallback: bool,
     reset_epoch: Array<MapData, u32>,
     live: Vec<Option<Array<MapData, BackendSet>>>,
     spare: Vec<Option<Array<MapData, BackendSet>>>,
@@ -61,6 +65,8 @@ impl Control {
             sets: take(ebpf, names::BACKEND_SETS)?,
             tx_ports: take(ebpf, names::TX_PORTS)?,
             snat_addrs: take(ebpf, names::SNAT_ADDRS)?,
+            route_src: take(ebpf, names::ROUTE_SRC)?,
+            route_src_fallback: false,
             reset_epoch: take(ebpf, names::RESET_EPOCH)?,
             live: (0..n).map(|_| None).collect(),
             spare: (0..n).map(|_| None).collect(),
@@ -119,6 +125,9 @@ impl Control {
         if generic {
             flags |= CONFIG_F_GENERIC;
         }
+        if self.route_src_fallback {
+            flags |= CONFIG_F_ROUTE_SRC;
+        }
         let c = MapConfig {
             embryonic_timeout_ns: cfg.connect_timeout.as_nanos() as u64,
             idle_timeout_ns: cfg.idle_timeout.as_nanos() as u64,
@@ -130,6 +139,19 @@ impl Control {
             maxconn: cfg.maxconn,
         };
         self.config.set(0, c, 0).context("write CONFIG")
+    }
+
+    /// For kernels without `BPF_FIB_LOOKUP_SRC`: new flows to each backend address take the
+    /// source address given here (the agent's own route lookup) instead of the FIB's. Takes
+    /// effect with the next [`Control::write_config`].
+    pub fn use_route_sources(&mut self, sources: &[(Ipv4Addr, Ipv4Addr)]) -> Result<()> {
+        for (backend, src) in sources {
+            self.route_src
+                .insert(addr_be(backend.octets()), addr_be(src.octets()), 0)
+                .with_context(|| format!("add {backend} -> {src} to ROUTE_SRC"))?;
+        }
+        self.route_src_fallback = true;
+        Ok(())
     }
 
     /// Lets the program redirect to these interfaces.

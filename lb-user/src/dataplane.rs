@@ -10,14 +10,14 @@ use aya::{
     programs::{
         links::{FdLink, PinnedLink},
         xdp::{XdpLink, XdpLinkId},
-        TracePoint, Xdp, XdpMode,
+        TestRun, TracePoint, Xdp, XdpMode,
     },
     Ebpf, EbpfLoader,
 };
 use lb_common::{abi, names, Flow, FlowKey};
 use tracing::{info, warn};
 
-use crate::{config::Config, host};
+use crate::{config::Config, control::Control, host};
 
 /// Where instances pin their maps: `/sys/fs/bpf/lb/<instance>/`.
 pub const PIN_ROOT: &str = "/sys/fs/bpf/lb";
@@ -145,7 +145,16 @@ fn check_meta(cfg: &mut Config, dir: &Path) -> Result<Pins> {
     let version = meta.get(&abi::META_VERSION_SLOT, 0).unwrap_or(0);
     let mut changed = Vec::new();
     for (i, (name, want)) in expected_meta()?.into_iter().enumerate() {
-        if meta.get(&(i as u32), 0).unwrap_or(0) != want {
+        let pinned = meta.get(&(i as u32), 0).unwrap_or(0);
+        if pinned == 0 && !dir.join(name).exists() {
+            // A map this build added: created and pinned with the others, recorded below.
+            info!(
+                map = name,
+                "a map new in this build is added to the running instance"
+            );
+            continue;
+        }
+        if pinned != want {
             changed.push(name);
         }
         let pinned = meta.get(&(SIZE_SLOTS + i as u32), 0).unwrap_or(0) as u32;
@@ -176,14 +185,28 @@ fn check_meta(cfg: &mut Config, dir: &Path) -> Result<Pins> {
     Ok(Pins::Adopted { flows })
 }
 
+/// Writes this build's META into the instance's pinned META (created and pinned if absent).
 fn write_meta(cfg: &Config, dir: &Path) -> Result<()> {
-    let mut meta = Array::<MapData, u64>::create(abi::META_ENTRIES, 0).context("create META")?;
+    let path = dir.join(names::META);
+    let pinned = path.exists();
+    let mut meta = if pinned {
+        Array::<MapData, u64>::try_from(Map::from_map_data(
+            MapData::from_pin(&path).context("open pinned META")?,
+        )?)
+        .context("pinned META has an unexpected layout")?
+    } else {
+        Array::<MapData, u64>::create(abi::META_ENTRIES, 0).context("create META")?
+    };
     for (i, (name, h)) in expected_meta()?.into_iter().enumerate() {
         meta.set(i as u32, h, 0)?;
-        meta.set(SIZE_SLOTS + i as u32, configured_size(cfg, name) as u64, 0)?;
+        if !pinned {
+            meta.set(SIZE_SLOTS + i as u32, configured_size(cfg, name) as u64, 0)?;
+        }
     }
     meta.set(abi::META_VERSION_SLOT, abi::ABI_VERSION, 0)?;
-    meta.pin(dir.join(names::META)).context("pin META")?;
+    if !pinned {
+        meta.pin(&path).context("pin META")?;
+    }
     Ok(())
 }
 
@@ -194,9 +217,9 @@ pub fn load_pinned(cfg: &mut Config, dir: &Path) -> Result<(Ebpf, Pins)> {
     let pins = check_meta(cfg, dir)?;
     fs::create_dir_all(dir).with_context(|| format!("create {}", dir.display()))?;
     let ebpf = load_with(cfg, Some(dir))?;
-    if pins == Pins::Fresh {
-        write_meta(cfg, dir)?;
-    }
+    // A fresh instance's META is new; an adopted one's gets the slots of maps this build added
+    // (the others are equal, checked above).
+    write_meta(cfg, dir)?;
     Ok((ebpf, pins))
 }
 
@@ -222,7 +245,7 @@ fn load_with(cfg: &Config, pin_dir: Option<&Path>) -> Result<Ebpf> {
     };
     let mut ebpf = loader
         .load(object)
-        .context("loading the XDP object into the kernel failed (are you root? is the kernel >= 6.7 with BTF?)")?;
+        .context("loading the XDP object into the kernel failed (are you root? is the kernel >= 6.1 with BTF?)")?;
     let prog: &mut Xdp = ebpf
         .program_mut("lb_xdp")
         .context("the object has no lb_xdp program")?
@@ -240,7 +263,55 @@ fn load_with(cfg: &Config, pin_dir: Option<&Path>) -> Result<Ebpf> {
         .try_into()
         .context("lb_release is not an XDP program")?;
     release.load().context("the verifier rejected lb_release")?;
+    let probe: &mut Xdp = ebpf
+        .program_mut("lb_probe_fib_src")
+        .context("the object has no lb_probe_fib_src program")?
+        .try_into()
+        .context("lb_probe_fib_src is not an XDP program")?;
+    probe
+        .load()
+        .context("the verifier rejected lb_probe_fib_src")?;
     Ok(ebpf)
+}
+
+/// Decides where new flows get their source (SNAT) address: from the kernel's FIB lookup where
+/// it can say (Linux 6.7+), else from this host's route to each backend as resolved now (a
+/// backend without a route gets none: its new flows are dropped as "no SNAT address", and the
+/// FIB lookup refuses them first anyway). Returns whether the FIB gives it.
+pub fn set_source_addresses(ebpf: &Ebpf, control: &mut Control, cfg: &Config) -> Result<bool> {
+    if fib_src_supported(ebpf)? {
+        return Ok(true);
+    }
+    let mut sources = Vec::new();
+    for b in &cfg.backends {
+        match host::route_src(b.address) {
+            Ok(src) => sources.push((b.address, src)),
+            Err(e) => warn!(backend = %b.name, "{e:#}"),
+        }
+    }
+    control.use_route_sources(&sources)?;
+    Ok(false)
+}
+
+/// Whether the kernel's `bpf_fib_lookup` accepts `BPF_FIB_LOOKUP_SRC` (Linux 6.7+), asked by
+/// running the object's probe program once. Without it the agent resolves each backend's
+/// source address itself (`CONFIG_F_ROUTE_SRC`).
+pub fn fib_src_supported(ebpf: &Ebpf) -> Result<bool> {
+    let prog: &Xdp = ebpf
+        .program("lb_probe_fib_src")
+        .context("the object has no lb_probe_fib_src program")?
+        .try_into()?;
+    let frame = [0u8; 64];
+    let mut out = [0u8; 128];
+    let r = prog
+        .test_run(aya::programs::TestRunOptions {
+            data_in: Some(&frame),
+            data_out: Some(&mut out),
+            ..Default::default()
+        })
+        .context("BPF_PROG_TEST_RUN of lb_probe_fib_src")?;
+    // XDP_PASS (2): the flag was accepted; XDP_DROP (1): refused as invalid.
+    Ok(r.return_value == 2)
 }
 
 /// Counts the kernel's XDP failure tracepoints (`xdp:xdp_redirect_err`, `xdp:xdp_exception`)

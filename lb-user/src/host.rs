@@ -280,6 +280,30 @@ pub fn next_hop(addr: Ipv4Addr) -> Result<(Ipv4Addr, String)> {
     Ok((via, dev))
 }
 
+/// The source address the kernel would give a connection of this host to `addr` (`ip route
+/// get`'s `src`): the SNAT address of new flows to that backend where the data path cannot
+/// ask the FIB for it.
+pub fn route_src(addr: Ipv4Addr) -> Result<Ipv4Addr> {
+    let out = Command::new("ip")
+        .args(["-o", "route", "get", &addr.to_string()])
+        .output()
+        .context("run `ip route get`")?;
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    let words: Vec<&str> = text.split_whitespace().collect();
+    words
+        .iter()
+        .position(|w| *w == "src")
+        .and_then(|i| words.get(i + 1))
+        .and_then(|s| s.parse().ok())
+        .with_context(|| {
+            format!(
+                "no source address for backend {addr}: `ip route get {addr}` says {:?}{}",
+                text.trim(),
+                String::from_utf8_lossy(&out.stderr).trim()
+            )
+        })
+}
+
 impl HostChanges {
     /// Turns on IPv4 forwarding on `iface` only (bpf_fib_lookup needs it on the ingress device).
     pub fn enable_forwarding(&mut self, iface: &str) -> Result<()> {

@@ -213,6 +213,16 @@ async fn serve(
     } else {
         control.adopt_sets(cfg)
     };
+    if dataplane::set_source_addresses(ebpf, &mut control, cfg)? {
+        info!(
+            "new flows take the source address the kernel's FIB lookup gives (BPF_FIB_LOOKUP_SRC)"
+        );
+    } else {
+        info!(
+            "this kernel has no BPF_FIB_LOOKUP_SRC (Linux before 6.7): new flows take the source address \
+             of this host's route to their backend, resolved now (restart lb after changing such a route)"
+        );
+    }
     control.configure(cfg, mode == AttachMode::Generic, ifindexes, &snat_addrs)?;
 
     // Health checks: one task per (checked service, backend); results come back on `updates`.

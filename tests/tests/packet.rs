@@ -1806,6 +1806,70 @@ fn a_syn_to_a_backend_without_a_neighbour_entry_is_dropped_without_a_flow() -> R
     })
 }
 
+/// The running kernel's (major, minor) version.
+fn kernel_version() -> Result<(u32, u32)> {
+    let release = std::fs::read_to_string("/proc/sys/kernel/osrelease")?;
+    let mut it = release.trim().split(['.', '-']).map(|p| p.parse::<u32>());
+    match (it.next(), it.next()) {
+        (Some(Ok(a)), Some(Ok(b))) => Ok((a, b)),
+        _ => anyhow::bail!("cannot read the kernel version from {release:?}"),
+    }
+}
+
+#[test]
+#[ignore = "needs root and netns: run cargo xtask test"]
+fn the_fib_source_probe_tells_whether_this_kernel_has_bpf_fib_lookup_src() -> Result<()> {
+    Fixture::run("fibprobe", |fx| {
+        let has = lb_user::dataplane::fib_src_supported(&fx.ebpf)?;
+        let version = kernel_version()?;
+        assert_eq!(has, version >= (6, 7), "kernel {version:?}");
+        Ok(())
+    })
+}
+
+#[test]
+#[ignore = "needs root and netns: run cargo xtask test"]
+fn without_fib_lookup_src_a_new_flow_takes_the_source_the_agent_resolved_for_its_backend(
+) -> Result<()> {
+    Fixture::run("routesrc", |fx| {
+        // What the agent does on a kernel before 6.7 (its probe says so there; forced here):
+        // db01's route source is lb's bk0 address, db02's resolved to an address that is not
+        // lb's, db03 has none.
+        fx.control
+            .use_route_sources(&[(DB01, SNAT_ADDR), (DB02, Ipv4Addr::new(10, 0, 1, 99))])?;
+        fx.control.write_config(&fx.cfg, false)?;
+        let syn = client_syn(CLIENT_PORT, WRITE_PORT);
+        let before = fx.counters()?;
+        let out = fx.from_client(&syn.bytes()?)?;
+        let port = sport_of(&out.frame);
+        assert_output(
+            &out,
+            Action::Redirect,
+            &to_backend(&syn, DB01, DB01_MAC, port).bytes()?,
+        );
+        assert_eq!(
+            fx.counters()?.changes_since(&before),
+            moved(&[
+                (Counter::FwdPackets, 1),
+                (Counter::NewFlows, 1),
+                (Counter::FibResult0, 1)
+            ])
+        );
+        // The read service alternates between db02 and db03: neither has a usable source.
+        for (i, client_port) in [CLIENT_PORT + 1, CLIENT_PORT + 2].into_iter().enumerate() {
+            assert_dropped(
+                fx,
+                &format!("read SYN {i} without a source address"),
+                &client_syn(client_port, READ_PORT).bytes()?,
+                fx.cl0.ifindex,
+                &[(Counter::DropNoSnatAddr, 1), (Counter::FibResult0, 1)],
+            )?;
+        }
+        assert_eq!(fx.embryonic()?.len(), 2, "only db01's flow");
+        Ok(())
+    })
+}
+
 #[test]
 #[ignore = "needs root and netns: run cargo xtask test"]
 fn when_the_snat_ports_run_out_the_syn_is_answered_with_a_rst() -> Result<()> {
