@@ -8,6 +8,7 @@
 //! - [`supervise`]: the loop from check results to installed sets.
 //! - [`maglev`]: consistent-hash lookup tables.
 //! - [`run`]: `lb run`, tying them together.
+//! - [`selftest`]: the SYN sent through the loaded program before the agent says ready.
 //! - [`status`]: `lb status`, reading pinned counters.
 //! - [`capture`]: `lb capture`, sampled frames of one service to a pcap file.
 //! - [`admin`]: the admin HTTP server (dashboard, /stats.json, ;csv, /metrics).
@@ -26,6 +27,7 @@ pub mod mirror;
 pub mod nic;
 pub mod ops;
 pub mod run;
+pub mod selftest;
 pub mod status;
 pub mod supervise;
 

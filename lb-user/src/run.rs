@@ -259,6 +259,14 @@ async fn serve(
     )
     .await?;
     supervisor.release(cfg, &mut control)?;
+    let verdict = crate::selftest::run(
+        ebpf,
+        cfg,
+        |i| !supervisor.installed(i).is_empty(),
+        ifindexes[0],
+        pin_dir,
+    )?;
+    info!("{verdict}");
 
     let modes = dataplane::attach_pinned(ebpf, ifaces, mode, pin_dir)?;
     if let Err(e) = dataplane::attach_failure_tracepoints(ebpf) {

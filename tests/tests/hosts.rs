@@ -1,6 +1,6 @@
 //! lb on the hosts operators have: a HAProxy host's wide ephemeral port range.
 use std::{
-    net::{SocketAddr, SocketAddrV4, TcpStream},
+    net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpStream},
     os::fd::AsRawFd,
     thread,
     time::{Duration, Instant},
@@ -30,9 +30,9 @@ fn sysctl(topo: &Topology, key: &str) -> Result<String> {
     Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
 }
 
-/// Waits until a write through the VIP reaches the master.
-fn writes_reach(topo: &Topology, master: &str) -> Result<()> {
-    let vip = SocketAddr::V4(SocketAddrV4::new(topo.lb.client_addr, 7680));
+/// Waits until a write through `vip`:7680 reaches the master.
+fn writes_reach(topo: &Topology, vip: Ipv4Addr, master: &str) -> Result<()> {
+    let vip = SocketAddr::V4(SocketAddrV4::new(vip, 7680));
     topo.client.ns.run_in(|| -> Result<()> {
         let deadline = Instant::now() + Duration::from_secs(15);
         loop {
@@ -72,7 +72,7 @@ fn on_a_haproxy_hosts_wide_port_range_lb_reserves_its_snat_ports_and_starts() ->
         "reserved: {}",
         sysctl(&topo, "net.ipv4.ip_local_reserved_ports")?
     );
-    writes_reach(&topo, "db01")?;
+    writes_reach(&topo, topo.lb.client_addr, "db01")?;
     // The host's own connections to a backend get ports the kernel still hands out: never
     // one of lb's.
     let db01 = SocketAddr::V4(SocketAddrV4::new(topo.backends[0].addr, 7474));
@@ -162,8 +162,70 @@ fn a_host_socket_on_a_snat_port_towards_a_backend_is_refused_and_snat_ports_choo
         lb.logs()
     );
     ensure!(sysctl(&topo, "net.ipv4.ip_local_reserved_ports")? == "40000-49999");
-    writes_reach(&topo, "db01")?;
+    writes_reach(&topo, topo.lb.client_addr, "db01")?;
     drop(held);
     lb.stop()?;
+    Ok(())
+}
+
+#[test]
+#[ignore = "needs root and netns: run cargo xtask test"]
+fn a_data_path_that_cannot_forward_is_caught_by_the_self_test_before_ready() -> Result<()> {
+    let topo = Topology::two_armed("selftest")?;
+    let _sims = topo.start_sims(&["master", "slave", "slave"])?;
+    let config = topo.log_dir.join("lb.toml");
+    std::fs::write(&config, topo.role_checked_config())?;
+    // Attached to the client side only: the backends are reached through an interface the
+    // program cannot send to, from an address that is not one of its SNAT addresses. Every
+    // new connection would be dropped.
+    let mut cmd = topo.lb.ns.command(lb_tests::harness::lb_bin());
+    cmd.args([
+        "run",
+        "--instance",
+        &topo.instance,
+        "--iface",
+        &topo.lb.ifaces[0],
+    ])
+    .arg("--config")
+    .arg(&config)
+    .args(["--xdp-mode", "native"]);
+    let lb = topo.spawn_command("lb-one-iface", cmd)?;
+    let t = Instant::now();
+    let status = loop {
+        if let Some(s) = lb.try_wait()? {
+            break s;
+        }
+        ensure!(
+            t.elapsed() < Duration::from_secs(20),
+            "lb neither refused nor stopped within 20 s: {}",
+            lb.logs()
+        );
+        thread::sleep(Duration::from_millis(50));
+    };
+    let logs = lb.logs();
+    ensure!(!status.success(), "lb exited with {status}: {logs}");
+    ensure!(
+        !logs.contains("lb ready"),
+        "lb said ready with a data path that drops every new connection: {logs}"
+    );
+    ensure!(
+        logs.contains("self-test: a SYN to service write")
+            && logs.contains("was not forwarded")
+            && logs.contains("drop_no_snat_addr +1"),
+        "{logs}"
+    );
+    // Nothing was left behind: no pins, no VIP.
+    ensure!(
+        !lb_user::dataplane::pin_dir(&topo.instance).exists(),
+        "a refused start left pins"
+    );
+    // Attached to both sides, the same configuration passes the self-test.
+    let ok = topo.start_lb(&topo.role_checked_config(), &["--xdp-mode", "native"])?;
+    let want = format!(
+        "self-test: a SYN to service write was forwarded to {}:7687 from {}:",
+        topo.backends[0].addr, topo.lb.backend_addr
+    );
+    ensure!(ok.logs().contains(&want), "{}", ok.logs());
+    writes_reach(&topo, topo.vip, "db01")?;
     Ok(())
 }
