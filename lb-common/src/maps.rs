@@ -50,6 +50,8 @@ pub mod names {
     pub const META: &str = "META";
     /// Agent-only: the health of every (service, backend) pair, mirrored for `lb status`.
     pub const HEALTH: &str = "HEALTH";
+    /// Agent-only: which service and backend name holds which id (stable across restarts).
+    pub const IDS: &str = "IDS";
     /// Every map the agent pins, in a stable order.
     pub const ALL: &[&str] = &[
         CONFIG,

@@ -105,6 +105,9 @@ pub enum VipMode {
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Backend {
+    /// The backend's id in the data path (counters, reset epochs, slots, flows): its position
+    /// in the file for a new instance, the one its name had for an adopted one (`ids`).
+    pub id: u32,
     pub name: String,
     pub address: Ipv4Addr,
     /// Port of the HTTP role endpoints (Neo4j: 7474).
@@ -140,6 +143,10 @@ pub enum OnDown {
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct Service {
+    /// The service's id in the data path (`SERVICES`, its backend-set slot, counters, flows):
+    /// its position in the file for a new instance, the one its name had for an adopted one
+    /// (`ids`). Everything else in the agent indexes services by position.
+    pub id: u32,
     pub name: String,
     pub vip: SocketAddrV4,
     pub backend_port: u16,
@@ -489,6 +496,7 @@ impl Config {
                 )
             })?;
             backends.push(Backend {
+                id: backends.len() as u32,
                 name,
                 address,
                 check_port: b.check_port.unwrap_or(7474),
@@ -664,6 +672,7 @@ impl Config {
                 None => None,
             };
             services.push(Service {
+                id: services.len() as u32,
                 name,
                 vip,
                 backend_port: *s.backend_port.get_ref(),

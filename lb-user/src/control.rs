@@ -174,20 +174,25 @@ impl Control {
         Ok(())
     }
 
-    /// Registers every service's VIP:port and every backend's data address:port.
+    /// Registers every service's VIP:port and every backend's data address:port, and removes
+    /// those an earlier agent registered that `cfg` no longer has (a removed service's VIP is
+    /// no longer balanced; a removed backend's replies are no longer translated).
     pub fn install_services(&mut self, cfg: &Config) -> Result<()> {
-        for (id, s) in cfg.services.iter().enumerate() {
+        let mut services = Vec::new();
+        let mut backends = Vec::new();
+        for s in &cfg.services {
             let key = ServiceKey {
                 addr: addr_be(s.vip.ip().octets()),
                 port: port_be(s.vip.port()),
                 proto: IPPROTO_TCP,
                 _pad: 0,
             };
+            services.push(key);
             self.services
                 .insert(
                     key,
                     Service {
-                        id: id as u32,
+                        id: s.id,
                         flags: s.balance.flags()
                             | if s.maxconn_reset {
                                 lb_common::SERVICE_F_MAXCONN_RESET
@@ -205,10 +210,36 @@ impl Control {
                     port: port_be(s.backend_port),
                     _pad: 0,
                 };
+                backends.push(key);
                 self.backends
-                    .insert(key, b as u32, 0)
+                    .insert(key, be.id, 0)
                     .with_context(|| format!("add backend {} to BACKENDS", be.name))?;
             }
+        }
+        let stale: Vec<ServiceKey> = self
+            .services
+            .keys()
+            .filter_map(|k| k.ok())
+            .filter(|k| !services.contains(k))
+            .collect();
+        for k in stale {
+            let vip = std::net::SocketAddrV4::new(
+                Ipv4Addr::from(k.addr.to_ne_bytes()),
+                u16::from_be(k.port),
+            );
+            info!(%vip, "a service of the running instance is no longer configured: its VIP is no longer balanced");
+            self.services
+                .remove(&k)
+                .with_context(|| format!("remove {vip} from SERVICES"))?;
+        }
+        let stale: Vec<BackendKey> = self
+            .backends
+            .keys()
+            .filter_map(|k| k.ok())
+            .filter(|k| !backends.contains(k))
+            .collect();
+        for k in stale {
+            self.backends.remove(&k).context("remove from BACKENDS")?;
         }
         Ok(())
     }
@@ -225,13 +256,13 @@ impl Control {
         let m: Vec<Member> = members
             .iter()
             .map(|&b| Member {
-                id: b as u32,
+                id: cfg.backends[b].id,
                 addr: cfg.backends[b].address,
                 port: s.backend_port,
                 maxconn: s.backend_maxconn,
             })
             .collect();
-        self.install_set(service as u32, &m)
+        self.install_set(s.id, &m)
     }
 
     /// The sets installed now (by an earlier agent, when the maps were adopted), as indexes
@@ -239,14 +270,15 @@ impl Control {
     /// the highest one found.
     pub fn adopt_sets(&mut self, cfg: &Config) -> Vec<Vec<usize>> {
         let mut out = Vec::new();
-        for (id, s) in cfg.services.iter().enumerate() {
+        for s in &cfg.services {
             let mut members = Vec::new();
-            if let Ok(inner) = self.sets.get(&(id as u32), 0) {
+            if let Ok(inner) = self.sets.get(&s.id, 0) {
                 if let Ok(set) = inner.get(&0, 0) {
                     self.generation = self.generation.max(set.generation);
                     for m in set.members.iter().take(set.count as usize) {
                         let found = s.backends.iter().copied().find(|&b| {
-                            addr_be(cfg.backends[b].address.octets()) == m.addr
+                            cfg.backends[b].id == m.id
+                                && addr_be(cfg.backends[b].address.octets()) == m.addr
                                 && port_be(s.backend_port) == m.port
                         });
                         if let Some(b) = found {
@@ -260,9 +292,10 @@ impl Control {
         out
     }
 
-    /// Resets the flows of `backend` in `service` (on their next segment, in the data path).
-    pub fn reset_flows(&mut self, service: u32, backend: u32) -> Result<()> {
-        let i = lb_common::epoch_index(service, backend);
+    /// Resets the flows of backend `backend` in service `service` (positions in `cfg`) on their
+    /// next segment, in the data path.
+    pub fn reset_flows(&mut self, cfg: &Config, service: usize, backend: usize) -> Result<()> {
+        let i = lb_common::epoch_index(cfg.services[service].id, cfg.backends[backend].id);
         let cur = self.reset_epoch.get(&i, 0).context("read RESET_EPOCH")?;
         self.reset_epoch
             .set(i, cur.wrapping_add(1), 0)

@@ -89,9 +89,11 @@ impl Timeouts {
             ns(cfg.idle_timeout),
             ns(cfg.close_timeout),
         );
-        for (i, s) in cfg.services.iter().enumerate().take(MAX_SERVICES as usize) {
-            if let Some(d) = s.idle_timeout {
-                t.idle_by_service[i] = ns(d);
+        for s in &cfg.services {
+            if let (Some(d), Some(slot)) =
+                (s.idle_timeout, t.idle_by_service.get_mut(s.id as usize))
+            {
+                *slot = ns(d);
             }
         }
         t

@@ -3,6 +3,7 @@
 //! - [`config`]: the TOML model and its validation.
 //! - [`dataplane`]: load, attach, pin.
 //! - [`control`]: the only writer of the config and backend-set maps (atomic set swaps).
+//! - [`ids`]: stable service and backend ids, by name, across restarts.
 //! - [`host`]: host settings lb changes and restores (forwarding, reserved ports, VIPs).
 //! - [`desired`]: where backend sets are decided from health (role rules).
 //! - [`supervise`]: the loop from check results to installed sets.
@@ -21,6 +22,7 @@ pub mod control;
 pub mod dataplane;
 pub mod desired;
 pub mod host;
+pub mod ids;
 pub mod live;
 pub mod maglev;
 pub mod mirror;

@@ -48,6 +48,8 @@ pub struct PairView {
 
 #[derive(Debug, Clone, Serialize)]
 pub struct ServiceView {
+    /// The service's id in the data path.
+    pub id: u32,
     pub name: String,
     pub vip: String,
     pub backend_port: u16,
@@ -80,6 +82,7 @@ impl LiveView {
             .services
             .iter()
             .map(|s| ServiceView {
+                id: s.id,
                 name: s.name.clone(),
                 vip: s.vip.to_string(),
                 backend_port: s.backend_port,
@@ -91,7 +94,7 @@ impl LiveView {
                     .iter()
                     .map(|&b| PairView {
                         backend: cfg.backends[b].name.clone(),
-                        backend_id: b as u32,
+                        backend_id: cfg.backends[b].id,
                         maxconn: (s.backend_maxconn != 0).then_some(s.backend_maxconn),
                         state: if s.check.is_some() {
                             "DOWN".into()

@@ -84,7 +84,9 @@ impl Mirror {
             let text = p.last_check.clone().unwrap_or_else(|| p.state.clone());
             let n = text.len().min(r.last.len());
             r.last[..n].copy_from_slice(&text.as_bytes()[..n]);
-            let _ = self.map.set(epoch_index(s as u32, b as u32), r, 0);
+            let _ = self
+                .map
+                .set(epoch_index(cfg.services[s].id, cfg.backends[b].id), r, 0);
         }
     }
 }

@@ -72,6 +72,8 @@ pub async fn run(args: RunArgs) -> Result<()> {
 
     let pin_dir = dataplane::pin_dir(&cfg.instance);
     let (mut ebpf, pins) = dataplane::load_pinned(&mut cfg, &pin_dir)?;
+    // Ids by name: an adopted instance's services and backends keep theirs.
+    crate::ids::apply(&mut cfg, &pin_dir)?;
     match pins {
         Pins::Fresh => info!(dir = %pin_dir.display(), "new instance: maps pinned"),
         Pins::Adopted { flows } => info!(
@@ -306,12 +308,42 @@ async fn serve(
         cfg.embryonic_entries,
         mib(cfg.embryonic_entries),
     );
+    // Names by id (an adopted instance's ids may leave gaps: empty names).
+    let by_id = |ids: Vec<(u32, String)>| {
+        let mut v =
+            vec![String::new(); ids.iter().map(|(i, _)| *i as usize + 1).max().unwrap_or(0)];
+        for (i, n) in ids {
+            v[i as usize] = n;
+        }
+        v
+    };
+    let mut backend_maxconn = vec![
+        0;
+        cfg.services
+            .iter()
+            .map(|s| s.id as usize + 1)
+            .max()
+            .unwrap_or(0)
+    ];
+    for s in &cfg.services {
+        backend_maxconn[s.id as usize] = s.backend_maxconn;
+    }
     status::write_info(&InstanceInfo {
         instance: cfg.instance.clone(),
-        services: cfg.services.iter().map(|s| s.name.clone()).collect(),
-        backends: cfg.backends.iter().map(|b| b.name.clone()).collect(),
+        services: by_id(
+            cfg.services
+                .iter()
+                .map(|s| (s.id, s.name.clone()))
+                .collect(),
+        ),
+        backends: by_id(
+            cfg.backends
+                .iter()
+                .map(|b| (b.id, b.name.clone()))
+                .collect(),
+        ),
         maxconn: cfg.maxconn,
-        backend_maxconn: cfg.services.iter().map(|s| s.backend_maxconn).collect(),
+        backend_maxconn,
         ifaces: ifaces.to_vec(),
         mode: if generic {
             "generic".into()

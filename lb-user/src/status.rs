@@ -17,7 +17,9 @@ use crate::dataplane::{open_pinned, pin_dir};
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct InstanceInfo {
     pub instance: String,
+    /// Service names by id (an id no configured service holds: empty).
     pub services: Vec<String>,
+    /// Backend names by id (an id no configured backend holds: empty).
     pub backends: Vec<String>,
     /// The global `maxconn` (0: none).
     #[serde(default)]
@@ -108,9 +110,19 @@ fn maxconn_view(dir: &Path, info: Option<&InstanceInfo>, health: &[HealthRow]) -
         active: a.get(&lb_common::MAXCONN_GLOBAL, 0).unwrap_or(0),
         pairs: vec![],
     };
-    for (si, sname) in info.services.iter().enumerate() {
+    for (si, sname) in info
+        .services
+        .iter()
+        .enumerate()
+        .filter(|(_, n)| !n.is_empty())
+    {
         let limit = info.backend_maxconn.get(si).copied().unwrap_or(0);
-        for (bi, bname) in info.backends.iter().enumerate() {
+        for (bi, bname) in info
+            .backends
+            .iter()
+            .enumerate()
+            .filter(|(_, n)| !n.is_empty())
+        {
             let active = a
                 .get(&lb_common::epoch_index(si as u32, bi as u32), 0)
                 .unwrap_or(0);
@@ -153,8 +165,8 @@ fn health_rows(dir: &Path, services: &[String], backends: &[String]) -> Vec<Heal
         .unwrap_or_default()
         .as_millis() as u64;
     let mut rows = Vec::new();
-    for (si, sname) in services.iter().enumerate() {
-        for (bi, bname) in backends.iter().enumerate() {
+    for (si, sname) in services.iter().enumerate().filter(|(_, n)| !n.is_empty()) {
+        for (bi, bname) in backends.iter().enumerate().filter(|(_, n)| !n.is_empty()) {
             let Ok(r) = map.get(&lb_common::epoch_index(si as u32, bi as u32), 0) else {
                 continue;
             };
@@ -224,7 +236,7 @@ pub fn snapshot(instance: &str) -> Result<Snapshot> {
         None => (vec![], vec![]),
     };
     let mut services = Vec::new();
-    for (i, name) in snames.iter().enumerate() {
+    for (i, name) in snames.iter().enumerate().filter(|(_, n)| !n.is_empty()) {
         let t = sum(&s, i as u32, |t, v| {
             t.packets += v.packets;
             t.bytes += v.bytes;
@@ -246,7 +258,7 @@ pub fn snapshot(instance: &str) -> Result<Snapshot> {
         ));
     }
     let mut backends = Vec::new();
-    for (i, name) in bnames.iter().enumerate() {
+    for (i, name) in bnames.iter().enumerate().filter(|(_, n)| !n.is_empty()) {
         let t = sum(&b, i as u32, |t, v| {
             t.packets += v.packets;
             t.bytes += v.bytes;

@@ -148,7 +148,7 @@ impl Supervisor {
             self.recompute(cfg, control, s)?;
             // Maintenance: its connections go too, whether it was still in the set or draining.
             if admin == Admin::Disable && cfg.services[s].backends.contains(&b) {
-                control.reset_flows(s as u32, b as u32)?;
+                control.reset_flows(cfg, s, b)?;
             }
             self.mirror_service(cfg, s);
         }
@@ -236,7 +236,7 @@ impl Supervisor {
             v.services[s].generation = generation;
         }
         for &b in &d.reset {
-            control.reset_flows(s as u32, b as u32)?;
+            control.reset_flows(cfg, s, b)?;
         }
         let names = |v: &[usize]| {
             v.iter()

@@ -1363,7 +1363,7 @@ fn reset_flows_answers_the_clients_next_segment_with_a_rst_and_deletes_the_flow(
         assert_eq!(fx.established()?.len(), 8);
 
         // db01 demoted in "write" (service 0, backend 0).
-        fx.control.reset_flows(0, 0)?;
+        fx.control.reset_flows(&fx.cfg, 0, 0)?;
         let data = a.client_data(b"CREATE (n)");
         let mut want = TcpFrame::new(CL0_MAC, CLIENT_MAC, sa(VIP, WRITE_PORT), sa(CLIENT, 40000))
             .with_flags(RST)
@@ -1408,7 +1408,7 @@ fn reset_flows_answers_the_clients_next_segment_with_a_rst_and_deletes_the_flow(
         d.assert_alive(fx, "db03 in \"read\"")?;
 
         // Another backend of the same service: only its flows.
-        fx.control.reset_flows(1, 2)?;
+        fx.control.reset_flows(&fx.cfg, 1, 2)?;
         let data = d.client_data(b"MATCH (n)");
         assert_rst(
             fx,
@@ -1434,7 +1434,7 @@ fn reset_flows_answers_the_backends_next_segment_with_a_rst_and_deletes_the_flow
         let b = establish(fx, 40001, 7682)?;
         let c = establish(fx, 40002, READ_PORT)?;
 
-        fx.control.reset_flows(0, 0)?;
+        fx.control.reset_flows(&fx.cfg, 0, 0)?;
         // db01's answer goes back to db01 as a RST: from the SNAT address and port, seq = its
         // ACK (the client's next sequence number).
         let reply = a.backend_data(b"\x00\x00\x04\x04");
@@ -1466,7 +1466,7 @@ fn reset_flows_answers_the_backends_next_segment_with_a_rst_and_deletes_the_flow
 
         // A second reset catches it, and a flow still in its handshake.
         let (syn, port) = open_write_flow(fx, 40005)?;
-        fx.control.reset_flows(0, 0)?;
+        fx.control.reset_flows(&fx.cfg, 0, 0)?;
         let syn_ack =
             backend_segment(DB01, DB01_MAC, port, SYN | ACK).with_seq_ack(0x5000_0000, syn.seq + 1);
         assert_rst(

@@ -634,7 +634,7 @@ fn the_data_path_reports_the_flows_it_deletes_itself_for_the_connection_log() ->
         let mut c = establish(fx, 41200)?;
         c.client_sends(fx, "query", PSH | ACK, b"RETURN 1")?;
         c.backend_sends(fx, "answer", PSH | ACK, b"RECORD 1 DONE")?;
-        fx.control.reset_flows(0, 0)?;
+        fx.control.reset_flows(&fx.cfg, 0, 0)?;
         let out = fx.from_client(&c.client(PSH | ACK, b"more").bytes()?)?;
         assert_eq!(out.action, Action::Tx, "reset flow answered with RST");
         let ev = conn_events(fx)?;

@@ -198,7 +198,7 @@ fn a_syn_over_the_backend_limit_is_dropped_and_a_close_frees_the_slot() -> Resul
         assert_eq!(counts(fx)?, (1, 0, 0, 1));
 
         // A flow reset by the agent (on_down = "reset") releases its slot on its next segment.
-        fx.control.reset_flows(0, 0)?;
+        fx.control.reset_flows(&fx.cfg, 0, 0)?;
         assert_eq!(
             c.client(fx, PSH | ACK)?,
             Action::Tx,

@@ -435,10 +435,7 @@ pub fn build(
                     .iter()
                     .map(|p| PairDoc {
                         backend: p.backend.clone(),
-                        active_flows: live
-                            .tables
-                            .as_ref()
-                            .map(|t| t.flows_of(i as u32, p.backend_id)),
+                        active_flows: live.tables.as_ref().map(|t| t.flows_of(s.id, p.backend_id)),
                         maxconn: p.maxconn,
                         maxconn_active: p.maxconn.map(|_| {
                             sample
