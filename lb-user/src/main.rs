@@ -1,7 +1,7 @@
 //! `lb`: an XDP load balancer for Neo4j clusters. See `lb --help`.
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
-use anyhow::Result;
+use anyhow::{anyhow, bail, Context, Result};
 use clap::{Parser, Subcommand};
 use lb_user::{capture, dataplane::AttachMode, run, status};
 
@@ -27,6 +27,7 @@ enum Cmd {
     /// Examples:
     ///   lb run --config lb.toml --iface eth0                (one-armed)
     ///   lb run --config lb.toml --iface eth0 --iface eth1   (clients on eth0, backends on eth1)
+    ///   lb run --config /etc/lb/neo4j.toml                  (interfaces from its ifaces = [...])
     ///
     /// Stopping lb leaves the data path pinned and forwarding (sets frozen); a new `lb run`
     /// adopts it, `lb detach` removes it. The configuration's keys (services, checks, maxconn,
@@ -47,7 +48,8 @@ enum Cmd {
         #[arg(long = "haproxy-config", num_args = 1.., value_name = "FILE")]
         haproxy_config: Vec<PathBuf>,
         /// Interface to attach to; repeat for a two-armed setup. The first one gets the VIPs.
-        #[arg(long = "iface", short, required = true)]
+        /// Without --iface, the configuration's `ifaces = ["eth0", ...]` (same order).
+        #[arg(long = "iface", short, required_unless_present = "config")]
         ifaces: Vec<String>,
         /// XDP attach mode.
         #[arg(long, value_enum, default_value_t = AttachMode::Auto)]
@@ -169,6 +171,7 @@ fn main() -> Result<()> {
             instance,
             xdp_object,
         } => {
+            let ifaces = run_ifaces(ifaces, config.as_deref())?;
             let rt = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()?;
@@ -241,6 +244,42 @@ fn main() -> Result<()> {
     }
 }
 
+/// The interfaces `lb run` attaches to: `--iface` when given (it overrides the file, like
+/// `--instance`), else the configuration's top-level `ifaces = [...]`, so that one file under
+/// /etc/lb/ describes a whole instance (what the packaged `lb@.service` runs).
+fn run_ifaces(cli: Vec<String>, config: Option<&Path>) -> Result<Vec<String>> {
+    if !cli.is_empty() {
+        return Ok(cli);
+    }
+    let Some(path) = config else {
+        bail!("no --iface given: name the interface(s) clients and backends are reached on, e.g. --iface eth0");
+    };
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("reading the configuration {}", path.display()))?;
+    config_ifaces(&text).map_err(|e| anyhow!("{}: {e}", path.display()))
+}
+
+/// The `ifaces` key of a configuration's text (the rest is `Config::load`'s to read).
+fn config_ifaces(text: &str) -> std::result::Result<Vec<String>, String> {
+    #[derive(serde::Deserialize)]
+    struct IfacesKey {
+        #[serde(default)]
+        ifaces: Vec<String>,
+    }
+    let key: IfacesKey = toml::from_str(text).map_err(|e| e.to_string().trim_end().to_string())?;
+    if key.ifaces.is_empty() {
+        return Err(
+            "no interfaces to attach to: add `ifaces = [\"eth0\"]` (clients first, \
+                    backends second for a two-armed setup) or pass --iface"
+                .into(),
+        );
+    }
+    if let Some(bad) = key.ifaces.iter().find(|i| i.trim().is_empty()) {
+        return Err(format!("ifaces: {bad:?} is not an interface name"));
+    }
+    Ok(key.ifaces)
+}
+
 /// `lb import-haproxy`: TOML on stdout, diagnostics on stderr, password files written only when
 /// the import succeeds.
 fn import_haproxy(
@@ -275,4 +314,45 @@ fn import_haproxy(
     }
     print!("{}", imp.toml);
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn interfaces_come_from_iface_first_then_the_configuration() {
+        let dir = std::env::temp_dir().join(format!("lb-ifaces-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("neo4j.toml");
+        std::fs::write(
+            &path,
+            "instance = \"neo4j\"\nifaces = [\"eth0\", \"eth1\"]\n",
+        )
+        .unwrap();
+        let from_file = run_ifaces(vec![], Some(&path));
+        let overridden = run_ifaces(vec!["eth2".into()], Some(&path));
+        let missing = run_ifaces(vec![], Some(&dir.join("absent.toml")));
+        std::fs::remove_dir_all(&dir).unwrap();
+        assert_eq!(from_file.unwrap(), ["eth0", "eth1"]);
+        assert_eq!(overridden.unwrap(), ["eth2"]);
+        assert!(format!("{:#}", missing.unwrap_err()).contains("absent.toml"));
+        assert!(run_ifaces(vec![], None)
+            .unwrap_err()
+            .to_string()
+            .contains("no --iface given"));
+    }
+
+    #[test]
+    fn a_configuration_without_interfaces_says_how_to_name_them() {
+        let e = config_ifaces("instance = \"neo4j\"\n").unwrap_err();
+        assert!(
+            e.starts_with("no interfaces to attach to: add `ifaces = [\"eth0\"]`"),
+            "{e}"
+        );
+        let e = config_ifaces("ifaces = \"eth0\"\n").unwrap_err();
+        assert!(e.contains("line 1"), "{e}");
+        let e = config_ifaces("ifaces = [\"\"]\n").unwrap_err();
+        assert_eq!(e, "ifaces: \"\" is not an interface name");
+    }
 }
