@@ -154,13 +154,7 @@ enum Cmd {
 }
 
 fn main() -> Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
-        )
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
+    init_logging();
     let cli = Cli::parse();
     match cli.cmd {
         Cmd::Run {
@@ -280,6 +274,96 @@ fn config_ifaces(text: &str) -> std::result::Result<Vec<String>, String> {
     Ok(key.ifaces)
 }
 
+/// How the log lines look on stderr.
+#[derive(Debug, PartialEq, Eq)]
+enum LogStyle {
+    /// A terminal or a file: our own timestamp; colours only on a terminal.
+    Plain { ansi: bool },
+    /// stderr is journald's stream (systemd): no colours, no timestamp of ours (the journal
+    /// stamps each line), and a `<N>` syslog priority prefix, which journald turns into the
+    /// entry's priority (`journalctl -p warning`); the level and target stay in the text.
+    Journald,
+}
+
+/// systemd sets `JOURNAL_STREAM=DEV:INODE` for a service whose stderr goes to the journal; it
+/// is inherited by children whose stderr goes elsewhere, so it counts only when it names our
+/// stderr (`stderr_id`, from fstat). A plain "stderr is no TTY" would also strip the timestamps
+/// of `lb run 2>lb.log`.
+fn log_style(journal_stream: Option<&str>, stderr_id: Option<(u64, u64)>, tty: bool) -> LogStyle {
+    let journal = journal_stream.and_then(|v| {
+        let (dev, ino) = v.trim().split_once(':')?;
+        Some((dev.parse::<u64>().ok()?, ino.parse::<u64>().ok()?))
+    });
+    match (journal, stderr_id) {
+        (Some(j), Some(e)) if j == e => LogStyle::Journald,
+        _ => LogStyle::Plain { ansi: tty },
+    }
+}
+
+/// Prefixes each line with its syslog priority (`<3>` error ... `<7>` debug) for journald.
+struct SyslogPriority<F>(F);
+
+impl<S, N, F> tracing_subscriber::fmt::FormatEvent<S, N> for SyslogPriority<F>
+where
+    F: tracing_subscriber::fmt::FormatEvent<S, N>,
+    S: tracing::Subscriber + for<'a> tracing_subscriber::registry::LookupSpan<'a>,
+    N: for<'a> tracing_subscriber::fmt::FormatFields<'a> + 'static,
+{
+    fn format_event(
+        &self,
+        ctx: &tracing_subscriber::fmt::FmtContext<'_, S, N>,
+        mut writer: tracing_subscriber::fmt::format::Writer<'_>,
+        event: &tracing::Event<'_>,
+    ) -> std::fmt::Result {
+        let priority = match *event.metadata().level() {
+            tracing::Level::ERROR => 3,
+            tracing::Level::WARN => 4,
+            tracing::Level::INFO => 6,
+            tracing::Level::DEBUG | tracing::Level::TRACE => 7,
+        };
+        write!(writer, "<{priority}>")?;
+        self.0.format_event(ctx, writer, event)
+    }
+}
+
+/// The `tracing` output on stderr, `RUST_LOG` filtered (default info), styled by [`log_style`].
+fn init_logging() {
+    use std::io::IsTerminal;
+    use std::os::fd::AsRawFd;
+    let stderr_id = nix::sys::stat::fstat(std::io::stderr().as_raw_fd())
+        .ok()
+        .map(|st| (st.st_dev, st.st_ino));
+    let journal_stream = std::env::var("JOURNAL_STREAM").ok();
+    let style = log_style(
+        journal_stream.as_deref(),
+        stderr_id,
+        std::io::stderr().is_terminal(),
+    );
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
+        .with_writer(std::io::stderr);
+    match style {
+        LogStyle::Plain { ansi } => builder.with_ansi(ansi).init(),
+        LogStyle::Journald => builder
+            .with_ansi(false)
+            .event_format(journald_format())
+            .init(),
+    }
+}
+
+/// The line format under journald: `<4> WARN lb::health: message key=value`.
+fn journald_format() -> SyslogPriority<
+    tracing_subscriber::fmt::format::Format<tracing_subscriber::fmt::format::Full, ()>,
+> {
+    SyslogPriority(
+        tracing_subscriber::fmt::format()
+            .without_time()
+            .with_ansi(false),
+    )
+}
+
 /// `lb import-haproxy`: TOML on stdout, diagnostics on stderr, password files written only when
 /// the import succeeds.
 fn import_haproxy(
@@ -319,6 +403,73 @@ fn import_haproxy(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::sync::{Arc, Mutex};
+
+    #[test]
+    fn journald_style_only_when_journal_stream_names_our_stderr() {
+        let journal = Some("8:12345");
+        assert_eq!(
+            log_style(journal, Some((8, 12345)), false),
+            LogStyle::Journald
+        );
+        // Inherited by a child whose stderr is a file or a terminal: not the journal's.
+        assert_eq!(
+            log_style(journal, Some((8, 999)), false),
+            LogStyle::Plain { ansi: false }
+        );
+        assert_eq!(
+            log_style(journal, Some((8, 999)), true),
+            LogStyle::Plain { ansi: true }
+        );
+        assert_eq!(
+            log_style(None, Some((8, 12345)), false),
+            LogStyle::Plain { ansi: false }
+        );
+        assert_eq!(
+            log_style(Some("garbage"), Some((8, 12345)), true),
+            LogStyle::Plain { ansi: true }
+        );
+        assert_eq!(
+            log_style(journal, None, false),
+            LogStyle::Plain { ansi: false }
+        );
+    }
+
+    #[derive(Clone, Default)]
+    struct Buf(Arc<Mutex<Vec<u8>>>);
+
+    impl std::io::Write for Buf {
+        fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(b);
+            Ok(b.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn journald_lines_carry_priority_level_and_target_but_no_time_or_colour() {
+        let buf = Buf::default();
+        let out = buf.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .with_writer(move || out.clone())
+            .with_ansi(false)
+            .event_format(journald_format())
+            .finish();
+        tracing::subscriber::with_default(subscriber, || {
+            tracing::error!(target: "lb::run", "attach failed");
+            tracing::warn!(target: "lb::health", backend = "db01", "down");
+            tracing::info!(target: "lb::conn", "closed");
+        });
+        let text = String::from_utf8(buf.0.lock().unwrap().clone()).unwrap();
+        assert_eq!(
+            text,
+            "<3>ERROR lb::run: attach failed\n\
+             <4> WARN lb::health: down backend=\"db01\"\n\
+             <6> INFO lb::conn: closed\n"
+        );
+    }
 
     #[test]
     fn interfaces_come_from_iface_first_then_the_configuration() {
