@@ -153,8 +153,25 @@ enum Cmd {
     },
 }
 
-fn main() -> Result<()> {
-    init_logging();
+fn main() -> std::process::ExitCode {
+    let style = init_logging();
+    match cli_main() {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            if style == LogStyle::Journald {
+                // One entry at error priority, causes included: `journalctl -p err -u lb@NAME`
+                // shows why the agent stopped.
+                eprintln!("<3>Error: {e:#}");
+            } else {
+                // As `fn main() -> Result` prints it.
+                eprintln!("Error: {e:?}");
+            }
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn cli_main() -> Result<()> {
     let cli = Cli::parse();
     match cli.cmd {
         Cmd::Run {
@@ -275,7 +292,7 @@ fn config_ifaces(text: &str) -> std::result::Result<Vec<String>, String> {
 }
 
 /// How the log lines look on stderr.
-#[derive(Debug, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum LogStyle {
     /// A terminal or a file: our own timestamp; colours only on a terminal.
     Plain { ansi: bool },
@@ -326,8 +343,9 @@ where
     }
 }
 
-/// The `tracing` output on stderr, `RUST_LOG` filtered (default info), styled by [`log_style`].
-fn init_logging() {
+/// The `tracing` output on stderr, `RUST_LOG` filtered (default info), styled by [`log_style`]
+/// (returned).
+fn init_logging() -> LogStyle {
     use std::io::IsTerminal;
     use std::os::fd::AsRawFd;
     let stderr_id = nix::sys::stat::fstat(std::io::stderr().as_raw_fd())
@@ -351,6 +369,7 @@ fn init_logging() {
             .event_format(journald_format())
             .init(),
     }
+    style
 }
 
 /// The line format under journald: `<4> WARN lb::health: message key=value`.
