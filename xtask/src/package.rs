@@ -186,30 +186,32 @@ mod tests {
         let version = stdout(Command::new(&lb).arg("--version"))?;
         assert!(version.starts_with("lb "), "{version}");
         // Its log under journald (JOURNAL_STREAM names its stderr) and not: `lb detach` of an
-        // instance that does not exist logs one info line and changes nothing.
+        // instance that does not exist logs one info line and changes nothing; a missing
+        // configuration is a fatal error.
         let instance = format!("pkgtest{}", std::process::id());
-        let log_line = |journal: bool| -> Result<String> {
+        let stderr_of = |args: &[&str], journal: bool| -> Result<String> {
             use std::os::unix::fs::MetadataExt;
             let path = tmp.0.join("stderr.log");
             let file = std::fs::File::create(&path)?;
             let meta = file.metadata()?;
             let mut c = Command::new(&lb);
-            c.args(["detach", "--instance", &instance])
+            c.args(args)
                 .env_remove("RUST_LOG")
                 .env_remove("JOURNAL_STREAM")
                 .stderr(file);
             if journal {
                 c.env("JOURNAL_STREAM", format!("{}:{}", meta.dev(), meta.ino()));
             }
-            output(&mut c)?;
+            probe(&mut c)?;
             Ok(std::fs::read_to_string(&path)?)
         };
-        let journal = log_line(true)?;
+        let detach = ["detach", "--instance", instance.as_str()];
+        let journal = stderr_of(&detach, true)?;
         assert!(
             journal.starts_with("<6> INFO lb_user::run: nothing pinned for this instance"),
             "{journal:?}"
         );
-        let plain = log_line(false)?;
+        let plain = stderr_of(&detach, false)?;
         assert!(
             plain.starts_with(|c: char| c.is_ascii_digit())
                 && plain.contains(" INFO lb_user::run: "),
@@ -219,6 +221,14 @@ mod tests {
             !journal.contains('\x1b') && !plain.contains('\x1b'),
             "colours in a file"
         );
+        let missing = tmp.0.join("absent.toml");
+        let run = ["run", "--config", &missing.to_string_lossy()];
+        let fatal = stderr_of(&run, true)?;
+        assert!(
+            fatal.starts_with("<3>Error: reading the configuration "),
+            "{fatal:?}"
+        );
+        assert!(stderr_of(&run, false)?.starts_with("Error: reading the configuration "));
 
         let unit = std::fs::read_to_string(root.join("lib/systemd/system/lb@.service"))?;
         let exec = "ExecStart=/usr/sbin/lb run --config /etc/lb/%i.toml --instance %i\n";
