@@ -38,6 +38,8 @@ pub fn build_deb(target_dir: Option<&Path>, out_dir: Option<&Path>, fast: bool) 
             String::from_utf8_lossy(&out.stderr)
         );
     }
+    // cargo-deb's warnings (a missing field, a stripping problem) are worth seeing.
+    eprint!("{}", String::from_utf8_lossy(&out.stderr));
     let stdout = String::from_utf8_lossy(&out.stdout);
     let deb = stdout
         .lines()
