@@ -30,6 +30,10 @@ struct RawConfig {
     rst_per_sec: Option<u32>,
     maxconn: Option<Spanned<u32>>,
     connection_log: Option<Spanned<PathBuf>>,
+    /// Interfaces for `lb run` when no --iface is given; main.rs reads them (`run_ifaces`).
+    #[serde(default)]
+    #[allow(dead_code)]
+    ifaces: Vec<String>,
     #[serde(default, rename = "check")]
     checks: Vec<Spanned<RawCheck>>,
     #[serde(default)]

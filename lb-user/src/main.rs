@@ -1,7 +1,7 @@
 //! `lb`: an XDP load balancer for Neo4j clusters. See `lb --help`.
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
-use anyhow::Result;
+use anyhow::{anyhow, bail, Context, Result};
 use clap::{Parser, Subcommand};
 use lb_user::{capture, dataplane::AttachMode, run, status};
 
@@ -27,6 +27,7 @@ enum Cmd {
     /// Examples:
     ///   lb run --config lb.toml --iface eth0                (one-armed)
     ///   lb run --config lb.toml --iface eth0 --iface eth1   (clients on eth0, backends on eth1)
+    ///   lb run --config /etc/lb/neo4j.toml                  (interfaces from its ifaces = [...])
     ///
     /// Stopping lb leaves the data path pinned and forwarding (sets frozen); a new `lb run`
     /// adopts it, `lb detach` removes it. The configuration's keys (services, checks, maxconn,
@@ -47,7 +48,8 @@ enum Cmd {
         #[arg(long = "haproxy-config", num_args = 1.., value_name = "FILE")]
         haproxy_config: Vec<PathBuf>,
         /// Interface to attach to; repeat for a two-armed setup. The first one gets the VIPs.
-        #[arg(long = "iface", short, required = true)]
+        /// Without --iface, the configuration's `ifaces = ["eth0", ...]` (same order).
+        #[arg(long = "iface", short, required_unless_present = "config")]
         ifaces: Vec<String>,
         /// XDP attach mode.
         #[arg(long, value_enum, default_value_t = AttachMode::Auto)]
@@ -156,14 +158,25 @@ enum Cmd {
     },
 }
 
-fn main() -> Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
-        )
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
+fn main() -> std::process::ExitCode {
+    let style = init_logging();
+    match cli_main() {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            if style == LogStyle::Journald {
+                // One entry at error priority, causes included: `journalctl -p err -u lb@NAME`
+                // shows why the agent stopped.
+                eprintln!("<3>Error: {e:#}");
+            } else {
+                // As `fn main() -> Result` prints it.
+                eprintln!("Error: {e:?}");
+            }
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn cli_main() -> Result<()> {
     let cli = Cli::parse();
     // Fault injection for tests (a build with the `failpoints` feature, FAILPOINTS set); a
     // no-op otherwise.
@@ -178,6 +191,7 @@ fn main() -> Result<()> {
             xdp_object,
             snat_ports,
         } => {
+            let ifaces = run_ifaces(ifaces, config.as_deref())?;
             let rt = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()?;
@@ -251,6 +265,134 @@ fn main() -> Result<()> {
     }
 }
 
+/// The interfaces `lb run` attaches to: `--iface` when given (it overrides the file, like
+/// `--instance`), else the configuration's top-level `ifaces = [...]`, so that one file under
+/// /etc/lb/ describes a whole instance (what the packaged `lb@.service` runs).
+fn run_ifaces(cli: Vec<String>, config: Option<&Path>) -> Result<Vec<String>> {
+    if !cli.is_empty() {
+        return Ok(cli);
+    }
+    let Some(path) = config else {
+        bail!("no --iface given: name the interface(s) clients and backends are reached on, e.g. --iface eth0");
+    };
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("reading the configuration {}", path.display()))?;
+    config_ifaces(&text).map_err(|e| anyhow!("{}: {e}", path.display()))
+}
+
+/// The `ifaces` key of a configuration's text (the rest is `Config::load`'s to read).
+fn config_ifaces(text: &str) -> std::result::Result<Vec<String>, String> {
+    #[derive(serde::Deserialize)]
+    struct IfacesKey {
+        #[serde(default)]
+        ifaces: Vec<String>,
+    }
+    let key: IfacesKey = toml::from_str(text).map_err(|e| e.to_string().trim_end().to_string())?;
+    if key.ifaces.is_empty() {
+        return Err(
+            "no interfaces to attach to: add `ifaces = [\"eth0\"]` (clients first, \
+                    backends second for a two-armed setup) or pass --iface"
+                .into(),
+        );
+    }
+    if let Some(bad) = key.ifaces.iter().find(|i| i.trim().is_empty()) {
+        return Err(format!("ifaces: {bad:?} is not an interface name"));
+    }
+    Ok(key.ifaces)
+}
+
+/// How the log lines look on stderr.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum LogStyle {
+    /// A terminal or a file: our own timestamp; colours only on a terminal.
+    Plain { ansi: bool },
+    /// stderr is journald's stream (systemd): no colours, no timestamp of ours (the journal
+    /// stamps each line), and a `<N>` syslog priority prefix, which journald turns into the
+    /// entry's priority (`journalctl -p warning`); the level and target stay in the text.
+    Journald,
+}
+
+/// systemd sets `JOURNAL_STREAM=DEV:INODE` for a service whose stderr goes to the journal; it
+/// is inherited by children whose stderr goes elsewhere, so it counts only when it names our
+/// stderr (`stderr_id`, from fstat). A plain "stderr is no TTY" would also strip the timestamps
+/// of `lb run 2>lb.log`.
+fn log_style(journal_stream: Option<&str>, stderr_id: Option<(u64, u64)>, tty: bool) -> LogStyle {
+    let journal = journal_stream.and_then(|v| {
+        let (dev, ino) = v.trim().split_once(':')?;
+        Some((dev.parse::<u64>().ok()?, ino.parse::<u64>().ok()?))
+    });
+    match (journal, stderr_id) {
+        (Some(j), Some(e)) if j == e => LogStyle::Journald,
+        _ => LogStyle::Plain { ansi: tty },
+    }
+}
+
+/// Prefixes each line with its syslog priority (`<3>` error ... `<7>` debug) for journald.
+struct SyslogPriority<F>(F);
+
+impl<S, N, F> tracing_subscriber::fmt::FormatEvent<S, N> for SyslogPriority<F>
+where
+    F: tracing_subscriber::fmt::FormatEvent<S, N>,
+    S: tracing::Subscriber + for<'a> tracing_subscriber::registry::LookupSpan<'a>,
+    N: for<'a> tracing_subscriber::fmt::FormatFields<'a> + 'static,
+{
+    fn format_event(
+        &self,
+        ctx: &tracing_subscriber::fmt::FmtContext<'_, S, N>,
+        mut writer: tracing_subscriber::fmt::format::Writer<'_>,
+        event: &tracing::Event<'_>,
+    ) -> std::fmt::Result {
+        let priority = match *event.metadata().level() {
+            tracing::Level::ERROR => 3,
+            tracing::Level::WARN => 4,
+            tracing::Level::INFO => 6,
+            tracing::Level::DEBUG | tracing::Level::TRACE => 7,
+        };
+        write!(writer, "<{priority}>")?;
+        self.0.format_event(ctx, writer, event)
+    }
+}
+
+/// The `tracing` output on stderr, `RUST_LOG` filtered (default info), styled by [`log_style`]
+/// (returned).
+fn init_logging() -> LogStyle {
+    use std::io::IsTerminal;
+    use std::os::fd::AsRawFd;
+    let stderr_id = nix::sys::stat::fstat(std::io::stderr().as_raw_fd())
+        .ok()
+        .map(|st| (st.st_dev, st.st_ino));
+    let journal_stream = std::env::var("JOURNAL_STREAM").ok();
+    let style = log_style(
+        journal_stream.as_deref(),
+        stderr_id,
+        std::io::stderr().is_terminal(),
+    );
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
+        .with_writer(std::io::stderr);
+    match style {
+        LogStyle::Plain { ansi } => builder.with_ansi(ansi).init(),
+        LogStyle::Journald => builder
+            .with_ansi(false)
+            .event_format(journald_format())
+            .init(),
+    }
+    style
+}
+
+/// The line format under journald: `<4> WARN lb::health: message key=value`.
+fn journald_format() -> SyslogPriority<
+    tracing_subscriber::fmt::format::Format<tracing_subscriber::fmt::format::Full, ()>,
+> {
+    SyslogPriority(
+        tracing_subscriber::fmt::format()
+            .without_time()
+            .with_ansi(false),
+    )
+}
+
 /// `lb import-haproxy`: TOML on stdout, diagnostics on stderr, password files written only when
 /// the import succeeds.
 fn import_haproxy(
@@ -285,4 +427,112 @@ fn import_haproxy(
     }
     print!("{}", imp.toml);
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::{Arc, Mutex};
+
+    #[test]
+    fn journald_style_only_when_journal_stream_names_our_stderr() {
+        let journal = Some("8:12345");
+        assert_eq!(
+            log_style(journal, Some((8, 12345)), false),
+            LogStyle::Journald
+        );
+        // Inherited by a child whose stderr is a file or a terminal: not the journal's.
+        assert_eq!(
+            log_style(journal, Some((8, 999)), false),
+            LogStyle::Plain { ansi: false }
+        );
+        assert_eq!(
+            log_style(journal, Some((8, 999)), true),
+            LogStyle::Plain { ansi: true }
+        );
+        assert_eq!(
+            log_style(None, Some((8, 12345)), false),
+            LogStyle::Plain { ansi: false }
+        );
+        assert_eq!(
+            log_style(Some("garbage"), Some((8, 12345)), true),
+            LogStyle::Plain { ansi: true }
+        );
+        assert_eq!(
+            log_style(journal, None, false),
+            LogStyle::Plain { ansi: false }
+        );
+    }
+
+    #[derive(Clone, Default)]
+    struct Buf(Arc<Mutex<Vec<u8>>>);
+
+    impl std::io::Write for Buf {
+        fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(b);
+            Ok(b.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn journald_lines_carry_priority_level_and_target_but_no_time_or_colour() {
+        let buf = Buf::default();
+        let out = buf.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .with_writer(move || out.clone())
+            .with_ansi(false)
+            .event_format(journald_format())
+            .finish();
+        tracing::subscriber::with_default(subscriber, || {
+            tracing::error!(target: "lb::run", "attach failed");
+            tracing::warn!(target: "lb::health", backend = "db01", "down");
+            tracing::info!(target: "lb::conn", "closed");
+        });
+        let text = String::from_utf8(buf.0.lock().unwrap().clone()).unwrap();
+        assert_eq!(
+            text,
+            "<3>ERROR lb::run: attach failed\n\
+             <4> WARN lb::health: down backend=\"db01\"\n\
+             <6> INFO lb::conn: closed\n"
+        );
+    }
+
+    #[test]
+    fn interfaces_come_from_iface_first_then_the_configuration() {
+        let dir = std::env::temp_dir().join(format!("lb-ifaces-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("neo4j.toml");
+        std::fs::write(
+            &path,
+            "instance = \"neo4j\"\nifaces = [\"eth0\", \"eth1\"]\n",
+        )
+        .unwrap();
+        let from_file = run_ifaces(vec![], Some(&path));
+        let overridden = run_ifaces(vec!["eth2".into()], Some(&path));
+        let missing = run_ifaces(vec![], Some(&dir.join("absent.toml")));
+        std::fs::remove_dir_all(&dir).unwrap();
+        assert_eq!(from_file.unwrap(), ["eth0", "eth1"]);
+        assert_eq!(overridden.unwrap(), ["eth2"]);
+        assert!(format!("{:#}", missing.unwrap_err()).contains("absent.toml"));
+        assert!(run_ifaces(vec![], None)
+            .unwrap_err()
+            .to_string()
+            .contains("no --iface given"));
+    }
+
+    #[test]
+    fn a_configuration_without_interfaces_says_how_to_name_them() {
+        let e = config_ifaces("instance = \"neo4j\"\n").unwrap_err();
+        assert!(
+            e.starts_with("no interfaces to attach to: add `ifaces = [\"eth0\"]`"),
+            "{e}"
+        );
+        let e = config_ifaces("ifaces = \"eth0\"\n").unwrap_err();
+        assert!(e.contains("line 1"), "{e}");
+        let e = config_ifaces("ifaces = [\"\"]\n").unwrap_err();
+        assert_eq!(e, "ifaces: \"\" is not an interface name");
+    }
 }

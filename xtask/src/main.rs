@@ -1,9 +1,10 @@
-//! Project tasks: `cargo xtask setup|build|run|test|demo|bench`.
+//! Project tasks: `cargo xtask setup|build|run|test|demo|bench|package`.
 //!
 //! Every command that needs tools calls `setup` first, so a fresh Debian machine (as root) needs only
 //! `cargo xtask demo` or `cargo xtask test`.
 
 mod cmd;
+mod package;
 mod setup;
 mod testrun;
 
@@ -23,7 +24,8 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Task {
-    /// Install what is missing: Debian packages, rust-src, bpf-linker, Python venv, bpffs.
+    /// Install what is missing: Debian packages, rust-src, bpf-linker, cargo-deb, Python venv,
+    /// bpffs.
     Setup,
     /// Setup, then build the agent (with its XDP object) and the test binaries.
     Build {
@@ -56,6 +58,9 @@ enum Task {
         #[arg(last = true)]
         args: Vec<String>,
     },
+    /// Setup, release build, then the Debian package (lb, lb@.service, an example config) in
+    /// target/debian/; prints its path.
+    Package,
 }
 
 /// `cargo build` of the agent and the test binaries (simulator, demo driver).
@@ -134,6 +139,11 @@ fn real_main() -> Result<u8> {
                 worst = worst.max(u8::try_from(exit_code(status)).unwrap_or(1));
             }
             return Ok(worst);
+        }
+        Task::Package => {
+            setup::setup()?;
+            let deb = package::package()?;
+            println!("{}", deb.display());
         }
     }
     Ok(0)

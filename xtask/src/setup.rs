@@ -1,8 +1,9 @@
 //! `cargo xtask setup`: installs what this project needs and is missing, nothing else.
 //!
 //! Steps, each a quick check first: Debian packages, `rust-src` for the installed nightly, bpf-linker
-//! 0.13.0 built against that nightly's own libLLVM into `<repo>/.tools`, the Python venv with the
-//! pinned Neo4j driver, and bpffs at /sys/fs/bpf. A run with nothing to do prints "setup: up to date".
+//! 0.13.0 built against that nightly's own libLLVM into `<repo>/.tools`, cargo-deb into cargo's
+//! own bin directory (`cargo deb`), the Python venv with the pinned Neo4j driver, and bpffs at
+//! /sys/fs/bpf. A run with nothing to do prints "setup: up to date".
 
 use std::fs;
 use std::path::Path;
@@ -25,12 +26,15 @@ pub const PACKAGES: &[&str] = &[
     "python3-venv", // the Neo4j driver venv
     "python3-pip",
     "chromium", // renders the admin dashboard in the admin end-to-end test
+    "systemd",  // systemd-analyze verify of the packaged lb@.service (no running systemd needed)
 ];
 
 /// The nightly the eBPF build and bpf-linker are tied to (platform-facts).
 pub const NIGHTLY: &str = "1.97.0-nightly (2026-05-19)";
 /// The bpf-linker release that works with that nightly's LLVM 22.
 pub const BPF_LINKER: &str = "0.13.0";
+/// The cargo-deb release `cargo xtask package` uses (3.8.0 needs Rust 1.85; installed `--locked`).
+pub const CARGO_DEB: &str = "3.8.0";
 /// Written when `tests/py/requirements.txt` does not exist yet.
 pub const DEFAULT_NEO4J_PIN: &str = "neo4j==6.0.2";
 
@@ -41,6 +45,7 @@ pub fn setup() -> Result<()> {
     debian_packages(&mut done)?;
     rust_src(&mut done)?;
     bpf_linker(&repo, &mut done)?;
+    cargo_deb(&mut done)?;
     python_venv(&repo, &mut done)?;
     bpffs(&mut done)?;
     if done.is_empty() {
@@ -166,19 +171,54 @@ fn bpf_linker(repo: &Path, done: &mut Vec<String>) -> Result<()> {
         .arg(format!("llvm-{major},no-llvm-linking"))
         .args(["--target", "x86_64-unknown-linux-gnu", "--root"])
         .arg(&tools);
-    // Settings of the cargo that runs xtask must not reach this unrelated build.
+    clean_install_env(&mut install);
+    install.env("RUSTFLAGS", rustflags);
+    run(&mut install)?;
+    done.push(format!("built bpf-linker {BPF_LINKER} against {llvm}"));
+    Ok(())
+}
+
+/// Settings of the cargo that runs xtask must not reach the build of an unrelated tool.
+fn clean_install_env(install: &mut std::process::Command) {
     for var in [
         "CARGO_ENCODED_RUSTFLAGS",
         "CARGO_TARGET_DIR",
         "CARGO_BUILD_TARGET",
         "RUSTUP_TOOLCHAIN",
         "RUSTC",
+        "RUSTFLAGS",
     ] {
         install.env_remove(var);
     }
-    install.env("RUSTFLAGS", rustflags);
+}
+
+/// Whether `cargo deb --version` printed the pinned release (`cargo-deb 3.8.0`).
+pub fn is_cargo_deb(version_output: &str, want: &str) -> bool {
+    version_output
+        .split_whitespace()
+        .any(|w| w.trim_start_matches('v') == want)
+}
+
+/// cargo-deb, pinned, into cargo's bin directory (`$CARGO_HOME/bin`, where `cargo deb` finds
+/// it): not `.tools`, which a worktree may share with another checkout.
+fn cargo_deb(done: &mut Vec<String>) -> Result<()> {
+    let current = probe_stdout(cargo().args(["deb", "--version"]));
+    if current
+        .as_deref()
+        .is_some_and(|v| is_cargo_deb(v, CARGO_DEB))
+    {
+        return Ok(());
+    }
+    let mut install = cargo();
+    install.args([
+        "install",
+        &format!("cargo-deb@{CARGO_DEB}"),
+        "--locked",
+        "--force",
+    ]);
+    clean_install_env(&mut install);
     run(&mut install)?;
-    done.push(format!("built bpf-linker {BPF_LINKER} against {llvm}"));
+    done.push(format!("installed cargo-deb {CARGO_DEB}"));
     Ok(())
 }
 
@@ -250,6 +290,13 @@ mod tests {
             Some(("LLVM-22-rust-1.97.0-nightly".to_string(), 22))
         );
         assert_eq!(llvm_lib_name(&["librustc_driver.so".to_string()]), None);
+    }
+
+    #[test]
+    fn cargo_deb_counts_as_installed_only_at_the_pinned_release() {
+        assert!(is_cargo_deb("cargo-deb 3.8.0\n", "3.8.0"));
+        assert!(!is_cargo_deb("cargo-deb 3.8.1\n", "3.8.0"));
+        assert!(!is_cargo_deb("cargo-deb 13.8.0\n", "3.8.0"));
     }
 
     #[test]
