@@ -5,7 +5,7 @@ use core::mem::{offset_of, size_of};
 
 use crate::{
     names, Backend, BackendKey, BackendSet, BackendStats, CaptureConfig, CaptureHeader, Config,
-    Flow, FlowKey, RstBucket, Service, ServiceKey, ServiceStats, Slot, MAXCONN_ENTRIES,
+    Flow, FlowKey, PortRange, RstBucket, Service, ServiceKey, ServiceStats, Slot, MAXCONN_ENTRIES,
 };
 
 /// Bump when a map's meaning changes without its layout changing.
@@ -109,6 +109,13 @@ pub const fn layout(name: &str) -> Option<u64> {
         }
         b if eq(b, names::SNAT_ADDRS) => fold(&[HASH, 4, 4]),
         b if eq(b, names::ROUTE_SRC) => fold(&[HASH, 4, 4]),
+        b if eq(b, names::OLD_PORTS) => fold(&[
+            ARRAY,
+            4,
+            size_of::<PortRange>() as u64,
+            offset_of!(PortRange, min) as u64,
+            offset_of!(PortRange, max) as u64,
+        ]),
         b if eq(b, names::RESET_EPOCH) => fold(&[ARRAY, 4, 4]),
         b if eq(b, names::SLOTS) => fold(&[
             HASH,

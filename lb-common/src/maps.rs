@@ -35,6 +35,8 @@ pub mod names {
     /// Backend address -> its route's source address, for kernels without
     /// `BPF_FIB_LOOKUP_SRC` (before 6.7).
     pub const ROUTE_SRC: &str = "ROUTE_SRC";
+    /// An earlier SNAT port range whose flows are still alive (`OLD_PORTS[0]`).
+    pub const OLD_PORTS: &str = "OLD_PORTS";
     pub const RESET_EPOCH: &str = "RESET_EPOCH";
     pub const RST_BUCKET: &str = "RST_BUCKET";
     /// Connections the data path ended itself (ring buffer; not pinned: each program build
@@ -73,6 +75,7 @@ pub mod names {
         CAPTURE,
         CAPTURE_EVENTS,
         ROUTE_SRC,
+        OLD_PORTS,
     ];
 }
 
@@ -108,6 +111,26 @@ pub const CONFIG_F_GENERIC: u32 = 2;
 /// The kernel has no `BPF_FIB_LOOKUP_SRC` (Linux before 6.7): a new flow's source address is
 /// the one the agent resolved for its backend (`ROUTE_SRC`), not the FIB lookup's.
 pub const CONFIG_F_ROUTE_SRC: u32 = 4;
+/// Flows of an earlier SNAT port range (`OLD_PORTS`, after a restart with a changed
+/// `snat_ports`) are still alive: replies to those ports are translated for them; without a
+/// flow such a reply passes to the kernel (the port is not lb's any more).
+pub const CONFIG_F_OLD_PORTS: u32 = 8;
+
+/// `OLD_PORTS[0]`: an inclusive port range, host byte order.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[cfg_attr(feature = "user", derive(bytemuck::Pod, bytemuck::Zeroable))]
+pub struct PortRange {
+    pub min: u16,
+    pub max: u16,
+}
+
+impl PortRange {
+    #[inline(always)]
+    pub const fn contains(&self, port: u16) -> bool {
+        port >= self.min && port <= self.max && self.max != 0
+    }
+}
 
 /// `SERVICES` key: a virtual IP address and port.
 #[repr(C)]
@@ -524,6 +547,7 @@ mod pod {
     unsafe impl aya::Pod for super::Slot {}
     unsafe impl aya::Pod for super::ConnEvent {}
     unsafe impl aya::Pod for super::CaptureConfig {}
+    unsafe impl aya::Pod for super::PortRange {}
 }
 
 #[cfg(test)]

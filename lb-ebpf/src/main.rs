@@ -50,12 +50,12 @@ mod prog {
     use aya_ebpf::{
         bindings::xdp_action, helpers::bpf_ktime_get_ns, macros::xdp, programs::XdpContext,
     };
-    use lb_common::Counter;
+    use lb_common::{Counter, CONFIG_F_OLD_PORTS};
     use network_types::eth::EthHdr;
 
     use crate::{
         csum, icmp,
-        maps::{config, is_backend, is_snat_addr},
+        maps::{config, in_old_ports, is_backend, is_snat_addr},
         parse::{
             words20, Frame, Ip, Ports, Tcp, ETH_LEN, ETH_P_IPV4, IPPROTO_ICMP, IPPROTO_TCP, L4_OFF,
         },
@@ -126,18 +126,16 @@ mod prog {
             return path::forward(ctx, f, eth, ip, tcp, svc, &cfg, now);
         }
         let dport = u16::from_be(ports.dport);
-        if cfg.snat_port_max != 0
-            && dport >= cfg.snat_port_min
-            && dport <= cfg.snat_port_max
-            && is_snat_addr(ip.daddr)
-            && is_backend(ip.saddr, ports.sport)
-        {
+        let in_range =
+            cfg.snat_port_max != 0 && dport >= cfg.snat_port_min && dport <= cfg.snat_port_max;
+        let old_range = !in_range && cfg.flags & CONFIG_F_OLD_PORTS != 0 && in_old_ports(dport);
+        if (in_range || old_range) && is_snat_addr(ip.daddr) && is_backend(ip.saddr, ports.sport) {
             let Some(tcp) = checked_tcp(f, ip, u32::MAX) else {
                 return xdp_action::XDP_DROP;
             };
             // SAFETY: helper without arguments.
             let now = unsafe { bpf_ktime_get_ns() };
-            return path::reply(ctx, f, eth, ip, tcp, &cfg, now);
+            return path::reply(ctx, f, eth, ip, tcp, &cfg, now, old_range);
         }
         xdp_action::XDP_PASS
     }

@@ -9,7 +9,7 @@ use aya_ebpf::{
 };
 use lb_common::{
     epoch_index, BackendKey, BackendSet, BackendStats, CaptureConfig, Config, ConnEvent, Flow,
-    FlowKey, RstBucket, Service, ServiceKey, ServiceStats, Slot, COUNTER_MAX,
+    FlowKey, PortRange, RstBucket, Service, ServiceKey, ServiceStats, Slot, COUNTER_MAX,
     DEFAULT_EMBRYONIC_ENTRIES, DEFAULT_ESTABLISHED_ENTRIES, MAXCONN_ENTRIES, MAX_BACKENDS,
     MAX_IFACES, MAX_SERVICES, MAX_SNAT_ADDRS,
 };
@@ -91,6 +91,17 @@ pub static SNAT_ADDRS: HashMap<u32, u32, { MAX_SNAT_ADDRS as usize }> = HashMap:
 /// (`BPF_FIB_LOOKUP_SRC` is Linux 6.7+).
 #[btf_map]
 pub static ROUTE_SRC: HashMap<u32, u32, { MAX_BACKENDS as usize }> = HashMap::new();
+
+/// An earlier SNAT port range whose flows are still alive (read only with
+/// `CONFIG_F_OLD_PORTS`).
+#[btf_map]
+pub static OLD_PORTS: Array<PortRange, 1> = Array::new();
+
+/// Whether `port` (host order) is in the earlier SNAT range whose flows are still alive.
+#[inline(always)]
+pub fn in_old_ports(port: u16) -> bool {
+    OLD_PORTS.get(0).is_some_and(|r| r.contains(port))
+}
 
 /// Reset epoch per (service, backend), bumped by the agent when it demotes a backend with
 /// `on_down = "reset"`; flows created under an older epoch are reset on their next segment.

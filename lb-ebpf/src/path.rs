@@ -237,8 +237,10 @@ fn existing(
     send(ctx, eth, ip, tcp, &flow, bytes, false)
 }
 
-/// A packet from a configured backend to an SNAT-range port.
+/// A packet from a configured backend to an SNAT-range port (`old_range`: a port of an
+/// earlier range, whose flows may still be alive).
 #[inline(always)]
+#[allow(clippy::too_many_arguments)]
 pub fn reply(
     ctx: &XdpContext,
     f: Frame,
@@ -247,11 +249,16 @@ pub fn reply(
     tcp: &mut Tcp,
     cfg: &Config,
     now: u64,
+    old_range: bool,
 ) -> u32 {
     count_large(cfg, f);
     let key = key_of(ip, tcp);
     let flags = tcp.flags;
     let Some(found) = conntrack::lookup(&key, now, cfg.embryonic_timeout_ns) else {
+        if old_range {
+            // Not lb's port any more unless a flow still holds it: the host's own traffic.
+            return xdp_action::XDP_PASS;
+        }
         return refuse(ctx, cfg, u32::MAX, flags, Counter::RstNoFlow);
     };
     if ip.ttl <= 1 {

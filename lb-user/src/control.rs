@@ -11,8 +11,8 @@ use aya::{
 };
 use lb_common::{
     addr_be, names, port_be, Backend, BackendKey, BackendSet, Config as MapConfig, Service,
-    ServiceKey, CONFIG_F_DEBUG, CONFIG_F_GENERIC, CONFIG_F_ROUTE_SRC, IPPROTO_TCP, MAX_SERVICES,
-    MAX_SET_SIZE,
+    ServiceKey, CONFIG_F_DEBUG, CONFIG_F_GENERIC, CONFIG_F_OLD_PORTS, CONFIG_F_ROUTE_SRC,
+    IPPROTO_TCP, MAX_SERVICES, MAX_SET_SIZE,
 };
 use tracing::info;
 
@@ -38,6 +38,9 @@ pub struct Control {
     route_src: HashMap<MapData, u32, u32>,
     /// The kernel lacks `BPF_FIB_LOOKUP_SRC`: the data path reads `route_src` instead.
     route_src_fallback: bool,
+    old_ports: Array<MapData, lb_common::PortRange>,
+    /// An earlier SNAT range whose flows may still be alive (see [`Control::keep_old_ports`]).
+    old_range: Option<(u16, u16)>,
     reset_epoch: Array<MapData, u32>,
     live: Vec<Option<Array<MapData, BackendSet>>>,
     spare: Vec<Option<Array<MapData, BackendSet>>>,
@@ -67,6 +70,8 @@ impl Control {
             snat_addrs: take(ebpf, names::SNAT_ADDRS)?,
             route_src: take(ebpf, names::ROUTE_SRC)?,
             route_src_fallback: false,
+            old_ports: take(ebpf, names::OLD_PORTS)?,
+            old_range: None,
             reset_epoch: take(ebpf, names::RESET_EPOCH)?,
             live: (0..n).map(|_| None).collect(),
             spare: (0..n).map(|_| None).collect(),
@@ -128,6 +133,9 @@ impl Control {
         if self.route_src_fallback {
             flags |= CONFIG_F_ROUTE_SRC;
         }
+        if self.old_range.is_some() {
+            flags |= CONFIG_F_OLD_PORTS;
+        }
         let c = MapConfig {
             embryonic_timeout_ns: cfg.connect_timeout.as_nanos() as u64,
             idle_timeout_ns: cfg.idle_timeout.as_nanos() as u64,
@@ -152,6 +160,49 @@ impl Control {
         }
         self.route_src_fallback = true;
         Ok(())
+    }
+
+    /// The SNAT ranges an earlier agent left in the pinned maps: its range and, if it was still
+    /// serving flows of a range before that, that one too (before [`Control::write_config`]).
+    pub fn pinned_ranges(&self) -> Vec<(u16, u16)> {
+        let mut out = Vec::new();
+        if let Ok(c) = self.config.get(&0, 0) {
+            if c.snat_port_max != 0 {
+                out.push((c.snat_port_min, c.snat_port_max));
+            }
+            if c.flags & CONFIG_F_OLD_PORTS != 0 {
+                if let Ok(r) = self.old_ports.get(&0, 0) {
+                    if r.max != 0 {
+                        out.push((r.min, r.max));
+                    }
+                }
+            }
+        }
+        out
+    }
+
+    /// Keeps translating replies to `range`, an earlier SNAT range, for the flows that still
+    /// hold its ports (`None`: no more). Takes effect at once (also rewrites CONFIG's flag).
+    pub fn keep_old_ports(&mut self, range: Option<(u16, u16)>) -> Result<()> {
+        let (min, max) = range.unwrap_or((0, 0));
+        self.old_ports
+            .set(0, lb_common::PortRange { min, max }, 0)
+            .context("write OLD_PORTS")?;
+        self.old_range = range;
+        if let Ok(mut c) = self.config.get(&0, 0) {
+            if range.is_some() {
+                c.flags |= CONFIG_F_OLD_PORTS;
+            } else {
+                c.flags &= !CONFIG_F_OLD_PORTS;
+            }
+            self.config.set(0, c, 0).context("write CONFIG")?;
+        }
+        Ok(())
+    }
+
+    /// The earlier SNAT range still translated, if any.
+    pub fn old_ports(&self) -> Option<(u16, u16)> {
+        self.old_range
     }
 
     /// Lets the program redirect to these interfaces.

@@ -413,6 +413,25 @@ impl Gc {
         &self.fill
     }
 
+    /// Flows whose SNAT port is in `range` (their reply entries' destination port), counted
+    /// over both tables by their keys alone.
+    pub fn flows_on_ports(&self, range: (u16, u16)) -> usize {
+        let on = |k: &FlowKey| (range.0..=range.1).contains(&u16::from_be(k.dport));
+        let embryonic = self
+            .embryonic
+            .keys()
+            .filter_map(|k| k.ok())
+            .filter(on)
+            .count();
+        let established = self
+            .established
+            .keys()
+            .filter_map(|k| k.ok())
+            .filter(on)
+            .count();
+        embryonic + established
+    }
+
     /// Reads both tables and the slot table without deleting anything (for `lb status`).
     pub fn census(&mut self, now: u64) -> TableFill {
         let mut tally = Tally::default();

@@ -334,8 +334,31 @@ impl HostChanges {
             format!("{old},{range}")
         };
         write(RESERVED_PORTS, &new)?;
-        info!("net.ipv4.ip_local_reserved_ports += {range} (restored on exit)");
-        self.reserved_ports = Some(old);
+        info!("net.ipv4.ip_local_reserved_ports += {range} (restored by lb detach)");
+        // The value from before any agent of this instance, which `lb detach` restores.
+        if self.reserved_ports.is_none() {
+            self.reserved_ports = Some(old);
+        }
+        Ok(())
+    }
+
+    /// Gives a range [`HostChanges::reserve_ports`] took back to the kernel (an earlier SNAT
+    /// range once its last flow ended).
+    pub fn release_ports(&mut self, snat: (u16, u16)) -> Result<()> {
+        let cur = read_trim(RESERVED_PORTS)?;
+        let range = format!("{}-{}", snat.0, snat.1);
+        let rest: Vec<&str> = cur
+            .split(',')
+            .filter(|r| !r.is_empty() && *r != range)
+            .collect();
+        // An empty write is ignored by the kernel: a newline clears the list.
+        let value = if rest.is_empty() {
+            "\n".to_string()
+        } else {
+            rest.join(",")
+        };
+        write(RESERVED_PORTS, &value)?;
+        info!("net.ipv4.ip_local_reserved_ports -= {range}");
         Ok(())
     }
 

@@ -215,6 +215,32 @@ async fn serve(
     } else {
         control.adopt_sets(cfg)
     };
+    // A changed `snat_ports`: the running instance's flows hold ports of its range; replies to
+    // them are still translated (and the range stays reserved) until the last one ends.
+    let earlier = control.pinned_ranges();
+    let gone: Vec<(u16, u16)> = earlier
+        .iter()
+        .copied()
+        .filter(|r| *r != cfg.snat_ports)
+        .collect();
+    if let Some(first) = gone.first() {
+        let hull = gone
+            .iter()
+            .fold(*first, |(a, b), (c, d)| (a.min(*c), b.max(*d)));
+        for r in &gone {
+            host.reserve_ports(*r)?;
+        }
+        control.keep_old_ports(Some(hull))?;
+        info!(
+            "snat_ports changed from {}-{} to {}-{}: replies to the earlier ports are still translated for \
+             the flows that hold them, and those ports stay reserved until the last of them ends",
+            hull.0,
+            hull.1,
+            cfg.snat_ports.0,
+            cfg.snat_ports.1
+        );
+    }
+    let mut old_ranges = gone;
     if dataplane::set_source_addresses(ebpf, &mut control, cfg)? {
         info!(
             "new flows take the source address the kernel's FIB lookup gives (BPF_FIB_LOOKUP_SRC)"
@@ -397,6 +423,16 @@ async fn serve(
                         }
                     }
                     Err(e) => warn!("connection-table GC: {e:#}"),
+                }
+                if let Some(range) = control.old_ports() {
+                    if gc.flows_on_ports(range) == 0 {
+                        control.keep_old_ports(None)?;
+                        for r in old_ranges.drain(..) {
+                            host.release_ports(r)?;
+                        }
+                        host.keep(&cfg.instance)?;
+                        info!("the last flow of snat_ports {}-{} ended: those ports are the host's again", range.0, range.1);
+                    }
                 }
             }
             r = conn_events.readable_mut() => {

@@ -951,6 +951,66 @@ fn host_traffic_on_snat_range_ports_passes_unless_it_comes_from_a_backend_data_p
     })
 }
 
+#[test]
+#[ignore = "needs root and netns: run cargo xtask test"]
+fn after_a_change_of_snat_ports_the_earlier_ranges_flows_keep_their_replies_and_its_ports_go_back_to_the_host(
+) -> Result<()> {
+    Fixture::run("oldports", |fx| {
+        let (syn, port) = open_write_flow(fx, CLIENT_PORT)?;
+        // An agent restarted with another range keeps translating the earlier one's flows.
+        fx.cfg.set_snat_ports((40000, 49999));
+        fx.control.keep_old_ports(Some(SNAT_PORTS))?;
+        fx.control.write_config(&fx.cfg, false)?;
+        let syn_ack = backend_segment(DB01, DB01_MAC, port, SYN | ACK)
+            .with_seq_ack(0x5000_0000, syn.seq + 1)
+            .with_options(&frames::SYN_OPTIONS);
+        let before = fx.counters()?;
+        let out = fx.from_backends(&syn_ack.bytes()?)?;
+        assert_output(
+            &out,
+            Action::Redirect,
+            &to_client(&syn_ack, CLIENT_PORT, WRITE_PORT).bytes()?,
+        );
+        assert_eq!(
+            fx.counters()?.changes_since(&before),
+            moved(&[(Counter::ReplyPackets, 1)])
+        );
+        // Another port of the earlier range without a flow: the host's, not answered.
+        let other = if port == SNAT_PORTS.0 {
+            port + 1
+        } else {
+            port - 1
+        };
+        for flags in [SYN | ACK, ACK, RST] {
+            let seg = backend_segment(DB01, DB01_MAC, other, flags).bytes()?;
+            assert_passes_untouched(
+                fx,
+                &format!("old-range port without a flow, flags {flags:#x}"),
+                &seg,
+                fx.bk0.ifindex,
+            )?;
+        }
+        // New flows take ports of the new range.
+        let out = fx.from_client(&client_syn(CLIENT_PORT + 1, WRITE_PORT).bytes()?)?;
+        assert_eq!(out.action, Action::Redirect);
+        assert!(
+            (40000..=49999).contains(&sport_of(&out.frame)),
+            "{}",
+            sport_of(&out.frame)
+        );
+        // Once the agent let the earlier range go, its ports are the host's again.
+        fx.control.keep_old_ports(None)?;
+        let seg = backend_segment(DB01, DB01_MAC, port, ACK).bytes()?;
+        assert_passes_untouched(
+            fx,
+            "old-range port after the range was let go",
+            &seg,
+            fx.bk0.ifindex,
+        )?;
+        Ok(())
+    })
+}
+
 // ---------------------------------------------------------------------------------------------
 // Packets for the balancer that match no flow
 // ---------------------------------------------------------------------------------------------

@@ -22,8 +22,16 @@ use nix::sys::signal::Signal;
 
 /// A configuration of `backends` (in this order) and `services` (name, VIP port, check), each
 /// service over every listed backend, checks every 200 ms (rise 2, fall 2).
-fn config(topo: &Topology, backends: &[&str], services: &[(&str, u16, &str)]) -> Result<String> {
-    let mut s = format!("instance = \"{}\"\n", topo.instance);
+fn config(
+    topo: &Topology,
+    snat_ports: &str,
+    backends: &[&str],
+    services: &[(&str, u16, &str)],
+) -> Result<String> {
+    let mut s = format!(
+        "instance = \"{}\"\nsnat_ports = \"{snat_ports}\"\n",
+        topo.instance
+    );
     for (name, preset) in [
         ("master", "neo4j-ha-master"),
         ("slave", "neo4j-ha-slave"),
@@ -110,6 +118,7 @@ fn a_restart_with_services_swapped_a_backend_inserted_and_a_service_removed_keep
     );
     let before = config(
         &topo,
+        "10000-32767",
         &["db01", "db02", "db03"],
         &[
             ("write", 7680, "master"),
@@ -118,9 +127,10 @@ fn a_restart_with_services_swapped_a_backend_inserted_and_a_service_removed_keep
         ],
     )?;
     // Reordered services, a new backend first (every other backend's position shifts), the
-    // HTTP service gone.
+    // HTTP service gone, another SNAT range.
     let after = config(
         &topo,
+        "40000-49999",
         &["db04", "db01", "db02", "db03"],
         &[("read", 7681, "slave"), ("write", 7680, "master")],
     )?;
@@ -201,6 +211,28 @@ fn a_restart_with_services_swapped_a_backend_inserted_and_a_service_removed_keep
         "the removed HTTP service still answers on its VIP"
     );
 
+    // The pre-restart connection (its SNAT port in the earlier range) still gets its answers,
+    // and that range stays reserved while it lives.
+    ensure!(pooled.run("RETURN 1", Access::Write)?.server == "db01");
+    let reserved = || -> Result<String> {
+        let out = topo
+            .lb
+            .ns
+            .exec(&["sysctl", "-n", "net.ipv4.ip_local_reserved_ports"])?;
+        Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
+    };
+    ensure!(
+        reserved()? == "10000-32767,40000-49999",
+        "reserved: {}",
+        reserved()?
+    );
+    ensure!(
+        lb2.logs()
+            .contains("snat_ports changed from 10000-32767 to 40000-49999"),
+        "{}",
+        lb2.logs()
+    );
+
     // A failover after the restart resets the pre-restart connection to the old master.
     control(&sims, 0).set_role(Role::Slave)?;
     control(&sims, 1).set_role(Role::Master)?;
@@ -212,5 +244,20 @@ fn a_restart_with_services_swapped_a_backend_inserted_and_a_service_removed_keep
             lb2.logs()
         ),
     }
+    // Its last flow gone (a RST-closed flow goes about 2 s later), the earlier range is the
+    // host's again.
+    let deadline = Instant::now() + Duration::from_secs(8);
+    while reserved()? != "40000-49999" {
+        ensure!(
+            Instant::now() < deadline,
+            "the earlier range is still reserved: {}\n{}",
+            reserved()?,
+            lb2.logs()
+        );
+        thread::sleep(Duration::from_millis(200));
+    }
+    ensure!(lb2
+        .logs()
+        .contains("the last flow of snat_ports 10000-32767 ended"));
     Ok(())
 }
