@@ -200,11 +200,6 @@ impl Control {
         Ok(())
     }
 
-    /// The earlier SNAT range still translated, if any.
-    pub fn old_ports(&self) -> Option<(u16, u16)> {
-        self.old_range
-    }
-
     /// Lets the program redirect to these interfaces.
     pub fn register_ifaces(&mut self, ifindexes: &[u32]) -> Result<()> {
         for &i in ifindexes {

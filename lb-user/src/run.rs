@@ -215,32 +215,7 @@ async fn serve(
     } else {
         control.adopt_sets(cfg)
     };
-    // A changed `snat_ports`: the running instance's flows hold ports of its range; replies to
-    // them are still translated (and the range stays reserved) until the last one ends.
-    let earlier = control.pinned_ranges();
-    let gone: Vec<(u16, u16)> = earlier
-        .iter()
-        .copied()
-        .filter(|r| *r != cfg.snat_ports)
-        .collect();
-    if let Some(first) = gone.first() {
-        let hull = gone
-            .iter()
-            .fold(*first, |(a, b), (c, d)| (a.min(*c), b.max(*d)));
-        for r in &gone {
-            host.reserve_ports(*r)?;
-        }
-        control.keep_old_ports(Some(hull))?;
-        info!(
-            "snat_ports changed from {}-{} to {}-{}: replies to the earlier ports are still translated for \
-             the flows that hold them, and those ports stay reserved until the last of them ends",
-            hull.0,
-            hull.1,
-            cfg.snat_ports.0,
-            cfg.snat_ports.1
-        );
-    }
-    let mut old_ranges = gone;
+    let mut old_ranges = carry_old_ranges(cfg, &mut control, &mut host)?;
     if dataplane::set_source_addresses(ebpf, &mut control, cfg)? {
         info!(
             "new flows take the source address the kernel's FIB lookup gives (BPF_FIB_LOOKUP_SRC)"
@@ -334,49 +309,11 @@ async fn serve(
         cfg.embryonic_entries,
         mib(cfg.embryonic_entries),
     );
-    // Names by id (an adopted instance's ids may leave gaps: empty names).
-    let by_id = |ids: Vec<(u32, String)>| {
-        let mut v =
-            vec![String::new(); ids.iter().map(|(i, _)| *i as usize + 1).max().unwrap_or(0)];
-        for (i, n) in ids {
-            v[i as usize] = n;
-        }
-        v
-    };
-    let mut backend_maxconn = vec![
-        0;
-        cfg.services
-            .iter()
-            .map(|s| s.id as usize + 1)
-            .max()
-            .unwrap_or(0)
-    ];
-    for s in &cfg.services {
-        backend_maxconn[s.id as usize] = s.backend_maxconn;
-    }
-    status::write_info(&InstanceInfo {
-        instance: cfg.instance.clone(),
-        services: by_id(
-            cfg.services
-                .iter()
-                .map(|s| (s.id, s.name.clone()))
-                .collect(),
-        ),
-        backends: by_id(
-            cfg.backends
-                .iter()
-                .map(|b| (b.id, b.name.clone()))
-                .collect(),
-        ),
-        maxconn: cfg.maxconn,
-        backend_maxconn,
-        ifaces: ifaces.to_vec(),
-        mode: if generic {
-            "generic".into()
-        } else {
-            "native".into()
-        },
-    })?;
+    status::write_info(&InstanceInfo::new(
+        cfg,
+        ifaces,
+        if generic { "generic" } else { "native" },
+    ))?;
     // From here on the data path forwards on its own: whatever ends this agent (SIGTERM, an
     // error, a panic, a kill) leaves the XDP program, its maps and these host settings in
     // place for the next agent to adopt; only `lb detach` undoes them.
@@ -424,7 +361,7 @@ async fn serve(
                     }
                     Err(e) => warn!("connection-table GC: {e:#}"),
                 }
-                if let Some(range) = control.old_ports() {
+                if let Some(range) = hull(&old_ranges) {
                     if gc.flows_on_ports(range) == 0 {
                         control.keep_old_ports(None)?;
                         for r in old_ranges.drain(..) {
@@ -462,6 +399,46 @@ async fn serve(
     );
     let _ = std::fs::remove_file(ops::socket_path(&cfg.instance));
     Ok(())
+}
+
+/// The smallest range holding all of `ranges`.
+fn hull(ranges: &[(u16, u16)]) -> Option<(u16, u16)> {
+    let first = *ranges.first()?;
+    Some(
+        ranges
+            .iter()
+            .fold(first, |(a, b), (c, d)| (a.min(*c), b.max(*d))),
+    )
+}
+
+/// A changed `snat_ports`: the running instance's flows hold ports of its range (and of any
+/// range before it that still had flows). Replies to them stay translated and those ranges stay
+/// reserved until the last such flow ends (the main loop lets them go). Returns those ranges.
+fn carry_old_ranges(
+    cfg: &Config,
+    control: &mut Control,
+    host: &mut HostChanges,
+) -> Result<Vec<(u16, u16)>> {
+    let gone: Vec<(u16, u16)> = control
+        .pinned_ranges()
+        .into_iter()
+        .filter(|r| *r != cfg.snat_ports)
+        .collect();
+    if let Some(range) = hull(&gone) {
+        for r in &gone {
+            host.reserve_ports(*r)?;
+        }
+        control.keep_old_ports(Some(range))?;
+        info!(
+            "snat_ports changed from {}-{} to {}-{}: replies to the earlier ports are still translated for \
+             the flows that hold them, and those ports stay reserved until the last of them ends",
+            range.0,
+            range.1,
+            cfg.snat_ports.0,
+            cfg.snat_ports.1
+        );
+    }
+    Ok(gone)
 }
 
 /// Every (checked service, backend) pair to check, at the backend's check port (or the

@@ -31,6 +31,33 @@ pub struct InstanceInfo {
     pub mode: String,
 }
 
+impl InstanceInfo {
+    /// What `lb status` and `lb capture` need to know of a running `cfg`: names by id (an
+    /// adopted instance's ids may leave gaps: empty names).
+    pub fn new(cfg: &crate::config::Config, ifaces: &[String], mode: &str) -> Self {
+        fn by_id<T: Clone + Default>(items: impl Iterator<Item = (u32, T)>) -> Vec<T> {
+            let mut v = Vec::new();
+            for (id, x) in items {
+                let i = id as usize;
+                if v.len() <= i {
+                    v.resize(i + 1, T::default());
+                }
+                v[i] = x;
+            }
+            v
+        }
+        InstanceInfo {
+            instance: cfg.instance.clone(),
+            services: by_id(cfg.services.iter().map(|s| (s.id, s.name.clone()))),
+            backends: by_id(cfg.backends.iter().map(|b| (b.id, b.name.clone()))),
+            maxconn: cfg.maxconn,
+            backend_maxconn: by_id(cfg.services.iter().map(|s| (s.id, s.backend_maxconn))),
+            ifaces: ifaces.to_vec(),
+            mode: mode.to_string(),
+        }
+    }
+}
+
 pub fn info_path(instance: &str) -> PathBuf {
     Path::new("/run/lb").join(format!("{instance}.json"))
 }
