@@ -6,6 +6,7 @@
 mod cmd;
 mod setup;
 mod testrun;
+mod vm;
 
 use std::process::ExitCode;
 
@@ -41,6 +42,10 @@ enum Task {
         /// Skip `cargo fmt --check` and `cargo clippy -D warnings`.
         #[arg(long)]
         no_lint: bool,
+        /// `all`: the host's kernel, then the VM subset on Debian 12's 6.1 in qemu (default);
+        /// `host`: the host's kernel only; `debian-6.1`: the VM subset only.
+        #[arg(long, env = "LB_TEST_KERNEL", default_value = "all")]
+        kernel: String,
         /// Passed to every test binary (a name filter, `--exact`, ...).
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         filter: Vec<String>,
@@ -94,9 +99,14 @@ fn real_main() -> Result<u8> {
                 .with_context(|| format!("running {}", lb.display()))?;
             return Ok(u8::try_from(exit_code(status)).unwrap_or(1));
         }
-        Task::Test { no_lint, filter } => {
+        Task::Test {
+            no_lint,
+            kernel,
+            filter,
+        } => {
+            let kernels = testrun::Kernels::parse(&kernel)?;
             setup::setup()?;
-            if !testrun::test(&filter, !no_lint)? {
+            if !testrun::test(&filter, !no_lint, &kernels)? {
                 return Ok(1);
             }
         }

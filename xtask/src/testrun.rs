@@ -33,12 +33,58 @@ pub struct Counts {
 }
 
 impl Counts {
-    fn add(&mut self, other: Counts) {
+    pub fn add(&mut self, other: Counts) {
         self.passed += other.passed;
         self.failed += other.failed;
         self.ignored += other.ignored;
     }
 }
+
+/// One line of the summary table.
+#[derive(Debug, Clone)]
+pub struct Row {
+    pub name: String,
+    pub counts: Counts,
+    pub secs: f64,
+}
+
+/// Which kernels `cargo xtask test` runs on.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Kernels {
+    /// The host's kernel, then the VM subset on every VM kernel (the default; CI).
+    All,
+    /// Only the host's kernel (quick local runs).
+    Host,
+    /// Only the VM subset, on this kernel (e.g. `debian-6.1`).
+    Vm(String),
+}
+
+impl Kernels {
+    /// `all`, `host` or a VM kernel's name.
+    pub fn parse(s: &str) -> Result<Kernels> {
+        match s {
+            "all" => Ok(Kernels::All),
+            "host" => Ok(Kernels::Host),
+            crate::vm::DEBIAN_6_1 => Ok(Kernels::Vm(s.to_string())),
+            _ => bail!(
+                "unknown kernel `{s}`: use `host`, `{}` or `all`",
+                crate::vm::DEBIAN_6_1
+            ),
+        }
+    }
+}
+
+/// The suites that also run in the VM, each with the tests chosen there when the command line
+/// gives no filter (empty: all of its tests). The packet suites run the XDP program through
+/// BPF_PROG_TEST_RUN on the guest kernel; nat_e2e and failover forward real connections
+/// through it in namespaces.
+pub const VM_SUITES: &[(&str, &[&str])] = &[
+    ("lb-tests::packet", &[]),
+    ("lb-tests::packet_lifecycle", &[]),
+    ("lb-tests::packet_maxconn", &[]),
+    ("lb-tests::nat_e2e", &[]),
+    ("lb-tests::failover", &[]),
+];
 
 /// Parses `test result: ok. 3 passed; 1 failed; 2 ignored; 0 measured; 0 filtered out; ...`.
 pub fn parse_result_line(line: &str) -> Option<Counts> {
@@ -203,7 +249,7 @@ fn run_streaming(cmd: &mut Command) -> Result<Counts> {
 }
 
 /// Lint, build the test binaries, run them all; prints the table and the final summary line.
-pub fn test(filter: &[String], lint: bool) -> Result<bool> {
+pub fn test(filter: &[String], lint: bool, kernels: &Kernels) -> Result<bool> {
     let repo = repo();
     if lint {
         if crate::cmd::status(cargo().args(["fmt", "--all", "--check"]))
@@ -234,8 +280,37 @@ pub fn test(filter: &[String], lint: bool) -> Result<bool> {
         ("LB_PYTHON", repo.join(".venv/bin/python")),
         ("LB_REPO", repo.clone()),
     ];
-    let mut rows: Vec<(String, Counts, f64)> = Vec::new();
-    for suite in &suites {
+    let mut rows: Vec<Row> = Vec::new();
+    if !matches!(kernels, Kernels::Vm(_)) {
+        run_on_host(&suites, filter, &env, &mut rows)?;
+    }
+    let vm_kernels: Vec<&str> = match kernels {
+        Kernels::Host => vec![],
+        Kernels::All => vec![crate::vm::DEBIAN_6_1],
+        Kernels::Vm(name) => vec![name.as_str()],
+    };
+    for name in vm_kernels {
+        let mut done = Vec::new();
+        let kernel = crate::vm::ensure_kernel(name, &mut done)?;
+        let runs = vm_runs(&suites, filter)?;
+        rows.extend(crate::vm::run_suites(
+            &kernel,
+            &runs,
+            &env,
+            suite_timeout(),
+        )?);
+    }
+    Ok(print_summary(&rows))
+}
+
+/// Every suite on the host's kernel, then the doctests; one row each.
+fn run_on_host(
+    suites: &[Suite],
+    filter: &[String],
+    env: &[(&str, PathBuf)],
+    rows: &mut Vec<Row>,
+) -> Result<()> {
+    for suite in suites {
         println!("\n=== {} ===", suite.name);
         let mut cmd = Command::new(&suite.executable);
         cmd.args(filter)
@@ -243,12 +318,16 @@ pub fn test(filter: &[String], lint: bool) -> Result<bool> {
             .current_dir(&suite.package_dir)
             .env("CARGO_MANIFEST_DIR", &suite.package_dir)
             .env("CARGO_PKG_NAME", &suite.package);
-        for (k, v) in &env {
+        for (k, v) in env {
             cmd.env(k, v);
         }
         let start = Instant::now();
         let counts = run_streaming(&mut cmd)?;
-        rows.push((suite.name.clone(), counts, start.elapsed().as_secs_f64()));
+        rows.push(Row {
+            name: suite.name.clone(),
+            counts,
+            secs: start.elapsed().as_secs_f64(),
+        });
     }
     // Doc tests are not in --no-run's artifacts; cargo runs them.
     println!("\n=== doctests ===");
@@ -256,14 +335,46 @@ pub fn test(filter: &[String], lint: bool) -> Result<bool> {
     doc.args(["test", "--workspace", "--doc", "--"])
         .args(filter)
         .args(["--include-ignored", "--test-threads=1"]);
-    for (k, v) in &env {
+    for (k, v) in env {
         doc.env(k, v);
     }
     let start = Instant::now();
     let counts = run_streaming(&mut doc)?;
-    rows.push(("doctests".into(), counts, start.elapsed().as_secs_f64()));
+    rows.push(Row {
+        name: "doctests".into(),
+        counts,
+        secs: start.elapsed().as_secs_f64(),
+    });
+    Ok(())
+}
 
-    let width = rows.iter().map(|r| r.0.len()).max().unwrap_or(5).max(5);
+/// The VM's suites with their arguments: the command line's filter if any, else each suite's own
+/// choice of tests ([`VM_SUITES`]); privileged tests included, one at a time, as on the host.
+fn vm_runs(suites: &[Suite], filter: &[String]) -> Result<Vec<crate::vm::GuestRun>> {
+    let mut runs = Vec::new();
+    for (name, tests) in VM_SUITES {
+        let suite = suites
+            .iter()
+            .find(|s| s.name == *name)
+            .with_context(|| format!("the VM suite {name} was not built"))?;
+        let mut args: Vec<String> = if filter.is_empty() {
+            tests.iter().map(|t| t.to_string()).collect()
+        } else {
+            filter.to_vec()
+        };
+        // The guest's output port is a tty: no colour codes, as on the host's pipe.
+        args.extend(["--include-ignored", "--test-threads=1", "--color=never"].map(String::from));
+        runs.push(crate::vm::GuestRun {
+            suite: suite.clone(),
+            args,
+        });
+    }
+    Ok(runs)
+}
+
+/// Prints the table and the final `N passed, N failed, N skipped` line; true when none failed.
+fn print_summary(rows: &[Row]) -> bool {
+    let width = rows.iter().map(|r| r.name.len()).max().unwrap_or(5).max(5);
     println!();
     println!(
         "{:<width$}  {:>6}  {:>6}  {:>7}  {:>8}",
@@ -271,7 +382,12 @@ pub fn test(filter: &[String], lint: bool) -> Result<bool> {
     );
     let mut total = Counts::default();
     let mut total_secs = 0.0;
-    for (name, c, secs) in &rows {
+    for Row {
+        name,
+        counts: c,
+        secs,
+    } in rows
+    {
         println!(
             "{name:<width$}  {:>6}  {:>6}  {:>7}  {secs:>8.1}",
             c.passed, c.failed, c.ignored
@@ -287,7 +403,7 @@ pub fn test(filter: &[String], lint: bool) -> Result<bool> {
         "{} passed, {} failed, {} skipped",
         total.passed, total.failed, total.ignored
     );
-    Ok(total.failed == 0)
+    total.failed == 0
 }
 
 #[cfg(test)]
