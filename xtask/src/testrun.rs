@@ -65,11 +65,7 @@ impl Kernels {
         match s {
             "all" => Ok(Kernels::All),
             "host" => Ok(Kernels::Host),
-            crate::vm::DEBIAN_6_1 => Ok(Kernels::Vm(s.to_string())),
-            _ => bail!(
-                "unknown kernel `{s}`: use `host`, `{}` or `all`",
-                crate::vm::DEBIAN_6_1
-            ),
+            _ => Ok(Kernels::Vm(crate::vm::spec(s)?.name.to_string())),
         }
     }
 }

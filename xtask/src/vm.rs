@@ -34,10 +34,44 @@ use anyhow::{bail, Context, Result};
 use crate::cmd::{cmd, describe, probe, probe_stdout, repo, run};
 use crate::testrun::{parse_result_line, Counts, Row, Suite};
 
-/// The only other kernel so far.
+/// Debian 12's own kernel: what CI runs the VM suites on.
 pub const DEBIAN_6_1: &str = "debian-6.1";
-/// `apt-cache search --names-only` pattern of its package; the highest ABI number wins.
-const DEBIAN_6_1_PACKAGES: &str = r"^linux-image-6\.1\.0-[0-9]+-amd64-unsigned$";
+
+/// A kernel from Debian's archive the suites can run on.
+pub struct KernelSpec {
+    /// `--kernel` name and directory under `.tools/kernels/`.
+    pub name: &'static str,
+    /// `apt-cache search --names-only` pattern of its packages.
+    search: &'static str,
+    /// The package's release (`uname -r`) starts with this; the number after it picks the newest.
+    release_prefix: &'static str,
+}
+
+/// The kernels `--kernel` knows: Debian 12's own 6.1, and the 6.12 Debian 12 also ships (opt-in,
+/// not run by default).
+pub const KERNELS: &[KernelSpec] = &[
+    KernelSpec {
+        name: DEBIAN_6_1,
+        search: r"^linux-image-6\.1\.0-[0-9]+-amd64-unsigned$",
+        release_prefix: "6.1.0-",
+    },
+    KernelSpec {
+        name: "debian-6.12",
+        search: r"^linux-image-6\.12\.[0-9]+\+deb12-amd64-unsigned$",
+        release_prefix: "6.12.",
+    },
+];
+
+/// The spec of the kernel `name`.
+pub fn spec(name: &str) -> Result<&'static KernelSpec> {
+    KERNELS.iter().find(|k| k.name == name).with_context(|| {
+        let names: Vec<&str> = KERNELS.iter().map(|k| k.name).collect();
+        format!(
+            "unknown kernel `{name}`: use `all`, `host` or one of {}",
+            names.join(", ")
+        )
+    })
+}
 /// Written last into an installed kernel's directory: `<package> <release>`.
 const STAMP: &str = "lb-installed";
 /// Modules the initramfs loads to mount the host's root (their dependencies come along).
@@ -92,9 +126,10 @@ pub fn installed(name: &str) -> Option<Kernel> {
     (kernel.vmlinuz().is_file() && kernel.modules().is_dir()).then_some(kernel)
 }
 
-/// The newest `linux-image-6.1.0-<abi>-amd64-unsigned` in `apt-cache search` output, with its
-/// release (`6.1.0-<abi>-amd64`).
-pub fn pick_package(search: &str) -> Option<(String, String)> {
+/// The newest `linux-image-<release>-unsigned` in `apt-cache search` output whose release starts
+/// with `release_prefix` and ends in `-amd64` (newest: the highest number right after the
+/// prefix), with its release, e.g. `6.1.0-57-amd64`.
+pub fn pick_package(search: &str, release_prefix: &str) -> Option<(String, String)> {
     search
         .lines()
         .filter_map(|l| {
@@ -102,12 +137,19 @@ pub fn pick_package(search: &str) -> Option<(String, String)> {
             let release = name
                 .strip_prefix("linux-image-")?
                 .strip_suffix("-unsigned")?;
-            let abi: u32 = release
-                .strip_prefix("6.1.0-")?
-                .strip_suffix("-amd64")?
-                .parse()
-                .ok()?;
-            Some((abi, name.to_string(), release.to_string()))
+            let rest = release
+                .strip_prefix(release_prefix)?
+                .strip_suffix("-amd64")?;
+            // `57` (6.1) or `118+deb12` (6.12); not `60-cloud`, another flavour.
+            let (digits, tail) = rest.split_at(
+                rest.find(|c: char| !c.is_ascii_digit())
+                    .unwrap_or(rest.len()),
+            );
+            if !(tail.is_empty() || tail.starts_with('+')) {
+                return None;
+            }
+            let number: u32 = digits.parse().ok()?;
+            Some((number, name.to_string(), release.to_string()))
         })
         .max()
         .map(|(_, name, release)| (name, release))
@@ -124,31 +166,30 @@ impl Drop for RemoveOnDrop {
 
 /// Setup step: downloads and extracts the kernel `name` unless installed. Quick when it is.
 pub fn ensure_kernel(name: &str, done: &mut Vec<String>) -> Result<Kernel> {
-    if name != DEBIAN_6_1 {
-        bail!("unknown kernel `{name}`: known are `host` and `{DEBIAN_6_1}`");
-    }
+    let spec = spec(name)?;
     if let Some(k) = installed(name) {
         return Ok(k);
     }
-    crate::setup::require_root("downloading the Debian 6.1 kernel")?;
+    crate::setup::require_root(&format!("downloading the kernel {name}"))?;
     let search = || {
         probe_stdout(&mut cmd(
             "apt-cache",
-            &["search", "--names-only", DEBIAN_6_1_PACKAGES],
+            &["search", "--names-only", spec.search],
         ))
         .unwrap_or_default()
     };
-    let found = match pick_package(&search()) {
+    let found = match pick_package(&search(), spec.release_prefix) {
         Some(p) => Some(p),
         None => {
             run(&mut cmd("apt-get", &["update"]))?;
-            pick_package(&search())
+            pick_package(&search(), spec.release_prefix)
         }
     };
     let Some((package, release)) = found else {
         bail!(
-            "apt-cache finds no package matching {DEBIAN_6_1_PACKAGES}: the Debian 12 (bookworm) \
-             archive must be in the apt sources to test on its kernel"
+            "apt-cache finds no package matching {}: the Debian 12 (bookworm) archive and its \
+             security updates must be in the apt sources to test on its kernel",
+            spec.search
         );
     };
     let dir = kernels_dir();
@@ -181,9 +222,10 @@ pub fn ensure_kernel(name: &str, done: &mut Vec<String>) -> Result<Kernel> {
     installed(name).with_context(|| format!("{} is incomplete after install", target.display()))
 }
 
-/// The `.ko` files (paths relative to the modules directory) that loading `roots` needs, in an
-/// order `insmod` accepts (dependencies first), from the text of `modules.dep`.
-pub fn load_order(modules_dep: &str, roots: &[&str]) -> Result<Vec<String>> {
+/// The module files (paths relative to the modules directory) that loading `roots` needs, in an
+/// order `insmod` accepts (dependencies first), from the text of `modules.dep`. Roots listed in
+/// `modules.builtin` (text) are skipped: they are in the kernel image.
+pub fn load_order(modules_dep: &str, builtin: &str, roots: &[&str]) -> Result<Vec<String>> {
     let deps: BTreeMap<&str, Vec<&str>> = modules_dep
         .lines()
         .filter_map(|l| {
@@ -213,12 +255,18 @@ pub fn load_order(modules_dep: &str, roots: &[&str]) -> Result<Vec<String>> {
         Ok(())
     }
     let mut order = Vec::new();
+    let file_of = |path: &str| -> String {
+        let base = path.rsplit('/').next().unwrap_or(path);
+        base.split(".ko").next().unwrap_or(base).to_string()
+    };
     for root in roots {
-        let file = format!("{root}.ko");
+        if builtin.lines().any(|l| file_of(l.trim()) == *root) {
+            continue;
+        }
         let path = deps
             .keys()
-            .find(|k| k.rsplit('/').next() == Some(file.as_str()))
-            .with_context(|| format!("modules.dep has no {file} (is the module built in?)"))?;
+            .find(|k| file_of(k) == *root)
+            .with_context(|| format!("modules.dep has no {root}.ko and it is not built in"))?;
         visit(path, &deps, &mut order, 0)?;
     }
     Ok(order)
@@ -383,7 +431,8 @@ fn initramfs(kernel: &Kernel, guest_sh: &str) -> Result<Vec<u8>> {
     let modules = kernel.modules();
     let dep = fs::read_to_string(modules.join("modules.dep"))
         .with_context(|| format!("reading {}/modules.dep", modules.display()))?;
-    let order = load_order(&dep, BOOT_MODULES)?;
+    let builtin = fs::read_to_string(modules.join("modules.builtin")).unwrap_or_default();
+    let order = load_order(&dep, &builtin, BOOT_MODULES)?;
     let busybox = fs::read(BUSYBOX).with_context(|| {
         format!("reading {BUSYBOX}: install busybox-static (`cargo xtask setup` does)")
     })?;
@@ -395,9 +444,19 @@ fn initramfs(kernel: &Kernel, guest_sh: &str) -> Result<Vec<u8>> {
     cpio.file("bin/busybox", 0o755, &busybox);
     let mut insmods = String::new();
     for m in &order {
-        let base = m.rsplit('/').next().unwrap_or(m);
-        let body = fs::read(modules.join(m))
-            .with_context(|| format!("reading {}", modules.join(m).display()))?;
+        let path = modules.join(m);
+        let file = m.rsplit('/').next().unwrap_or(m);
+        let base = format!("{}.ko", file.split(".ko").next().unwrap_or(file));
+        // busybox's insmod takes plain modules; newer Debian kernels ship them xz-compressed.
+        let body = if file.ends_with(".ko.xz") {
+            let out = probe(cmd("xz", &["-dc"]).arg(&path))?;
+            if !out.status.success() {
+                bail!("xz -dc {} failed", path.display());
+            }
+            out.stdout
+        } else {
+            fs::read(&path).with_context(|| format!("reading {}", path.display()))?
+        };
         cpio.file(&format!("modules/{base}"), 0o644, &body);
         insmods += &format!("insmod /modules/{base} || fail \"insmod {base}\"\n");
     }
@@ -429,6 +488,11 @@ struct SuiteOutcome {
     saw_result: bool,
     /// `(exit status, milliseconds)` from its end line; `None`: it never ended.
     end: Option<(i32, u64)>,
+    /// `test NAME ... ok` and `... FAILED` lines, for a suite cut off before its result line.
+    ok_lines: u64,
+    failed_lines: u64,
+    /// When its begin line arrived here (its time when it never ends).
+    began: Option<Instant>,
 }
 
 /// Boots `kernel` in qemu, runs `runs` there and returns one row per suite, named
@@ -531,6 +595,7 @@ pub fn run_suites(
                 ["begin", i] => {
                     current = i.parse().ok().filter(|i: &usize| *i < runs.len());
                     if let Some(i) = current {
+                        outcomes[i].began = Some(Instant::now());
                         println!("\n=== {} [{}] ===", runs[i].suite.name, kernel.name);
                     }
                 }
@@ -555,9 +620,14 @@ pub fn run_suites(
             let _ = out.flush();
         }
         if let Some(i) = current {
+            let o = &mut outcomes[i];
             if let Some(c) = parse_result_line(line) {
-                outcomes[i].counts.add(c);
-                outcomes[i].saw_result = true;
+                o.counts.add(c);
+                o.saw_result = true;
+            } else if line.starts_with("test ") && line.ends_with(" ... ok") {
+                o.ok_lines += 1;
+            } else if line.starts_with("test ") && line.ends_with(" ... FAILED") {
+                o.failed_lines += 1;
             }
         }
     }
@@ -603,7 +673,15 @@ pub fn run_suites(
     let mut rows = Vec::new();
     for (r, o) in runs.iter().zip(outcomes) {
         let mut counts = o.counts;
-        let secs = o.end.map_or(0.0, |(_, ms)| ms as f64 / 1000.0);
+        if !o.saw_result {
+            counts.passed += o.ok_lines;
+            counts.failed += o.failed_lines;
+        }
+        let secs = match (o.end, o.began) {
+            (Some((_, ms)), _) => ms as f64 / 1000.0,
+            (None, Some(began)) => began.elapsed().as_secs_f64(),
+            (None, None) => 0.0,
+        };
         match o.end {
             None => {
                 eprintln!(
@@ -648,13 +726,19 @@ mod tests {
                       linux-image-6.1.0-9-amd64-unsigned - Linux 6.1 for 64-bit PCs\n\
                       linux-image-6.1.0-60-cloud-amd64-unsigned - Linux 6.1 for x86-64 cloud\n";
         assert_eq!(
-            pick_package(search),
+            pick_package(search, "6.1.0-"),
             Some((
                 "linux-image-6.1.0-57-amd64-unsigned".to_string(),
                 "6.1.0-57-amd64".to_string()
             ))
         );
-        assert_eq!(pick_package(""), None);
+        assert_eq!(pick_package("", "6.1.0-"), None);
+        let search = "linux-image-6.12.99+deb12-amd64-unsigned - Linux 6.12\n\
+                      linux-image-6.12.118+deb12-amd64-unsigned - Linux 6.12\n";
+        assert_eq!(
+            pick_package(search, "6.12.").map(|p| p.1),
+            Some("6.12.118+deb12-amd64".to_string())
+        );
     }
 
     #[test]
@@ -666,7 +750,12 @@ mod tests {
                    kernel/net/9p/9pnet_virtio.ko: kernel/net/9p/9pnet.ko kernel/drivers/virtio/virtio.ko\n\
                    kernel/drivers/virtio/virtio.ko: kernel/drivers/virtio/virtio_ring.ko\n\
                    kernel/drivers/virtio/virtio_ring.ko:\n";
-        let order = load_order(dep, &["9pnet_virtio", "9p"]).unwrap();
+        let order = load_order(
+            dep,
+            "kernel/drivers/virtio/virtio_pci.ko\n",
+            &["virtio_pci", "9pnet_virtio", "9p"],
+        )
+        .unwrap();
         let pos = |m: &str| order.iter().position(|o| o.ends_with(m)).unwrap();
         assert_eq!(order.len(), 7);
         assert!(pos("/virtio_ring.ko") < pos("/virtio.ko"));
@@ -674,7 +763,7 @@ mod tests {
         assert!(pos("/9pnet.ko") < pos("/9pnet_virtio.ko"));
         assert!(pos("/netfs.ko") < pos("/fscache.ko"));
         assert!(pos("/fscache.ko") < pos("/9p.ko"));
-        assert!(load_order(dep, &["veth"]).is_err());
+        assert!(load_order(dep, "", &["veth"]).is_err());
     }
 
     #[test]
