@@ -46,6 +46,9 @@ enum Task {
         /// `host`: the host's kernel only; `debian-6.1`: the VM subset only.
         #[arg(long, env = "LB_TEST_KERNEL", default_value = "all")]
         kernel: String,
+        /// With `--kernel <vm>`: only the VM tests a default run (CI) takes, not the suites whole.
+        #[arg(long)]
+        ci_subset: bool,
         /// Passed to every test binary (a name filter, `--exact`, ...).
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         filter: Vec<String>,
@@ -102,11 +105,13 @@ fn real_main() -> Result<u8> {
         Task::Test {
             no_lint,
             kernel,
+            ci_subset,
             filter,
         } => {
             let kernels = testrun::Kernels::parse(&kernel)?;
             setup::setup()?;
-            if !testrun::test(&filter, !no_lint, &kernels)? {
+            let subset = ci_subset || kernels == testrun::Kernels::All;
+            if !testrun::test(&filter, !no_lint, &kernels, subset)? {
                 return Ok(1);
             }
         }

@@ -71,7 +71,7 @@ impl Kernels {
 }
 
 /// The suites that also run in the VM, each with the tests a default `cargo xtask test` (CI)
-/// runs there; `--kernel <vm>` alone runs them whole. The packet suites run the XDP program
+/// runs there; `--kernel <vm>` runs them whole unless `--ci-subset` is given. The packet suites run the XDP program
 /// through BPF_PROG_TEST_RUN on the guest kernel; nat_e2e and failover forward real connections
 /// through it in namespaces. Under TCG every program load costs seconds of verification (13 s
 /// on 6.1), so CI takes the tests that cover each path of the program once: forward and reply
@@ -288,7 +288,8 @@ fn run_streaming(cmd: &mut Command) -> Result<Counts> {
 }
 
 /// Lint, build the test binaries, run them all; prints the table and the final summary line.
-pub fn test(filter: &[String], lint: bool, kernels: &Kernels) -> Result<bool> {
+/// `vm_subset`: the VM runs only the tests of [`VM_SUITES`] (unless `filter` chooses).
+pub fn test(filter: &[String], lint: bool, kernels: &Kernels, vm_subset: bool) -> Result<bool> {
     let repo = repo();
     if lint {
         if crate::cmd::status(cargo().args(["fmt", "--all", "--check"]))
@@ -331,7 +332,7 @@ pub fn test(filter: &[String], lint: bool, kernels: &Kernels) -> Result<bool> {
     for name in vm_kernels {
         let mut done = Vec::new();
         let kernel = crate::vm::ensure_kernel(name, &mut done)?;
-        let runs = vm_runs(&suites, filter, *kernels == Kernels::All)?;
+        let runs = vm_runs(&suites, filter, vm_subset)?;
         rows.extend(crate::vm::run_suites(
             &kernel,
             &runs,
