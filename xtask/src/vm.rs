@@ -402,6 +402,10 @@ pub fn guest_script(runs: &[GuestRun], env: &[(&str, PathBuf)], suite_limit: Dur
     for (k, v) in env {
         s += &format!("export {k}={}\n", sh_quote(&v.to_string_lossy()));
     }
+    // The harness gives `lb run` 20 s to get ready; under TCG loading the program takes 13 s
+    // (two verifier passes when it fails): time enough to see its own error instead of a timeout.
+    let ready = std::env::var("LB_READY_TIMEOUT_SECS").unwrap_or_else(|_| "120".into());
+    s += &format!("export LB_READY_TIMEOUT_SECS={}\n", sh_quote(&ready));
     for var in ["RUST_BACKTRACE", "RUST_LOG"] {
         if let Ok(v) = std::env::var(var) {
             s += &format!("export {var}={}\n", sh_quote(&v));
