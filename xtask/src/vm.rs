@@ -658,9 +658,13 @@ pub fn run_suites(
         eprintln!("xtask: [{}] {}", kernel.name, problem.join("; "));
         let log = fs::read_to_string(&console).unwrap_or_default();
         let tail: Vec<&str> = log.lines().rev().take(60).collect();
-        eprintln!("xtask: last lines of the guest's console:");
-        for l in tail.iter().rev() {
-            eprintln!("  {l}");
+        if tail.is_empty() {
+            eprintln!("xtask: the guest's console (kernel warnings and worse) is empty");
+        } else {
+            eprintln!("xtask: last lines of the guest's console:");
+            for l in tail.iter().rev() {
+                eprintln!("  {l}");
+            }
         }
     }
     println!(
