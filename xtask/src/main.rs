@@ -7,6 +7,7 @@ mod cmd;
 mod package;
 mod setup;
 mod testrun;
+mod vm;
 
 use std::process::ExitCode;
 
@@ -43,6 +44,13 @@ enum Task {
         /// Skip `cargo fmt --check` and `cargo clippy -D warnings`.
         #[arg(long)]
         no_lint: bool,
+        /// `all`: the host's kernel, then the VM subset on Debian 12's 6.1 in qemu (default);
+        /// `host`: the host's kernel only; `debian-6.1`: the VM subset only.
+        #[arg(long, env = "LB_TEST_KERNEL", default_value = "all")]
+        kernel: String,
+        /// With `--kernel <vm>`: only the VM tests a default run (CI) takes, not the suites whole.
+        #[arg(long)]
+        ci_subset: bool,
         /// Passed to every test binary (a name filter, `--exact`, ...).
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         filter: Vec<String>,
@@ -99,9 +107,16 @@ fn real_main() -> Result<u8> {
                 .with_context(|| format!("running {}", lb.display()))?;
             return Ok(u8::try_from(exit_code(status)).unwrap_or(1));
         }
-        Task::Test { no_lint, filter } => {
+        Task::Test {
+            no_lint,
+            kernel,
+            ci_subset,
+            filter,
+        } => {
+            let kernels = testrun::Kernels::parse(&kernel)?;
             setup::setup()?;
-            if !testrun::test(&filter, !no_lint)? {
+            let subset = ci_subset || kernels == testrun::Kernels::All;
+            if !testrun::test(&filter, !no_lint, &kernels, subset)? {
                 return Ok(1);
             }
         }

@@ -2,8 +2,9 @@
 //!
 //! Steps, each a quick check first: Debian packages, `rust-src` for the installed nightly, bpf-linker
 //! 0.13.0 built against that nightly's own libLLVM into `<repo>/.tools`, cargo-deb into cargo's
-//! own bin directory (`cargo deb`), the Python venv with the pinned Neo4j driver, and bpffs at
-//! /sys/fs/bpf. A run with nothing to do prints "setup: up to date".
+//! own bin directory (`cargo deb`), the Python venv with the pinned Neo4j driver, bpffs at
+//! /sys/fs/bpf, and Debian 12's 6.1 kernel for the VM test runs (`.tools/kernels/debian-6.1`).
+//! A run with nothing to do prints "setup: up to date".
 
 use std::fs;
 use std::path::Path;
@@ -25,8 +26,11 @@ pub const PACKAGES: &[&str] = &[
     "procps",       // sysctl in namespaces
     "python3-venv", // the Neo4j driver venv
     "python3-pip",
-    "chromium", // renders the admin dashboard in the admin end-to-end test
-    "systemd",  // systemd-analyze verify of the packaged lb@.service (no running systemd needed)
+    "chromium",        // renders the admin dashboard in the admin end-to-end test
+    "systemd",         // systemd-analyze verify of the packaged lb@.service (no running systemd needed)
+    "qemu-system-x86", // the VM that runs suites on Debian 12's own kernel (src/vm.rs)
+    "busybox-static",  // PID 1 and tools of that VM's initramfs
+    "kmod",            // depmod for the extracted kernel, modprobe in the VM
 ];
 
 /// The nightly the eBPF build and bpf-linker are tied to (platform-facts).
@@ -48,6 +52,7 @@ pub fn setup() -> Result<()> {
     cargo_deb(&mut done)?;
     python_venv(&repo, &mut done)?;
     bpffs(&mut done)?;
+    crate::vm::ensure_kernel(crate::vm::DEBIAN_6_1, &mut done)?;
     if done.is_empty() {
         println!("setup: up to date");
     } else {
@@ -56,7 +61,7 @@ pub fn setup() -> Result<()> {
     Ok(())
 }
 
-fn require_root(what: &str) -> Result<()> {
+pub fn require_root(what: &str) -> Result<()> {
     // SAFETY: geteuid has no preconditions and cannot fail.
     if unsafe { libc::geteuid() } != 0 {
         bail!("{what} needs root: run `cargo xtask setup` as root (sudo -E cargo xtask setup)");

@@ -33,12 +33,97 @@ pub struct Counts {
 }
 
 impl Counts {
-    fn add(&mut self, other: Counts) {
+    pub fn add(&mut self, other: Counts) {
         self.passed += other.passed;
         self.failed += other.failed;
         self.ignored += other.ignored;
     }
 }
+
+/// One line of the summary table.
+#[derive(Debug, Clone)]
+pub struct Row {
+    pub name: String,
+    pub counts: Counts,
+    pub secs: f64,
+}
+
+/// Which kernels `cargo xtask test` runs on.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Kernels {
+    /// The host's kernel, then the VM subset on every VM kernel (the default; CI).
+    All,
+    /// Only the host's kernel (quick local runs).
+    Host,
+    /// Only the VM subset, on this kernel (e.g. `debian-6.1`).
+    Vm(String),
+}
+
+impl Kernels {
+    /// `all`, `host` or a VM kernel's name.
+    pub fn parse(s: &str) -> Result<Kernels> {
+        match s {
+            "all" => Ok(Kernels::All),
+            "host" => Ok(Kernels::Host),
+            _ => Ok(Kernels::Vm(crate::vm::spec(s)?.name.to_string())),
+        }
+    }
+}
+
+/// The suites that also run in the VM, each with the tests a default `cargo xtask test` (CI)
+/// runs there; `--kernel <vm>` runs them whole unless `--ci-subset` is given. The packet suites run the XDP program
+/// through BPF_PROG_TEST_RUN on the guest kernel; nat_e2e and failover forward real connections
+/// through it in namespaces. Under TCG every program load costs seconds of verification (13 s
+/// on 6.1), so CI takes the tests that cover each path of the program once: forward and reply
+/// translation, XDP_TX, generated RSTs, ICMP errors, the FIB's no-neighbour answer, pass-through,
+/// connection ends and GC, the ring buffer, the maxconn atomics, and one end-to-end run of each
+/// kind (native and generic XDP, one-armed, neighbour flush, failover with resets).
+pub const VM_SUITES: &[(&str, &[&str])] = &[
+    (
+        "lb-tests::packet",
+        &[
+            "syn_to_vip_is_dnatted_and_snatted_to_the_master",
+            "backend_syn_ack_is_translated_back_to_the_client",
+            "the_clients_ack_establishes_the_flow_and_data_takes_the_established_path",
+            "a_backend_behind_the_ingress_interface_gets_the_syn_by_xdp_tx",
+            "a_non_syn_segment_to_a_vip_without_a_flow_is_answered_with_a_rst",
+            "a_syn_to_a_backend_without_a_neighbour_entry_is_dropped_without_a_flow",
+            "frag_needed_about_a_forwarded_packet_is_translated_to_the_client",
+            "traffic_not_for_a_service_passes_byte_for_byte",
+        ],
+    ),
+    (
+        "lb-tests::packet_lifecycle",
+        &[
+            "fins_both_ways_mark_the_flow_closing_and_the_last_ack_and_a_retransmitted_fin_translate",
+            "gc_deletes_closed_flows_after_the_close_timeout_and_keeps_open_and_half_closed_ones",
+            "the_data_path_reports_the_flows_it_deletes_itself_for_the_connection_log",
+        ],
+    ),
+    (
+        "lb-tests::packet_maxconn",
+        &[
+            "a_syn_over_the_backend_limit_is_dropped_and_a_close_frees_the_slot",
+            "the_verified_program_uses_the_fetch_form_of_the_atomic_add_and_stays_small",
+        ],
+    ),
+    (
+        "lb-tests::nat_e2e",
+        &[
+            "native_1000_sequential_connections_reach_the_master_intact_via_snat",
+            "generic_with_sender_offloads_1000_sequential_connections_reach_the_master",
+            "one_armed_topology_balances_through_a_single_nic",
+            "replies_still_flow_after_the_neighbor_tables_are_flushed",
+        ],
+    ),
+    (
+        "lb-tests::failover",
+        &[
+            "writes_go_to_the_master_reads_split_evenly_over_the_slaves",
+            "failover_moves_new_writes_without_overlap_and_resets_the_demoted_masters_flows",
+        ],
+    ),
+];
 
 /// Parses `test result: ok. 3 passed; 1 failed; 2 ignored; 0 measured; 0 filtered out; ...`.
 pub fn parse_result_line(line: &str) -> Option<Counts> {
@@ -203,7 +288,8 @@ fn run_streaming(cmd: &mut Command) -> Result<Counts> {
 }
 
 /// Lint, build the test binaries, run them all; prints the table and the final summary line.
-pub fn test(filter: &[String], lint: bool) -> Result<bool> {
+/// `vm_subset`: the VM runs only the tests of [`VM_SUITES`] (unless `filter` chooses).
+pub fn test(filter: &[String], lint: bool, kernels: &Kernels, vm_subset: bool) -> Result<bool> {
     let repo = repo();
     if lint {
         if crate::cmd::status(cargo().args(["fmt", "--all", "--check"]))
@@ -234,8 +320,37 @@ pub fn test(filter: &[String], lint: bool) -> Result<bool> {
         ("LB_PYTHON", repo.join(".venv/bin/python")),
         ("LB_REPO", repo.clone()),
     ];
-    let mut rows: Vec<(String, Counts, f64)> = Vec::new();
-    for suite in &suites {
+    let mut rows: Vec<Row> = Vec::new();
+    if !matches!(kernels, Kernels::Vm(_)) {
+        run_on_host(&suites, filter, &env, &mut rows)?;
+    }
+    let vm_kernels: Vec<&str> = match kernels {
+        Kernels::Host => vec![],
+        Kernels::All => vec![crate::vm::DEBIAN_6_1],
+        Kernels::Vm(name) => vec![name.as_str()],
+    };
+    for name in vm_kernels {
+        let mut done = Vec::new();
+        let kernel = crate::vm::ensure_kernel(name, &mut done)?;
+        let runs = vm_runs(&suites, filter, vm_subset)?;
+        rows.extend(crate::vm::run_suites(
+            &kernel,
+            &runs,
+            &env,
+            suite_timeout(),
+        )?);
+    }
+    Ok(print_summary(&rows))
+}
+
+/// Every suite on the host's kernel, then the doctests; one row each.
+fn run_on_host(
+    suites: &[Suite],
+    filter: &[String],
+    env: &[(&str, PathBuf)],
+    rows: &mut Vec<Row>,
+) -> Result<()> {
+    for suite in suites {
         println!("\n=== {} ===", suite.name);
         let mut cmd = Command::new(&suite.executable);
         cmd.args(filter)
@@ -243,12 +358,16 @@ pub fn test(filter: &[String], lint: bool) -> Result<bool> {
             .current_dir(&suite.package_dir)
             .env("CARGO_MANIFEST_DIR", &suite.package_dir)
             .env("CARGO_PKG_NAME", &suite.package);
-        for (k, v) in &env {
+        for (k, v) in env {
             cmd.env(k, v);
         }
         let start = Instant::now();
         let counts = run_streaming(&mut cmd)?;
-        rows.push((suite.name.clone(), counts, start.elapsed().as_secs_f64()));
+        rows.push(Row {
+            name: suite.name.clone(),
+            counts,
+            secs: start.elapsed().as_secs_f64(),
+        });
     }
     // Doc tests are not in --no-run's artifacts; cargo runs them.
     println!("\n=== doctests ===");
@@ -256,14 +375,55 @@ pub fn test(filter: &[String], lint: bool) -> Result<bool> {
     doc.args(["test", "--workspace", "--doc", "--"])
         .args(filter)
         .args(["--include-ignored", "--test-threads=1"]);
-    for (k, v) in &env {
+    for (k, v) in env {
         doc.env(k, v);
     }
     let start = Instant::now();
     let counts = run_streaming(&mut doc)?;
-    rows.push(("doctests".into(), counts, start.elapsed().as_secs_f64()));
+    rows.push(Row {
+        name: "doctests".into(),
+        counts,
+        secs: start.elapsed().as_secs_f64(),
+    });
+    Ok(())
+}
 
-    let width = rows.iter().map(|r| r.0.len()).max().unwrap_or(5).max(5);
+/// The VM's suites with their arguments: the command line's filter if any, else with `ci_subset`
+/// each suite's CI choice of tests ([`VM_SUITES`]), else all; privileged tests included, one at
+/// a time, as on the host.
+fn vm_runs(
+    suites: &[Suite],
+    filter: &[String],
+    ci_subset: bool,
+) -> Result<Vec<crate::vm::GuestRun>> {
+    let mut runs = Vec::new();
+    for (name, tests) in VM_SUITES {
+        let suite = suites
+            .iter()
+            .find(|s| s.name == *name)
+            .with_context(|| format!("the VM suite {name} was not built"))?;
+        let mut args: Vec<String> = if !filter.is_empty() {
+            filter.to_vec()
+        } else if ci_subset {
+            let mut a: Vec<String> = tests.iter().map(|t| t.to_string()).collect();
+            a.push("--exact".into());
+            a
+        } else {
+            Vec::new()
+        };
+        // The guest's output port is a tty: no colour codes, as on the host's pipe.
+        args.extend(["--include-ignored", "--test-threads=1", "--color=never"].map(String::from));
+        runs.push(crate::vm::GuestRun {
+            suite: suite.clone(),
+            args,
+        });
+    }
+    Ok(runs)
+}
+
+/// Prints the table and the final `N passed, N failed, N skipped` line; true when none failed.
+fn print_summary(rows: &[Row]) -> bool {
+    let width = rows.iter().map(|r| r.name.len()).max().unwrap_or(5).max(5);
     println!();
     println!(
         "{:<width$}  {:>6}  {:>6}  {:>7}  {:>8}",
@@ -271,7 +431,12 @@ pub fn test(filter: &[String], lint: bool) -> Result<bool> {
     );
     let mut total = Counts::default();
     let mut total_secs = 0.0;
-    for (name, c, secs) in &rows {
+    for Row {
+        name,
+        counts: c,
+        secs,
+    } in rows
+    {
         println!(
             "{name:<width$}  {:>6}  {:>6}  {:>7}  {secs:>8.1}",
             c.passed, c.failed, c.ignored
@@ -287,7 +452,7 @@ pub fn test(filter: &[String], lint: bool) -> Result<bool> {
         "{} passed, {} failed, {} skipped",
         total.passed, total.failed, total.ignored
     );
-    Ok(total.failed == 0)
+    total.failed == 0
 }
 
 #[cfg(test)]
@@ -308,6 +473,22 @@ mod tests {
             })
         );
         assert_eq!(parse_result_line("test foo ... ok"), None);
+    }
+
+    #[test]
+    fn every_vm_ci_test_exists_in_its_suite() {
+        for (suite, tests) in VM_SUITES {
+            let target = suite.strip_prefix("lb-tests::").unwrap();
+            let path = repo().join("tests/tests").join(format!("{target}.rs"));
+            let src = std::fs::read_to_string(&path).unwrap();
+            for t in *tests {
+                assert!(
+                    src.contains(&format!("fn {t}(")),
+                    "{t} not in {}",
+                    path.display()
+                );
+            }
+        }
     }
 
     #[test]

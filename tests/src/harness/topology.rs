@@ -32,8 +32,15 @@ use super::process::{terminate, LbProcess, Process, SimProcess, Stream, STOP_GRA
 use super::xdp_pass::XdpPass;
 use super::Ns;
 
-/// How long `lb run` and the simulators get to say they are ready.
-pub const READY_TIMEOUT: Duration = Duration::from_secs(20);
+/// How long `lb run` and the simulators get to say they are ready: 20 s, or
+/// `$LB_READY_TIMEOUT_SECS` (xtask's VM runs raise it: under TCG the verifier alone takes 13 s).
+pub fn ready_timeout() -> Duration {
+    let secs = std::env::var("LB_READY_TIMEOUT_SECS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(20);
+    Duration::from_secs(secs)
+}
 
 /// Which of the two shapes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -461,7 +468,7 @@ impl Topology {
         }
         cmd.args(extra_args).envs(env.iter().copied());
         let process = self.spawn_command("lb", cmd)?;
-        let ready_line = process.wait_for_line(Stream::Stderr, "lb ready", READY_TIMEOUT)?;
+        let ready_line = process.wait_for_line(Stream::Stderr, "lb ready", ready_timeout())?;
         Ok(LbProcess {
             process,
             config,
@@ -480,7 +487,7 @@ impl Topology {
         }
         cmd.args(args);
         let process = self.spawn_command("lb", cmd)?;
-        let ready_line = process.wait_for_line(Stream::Stderr, "lb ready", READY_TIMEOUT)?;
+        let ready_line = process.wait_for_line(Stream::Stderr, "lb ready", ready_timeout())?;
         Ok(LbProcess {
             process,
             config: PathBuf::new(),
@@ -513,7 +520,7 @@ impl Topology {
         process.wait_for_line(
             Stream::Stdout,
             &format!("neo4j-sim {} ready", b.name),
-            READY_TIMEOUT,
+            ready_timeout(),
         )?;
         Ok(SimProcess {
             process,
