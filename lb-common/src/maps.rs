@@ -238,7 +238,10 @@ pub struct FlowKey {
     pub sport: u16,
     pub dport: u16,
     pub proto: u8,
-    pub _pad: [u8; 3],
+    /// Padding as two fields, not a `[u8; 3]`: zeroing three unaligned bytes compiles to a call
+    /// of `memset` in BPF, a subprogram frame that Linux 6.1's stack limit counts.
+    pub _pad: u8,
+    pub _pad16: u16,
 }
 
 impl FlowKey {
@@ -251,7 +254,8 @@ impl FlowKey {
             sport: self.dport,
             dport: self.sport,
             proto: self.proto,
-            _pad: [0; 3],
+            _pad: 0,
+            _pad16: 0,
         }
     }
 }
@@ -331,7 +335,8 @@ impl Flow {
             sport: self.nat_dport,
             dport: self.nat_sport,
             proto,
-            _pad: [0; 3],
+            _pad: 0,
+            _pad16: 0,
         }
     }
 
@@ -593,7 +598,8 @@ mod tests {
             sport: 10,
             dport: 20,
             proto: 6,
-            _pad: [0; 3],
+            _pad: 0,
+            _pad16: 0,
         };
         let fwd = Flow {
             nat_saddr: 3,

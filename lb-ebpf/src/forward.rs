@@ -7,7 +7,7 @@ use aya_ebpf::{
 use lb_common::Counter;
 
 use crate::{
-    maps::{ROUTE_SRC, TX_PORTS},
+    maps::{FIB_PARAMS, ROUTE_SRC, TX_PORTS},
     stats,
 };
 
@@ -45,8 +45,20 @@ pub fn lookup(
     tot_len: u16,
     src_from: SrcFrom,
 ) -> Result<NextHop, i64> {
-    // SAFETY: bpf_fib_lookup is a plain-old-data struct; all-zero is a valid value.
-    let mut p: bpf_fib_lookup = unsafe { core::mem::zeroed() };
+    // The parameters live in a per-CPU scratch map, not on the stack: Linux 6.1 counts every
+    // frame of a call chain against one 512-byte stack, and `lb_xdp` needs most of it.
+    let Some(p) = FIB_PARAMS.get_ptr_mut(0) else {
+        return Err(-1);
+    };
+    let words = p as *mut u64;
+    for i in 0..core::mem::size_of::<bpf_fib_lookup>() / 8 {
+        // SAFETY: `p` is this CPU's map value, `size_of::<bpf_fib_lookup>()` (64) writable bytes,
+        // 8-aligned; volatile so that the stores do not become a `memset` call (another frame).
+        unsafe { core::ptr::write_volatile(words.add(i), 0) };
+    }
+    // SAFETY: `p` is valid for reads and writes for the whole program run (a map value of
+    // this CPU; nothing else runs on this CPU meanwhile) and now all zero, a valid value.
+    let p = unsafe { &mut *p };
     p.family = AF_INET;
     p.l4_protocol = crate::parse::IPPROTO_TCP;
     p.dport = dport;
@@ -58,7 +70,7 @@ pub fn lookup(
     let rc = unsafe {
         fib_lookup_helper(
             ctx.ctx as *mut _,
-            &mut p,
+            p,
             core::mem::size_of::<bpf_fib_lookup>() as i32,
             match src_from {
                 SrcFrom::Fib => BPF_FIB_LOOKUP_SRC,

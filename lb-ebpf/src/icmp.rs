@@ -68,7 +68,8 @@ pub fn handle(
         sport: ports.dport,
         dport: ports.sport,
         proto: IPPROTO_TCP,
-        _pad: [0; 3],
+        _pad: 0,
+        _pad16: 0,
     };
     let Some(found) = conntrack::lookup(&key, now, cfg.embryonic_timeout_ns) else {
         stats::count(Counter::DropIcmpNoFlow);

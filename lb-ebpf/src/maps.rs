@@ -86,6 +86,11 @@ pub static TX_PORTS: DevMapHash<{ MAX_IFACES as usize }> = DevMapHash::new();
 #[btf_map]
 pub static SNAT_ADDRS: HashMap<u32, u32, { MAX_SNAT_ADDRS as usize }> = HashMap::new();
 
+/// Scratch space for `bpf_fib_lookup`'s parameters (one per CPU, not pinned): off the stack,
+/// which Linux 6.1 counts across the program's frames.
+#[btf_map]
+pub static FIB_PARAMS: PerCpuArray<aya_ebpf::bindings::bpf_fib_lookup, 1> = PerCpuArray::new();
+
 /// Backend address -> the source address of the agent's route to it (network order). Read
 /// only with `CONFIG_F_ROUTE_SRC`, where the kernel's FIB lookup cannot say the source
 /// (`BPF_FIB_LOOKUP_SRC` is Linux 6.7+).

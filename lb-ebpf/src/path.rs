@@ -26,7 +26,8 @@ fn key_of(ip: &Ip, tcp: &Tcp) -> FlowKey {
         sport: tcp.sport,
         dport: tcp.dport,
         proto: IPPROTO_TCP,
-        _pad: [0; 3],
+        _pad: 0,
+        _pad16: 0,
     }
 }
 

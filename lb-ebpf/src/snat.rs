@@ -47,7 +47,8 @@ pub fn claim(
         sport: bport,
         dport: 0,
         proto: IPPROTO_TCP,
-        _pad: [0; 3],
+        _pad: 0,
+        _pad16: 0,
     };
     let mut i = 0;
     while i < SNAT_TRIES {

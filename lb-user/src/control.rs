@@ -381,9 +381,7 @@ impl Control {
         set.maglev = crate::maglev::table(&keys);
         let mut inner = match self.spare[slot].take() {
             Some(m) => m,
-            None => {
-                Array::<MapData, BackendSet>::create(1, 0).context("create a backend-set map")?
-            }
+            None => crate::dataplane::create_set_map()?,
         };
         inner
             .set(0, set, 0)

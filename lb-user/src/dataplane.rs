@@ -458,3 +458,84 @@ pub fn unpin(dir: &Path) -> Result<()> {
     }
     Ok(())
 }
+
+/// A new inner map for `BACKEND_SETS` (an array of one [`lb_common::BackendSet`]), created with
+/// BTF for its key and value like the template the kernel compares it with. On Linux 6.1 the
+/// kernel refuses an inner map whose BTF-derived properties differ from the template's (a map
+/// made without BTF has another `timer_off`), so aya's BTF-less `Array::create` is not enough
+/// there. The BTF is the least that describes the layout: a 32-bit int key and a value struct
+/// of the set's size without members.
+pub fn create_set_map() -> Result<Array<MapData, lb_common::BackendSet>> {
+    use std::os::fd::{FromRawFd, OwnedFd};
+    const BPF_MAP_CREATE: libc::c_long = 0;
+    const BPF_BTF_LOAD: libc::c_long = 18;
+    const BPF_MAP_TYPE_ARRAY: u32 = 2;
+    const BTF_KIND_INT: u32 = 1;
+    const BTF_KIND_STRUCT: u32 = 4;
+    let value_size = std::mem::size_of::<lb_common::BackendSet>() as u32;
+
+    // Type section: [1] INT "u32" (4 bytes, 32 bits), [2] STRUCT "backend_set" (value_size, no
+    // members). Strings: "\0u32\0backend_set\0".
+    let strings = b"\0u32\0backend_set\0";
+    let mut types = Vec::new();
+    for w in [
+        1,
+        BTF_KIND_INT << 24,
+        4,
+        32,
+        5,
+        BTF_KIND_STRUCT << 24,
+        value_size,
+    ] {
+        types.extend_from_slice(&u32::to_ne_bytes(w));
+    }
+    let mut btf = Vec::new();
+    btf.extend_from_slice(&0xeb9f_u16.to_ne_bytes()); // magic
+    btf.extend_from_slice(&[1, 0]); // version, flags
+    for w in [
+        24,
+        0,
+        types.len() as u32,
+        types.len() as u32,
+        strings.len() as u32,
+    ] {
+        btf.extend_from_slice(&w.to_ne_bytes()); // hdr_len, type_off, type_len, str_off, str_len
+    }
+    btf.extend_from_slice(&types);
+    btf.extend_from_slice(strings);
+
+    let sys_bpf = |cmd: libc::c_long, attr: &mut [u8; 128]| -> Result<OwnedFd> {
+        // SAFETY: `attr` is a zero-filled, 128-byte `union bpf_attr` prefix for `cmd` (the kernel
+        // reads at most that many bytes and needs the rest zero); pointers inside it point to
+        // `btf`, alive for the call.
+        let fd = unsafe { libc::syscall(libc::SYS_bpf, cmd, attr.as_mut_ptr(), attr.len()) };
+        if fd < 0 {
+            return Err(std::io::Error::last_os_error().into());
+        }
+        // SAFETY: on success the bpf syscall returned a new file descriptor that we own.
+        Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
+    };
+    let put =
+        |attr: &mut [u8; 128], off: usize, v: &[u8]| attr[off..off + v.len()].copy_from_slice(v);
+
+    // BPF_BTF_LOAD: u64 btf, u64 btf_log_buf, u32 btf_size, ...
+    let mut attr = [0u8; 128];
+    put(&mut attr, 0, &(btf.as_ptr() as u64).to_ne_bytes());
+    put(&mut attr, 16, &(btf.len() as u32).to_ne_bytes());
+    let btf_fd = sys_bpf(BPF_BTF_LOAD, &mut attr).context("load the BTF of a backend-set map")?;
+
+    // BPF_MAP_CREATE: map_type, key_size, value_size, max_entries, map_flags, inner_map_fd,
+    // numa_node, map_name[16], map_ifindex, btf_fd (48), btf_key_type_id, btf_value_type_id.
+    let mut attr = [0u8; 128];
+    for (off, w) in [(0, BPF_MAP_TYPE_ARRAY), (4, 4), (8, value_size), (12, 1)] {
+        put(&mut attr, off, &w.to_ne_bytes());
+    }
+    put(&mut attr, 28, b"lb_set");
+    use std::os::fd::AsRawFd;
+    put(&mut attr, 48, &(btf_fd.as_raw_fd() as u32).to_ne_bytes());
+    put(&mut attr, 52, &1u32.to_ne_bytes());
+    put(&mut attr, 56, &2u32.to_ne_bytes());
+    let fd = sys_bpf(BPF_MAP_CREATE, &mut attr).context("create a backend-set map")?;
+    let data = MapData::from_fd(fd).context("open the new backend-set map")?;
+    Array::try_from(Map::from_map_data(data)?).context("the new backend-set map is not an array")
+}

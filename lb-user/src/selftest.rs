@@ -120,7 +120,8 @@ pub fn run(
         sport: port_be(sport),
         dport: port_be(service.vip.port()),
         proto: lb_common::IPPROTO_TCP,
-        _pad: [0; 3],
+        _pad: 0,
+        _pad16: 0,
     };
     // XDP_TX (3) or XDP_REDIRECT (4) with a rewritten SYN: the data path forwards.
     if (r.return_value == 3 || r.return_value == 4) && did(Counter::NewFlows) {

@@ -94,7 +94,8 @@ impl Conn {
             sport: port_be(local.port()),
             dport: port_be(VIP_PORT),
             proto: IPPROTO_TCP,
-            _pad: [0; 3],
+            _pad: 0,
+            _pad16: 0,
         };
         let mut c = Conn {
             client,

@@ -27,10 +27,10 @@ pub const PACKAGES: &[&str] = &[
     "python3-venv", // the Neo4j driver venv
     "python3-pip",
     "chromium",        // renders the admin dashboard in the admin end-to-end test
-    "systemd",         // systemd-analyze verify of the packaged lb@.service (no running systemd needed)
+    "systemd", // systemd-analyze verify of the packaged lb@.service (no running systemd needed)
     "qemu-system-x86", // the VM that runs suites on Debian 12's own kernel (src/vm.rs)
-    "busybox-static",  // PID 1 and tools of that VM's initramfs
-    "kmod",            // depmod for the extracted kernel, modprobe in the VM
+    "busybox-static", // PID 1 and tools of that VM's initramfs
+    "kmod",    // depmod for the extracted kernel, modprobe in the VM
 ];
 
 /// The nightly the eBPF build and bpf-linker are tied to (platform-facts).
