@@ -53,6 +53,7 @@ struct RawConfig {
 #[serde(deny_unknown_fields)]
 struct RawAdmin {
     listen: Option<Spanned<String>>,
+    operations: Option<Spanned<bool>>,
     user: Option<Spanned<String>>,
     password_file: Option<Spanned<PathBuf>>,
     password_env: Option<Spanned<String>>,
@@ -185,6 +186,9 @@ pub struct AdminConfig {
     pub auth: Option<BasicAuth>,
     /// How often the dashboard refreshes itself.
     pub refresh: Duration,
+    /// The operator API (`POST /api/server/NAME/drain|disable|enable`) is on (`operations =
+    /// true`, HAProxy's `stats admin`); off, the server is read-only.
+    pub operations: bool,
 }
 
 impl Default for AdminConfig {
@@ -193,6 +197,7 @@ impl Default for AdminConfig {
             listen: DEFAULT_ADMIN_LISTEN.parse().ok(),
             auth: None,
             refresh: Duration::from_secs(2),
+            operations: false,
         }
     }
 }
@@ -279,8 +284,31 @@ fn parse_duration(path: &Path, text: &str, v: &Spanned<String>, what: &str) -> R
     })
 }
 
-/// Validates `[admin]` and reads its password (the password never appears in an error).
+/// Validates `[admin]` and reads its password (the password never appears in an error). The
+/// operator API needs authentication unless the server listens on loopback only.
 fn parse_admin(path: &Path, text: &str, a: &Spanned<RawAdmin>) -> Result<AdminConfig> {
+    let mut out = parse_admin_access(path, text, a)?;
+    if let Some(ops) = &a.get_ref().operations {
+        out.operations = *ops.get_ref();
+        let exposed = out.listen.is_some_and(|l| !l.ip().is_loopback());
+        if out.operations && exposed && out.auth.is_none() {
+            return Err(at(
+                path,
+                text,
+                ops.span(),
+                format!(
+                    "[admin] operations = true on {} without authentication: anyone who reaches that \
+                     address could disable backends. Add user + password_file, or listen on 127.0.0.1",
+                    out.listen.map(|l| l.to_string()).unwrap_or_default()
+                ),
+            ));
+        }
+    }
+    Ok(out)
+}
+
+/// `[admin]`'s address, refresh and credentials.
+fn parse_admin_access(path: &Path, text: &str, a: &Spanned<RawAdmin>) -> Result<AdminConfig> {
     let raw = a.get_ref();
     let mut out = AdminConfig::default();
     if let Some(l) = &raw.listen {
@@ -969,6 +997,28 @@ backends = ["db02", "db01"]
         assert_eq!(a.listen, Some("0.0.0.0:9000".parse().unwrap()));
         assert_eq!(a.refresh, Duration::from_millis(500));
         assert_eq!(admin("listen = \"off\"\n").unwrap().listen, None);
+    }
+
+    #[test]
+    fn the_operator_api_is_off_by_default_and_needs_auth_unless_on_loopback() {
+        assert!(!admin("listen = \"0.0.0.0:8080\"\n").unwrap().operations);
+        let c = admin("listen = \"127.0.0.1:8080\"\noperations = true\n").unwrap();
+        assert!(c.operations && c.auth.is_none());
+        let e = format!(
+            "{:#}",
+            admin("listen = \"0.0.0.0:8080\"\noperations = true\n").unwrap_err()
+        );
+        assert!(
+            e.contains("[admin] operations = true on 0.0.0.0:8080 without authentication")
+                && e.contains("user + password_file"),
+            "{e}"
+        );
+        let c = admin("listen = \"0.0.0.0:8080\"\noperations = true\nuser = \"ops\"\npassword_env = \"LB_TEST_ADMIN_PW\"\n");
+        // With credentials it is accepted (here the variable is unset: that error, not the
+        // operations one).
+        if let Err(e) = c {
+            assert!(!format!("{e:#}").contains("operations"), "{e:#}");
+        }
     }
 
     #[test]

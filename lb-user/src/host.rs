@@ -75,6 +75,8 @@ pub struct HostSocket {
     pub state: u8,
 }
 
+const TCP_TIME_WAIT: u8 = 6;
+const TCP_CLOSE: u8 = 7;
 const TCP_LISTEN: u8 = 10;
 
 fn tcp_state_name(state: u8) -> &'static str {
@@ -157,20 +159,24 @@ const FEW_EPHEMERAL_PORTS: u32 = 1024;
 
 /// Decides whether lb can take `snat` on a host with the ephemeral range `ephemeral` and
 /// these sockets: the range is reserved (the kernel then never binds it), so an overlap with
-/// the ephemeral range is fine as long as the host keeps ports of its own. Refused: a socket
-/// of the host that already holds a port of the range towards a backend (its tuple and an
-/// SNAT flow's could be the same), and a range that leaves the host no ephemeral port.
+/// the ephemeral range is fine as long as the host keeps ports of its own. Refused: a live
+/// connection of the host from a port of the range to a backend's data port (`backends`:
+/// address and port), whose packets from the backend the data path would take for an SNAT
+/// flow's (and answer with a RST), and a range that leaves the host no ephemeral port. A
+/// TIME_WAIT is no such connection: nothing of it is alive to be disturbed.
 pub fn plan_snat_ports(
     snat: (u16, u16),
     ephemeral: (u16, u16),
     sockets: &[HostSocket],
-    backends: &[Ipv4Addr],
+    backends: &[SocketAddrV4],
 ) -> Result<PortPlan> {
     let in_range = |p: u16| (snat.0..=snat.1).contains(&p);
     let clashes: Vec<&HostSocket> = sockets
         .iter()
         .filter(|s| {
-            s.state != TCP_LISTEN && in_range(s.local.port()) && backends.contains(s.remote.ip())
+            ![TCP_LISTEN, TCP_TIME_WAIT, TCP_CLOSE].contains(&s.state)
+                && in_range(s.local.port())
+                && backends.contains(&s.remote)
         })
         .collect();
     if let Some(first) = clashes.first() {
@@ -180,9 +186,9 @@ pub fn plan_snat_ports(
             .map(|s| format!("{} -> {} ({})", s.local, s.remote, tcp_state_name(s.state)))
             .collect();
         bail!(
-            "{} socket(s) of this host already use a port of snat_ports {}-{} towards a backend ({}{}): \
-             an SNAT flow to that backend could get the same addresses and ports. Close them (a TIME_WAIT \
-             goes within 60 s), or choose another range with --snat-ports or snat_ports (e.g. one below {})",
+            "{} connection(s) of this host already use a port of snat_ports {}-{} towards a backend's \
+             data port ({}{}): lb would take the backend's packets to them for its own flows'. Close them, \
+             or choose another range with --snat-ports or snat_ports (e.g. one below {})",
             clashes.len(),
             snat.0,
             snat.1,
@@ -213,7 +219,7 @@ pub fn plan_snat_ports(
 }
 
 /// Checks the SNAT range against this host (see [`plan_snat_ports`]) and says what lb takes.
-pub fn check_snat_ports(snat: (u16, u16), backends: &[Ipv4Addr]) -> Result<PortPlan> {
+pub fn check_snat_ports(snat: (u16, u16), backends: &[SocketAddrV4]) -> Result<PortPlan> {
     let sockets =
         parse_proc_net_tcp(&fs::read_to_string("/proc/net/tcp").context("read /proc/net/tcp")?);
     let plan = plan_snat_ports(snat, local_port_range()?, &sockets, backends)?;
@@ -564,7 +570,7 @@ mod tests {
         }
     }
 
-    const DB01: Ipv4Addr = Ipv4Addr::new(10, 0, 1, 10);
+    const DB01_BOLT: SocketAddrV4 = SocketAddrV4::new(Ipv4Addr::new(10, 0, 1, 10), 7687);
 
     #[test]
     fn proc_net_tcp_lines_are_read_in_the_kernels_byte_order() {
@@ -583,7 +589,7 @@ mod tests {
     #[test]
     fn a_range_inside_a_wide_ephemeral_range_is_reserved_and_the_rest_left_to_the_host() {
         // The HAProxy host's tuning: 10000-65535; lb's default range is inside it.
-        let p = plan_snat_ports((10000, 32767), (10000, 65535), &[], &[DB01]).unwrap();
+        let p = plan_snat_ports((10000, 32767), (10000, 65535), &[], &[DB01_BOLT]).unwrap();
         assert_eq!((p.shared, p.left), (22768, 32768));
         assert!(
             p.to_string()
@@ -591,34 +597,41 @@ mod tests {
             "{p}"
         );
         // The kernel's default range: no overlap at all.
-        let p = plan_snat_ports((10000, 32767), (32768, 60999), &[], &[DB01]).unwrap();
+        let p = plan_snat_ports((10000, 32767), (32768, 60999), &[], &[DB01_BOLT]).unwrap();
         assert_eq!((p.shared, p.left), (0, 28232));
         assert!(p.to_string().contains("outside the ephemeral range"), "{p}");
     }
 
     #[test]
     fn a_range_that_leaves_the_host_no_ephemeral_port_is_refused() {
-        let e = plan_snat_ports((10000, 65535), (10000, 65535), &[], &[DB01]).unwrap_err();
+        let e = plan_snat_ports((10000, 65535), (10000, 65535), &[], &[DB01_BOLT]).unwrap_err();
         assert!(
             e.to_string().contains("covers the whole ephemeral range"),
             "{e}"
         );
-        assert!(plan_snat_ports((10000, 65534), (10000, 65535), &[], &[DB01]).is_ok());
+        assert!(plan_snat_ports((10000, 65534), (10000, 65535), &[], &[DB01_BOLT]).is_ok());
     }
 
     #[test]
-    fn only_a_host_socket_in_the_range_towards_a_backend_is_refused() {
+    fn only_a_live_host_connection_in_the_range_to_a_backends_data_port_is_refused() {
         let listening = sock("0.0.0.0:20000", "0.0.0.0:0", TCP_LISTEN);
         let elsewhere = sock("10.0.1.1:20000", "192.0.2.99:443", 1);
         let below = sock("10.0.1.1:9999", "10.0.1.10:7687", 1);
-        let ok = [listening, elsewhere, below];
-        assert!(plan_snat_ports((10000, 32767), (10000, 65535), &ok, &[DB01]).is_ok());
-        let clash = sock("10.0.1.1:20000", "10.0.1.10:7687", 6);
-        let e = plan_snat_ports((10000, 32767), (10000, 65535), &[listening, clash], &[DB01])
-            .unwrap_err()
-            .to_string();
+        let check_port = sock("10.0.1.1:20001", "10.0.1.10:7474", 1);
+        let time_wait = sock("10.0.1.1:20002", "10.0.1.10:7687", TCP_TIME_WAIT);
+        let ok = [listening, elsewhere, below, check_port, time_wait];
+        assert!(plan_snat_ports((10000, 32767), (10000, 65535), &ok, &[DB01_BOLT]).is_ok());
+        let clash = sock("10.0.1.1:20000", "10.0.1.10:7687", 1);
+        let e = plan_snat_ports(
+            (10000, 32767),
+            (10000, 65535),
+            &[listening, clash],
+            &[DB01_BOLT],
+        )
+        .unwrap_err()
+        .to_string();
         assert!(
-            e.contains("10.0.1.1:20000 -> 10.0.1.10:7687 (TIME_WAIT)")
+            e.contains("10.0.1.1:20000 -> 10.0.1.10:7687 (ESTABLISHED)")
                 && e.contains("--snat-ports"),
             "{e}"
         );

@@ -66,8 +66,16 @@ pub async fn run(args: RunArgs) -> Result<()> {
     if let Some(ports) = args.snat_ports {
         cfg.set_snat_ports(ports);
     }
-    let backend_addrs: Vec<_> = cfg.backends.iter().map(|b| b.address).collect();
-    host::check_snat_ports(cfg.snat_ports, &backend_addrs)?;
+    let data_ports: Vec<_> = cfg
+        .services
+        .iter()
+        .flat_map(|s| {
+            s.backends
+                .iter()
+                .map(|&b| std::net::SocketAddrV4::new(cfg.backends[b].address, s.backend_port))
+        })
+        .collect();
+    host::check_snat_ports(cfg.snat_ports, &data_ports)?;
     dataplane::ensure_bpffs()?;
 
     let pin_dir = dataplane::pin_dir(&cfg.instance);

@@ -692,7 +692,7 @@ fn basic_auth_refuses_without_credentials_and_the_password_never_shows() -> Resu
     let cfg = config(
         &topo,
         &format!(
-            "user = \"ops\"\npassword_file = \"{}\"\nrefresh = \"1s\"\n",
+            "user = \"ops\"\npassword_file = \"{}\"\nrefresh = \"1s\"\noperations = true\n",
             pw.display()
         ),
     );
@@ -791,5 +791,116 @@ fn basic_auth_refuses_without_credentials_and_the_password_never_shows() -> Resu
         !String::from_utf8_lossy(&environ).contains(secret),
         "the password appears in lb's environment"
     );
+    Ok(())
+}
+
+/// Opens `n` TCP connections to `to` without waiting for them (non-blocking connects): what a
+/// client holding many idle sockets does. The sockets stay open while the result lives.
+fn idle_connections(to: SocketAddrV4, n: usize) -> Result<Vec<std::os::fd::OwnedFd>> {
+    use nix::sys::socket::{connect, socket, AddressFamily, SockFlag, SockType, SockaddrIn};
+    use std::os::fd::AsRawFd;
+    let mut out = Vec::with_capacity(n);
+    for _ in 0..n {
+        let fd = socket(
+            AddressFamily::Inet,
+            SockType::Stream,
+            SockFlag::SOCK_NONBLOCK,
+            None,
+        )?;
+        match connect(fd.as_raw_fd(), &SockaddrIn::from(to)) {
+            Ok(()) | Err(nix::errno::Errno::EINPROGRESS) => out.push(fd),
+            Err(e) => bail!("connect {to}: {e}"),
+        }
+    }
+    Ok(out)
+}
+
+/// Raises this process's open-file limit to its hard limit (2,000 sockets need it).
+fn raise_fd_limit() -> Result<()> {
+    let mut l = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: `l` is a valid rlimit for getrlimit to fill, then for setrlimit to read.
+    unsafe {
+        ensure!(
+            libc::getrlimit(libc::RLIMIT_NOFILE, &mut l) == 0,
+            "getrlimit"
+        );
+        l.rlim_cur = l.rlim_max;
+        ensure!(libc::setrlimit(libc::RLIMIT_NOFILE, &l) == 0, "setrlimit");
+    }
+    Ok(())
+}
+
+#[test]
+#[ignore = "needs root and netns: run cargo xtask test"]
+fn an_admin_server_open_to_the_network_is_read_only_and_2000_idle_connections_cannot_starve_the_checks(
+) -> Result<()> {
+    raise_fd_limit()?;
+    let topo = Topology::two_armed("adminfd")?;
+    let sims = topo.start_sims(&["master", "slave", "slave"])?;
+    // As the manual's `listen admin` / `bind *:8080` / `stats enable` imports: every address,
+    // no credentials, no `stats admin`.
+    let lb = topo.start_lb(
+        &config(&topo, "listen = \"0.0.0.0:8080\"\n"),
+        &["--xdp-mode", "native"],
+    )?;
+    let admin = SocketAddrV4::new(topo.lb.client_addr, 8080);
+    // From the client network: stats yes, operations no.
+    let post = topo.client.ns.run_in(|| -> Result<String> {
+        let mut s = TcpStream::connect_timeout(&SocketAddr::V4(admin), Duration::from_secs(2))?;
+        s.set_read_timeout(Some(Duration::from_secs(5)))?;
+        s.write_all(
+            format!("POST /api/server/db01/disable HTTP/1.0\r\nHost: {admin}\r\n\r\n").as_bytes(),
+        )?;
+        let mut out = String::new();
+        s.read_to_string(&mut out)?;
+        Ok(out)
+    })??;
+    ensure!(
+        post.starts_with("HTTP/1.0 403") && post.contains("read-only"),
+        "{post}"
+    );
+    let w = SocketAddrV4::new(topo.vip, 7680);
+    let ask = |vip| -> Result<String> {
+        let mut c = BoltClient::connect(SocketAddr::V4(vip), Negotiation::Classic, None)?;
+        Ok(c.run("RETURN 1", Access::Write)?.server)
+    };
+    ensure!(topo.client.ns.run_in(|| ask(w))?? == "db01");
+
+    // 2,000 idle connections to the admin port from the client network.
+    let idle = topo.client.ns.run_in(|| idle_connections(admin, 2000))??;
+    std::thread::sleep(Duration::from_millis(1500));
+    let fds = std::fs::read_dir(format!("/proc/{}/fd", lb.process.pid()))?.count();
+    ensure!(
+        fds < 300,
+        "the agent holds {fds} file descriptors with {} idle admin connections",
+        idle.len()
+    );
+    // A failover still happens on time: checks every 200 ms, rise 2 at fastinter 100 ms.
+    let t = Instant::now();
+    lb_tests::sim::control::SimControl::new(&sims[0].control)
+        .set_role(lb_tests::sim::Role::Slave)?;
+    lb_tests::sim::control::SimControl::new(&sims[1].control)
+        .set_role(lb_tests::sim::Role::Master)?;
+    loop {
+        if topo.client.ns.run_in(|| ask(w))?.ok().as_deref() == Some("db02") {
+            break;
+        }
+        ensure!(
+            t.elapsed() < Duration::from_secs(3),
+            "writes did not reach the new master within 3 s with the admin port flooded:\n{}",
+            lb.logs()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    eprintln!(
+        "failover in {:.2} s with {} idle admin connections; agent fds {fds}",
+        t.elapsed().as_secs_f64(),
+        idle.len()
+    );
+    ensure!(!lb.logs().contains("Too many open files"), "{}", lb.logs());
+    drop(idle);
     Ok(())
 }

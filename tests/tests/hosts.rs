@@ -103,8 +103,9 @@ fn a_host_socket_on_a_snat_port_towards_a_backend_is_refused_and_snat_ports_choo
         .exec(&["sysctl", "-w", "net.ipv4.ip_local_port_range=10000 65535"])?;
     let _sims = topo.start_sims(&["master", "slave", "slave"])?;
     let cfg = manual_cfg(&topo)?;
-    // A connection of the balancer host's own, from port 20000 to db02's HTTP port.
-    let db02 = SocketAddrV4::new(topo.backends[1].addr, 7474);
+    // A connection of the balancer host's own, from port 20000 to db02's Bolt port (a data
+    // port of the manual's services).
+    let db02 = SocketAddrV4::new(topo.backends[1].addr, 7687);
     let held = topo.lb.ns.run_in(|| -> Result<TcpStream> {
         use nix::sys::socket::{
             bind, connect, setsockopt, socket, sockopt, AddressFamily, SockFlag, SockType,
@@ -139,7 +140,7 @@ fn a_host_socket_on_a_snat_port_towards_a_backend_is_refused_and_snat_ports_choo
     };
     let want = format!("{}:20000 -> {db02} (ESTABLISHED)", topo.lb.backend_addr);
     ensure!(
-        err.contains("socket(s) of this host already use a port of snat_ports 10000-32767")
+        err.contains("connection(s) of this host already use a port of snat_ports 10000-32767")
             && err.contains(&want)
             && err.contains("--snat-ports"),
         "{err}"

@@ -92,6 +92,15 @@ fn settled(
     })?
 }
 
+/// Sets the flag when dropped.
+struct StopOnDrop<'a>(&'a AtomicBool);
+
+impl Drop for StopOnDrop<'_> {
+    fn drop(&mut self) {
+        self.0.store(true, Ordering::Relaxed);
+    }
+}
+
 /// One probe: through the write VIP (else the read VIP), the server that answered or the error.
 type Probe = (bool, Result<String, String>);
 
@@ -146,6 +155,8 @@ fn a_restart_with_services_swapped_a_backend_inserted_and_a_service_removed_keep
     // New connections every 10 ms on both VIPs across the restart.
     let stop = AtomicBool::new(false);
     let (seen, lb2) = thread::scope(|s| -> Result<(Vec<Probe>, _)> {
+        // Whatever way this closure ends, the probe stops (the scope waits for it).
+        let _stop = StopOnDrop(&stop);
         let probe = s.spawn(|| {
             topo.client.ns.run_in(|| {
                 let mut seen = Vec::new();

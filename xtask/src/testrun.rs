@@ -90,6 +90,8 @@ pub const VM_SUITES: &[(&str, &[&str])] = &[
             "a_syn_to_a_backend_without_a_neighbour_entry_is_dropped_without_a_flow",
             "frag_needed_about_a_forwarded_packet_is_translated_to_the_client",
             "traffic_not_for_a_service_passes_byte_for_byte",
+            "the_fib_source_probe_tells_whether_this_kernel_has_bpf_fib_lookup_src",
+            "without_fib_lookup_src_a_new_flow_takes_the_source_the_agent_resolved_for_its_backend",
         ],
     ),
     (
@@ -122,6 +124,10 @@ pub const VM_SUITES: &[(&str, &[&str])] = &[
             "writes_go_to_the_master_reads_split_evenly_over_the_slaves",
             "failover_moves_new_writes_without_overlap_and_resets_the_demoted_masters_flows",
         ],
+    ),
+    (
+        "lb-tests::restart_ids",
+        &["a_restart_with_services_swapped_a_backend_inserted_and_a_service_removed_keeps_every_identity"],
     ),
 ];
 

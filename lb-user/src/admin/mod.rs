@@ -62,7 +62,19 @@ pub struct State {
     pub counters: CounterSource,
     /// The attached interfaces' XDP counters, cached.
     pub nic: nic::Cache,
+    /// The operator API is on (`[admin] operations = true`); off, every POST is refused.
+    pub operations: bool,
 }
+
+/// Most connections the admin server serves at once: further ones wait in the kernel's accept
+/// queue, so that idle or slow clients can never take the agent's file descriptors (which its
+/// health checks need).
+pub const MAX_CONNECTIONS: usize = 64;
+/// A request's headers must arrive within this (also the longest a keep-alive connection
+/// waits for its next request).
+pub const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
+/// The longest one connection is served.
+pub const CONNECTION_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// Starts the admin server of the running agent (nothing if `[admin] listen = "off"`).
 /// Binding happens here, so an address in use is a startup error. Returns the bound address.
@@ -114,6 +126,7 @@ pub fn start(
         sampler: Mutex::new(Sampler::default()),
         counters,
         nic: nic::Cache::new(nic_source),
+        operations: acfg.operations,
     });
     info!(
         listen = %bound,
@@ -121,8 +134,13 @@ pub fn start(
         "admin server: dashboard at http://{bound}/ (also /haproxy?stats), /stats.json, /;csv, /metrics"
     );
     tokio::spawn(sample_loop(state.clone()));
+    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
     tokio::spawn(async move {
         loop {
+            // A free slot first, then the next connection: at most MAX_CONNECTIONS sockets.
+            let Ok(slot) = slots.clone().acquire_owned().await else {
+                return;
+            };
             let (stream, peer) = match listener.accept().await {
                 Ok(x) => x,
                 Err(e) => {
@@ -133,15 +151,21 @@ pub fn start(
             };
             let state = state.clone();
             tokio::spawn(async move {
+                let _slot = slot;
                 let svc = service_fn(move |req: Request<hyper::body::Incoming>| {
                     let state = state.clone();
                     async move { Ok::<_, Infallible>(handle(&state, req).await) }
                 });
-                if let Err(e) = http1::Builder::new()
-                    .serve_connection(TokioIo::new(stream), svc)
-                    .await
-                {
-                    debug!("admin server: connection from {peer}: {e}");
+                let conn = http1::Builder::new()
+                    .timer(hyper_util::rt::TokioTimer::new())
+                    .header_read_timeout(HEADER_TIMEOUT)
+                    .serve_connection(TokioIo::new(stream), svc);
+                match tokio::time::timeout(CONNECTION_TIMEOUT, conn).await {
+                    Ok(Ok(())) => {}
+                    Ok(Err(e)) => debug!("admin server: connection from {peer}: {e}"),
+                    Err(_) => debug!(
+                        "admin server: connection from {peer} closed after {CONNECTION_TIMEOUT:?}"
+                    ),
                 }
             });
         }
@@ -226,6 +250,20 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
         diff |= usize::from(x ^ b.get(i).copied().unwrap_or(!x));
     }
     diff == 0
+}
+
+/// Without credentials to check, an operation must name this server by address (`Host` an IP
+/// address or `localhost`): a page whose own name was re-pointed at the server (DNS rebinding)
+/// sends its name.
+fn host_is_an_address(headers: &HeaderMap) -> bool {
+    let Some(host) = headers.get(header::HOST).and_then(|v| v.to_str().ok()) else {
+        return false;
+    };
+    let name = match host.strip_prefix('[') {
+        Some(v6) => v6.split(']').next().unwrap_or(""),
+        None => host.rsplit_once(':').map_or(host, |(h, _)| h),
+    };
+    name.eq_ignore_ascii_case("localhost") || name.parse::<std::net::IpAddr>().is_ok()
 }
 
 /// A cross-site POST from a browser (its `Origin` is not this server) is refused, so a page
@@ -349,8 +387,22 @@ pub async fn handle<B>(state: &State, req: Request<B>) -> Resp {
     let is_get = req.method() == Method::GET || req.method() == Method::HEAD;
     match route {
         Route::Op { backend, action } => {
+            if !state.operations {
+                return json_message(
+                    StatusCode::FORBIDDEN,
+                    false,
+                    "read-only: the operator API is off ([admin] operations = true, HAProxy's `stats admin`, turns it on; `lb server` works on the host)",
+                );
+            }
             if !same_origin(req.headers()) {
                 return json_message(StatusCode::FORBIDDEN, false, "cross-origin request refused");
+            }
+            if state.auth.is_none() && !host_is_an_address(req.headers()) {
+                return json_message(
+                    StatusCode::FORBIDDEN,
+                    false,
+                    "without [admin] user, operations must address the server by IP address or localhost",
+                );
             }
             op(state, backend, &action).await
         }
@@ -451,6 +503,7 @@ mod tests {
                 sampler: Mutex::new(Sampler::default()),
                 counters,
                 nic: nic::Cache::new(stub_nic()),
+                operations: true,
             }),
             rx,
         )
@@ -461,7 +514,10 @@ mod tests {
     }
 
     fn req(method: Method, uri: &str, auth: Option<&str>) -> Request<()> {
-        let mut b = Request::builder().method(method).uri(uri);
+        let mut b = Request::builder()
+            .method(method)
+            .uri(uri)
+            .header(header::HOST, "127.0.0.1:8080");
         if let Some(a) = auth {
             b = b.header(header::AUTHORIZATION, a);
         }
@@ -574,6 +630,52 @@ mod tests {
         assert!(body(r).await.contains("<!DOCTYPE html>"));
         let r = handle(&st, req(Method::DELETE, "/", None)).await;
         assert_eq!(r.status(), StatusCode::METHOD_NOT_ALLOWED);
+    }
+
+    #[tokio::test]
+    async fn the_operator_api_is_off_unless_operations_are_enabled() {
+        let (st, _rx) = state(None);
+        let mut st = Arc::try_unwrap(st).ok().unwrap();
+        st.operations = false;
+        let st = Arc::new(st);
+        let r = handle(&st, req(Method::POST, "/api/server/db01/disable", None)).await;
+        assert_eq!(r.status(), StatusCode::FORBIDDEN);
+        assert!(body(r).await.contains("read-only"));
+        // Reading stays open.
+        let r = handle(&st, req(Method::GET, "/stats.json", None)).await;
+        assert_eq!(r.status(), StatusCode::OK);
+    }
+
+    #[tokio::test]
+    async fn without_auth_an_operation_must_name_the_server_by_address_not_a_rebound_name() {
+        let (st, mut rx) = state(None);
+        let owner = tokio::spawn(async move {
+            let op = rx.recv().await.unwrap();
+            let _ = op.reply.send(Ok(format!("{}: Drain", op.backend)));
+        });
+        // A page of evil.example whose name now points at the server: same origin for the
+        // browser, but its Host is a name.
+        let mut rebound = req(Method::POST, "/api/server/db01/drain", None);
+        for (h, v) in [
+            (header::HOST, "evil.example:8080"),
+            (header::ORIGIN, "http://evil.example:8080"),
+        ] {
+            rebound.headers_mut().insert(h, HeaderValue::from_static(v));
+        }
+        let r = handle(&st, rebound).await;
+        assert_eq!(r.status(), StatusCode::FORBIDDEN);
+        assert!(body(r).await.contains("by IP address or localhost"));
+        for host in ["localhost:8080", "[::1]:8080", "127.0.0.1"] {
+            assert!(host_is_an_address(&HeaderMap::from_iter([(
+                header::HOST,
+                HeaderValue::from_static(host)
+            )])));
+        }
+        assert!(!host_is_an_address(&HeaderMap::new()));
+        // By address, from curl (no Origin): served.
+        let r = handle(&st, req(Method::POST, "/api/server/db01/drain", None)).await;
+        assert_eq!(r.status(), StatusCode::OK);
+        owner.await.unwrap();
     }
 
     #[tokio::test]

@@ -314,6 +314,29 @@ mod tests {
     }
 
     #[test]
+    fn the_stats_page_is_read_only_unless_stats_admin_and_then_needs_auth_off_loopback() {
+        let admin = |body: &str| {
+            run(&format!("{MASTER}    server db01 10.0.1.10:7687\nlisten admin\n    bind {body}\n    stats enable\n"), &opts())
+        };
+        // The manual's: every address, no credentials, no `stats admin`: read-only.
+        let imp = admin("*:8080");
+        assert_eq!(imp.failures(false), 0, "{:#?}", imp.diags);
+        assert!(!imp.toml.contains("operations"), "{}", imp.toml);
+        let imp = admin("127.0.0.1:8080\n    stats admin if TRUE");
+        assert_eq!(imp.failures(false), 0, "{:#?}", imp.diags);
+        assert!(imp.toml.contains("operations = true"), "{}", imp.toml);
+        let imp = admin("*:8080\n    stats auth ops:pw\n    stats admin if TRUE");
+        assert_eq!(imp.failures(false), 0, "{:#?}", imp.diags);
+        assert!(imp.toml.contains("operations = true"), "{}", imp.toml);
+        let imp = admin("*:8080\n    stats admin if TRUE");
+        let all: String = imp.diags.iter().map(|d| d.to_string()).collect();
+        assert!(
+            imp.failures(false) == 1 && all.contains("stats admin without stats auth"),
+            "{all}"
+        );
+    }
+
+    #[test]
     fn a_bad_authorization_header_is_an_error_that_does_not_show_it() {
         let text = format!(
             "{MASTER}    option httpchk HEAD /db/manage/server/ha/master HTTP/1.0\\r\\nAuthorization:\\ Bearer\\ tok3n\n    server db01 10.0.1.10:7687 check\n"

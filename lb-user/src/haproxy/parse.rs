@@ -137,6 +137,8 @@ pub struct Proxy {
     /// `stats auth USER:PASSWORD`.
     pub stats_auth: Option<At<(String, String)>>,
     pub stats_refresh: Option<At<Duration>>,
+    /// `stats admin if COND`: the stats page's operator actions are on.
+    pub stats_admin: Option<Loc>,
 }
 
 /// Everything parsed from the files, in order.
@@ -446,6 +448,7 @@ impl Parser {
             stats_enable: None,
             stats_auth: None,
             stats_refresh: None,
+            stats_admin: None,
         });
     }
 
@@ -758,6 +761,7 @@ impl Parser {
                             }
                             None => self.diags.push(ctx_err(loc, "stats auth needs USER:PASSWORD")),
                         },
+                        (Some("admin"), _) => p.stats_admin = Some(loc.clone()),
                         (Some("refresh"), Some(t)) => match parse_time(t) {
                             Ok(d) => p.stats_refresh = Some(At { v: d, loc: loc.clone() }),
                             Err(e) => self.diags.push(ctx_err(loc, format!("stats refresh: {e}"))),

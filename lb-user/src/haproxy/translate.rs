@@ -543,13 +543,16 @@ pub fn translate(
             secrets.push(s);
         }
     }
-    if let Some((listen, comments, secret, auth)) = admin {
+    if let Some((listen, comments, secret, auth, operations)) = admin {
         let _ = writeln!(t);
         let _ = writeln!(t, "[admin]");
         for l in &comments {
             let _ = writeln!(t, "# {l}");
         }
         let _ = writeln!(t, "listen = {}", q(&listen));
+        if operations {
+            let _ = writeln!(t, "operations = true");
+        }
         if let Some((user, file)) = auth {
             let _ = writeln!(t, "user = {}", q(&user));
             let _ = writeln!(t, "password_file = {}", q(&file));
@@ -562,12 +565,13 @@ pub fn translate(
     (t, secrets)
 }
 
-/// `[admin]`: listen, comments, the password to write, (user, password_file).
+/// `[admin]`: listen, comments, the password to write, (user, password_file), operations.
 type Admin = (
     String,
     Vec<String>,
     Option<Secret>,
     Option<(String, String)>,
+    bool,
 );
 
 /// `[admin]` from a `listen` section with `stats enable`: (listen, comments, secret, (user, file)).
@@ -630,7 +634,21 @@ fn admin_table(px: &Proxy, opts: &Options, out: &mut Out<'_>) -> Admin {
             "stats refresh: the dashboard's refresh is lb's [admin] refresh; not imported".into(),
         );
     }
-    (listen, c, secret, auth)
+    // HAProxy's page is read-only without `stats admin`; so is lb's without `operations`.
+    let operations = px.stats_admin.is_some();
+    if let Some(loc) = &px.stats_admin {
+        let loopback = px
+            .binds
+            .first()
+            .and_then(|b| b.addr)
+            .is_some_and(|a| a.is_loopback());
+        if auth.is_none() && !loopback {
+            out.say(&mut c, Severity::Error, loc, format!("listen {}: stats admin without stats auth on {listen}: lb's operator API (drain, disable, enable) needs authentication unless it listens on 127.0.0.1; add `stats auth USER:PASSWORD` or bind 127.0.0.1", px.name));
+        } else {
+            out.say(&mut c, Severity::Note, loc, "stats admin: lb's operator API (POST /api/server/NAME/drain|disable|enable) is on: operations = true".into());
+        }
+    }
+    (listen, c, secret, auth, operations)
 }
 
 /// The one value of an option over the checked servers (warning when they differ).
