@@ -10,7 +10,7 @@ use std::{
 
 use anyhow::{ensure, Context, Result};
 use lb_tests::{
-    harness::{repo_root, Topology},
+    harness::Topology,
     sim::bolt_client::{Access, BoltClient, Negotiation},
 };
 
@@ -24,14 +24,7 @@ fn ask(vip: SocketAddrV4, access: Access) -> Result<String> {
 fn the_manuals_bolt_haproxy_cfg_routes_writes_to_the_master_and_reads_over_the_slaves() -> Result<()>
 {
     let topo = Topology::two_armed("haproxy_import")?;
-    let seed = repo_root().join("lb-user/tests/golden/neo4j-ha-bolt.cfg");
-    let mut cfg =
-        std::fs::read_to_string(&seed).with_context(|| format!("reading {}", seed.display()))?;
-    for (i, b) in topo.backends.iter().enumerate() {
-        cfg = cfg.replace(&format!("10.0.1.{}:", 10 + i), &format!("{}:", b.addr));
-    }
-    let path = topo.log_dir.join("haproxy.cfg");
-    std::fs::write(&path, &cfg)?;
+    let path = topo.manual_haproxy_cfg()?;
     let _sims = topo.start_sims(&["master", "slave", "slave"])?;
     let path_s = path.display().to_string();
     let lb = topo

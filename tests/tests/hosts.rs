@@ -8,21 +8,13 @@ use std::{
 
 use anyhow::{bail, ensure, Context, Result};
 use lb_tests::{
-    harness::{repo_root, Topology},
+    harness::Topology,
     sim::bolt_client::{Access, BoltClient, Negotiation},
 };
 
 /// The manual's Bolt HAProxy configuration with this topology's backend addresses.
 fn manual_cfg(topo: &Topology) -> Result<String> {
-    let seed = repo_root().join("lb-user/tests/golden/neo4j-ha-bolt.cfg");
-    let mut cfg =
-        std::fs::read_to_string(&seed).with_context(|| format!("reading {}", seed.display()))?;
-    for (i, b) in topo.backends.iter().enumerate() {
-        cfg = cfg.replace(&format!("10.0.1.{}:", 10 + i), &format!("{}:", b.addr));
-    }
-    let path = topo.log_dir.join("haproxy.cfg");
-    std::fs::write(&path, &cfg)?;
-    Ok(path.display().to_string())
+    Ok(topo.manual_haproxy_cfg()?.display().to_string())
 }
 
 fn sysctl(topo: &Topology, key: &str) -> Result<String> {

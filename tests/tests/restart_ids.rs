@@ -20,43 +20,6 @@ use lb_tests::{
 };
 use nix::sys::signal::Signal;
 
-/// A configuration of `backends` (in this order) and `services` (name, VIP port, check), each
-/// service over every listed backend, checks every 200 ms (rise 2, fall 2).
-fn config(
-    topo: &Topology,
-    snat_ports: &str,
-    backends: &[&str],
-    services: &[(&str, u16, &str)],
-) -> Result<String> {
-    let mut s = format!(
-        "instance = \"{}\"\nsnat_ports = \"{snat_ports}\"\n",
-        topo.instance
-    );
-    for (name, preset) in [
-        ("master", "neo4j-ha-master"),
-        ("slave", "neo4j-ha-slave"),
-        ("available", "neo4j-ha-available"),
-    ] {
-        s += &format!(
-            "[[check]]\nname = \"{name}\"\npreset = \"{preset}\"\ninter = \"200ms\"\nfastinter = \"100ms\"\nrise = 2\nfall = 2\ntimeout = \"300ms\"\n"
-        );
-    }
-    for name in backends {
-        let b = topo.backend(name)?;
-        s += &format!("[[backend]]\nname = \"{name}\"\naddress = \"{}\"\n", b.addr);
-    }
-    let members: Vec<String> = backends.iter().map(|b| format!("\"{b}\"")).collect();
-    for (name, port, check) in services {
-        let backend_port = if *port == 80 { 7474 } else { 7687 };
-        s += &format!(
-            "[[service]]\nname = \"{name}\"\nvip = \"{}:{port}\"\nbackend_port = {backend_port}\nbackends = [{}]\ncheck = \"{check}\"\n",
-            topo.vip,
-            members.join(", ")
-        );
-    }
-    Ok(s)
-}
-
 fn ask(vip: SocketAddrV4, access: Access) -> Result<String> {
     let mut c = BoltClient::connect(SocketAddr::V4(vip), Negotiation::Classic, None)?;
     Ok(c.run("RETURN 1", access)?.server)
@@ -125,24 +88,22 @@ fn a_restart_with_services_swapped_a_backend_inserted_and_a_service_removed_keep
         SocketAddrV4::new(topo.vip, 7680),
         SocketAddrV4::new(topo.vip, 7681),
     );
-    let before = config(
-        &topo,
-        "10000-32767",
+    let before = topo.role_checked_config_of(
+        Some("10000-32767"),
         &["db01", "db02", "db03"],
         &[
             ("write", 7680, "master"),
             ("read", 7681, "slave"),
             ("http", 80, "available"),
         ],
-    )?;
+    );
     // Reordered services, a new backend first (every other backend's position shifts), the
     // HTTP service gone, another SNAT range.
-    let after = config(
-        &topo,
-        "40000-49999",
+    let after = topo.role_checked_config_of(
+        Some("40000-49999"),
         &["db04", "db01", "db02", "db03"],
         &[("read", 7681, "slave"), ("write", 7680, "master")],
-    )?;
+    );
     let lb = topo.start_lb(&before, &["--xdp-mode", "native"])?;
     settled(&topo, w, r, "db01", &["db02", "db03"])?;
     // A pooled connection to the master from before the restart.

@@ -382,7 +382,31 @@ impl Topology {
     /// The manual's three services over every backend, each with its role check (presets
     /// `neo4j-ha-master|slave|available`) at test timings: every 200 ms, rise 2, fall 2.
     pub fn role_checked_config(&self) -> String {
+        let all: Vec<&str> = self.backends.iter().map(|b| b.name.as_str()).collect();
+        self.role_checked_config_of(
+            None,
+            &all,
+            &[
+                ("write", 7680, "master"),
+                ("read", 7681, "slave"),
+                ("http", 80, "available"),
+            ],
+        )
+    }
+
+    /// Like [`Topology::role_checked_config`] with the `backends` named (in this order) and the
+    /// `services` given as (name, VIP port, check: `master`, `slave` or `available`), each over
+    /// every listed backend (port 80 to the backends' 7474, others to 7687), and `snat_ports`.
+    pub fn role_checked_config_of(
+        &self,
+        snat_ports: Option<&str>,
+        backends: &[&str],
+        services: &[(&str, u16, &str)],
+    ) -> String {
         let mut s = format!("instance = \"{}\"\n", self.instance);
+        if let Some(p) = snat_ports {
+            s += &format!("snat_ports = \"{p}\"\n");
+        }
         for (name, preset) in [
             ("master", "neo4j-ha-master"),
             ("slave", "neo4j-ha-slave"),
@@ -392,24 +416,37 @@ impl Topology {
                 "[[check]]\nname = \"{name}\"\npreset = \"{preset}\"\ninter = \"200ms\"\nfastinter = \"100ms\"\nrise = 2\nfall = 2\ntimeout = \"300ms\"\n"
             );
         }
-        s += &self.backends_toml();
-        let all: Vec<String> = self
-            .backends
-            .iter()
-            .map(|b| format!("\"{}\"", b.name))
-            .collect();
-        for (name, port, bport, check) in [
-            ("write", 7680, 7687, "master"),
-            ("read", 7681, 7687, "slave"),
-            ("http", 80, 7474, "available"),
-        ] {
+        // In the order asked for (a backend's position is what some tests change).
+        for b in backends.iter().filter_map(|n| self.backend(n).ok()) {
+            s += &format!(
+                "\n[[backend]]\nname = \"{}\"\naddress = \"{}\"\n",
+                b.name, b.addr
+            );
+        }
+        let order: Vec<String> = backends.iter().map(|b| format!("\"{b}\"")).collect();
+        for (name, port, check) in services {
+            let bport = if *port == 80 { 7474 } else { 7687 };
             s += &format!(
                 "[[service]]\nname = \"{name}\"\nvip = \"{}:{port}\"\nbackend_port = {bport}\nbackends = [{}]\ncheck = \"{check}\"\n",
                 self.vip,
-                all.join(", ")
+                order.join(", ")
             );
         }
         s
+    }
+
+    /// The manual's Bolt HAProxy configuration (the golden seed copy) with this topology's
+    /// backend addresses, written to `log_dir/haproxy.cfg`; returns its path.
+    pub fn manual_haproxy_cfg(&self) -> Result<PathBuf> {
+        let seed = super::repo_root().join("lb-user/tests/golden/neo4j-ha-bolt.cfg");
+        let mut cfg =
+            fs::read_to_string(&seed).with_context(|| format!("reading {}", seed.display()))?;
+        for (i, b) in self.backends.iter().enumerate() {
+            cfg = cfg.replace(&format!("10.0.1.{}:", 10 + i), &format!("{}:", b.addr));
+        }
+        let path = self.log_dir.join("haproxy.cfg");
+        fs::write(&path, &cfg)?;
+        Ok(path)
     }
 
     pub fn neo4j_config(&self) -> String {
