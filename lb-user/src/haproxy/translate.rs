@@ -1070,19 +1070,19 @@ fn check_for(
         {
             out.say(&mut cm, Severity::Note, &l, "on-marked-down shutdown-sessions: on_down = \"reset\" (a server taken out gets its connections reset)".into());
         }
+    } else if exclusive {
+        // The role moved: the old holder's connections (a driver's pool) would keep writing to
+        // a server that is no longer the master, as they do with HAProxy.
+        c.on_down = Some("reset");
+        out.say(&mut cm, Severity::Note, &checked[0].loc, format!("backend {}: on_down = \"reset\", unlike HAProxy without on-marked-down shutdown-sessions: when the role moves, the old master's pooled connections are reset so that drivers reconnect to the new one instead of writing to a demoted master (--faithful keeps HAProxy's drain)", px.name));
     } else {
         c.on_down = Some("drain");
-        let extra = if exclusive {
-            " (lb's default for an exclusive role would be reset, so that drivers reconnect to the new master at once)"
-        } else {
-            ""
-        };
         let partial = if sd.iter().any(|b| *b) {
             "only some servers say on-marked-down shutdown-sessions: "
         } else {
             ""
         };
-        out.say(&mut cm, Severity::Warning, &checked[0].loc, format!("backend {}: {partial}no on-marked-down shutdown-sessions, so a server marked down keeps its connections, as in HAProxy: on_down = \"drain\"{extra}; add the option to the server lines (or set on_down = \"reset\") to reset them", px.name));
+        out.say(&mut cm, Severity::Warning, &checked[0].loc, format!("backend {}: {partial}no on-marked-down shutdown-sessions, so a server marked down keeps its connections, as in HAProxy: on_down = \"drain\"; add the option to the server lines (or set on_down = \"reset\") to reset them", px.name));
     }
     c.comments = cm;
     c
