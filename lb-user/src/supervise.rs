@@ -35,6 +35,10 @@ pub struct Supervisor {
     /// checks first).
     hold: bool,
     mirror: Option<Mirror>,
+    /// Per exclusive service with `on_down = "reset"`: former holders that left the set
+    /// without a reset (checks timed out, or an operator's drain); their connections are
+    /// reset once another server holds the role, so that at most one carries writes.
+    drained: Vec<Vec<usize>>,
 }
 
 impl Supervisor {
@@ -61,6 +65,7 @@ impl Supervisor {
             live,
             hold: false,
             mirror: None,
+            drained: vec![vec![]; cfg.services.len()],
         };
         for s in 0..cfg.services.len() {
             sup.publish_set(cfg, s);
@@ -196,6 +201,34 @@ impl Supervisor {
         Ok(())
     }
 
+    /// For an exclusive role with `on_down = "reset"`: the former holders that left service
+    /// `s`'s set without a reset (checks timed out, an operator's drain) and are to be reset
+    /// now that the set goes from `old` to a non-empty `new` without them (a holder that comes
+    /// back is forgotten). `decided`: the decision's own resets.
+    fn drained_to_reset(
+        &mut self,
+        svc: &crate::config::Service,
+        s: usize,
+        old: &[usize],
+        new: &[usize],
+        decided: &[usize],
+    ) -> Vec<usize> {
+        if !svc.exclusive || svc.on_down != crate::config::OnDown::Reset {
+            return vec![];
+        }
+        let drained = &mut self.drained[s];
+        for &b in old {
+            if !new.contains(&b) && !decided.contains(&b) && !drained.contains(&b) {
+                drained.push(b);
+            }
+        }
+        drained.retain(|b| !new.contains(b));
+        if new.is_empty() {
+            return vec![];
+        }
+        drained.drain(..).filter(|b| !decided.contains(b)).collect()
+    }
+
     /// Re-decides service `s` and installs the result if it changed.
     pub fn recompute(&mut self, cfg: &Config, control: &mut Control, s: usize) -> Result<()> {
         if self.hold {
@@ -227,6 +260,15 @@ impl Supervisor {
             return Ok(());
         }
         let old = std::mem::replace(&mut self.installed[s], d.members.clone());
+        // A former holder that left without a reset is in no set: its flows can be reset
+        // before the new holder is installed, so that no write reaches it once the new one
+        // takes writes.
+        let drained = self.drained_to_reset(svc, s, &old, &d.members, &d.reset);
+        for &b in &drained {
+            control.reset_flows(cfg, s, b)?;
+        }
+        let mut reset = d.reset.clone();
+        reset.extend(drained);
         self.publish_set(cfg, s);
         self.mirror_service(cfg, s);
         // Install first, then reset: a flow created from the old set after the reset would
@@ -250,7 +292,7 @@ impl Supervisor {
             "backend set [{}] -> [{}]{}",
             names(&old),
             names(&d.members),
-            if d.reset.is_empty() { String::new() } else { format!("; resetting the flows of {}", names(&d.reset)) }
+            if reset.is_empty() { String::new() } else { format!("; resetting the flows of {}", names(&reset)) }
         );
         if d.members.is_empty() && svc.check.is_some() {
             if !old.is_empty() {

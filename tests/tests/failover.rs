@@ -270,6 +270,44 @@ fn the_official_drivers_pooled_session_writes_to_the_new_master_after_failover()
 
 #[test]
 #[ignore = "needs root and netns: run cargo xtask test"]
+fn a_master_drained_by_timed_out_checks_is_reset_once_another_server_takes_the_role() -> Result<()>
+{
+    let topo = Topology::two_armed("drainreset")?;
+    let (sims, lb) = up(&topo, "drainreset")?;
+    let w = SocketAddrV4::new(topo.vip, 7680);
+    let mut old = master_session(&topo, w)?;
+    // db01's checks time out (a host gone quiet): drained, not reset, its pool still works.
+    control(&sims, 0).set_mode(Mode::Hang)?;
+    thread::sleep(Duration::from_millis(1500));
+    ensure!(
+        old.run("RETURN 1", Access::Write)?.server == "db01",
+        "the drained connection broke"
+    );
+    // Another server takes the role: from then on only it may carry writes.
+    control(&sims, 1).set_role(Role::Master)?;
+    let t = Instant::now();
+    loop {
+        if topo.client.ns.run_in(|| attempt(w))?.0 == Seen::Server("db02".into()) {
+            break;
+        }
+        ensure!(
+            t.elapsed() < Duration::from_secs(3),
+            "db02 never got the writes"
+        );
+        thread::sleep(Duration::from_millis(20));
+    }
+    match old.run("RETURN 1", Access::Write) {
+        Err(e) if format!("{e:#}").to_lowercase().contains("reset") => {}
+        other => bail!(
+            "the drained master's pooled connection still writes after db02 took the role: {other:?}\n{}",
+            lb.logs()
+        ),
+    }
+    Ok(())
+}
+
+#[test]
+#[ignore = "needs root and netns: run cargo xtask test"]
 fn a_hung_master_with_no_rival_drains_instead_of_resetting_and_comes_back() -> Result<()> {
     let topo = Topology::two_armed("hang")?;
     let (sims, _lb) = up(&topo, "hang")?;
