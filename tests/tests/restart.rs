@@ -382,8 +382,10 @@ fn an_agent_that_errors_or_panics_after_ready_leaves_the_data_path_forwarding_fo
     let received = server
         .join()
         .map_err(|_| anyhow::anyhow!("echo panicked"))??;
+    // Every chunk sent through the failures and restarts came back intact (the stream's own
+    // checks), and the backend got every byte.
     ensure!(
-        sent > 100 * 4096 && received == sent,
+        sent > 20 * 4096 && received == sent,
         "sent {sent} bytes, the backend received {received}"
     );
     // Only `lb detach` undoes the host settings.

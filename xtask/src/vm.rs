@@ -353,9 +353,17 @@ mkdir -p /newroot
 mount -t 9p -o trans=virtio,version=9p2000.L,ro,cache=loose,msize=512000 {tag} /newroot \
     || fail "mounting the host's root over 9p"
 r=/newroot
+# The repository (test binaries, the kernel's modules) may live below a directory the tmpfs
+# mounts hide (/tmp, /var/tmp, /run): keep it aside and put it back on top of them.
+case {repo} in /tmp/*|/var/tmp/*|/run/*)
+    mkdir -p /keep && mount --bind $r{repo} /keep || fail "keeping the repository";;
+esac
 mount -t tmpfs -o mode=1777 tmpfs $r/tmp || fail "tmpfs on /tmp"
 mount -t tmpfs -o mode=1777 tmpfs $r/var/tmp || fail "tmpfs on /var/tmp"
 mount -t tmpfs -o mode=755 tmpfs $r/run || fail "tmpfs on /run"
+case {repo} in /tmp/*|/var/tmp/*|/run/*)
+    mkdir -p $r{repo} && mount --move /keep $r{repo} || fail "putting the repository back";;
+esac
 mount -t proc proc $r/proc || fail "proc in the root"
 mount -t sysfs sys $r/sys || fail "sysfs in the root"
 mount -t devtmpfs dev $r/dev || fail "devtmpfs in the root"
@@ -469,6 +477,7 @@ fn initramfs(kernel: &Kernel, guest_sh: &str) -> Result<Vec<u8>> {
     let init = INIT
         .replace("{modules}", insmods.trim_end())
         .replace("{tag}", ROOT_TAG)
+        .replace("{repo}", &sh_quote(&repo().to_string_lossy()))
         .replace("{modroot}", &sh_quote(&modroot.to_string_lossy()));
     cpio.file("init", 0o755, init.as_bytes());
     cpio.file("guest.sh", 0o644, guest_sh.as_bytes());
