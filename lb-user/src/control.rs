@@ -57,6 +57,17 @@ fn take<T: TryFrom<aya::maps::Map, Error = aya::maps::MapError>>(
     T::try_from(map).with_context(|| format!("map {name} has an unexpected type or layout"))
 }
 
+/// The keys of `map` not in `keep` (what an earlier agent registered and `cfg` no longer has).
+fn stale_keys<K: aya::Pod + PartialEq, V: aya::Pod>(
+    map: &HashMap<MapData, K, V>,
+    keep: &[K],
+) -> Vec<K> {
+    map.keys()
+        .filter_map(|k| k.ok())
+        .filter(|k| !keep.contains(k))
+        .collect()
+}
+
 impl Control {
     /// Takes the maps it owns out of the loaded object.
     pub fn new(ebpf: &mut Ebpf) -> Result<Self> {
@@ -262,13 +273,7 @@ impl Control {
                     .with_context(|| format!("add backend {} to BACKENDS", be.name))?;
             }
         }
-        let stale: Vec<ServiceKey> = self
-            .services
-            .keys()
-            .filter_map(|k| k.ok())
-            .filter(|k| !services.contains(k))
-            .collect();
-        for k in stale {
+        for k in stale_keys(&self.services, &services) {
             let vip = std::net::SocketAddrV4::new(
                 Ipv4Addr::from(k.addr.to_ne_bytes()),
                 u16::from_be(k.port),
@@ -278,13 +283,7 @@ impl Control {
                 .remove(&k)
                 .with_context(|| format!("remove {vip} from SERVICES"))?;
         }
-        let stale: Vec<BackendKey> = self
-            .backends
-            .keys()
-            .filter_map(|k| k.ok())
-            .filter(|k| !backends.contains(k))
-            .collect();
-        for k in stale {
+        for k in stale_keys(&self.backends, &backends) {
             self.backends.remove(&k).context("remove from BACKENDS")?;
         }
         Ok(())
