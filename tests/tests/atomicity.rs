@@ -27,6 +27,8 @@ use lb_user::{
 };
 
 const SINK_PORT: u16 = 9000;
+/// 8 clients x 3,000 stays below the client namespace's default 28,232 ephemeral ports.
+const PER_CLIENT_CAP: usize = 3_000;
 
 /// Restores host settings from inside the namespace they were made in.
 struct RestoreIn<'a>(Option<HostChanges>, &'a Ns);
@@ -93,7 +95,10 @@ fn every_flow_goes_to_a_member_of_the_generation_that_chose_it_across_1000_flips
                 s.spawn(move || {
                     topo.client.ns.run_in(|| -> Result<usize> {
                         let mut n = 0;
-                        while !stop.load(Ordering::Relaxed) {
+                        // Each connection leaves a TIME_WAIT on the client, and the client's
+                        // ephemeral range (28,232 ports) is shared by all 8: a cap keeps a slow
+                        // flip loop from exhausting it (connect fails with EADDRNOTAVAIL).
+                        while !stop.load(Ordering::Relaxed) && n < PER_CLIENT_CAP {
                             let data = payload(c * 1_000_000 + n as u64, 64 + n % 512);
                             let r = send(vip, &data)
                                 .with_context(|| format!("client {c} connection {n}"))?;

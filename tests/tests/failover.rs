@@ -10,7 +10,7 @@ use std::{
 
 use anyhow::{bail, ensure, Context, Result};
 use lb_tests::{
-    harness::{SimProcess, Topology},
+    harness::{slowdown, SimProcess, Topology},
     sim::{
         bolt_client::{Access, BoltClient, Negotiation},
         control::SimControl,
@@ -178,10 +178,13 @@ fn failover_moves_new_writes_without_overlap_and_resets_the_demoted_masters_flow
             // db01 answered after it lost the role but before the checks saw it: it refuses
             // the write itself (only db01 can answer so: db02 is not installed before it wins).
             Seen::Other(e) if e.contains("NotALeader") => 0,
+            // A connection db01 accepted (so opened before db02 was installed) whose request
+            // meets the reset of the demoted master's flows (on_down = reset).
+            Seen::Other(e) if phase == 0 && e.contains("reset by peer") => 0,
             Seen::Refused => {
                 refused += 1;
                 ensure!(
-                    *took < Duration::from_millis(100),
+                    *took < Duration::from_millis(100) * slowdown(),
                     "refusal {i} took {took:?}: must be fast (RST)"
                 );
                 1

@@ -414,6 +414,9 @@ pub fn guest_script(runs: &[GuestRun], env: &[(&str, PathBuf)], suite_limit: Dur
     // (two verifier passes when it fails): time enough to see its own error instead of a timeout.
     let ready = std::env::var("LB_READY_TIMEOUT_SECS").unwrap_or_else(|_| "120".into());
     s += &format!("export LB_READY_TIMEOUT_SECS={}\n", sh_quote(&ready));
+    // TCG runs the guest several times slower than the host: tests scale their timing bounds.
+    let slowdown = std::env::var("LB_TEST_SLOWDOWN").unwrap_or_else(|_| "4".into());
+    s += &format!("export LB_TEST_SLOWDOWN={}\n", sh_quote(&slowdown));
     for var in ["RUST_BACKTRACE", "RUST_LOG"] {
         if let Ok(v) = std::env::var(var) {
             s += &format!("export {var}={}\n", sh_quote(&v));

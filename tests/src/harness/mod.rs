@@ -25,7 +25,7 @@ pub mod xdp_pass;
 
 pub use ns::Ns;
 pub use process::{LbProcess, Process, SimProcess};
-pub use topology::{Backend, Host, LbHost, Shape, Topology, TopologyOptions};
+pub use topology::{slowdown, Backend, Host, LbHost, Shape, Topology, TopologyOptions};
 
 use std::path::PathBuf;
 

@@ -42,6 +42,18 @@ pub fn ready_timeout() -> Duration {
     Duration::from_secs(secs)
 }
 
+/// How much slower than this host the machine under test runs: 1, or `$LB_TEST_SLOWDOWN`
+/// (xtask's VM runs set it: an emulated CPU answers a check or a SYN several times slower).
+/// Timing bounds of tests that are not about timing scale with it; the agent's check timeout
+/// in [`Topology::role_checked_config_of`] too, so a slow first answer is not a DOWN.
+pub fn slowdown() -> u32 {
+    std::env::var("LB_TEST_SLOWDOWN")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .filter(|&n| n >= 1)
+        .unwrap_or(1)
+}
+
 /// Which of the two shapes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Shape {
@@ -413,7 +425,8 @@ impl Topology {
             ("available", "neo4j-ha-available"),
         ] {
             s += &format!(
-                "[[check]]\nname = \"{name}\"\npreset = \"{preset}\"\ninter = \"200ms\"\nfastinter = \"100ms\"\nrise = 2\nfall = 2\ntimeout = \"300ms\"\n"
+                "[[check]]\nname = \"{name}\"\npreset = \"{preset}\"\ninter = \"200ms\"\nfastinter = \"100ms\"\nrise = 2\nfall = 2\ntimeout = \"{}ms\"\n",
+                300 * slowdown()
             );
         }
         // In the order asked for (a backend's position is what some tests change).
