@@ -55,6 +55,7 @@ const FLOW: u64 = fold(&[
     offset_of!(Flow, created_ns) as u64,
     offset_of!(Flow, last_seen_ns) as u64,
     offset_of!(Flow, generation) as u64,
+    offset_of!(Flow, seq_end) as u64,
     offset_of!(Flow, nat_saddr) as u64,
     offset_of!(Flow, nat_daddr) as u64,
     offset_of!(Flow, ifindex) as u64,
@@ -69,6 +70,7 @@ const FLOW: u64 = fold(&[
     offset_of!(Flow, close) as u64,
     offset_of!(Flow, first_fin) as u64,
     offset_of!(Flow, epoch) as u64,
+    offset_of!(Flow, ack) as u64,
     offset_of!(Flow, bytes) as u64,
 ]);
 
@@ -117,6 +119,7 @@ pub const fn layout(name: &str) -> Option<u64> {
             offset_of!(PortRange, max) as u64,
         ]),
         b if eq(b, names::RESET_EPOCH) => fold(&[ARRAY, 4, 4]),
+        b if eq(b, names::SYN_HOLD) => fold(&[ARRAY, 4, 8]),
         b if eq(b, names::SLOTS) => fold(&[
             HASH,
             FLOW_KEY,

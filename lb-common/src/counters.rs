@@ -1,134 +1,118 @@
 //! Global per-CPU counters (`STATS_GLOBAL[Counter as u32]`): what the data path did with the
 //! packets that concerned it, and why it dropped the ones it dropped.
+//!
+//! One table, declared once: each row is a variant, its exported name and its doc; the enum,
+//! [`COUNTER_NAMES`] and [`COUNTER_DOCS`] are generated from it for both sides. Append only:
+//! the numbering is part of the map ABI (a retired row is renamed and reused, never removed).
 
-/// Index of a global counter. Append only: the numbering is part of the map ABI.
-#[repr(u32)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Counter {
+macro_rules! counters {
+    ($($(#[doc = $doc:literal])+ $variant:ident => $name:literal,)+) => {
+        /// Index of a global counter.
+        #[repr(u32)]
+        #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+        pub enum Counter {
+            $($(#[doc = $doc])+ $variant,)+
+            /// Number of counters (array size), not a counter.
+            Max,
+        }
+
+        /// Exported names of the counters, indexed like [`Counter`].
+        pub const COUNTER_NAMES: [&str; COUNTER_MAX as usize] = [$($name,)+];
+
+        /// What each counter counts (its doc), indexed like [`Counter`].
+        pub const COUNTER_DOCS: [&str; COUNTER_MAX as usize] = [$(concat!($($doc, " "),+),)+];
+    };
+}
+
+counters! {
     /// Client -> backend packets rewritten and forwarded.
-    FwdPackets = 0,
+    FwdPackets => "fwd_packets",
     /// Backend -> client packets rewritten and forwarded.
-    ReplyPackets,
+    ReplyPackets => "reply_packets",
     /// New flows created (SYN to a VIP:port, backend chosen, SNAT port claimed).
-    NewFlows,
+    NewFlows => "new_flows",
     /// Flows moved from the embryonic to the established table.
-    Established,
+    Established => "established",
     /// ICMP errors translated for a flow and forwarded.
-    IcmpTranslated,
+    IcmpTranslated => "icmp_translated",
     /// TTL <= 1 on a packet for a VIP: passed to the kernel unmodified.
-    PassTtl,
-    /// Non-SYN segment to a VIP:port (or from a backend to an SNAT port) with no flow.
-    DropNoFlow,
-    /// SYN to a VIP:port whose backend set is empty.
-    DropNoBackend,
+    PassTtl => "pass_ttl",
+    /// A RST that would have been answered (no flow, a reset flow): dropped, never answered.
+    DropNoFlow => "drop_no_flow",
+    /// SYN held (dropped, for the client's retransmit) because its service had no backend
+    /// while an exclusive role was being handed over (`SYN_HOLD`): no refusal in a failover.
+    SynHeld => "syn_held",
     /// SYN refused with a RST because no SNAT port was free for the chosen backend.
-    RstSnatExhausted,
+    RstSnatExhausted => "rst_snat_exhausted",
     /// SYN dropped because the embryonic table refused the insert.
-    DropEmbryonicFull,
+    DropEmbryonicFull => "drop_embryonic_full",
     /// Flow could not move to the established table (full): the flow is refused.
-    DropEstablishedFull,
+    DropEstablishedFull => "drop_established_full",
     /// Fragment (first fragment, MF or offset) to a VIP/SNAT port.
-    DropFragment,
+    DropFragment => "drop_fragment",
     /// IPv4 options on a packet to a VIP/SNAT port.
-    DropIpOptions,
+    DropIpOptions => "drop_ip_options",
     /// `bpf_fib_lookup` did not return success for a new flow (see `FibResult*`).
-    DropFib,
+    DropFib => "drop_fib",
     /// The egress interface is not one the program can redirect to.
-    DropNoEgress,
+    DropNoEgress => "drop_no_egress",
     /// ICMP error for a VIP/SNAT tuple that matches no flow.
-    DropIcmpNoFlow,
+    DropIcmpNoFlow => "drop_icmp_no_flow",
     /// Truncated or malformed headers on a packet for a VIP/SNAT port.
-    DropMalformed,
-    /// The redirect itself failed.
-    DropRedirect,
+    DropMalformed => "drop_malformed",
+    /// RST of an established flow whose sequence number is outside the receiver's window
+    /// (RFC 5961): a blind or stale RST, dropped; the flow is untouched.
+    DropRstOutOfWindow => "drop_rst_out_of_window",
     /// Frames larger than 1514 bytes seen in generic mode (GSO super-packets).
-    GenericLarge,
+    GenericLarge => "generic_large_frames",
     /// RSTs generated (all reasons).
-    RstSent,
+    RstSent => "rst_sent",
     /// The route's source address for a backend is not an address of an attached interface.
-    DropNoSnatAddr,
-    /// `bpf_fib_lookup` result codes 0..=9 for new flows, one counter each.
-    FibResult0,
-    FibResult1,
-    FibResult2,
-    FibResult3,
-    FibResult4,
-    FibResult5,
-    FibResult6,
-    FibResult7,
-    FibResult8,
-    FibResult9,
+    DropNoSnatAddr => "drop_no_snat_addr",
+    /// `bpf_fib_lookup` result codes 0..=9 for new flows, one counter each: 0 (success).
+    FibResult0 => "fib_success",
+    /// `bpf_fib_lookup` result 1 (blackhole).
+    FibResult1 => "fib_blackhole",
+    /// `bpf_fib_lookup` result 2 (unreachable).
+    FibResult2 => "fib_unreachable",
+    /// `bpf_fib_lookup` result 3 (prohibit).
+    FibResult3 => "fib_prohibit",
+    /// `bpf_fib_lookup` result 4 (not fwded).
+    FibResult4 => "fib_not_fwded",
+    /// `bpf_fib_lookup` result 5 (fwd disabled).
+    FibResult5 => "fib_fwd_disabled",
+    /// `bpf_fib_lookup` result 6 (unsupp lwt).
+    FibResult6 => "fib_unsupp_lwt",
+    /// `bpf_fib_lookup` result 7 (no neigh).
+    FibResult7 => "fib_no_neigh",
+    /// `bpf_fib_lookup` result 8 (frag needed).
+    FibResult8 => "fib_frag_needed",
+    /// `bpf_fib_lookup` result 9 (no src addr).
+    FibResult9 => "fib_no_src_addr",
     /// Segment with no flow (to a VIP:port, or from a backend to an SNAT port) answered with RST.
-    RstNoFlow,
+    RstNoFlow => "rst_no_flow",
     /// SYN to a service whose backend set is empty (e.g. no master) answered with RST.
-    RstNoBackend,
+    RstNoBackend => "rst_no_backend",
     /// Segment of a flow whose backend was demoted with `on_down = "reset"`: flow deleted, RST.
-    RstFlowReset,
+    RstFlowReset => "rst_flow_reset",
     /// A RST that the per-CPU rate limit suppressed (the segment was dropped instead).
-    DropRstLimited,
+    DropRstLimited => "drop_rst_limited",
     /// SYN on the tuple of a closing flow (FIN both ways or RST): the old flow was deleted and
     /// a new one started (TIME_WAIT reuse by the client).
-    ClosedTupleReused,
+    ClosedTupleReused => "closed_tuple_reused",
     /// `xdp:xdp_redirect_err` tracepoint hits (any XDP program on this host): a redirect the
     /// kernel refused after the program returned (e.g. frame larger than the egress MTU).
-    XdpRedirectErr,
+    XdpRedirectErr => "xdp_redirect_err",
     /// `xdp:xdp_exception` tracepoint hits (XDP_ABORTED, or an action the driver cannot do).
-    XdpException,
+    XdpException => "xdp_exception",
     /// SYN over a `maxconn` limit (per backend or global), dropped (the client's SYN
     /// retransmit stands in for HAProxy's queue).
-    DropMaxconn,
+    DropMaxconn => "drop_maxconn",
     /// SYN over a `maxconn` limit answered with a RST (`on_maxconn = "reset"`).
-    RstMaxconn,
+    RstMaxconn => "rst_maxconn",
     /// SYN dropped because the connection-slot table (`SLOTS`) refused the insert.
-    DropSlotsFull,
-    /// Number of counters (array size), not a counter.
-    Max,
+    DropSlotsFull => "drop_slots_full",
 }
 
 /// Number of entries in `STATS_GLOBAL`.
 pub const COUNTER_MAX: u32 = Counter::Max as u32;
-
-/// Human names of the counters, indexed like [`Counter`].
-pub const COUNTER_NAMES: [&str; COUNTER_MAX as usize] = [
-    "fwd_packets",
-    "reply_packets",
-    "new_flows",
-    "established",
-    "icmp_translated",
-    "pass_ttl",
-    "drop_no_flow",
-    "drop_no_backend",
-    "rst_snat_exhausted",
-    "drop_embryonic_full",
-    "drop_established_full",
-    "drop_fragment",
-    "drop_ip_options",
-    "drop_fib",
-    "drop_no_egress",
-    "drop_icmp_no_flow",
-    "drop_malformed",
-    "drop_redirect",
-    "generic_large_frames",
-    "rst_sent",
-    "drop_no_snat_addr",
-    "fib_success",
-    "fib_blackhole",
-    "fib_unreachable",
-    "fib_prohibit",
-    "fib_not_fwded",
-    "fib_fwd_disabled",
-    "fib_unsupp_lwt",
-    "fib_no_neigh",
-    "fib_frag_needed",
-    "fib_no_src_addr",
-    "rst_no_flow",
-    "rst_no_backend",
-    "rst_flow_reset",
-    "drop_rst_limited",
-    "closed_tuple_reused",
-    "xdp_redirect_err",
-    "xdp_exception",
-    "drop_maxconn",
-    "rst_maxconn",
-    "drop_slots_full",
-];

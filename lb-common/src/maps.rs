@@ -38,6 +38,10 @@ pub mod names {
     /// An earlier SNAT port range whose flows are still alive (`OLD_PORTS[0]`).
     pub const OLD_PORTS: &str = "OLD_PORTS";
     pub const RESET_EPOCH: &str = "RESET_EPOCH";
+    /// Per service: until when (`bpf_ktime_get_ns`) a SYN finding no backend is held (dropped,
+    /// for the client's retransmit) instead of refused; written by the agent while an
+    /// exclusive role has no member and its candidates are checked.
+    pub const SYN_HOLD: &str = "SYN_HOLD";
     pub const RST_BUCKET: &str = "RST_BUCKET";
     /// Connections the data path ended itself (ring buffer; not pinned: each program build
     /// writes its own, which its agent reads).
@@ -76,6 +80,7 @@ pub mod names {
         CAPTURE_EVENTS,
         ROUTE_SRC,
         OLD_PORTS,
+        SYN_HOLD,
     ];
 }
 
@@ -292,8 +297,12 @@ pub const DIR_REPLY: u8 = 1;
 pub struct Flow {
     pub created_ns: u64,
     pub last_seen_ns: u64,
-    /// Generation of the backend set that chose the backend.
-    pub generation: u64,
+    /// Generation of the backend set that chose the backend (its low 32 bits).
+    pub generation: u32,
+    /// Where the sequence space this entry's direction has sent ends (host order): the
+    /// highest `seq + payload` (+1 for a SYN or FIN) seen. A genuine RST from this side
+    /// carries a sequence number at most this (see `ack`).
+    pub seq_end: u32,
     /// Rewritten tuple (network byte order).
     pub nat_saddr: u32,
     pub nat_daddr: u32,
@@ -318,7 +327,10 @@ pub struct Flow {
     /// `RESET_EPOCH[service][backend]` when the flow was created; a different value now means
     /// the backend was demoted with `on_down = "reset"`: the flow is reset on its next segment.
     pub epoch: u32,
-    pub _pad2: u32,
+    /// The acknowledgment number this entry's direction sent last (host order): where its
+    /// sender expects the other side's next byte. RFC 5961: a RST from the other side is
+    /// accepted only with a sequence number from `ack - 1` to that side's `seq_end`.
+    pub ack: u32,
     /// TCP payload bytes forwarded in this entry's direction (retransmissions included): the
     /// forward entry counts the client's, the reply entry the backend's. Only that direction's
     /// path adds to it (two CPUs on one direction at once may lose an add: a log figure).

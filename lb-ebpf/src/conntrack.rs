@@ -9,7 +9,7 @@ use lb_common::{
 
 use crate::{
     maps::{CT_EMBRYONIC, CT_ESTABLISHED},
-    parse::{TCP_FIN, TCP_RST},
+    parse::{Tcp, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN},
     stats,
 };
 
@@ -204,7 +204,8 @@ pub fn delete(key: &FlowKey, found: &Found) {
 /// so that RST was spoofed). A changed mark refreshes `last_seen_ns`: the close timeout counts
 /// from the segment that closed the flow.
 #[inline(always)]
-pub fn track(flow: &mut Flow, partner_close: u8, flags: u8, now: u64) {
+pub fn track(flow: &mut Flow, partner_close: u8, tcp: &Tcp, now: u64) {
+    let flags = tcp.flags;
     let old = flow.close;
     let new = if flags & TCP_RST != 0 {
         old | FLOW_CLOSE_RST
@@ -222,6 +223,51 @@ pub fn track(flow: &mut Flow, partner_close: u8, flags: u8, now: u64) {
         flow.close = new;
         flow.last_seen_ns = now;
     }
+}
+
+/// How far past the receiver's last acknowledgment a segment may end and still move
+/// `seq_end`: 16 MiB, more than a default Linux receive window (6 MiB). A blind segment with a
+/// guessed sequence number moves it with a chance of 1 in 256, and never further than this.
+const SEQ_AHEAD_MAX: u32 = 1 << 24;
+
+/// Records where the sequence space `flow`'s direction sent ends and the acknowledgment it
+/// sent last (see [`rst_acceptable`]); `partner_ack`: the receiver's last acknowledgment. A
+/// SYN of a handshake sets the start (its sequence number is the sender's choice); later
+/// segments only move the end forward, and not beyond [`SEQ_AHEAD_MAX`] past `partner_ack`.
+#[inline(always)]
+pub fn track_seq(flow: &mut Flow, partner_ack: u32, tcp: &Tcp, payload: u32, established: bool) {
+    let flags = tcp.flags;
+    if flags & TCP_RST != 0 {
+        return;
+    }
+    let seq = u32::from_be_bytes(tcp.seq);
+    let end = seq
+        .wrapping_add(payload)
+        .wrapping_add(((flags & TCP_SYN != 0) as u32) + ((flags & TCP_FIN != 0) as u32));
+    let handshake = flags & TCP_SYN != 0 && !established;
+    let forward = (end.wrapping_sub(flow.seq_end) as i32) > 0
+        && end.wrapping_sub(partner_ack) <= SEQ_AHEAD_MAX;
+    if handshake || forward {
+        flow.seq_end = end;
+    }
+    if flags & TCP_ACK != 0 {
+        flow.ack = u32::from_be_bytes(tcp.ack);
+    }
+}
+
+/// RFC 5961's check, as a middlebox can make it: a RST on an established flow is accepted
+/// only if its sequence number lies between what the receiver acknowledged last (`partner.ack`,
+/// less one: a RST may follow the sender's own FIN) and the end of what its sender sent
+/// (`flow.seq_end`). On an idle connection that is one or two numbers: a blind RST with a
+/// guessed sequence number is dropped and never reaches the endpoint or the table. Any other
+/// segment is acceptable here.
+#[inline(always)]
+pub fn rst_acceptable(flow: &Flow, partner: &Flow, tcp: &Tcp) -> bool {
+    if tcp.flags & TCP_RST == 0 {
+        return true;
+    }
+    let low = partner.ack.wrapping_sub(1);
+    u32::from_be_bytes(tcp.seq).wrapping_sub(low) <= flow.seq_end.wrapping_sub(low)
 }
 
 /// How often an entry's `last_seen_ns` is refreshed at most.

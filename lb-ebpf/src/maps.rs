@@ -113,6 +113,19 @@ pub fn in_old_ports(port: u16) -> bool {
 #[btf_map]
 pub static RESET_EPOCH: Array<u32, { (MAX_SERVICES * MAX_BACKENDS) as usize }> = Array::new();
 
+/// Per service: until when (`bpf_ktime_get_ns`) a SYN that finds no backend is held (dropped:
+/// the client retransmits it) instead of refused. The agent sets it when an exclusive role
+/// loses its holder and its candidates are checked at `fastinter`, and clears it when one is
+/// installed; the deadline bounds the hold even if the agent is gone.
+#[btf_map]
+pub static SYN_HOLD: Array<u64, { MAX_SERVICES as usize }> = Array::new();
+
+/// Whether a SYN to `service` that finds no backend is held at `now`.
+#[inline(always)]
+pub fn syn_held(service: u32, now: u64) -> bool {
+    SYN_HOLD.get(service).is_some_and(|&until| now < until)
+}
+
 /// Token bucket of generated RSTs, per CPU.
 #[btf_map]
 pub static RST_BUCKET: PerCpuArray<RstBucket, 1> = PerCpuArray::new();

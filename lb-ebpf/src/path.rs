@@ -54,15 +54,20 @@ pub fn forward(
             stats::count(Counter::PassTtl);
             return xdp_action::XDP_PASS;
         }
-        if flags & (TCP_SYN | TCP_ACK | TCP_RST | TCP_FIN) == TCP_SYN
-            && is_closing(found.flow, found.partner)
-        {
+        let plain_syn = flags & (TCP_SYN | TCP_ACK | TCP_RST | TCP_FIN) == TCP_SYN;
+        if plain_syn && is_closing(found.flow, found.partner) {
             // The client reuses the tuple of a closed connection (TIME_WAIT reuse): the old
             // flow is over; this SYN starts a new one below (its slot, if any, was released
             // when it closed; `maxconn::acquire` takes care of a leftover).
             events::ended(&key, found.flow, found.partner, now, CONN_END_REUSED);
             conntrack::delete(&key, &found);
             stats::count(Counter::ClosedTupleReused);
+        } else if plain_syn && !found.established && is_reset(found.flow) {
+            // A SYN retransmit whose first SYN went to a backend demoted since: the handshake
+            // starts over on the current set (the new master), instead of a refusal.
+            events::ended(&key, found.flow, found.partner, now, CONN_END_RESET);
+            conntrack::delete(&key, &found);
+            maxconn::release(&key);
         } else {
             return existing(ctx, eth, ip, tcp, &key, found, svc, cfg, now, bytes);
         }
@@ -77,7 +82,13 @@ pub fn forward(
         return xdp_action::XDP_PASS;
     }
     let Some((backend, generation)) = service::pick(&svc, &key) else {
-        // No backend holds the role (e.g. no master): refuse fast, never black-hole.
+        // No backend holds the role (e.g. no master). While the agent hands the role over,
+        // hold the SYN (the client's retransmit lands on the new master); else refuse fast,
+        // never black-hole.
+        if crate::maps::syn_held(svc.id, now) {
+            stats::service_drop(svc.id, Counter::SynHeld);
+            return xdp_action::XDP_DROP;
+        }
         return refuse(ctx, cfg, svc.id, flags, Counter::RstNoBackend);
     };
     let generic = cfg.flags & CONFIG_F_GENERIC != 0;
@@ -117,7 +128,8 @@ pub fn forward(
     let reply = Flow {
         created_ns: now,
         last_seen_ns: now,
-        generation,
+        generation: generation as u32,
+        seq_end: 0,
         nat_saddr: ip.daddr,
         nat_daddr: ip.saddr,
         ifindex: ingress,
@@ -132,7 +144,7 @@ pub fn forward(
         close: 0,
         first_fin: 0,
         epoch: reset_epoch(svc.id, backend.id),
-        _pad2: 0,
+        ack: 0,
         bytes: 0,
     };
     let Some(port) = snat::claim(
@@ -160,6 +172,7 @@ pub fn forward(
         dmac: hop.dmac,
         dir: DIR_FORWARD,
         bytes: payload_len(ip, tcp),
+        seq_end: u32::from_be_bytes(tcp.seq).wrapping_add(1),
         ..reply
     };
     if !conntrack::insert_embryonic(&key, &fwd) {
@@ -220,9 +233,21 @@ fn existing(
         maxconn::release(key);
         return refuse(ctx, cfg, flow.service_id, flags, Counter::RstFlowReset);
     }
+    if found.established && !conntrack::rst_acceptable(found.flow, found.partner, tcp) {
+        stats::service_drop(flow.service_id, Counter::DropRstOutOfWindow);
+        return xdp_action::XDP_DROP;
+    }
     // Before `promote`, which copies the entry: an ACK that establishes may carry a FIN.
-    conntrack::track(found.flow, found.partner.close, flags, now);
-    found.flow.bytes += payload_len(ip, tcp);
+    conntrack::track(found.flow, found.partner.close, tcp, now);
+    let payload = payload_len(ip, tcp);
+    conntrack::track_seq(
+        found.flow,
+        found.partner.ack,
+        tcp,
+        payload as u32,
+        found.established,
+    );
+    found.flow.bytes += payload;
     if flags & TCP_FIN != 0 && fins_both_ways(found.flow, found.partner) {
         maxconn::release(key);
     }
@@ -266,7 +291,10 @@ pub fn reply(
         stats::count(Counter::PassTtl);
         return xdp_action::XDP_PASS;
     }
-    if is_reset(found.flow) {
+    // A demoted master's segment in flight (say a COMMIT's SUCCESS) still reaches the client:
+    // the reset happens on the client's next segment (`existing`). Only a handshake that has
+    // not reached the client yet is refused here.
+    if is_reset(found.flow) && !found.established {
         let service = found.flow.service_id;
         // The forward key (where the flow's slot is recorded), read before the delete.
         let fwd_key = found.flow.partner_key(IPPROTO_TCP);
@@ -275,8 +303,20 @@ pub fn reply(
         maxconn::release(&fwd_key);
         return refuse(ctx, cfg, service, flags, Counter::RstFlowReset);
     }
-    conntrack::track(found.flow, found.partner.close, flags, now);
-    found.flow.bytes += payload_len(ip, tcp);
+    if found.established && !conntrack::rst_acceptable(found.flow, found.partner, tcp) {
+        stats::service_drop(found.flow.service_id, Counter::DropRstOutOfWindow);
+        return xdp_action::XDP_DROP;
+    }
+    conntrack::track(found.flow, found.partner.close, tcp, now);
+    let payload = payload_len(ip, tcp);
+    conntrack::track_seq(
+        found.flow,
+        found.partner.ack,
+        tcp,
+        payload as u32,
+        found.established,
+    );
+    found.flow.bytes += payload;
     if flags & TCP_FIN != 0 && fins_both_ways(found.flow, found.partner) {
         maxconn::release(&found.flow.partner_key(IPPROTO_TCP));
     }

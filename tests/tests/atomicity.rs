@@ -84,6 +84,7 @@ fn every_flow_goes_to_a_member_of_the_generation_that_chose_it_across_1000_flips
     // Host settings are undone inside the lb namespace, never in the test's own.
     let _host = RestoreIn(Some(host), &topo.lb.ns);
     let sets: [&[usize]; 2] = [&[0], &[1, 2]];
+    // Flows record a generation's low 32 bits: 1,001 generations never wrap.
     let mut generations: HashMap<u64, Vec<usize>> = HashMap::new();
     generations.insert(1, vec![0, 1, 2]); // installed by `configure`
     let stop = AtomicBool::new(false);
@@ -141,7 +142,7 @@ fn every_flow_goes_to_a_member_of_the_generation_that_chose_it_across_1000_flips
                 continue;
             }
             let set = generations
-                .get(&f.generation)
+                .get(&u64::from(f.generation))
                 .with_context(|| format!("flow with unknown generation {}", f.generation))?;
             ensure!(
                 set.contains(&(f.backend_id as usize)),

@@ -162,8 +162,8 @@ const EVENTS: &[Counter] = &[
     Counter::FibResult9,
     Counter::GenericLarge,
     Counter::DropNoEgress,
-    Counter::DropNoBackend,
-    Counter::DropRedirect,
+    Counter::SynHeld,
+    Counter::DropRstOutOfWindow,
 ];
 
 // ---------------------------------------------------------------------------------------------

@@ -1488,43 +1488,75 @@ fn reset_flows_answers_the_clients_next_segment_with_a_rst_and_deletes_the_flow(
 
 #[test]
 #[ignore = "needs root and netns: run cargo xtask test"]
-fn reset_flows_answers_the_backends_next_segment_with_a_rst_and_deletes_the_flow() -> Result<()> {
+fn a_demoted_masters_answer_in_flight_reaches_the_client_before_the_rst_on_its_next_segment(
+) -> Result<()> {
     Fixture::run_with_config("resetbk", &config_with_second_db01_service(), |fx| {
         let a = establish(fx, 40000, WRITE_PORT)?;
         let b = establish(fx, 40001, 7682)?;
         let c = establish(fx, 40002, READ_PORT)?;
 
         fx.control.reset_flows(&fx.cfg, 0, 0)?;
-        // db01's answer goes back to db01 as a RST: from the SNAT address and port, seq = its
-        // ACK (the client's next sequence number).
-        let reply = a.backend_data(b"\x00\x00\x04\x04");
-        let mut want = TcpFrame::new(
-            BK0_MAC,
-            DB01_MAC,
-            sa(SNAT_ADDR, a.port),
-            sa(DB01, BACKEND_PORT),
+        // db01's SUCCESS to a COMMIT, already on its way when db01 was demoted: delivered,
+        // translated as usual (the client must learn that its write happened).
+        let success = a.backend_data(b"\x00\x03\xb1\x70\xa0\x00\x00");
+        let before = fx.counters()?;
+        let out = fx.from_backends(&success.bytes()?)?;
+        assert_output(
+            &out,
+            Action::Redirect,
+            &to_client(&success, a.client_port, WRITE_PORT).bytes()?,
+        );
+        assert_eq!(
+            fx.counters()?.changes_since(&before),
+            moved(&[(Counter::ReplyPackets, 1)]),
+            "the answer in flight: counters"
+        );
+        // The client's next segment (its ACK of that answer) gets the RST: from the VIP,
+        // seq = its ACK.
+        let ack = TcpFrame::new(
+            CLIENT_MAC,
+            CL0_MAC,
+            sa(CLIENT, a.client_port),
+            sa(VIP, WRITE_PORT),
         )
-        .with_flags(RST)
-        .with_seq_ack(a.client_seq, 0);
-        want.id = 0;
-        want.window = 0;
+        .with_flags(ACK)
+        .with_seq_ack(a.client_seq, a.backend_seq + 7);
         assert_rst(
             fx,
-            "backend data after the reset",
-            &reply,
-            fx.bk0.ifindex,
-            &want,
+            "the client's ACK after the reset",
+            &ack,
+            fx.cl0.ifindex,
+            &rst_answer(&ack),
             &[(Counter::RstFlowReset, 1), (Counter::RstSent, 1)],
         )?;
-        assert_flow_gone(fx, "after the backend's reset segment", &a)?;
+        assert_flow_gone(fx, "after the client's segment", &a)?;
+        // db01's later segments find no flow: it gets its RST too.
+        let late = a.backend_data(b"late");
+        assert_rst(
+            fx,
+            "backend data once the flow is gone",
+            &late,
+            fx.bk0.ifindex,
+            &rst_answer(&late),
+            &[(Counter::RstNoFlow, 1), (Counter::RstSent, 1)],
+        )?;
         b.assert_alive(fx, "db01 in service \"any\"")?;
         c.assert_alive(fx, "db02 in \"read\"")?;
 
         // A flow opened after the reset records the new epoch and lives.
         let n = establish(fx, 40004, WRITE_PORT)?;
         n.assert_alive(fx, "a write flow opened after the reset")?;
+        assert_eq!(fx.established()?.len(), 6);
+        Ok(())
+    })
+}
 
-        // A second reset catches it, and a flow still in its handshake.
+#[test]
+#[ignore = "needs root and netns: run cargo xtask test"]
+fn a_handshake_to_a_demoted_master_is_refused_to_it_and_the_clients_syn_retransmit_starts_over(
+) -> Result<()> {
+    Fixture::run_with_config("reseths", CONFIG, |fx| {
+        // The SYN-ACK of a handshake the reset caught: db01 gets a RST, the client nothing.
         let (syn, port) = open_write_flow(fx, 40005)?;
         fx.control.reset_flows(&fx.cfg, 0, 0)?;
         let syn_ack =
@@ -1539,19 +1571,33 @@ fn reset_flows_answers_the_backends_next_segment_with_a_rst_and_deletes_the_flow
         )?;
         let emb = fx.embryonic()?;
         assert!(emb.is_empty(), "embryonic left: {:?}", tuples(&emb));
-        let reply = n.backend_data(b"result");
-        assert_rst(
-            fx,
-            "backend data of the newer flow after the second reset",
-            &reply,
-            fx.bk0.ifindex,
-            &rst_answer(&reply),
-            &[(Counter::RstFlowReset, 1), (Counter::RstSent, 1)],
-        )?;
-        assert_flow_gone(fx, "the newer flow", &n)?;
-        b.assert_alive(fx, "db01 in service \"any\" after the second reset")?;
-        c.assert_alive(fx, "db02 in \"read\" after the second reset")?;
-        assert_eq!(fx.established()?.len(), 4);
+
+        // A handshake caught before the backend answered: the client's SYN retransmit is not
+        // refused, it starts a new flow on the current set.
+        let (syn, _) = open_write_flow(fx, 40006)?;
+        fx.control.reset_flows(&fx.cfg, 0, 0)?;
+        let before = fx.counters()?;
+        let out = fx.from_client(&syn.bytes()?)?;
+        let port = sport_of(&out.frame);
+        assert_output(
+            &out,
+            Action::Redirect,
+            &to_backend(&syn, DB01, DB01_MAC, port).bytes()?,
+        );
+        assert_eq!(
+            fx.counters()?.changes_since(&before),
+            moved(&[
+                (Counter::NewFlows, 1),
+                (Counter::FwdPackets, 1),
+                (Counter::FibResult0, 1)
+            ]),
+            "the SYN retransmit: counters"
+        );
+        let emb = fx.embryonic()?;
+        assert_eq!(emb.len(), 2, "one flow, two entries: {:?}", tuples(&emb));
+        let fwd = entry(&emb, &flow_key(sa(CLIENT, 40006), sa(VIP, WRITE_PORT)))
+            .expect("the new forward entry");
+        assert_eq!(fwd.nat_sport, port.to_be(), "the new flow's SNAT port");
         Ok(())
     })
 }

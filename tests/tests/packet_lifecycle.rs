@@ -305,6 +305,92 @@ fn a_rst_marks_the_flow_closing_and_a_later_segment_from_its_side_proves_it_spoo
     })
 }
 
+/// Runs `seg` (a RST) on `ingress` and checks it was dropped, counted as out of window, and
+/// left the flow's entries as they were.
+#[track_caller]
+fn assert_blind_rst_dropped(
+    fx: &Fixture,
+    c: &Conn,
+    what: &str,
+    seg: &TcpFrame,
+    from_client: bool,
+) -> Result<()> {
+    let entries = c.entries(fx)?;
+    let before = fx.counters()?;
+    let out = if from_client {
+        fx.from_client(&seg.bytes()?)?
+    } else {
+        fx.from_backends(&seg.bytes()?)?
+    };
+    assert_eq!(out.action, Action::Drop, "{what}: action");
+    assert_eq!(
+        fx.counters()?.changes_since(&before),
+        moved(&[(Counter::DropRstOutOfWindow, 1)]),
+        "{what}: counters"
+    );
+    assert_eq!(c.entries(fx)?, entries, "{what}: the flow changed");
+    Ok(())
+}
+
+#[test]
+#[ignore = "needs root and netns: run cargo xtask test"]
+fn a_rst_outside_the_receivers_window_is_dropped_and_the_idle_connection_lives() -> Result<()> {
+    Fixture::run("rstwin", |fx| {
+        let mut c = establish(fx, 40005)?;
+        c.client_sends(fx, "client data", PSH | ACK, b"RUN")?;
+        c.backend_sends(fx, "backend answer", PSH | ACK, b"SUCCESS")?;
+        c.client_sends(fx, "client ACK", ACK, b"")?;
+
+        // Blind RSTs with the connection's addresses and ports and a guessed sequence number,
+        // from either side (RFC 5961: only the receiver's next expected number is in window
+        // on an idle connection).
+        for (what, seq_off) in [
+            ("far ahead", 0x4000_0000u32),
+            ("just ahead", 1),
+            ("behind", 2u32.wrapping_neg()),
+        ] {
+            let mut rst = c.client(RST, b"");
+            rst.seq = c.client_seq.wrapping_add(seq_off);
+            assert_blind_rst_dropped(fx, &c, &format!("client-side RST {what}"), &rst, true)?;
+            let mut rst = c.backend(RST, b"");
+            rst.seq = c.backend_seq.wrapping_add(seq_off);
+            assert_blind_rst_dropped(fx, &c, &format!("backend-side RST {what}"), &rst, false)?;
+        }
+        // A blind data segment far ahead does not widen the window for a later RST.
+        let mut blind = c.client(PSH | ACK, b"x");
+        blind.seq = c.client_seq.wrapping_add(0x2000_0000);
+        let out = fx.from_client(&blind.bytes()?)?;
+        assert_eq!(
+            out.action,
+            Action::Redirect,
+            "blind data is the endpoint's to judge"
+        );
+        let mut rst = c.client(RST, b"");
+        rst.seq = c.client_seq.wrapping_add(0x2000_0000);
+        assert_blind_rst_dropped(fx, &c, "a RST after the blind data", &rst, true)?;
+        assert!(!c.closing(fx)?, "the flow is not closing");
+        c.client_sends(fx, "client data after the blind RSTs", PSH | ACK, b"RUN")?;
+        c.backend_sends(fx, "backend answer after the blind RSTs", PSH | ACK, b"OK")?;
+
+        // With data in flight (3 bytes not acknowledged yet), a RST anywhere in it is the
+        // sender's to send: forwarded and marked.
+        c.client_sends(fx, "client data in flight", PSH | ACK, b"abc")?;
+        c.client_seq = c.client_seq.wrapping_sub(1);
+        c.client_sends(fx, "client RST inside its unacknowledged data", RST, b"")?;
+        let (f, r) = c.entries(fx)?;
+        assert_eq!((f.close, r.close), (FLOW_CLOSE_RST, 0));
+
+        // And the exact RST of an idle connection, from the backend.
+        let mut d = establish(fx, 40006)?;
+        d.client_sends(fx, "client data", PSH | ACK, b"RUN")?;
+        d.backend_sends(fx, "backend ACK", ACK, b"")?;
+        d.backend_sends(fx, "backend's exact RST", RST, b"")?;
+        let (f, r) = d.entries(fx)?;
+        assert_eq!((f.close, r.close), (0, FLOW_CLOSE_RST));
+        Ok(())
+    })
+}
+
 #[test]
 #[ignore = "needs root and netns: run cargo xtask test"]
 fn a_syn_on_a_closing_tuple_starts_a_new_flow() -> Result<()> {
