@@ -93,6 +93,7 @@ struct RawService {
     check: Option<Spanned<String>>,
     balance: Option<Spanned<String>>,
     on_down: Option<Spanned<String>>,
+    syn_hold: Option<Spanned<String>>,
     fallback: Option<Spanned<String>>,
     backend_maxconn: Option<Spanned<u32>>,
     on_maxconn: Option<Spanned<String>>,
@@ -137,6 +138,13 @@ impl Balance {
     }
 }
 
+/// The default `syn_hold` of an exclusive role: as long as a candidate needs to rise
+/// (`rise` answers at `fastinter`, the last one within `timeout`), at least 1 s (the client's
+/// first SYN retransmit).
+pub fn default_syn_hold(c: &CheckSpec) -> Duration {
+    (c.fastinter * c.rise + c.timeout).max(Duration::from_secs(1))
+}
+
 /// What happens to a backend's flows when it leaves a service's set.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum OnDown {
@@ -163,6 +171,10 @@ pub struct Service {
     pub on_down: OnDown,
     /// At most one member (the role holder), from the check.
     pub exclusive: bool,
+    /// How long, at most, new SYNs are held (dropped, for the client's retransmit) while an
+    /// exclusive role has no member and its candidates are checked at `fastinter`; zero for
+    /// other services and with `syn_hold = "0s"` (refused at once, as before).
+    pub syn_hold: Duration,
     /// Index of the service whose set to use when none of ours is healthy.
     pub fallback: Option<usize>,
     /// Most connections this service holds to each of its backends (HAProxy's
@@ -670,6 +682,16 @@ impl Config {
                     ))
                 }
             };
+            let syn_hold = match (&s.syn_hold, &check) {
+                (Some(v), Some(c)) if c.exclusive => {
+                    parse_duration(path, text, v, &format!("service {name:?}: syn_hold"))?
+                }
+                (Some(v), _) => {
+                    return Err(at(path, text, v.span(), format!("service {name:?}: syn_hold applies only to a service with an exclusive role check (e.g. check = \"master\"): other services keep their set while a member changes")))
+                }
+                (None, Some(c)) if c.exclusive => default_syn_hold(c),
+                (None, _) => Duration::ZERO,
+            };
             let maxconn_reset = match s.on_maxconn.as_ref().map(|b| (b.get_ref().as_str(), b.span())) {
                 None | Some(("drop", _)) => false,
                 Some(("reset", _)) => true,
@@ -713,6 +735,7 @@ impl Config {
                 balance,
                 on_down,
                 exclusive,
+                syn_hold,
                 fallback: None,
                 backend_maxconn,
                 maxconn_reset,
@@ -924,6 +947,56 @@ backends = ["db02", "db01"]
         );
         let e = err(&GOOD.replace("instance = \"t1\"\n", "instance = \"t1\"\nmaxconn = 0\n"));
         assert!(e.starts_with("lb.toml:3: maxconn = 0"), "{e}");
+    }
+
+    #[test]
+    fn syn_hold_defaults_to_a_candidates_rise_on_exclusive_roles_only() {
+        let with_check = |write: &str, read: &str| {
+            GOOD.replacen(
+                "backends = [\"db01\"]\n",
+                &format!("backends = [\"db01\"]\n{write}\n"),
+                1,
+            )
+            .replace(
+                "backends = [\"db02\", \"db01\"]\n",
+                &format!("backends = [\"db02\", \"db01\"]\n{read}\n"),
+            )
+        };
+        // The preset's timings (fastinter 250 ms x rise 2 + timeout 1 s): 1.5 s.
+        let c = Config::parse(
+            Path::new("lb.toml"),
+            &with_check("check = \"neo4j-ha-master\"", "check = \"neo4j-ha-slave\""),
+        )
+        .unwrap();
+        let master = preset("neo4j-ha-master").unwrap();
+        assert_eq!(c.services[0].syn_hold, default_syn_hold(&master));
+        assert_eq!(
+            c.services[0].syn_hold,
+            (master.fastinter * master.rise + master.timeout).max(Duration::from_secs(1))
+        );
+        assert_eq!(c.services[1].syn_hold, Duration::ZERO, "not exclusive");
+        let c = Config::parse(
+            Path::new("lb.toml"),
+            &with_check("check = \"neo4j-ha-master\"\nsyn_hold = \"0s\"", ""),
+        )
+        .unwrap();
+        assert_eq!(c.services[0].syn_hold, Duration::ZERO, "turned off");
+        let e = err(&with_check(
+            "",
+            "check = \"neo4j-ha-slave\"\nsyn_hold = \"2s\"",
+        ));
+        assert!(
+            e.starts_with("lb.toml:24: service \"read\": syn_hold applies only"),
+            "{e}"
+        );
+        let e = err(&with_check(
+            "check = \"neo4j-ha-master\"\nsyn_hold = \"soon\"",
+            "",
+        ));
+        assert!(
+            e.starts_with("lb.toml:18: service \"write\": syn_hold"),
+            "{e}"
+        );
     }
 
     #[test]

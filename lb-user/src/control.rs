@@ -42,6 +42,7 @@ pub struct Control {
     /// An earlier SNAT range whose flows may still be alive (see [`Control::keep_old_ports`]).
     old_range: Option<(u16, u16)>,
     reset_epoch: Array<MapData, u32>,
+    syn_hold: Array<MapData, u64>,
     live: Vec<Option<Array<MapData, BackendSet>>>,
     spare: Vec<Option<Array<MapData, BackendSet>>>,
     generation: u64,
@@ -84,6 +85,7 @@ impl Control {
             old_ports: take(ebpf, names::OLD_PORTS)?,
             old_range: None,
             reset_epoch: take(ebpf, names::RESET_EPOCH)?,
+            syn_hold: take(ebpf, names::SYN_HOLD)?,
             live: (0..n).map(|_| None).collect(),
             spare: (0..n).map(|_| None).collect(),
             generation: 0,
@@ -346,6 +348,14 @@ impl Control {
             .set(i, cur.wrapping_add(1), 0)
             .context("write RESET_EPOCH")?;
         Ok(())
+    }
+
+    /// Holds new SYNs to service `service` that find no backend until `until_ns`
+    /// (`bpf_ktime_get_ns`, i.e. CLOCK_MONOTONIC) instead of refusing them; 0 ends a hold.
+    pub fn hold_syns(&mut self, cfg: &Config, service: usize, until_ns: u64) -> Result<()> {
+        self.syn_hold
+            .set(cfg.services[service].id, until_ns, 0)
+            .context("write SYN_HOLD")
     }
 
     /// Installs `members` as service `service`'s backend set, atomically. Returns the

@@ -271,6 +271,13 @@ impl Supervisor {
         reset.extend(drained);
         self.publish_set(cfg, s);
         self.mirror_service(cfg, s);
+        if d.members.is_empty() && !old.is_empty() && !svc.syn_hold.is_zero() {
+            // The role is being handed over: new SYNs wait for the next holder (their
+            // retransmit lands on it) rather than fail, for at most `syn_hold`. Set before the
+            // empty set is installed, so that no SYN in between is refused.
+            let until = crate::gc::monotonic_now()? + svc.syn_hold.as_nanos() as u64;
+            control.hold_syns(cfg, s, until)?;
+        }
         // Install first, then reset: a flow created from the old set after the reset would
         // otherwise survive.
         let generation = control.install_backends(cfg, s, &d.members)?;
@@ -295,7 +302,9 @@ impl Supervisor {
             if reset.is_empty() { String::new() } else { format!("; resetting the flows of {}", names(&reset)) }
         );
         if d.members.is_empty() && svc.check.is_some() {
-            if !old.is_empty() {
+            if !old.is_empty() && !svc.syn_hold.is_zero() {
+                warn!(service = %svc.name, "no backend left: new connections are held up to {:?} (their SYN retransmit reaches the next holder), then refused (RST); re-checking every candidate now, then at fastinter", svc.syn_hold);
+            } else if !old.is_empty() {
                 warn!(service = %svc.name, "no backend left: new connections are refused (RST); re-checking every candidate now, then at fastinter");
             }
             if self.fast.insert(s) {
@@ -312,6 +321,9 @@ impl Supervisor {
                 }
             }
         } else if !d.members.is_empty() && self.fast.remove(&s) {
+            if !svc.syn_hold.is_zero() {
+                control.hold_syns(cfg, s, 0)?;
+            }
             for &b in &svc.backends {
                 self.command(Command::Fast {
                     service: s,

@@ -76,23 +76,12 @@ fn mode_args(generic: bool) -> &'static [&'static str] {
     }
 }
 
-/// Counters from `lb status --json`.
 fn status(topo: &Topology) -> Result<serde_json::Value> {
-    // nsenter (not `ip netns exec`, which hides bpffs) so that the pinned maps are visible.
-    let mut cmd = topo.lb.ns.command(lb_tests::harness::lb_bin());
-    cmd.args(["status", "--instance", &topo.instance, "--json"]);
-    let out = lb_tests::harness::ns::run(&mut cmd)?;
-    Ok(serde_json::from_slice(&out.stdout)?)
+    topo.lb_status()
 }
 
 fn global(s: &serde_json::Value, name: &str) -> u64 {
-    s["global"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .find(|e| e[0] == name)
-        .and_then(|e| e[1].as_u64())
-        .unwrap_or(0)
+    Topology::global_counter(s, name)
 }
 
 fn sequential_connections_reach_the_master(shape: Shape, generic: bool, name: &str) -> Result<()> {

@@ -1323,7 +1323,8 @@ fn generated_rsts_pass_a_per_cpu_token_bucket() -> Result<()> {
 
 #[test]
 #[ignore = "needs root and netns: run cargo xtask test"]
-fn a_syn_to_a_service_without_backends_is_refused_with_a_rst() -> Result<()> {
+fn a_syn_to_a_service_without_backends_is_refused_with_a_rst_or_held_while_its_role_moves(
+) -> Result<()> {
     // A role-checked service: its set stays empty until a check passes (none runs here).
     let config = format!(
         "{CONFIG}\n[[service]]\nname = \"master\"\nvip = \"198.18.0.10:7682\"\nbackend_port = 7687\n\
@@ -1366,6 +1367,42 @@ fn a_syn_to_a_service_without_backends_is_refused_with_a_rst() -> Result<()> {
             &refused,
         )?;
         est.assert_alive(fx, "established flow after its set was emptied")?;
+        // The agent holds the emptied role's SYNs while a new holder is checked: dropped,
+        // counted, no flow and no RST (the client's SYN retransmit finds the new holder).
+        let cfg = fx.cfg.clone();
+        let now = lb_user::gc::monotonic_now()?;
+        fx.control.hold_syns(&cfg, 0, now + 10_000_000_000)?;
+        for (client_port, what) in [(40013u16, "SYN in the hold"), (40013, "its retransmit")] {
+            assert_dropped(
+                fx,
+                what,
+                &client_syn(client_port, WRITE_PORT).bytes()?,
+                fx.cl0.ifindex,
+                &[(Counter::SynHeld, 1)],
+            )?;
+        }
+        assert!(fx.embryonic()?.is_empty(), "a held SYN makes no flow");
+        // Only the service on hold: the empty "master" service still refuses.
+        let syn = client_syn(40014, 7682);
+        assert_rst(
+            fx,
+            "SYN to another empty service",
+            &syn,
+            fx.cl0.ifindex,
+            &rst_answer(&syn),
+            &refused,
+        )?;
+        // A hold that ran out refuses again.
+        fx.control.hold_syns(&cfg, 0, now)?;
+        let syn = client_syn(40015, WRITE_PORT);
+        assert_rst(
+            fx,
+            "SYN after the hold ran out",
+            &syn,
+            fx.cl0.ifindex,
+            &rst_answer(&syn),
+            &refused,
+        )?;
         // Installed again: new flows go through.
         fx.control.install_set(
             0,

@@ -393,6 +393,26 @@ impl Topology {
 
     /// The manual's three services over every backend, each with its role check (presets
     /// `neo4j-ha-master|slave|available`) at test timings: every 200 ms, rise 2, fall 2.
+    /// `lb status --json` of this topology's instance, run in the lb namespace (by nsenter,
+    /// which keeps bpffs visible, unlike `ip netns exec`).
+    pub fn lb_status(&self) -> Result<serde_json::Value> {
+        let mut cmd = self.lb.ns.command(super::lb_bin());
+        cmd.args(["status", "--instance", &self.instance, "--json"]);
+        let out = run(&mut cmd)?;
+        serde_json::from_slice(&out.stdout).context("lb status --json")
+    }
+
+    /// One global counter (by its exported name, e.g. `new_flows`) of `status`.
+    pub fn global_counter(status: &serde_json::Value, name: &str) -> u64 {
+        status["global"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|e| e[0] == name)
+            .and_then(|e| e[1].as_u64())
+            .unwrap_or(0)
+    }
+
     pub fn role_checked_config(&self) -> String {
         let all: Vec<&str> = self.backends.iter().map(|b| b.name.as_str()).collect();
         self.role_checked_config_of(
