@@ -67,6 +67,11 @@ enum Cmd {
         /// so they may lie inside the host's ephemeral range; default 10000-32767.
         #[arg(long, value_name = "FIRST-LAST", value_parser = lb_user::config::parse_port_range)]
         snat_ports: Option<(u16, u16)>,
+        /// With --haproxy-config: keep HAProxy's behaviour for role backends lb would import as
+        /// an exclusive role (round robin, drain), as `lb import-haproxy --faithful` does.
+        /// Without it, the old master's connections are reset when the role moves.
+        #[arg(long, requires = "haproxy_config")]
+        faithful: bool,
     },
     /// Translate HAProxy configuration files (the Neo4j manual's haproxy.cfg) into lb's TOML.
     ///
@@ -190,6 +195,7 @@ fn cli_main() -> Result<()> {
             instance,
             xdp_object,
             snat_ports,
+            faithful,
         } => {
             let ifaces = run_ifaces(ifaces, config.as_deref())?;
             let rt = tokio::runtime::Builder::new_current_thread()
@@ -198,6 +204,7 @@ fn cli_main() -> Result<()> {
             rt.block_on(run::run(run::RunArgs {
                 config: config.unwrap_or_default(),
                 haproxy: haproxy_config,
+                faithful,
                 ifaces,
                 xdp_mode,
                 instance,

@@ -34,6 +34,8 @@ pub struct RunArgs {
     pub config: PathBuf,
     /// HAProxy files to run from instead of `config` (`--haproxy-config`).
     pub haproxy: Vec<PathBuf>,
+    /// `--faithful`: import them keeping HAProxy's behaviour for role backends.
+    pub faithful: bool,
     pub ifaces: Vec<String>,
     pub xdp_mode: AttachMode,
     pub instance: Option<String>,
@@ -46,7 +48,7 @@ pub async fn run(args: RunArgs) -> Result<()> {
     let mut cfg = if args.haproxy.is_empty() {
         Config::load(&args.config)?
     } else {
-        crate::haproxy::load_for_run(&args.haproxy, &args.ifaces)?
+        crate::haproxy::load_for_run(&args.haproxy, &args.ifaces, args.faithful)?
     };
     if let Some(i) = args.instance {
         cfg.instance = i;

@@ -211,7 +211,7 @@ pub fn import_paths(paths: &[PathBuf], opts: &Options) -> Result<Import> {
 /// address of the first interface, prints the diagnostics to stderr, and parses the TOML in
 /// memory. Credentials go to a private directory only while the configuration is parsed (the
 /// parsed configuration holds the password).
-pub fn load_for_run(paths: &[PathBuf], ifaces: &[String]) -> Result<Config> {
+pub fn load_for_run(paths: &[PathBuf], ifaces: &[String], faithful: bool) -> Result<Config> {
     let first = ifaces
         .first()
         .context("no --iface given: `bind *:PORT` means the address of the first --iface")?;
@@ -234,6 +234,7 @@ pub fn load_for_run(paths: &[PathBuf], ifaces: &[String]) -> Result<Config> {
         let opts = Options {
             wildcard_vip,
             password_dir: dir.clone(),
+            faithful,
             ..Default::default()
         };
         let imp = import_paths(paths, &opts)?;

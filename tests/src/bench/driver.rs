@@ -313,10 +313,7 @@ pub fn run(o: &Options) -> Result<bool> {
     println!("Raw records: {}", path.display());
     if w == Which::All && !o.smoke {
         let bm = harness::repo_root().join("BENCHMARKS.md");
-        let text = format!(
-            "# Benchmarks\n\nlb against the direct path, HAProxy 2.6 with the Neo4j manual's configuration and nftables DNAT, on one 2-core VM in network namespaces. Regenerate with the command below; raw records in `target/bench/{name}.json`. Failover timings: `cargo xtask bench failover`.\n\n{md}"
-        );
-        std::fs::write(&bm, text).with_context(|| format!("writing {}", bm.display()))?;
+        super::benchmarks_md::write_section(&bm, "## lb-bench all", &md)?;
         println!("Report: {}", bm.display());
     }
     eprintln!(

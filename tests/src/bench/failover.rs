@@ -50,20 +50,29 @@ pub const WRITE_PORT: u16 = 7680;
 const OLD: &str = "db01";
 const NEW: &str = "db02";
 
+/// What the report says about reading its rows.
+pub const RUN_NOTE: &str = "The simulated db01 refuses writes with NotALeader from T0 on, so no write is acknowledged by the demoted master after T0 in any row; what differs is how long writes keep reaching it (last write on old master; the pooled connections' fate). lb's rows hold new writes in the no-master gap (`syn_hold`, exclusive roles only), so none fails; `--faithful` keeps HAProxy's round robin, which is not an exclusive role: its writes in the gap are refused and its pooled connections stay on db01, as with HAProxy. The imported configuration and the one with `on-marked-down shutdown-sessions` (in `defaults`) give the same write service (an imported exclusive role gets on_down = reset either way); only the read service differs (reset instead of drain)";
+
 /// A balancer configuration under test.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum Contestant {
     LbManual,
     LbFast,
+    LbImported,
+    LbImportedShutdown,
+    LbImportedFaithful,
     HaproxyManual,
     HaproxyFast,
 }
 
 impl Contestant {
-    pub const ALL: [Contestant; 4] = [
+    pub const ALL: [Contestant; 7] = [
         Contestant::LbManual,
         Contestant::LbFast,
+        Contestant::LbImported,
+        Contestant::LbImportedShutdown,
+        Contestant::LbImportedFaithful,
         Contestant::HaproxyManual,
         Contestant::HaproxyFast,
     ];
@@ -73,6 +82,9 @@ impl Contestant {
         match self {
             Contestant::LbManual => "lb-manual",
             Contestant::LbFast => "lb-fast",
+            Contestant::LbImported => "lb-imported",
+            Contestant::LbImportedShutdown => "lb-imported-shutdown",
+            Contestant::LbImportedFaithful => "lb-imported-faithful",
             Contestant::HaproxyManual => "haproxy-manual",
             Contestant::HaproxyFast => "haproxy-fast",
         }
@@ -83,6 +95,13 @@ impl Contestant {
         match self {
             Contestant::LbManual => "lb, manual timings (inter 2s rise 2 fall 3, fastinter 250ms)",
             Contestant::LbFast => "lb, inter 250ms rise 1 fall 1",
+            Contestant::LbImported => "lb run --haproxy-config, the manual's config as is",
+            Contestant::LbImportedShutdown => {
+                "lb run --haproxy-config, the manual's + on-marked-down shutdown-sessions"
+            }
+            Contestant::LbImportedFaithful => {
+                "lb run --haproxy-config --faithful (HAProxy's round robin and drain)"
+            }
             Contestant::HaproxyManual => "HAProxy 2.6, manual config (inter 2s rise 2 fall 3)",
             Contestant::HaproxyFast => "HAProxy 2.6, inter 250ms rise 1 fall 1",
         }
@@ -111,7 +130,28 @@ impl Contestant {
 
     /// Whether the balancer is lb (else HAProxy).
     pub fn is_lb(self) -> bool {
-        matches!(self, Contestant::LbManual | Contestant::LbFast)
+        !matches!(self, Contestant::HaproxyManual | Contestant::HaproxyFast)
+    }
+
+    /// Whether this is lb run from the manual's HAProxy configuration (`--haproxy-config`).
+    pub fn imported(self) -> bool {
+        matches!(
+            self,
+            Contestant::LbImported
+                | Contestant::LbImportedShutdown
+                | Contestant::LbImportedFaithful
+        )
+    }
+
+    /// Where the client sends its writes: the VIP, or for an imported configuration (`bind
+    /// *:7680`) the address lb serves it on, the first address of its first interface.
+    pub fn target(self, topo: &Topology) -> SocketAddrV4 {
+        let addr = if self.imported() {
+            topo.lb.client_addr
+        } else {
+            topo.vip
+        };
+        SocketAddrV4::new(addr, WRITE_PORT)
     }
 }
 
@@ -222,18 +262,19 @@ pub fn haproxy_config(topo: &Topology, fast: bool) -> Result<String> {
         cfg = cfg.replace(&from, &format!(" {}:7687 ", b.addr));
     }
     if fast {
-        let anchor = "defaults\n    mode        tcp\n";
-        ensure!(
-            cfg.contains(anchor),
-            "the manual's config has no `defaults` section to extend"
-        );
-        cfg = cfg.replacen(
-            anchor,
-            &format!("{anchor}    default-server inter 250ms rise 1 fall 1\n"),
-            1,
-        );
+        cfg = add_to_defaults(&cfg, "default-server inter 250ms rise 1 fall 1")?;
     }
     Ok(cfg)
+}
+
+/// `cfg` (the manual's HAProxy configuration) with `line` added to its `defaults` section.
+pub fn add_to_defaults(cfg: &str, line: &str) -> Result<String> {
+    let anchor = "defaults\n    mode        tcp\n";
+    ensure!(
+        cfg.contains(anchor),
+        "the manual's config has no `defaults` section to extend"
+    );
+    Ok(cfg.replacen(anchor, &format!("{anchor}    {line}\n"), 1))
 }
 
 /// The `haproxy` binary: `$LB_HAPROXY`, else Debian's `/usr/sbin/haproxy`, else `haproxy` on PATH.
@@ -285,6 +326,23 @@ impl Balancer {
 }
 
 fn start_balancer(topo: &Topology, c: Contestant) -> Result<(Balancer, String)> {
+    if c.imported() {
+        let mut cfg = haproxy_config(topo, false)?;
+        if c == Contestant::LbImportedShutdown {
+            cfg = add_to_defaults(&cfg, "default-server on-marked-down shutdown-sessions")?;
+        }
+        let path = topo.log_dir.join("haproxy.cfg");
+        std::fs::write(&path, &cfg).with_context(|| format!("writing {}", path.display()))?;
+        let path = path.display().to_string();
+        let mut args = vec!["--haproxy-config", &path, "--xdp-mode", "native"];
+        if c == Contestant::LbImportedFaithful {
+            args.push("--faithful");
+        }
+        let lb = topo
+            .start_lb_args(&args)
+            .context("lb run --haproxy-config did not start")?;
+        return Ok((Balancer::Lb(lb), cfg));
+    }
     if c.is_lb() {
         let cfg = lb_config(topo, c.fast());
         let lb = topo
@@ -653,7 +711,7 @@ fn measure(
     run: usize,
     steady: Duration,
 ) -> Result<RunRecord> {
-    let addr = SocketAddrV4::new(topo.vip, WRITE_PORT);
+    let addr = c.target(topo);
     let (warmup_attempts, warmup) = warm_up(topo, addr, s)?;
     balancer.ensure_alive("during warm-up")?;
     let forwarding = topo

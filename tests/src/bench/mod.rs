@@ -13,8 +13,10 @@
 //!   [`contestants`] (direct, lb native/generic, HAProxy, nftables, each in a fresh cell),
 //!   [`suite`] (iperf3, Bolt short sessions and ping-pong from [`loadgen`], memory), [`probe`]
 //!   (CPU, bpf_stats, lb counters, ForwDatagrams), [`cost`] (XDP cost per packet via
-//!   BPF_PROG_TEST_RUN) and [`report`] (the markdown tables).
+//!   BPF_PROG_TEST_RUN) and [`report`] (the markdown tables);
+//! - [`benchmarks_md`]: each bench's section of `BENCHMARKS.md`.
 
+pub mod benchmarks_md;
 pub mod clients;
 pub mod contestants;
 pub mod cost;

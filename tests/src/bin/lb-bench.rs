@@ -41,7 +41,8 @@ enum Bench {
         /// One run each, shorter steady state and fast-timing windows (under 2 minutes).
         #[arg(long)]
         quick: bool,
-        /// Only these contestants (comma-separated): lb-manual, lb-fast, haproxy-manual, haproxy-fast.
+        /// Only these contestants (comma-separated): lb-manual, lb-fast, lb-imported,
+        /// lb-imported-shutdown, lb-imported-faithful, haproxy-manual, haproxy-fast.
         #[arg(long, value_delimiter = ',')]
         only: Vec<String>,
     },
@@ -106,8 +107,11 @@ struct RunError {
     error: String,
 }
 
-const ADDRESSING: &str = "every contestant is reached at the VIP 198.18.0.10:7680 from the client \
-namespace; lb answers it in XDP, HAProxy (`bind *:7680`) gets it as a /32 on the lb namespace's l0";
+const ADDRESSING: &str = "the client namespace sends to the VIP 198.18.0.10:7680; lb answers it in \
+XDP, HAProxy (`bind *:7680`) gets it as a /32 on the lb namespace's l0; lb run --haproxy-config \
+serves `bind *:7680` on its first interface's address (the client-facing l0's), so the client sends \
+there; the imported rows map the manual's db01..db03 addresses to the simulators' and change \
+nothing else";
 
 fn main() -> ExitCode {
     match real_main() {
@@ -218,21 +222,25 @@ fn failover_bench(runs: usize, quick: bool, only: &[String]) -> Result<bool> {
         "cargo xtask bench failover -- {}",
         std::env::args().skip(2).collect::<Vec<_>>().join(" ")
     );
-    println!(
-        "\n## Failover: roles flip db01 -> db02 at T0 (median over {runs} run{}, min-max in brackets)\n",
-        if runs == 1 { "" } else { "s" }
-    );
-    print!("{}", failover::table(&summaries));
-    println!(
-        "\nNew Bolt write connection every {} ms, {} pooled connections writing every {} ms; T0 after a steady state of {} s plus (run + 0.5) / runs of the contestant's check interval (the runs sample the check phase evenly); window {} s after T0 ({} s for the fast timings); {ADDRESSING}. Times are client send times relative to T0; a NotALeader from db01 counts as reaching db01. Command: `{}`.",
+    let md = format!(
+        "## lb-bench failover: roles flip db01 -> db02 at T0 (median over {runs} run{}, min-max in brackets)\n\n{}\nNew Bolt write connection every {} ms, {} pooled connections writing every {} ms; T0 after a steady state of {} s plus (run + 0.5) / runs of the contestant's check interval (the runs sample the check phase evenly); window {} s after T0 ({} s for the fast timings); {ADDRESSING}. Times are client send times relative to T0; a NotALeader from db01 counts as reaching db01. {}. Command: `{}`.\n",
+        if runs == 1 { "" } else { "s" },
+        failover::table(&summaries),
         scenario.new_every_ms,
         scenario.pooled,
         scenario.pooled_every_ms,
         scenario.steady_ms as f64 / 1000.0,
         scenario.window_ms as f64 / 1000.0,
         scenario.fast_window_ms as f64 / 1000.0,
+        failover::RUN_NOTE,
         command.trim_end()
     );
+    println!("\n{md}");
+    if !quick && only.is_empty() {
+        let bm = harness::repo_root().join("BENCHMARKS.md");
+        lb_tests::bench::benchmarks_md::write_section(&bm, "## lb-bench failover", &md)?;
+        println!("Report: {}", bm.display());
+    }
 
     let report = Report {
         bench: "failover",
