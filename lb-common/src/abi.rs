@@ -84,7 +84,6 @@ const BACKEND_SET: u64 = fold(&[
     offset_of!(Backend, addr) as u64,
     offset_of!(Backend, port) as u64,
     offset_of!(Backend, id) as u64,
-    offset_of!(Backend, maxconn) as u64,
 ]);
 
 /// The static layout hash of map `name` (type, key and value layout), or `None` if unknown.
@@ -95,6 +94,8 @@ pub const fn layout(name: &str) -> Option<u64> {
             HASH,
             size_of::<ServiceKey>() as u64,
             size_of::<Service>() as u64,
+            offset_of!(Service, flags) as u64,
+            offset_of!(Service, backend_maxconn) as u64,
         ]),
         b if eq(b, names::BACKEND_SETS) => fold(&[ARRAY_OF_MAPS, 4, 4, BACKEND_SET]),
         b if eq(b, names::BACKENDS) => fold(&[HASH, size_of::<BackendKey>() as u64, 4]),

@@ -106,11 +106,13 @@ counters! {
     /// `xdp:xdp_exception` tracepoint hits (XDP_ABORTED, or an action the driver cannot do).
     XdpException => "xdp_exception",
     /// SYN over a `maxconn` limit (per backend or global), dropped (the client's SYN
-    /// retransmit stands in for HAProxy's queue).
+    /// retransmit stands in for HAProxy's queue); or a handshake's completing ACK when the
+    /// limit filled since its SYN (dropped: the client's next segment tries again).
     DropMaxconn => "drop_maxconn",
     /// SYN over a `maxconn` limit answered with a RST (`on_maxconn = "reset"`).
     RstMaxconn => "rst_maxconn",
-    /// SYN dropped because the connection-slot table (`SLOTS`) refused the insert.
+    /// A handshake's completing ACK dropped because the connection-slot table (`SLOTS`)
+    /// refused the insert.
     DropSlotsFull => "drop_slots_full",
 }
 

@@ -159,6 +159,10 @@ pub struct Service {
     pub id: u32,
     /// `BALANCE_*` in the low bits.
     pub flags: u32,
+    /// Most connections this service holds to each of its backends (HAProxy's `server ...
+    /// maxconn`, `backend_maxconn`); 0: no limit.
+    pub backend_maxconn: u32,
+    pub _pad: u32,
 }
 
 /// Round robin over the set (default).
@@ -186,9 +190,6 @@ pub struct Backend {
     pub _pad: u16,
     /// Stable backend id (index into `STATS_BACKEND`).
     pub id: u32,
-    /// Most connections this service may hold to this backend (HAProxy's `server ... maxconn`);
-    /// 0: no limit.
-    pub maxconn: u32,
 }
 
 /// The value of the single entry of an inner backend-set map. The agent writes a complete

@@ -1,10 +1,17 @@
-//! Connection limits (HAProxy's `maxconn`, per backend of a service and global). A new flow of
-//! a limited backend takes a slot: it adds one to the pair's and the global count with the
-//! fetch form of the BPF atomic add (the bpfel target has no compare-and-swap; the object is
-//! built with `--cpu v3` for `BPF_ATOMIC | BPF_FETCH`), undoes the add when the old value was
-//! already at the limit, and records the slot in `SLOTS` under the forward key. A slot is
-//! released by whoever deletes that `SLOTS` entry: the data path when the flow closes with
-//! FINs both ways, is reset or gives its port to a new flow, or the agent's GC (through
+//! Connection limits (HAProxy's `maxconn`, per backend of a service and global), counted over
+//! connections, not handshakes: as HAProxy counts only connections its kernel accepted, a
+//! handshake that never completes (a spoofed SYN) must not hold a slot.
+//!
+//! A SYN is admitted while the counts are below the limits ([`admits`], a read). The slot is
+//! taken when the client's ACK completes the handshake ([`acquire`]): it adds one to the pair's
+//! and the global count with the fetch form of the BPF atomic add (the bpfel target has no
+//! compare-and-swap; the object is built with `--cpu v3` for `BPF_ATOMIC | BPF_FETCH`), undoes
+//! the add when the old value was already at the limit, and records the slot in `SLOTS` under
+//! the forward key. If the limit filled between the SYN and its ACK, the ACK is dropped and the
+//! flow stays a handshake: the backend has not seen the ACK, so it holds no connection, and
+//! the client's next segment (or its ACK of the backend's SYN-ACK retransmit) tries again.
+//! A slot is released by whoever deletes that `SLOTS` entry: the data path when the flow closes
+//! with FINs both ways, is reset or gives its port to a new flow, or the agent's GC (through
 //! `lb_release`) when the flow expired (a RST-closed one after about 2 s) or vanished. A
 //! delete succeeds once, so a slot is released once.
 use core::intrinsics::{atomic_xadd, AtomicOrdering};
@@ -42,6 +49,19 @@ fn give(index: u32) {
     fetch_add(index, u64::MAX);
 }
 
+/// Whether a new handshake to (`service`, `backend`) may start: both counts are below their
+/// limits (0: none). A read: handshakes take no slot (see the module's text).
+#[inline(always)]
+pub fn admits(service: u32, backend: u32, limit: u32, global_limit: u32) -> bool {
+    let below = |index: u32, limit: u32| {
+        limit == 0
+            || crate::maps::MAXCONN_ACTIVE
+                .get(index)
+                .is_some_and(|&n| n < limit as u64)
+    };
+    below(epoch_index(service, backend), limit) && below(MAXCONN_GLOBAL, global_limit)
+}
+
 /// Why a slot was not taken.
 pub enum Refused {
     /// A limit is reached.
@@ -50,8 +70,8 @@ pub enum Refused {
     TableFull,
 }
 
-/// Takes a slot for the new flow `key` of (`service`, `backend`) under the pair's limit and
-/// the global one.
+/// Takes a slot for the flow `key` of (`service`, `backend`), whose handshake completes now,
+/// under the pair's limit and the global one.
 #[inline(always)]
 pub fn acquire(
     key: &FlowKey,
@@ -61,8 +81,8 @@ pub fn acquire(
     global_limit: u32,
     now: u64,
 ) -> Result<(), Refused> {
-    // A slot left on this tuple by a flow that expired or was evicted from the embryonic
-    // table (the GC releases those too, but the new flow needs the key now).
+    // A slot left on this tuple by an earlier flow that expired (the GC releases those too,
+    // but this flow needs the key now).
     release(key);
     let index = epoch_index(service, backend);
     if !take(index, limit) {

@@ -111,19 +111,9 @@ pub fn forward(
         stats::service_drop(svc.id, Counter::DropNoSnatAddr);
         return xdp_action::XDP_DROP;
     }
-    let limited = backend.maxconn != 0 || cfg.maxconn != 0;
-    if limited {
-        if let Err(why) =
-            maxconn::acquire(&key, svc.id, backend.id, backend.maxconn, cfg.maxconn, now)
-        {
-            return match why {
-                maxconn::Refused::Limit => over_limit(ctx, cfg, &svc, backend.id, flags),
-                maxconn::Refused::TableFull => {
-                    stats::service_drop(svc.id, Counter::DropSlotsFull);
-                    xdp_action::XDP_DROP
-                }
-            };
-        }
+    // A handshake takes no slot (its ACK does, in `existing`): only the counts are read.
+    if !maxconn::admits(svc.id, backend.id, svc.backend_maxconn, cfg.maxconn) {
+        return over_limit(ctx, cfg, &svc, backend.id, flags);
     }
     let reply = Flow {
         created_ns: now,
@@ -157,9 +147,6 @@ pub fn forward(
         now,
         cfg.embryonic_timeout_ns,
     ) else {
-        if limited {
-            maxconn::release(&key);
-        }
         return refuse(ctx, cfg, svc.id, flags, Counter::RstSnatExhausted);
     };
     let fwd = Flow {
@@ -177,9 +164,6 @@ pub fn forward(
     };
     if !conntrack::insert_embryonic(&key, &fwd) {
         conntrack::remove_embryonic(&fwd.partner_key(IPPROTO_TCP));
-        if limited {
-            maxconn::release(&key);
-        }
         stats::service_drop(svc.id, Counter::DropEmbryonicFull);
         return xdp_action::XDP_DROP;
     }
@@ -253,14 +237,61 @@ fn existing(
     }
     if found.established {
         conntrack::touch(found.flow, now);
-    } else if flags & (TCP_SYN | TCP_ACK | TCP_RST) == TCP_ACK
-        && flow.state == FLOW_SYN_RECV
-        && !conntrack::promote(key, &found, now)
-    {
-        stats::service_drop(svc.id, Counter::DropEstablishedFull);
-        return xdp_action::XDP_DROP;
+    } else if flags & (TCP_SYN | TCP_ACK | TCP_RST) == TCP_ACK && flow.state == FLOW_SYN_RECV {
+        if let Some(action) = establish(cfg, key, &found, &svc, &flow, now) {
+            return action;
+        }
     }
     send(ctx, eth, ip, tcp, &flow, bytes, false)
+}
+
+/// The client's ACK completes the handshake of `flow`: it takes the flow's connection slot
+/// (if a limit applies) and moves the flow to the established table. `Some(action)` when the
+/// segment may not pass: the limit filled since the SYN (the segment waits, dropped: the
+/// backend has not completed its side, and the client's next segment tries again), or a table
+/// is full.
+#[inline(always)]
+fn establish(
+    cfg: &Config,
+    key: &FlowKey,
+    found: &conntrack::Found,
+    svc: &Service,
+    flow: &Flow,
+    now: u64,
+) -> Option<u32> {
+    let limited = svc.backend_maxconn != 0 || cfg.maxconn != 0;
+    if limited {
+        if let Err(why) = maxconn::acquire(
+            key,
+            svc.id,
+            flow.backend_id,
+            svc.backend_maxconn,
+            cfg.maxconn,
+            now,
+        ) {
+            return Some(match why {
+                maxconn::Refused::Limit => {
+                    if let Some(b) = stats::backend(flow.backend_id) {
+                        b.maxconn_refused += 1;
+                    }
+                    stats::service_drop(svc.id, Counter::DropMaxconn);
+                    xdp_action::XDP_DROP
+                }
+                maxconn::Refused::TableFull => {
+                    stats::service_drop(svc.id, Counter::DropSlotsFull);
+                    xdp_action::XDP_DROP
+                }
+            });
+        }
+    }
+    if !conntrack::promote(key, found, now) {
+        if limited {
+            maxconn::release(key);
+        }
+        stats::service_drop(svc.id, Counter::DropEstablishedFull);
+        return Some(xdp_action::XDP_DROP);
+    }
+    None
 }
 
 /// A packet from a configured backend to an SNAT-range port (`old_range`: a port of an

@@ -24,8 +24,6 @@ pub struct Member {
     pub id: u32,
     pub addr: Ipv4Addr,
     pub port: u16,
-    /// Most connections the service may hold to it; 0: no limit.
-    pub maxconn: u32,
 }
 
 pub struct Control {
@@ -258,6 +256,8 @@ impl Control {
                             } else {
                                 0
                             },
+                        backend_maxconn: s.backend_maxconn,
+                        _pad: 0,
                     },
                     0,
                 )
@@ -306,7 +306,6 @@ impl Control {
                 id: cfg.backends[b].id,
                 addr: cfg.backends[b].address,
                 port: s.backend_port,
-                maxconn: s.backend_maxconn,
             })
             .collect();
         self.install_set(s.id, &m)
@@ -379,7 +378,6 @@ impl Control {
                 port: port_be(m.port),
                 _pad: 0,
                 id: m.id,
-                maxconn: m.maxconn,
             };
         }
         let keys: Vec<String> = members

@@ -7,8 +7,8 @@
 //! - established entries whose partner is gone (a delete interrupted half-way), once they are
 //!   older than the close timeout;
 //!
-//! and then releases the connection slots (`maxconn`) of flows that are gone: deleted above,
-//! expired in or evicted from the embryonic table. The agent cannot decrement a count
+//! and then releases the connection slots (`maxconn`) of flows that are gone: deleted above or
+//! vanished (a slot is taken when a handshake completes, so only established flows hold one). The agent cannot decrement a count
 //! atomically from userspace, so it releases through `lb_release`, a program it runs with
 //! `BPF_PROG_TEST_RUN` that deletes the slot and, only if that delete succeeded, decrements.
 //!
@@ -58,7 +58,7 @@ pub const PERIOD: Duration = Duration::from_secs(1);
 pub const QUICK_CLOSE_NS: u64 = 2_000_000_000;
 
 /// How old a slot must be before the GC may find its flow gone: the data path records the slot
-/// just before it inserts the flow.
+/// just before it moves the flow to the established table.
 const SLOT_GRACE_NS: u64 = 1_000_000_000;
 
 /// The timeouts a pass applies, in nanoseconds. Zero disables the idle or close expiry.

@@ -1,7 +1,9 @@
-//! `maxconn` end to end: with `backend_maxconn = 32`, 64 clients connecting at once get exactly
-//! 32 connections; the others' SYNs are dropped (counted) and time out. The 32 all carry data.
-//! A SYN retransmitted after a slot frees gets in (the client's retransmit is the queue).
-//! After every connection closed the counts are back to zero, and 32 new ones fit again.
+//! `maxconn` end to end: with `backend_maxconn = 32` and 32 connections held, 32 more clients'
+//! SYNs are dropped (counted) and time out. A SYN retransmitted after a slot frees gets in (the
+//! client's retransmit is the queue). After every connection closed the counts are back to
+//! zero. 64 clients at once into the empty pool: the backend never holds more than 32
+//! connections; a client whose handshake completed over the limit waits (its ACK and data are
+//! dropped, as behind HAProxy's queue) and is served once a slot frees.
 use std::{
     io::{Read, Write},
     net::{Shutdown, SocketAddrV4, TcpListener, TcpStream},
@@ -150,23 +152,29 @@ fn maxconn_32_holds_under_64_parallel_connections_and_counts_return_to_zero() ->
         .run_in(|| TcpListener::bind(SocketAddrV4::new(db01.addr, PORT)))??;
     let lb = topo.start_lb(&config(&topo), &["--xdp-mode", "native"])?;
 
-    // 64 at once: exactly 32 connect; the rest are dropped at SYN and time out (1.5 s: one
-    // SYN retransmit each, also dropped).
-    let dropped_before = counter(&topo, Counter::DropMaxconn)?;
-    let mut clients = connect_all(&topo, 2 * LIMIT, Duration::from_millis(1500))?;
+    // 32 connect and carry data; then 32 more at once are dropped at SYN and time out (1.5 s:
+    // one SYN retransmit each, also dropped).
+    let mut clients = connect_all(&topo, LIMIT, Duration::from_secs(3))?;
     ensure!(
         clients.len() == LIMIT,
-        "{} of 64 connected with backend_maxconn = {LIMIT}",
+        "{} of {LIMIT} connected",
         clients.len()
     );
     let mut servers = exchange(&mut clients, accept(&listener, LIMIT)?)?;
     assert_eq!(counts(&topo)?, (LIMIT as u64, LIMIT as u64));
+    let dropped_before = counter(&topo, Counter::DropMaxconn)?;
+    let over = connect_all(&topo, LIMIT, Duration::from_millis(1500))?;
+    ensure!(
+        over.is_empty(),
+        "{} connected over backend_maxconn = {LIMIT}",
+        over.len()
+    );
     let dropped = counter(&topo, Counter::DropMaxconn)? - dropped_before;
     ensure!(
         dropped >= LIMIT as u64,
         "{dropped} SYNs counted as over maxconn; expected at least one per refused client"
     );
-    eprintln!("64 parallel clients: {LIMIT} connected, {dropped} SYNs dropped over maxconn");
+    eprintln!("{LIMIT} clients over the limit: none connected, {dropped} SYNs dropped");
 
     // The queue: a client waiting while all slots are held gets in by its SYN retransmit
     // once one closes.
@@ -192,16 +200,92 @@ fn maxconn_32_holds_under_64_parallel_connections_and_counts_return_to_zero() ->
     close_all(clients, servers)?;
     wait_counts(&topo, (0, 0), Duration::from_secs(3))?;
 
-    // And the limit admits 32 new connections again.
-    let mut again = connect_all(&topo, LIMIT, Duration::from_secs(3))?;
-    ensure!(
-        again.len() == LIMIT,
-        "{} of {LIMIT} reconnected",
-        again.len()
-    );
-    let servers = exchange(&mut again, accept(&listener, LIMIT)?)?;
-    close_all(again, servers)?;
+    // 64 at once into the empty pool.
+    burst(&topo, &listener)?;
     wait_counts(&topo, (0, 0), Duration::from_secs(3))?;
     lb.process.stop()?;
     Ok(())
+}
+
+/// 64 clients at once with no connection held: every SYN may pass (the count is 0 when they
+/// arrive), but only 32 handshakes complete at the backend; the backend holds no 33rd while
+/// those 32 are open. Clients whose connect succeeded beyond them wait and are served, one per
+/// slot, as the 32 close.
+fn burst(topo: &Topology, listener: &TcpListener) -> Result<()> {
+    let mut clients = connect_all(topo, 2 * LIMIT, Duration::from_millis(1500))?;
+    ensure!(
+        clients.len() >= LIMIT,
+        "{} of 64 connected in a burst",
+        clients.len()
+    );
+    for (i, c) in clients.iter_mut().enumerate() {
+        c.set_read_timeout(Some(Duration::from_secs(20)))?;
+        c.write_all(&[i as u8])?;
+    }
+    let first = accept(listener, LIMIT)?;
+    ensure!(
+        accept_within(listener, Duration::from_secs(1))?.is_none(),
+        "a 33rd connection reached the backend while {LIMIT} were open"
+    );
+    assert_eq!(counts(topo)?, (LIMIT as u64, LIMIT as u64));
+    // The waiting ones: served as the first ones close.
+    let mut waiting = clients.len() - LIMIT;
+    eprintln!(
+        "burst of 64: {} connected, {waiting} of them waiting",
+        clients.len()
+    );
+    let mut open = Vec::new();
+    for mut s in first {
+        let i = serve_one(&mut s, &mut clients)?;
+        open.push((s, i));
+    }
+    while let Some((s, i)) = open.pop() {
+        // FINs both ways: the slot is released as the second passes.
+        s.shutdown(Shutdown::Both)?;
+        clients[i].shutdown(Shutdown::Write)?;
+        if waiting > 0 {
+            let mut s = accept_within(listener, Duration::from_secs(15))?
+                .context("a waiting client was not served after a slot freed")?;
+            waiting -= 1;
+            let i = serve_one(&mut s, &mut clients)?;
+            open.insert(0, (s, i));
+        }
+    }
+    Ok(())
+}
+
+/// Reads the byte a client sent on backend connection `s`, echoes it and checks the client
+/// `clients[byte]` reads it back; returns that client's index.
+fn serve_one(s: &mut TcpStream, clients: &mut [TcpStream]) -> Result<usize> {
+    s.set_read_timeout(Some(Duration::from_secs(20)))?;
+    let mut b = [0u8; 1];
+    s.read_exact(&mut b)
+        .context("a backend connection got no byte")?;
+    s.write_all(&b)?;
+    let c = clients.get_mut(b[0] as usize).context("unexpected byte")?;
+    let mut e = [0u8; 1];
+    c.read_exact(&mut e).context("echo")?;
+    ensure!(e == b, "echo");
+    Ok(b[0] as usize)
+}
+
+/// One connection accepted within `within`, or none.
+fn accept_within(listener: &TcpListener, within: Duration) -> Result<Option<TcpStream>> {
+    listener.set_nonblocking(true)?;
+    let deadline = Instant::now() + within;
+    loop {
+        match listener.accept() {
+            Ok((s, _)) => {
+                s.set_nonblocking(false)?;
+                return Ok(Some(s));
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                if Instant::now() > deadline {
+                    return Ok(None);
+                }
+                thread::sleep(Duration::from_millis(20));
+            }
+            Err(e) => return Err(e).context("accept"),
+        }
+    }
 }

@@ -734,7 +734,6 @@ fn member(id: u32, addr: Ipv4Addr) -> lb_user::control::Member {
         id,
         addr,
         port: BACKEND_PORT,
-        maxconn: 0,
     }
 }
 
@@ -1410,7 +1409,6 @@ fn a_syn_to_a_service_without_backends_is_refused_with_a_rst_or_held_while_its_r
                 id: 0,
                 addr: DB01,
                 port: BACKEND_PORT,
-                maxconn: 0,
             }],
         )?;
         open_write_flow(fx, 40012)?;

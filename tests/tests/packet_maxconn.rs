@@ -1,6 +1,8 @@
-//! `maxconn` through `BPF_PROG_TEST_RUN`: a SYN over a limit (per backend of a service, or
-//! global) is dropped and counted (or answered with a RST when the service says
-//! `on_maxconn = "reset"`); a slot is released exactly once, by whoever deletes it: the data
+//! `maxconn` through `BPF_PROG_TEST_RUN`: a connection takes its slot when its handshake
+//! completes (a handshake that never does, a spoofed SYN, holds none); a SYN over a limit (per
+//! backend of a service, or global) is dropped and counted (or answered with a RST when the
+//! service says `on_maxconn = "reset"`), and a handshake completing over it waits (its ACK
+//! dropped) until a slot frees; a slot is released exactly once, by whoever deletes it: the data
 //! path when the flow closes with FINs both ways or is reset, the agent's GC (through
 //! `lb_release`) when the flow (also one closed by a RST) expired or vanished. The counts never go below zero. The
 //! program is built for BPF v3 and the verifier's (xlated) program uses the fetch form of the
@@ -9,6 +11,7 @@
 //! Fixture of `packet.rs`: client 198.18.0.2 behind `cl0`; write 198.18.0.10:7680 -> db01,
 //! read :7681 -> db02, db03.
 
+use std::net::Ipv4Addr;
 use std::process::Command;
 
 use anyhow::{Context, Result};
@@ -63,37 +66,69 @@ fn slots(fx: &Fixture) -> Result<Vec<(FlowKey, Slot)>> {
     Ok(m.iter().filter_map(|r| r.ok()).collect())
 }
 
-/// A write connection driven through the program: handshake, then any segments.
+/// A connection driven through the program: handshake, then any segments.
 struct Conn {
     client_port: u16,
+    service_port: u16,
+    backend: Ipv4Addr,
+    backend_mac: [u8; 6],
     snat_port: u16,
     cseq: u32,
     bseq: u32,
 }
 
 impl Conn {
+    /// A write connection, established.
     fn open(fx: &Fixture, client_port: u16) -> Result<Self> {
-        let s = client_syn(client_port, WRITE_PORT);
-        let out = fx.from_client(&s.bytes()?)?;
-        assert_eq!(out.action, Action::Redirect, "SYN from {client_port}");
-        let snat_port = u16::from_be_bytes([out.frame[34], out.frame[35]]);
-        let mut c = Self {
-            client_port,
-            snat_port,
-            cseq: s.seq.wrapping_add(1),
-            bseq: 0x7000_0000,
-        };
-        c.backend(fx, SYN | ACK)?;
-        c.bseq += 1;
-        c.client(fx, ACK)?;
-        let t = fx.established()?;
-        let fwd = t.iter().find(|(k, _)| *k == c.fwd_key()).map(|(_, f)| *f);
-        assert_eq!(fwd.map(|f| f.state), Some(FLOW_ESTABLISHED), "established");
+        Self::open_to(fx, client_port, WRITE_PORT)
+    }
+
+    /// A connection to `service_port`, established.
+    fn open_to(fx: &Fixture, client_port: u16, service_port: u16) -> Result<Self> {
+        let mut c = Self::handshake(fx, client_port, service_port)?;
+        assert_eq!(c.client(fx, ACK)?, Action::Redirect, "handshake's ACK");
+        c.assert_established(fx, true);
         Ok(c)
     }
 
+    /// The client's SYN and the backend's SYN-ACK: the handshake waits for the client's ACK.
+    fn handshake(fx: &Fixture, client_port: u16, service_port: u16) -> Result<Self> {
+        let s = client_syn(client_port, service_port);
+        let out = fx.from_client(&s.bytes()?)?;
+        assert_eq!(out.action, Action::Redirect, "SYN from {client_port}");
+        let mut backend_mac = [0; 6];
+        backend_mac.copy_from_slice(&out.frame[0..6]);
+        let mut c = Self {
+            client_port,
+            service_port,
+            backend: Ipv4Addr::new(out.frame[30], out.frame[31], out.frame[32], out.frame[33]),
+            backend_mac,
+            snat_port: u16::from_be_bytes([out.frame[34], out.frame[35]]),
+            cseq: s.seq.wrapping_add(1),
+            bseq: 0x7000_0000,
+        };
+        assert_eq!(c.backend(fx, SYN | ACK)?, Action::Redirect, "SYN-ACK");
+        c.bseq += 1;
+        Ok(c)
+    }
+
+    #[track_caller]
+    fn assert_established(&self, fx: &Fixture, yes: bool) {
+        let t = fx.established().unwrap();
+        let fwd = t
+            .iter()
+            .find(|(k, _)| *k == self.fwd_key())
+            .map(|(_, f)| *f);
+        assert_eq!(
+            fwd.map(|f| f.state),
+            yes.then_some(FLOW_ESTABLISHED),
+            "flow from {} established?",
+            self.client_port
+        );
+    }
+
     fn fwd_key(&self) -> FlowKey {
-        flow_key(sa(CLIENT, self.client_port), sa(VIP, WRITE_PORT))
+        flow_key(sa(CLIENT, self.client_port), sa(VIP, self.service_port))
     }
 
     fn client(&mut self, fx: &Fixture, flags: u8) -> Result<Action> {
@@ -101,7 +136,7 @@ impl Conn {
             CLIENT_MAC,
             CL0_MAC,
             sa(CLIENT, self.client_port),
-            sa(VIP, WRITE_PORT),
+            sa(VIP, self.service_port),
         )
         .with_flags(flags)
         .with_seq_ack(self.cseq, self.bseq);
@@ -111,9 +146,9 @@ impl Conn {
 
     fn backend(&mut self, fx: &Fixture, flags: u8) -> Result<Action> {
         let seg = TcpFrame::new(
-            DB01_MAC,
+            self.backend_mac,
             BK0_MAC,
-            sa(DB01, BACKEND_PORT),
+            sa(self.backend, BACKEND_PORT),
             sa(SNAT_ADDR, self.snat_port),
         )
         .with_flags(flags)
@@ -236,12 +271,65 @@ fn on_maxconn_reset_answers_the_syn_over_the_limit_with_a_rst() -> Result<()> {
 
 #[test]
 #[ignore = "needs root and netns: run cargo xtask test"]
+fn handshakes_hold_no_slot_and_one_completing_over_the_limit_waits_for_a_free_slot() -> Result<()> {
+    let cfg = config("maxconn = 4", "backend_maxconn = 2");
+    Fixture::run_with_config("mchs", &cfg, |fx| {
+        // A flood of SYNs that never complete (spoofed sources): every one is let through,
+        // none takes a slot, so they cannot use up maxconn (HAProxy's kernel answers such
+        // SYNs itself and counts only accepted connections).
+        for p in 0..300u16 {
+            let out = fx.from_client(&client_syn(20000 + p, WRITE_PORT).bytes()?)?;
+            assert_eq!(out.action, Action::Redirect, "SYN {p}");
+        }
+        assert_eq!(counts(fx)?, (0, 0, 0, 0), "handshakes hold no slot");
+        assert!(slots(fx)?.is_empty());
+
+        // Three handshakes admitted below the limit of 2; the third to complete finds it full.
+        let mut a = Conn::handshake(fx, 41001, WRITE_PORT)?;
+        let mut b = Conn::handshake(fx, 41002, WRITE_PORT)?;
+        let mut c = Conn::handshake(fx, 41003, WRITE_PORT)?;
+        assert_eq!(a.client(fx, ACK)?, Action::Redirect);
+        assert_eq!(b.client(fx, ACK)?, Action::Redirect);
+        assert_eq!(counts(fx)?, (2, 0, 0, 2));
+        let before = fx.counters()?;
+        assert_eq!(c.client(fx, ACK)?, Action::Drop, "ACK over the limit waits");
+        assert_eq!(
+            fx.counters()?.changes_since(&before),
+            moved(&[(Counter::DropMaxconn, 1)])
+        );
+        assert_eq!(fx.backend_stats(0)?.maxconn_refused, 1);
+        c.assert_established(fx, false);
+        // Its data waits too (never reaches the backend, which holds no connection yet).
+        assert_eq!(
+            c.client(fx, PSH | ACK)?,
+            Action::Drop,
+            "data over the limit"
+        );
+        assert_eq!(counts(fx)?, (2, 0, 0, 2), "a wait takes nothing");
+
+        // A new SYN while the pair is full: refused as before.
+        let out = fx.from_client(&client_syn(41004, WRITE_PORT).bytes()?)?;
+        assert_eq!(out.action, Action::Drop, "SYN over the limit");
+
+        // `a` closes (FINs both ways): the waiting connection's next segment takes the slot.
+        assert_eq!(a.client(fx, FIN | ACK)?, Action::Redirect);
+        assert_eq!(a.backend(fx, FIN | ACK)?, Action::Redirect);
+        assert_eq!(counts(fx)?, (1, 0, 0, 1));
+        assert_eq!(c.client(fx, PSH | ACK)?, Action::Redirect, "retransmit");
+        c.assert_established(fx, true);
+        assert_eq!(counts(fx)?, (2, 0, 0, 2));
+        assert_eq!(slots(fx)?.len(), 2);
+        Ok(())
+    })
+}
+
+#[test]
+#[ignore = "needs root and netns: run cargo xtask test"]
 fn the_global_limit_counts_every_service() -> Result<()> {
     Fixture::run_with_config("mcglobal", &config("maxconn = 3", ""), |fx| {
         Conn::open(fx, 40301)?;
         for p in [40302, 40303] {
-            let out = fx.from_client(&client_syn(p, READ_PORT).bytes()?)?;
-            assert_eq!(out.action, Action::Redirect, "read SYN {p}");
+            Conn::open_to(fx, p, READ_PORT)?;
         }
         let (w, r2, r3, g) = counts(fx)?;
         assert_eq!((w, r2 + r3, g), (1, 2, 3), "per pair and global");
@@ -259,17 +347,19 @@ fn the_global_limit_counts_every_service() -> Result<()> {
 fn the_gc_releases_slots_of_expired_idle_and_vanished_flows_exactly_once() -> Result<()> {
     let cfg = config("", "backend_maxconn = 8\nidle_timeout = \"60s\"");
     Fixture::run_with_config("mcgc", &cfg, |fx| {
-        // An embryonic flow that never completes, an established one that goes idle, one
-        // whose embryonic entries vanish (as if evicted by the LRU), and a busy one.
+        // A handshake that never completes (no slot), an established flow that goes idle, one
+        // whose entries vanish (deleted behind the GC's back), and a busy one.
         let out = fx.from_client(&client_syn(40401, WRITE_PORT).bytes()?)?;
         assert_eq!(out.action, Action::Redirect);
         Conn::open(fx, 40402)?;
-        let out = fx.from_client(&client_syn(40403, WRITE_PORT).bytes()?)?;
-        let snat = u16::from_be_bytes([out.frame[34], out.frame[35]]);
-        fx.remove_embryonic(&flow_key(sa(CLIENT, 40403), sa(VIP, WRITE_PORT)))?;
-        fx.remove_embryonic(&flow_key(sa(DB01, BACKEND_PORT), sa(SNAT_ADDR, snat)))?;
+        let vanished = Conn::open(fx, 40403)?;
+        fx.remove_established(&vanished.fwd_key())?;
+        fx.remove_established(&flow_key(
+            sa(DB01, BACKEND_PORT),
+            sa(SNAT_ADDR, vanished.snat_port),
+        ))?;
         let busy = Conn::open(fx, 40404)?;
-        assert_eq!(counts(fx)?.0, 4);
+        assert_eq!(counts(fx)?.0, 3, "the handshake holds no slot");
 
         let t0 = monotonic_now()?;
         let timeouts = Timeouts::from_config(&fx.cfg);
@@ -289,18 +379,18 @@ fn the_gc_releases_slots_of_expired_idle_and_vanished_flows_exactly_once() -> Re
         // its flow): the vanished flow's slot waits for the next pass.
         let mut st = gc.sweep(t0);
         gc.sweep_slots(t0, &fx.ebpf, &mut st);
-        assert_eq!((st.slots, st.slots_released), (4, 0), "{st:?}");
+        assert_eq!((st.slots, st.slots_released), (3, 0), "{st:?}");
 
         // 2 s later: only the vanished flow's slot goes.
         let mut st = gc.sweep(t0 + 2 * SEC);
         gc.sweep_slots(t0 + 2 * SEC, &fx.ebpf, &mut st);
         assert_eq!(st.slots_released, 1, "{st:?}");
-        assert_eq!(counts(fx)?.0, 3);
+        assert_eq!(counts(fx)?.0, 2);
 
-        // 31 s: the embryonic flow expired (connect timeout 30 s): deleted and released.
+        // 31 s: the handshake expired (connect timeout 30 s): deleted, no slot to release.
         let mut st = gc.sweep(t0 + 31 * SEC);
         gc.sweep_slots(t0 + 31 * SEC, &fx.ebpf, &mut st);
-        assert_eq!((st.embryonic_expired, st.slots_released), (2, 1), "{st:?}");
+        assert_eq!((st.embryonic_expired, st.slots_released), (2, 0), "{st:?}");
         assert_eq!(counts(fx)?.0, 2);
 
         // 61 s with the busy flow touched: the idle flow goes (its service's 60 s), the busy

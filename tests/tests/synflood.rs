@@ -1,6 +1,8 @@
 //! A SYN flood fills the (small, evictable) embryonic table without touching established
 //! flows: a session idle during the flood still works afterwards, and new connections succeed
-//! once the flood stops.
+//! once the flood stops. With the manual's global `maxconn 256` and a `backend_maxconn` on the
+//! flooded service, the spoofed handshakes hold no slot (before, 32 of them locked the service
+//! out for the connect timeout).
 use std::{
     io::{Read, Write},
     net::{SocketAddr, SocketAddrV4, TcpListener, TcpStream},
@@ -37,11 +39,11 @@ fn a_syn_flood_fills_only_the_embryonic_table_and_service_resumes_after_it() -> 
         .ns
         .run_in(|| TcpListener::bind(SocketAddrV4::new(db01.addr, ECHO_PORT)))??;
     let mut cfg = format!(
-        "instance = \"{}\"\n[tables]\nembryonic = 4096\nestablished = 1024\n",
+        "instance = \"{}\"\nmaxconn = 256\n[tables]\nembryonic = 4096\nestablished = 1024\n",
         topo.instance
     );
     cfg += &topo.backends_toml();
-    cfg += &format!("[[service]]\nname = \"flooded\"\nvip = \"{}:{SINK_PORT}\"\nbackend_port = {SINK_PORT}\nbackends = [\"db01\"]\n", topo.vip);
+    cfg += &format!("[[service]]\nname = \"flooded\"\nvip = \"{}:{SINK_PORT}\"\nbackend_port = {SINK_PORT}\nbackends = [\"db01\"]\nbackend_maxconn = 32\n", topo.vip);
     cfg += &format!("[[service]]\nname = \"session\"\nvip = \"{}:{ECHO_PORT}\"\nbackend_port = {ECHO_PORT}\nbackends = [\"db01\"]\n", topo.vip);
     let _lb = topo.start_lb(&cfg, &["--xdp-mode", "native"])?;
 
@@ -98,6 +100,12 @@ fn a_syn_flood_fills_only_the_embryonic_table_and_service_resumes_after_it() -> 
         counter("new_flows") >= FLOOD as u64 / 2,
         "the flood did not reach the data path: {} new flows",
         counter("new_flows")
+    );
+    // Only the idle session holds a slot: the flood's handshakes never completed.
+    ensure!(
+        s["maxconn"]["active"].as_u64() == Some(1),
+        "maxconn slots after the flood: {}",
+        s["maxconn"]
     );
 
     ping(2).context("the idle session after the flood")?;
