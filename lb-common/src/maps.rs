@@ -580,8 +580,9 @@ mod tests {
         assert_eq!(size_of::<Slot>(), 16);
         assert_eq!(size_of::<ConnEvent>(), 72);
         assert_eq!(size_of::<ServiceKey>(), 8);
-        assert_eq!(size_of::<Backend>(), 16);
-        assert_eq!(size_of::<BackendSet>(), 16 + 16 * MAX_SET_SIZE + 4096);
+        assert_eq!(size_of::<Service>(), 16);
+        assert_eq!(size_of::<Backend>(), 12);
+        assert_eq!(size_of::<BackendSet>(), 16 + 12 * MAX_SET_SIZE + 4096);
         assert_eq!(size_of::<Config>(), 40);
         assert_eq!(size_of::<CaptureConfig>(), 16);
         assert_eq!(size_of::<CaptureHeader>(), 24);
