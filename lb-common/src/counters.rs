@@ -114,6 +114,9 @@ counters! {
     /// A handshake's completing ACK dropped because the connection-slot table (`SLOTS`)
     /// refused the insert.
     DropSlotsFull => "drop_slots_full",
+    /// Under SNAT port pressure, a handshake that the backend answered but the client never
+    /// completed within `HALF_OPEN_NS` (a spoofed SYN, typically) gave its port to a new flow.
+    HalfOpenReclaimed => "half_open_reclaimed",
 }
 
 /// Number of entries in `STATS_GLOBAL`.

@@ -131,6 +131,24 @@ pub fn reclaim_expired(key: &FlowKey, flow: &Flow, now: u64, embryonic_timeout: 
     }
 }
 
+/// Takes over the embryonic reply entry at `key` if its handshake is half open and stale: the
+/// flow began more than `stale_ns` ago, the backend answered (`FLOW_SYN_RECV`) and the
+/// client never completed it. A spoofed SYN looks like this; a real client's ACK follows the
+/// backend's SYN-ACK within a round trip.
+#[inline(always)]
+pub fn reclaim_half_open(key: &FlowKey, flow: &Flow, now: u64, stale_ns: u64) -> bool {
+    match CT_EMBRYONIC.get_ptr(key) {
+        // SAFETY: value valid for the program run; only read.
+        Some(old)
+            if unsafe { (*old).state } == FLOW_SYN_RECV
+                && now.wrapping_sub(unsafe { (*old).created_ns }) > stale_ns =>
+        {
+            CT_EMBRYONIC.insert(key, flow, BPF_ANY as u64).is_ok()
+        }
+        _ => false,
+    }
+}
+
 /// Inserts (or replaces an expired) forward entry.
 #[inline(always)]
 pub fn insert_embryonic(key: &FlowKey, flow: &Flow) -> bool {
@@ -142,11 +160,16 @@ pub fn remove_embryonic(key: &FlowKey) {
     let _ = CT_EMBRYONIC.remove(key);
 }
 
-/// The backend answered the SYN: the client's next ACK establishes the flow.
+/// The backend answered the SYN: the client's next ACK establishes the flow. Both entries
+/// say so: the forward one for that ACK, the reply one (which holds the SNAT port) for
+/// [`reclaim_half_open`].
 #[inline(always)]
-pub fn mark_syn_recv(forward: &mut Flow) {
+pub fn mark_syn_recv(forward: &mut Flow, reply: &mut Flow) {
     if forward.state < FLOW_SYN_RECV {
         forward.state = FLOW_SYN_RECV;
+    }
+    if reply.state < FLOW_SYN_RECV {
+        reply.state = FLOW_SYN_RECV;
     }
 }
 

@@ -354,7 +354,7 @@ pub fn reply(
     if found.established {
         conntrack::touch(found.flow, now);
     } else if tcp.flags & (TCP_SYN | TCP_ACK) == (TCP_SYN | TCP_ACK) {
-        conntrack::mark_syn_recv(found.partner);
+        conntrack::mark_syn_recv(found.partner, found.flow);
     }
     let flow = *found.flow;
     send(ctx, eth, ip, tcp, &flow, f.len() as u64, true)

@@ -7,11 +7,15 @@
 //! taken), it tries `REUSE_TRIES` more ports and may also take over the port of a flow that
 //! has been closed for a while and whose backend did not close first: the backend has no
 //! TIME_WAIT on that tuple, and without this, connection churn to one backend would run out of
-//! ports while closed flows wait for the GC.
+//! ports while closed flows wait for the GC; or the port of a half-open handshake older than
+//! `HALF_OPEN_NS` (the backend answered, the client never did: a spoofed SYN), so that a SYN
+//! flood holds each port for a fraction of a second instead of the connect timeout.
 use aya_ebpf::helpers::bpf_get_prandom_u32;
-use lb_common::{Flow, FlowKey, CONN_END_CLOSED, CONN_END_CLOSED_RST, FLOW_CLOSE_RST, IPPROTO_TCP};
+use lb_common::{
+    Counter, Flow, FlowKey, CONN_END_CLOSED, CONN_END_CLOSED_RST, FLOW_CLOSE_RST, IPPROTO_TCP,
+};
 
-use crate::{conntrack, events, maxconn};
+use crate::{conntrack, events, maxconn, stats};
 
 pub const SNAT_TRIES: u32 = 32;
 /// Tries of the second round of `claim` (under pressure).
@@ -19,6 +23,10 @@ pub const REUSE_TRIES: u32 = 8;
 /// How long a closed flow must have been quiet before a new flow may take over its port (its
 /// last ACK and retransmitted FINs have passed).
 pub const REUSE_QUIET_NS: u64 = 1_000_000_000;
+/// How old a half-open handshake must be before, under port pressure, a new flow may take over
+/// its port. A real client's ACK follows the backend's SYN-ACK within a round trip; a flood of
+/// spoofed SYNs at 20,000/s keeps about 5,000 ports younger than this.
+pub const HALF_OPEN_NS: u64 = 250_000_000;
 
 /// Claims a port for the reply entry `reply` from `backend:bport` to `snat_addr`, trying
 /// ports in `[min, max]` (host order). Returns the port (network order) or `None`.
@@ -73,8 +81,14 @@ pub fn claim(
     let mut i = 0;
     while i < REUSE_TRIES {
         key.dport = random_port(min, range).to_be();
-        if !conntrack::established_has(&key) && conntrack::claim_embryonic(&key, reply) {
-            return Some(key.dport);
+        if !conntrack::established_has(&key) {
+            if conntrack::claim_embryonic(&key, reply) {
+                return Some(key.dport);
+            }
+            if conntrack::reclaim_half_open(&key, reply, now, HALF_OPEN_NS) {
+                stats::count(Counter::HalfOpenReclaimed);
+                return Some(key.dport);
+            }
         }
         if conntrack::closed_quiet(&key, now, REUSE_QUIET_NS).is_some() {
             found = true;

@@ -115,6 +115,8 @@ const OUTCOMES: &[Counter] = &[
     Counter::DropMaxconn,
     Counter::RstMaxconn,
     Counter::DropSlotsFull,
+    Counter::SynHeld,
+    Counter::DropRstOutOfWindow,
 ];
 
 /// The outcomes whose action is XDP_DROP.
@@ -131,6 +133,8 @@ const DROP_OUTCOMES: &[Counter] = &[
     Counter::DropRstLimited,
     Counter::DropMaxconn,
     Counter::DropSlotsFull,
+    Counter::SynHeld,
+    Counter::DropRstOutOfWindow,
 ];
 
 /// The refusal reasons counted only when the RST was sent.
@@ -162,8 +166,7 @@ const EVENTS: &[Counter] = &[
     Counter::FibResult9,
     Counter::GenericLarge,
     Counter::DropNoEgress,
-    Counter::SynHeld,
-    Counter::DropRstOutOfWindow,
+    Counter::HalfOpenReclaimed,
 ];
 
 // ---------------------------------------------------------------------------------------------

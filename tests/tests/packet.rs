@@ -2075,6 +2075,83 @@ fn when_the_snat_ports_run_out_the_syn_is_answered_with_a_rst() -> Result<()> {
     })
 }
 
+#[test]
+#[ignore = "needs root and netns: run cargo xtask test"]
+fn when_the_ports_run_out_a_half_open_handshake_older_than_250ms_gives_its_port_to_a_new_flow(
+) -> Result<()> {
+    let config = CONFIG.replace("10000-32767", "10000-10001");
+    Fixture::run_with_config("halfopen", &config, |fx| {
+        // A: the backend answered, the client never completes (a spoofed SYN). B: the backend
+        // has not answered yet (it may be slow: B keeps its port).
+        let (_, a_syn_ack, a_port) = handshake_until_syn_ack(fx, 40010)?;
+        let (_, b_port) = open_write_flow(fx, 40011)?;
+        let snat_exhausted = [
+            (Counter::RstSnatExhausted, 1),
+            (Counter::RstSent, 1),
+            (Counter::FibResult0, 1),
+        ];
+        // Young: no port for a new flow.
+        let syn = client_syn(40012, WRITE_PORT);
+        assert_rst(
+            fx,
+            "SYN while both handshakes are young",
+            &syn,
+            fx.cl0.ifindex,
+            &rst_answer(&syn),
+            &snat_exhausted,
+        )?;
+
+        // 300 ms later (their entries aged by hand).
+        let now = lb_user::gc::monotonic_now()?;
+        for (k, mut f) in fx.embryonic()? {
+            f.created_ns = now - 300_000_000;
+            fx.put_embryonic(&k, &f)?;
+        }
+        let syn = client_syn(40013, WRITE_PORT);
+        let before = fx.counters()?;
+        let out = fx.from_client(&syn.bytes()?)?;
+        assert_output(
+            &out,
+            Action::Redirect,
+            &to_backend(&syn, DB01, DB01_MAC, a_port).bytes()?,
+        );
+        assert_eq!(
+            fx.counters()?.changes_since(&before),
+            moved(&[
+                (Counter::FwdPackets, 1),
+                (Counter::NewFlows, 1),
+                (Counter::FibResult0, 1),
+                (Counter::HalfOpenReclaimed, 1),
+            ]),
+            "the half-open handshake's port taken over"
+        );
+        // The handshake the backend never answered keeps its port.
+        let syn = client_syn(40014, WRITE_PORT);
+        assert_rst(
+            fx,
+            "SYN with only B's port left",
+            &syn,
+            fx.cl0.ifindex,
+            &rst_answer(&syn),
+            &snat_exhausted,
+        )?;
+        let held: Vec<u16> = fx
+            .embryonic()?
+            .into_iter()
+            .filter(|(_, f)| f.dir == DIR_REPLY)
+            .map(|(k, _)| u16::from_be(k.dport))
+            .collect();
+        assert!(held.contains(&b_port) && held.contains(&a_port), "{held:?}");
+        // A's late ACK finds no flow (its port belongs to the new one): refused, never
+        // forwarded to the new flow's backend connection.
+        let ack =
+            client_segment(40010, ACK).with_seq_ack(a_syn_ack.ack, a_syn_ack.seq.wrapping_add(1));
+        let out = fx.from_client(&ack.bytes()?)?;
+        assert_output(&out, Action::Tx, &rst_answer(&ack).bytes()?);
+        Ok(())
+    })
+}
+
 // ---------------------------------------------------------------------------------------------
 // ICMP errors
 // ---------------------------------------------------------------------------------------------
