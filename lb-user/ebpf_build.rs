@@ -1,11 +1,23 @@
 // The one recipe for building the XDP object (lb-ebpf): used by lb-user's build.rs for the
-// object lb embeds, and by the test harness for the `upgrade-test` variant (`include!`d by
-// both, so the two builds cannot drift apart). Plain std only.
+// object lb embeds, by the test harness for the `upgrade-test` variant and by xtask for the
+// BPF-target clippy run (`include!`d by all three, so they cannot drift apart). Plain std only.
 
 /// `rustup run nightly cargo build -p lb-ebpf --release` for the BPF target with `features`,
 /// into `target_dir`, with bpf-linker from `<ws>/.tools/bin` and none of the calling cargo's
 /// settings. The object is at [`ebpf_object_path`].
+#[allow(dead_code)] // not every includer builds
 fn ebpf_build_command(
+    ws: &std::path::Path,
+    target_dir: &std::path::Path,
+    features: &[&str],
+) -> std::process::Command {
+    ebpf_cargo_command("build", ws, target_dir, features)
+}
+
+/// `rustup run nightly cargo <subcommand> -p lb-ebpf --release` for the BPF target, set up as
+/// [`ebpf_build_command`] describes (`build`, or `clippy` to lint the program as it is built).
+fn ebpf_cargo_command(
+    subcommand: &str,
     ws: &std::path::Path,
     target_dir: &std::path::Path,
     features: &[&str],
@@ -17,7 +29,7 @@ fn ebpf_build_command(
     );
     let mut cmd = std::process::Command::new("rustup");
     cmd.current_dir(ws)
-        .args(["run", "nightly", "cargo", "build", "-p", "lb-ebpf", "--release"])
+        .args(["run", "nightly", "cargo", subcommand, "-p", "lb-ebpf", "--release"])
         .args(["--target", "bpfel-unknown-none", "-Z", "build-std=core"])
         .arg("--target-dir")
         .arg(target_dir)
@@ -45,6 +57,7 @@ fn ebpf_build_command(
 }
 
 /// Where [`ebpf_build_command`] leaves the object.
+#[allow(dead_code)] // not every includer builds
 fn ebpf_object_path(target_dir: &std::path::Path) -> std::path::PathBuf {
     target_dir.join("bpfel-unknown-none/release/lb-ebpf")
 }

@@ -11,6 +11,9 @@
 #![cfg_attr(target_arch = "bpf", no_main)]
 #![cfg_attr(target_arch = "bpf", feature(core_intrinsics))]
 #![cfg_attr(target_arch = "bpf", allow(internal_features))]
+// aya's map methods take `impl Borrow<K>`: passing a key or a `Flow` (80 bytes) by value would
+// copy it onto the 512-byte BPF stack, so the data path passes references on purpose.
+#![cfg_attr(target_arch = "bpf", allow(clippy::needless_borrows_for_generic_args))]
 
 #[cfg(target_arch = "bpf")]
 mod capture;

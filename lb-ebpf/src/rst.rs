@@ -92,13 +92,9 @@ pub fn reply(ctx: &XdpContext, per_sec: u32) -> u32 {
         (0u32, seg_seq.wrapping_add(len), TCP_RST | TCP_ACK)
     };
 
-    let mac = eth.src_addr;
-    eth.src_addr = eth.dst_addr;
-    eth.dst_addr = mac;
+    core::mem::swap(&mut eth.src_addr, &mut eth.dst_addr);
 
-    let addr = ip.saddr;
-    ip.saddr = ip.daddr;
-    ip.daddr = addr;
+    core::mem::swap(&mut ip.saddr, &mut ip.daddr);
     ip.vihl = 0x45;
     ip.tos = 0;
     ip.tot_len = ((RST_FRAME_LEN - ETH_LEN) as u16).to_be();
@@ -108,9 +104,7 @@ pub fn reply(ctx: &XdpContext, per_sec: u32) -> u32 {
     ip.proto = IPPROTO_TCP;
     ip.check = 0;
 
-    let port = tcp.sport;
-    tcp.sport = tcp.dport;
-    tcp.dport = port;
+    core::mem::swap(&mut tcp.sport, &mut tcp.dport);
     tcp.seq = seq.to_be_bytes();
     tcp.ack = ack.to_be_bytes();
     tcp.doff = 5 << 4;

@@ -19,13 +19,7 @@ pub fn add(index: u32, n: u64) {
 /// Counts a `bpf_fib_lookup` result code (0..=9; larger codes fold into the last).
 #[inline(always)]
 pub fn count_fib(rc: i64) {
-    let rc = if rc < 0 {
-        9
-    } else if rc > 9 {
-        9
-    } else {
-        rc as u32
-    };
+    let rc = if (0..=9).contains(&rc) { rc as u32 } else { 9 };
     add(Counter::FibResult0 as u32 + rc, 1);
 }
 

@@ -317,6 +317,16 @@ pub fn test(filter: &[String], lint: bool, kernels: &Kernels, vm_subset: bool) -
         {
             bail!("clippy found problems (see above); fix them or pass --no-lint to skip lints");
         }
+        // The workspace run above sees only lb-ebpf's host stub: lint the data path as it is
+        // built, for the BPF target with the pinned nightly.
+        let mut bpf = ebpf_cargo_command("clippy", &repo, &repo.join("target/bpf-clippy"), &[]);
+        bpf.args(["--", "-D", "warnings"]);
+        if crate::cmd::status(&mut bpf)
+            .map(|s| !s.success())
+            .unwrap_or(true)
+        {
+            bail!("clippy found problems in the XDP program (BPF target, see above); fix them or pass --no-lint to skip lints");
+        }
     }
     crate::build(false)?;
     let suites = build_suites()?;
@@ -460,6 +470,9 @@ fn print_summary(rows: &[Row]) -> bool {
     );
     total.failed == 0
 }
+
+// The XDP object's build recipe (`ebpf_cargo_command`), for the BPF-target clippy run.
+include!("../../lb-user/ebpf_build.rs");
 
 #[cfg(test)]
 mod tests {
