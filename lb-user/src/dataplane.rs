@@ -390,6 +390,24 @@ pub fn attach_pinned(
     Ok(modes)
 }
 
+/// A handle of its own on the loaded XDP program `name` of `ebpf`, for another thread (the
+/// GC's): pinned for a moment under `pin_dir` and opened from the pin, which is removed again.
+pub fn own_program(ebpf: &mut Ebpf, name: &str, pin_dir: &Path) -> Result<Xdp> {
+    let prog: &mut Xdp = ebpf
+        .program_mut(name)
+        .with_context(|| format!("the object has no {name} program"))?
+        .try_into()
+        .with_context(|| format!("{name} is not an XDP program"))?;
+    let path = pin_dir.join(format!(".{name}-{}", std::process::id()));
+    prog.pin(&path)
+        .with_context(|| format!("pin {name} at {}", path.display()))?;
+    let own = Xdp::from_pin(&path, aya_obj::programs::XdpAttachType::Interface)
+        .with_context(|| format!("open {name} from its pin"));
+    prog.unpin()
+        .with_context(|| format!("remove the pin {}", path.display()))?;
+    own
+}
+
 /// Attaches `lb_xdp` to each interface; returns the mode each one got. The links live as long
 /// as the `Ebpf` object.
 pub fn attach(ebpf: &mut Ebpf, ifaces: &[String], mode: AttachMode) -> Result<Vec<XdpMode>> {

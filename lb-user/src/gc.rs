@@ -1,4 +1,5 @@
-//! The connection-table GC: once a second the agent walks both tables and deletes
+//! The connection-table GC: once a second a thread of the agent ([`Worker`], not the event loop
+//! the checks run on) walks both tables and deletes
 //! - embryonic entries older than the connect timeout (handshakes that never completed; this
 //!   returns their SNAT ports at once instead of when the LRU gets round to them),
 //! - established flows closing (FIN both ways, or a RST; see `lb_common::is_closing`) whose
@@ -363,12 +364,12 @@ impl Gc {
         self.timeouts
     }
 
-    /// One pass at the current time, slots released through `ebpf`'s `lb_release`; logs
-    /// what it deleted at debug level.
-    pub fn run_once(&mut self, ebpf: &Ebpf) -> Result<SweepStats> {
+    /// One pass at the current time, slots released through `release` (the object's
+    /// `lb_release`); logs what it deleted at debug level.
+    pub fn run_once(&mut self, release: Option<&Xdp>) -> Result<SweepStats> {
         let now = monotonic_now()?;
         let mut st = self.sweep(now);
-        self.sweep_slots(now, ebpf, &mut st);
+        self.sweep_slots(now, release, &mut st);
         if st.deleted_entries() > 0 || st.revived > 0 || st.truncated {
             debug!(
                 embryonic = st.embryonic_entries,
@@ -483,7 +484,7 @@ impl Gc {
     /// Releases the slots of flows that are gone (run after [`Gc::sweep`], which deletes
     /// expired flows): slots older than a second whose forward key is neither a live embryonic
     /// entry nor an established one.
-    pub fn sweep_slots(&mut self, now: u64, ebpf: &Ebpf, st: &mut SweepStats) {
+    pub fn sweep_slots(&mut self, now: u64, release: Option<&Xdp>, st: &mut SweepStats) {
         let Some((slots, visits)) = &self.slots else {
             return;
         };
@@ -522,8 +523,7 @@ impl Gc {
         if gone.is_empty() {
             return;
         }
-        let prog: Option<&Xdp> = ebpf.program("lb_release").and_then(|p| p.try_into().ok());
-        let Some(prog) = prog else {
+        let Some(prog) = release else {
             warn!("the object has no lb_release program: connection slots are not released");
             return;
         };
@@ -728,6 +728,120 @@ fn slot_table(map: Map) -> Result<(Slots, usize)> {
     let t = Slots::try_from(map)
         .with_context(|| format!("map {} has an unexpected type or layout", names::SLOTS))?;
     Ok((t, max_entries.saturating_mul(2).saturating_add(1024)))
+}
+
+/// The object's `lb_release` program, which [`Gc::run_once`] releases slots through.
+pub fn release_program(ebpf: &Ebpf) -> Option<&Xdp> {
+    ebpf.program("lb_release").and_then(|p| p.try_into().ok())
+}
+
+/// The GC on a thread of its own. A pass is syscalls on every entry (a million entries take
+/// seconds); on the agent's event loop it would hold up the health checks and the failover
+/// decisions behind it. The worker owns the [`Gc`] (and so the connection log): the loop hands
+/// it the data path's connection events, and reads what a pass found from [`Worker::published`].
+pub struct Worker {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    events: Option<std::sync::mpsc::Sender<lb_common::ConnEvent>>,
+    shared: std::sync::Arc<std::sync::Mutex<Published>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+/// What the worker's last pass found.
+#[derive(Debug, Clone, Default)]
+pub struct Published {
+    /// Table fill of the last pass.
+    pub fill: Option<TableFill>,
+    /// The port range to count flows on (an earlier `snat_ports`), set by the loop.
+    pub watch: Option<(u16, u16)>,
+    /// Flows on `watch`'s ports at the last pass, with the range they were counted on.
+    pub on_watched: Option<((u16, u16), usize)>,
+    /// Passes completed.
+    pub passes: u64,
+}
+
+impl Worker {
+    /// Starts passes every [`PERIOD`] on a thread named `lb-gc`; `release` is an own handle on
+    /// `lb_release` (see [`crate::dataplane::own_program`]); `on_pass` gets each pass's fill.
+    pub fn spawn(
+        mut gc: Gc,
+        release: Option<Xdp>,
+        on_pass: impl Fn(&TableFill) + Send + 'static,
+    ) -> Result<Self> {
+        use std::sync::{atomic::Ordering, mpsc, Arc, Mutex};
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let shared = Arc::new(Mutex::new(Published::default()));
+        let (tx, rx) = mpsc::channel::<lb_common::ConnEvent>();
+        let thread = std::thread::Builder::new().name("lb-gc".into()).spawn({
+            let (stop, shared) = (stop.clone(), shared.clone());
+            move || {
+                let mut next = std::time::Instant::now();
+                while !stop.load(Ordering::Relaxed) {
+                    // Connection events are logged as they come, between passes.
+                    let wait = next.saturating_duration_since(std::time::Instant::now());
+                    match rx.recv_timeout(wait.min(Duration::from_millis(100))) {
+                        Ok(e) => {
+                            gc.log_event(&e);
+                            continue;
+                        }
+                        Err(mpsc::RecvTimeoutError::Timeout) => {}
+                        Err(mpsc::RecvTimeoutError::Disconnected) => break,
+                    }
+                    if std::time::Instant::now() < next {
+                        continue;
+                    }
+                    if let Err(e) = gc.run_once(release.as_ref()) {
+                        warn!("connection-table GC: {e:#}");
+                    }
+                    on_pass(gc.fill());
+                    let watch = shared.lock().ok().and_then(|p| p.watch);
+                    let on_watched = watch.map(|r| (r, gc.flows_on_ports(r)));
+                    if let Ok(mut p) = shared.lock() {
+                        p.fill = Some(gc.fill().clone());
+                        p.on_watched = on_watched;
+                        p.passes += 1;
+                    }
+                    next = std::time::Instant::now() + PERIOD;
+                }
+            }
+        });
+        let thread = thread.context("start the GC thread")?;
+        Ok(Self {
+            stop,
+            events: Some(tx),
+            shared,
+            thread: Some(thread),
+        })
+    }
+
+    /// Hands a connection the data path ended to the worker's connection log.
+    pub fn log_event(&self, e: lb_common::ConnEvent) {
+        if let Some(tx) = &self.events {
+            let _ = tx.send(e);
+        }
+    }
+
+    /// Counts flows on `range` at every pass from now on (`None`: stop).
+    pub fn watch_ports(&self, range: Option<(u16, u16)>) {
+        if let Ok(mut p) = self.shared.lock() {
+            p.watch = range;
+            p.on_watched = None;
+        }
+    }
+
+    /// What the last pass found.
+    pub fn published(&self) -> Published {
+        self.shared.lock().map(|p| p.clone()).unwrap_or_default()
+    }
+}
+
+impl Drop for Worker {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        self.events = None;
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
 }
 
 /// Releases the slot of the flow whose forward key is `key` by running `lb_release` on it:

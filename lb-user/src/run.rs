@@ -253,6 +253,23 @@ async fn serve(
         ifaces,
     )));
     let mut supervisor = Supervisor::new(cfg, commands, live.clone());
+    // The connection-table GC on a thread of its own, so that a pass over a large table never
+    // holds up the checks and failover decisions of this loop.
+    let release = match crate::dataplane::own_program(ebpf, "lb_release", pin_dir) {
+        Ok(p) => Some(p),
+        Err(e) => {
+            warn!("connection slots will not be released by the GC: {e:#}");
+            None
+        }
+    };
+    let gc = crate::gc::Worker::spawn(gc, release, {
+        let live = live.clone();
+        move |fill| {
+            if let Ok(mut v) = live.write() {
+                v.tables = Some(fill.clone());
+            }
+        }
+    })?;
     if adopted.iter().any(|s| !s.is_empty()) {
         supervisor.adopt(cfg, adopted.clone());
     }
@@ -363,16 +380,10 @@ async fn serve(
                     "injected failure: {}",
                     what.unwrap_or_default()
                 )));
-                match gc.run_once(ebpf) {
-                    Ok(_) => {
-                        if let Ok(mut v) = live.write() {
-                            v.tables = Some(gc.fill().clone());
-                        }
-                    }
-                    Err(e) => warn!("connection-table GC: {e:#}"),
-                }
-                if let Some(range) = hull(&old_ranges) {
-                    if gc.flows_on_ports(range) == 0 {
+                let range = hull(&old_ranges);
+                gc.watch_ports(range);
+                if let Some(range) = range {
+                    if gc.published().on_watched == Some((range, 0)) {
                         control.keep_old_ports(None)?;
                         for r in old_ranges.drain(..) {
                             host.release_ports(r)?;
@@ -390,7 +401,7 @@ async fn serve(
                         let e: lb_common::ConnEvent = bytemuck::pod_read_unaligned(
                             &item[..std::mem::size_of::<lb_common::ConnEvent>()],
                         );
-                        gc.log_event(&e);
+                        gc.log_event(e);
                     }
                 }
                 guard.clear_ready();

@@ -560,3 +560,105 @@ fn operators_drain_disable_and_enable_a_backend() -> Result<()> {
     );
     Ok(())
 }
+
+/// `n` idle established flows of the http service written straight into the pinned table
+/// (fake clients and backends: nothing sends on them), as a busy balancer holds.
+fn fill_with_idle_flows(topo: &Topology, n: u32) -> Result<()> {
+    use aya::maps::HashMap;
+    use lb_common::{Flow, FlowKey, DIR_FORWARD, DIR_REPLY, FLOW_ESTABLISHED, IPPROTO_TCP};
+    let dir = lb_user::dataplane::pin_dir(&topo.instance);
+    let map = lb_user::dataplane::open_pinned(&dir, lb_common::names::CT_ESTABLISHED)?;
+    let mut table = HashMap::<_, FlowKey, Flow>::try_from(map)?;
+    let now = lb_user::gc::monotonic_now()?;
+    let be = |a: std::net::Ipv4Addr| u32::from(a).to_be();
+    let key = |saddr, daddr, sport: u16, dport: u16| FlowKey {
+        saddr,
+        daddr,
+        sport: sport.to_be(),
+        dport: dport.to_be(),
+        proto: IPPROTO_TCP,
+        _pad: 0,
+        _pad16: 0,
+    };
+    let (vip, snat) = (be(topo.vip), be(topo.lb.backend_addr));
+    for i in 0..n {
+        let client = be(std::net::Ipv4Addr::from(0x0a6f_0000 + i));
+        let backend = be(std::net::Ipv4Addr::new(10, 222, 0, (i / 60_000 + 1) as u8));
+        let sport = 1024 + (i % 60_000) as u16;
+        let flow = Flow {
+            created_ns: now,
+            last_seen_ns: now,
+            service_id: 2,
+            backend_id: 2,
+            state: FLOW_ESTABLISHED,
+            ..Default::default()
+        };
+        let fwd = Flow {
+            nat_saddr: snat,
+            nat_daddr: backend,
+            nat_sport: sport.to_be(),
+            nat_dport: 7474u16.to_be(),
+            dir: DIR_FORWARD,
+            ..flow
+        };
+        let rev = Flow {
+            nat_saddr: vip,
+            nat_daddr: client,
+            nat_sport: 80u16.to_be(),
+            nat_dport: 40_000u16.to_be(),
+            dir: DIR_REPLY,
+            ..flow
+        };
+        table.insert(key(client, vip, 40_000, 80), fwd, 0)?;
+        table.insert(fwd.partner_key(IPPROTO_TCP), rev, 0)?;
+    }
+    Ok(())
+}
+
+#[test]
+#[ignore = "needs root and netns: run cargo xtask test"]
+fn with_half_a_million_idle_flows_in_the_table_failover_keeps_its_timing() -> Result<()> {
+    // The connection-table GC walks every entry once a second; it must not hold up the checks
+    // (before, it ran on the agent's only thread: a pass over this table took longer than a
+    // check's timeout, and failover waited behind it).
+    let topo = Topology::two_armed("gcload")?;
+    let sims = topo.start_sims(&["master", "slave", "slave"])?;
+    let cfg = format!("{}\n[tables]\nestablished = 600000\n", config(&topo));
+    let lb = topo.start_lb(&cfg, &["--xdp-mode", "native"])?;
+    let w = SocketAddrV4::new(topo.vip, 7680);
+    let t = Instant::now();
+    fill_with_idle_flows(&topo, 250_000)?;
+    eprintln!("250,000 idle flows written in {:?}", t.elapsed());
+    // A few GC passes over them.
+    thread::sleep(Duration::from_secs(3));
+    ensure!(
+        topo.client.ns.run_in(|| ask(w, Access::Write))?? == "db01",
+        "writes before the failover"
+    );
+    control(&sims, 0).set_role(Role::Slave)?;
+    control(&sims, 1).set_role(Role::Master)?;
+    let flipped = Instant::now();
+    let moved = topo.client.ns.run_in(|| -> Result<Duration> {
+        loop {
+            if let Ok(s) = ask(w, Access::Write) {
+                if s == "db02" {
+                    return Ok(flipped.elapsed());
+                }
+            }
+            ensure!(
+                flipped.elapsed() < Duration::from_secs(10),
+                "writes never reached db02"
+            );
+            thread::sleep(Duration::from_millis(20));
+        }
+    })??;
+    eprintln!("writes on db02 {moved:?} after the role change");
+    // inter 200 ms + rise 2 x fastinter 100 ms + the SYN hold's retransmit (1 s), with slack.
+    let bound = Duration::from_millis(1800) * slowdown();
+    ensure!(
+        moved < bound,
+        "writes reached db02 only {moved:?} after the role change (bound {bound:?}); lb log:\n{}",
+        lb.stderr()
+    );
+    Ok(())
+}

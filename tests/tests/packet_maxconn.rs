@@ -24,7 +24,7 @@ use lb_common::{
 };
 use lb_tests::fixture::frames::{TcpFrame, ACK, FIN, PSH, RST, SYN};
 use lb_tests::fixture::*;
-use lb_user::gc::{monotonic_now, release_slot, Gc, Timeouts};
+use lb_user::gc::{monotonic_now, release_program, release_slot, Gc, Timeouts};
 
 const SEC: u64 = 1_000_000_000;
 
@@ -227,7 +227,7 @@ fn a_syn_over_the_backend_limit_is_dropped_and_a_close_frees_the_slot() -> Resul
         let later = monotonic_now()? + 3 * SEC;
         let mut gc = Gc::shared(&fx.ebpf, Timeouts::from_config(&fx.cfg))?;
         let mut st = gc.sweep(later);
-        gc.sweep_slots(later, &fx.ebpf, &mut st);
+        gc.sweep_slots(later, release_program(&fx.ebpf), &mut st);
         // (The FIN-closed flow goes too; its slot was released at its second FIN.)
         assert_eq!((st.closed, st.slots_released), (2, 1), "{st:?}");
         assert_eq!(counts(fx)?, (1, 0, 0, 1));
@@ -378,18 +378,18 @@ fn the_gc_releases_slots_of_expired_idle_and_vanished_flows_exactly_once() -> Re
         // Within a second nothing is released (the data path records a slot just before
         // its flow): the vanished flow's slot waits for the next pass.
         let mut st = gc.sweep(t0);
-        gc.sweep_slots(t0, &fx.ebpf, &mut st);
+        gc.sweep_slots(t0, release_program(&fx.ebpf), &mut st);
         assert_eq!((st.slots, st.slots_released), (3, 0), "{st:?}");
 
         // 2 s later: only the vanished flow's slot goes.
         let mut st = gc.sweep(t0 + 2 * SEC);
-        gc.sweep_slots(t0 + 2 * SEC, &fx.ebpf, &mut st);
+        gc.sweep_slots(t0 + 2 * SEC, release_program(&fx.ebpf), &mut st);
         assert_eq!(st.slots_released, 1, "{st:?}");
         assert_eq!(counts(fx)?.0, 2);
 
         // 31 s: the handshake expired (connect timeout 30 s): deleted, no slot to release.
         let mut st = gc.sweep(t0 + 31 * SEC);
-        gc.sweep_slots(t0 + 31 * SEC, &fx.ebpf, &mut st);
+        gc.sweep_slots(t0 + 31 * SEC, release_program(&fx.ebpf), &mut st);
         assert_eq!((st.embryonic_expired, st.slots_released), (2, 0), "{st:?}");
         assert_eq!(counts(fx)?.0, 2);
 
@@ -408,7 +408,7 @@ fn the_gc_releases_slots_of_expired_idle_and_vanished_flows_exactly_once() -> Re
             m.insert(busy.fwd_key(), f, 0)?;
         }
         let mut st = gc.sweep(t0 + 61 * SEC);
-        gc.sweep_slots(t0 + 61 * SEC, &fx.ebpf, &mut st);
+        gc.sweep_slots(t0 + 61 * SEC, release_program(&fx.ebpf), &mut st);
         assert_eq!((st.idle, st.slots_released), (1, 1), "{st:?}");
         assert_eq!(counts(fx)?, (1, 0, 0, 1), "only the busy flow holds a slot");
 
