@@ -77,9 +77,12 @@ pub struct Closed {
 
 /// If the established entry at `key` is the reply entry of a flow that has been closing for
 /// more than `quiet_ns` and whose backend did not close first (so the backend holds no
-/// TIME_WAIT on this tuple), the flow. Nothing is deleted here (see [`delete_closed`]).
+/// TIME_WAIT on this tuple), the flow; `done_quiet_ns` instead of `quiet_ns` when the client
+/// closed first and acknowledged the backend's FIN (the backend's socket is closed once that
+/// ACK arrives: only a lost ACK, retransmitted after at least 200 ms, still concerns the
+/// tuple). Nothing is deleted here (see [`delete_closed`]).
 #[inline(always)]
-pub fn closed_quiet(key: &FlowKey, now: u64, quiet_ns: u64) -> Option<Closed> {
+pub fn closed_quiet(key: &FlowKey, now: u64, quiet_ns: u64, done_quiet_ns: u64) -> Option<Closed> {
     let rev = get_est(key)?;
     if rev.dir != DIR_REPLY {
         return None;
@@ -95,7 +98,12 @@ pub fn closed_quiet(key: &FlowKey, now: u64, quiet_ns: u64) -> Option<Closed> {
     } else {
         rev.last_seen_ns
     };
-    if (rev.first_fin != 0 && !reset) || now.wrapping_sub(last) <= quiet_ns {
+    let done = !reset
+        && fwd.first_fin != 0
+        && fwd.close & rev.close & FLOW_CLOSE_FIN != 0
+        && fwd.ack == rev.seq_end;
+    let quiet = if done { done_quiet_ns } else { quiet_ns };
+    if (rev.first_fin != 0 && !reset) || now.wrapping_sub(last) <= quiet {
         return None;
     }
     Some(Closed { fwd_key, fwd, rev })

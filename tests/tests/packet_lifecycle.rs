@@ -823,3 +823,52 @@ fn with_every_snat_port_taken_a_new_flow_takes_over_the_port_of_a_quiet_client_c
         Ok(())
     })
 }
+
+#[test]
+#[ignore = "needs root and netns: run cargo xtask test"]
+fn a_client_closed_flow_whose_last_ack_passed_gives_its_port_after_100ms_the_others_after_1s(
+) -> Result<()> {
+    let cfg = CONFIG.replace(
+        "snat_ports = \"10000-32767\"",
+        "snat_ports = \"10000-10001\"",
+    );
+    Fixture::run_with_config("lastack", &cfg, |fx| {
+        // Both closed by the client first; only `done`'s last ACK (of the backend's FIN) passed.
+        let mut done = establish(fx, 41400)?;
+        let mut no_last_ack = establish(fx, 41401)?;
+        for c in [&mut done, &mut no_last_ack] {
+            c.client_sends(fx, "client FIN", FIN | ACK, b"")?;
+            c.backend_sends(fx, "backend FIN", FIN | ACK, b"")?;
+        }
+        done.client_sends(fx, "last ACK", ACK, b"")?;
+        conn_events(fx)?;
+        // Both quiet for 200 ms (aged by hand).
+        let t0 = monotonic_now()?;
+        let age = |fx: &mut Fixture, c: &Conn, ago: u64| -> Result<()> {
+            let (mut f, mut r) = c.entries(fx)?;
+            f.last_seen_ns = t0 - ago;
+            r.last_seen_ns = t0 - ago;
+            put_established(fx, &c.fwd_key(), &f)?;
+            put_established(fx, &c.rev_key(), &r)
+        };
+        age(fx, &done, 200_000_000)?;
+        age(fx, &no_last_ack, 200_000_000)?;
+        let out = fx.from_client(&client_syn(41402, WRITE_PORT).bytes()?)?;
+        assert_eq!(out.action, Action::Redirect, "a port taken over");
+        assert_eq!(
+            sport_of(&out.frame),
+            done.port,
+            "the fully closed flow's port"
+        );
+        assert!(!done.in_table(fx)?);
+        // The other one may still get its last ACK or a retransmitted FIN: kept for 1 s.
+        let out = fx.from_client(&client_syn(41403, WRITE_PORT).bytes()?)?;
+        assert_eq!(out.action, Action::Tx, "refused: no port quiet long enough");
+        assert!(no_last_ack.in_table(fx)?);
+        age(fx, &no_last_ack, 1_100_000_000)?;
+        let out = fx.from_client(&client_syn(41404, WRITE_PORT).bytes()?)?;
+        assert_eq!(out.action, Action::Redirect, "taken over after 1 s quiet");
+        assert_eq!(sport_of(&out.frame), no_last_ack.port);
+        Ok(())
+    })
+}
