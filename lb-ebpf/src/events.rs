@@ -1,8 +1,8 @@
 //! Connection-end events for the agent's connection log (`CONN_EVENTS`, a ring buffer): the
 //! data path reports the flows it deletes itself (reset on a demoted backend, a closed tuple
 //! reused by a new SYN); the agent's GC logs the ones it expires. A full ring loses the event,
-//! never the packet.
-use aya_ebpf::maps::ring_buf::RingBufEntry;
+//! never the packet. Records wake no one: the agent's GC thread drains the ring every 50 ms.
+use aya_ebpf::{bindings::BPF_RB_NO_WAKEUP, maps::ring_buf::RingBufEntry};
 use lb_common::{ConnEvent, Flow, FlowKey};
 
 use crate::maps::CONN_EVENTS;
@@ -18,10 +18,12 @@ pub fn ended(fwd_key: &FlowKey, fwd: &Flow, rev: &Flow, now: u64, reason: u32) {
 pub struct Pending(Option<RingBufEntry<ConnEvent>>);
 
 impl Pending {
+    /// Makes the record visible without waking the agent (`BPF_RB_NO_WAKEUP`): it drains the
+    /// ring on a timer, and a wakeup per ended connection would cost more than the connection.
     #[inline(always)]
     pub fn submit(self) {
         if let Some(e) = self.0 {
-            e.submit(0);
+            e.submit(BPF_RB_NO_WAKEUP as u64);
         }
     }
 

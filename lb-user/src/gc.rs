@@ -28,7 +28,12 @@
 //! before its delete and kept if it changed meanwhile (a new flow on the same tuple, or a
 //! segment that made it active again). A pass deletes at most [`MAX_DELETIONS`] entries; the
 //! rest waits for the next second.
-use std::{collections::HashMap as StdHashMap, os::fd::AsFd, time::Duration};
+use std::{
+    os::fd::{AsFd, AsRawFd},
+    time::Duration,
+};
+
+use foldhash::{HashMap as FastMap, HashSet as FastSet};
 
 use anyhow::{Context, Result};
 use aya::{
@@ -185,7 +190,7 @@ impl TableFill {
 #[derive(Default)]
 struct Tally {
     pairs: std::collections::BTreeMap<(u32, u32), PairFlows>,
-    live: std::collections::HashSet<FlowKey>,
+    live: FastSet<FlowKey>,
 }
 
 impl Tally {
@@ -217,11 +222,14 @@ pub struct Gc {
     slots: Option<(Slots, usize)>,
     fill: TableFill,
     /// Forward keys of the flows the last pass found alive and kept.
-    live: std::collections::HashSet<FlowKey>,
+    live: FastSet<FlowKey>,
     /// Most keys one walk of each table visits. A key deleted under the walk (by the data
     /// path) makes the kernel restart it from the first key; this keeps such a pass finite.
     embryonic_visits: usize,
     established_visits: usize,
+    /// The tables' fds, for batch reads.
+    embryonic_fd: std::os::fd::OwnedFd,
+    established_fd: std::os::fd::OwnedFd,
     timeouts: Timeouts,
     log: ConnLog,
 }
@@ -236,17 +244,22 @@ fn reason(fwd: &Flow, rev: &Flow, why: Expiry) -> &'static str {
 }
 
 /// A table as a typed map, and the visit bound of a walk over it.
-fn table(map: Map, name: &str) -> Result<(Table, usize)> {
-    let max_entries = match &map {
-        Map::HashMap(m) | Map::LruHashMap(m) => m
-            .info()
-            .map(|i| i.max_entries() as usize)
-            .with_context(|| format!("map {name}: info"))?,
+fn table(map: Map, name: &str) -> Result<(Table, usize, std::os::fd::OwnedFd)> {
+    let (max_entries, fd) = match &map {
+        Map::HashMap(m) | Map::LruHashMap(m) => (
+            m.info()
+                .map(|i| i.max_entries() as usize)
+                .with_context(|| format!("map {name}: info"))?,
+            m.fd()
+                .as_fd()
+                .try_clone_to_owned()
+                .with_context(|| format!("map {name}: duplicate its fd"))?,
+        ),
         _ => anyhow::bail!("map {name} is not a hash map"),
     };
     let t = Table::try_from(map)
         .with_context(|| format!("map {name} has an unexpected type or layout"))?;
-    Ok((t, max_entries.saturating_mul(2).saturating_add(1024)))
+    Ok((t, max_entries.saturating_mul(2).saturating_add(1024), fd))
 }
 
 /// A second handle on the map `name` of `ebpf`, which stays in the object.
@@ -280,74 +293,77 @@ pub fn monotonic_now() -> Result<u64> {
 }
 
 impl Gc {
+    /// The one constructor: both tables (with their visit bounds and fds) and the slot table.
+    fn with_tables(
+        embryonic: (Table, usize, std::os::fd::OwnedFd),
+        established: (Table, usize, std::os::fd::OwnedFd),
+        slots: Option<(Slots, usize)>,
+        timeouts: Timeouts,
+    ) -> Self {
+        Self {
+            embryonic: embryonic.0,
+            embryonic_visits: embryonic.1,
+            embryonic_fd: embryonic.2,
+            established: established.0,
+            established_visits: established.1,
+            established_fd: established.2,
+            slots,
+            fill: TableFill::default(),
+            live: Default::default(),
+            timeouts,
+            log: ConnLog::default(),
+        }
+    }
+
     /// Takes both connection tables out of the loaded object (after `Control::new`, which
     /// takes only the maps it writes).
     pub fn new(ebpf: &mut Ebpf, timeouts: Timeouts) -> Result<Self> {
-        let mut take = |name: &str| -> Result<(Table, usize)> {
+        let mut take = |name: &str| {
             let map = ebpf
                 .take_map(name)
                 .with_context(|| format!("the object has no map {name}"))?;
             table(map, name)
         };
-        let (embryonic, embryonic_visits) = take(names::CT_EMBRYONIC)?;
-        let (established, established_visits) = take(names::CT_ESTABLISHED)?;
+        let embryonic = take(names::CT_EMBRYONIC)?;
+        let established = take(names::CT_ESTABLISHED)?;
         let slots = slot_table(
             ebpf.take_map(names::SLOTS)
                 .with_context(|| format!("the object has no map {}", names::SLOTS))?,
         )?;
-        Ok(Self {
+        Ok(Self::with_tables(
             embryonic,
             established,
-            slots: Some(slots),
-            fill: TableFill::default(),
-            live: Default::default(),
-            embryonic_visits,
-            established_visits,
+            Some(slots),
             timeouts,
-            log: ConnLog::default(),
-        })
+        ))
     }
 
     /// Opens second handles on both tables and leaves them in the object (for tests that
     /// still read the tables through it).
     pub fn shared(ebpf: &Ebpf, timeouts: Timeouts) -> Result<Self> {
-        let (embryonic, embryonic_visits) =
-            table(share(ebpf, names::CT_EMBRYONIC)?, names::CT_EMBRYONIC)?;
-        let (established, established_visits) =
-            table(share(ebpf, names::CT_ESTABLISHED)?, names::CT_ESTABLISHED)?;
+        let embryonic = table(share(ebpf, names::CT_EMBRYONIC)?, names::CT_EMBRYONIC)?;
+        let established = table(share(ebpf, names::CT_ESTABLISHED)?, names::CT_ESTABLISHED)?;
         let slots = slot_table(share(ebpf, names::SLOTS)?)?;
-        Ok(Self {
+        Ok(Self::with_tables(
             embryonic,
             established,
-            slots: Some(slots),
-            fill: TableFill::default(),
-            live: Default::default(),
-            embryonic_visits,
-            established_visits,
+            Some(slots),
             timeouts,
-            log: ConnLog::default(),
-        })
+        ))
     }
 
     /// Opens both tables of a running instance from their pins in `dir`.
     pub fn from_pins(dir: &std::path::Path, timeouts: Timeouts) -> Result<Self> {
         let open = |name: &str| table(crate::dataplane::open_pinned(dir, name)?, name);
-        let (embryonic, embryonic_visits) = open(names::CT_EMBRYONIC)?;
-        let (established, established_visits) = open(names::CT_ESTABLISHED)?;
         let slots = crate::dataplane::open_pinned(dir, names::SLOTS)
             .ok()
             .and_then(|m| slot_table(m).ok());
-        Ok(Self {
-            embryonic,
-            established,
+        Ok(Self::with_tables(
+            open(names::CT_EMBRYONIC)?,
+            open(names::CT_ESTABLISHED)?,
             slots,
-            fill: TableFill::default(),
-            live: Default::default(),
-            embryonic_visits,
-            established_visits,
             timeouts,
-            log: ConnLog::default(),
-        })
+        ))
     }
 
     /// Where the connection log goes (default: the agent's log).
@@ -572,18 +588,17 @@ impl Gc {
         st: &mut SweepStats,
         tally: &mut Tally,
     ) -> usize {
-        let mut snapshot: StdHashMap<FlowKey, Flow> = StdHashMap::new();
-        for item in self.established.iter().take(self.established_visits) {
-            match item {
-                Ok((k, f)) => {
-                    snapshot.insert(k, f);
-                }
-                Err(e) => {
-                    warn!("reading {}: {e}", names::CT_ESTABLISHED);
-                    st.truncated = true;
-                    break;
-                }
-            }
+        let mut snapshot: FastMap<FlowKey, Flow> = FastMap::default();
+        let read = read_table(
+            (&self.established, &self.established_fd),
+            self.established_visits,
+            |k, f| {
+                snapshot.insert(k, f);
+            },
+        );
+        if let Err(e) = read {
+            warn!("reading {}: {e:#}", names::CT_ESTABLISHED);
+            st.truncated = true;
         }
         st.established_entries = snapshot.len();
 
@@ -671,32 +686,35 @@ impl Gc {
     fn sweep_embryonic(&mut self, now: u64, budget: usize, st: &mut SweepStats, tally: &mut Tally) {
         let timeout = self.timeouts.connect_ns;
         let mut doomed: Vec<(FlowKey, u64)> = Vec::new();
-        let mut seen = std::collections::HashSet::new();
-        for item in self.embryonic.iter().take(self.embryonic_visits) {
-            match item {
-                Ok((k, f)) => {
-                    if !seen.insert(k) {
-                        continue;
-                    }
-                    st.embryonic_entries += 1;
-                    if f.dir == DIR_FORWARD && now.saturating_sub(f.created_ns) <= timeout {
-                        tally.pair(&f).embryonic += 1;
-                        tally.live.insert(k);
-                    }
-                    if now.saturating_sub(f.created_ns) > timeout {
-                        if doomed.len() >= budget {
-                            st.truncated = true;
-                            break;
-                        }
-                        doomed.push((k, f.created_ns));
-                    }
+        let mut seen = FastSet::default();
+        let mut full = false;
+        let read = read_table(
+            (&self.embryonic, &self.embryonic_fd),
+            self.embryonic_visits,
+            |k, f| {
+                if full || !seen.insert(k) {
+                    return;
                 }
-                Err(e) => {
-                    warn!("reading {}: {e}", names::CT_EMBRYONIC);
-                    st.truncated = true;
-                    break;
+                st.embryonic_entries += 1;
+                if f.dir == DIR_FORWARD && now.saturating_sub(f.created_ns) <= timeout {
+                    tally.pair(&f).embryonic += 1;
+                    tally.live.insert(k);
                 }
-            }
+                if now.saturating_sub(f.created_ns) > timeout {
+                    if doomed.len() >= budget {
+                        full = true;
+                        return;
+                    }
+                    doomed.push((k, f.created_ns));
+                }
+            },
+        );
+        if full {
+            st.truncated = true;
+        }
+        if let Err(e) = read {
+            warn!("reading {}: {e:#}", names::CT_EMBRYONIC);
+            st.truncated = true;
         }
         for (key, created) in doomed {
             // An expired entry may have been taken over by a new flow meanwhile (SNAT claim).
@@ -730,6 +748,100 @@ fn slot_table(map: Map) -> Result<(Slots, usize)> {
     Ok((t, max_entries.saturating_mul(2).saturating_add(1024)))
 }
 
+/// Reads every entry of `table` into `each`: in batches of [`BATCH`] (`BPF_MAP_LOOKUP_BATCH`,
+/// one syscall per batch instead of two per entry: a pass over a million entries costs
+/// milliseconds, not seconds), or entry by entry where the kernel has no batch lookup for the
+/// map. At most `visits` entries.
+fn read_table(
+    (table, fd): (&Table, &std::os::fd::OwnedFd),
+    visits: usize,
+    mut each: impl FnMut(FlowKey, Flow),
+) -> Result<()> {
+    let fd = fd.as_raw_fd();
+    let mut keys = vec![FlowKey::default(); BATCH];
+    let mut values = vec![Flow::default(); BATCH];
+    // The hash table's batch token: the bucket to continue from.
+    let (mut token, mut first, mut read) = (0u32, true, 0usize);
+    while read < visits {
+        let mut out_token = 0u32;
+        let mut attr = BatchAttr {
+            in_batch: if first {
+                0
+            } else {
+                &token as *const u32 as u64
+            },
+            out_batch: &mut out_token as *mut u32 as u64,
+            keys: keys.as_mut_ptr() as u64,
+            values: values.as_mut_ptr() as u64,
+            count: BATCH as u32,
+            map_fd: fd as u32,
+            elem_flags: 0,
+            flags: 0,
+        };
+        // SAFETY: `attr` is the kernel's `bpf_attr.batch` layout (zero-padded by the syscall's
+        // size argument); the token, key and value buffers it points to are live, writable and
+        // hold `count` elements of the map's key and value sizes (FlowKey and Flow, checked
+        // when the map was opened as a typed `HashMap`).
+        let r = unsafe {
+            libc::syscall(
+                libc::SYS_bpf,
+                BPF_MAP_LOOKUP_BATCH,
+                &mut attr as *mut BatchAttr,
+                std::mem::size_of::<BatchAttr>() as u32,
+            )
+        };
+        let err = (r < 0).then(std::io::Error::last_os_error);
+        let n = attr.count as usize;
+        for i in 0..n.min(BATCH) {
+            each(keys[i], values[i]);
+        }
+        read += n;
+        match err.as_ref().and_then(|e| e.raw_os_error()) {
+            None => {}
+            // The end of the table (the last batch's entries were delivered above).
+            Some(libc::ENOENT) => return Ok(()),
+            // No batch lookup here (an old kernel, or a first call refused): entry by entry.
+            Some(libc::EINVAL | ENOTSUPP) if first => {
+                for item in table.iter().take(visits) {
+                    let (k, f) = item?;
+                    each(k, f);
+                }
+                return Ok(());
+            }
+            Some(_) => {
+                return Err(err.unwrap_or_else(std::io::Error::last_os_error))
+                    .context("BPF_MAP_LOOKUP_BATCH")
+            }
+        }
+        token = out_token;
+        first = false;
+    }
+    Ok(())
+}
+
+/// The kernel's ENOTSUPP (not in libc): an operation the map type does not have.
+const ENOTSUPP: i32 = 524;
+
+/// Entries per `BPF_MAP_LOOKUP_BATCH` call; also more than any hash bucket holds (the kernel
+/// refuses a batch smaller than the bucket it stops at).
+const BATCH: usize = 4096;
+
+/// `BPF_MAP_LOOKUP_BATCH` (linux/bpf.h).
+const BPF_MAP_LOOKUP_BATCH: libc::c_long = 24;
+
+/// `bpf_attr` for the `BPF_MAP_*_BATCH` commands (linux/bpf.h).
+#[repr(C)]
+struct BatchAttr {
+    in_batch: u64,
+    out_batch: u64,
+    keys: u64,
+    values: u64,
+    count: u32,
+    map_fd: u32,
+    elem_flags: u64,
+    flags: u64,
+}
+
 /// The object's `lb_release` program, which [`Gc::run_once`] releases slots through.
 pub fn release_program(ebpf: &Ebpf) -> Option<&Xdp> {
     ebpf.program("lb_release").and_then(|p| p.try_into().ok())
@@ -737,14 +849,18 @@ pub fn release_program(ebpf: &Ebpf) -> Option<&Xdp> {
 
 /// The GC on a thread of its own. A pass is syscalls on every entry (a million entries take
 /// seconds); on the agent's event loop it would hold up the health checks and the failover
-/// decisions behind it. The worker owns the [`Gc`] (and so the connection log): the loop hands
-/// it the data path's connection events, and reads what a pass found from [`Worker::published`].
+/// decisions behind it. The worker owns the [`Gc`] and so the connection log, which it also
+/// feeds from the data path's `CONN_EVENTS` ring (drained every [`EVENTS_EVERY`]: the data path
+/// submits without waking anyone, since a wakeup per ended connection would cost more than the
+/// connection under churn). The loop reads what a pass found from [`Worker::published`].
 pub struct Worker {
     stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
-    events: Option<std::sync::mpsc::Sender<lb_common::ConnEvent>>,
     shared: std::sync::Arc<std::sync::Mutex<Published>>,
     thread: Option<std::thread::JoinHandle<()>>,
 }
+
+/// How often the GC's thread drains the `CONN_EVENTS` ring.
+pub const EVENTS_EVERY: Duration = Duration::from_millis(50);
 
 /// What the worker's last pass found.
 #[derive(Debug, Clone, Default)]
@@ -765,28 +881,28 @@ impl Worker {
     pub fn spawn(
         mut gc: Gc,
         release: Option<Xdp>,
+        mut events: aya::maps::RingBuf<MapData>,
         on_pass: impl Fn(&TableFill) + Send + 'static,
     ) -> Result<Self> {
-        use std::sync::{atomic::Ordering, mpsc, Arc, Mutex};
+        use std::sync::{atomic::Ordering, Arc, Mutex};
         let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let shared = Arc::new(Mutex::new(Published::default()));
-        let (tx, rx) = mpsc::channel::<lb_common::ConnEvent>();
         let thread = std::thread::Builder::new().name("lb-gc".into()).spawn({
             let (stop, shared) = (stop.clone(), shared.clone());
             move || {
                 let mut next = std::time::Instant::now();
                 while !stop.load(Ordering::Relaxed) {
-                    // Connection events are logged as they come, between passes.
-                    let wait = next.saturating_duration_since(std::time::Instant::now());
-                    match rx.recv_timeout(wait.min(Duration::from_millis(100))) {
-                        Ok(e) => {
+                    while let Some(item) = events.next() {
+                        if item.len() >= std::mem::size_of::<lb_common::ConnEvent>() {
+                            let e: lb_common::ConnEvent = bytemuck::pod_read_unaligned(
+                                &item[..std::mem::size_of::<lb_common::ConnEvent>()],
+                            );
                             gc.log_event(&e);
-                            continue;
                         }
-                        Err(mpsc::RecvTimeoutError::Timeout) => {}
-                        Err(mpsc::RecvTimeoutError::Disconnected) => break,
                     }
-                    if std::time::Instant::now() < next {
+                    let wait = next.saturating_duration_since(std::time::Instant::now());
+                    if !wait.is_zero() {
+                        std::thread::sleep(wait.min(EVENTS_EVERY));
                         continue;
                     }
                     if let Err(e) = gc.run_once(release.as_ref()) {
@@ -807,17 +923,9 @@ impl Worker {
         let thread = thread.context("start the GC thread")?;
         Ok(Self {
             stop,
-            events: Some(tx),
             shared,
             thread: Some(thread),
         })
-    }
-
-    /// Hands a connection the data path ended to the worker's connection log.
-    pub fn log_event(&self, e: lb_common::ConnEvent) {
-        if let Some(tx) = &self.events {
-            let _ = tx.send(e);
-        }
     }
 
     /// Counts flows on `range` at every pass from now on (`None`: stop).
@@ -837,7 +945,6 @@ impl Worker {
 impl Drop for Worker {
     fn drop(&mut self) {
         self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
-        self.events = None;
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }

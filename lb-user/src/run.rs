@@ -166,16 +166,13 @@ async fn serve(
     if let Some(p) = &cfg.connection_log {
         info!(file = %p.display(), "connection log appended to this file");
     }
-    // Connections the data path ends itself (reset, tuple reuse) come through a ring buffer.
-    let mut conn_events = {
+    // Connections the data path ends itself (reset, tuple reuse) come through a ring buffer,
+    // which the GC's thread drains for the connection log.
+    let conn_events = {
         let map = ebpf
             .take_map(lb_common::names::CONN_EVENTS)
             .context("the object has no CONN_EVENTS map")?;
-        let ring = aya::maps::RingBuf::try_from(map).context("CONN_EVENTS is not a ring buffer")?;
-        // SAFETY: the ring buffer owns its map fd, which stays open for as long as the AsyncFd
-        // (which owns the ring buffer) exists.
-        unsafe { AsyncFd::register_with_interest(ring, tokio::io::Interest::READABLE) }
-            .map_err(|e| anyhow::anyhow!("poll CONN_EVENTS: {e}"))?
+        aya::maps::RingBuf::try_from(map).context("CONN_EVENTS is not a ring buffer")?
     };
     // A record of host changes belongs to the pinned instance it was kept for: trusted only when
     // adopting that instance (a fresh one starts from the host as it is).
@@ -262,7 +259,7 @@ async fn serve(
             None
         }
     };
-    let gc = crate::gc::Worker::spawn(gc, release, {
+    let gc = crate::gc::Worker::spawn(gc, release, conn_events, {
         let live = live.clone();
         move |fill| {
             if let Ok(mut v) = live.write() {
@@ -392,19 +389,6 @@ async fn serve(
                         info!("the last flow of snat_ports {}-{} ended: those ports are the host's again", range.0, range.1);
                     }
                 }
-            }
-            r = conn_events.readable_mut() => {
-                let mut guard = r.context("CONN_EVENTS")?;
-                let ring = guard.get_inner_mut();
-                while let Some(item) = ring.next() {
-                    if item.len() >= std::mem::size_of::<lb_common::ConnEvent>() {
-                        let e: lb_common::ConnEvent = bytemuck::pod_read_unaligned(
-                            &item[..std::mem::size_of::<lb_common::ConnEvent>()],
-                        );
-                        gc.log_event(e);
-                    }
-                }
-                guard.clear_ready();
             }
             r = async { match log_fd.as_mut() { Some(fd) => fd.readable_mut().await, None => std::future::pending().await } } => {
                 let mut guard = r.context("log ring")?;

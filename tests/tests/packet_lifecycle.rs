@@ -8,7 +8,7 @@
 //! (10.0.1.1, the SNAT address); VIP 198.18.0.10:7680 "write" -> db01:7687. Connect timeout
 //! 30 s (fixture), idle 2 h and close 10 s (defaults) unless a test says otherwise.
 
-use std::time::Duration;
+use std::{net::Ipv4Addr, time::Duration};
 
 use anyhow::Result;
 use aya::maps::HashMap;
@@ -869,6 +869,73 @@ fn a_client_closed_flow_whose_last_ack_passed_gives_its_port_after_100ms_the_oth
         let out = fx.from_client(&client_syn(41404, WRITE_PORT).bytes()?)?;
         assert_eq!(out.action, Action::Redirect, "taken over after 1 s quiet");
         assert_eq!(sport_of(&out.frame), no_last_ack.port);
+        Ok(())
+    })
+}
+
+#[test]
+#[ignore = "needs root and netns: run cargo xtask test"]
+fn gc_reads_a_table_larger_than_one_batch_whole_and_expires_exactly_the_idle_half() -> Result<()> {
+    // 12,000 flows (24,000 entries: several of the GC's 4,096-entry batch reads), every
+    // other one idle for longer than the 2 s idle timeout.
+    let cfg = config_with_timeouts("[timeouts]\nconnect = \"30s\"\nidle = \"2s\"\nclose = \"1s\"");
+    Fixture::run_with_config("gcbatch", &cfg, |fx| {
+        let now = monotonic_now()?;
+        let n: u32 = 12_000;
+        {
+            let map = fx
+                .ebpf
+                .map_mut(names::CT_ESTABLISHED)
+                .expect("CT_ESTABLISHED");
+            let mut m = HashMap::<_, FlowKey, Flow>::try_from(map)?;
+            for i in 0..n {
+                let client = sa(Ipv4Addr::from(0x0a6f_0000 + i), 40_000);
+                let snat = sa(SNAT_ADDR, 10_000 + (i % 20_000) as u16);
+                let backend = sa(
+                    Ipv4Addr::new(10, 0, 2, (i / 20_000 + 1) as u8),
+                    BACKEND_PORT,
+                );
+                let seen = if i % 2 == 0 { now - 3 * SEC } else { now };
+                let base = Flow {
+                    created_ns: seen,
+                    last_seen_ns: seen,
+                    state: lb_common::FLOW_ESTABLISHED,
+                    ..Default::default()
+                };
+                let (fwd_key, rev_key) = (
+                    flow_key(client, sa(VIP, WRITE_PORT)),
+                    flow_key(backend, snat),
+                );
+                let fwd = Flow {
+                    nat_saddr: u32::from(*snat.ip()).to_be(),
+                    nat_daddr: u32::from(*backend.ip()).to_be(),
+                    nat_sport: snat.port().to_be(),
+                    nat_dport: backend.port().to_be(),
+                    dir: lb_common::DIR_FORWARD,
+                    ..base
+                };
+                let rev = Flow {
+                    nat_saddr: u32::from(VIP).to_be(),
+                    nat_daddr: u32::from(*client.ip()).to_be(),
+                    nat_sport: WRITE_PORT.to_be(),
+                    nat_dport: client.port().to_be(),
+                    dir: lb_common::DIR_REPLY,
+                    ..base
+                };
+                assert_eq!(fwd.partner_key(lb_common::IPPROTO_TCP), rev_key);
+                m.insert(fwd_key, fwd, 0)?;
+                m.insert(rev_key, rev, 0)?;
+            }
+        }
+        let mut gc = Gc::shared(&fx.ebpf, default_timeouts(fx))?;
+        let st = gc.sweep(now);
+        assert_eq!(st.established_entries, 2 * n as usize, "{st:?}");
+        assert_eq!(
+            (st.idle, st.orphans, st.closed),
+            (n as usize / 2, 0, 0),
+            "{st:?}"
+        );
+        assert_eq!(fx.established()?.len(), n as usize, "the active half stays");
         Ok(())
     })
 }
