@@ -398,7 +398,8 @@ pub fn own_program(ebpf: &mut Ebpf, name: &str, pin_dir: &Path) -> Result<Xdp> {
         .with_context(|| format!("the object has no {name} program"))?
         .try_into()
         .with_context(|| format!("{name} is not an XDP program"))?;
-    let path = pin_dir.join(format!(".{name}-{}", std::process::id()));
+    // No dot in the name: bpffs refuses names with one (EPERM).
+    let path = pin_dir.join(format!("{name}_own_{}", std::process::id()));
     prog.pin(&path)
         .with_context(|| format!("pin {name} at {}", path.display()))?;
     let own = Xdp::from_pin(&path, aya_obj::programs::XdpAttachType::Interface)

@@ -931,8 +931,10 @@ impl Worker {
     /// Counts flows on `range` at every pass from now on (`None`: stop).
     pub fn watch_ports(&self, range: Option<(u16, u16)>) {
         if let Ok(mut p) = self.shared.lock() {
-            p.watch = range;
-            p.on_watched = None;
+            if p.watch != range {
+                p.watch = range;
+                p.on_watched = None;
+            }
         }
     }
 

@@ -203,6 +203,19 @@ fn maxconn_32_holds_under_64_parallel_connections_and_counts_return_to_zero() ->
     // 64 at once into the empty pool.
     burst(&topo, &listener)?;
     wait_counts(&topo, (0, 0), Duration::from_secs(3))?;
+
+    // A connection the client resets: its slot stays until the flow is deleted (a spoofed RST
+    // must not free it), then the agent's GC releases it (through `lb_release`, from its own
+    // thread) within a few seconds.
+    let mut reset = connect_all(&topo, 1, Duration::from_secs(3))?;
+    let servers = exchange(&mut reset, accept(&listener, 1)?)?;
+    assert_eq!(counts(&topo)?, (1, 1));
+    let c = reset.pop().context("the connection")?;
+    socket2::SockRef::from(&c).set_linger(Some(Duration::ZERO))?;
+    drop(c);
+    wait_counts(&topo, (0, 0), Duration::from_secs(6))
+        .with_context(|| format!("the GC released no slot; lb log:\n{}", lb.stderr()))?;
+    drop(servers);
     lb.process.stop()?;
     Ok(())
 }
