@@ -117,6 +117,9 @@ counters! {
     /// Under SNAT port pressure, a handshake that the backend answered but the client never
     /// completed within `HALF_OPEN_NS` (a spoofed SYN, typically) gave its port to a new flow.
     HalfOpenReclaimed => "half_open_reclaimed",
+    /// Under SNAT port pressure, a closed flow (no TIME_WAIT at its backend) quiet long enough
+    /// was deleted and gave its port to a new flow.
+    ClosedPortTakenOver => "closed_port_taken_over",
 }
 
 /// Number of entries in `STATS_GLOBAL`.

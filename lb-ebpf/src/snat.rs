@@ -115,6 +115,7 @@ pub fn claim(
     let pending = events::prepare(&c.fwd_key, c.fwd, c.rev, now, reason);
     if conntrack::delete_closed(&c, &key) {
         pending.submit();
+        stats::count(Counter::ClosedPortTakenOver);
         maxconn::release(&c.fwd_key);
     } else {
         pending.discard();

@@ -167,6 +167,7 @@ const EVENTS: &[Counter] = &[
     Counter::GenericLarge,
     Counter::DropNoEgress,
     Counter::HalfOpenReclaimed,
+    Counter::ClosedPortTakenOver,
 ];
 
 // ---------------------------------------------------------------------------------------------

@@ -799,8 +799,15 @@ fn with_every_snat_port_taken_a_new_flow_takes_over_the_port_of_a_quiet_client_c
         // The new flow gets the client-closed flow's port; the backend-closed one (TIME_WAIT at
         // the backend) keeps its own.
         let syn = client_syn(41303, WRITE_PORT);
+        let before = fx.counters()?;
         let out = fx.from_client(&syn.bytes()?)?;
         assert_eq!(out.action, Action::Redirect, "a port taken over");
+        assert_eq!(
+            fx.counters()?.get(Counter::ClosedPortTakenOver)
+                - before.get(Counter::ClosedPortTakenOver),
+            1,
+            "counted"
+        );
         let port = sport_of(&out.frame);
         assert_eq!(port, client_closed.port, "the client-closed flow's port");
         assert_output("SYN", &out, Action::Redirect, &to_backend(&syn, port))?;
