@@ -126,17 +126,24 @@ pub fn claim_embryonic(key: &FlowKey, flow: &Flow) -> bool {
     CT_EMBRYONIC.insert(key, flow, BPF_NOEXIST as u64).is_ok()
 }
 
+/// Takes over the embryonic reply entry at `key` (writes `flow` there, claiming its SNAT port)
+/// if `over` says the handshake holding it is over.
+#[inline(always)]
+fn take_over_if(key: &FlowKey, flow: &Flow, over: impl Fn(&Flow) -> bool) -> bool {
+    // SAFETY: value valid for the program run; only read.
+    match CT_EMBRYONIC.get_ptr(key).map(|old| unsafe { &*old }) {
+        Some(old) if over(old) => CT_EMBRYONIC.insert(key, flow, BPF_ANY as u64).is_ok(),
+        _ => false,
+    }
+}
+
 /// Takes over the embryonic entry at `key` if it has expired (its flow never completed), so
 /// that dead handshakes do not hold SNAT ports until the LRU evicts them.
 #[inline(always)]
 pub fn reclaim_expired(key: &FlowKey, flow: &Flow, now: u64, embryonic_timeout: u64) -> bool {
-    match CT_EMBRYONIC.get_ptr(key) {
-        // SAFETY: value valid for the program run; only read.
-        Some(old) if now.wrapping_sub(unsafe { (*old).created_ns }) > embryonic_timeout => {
-            CT_EMBRYONIC.insert(key, flow, BPF_ANY as u64).is_ok()
-        }
-        _ => false,
-    }
+    take_over_if(key, flow, |old| {
+        now.wrapping_sub(old.created_ns) > embryonic_timeout
+    })
 }
 
 /// Takes over the embryonic reply entry at `key` if its handshake is half open and stale: the
@@ -145,16 +152,9 @@ pub fn reclaim_expired(key: &FlowKey, flow: &Flow, now: u64, embryonic_timeout: 
 /// backend's SYN-ACK within a round trip.
 #[inline(always)]
 pub fn reclaim_half_open(key: &FlowKey, flow: &Flow, now: u64, stale_ns: u64) -> bool {
-    match CT_EMBRYONIC.get_ptr(key) {
-        // SAFETY: value valid for the program run; only read.
-        Some(old)
-            if unsafe { (*old).state } == FLOW_SYN_RECV
-                && now.wrapping_sub(unsafe { (*old).created_ns }) > stale_ns =>
-        {
-            CT_EMBRYONIC.insert(key, flow, BPF_ANY as u64).is_ok()
-        }
-        _ => false,
-    }
+    take_over_if(key, flow, |old| {
+        old.state == FLOW_SYN_RECV && now.wrapping_sub(old.created_ns) > stale_ns
+    })
 }
 
 /// Inserts (or replaces an expired) forward entry.

@@ -871,8 +871,6 @@ pub struct Published {
     pub watch: Option<(u16, u16)>,
     /// Flows on `watch`'s ports at the last pass, with the range they were counted on.
     pub on_watched: Option<((u16, u16), usize)>,
-    /// Passes completed.
-    pub passes: u64,
 }
 
 impl Worker {
@@ -914,7 +912,6 @@ impl Worker {
                     if let Ok(mut p) = shared.lock() {
                         p.fill = Some(gc.fill().clone());
                         p.on_watched = on_watched;
-                        p.passes += 1;
                     }
                     next = std::time::Instant::now() + PERIOD;
                 }

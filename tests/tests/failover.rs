@@ -565,52 +565,32 @@ fn operators_drain_disable_and_enable_a_backend() -> Result<()> {
 /// (fake clients and backends: nothing sends on them), as a busy balancer holds.
 fn fill_with_idle_flows(topo: &Topology, n: u32) -> Result<()> {
     use aya::maps::HashMap;
-    use lb_common::{Flow, FlowKey, DIR_FORWARD, DIR_REPLY, FLOW_ESTABLISHED, IPPROTO_TCP};
+    use lb_common::{Flow, FlowKey, FLOW_ESTABLISHED};
+    use lb_tests::fixture::flow_pair;
+    use std::net::Ipv4Addr;
     let dir = lb_user::dataplane::pin_dir(&topo.instance);
     let map = lb_user::dataplane::open_pinned(&dir, lb_common::names::CT_ESTABLISHED)?;
     let mut table = HashMap::<_, FlowKey, Flow>::try_from(map)?;
     let now = lb_user::gc::monotonic_now()?;
-    let be = |a: std::net::Ipv4Addr| u32::from(a).to_be();
-    let key = |saddr, daddr, sport: u16, dport: u16| FlowKey {
-        saddr,
-        daddr,
-        sport: sport.to_be(),
-        dport: dport.to_be(),
-        proto: IPPROTO_TCP,
-        _pad: 0,
-        _pad16: 0,
+    let base = Flow {
+        created_ns: now,
+        last_seen_ns: now,
+        service_id: 2,
+        backend_id: 2,
+        state: FLOW_ESTABLISHED,
+        ..Default::default()
     };
-    let (vip, snat) = (be(topo.vip), be(topo.lb.backend_addr));
     for i in 0..n {
-        let client = be(std::net::Ipv4Addr::from(0x0a6f_0000 + i));
-        let backend = be(std::net::Ipv4Addr::new(10, 222, 0, (i / 60_000 + 1) as u8));
-        let sport = 1024 + (i % 60_000) as u16;
-        let flow = Flow {
-            created_ns: now,
-            last_seen_ns: now,
-            service_id: 2,
-            backend_id: 2,
-            state: FLOW_ESTABLISHED,
-            ..Default::default()
-        };
-        let fwd = Flow {
-            nat_saddr: snat,
-            nat_daddr: backend,
-            nat_sport: sport.to_be(),
-            nat_dport: 7474u16.to_be(),
-            dir: DIR_FORWARD,
-            ..flow
-        };
-        let rev = Flow {
-            nat_saddr: vip,
-            nat_daddr: client,
-            nat_sport: 80u16.to_be(),
-            nat_dport: 40_000u16.to_be(),
-            dir: DIR_REPLY,
-            ..flow
-        };
-        table.insert(key(client, vip, 40_000, 80), fwd, 0)?;
-        table.insert(fwd.partner_key(IPPROTO_TCP), rev, 0)?;
+        let pair = flow_pair(
+            SocketAddrV4::new(Ipv4Addr::from(0x0a6f_0000 + i), 40_000),
+            SocketAddrV4::new(topo.vip, 80),
+            SocketAddrV4::new(topo.lb.backend_addr, 1024 + (i % 60_000) as u16),
+            SocketAddrV4::new(Ipv4Addr::new(10, 222, 0, (i / 60_000 + 1) as u8), 7474),
+            base,
+        );
+        for (k, f) in pair {
+            table.insert(k, f, 0)?;
+        }
     }
     Ok(())
 }

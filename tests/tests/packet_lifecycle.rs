@@ -141,6 +141,16 @@ impl Conn {
         Ok((f, r))
     }
 
+    /// Makes both entries look quiet for `ago_ns` (their last segment that long ago).
+    fn quiet_for(&self, fx: &mut Fixture, ago_ns: u64) -> Result<()> {
+        let last = monotonic_now()? - ago_ns;
+        let (mut f, mut r) = self.entries(fx)?;
+        f.last_seen_ns = last;
+        r.last_seen_ns = last;
+        put_established(fx, &self.fwd_key(), &f)?;
+        put_established(fx, &self.rev_key(), &r)
+    }
+
     fn closing(&self, fx: &Fixture) -> Result<bool> {
         let (f, r) = self.entries(fx)?;
         Ok(is_closing(&f, &r))
@@ -757,15 +767,20 @@ fn the_data_path_reports_the_flows_it_deletes_itself_for_the_connection_log() ->
     })
 }
 
+/// The fixture's configuration with two SNAT ports only: two flows take both.
+fn two_snat_ports() -> String {
+    CONFIG.replace(
+        "snat_ports = \"10000-32767\"",
+        "snat_ports = \"10000-10001\"",
+    )
+}
+
 #[test]
 #[ignore = "needs root and netns: run cargo xtask test"]
 fn with_every_snat_port_taken_a_new_flow_takes_over_the_port_of_a_quiet_client_closed_flow(
 ) -> Result<()> {
     // Two SNAT ports only: two flows take both.
-    let cfg = CONFIG.replace(
-        "snat_ports = \"10000-32767\"",
-        "snat_ports = \"10000-10001\"",
-    );
+    let cfg = two_snat_ports();
     Fixture::run_with_config("takeover", &cfg, |fx| {
         let mut client_closed = establish(fx, 41300)?;
         let mut backend_closed = establish(fx, 41301)?;
@@ -788,13 +803,8 @@ fn with_every_snat_port_taken_a_new_flow_takes_over_the_port_of_a_quiet_client_c
         );
 
         // Both closed flows quiet for 2 s (aged by hand).
-        let t0 = monotonic_now()?;
         for c in [&client_closed, &backend_closed] {
-            let (mut f, mut r) = c.entries(fx)?;
-            f.last_seen_ns = t0 - 2 * SEC;
-            r.last_seen_ns = t0 - 2 * SEC;
-            put_established(fx, &c.fwd_key(), &f)?;
-            put_established(fx, &c.rev_key(), &r)?;
+            c.quiet_for(fx, 2 * SEC)?;
         }
         // The new flow gets the client-closed flow's port; the backend-closed one (TIME_WAIT at
         // the backend) keeps its own.
@@ -835,10 +845,7 @@ fn with_every_snat_port_taken_a_new_flow_takes_over_the_port_of_a_quiet_client_c
 #[ignore = "needs root and netns: run cargo xtask test"]
 fn a_client_closed_flow_whose_last_ack_passed_gives_its_port_after_100ms_the_others_after_1s(
 ) -> Result<()> {
-    let cfg = CONFIG.replace(
-        "snat_ports = \"10000-32767\"",
-        "snat_ports = \"10000-10001\"",
-    );
+    let cfg = two_snat_ports();
     Fixture::run_with_config("lastack", &cfg, |fx| {
         // Both closed by the client first; only `done`'s last ACK (of the backend's FIN) passed.
         let mut done = establish(fx, 41400)?;
@@ -850,16 +857,8 @@ fn a_client_closed_flow_whose_last_ack_passed_gives_its_port_after_100ms_the_oth
         done.client_sends(fx, "last ACK", ACK, b"")?;
         conn_events(fx)?;
         // Both quiet for 200 ms (aged by hand).
-        let t0 = monotonic_now()?;
-        let age = |fx: &mut Fixture, c: &Conn, ago: u64| -> Result<()> {
-            let (mut f, mut r) = c.entries(fx)?;
-            f.last_seen_ns = t0 - ago;
-            r.last_seen_ns = t0 - ago;
-            put_established(fx, &c.fwd_key(), &f)?;
-            put_established(fx, &c.rev_key(), &r)
-        };
-        age(fx, &done, 200_000_000)?;
-        age(fx, &no_last_ack, 200_000_000)?;
+        done.quiet_for(fx, 200_000_000)?;
+        no_last_ack.quiet_for(fx, 200_000_000)?;
         let out = fx.from_client(&client_syn(41402, WRITE_PORT).bytes()?)?;
         assert_eq!(out.action, Action::Redirect, "a port taken over");
         assert_eq!(
@@ -872,7 +871,7 @@ fn a_client_closed_flow_whose_last_ack_passed_gives_its_port_after_100ms_the_oth
         let out = fx.from_client(&client_syn(41403, WRITE_PORT).bytes()?)?;
         assert_eq!(out.action, Action::Tx, "refused: no port quiet long enough");
         assert!(no_last_ack.in_table(fx)?);
-        age(fx, &no_last_ack, 1_100_000_000)?;
+        no_last_ack.quiet_for(fx, 1_100_000_000)?;
         let out = fx.from_client(&client_syn(41404, WRITE_PORT).bytes()?)?;
         assert_eq!(out.action, Action::Redirect, "taken over after 1 s quiet");
         assert_eq!(sport_of(&out.frame), no_last_ack.port);
@@ -909,29 +908,9 @@ fn gc_reads_a_table_larger_than_one_batch_whole_and_expires_exactly_the_idle_hal
                     state: lb_common::FLOW_ESTABLISHED,
                     ..Default::default()
                 };
-                let (fwd_key, rev_key) = (
-                    flow_key(client, sa(VIP, WRITE_PORT)),
-                    flow_key(backend, snat),
-                );
-                let fwd = Flow {
-                    nat_saddr: u32::from(*snat.ip()).to_be(),
-                    nat_daddr: u32::from(*backend.ip()).to_be(),
-                    nat_sport: snat.port().to_be(),
-                    nat_dport: backend.port().to_be(),
-                    dir: lb_common::DIR_FORWARD,
-                    ..base
-                };
-                let rev = Flow {
-                    nat_saddr: u32::from(VIP).to_be(),
-                    nat_daddr: u32::from(*client.ip()).to_be(),
-                    nat_sport: WRITE_PORT.to_be(),
-                    nat_dport: client.port().to_be(),
-                    dir: lb_common::DIR_REPLY,
-                    ..base
-                };
-                assert_eq!(fwd.partner_key(lb_common::IPPROTO_TCP), rev_key);
-                m.insert(fwd_key, fwd, 0)?;
-                m.insert(rev_key, rev, 0)?;
+                for (k, f) in flow_pair(client, sa(VIP, WRITE_PORT), snat, backend, base) {
+                    m.insert(k, f, 0)?;
+                }
             }
         }
         let mut gc = Gc::shared(&fx.ebpf, default_timeouts(fx))?;

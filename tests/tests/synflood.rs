@@ -45,16 +45,35 @@ fn flood(topo: &Topology, n: usize) -> Result<()> {
     Ok(())
 }
 
+/// The flood's target: a sink on db01's `SINK_PORT`.
+fn sink_on_db01(topo: &Topology) -> Result<Sink> {
+    let db01 = &topo.backends[0];
+    Sink::start(
+        &db01.ns,
+        &db01.name,
+        SocketAddrV4::new(db01.addr, SINK_PORT),
+    )
+}
+
+/// 20 new connections to the flooded VIP, one after the other, each carrying 256 bytes.
+fn connect_after_the_flood(topo: &Topology) -> Result<()> {
+    let vip = SocketAddrV4::new(topo.vip, SINK_PORT);
+    topo.client.ns.run_in(|| -> Result<()> {
+        for i in 0..20u64 {
+            let data = payload(i, 256);
+            let r = send(vip, &data).with_context(|| format!("connection {i} after the flood"))?;
+            ensure!(r.len == data.len(), "connection {i}: {r:?}");
+        }
+        Ok(())
+    })?
+}
+
 #[test]
 #[ignore = "needs root and netns: run cargo xtask test"]
 fn a_syn_flood_fills_only_the_embryonic_table_and_service_resumes_after_it() -> Result<()> {
     let topo = Topology::two_armed("synflood")?;
     let db01 = &topo.backends[0];
-    let _sinks = Sink::start(
-        &db01.ns,
-        &db01.name,
-        SocketAddrV4::new(db01.addr, SINK_PORT),
-    )?;
+    let _sinks = sink_on_db01(&topo)?;
     let echo = db01
         .ns
         .run_in(|| TcpListener::bind(SocketAddrV4::new(db01.addr, ECHO_PORT)))??;
@@ -106,15 +125,7 @@ fn a_syn_flood_fills_only_the_embryonic_table_and_service_resumes_after_it() -> 
     );
 
     ping(2).context("the idle session after the flood")?;
-    let vip = SocketAddrV4::new(topo.vip, SINK_PORT);
-    topo.client.ns.run_in(|| -> Result<()> {
-        for i in 0..20u64 {
-            let data = payload(i, 256);
-            let r = send(vip, &data).with_context(|| format!("connection {i} after the flood"))?;
-            ensure!(r.len == data.len(), "connection {i}: {r:?}");
-        }
-        Ok(())
-    })??;
+    connect_after_the_flood(&topo)?;
     Ok(())
 }
 
@@ -125,12 +136,7 @@ fn spoofed_handshakes_give_their_snat_ports_back_to_new_connections_within_a_sec
     // 200 SNAT ports and 2,000 spoofed SYNs: the first 200 take every port. Before, they held
     // them for the connect timeout (30 s) and every new connection got a RST.
     let topo = Topology::two_armed("synports")?;
-    let db01 = &topo.backends[0];
-    let _sinks = Sink::start(
-        &db01.ns,
-        &db01.name,
-        SocketAddrV4::new(db01.addr, SINK_PORT),
-    )?;
+    let _sinks = sink_on_db01(&topo)?;
     let mut cfg = format!(
         "instance = \"{}\"\nsnat_ports = \"20000-20199\"\n",
         topo.instance
@@ -145,15 +151,7 @@ fn spoofed_handshakes_give_their_snat_ports_back_to_new_connections_within_a_sec
         Topology::global_counter(&s, "rst_snat_exhausted") > 0,
         "the flood did not use up the 200 ports"
     );
-    let vip = SocketAddrV4::new(topo.vip, SINK_PORT);
-    topo.client.ns.run_in(|| -> Result<()> {
-        for i in 0..20u64 {
-            let data = payload(i, 256);
-            let r = send(vip, &data).with_context(|| format!("connection {i} after the flood"))?;
-            ensure!(r.len == data.len(), "connection {i}: {r:?}");
-        }
-        Ok(())
-    })??;
+    connect_after_the_flood(&topo)?;
     // The first one had to take a flood handshake's port; later ones may also get the port of
     // an earlier one whose closed tuple the client reused (`closed_tuple_reused`).
     let s = topo.lb_status()?;

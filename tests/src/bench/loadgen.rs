@@ -118,6 +118,17 @@ impl Sessions {
     pub fn attempts(&self) -> u64 {
         self.completed + self.failed
     }
+
+    /// Adds what another client (or thread) recorded.
+    fn absorb(&mut self, other: Sessions) {
+        self.completed += other.completed;
+        self.failed += other.failed;
+        for (k, n) in other.errors {
+            *self.errors.entry(k).or_default() += n;
+        }
+        self.first_byte_us.extend(other.first_byte_us);
+        self.session_us.extend(other.session_us);
+    }
 }
 
 /// `clients` parallel loops of short sessions against `addr` for `duration`, spread over one
@@ -151,14 +162,7 @@ pub fn short_sessions(addr: SocketAddrV4, clients: usize, duration: Duration) ->
         ..Sessions::default()
     };
     for part in parts {
-        let s = part?;
-        all.completed += s.completed;
-        all.failed += s.failed;
-        for (k, n) in s.errors {
-            *all.errors.entry(k).or_default() += n;
-        }
-        all.first_byte_us.extend(s.first_byte_us);
-        all.session_us.extend(s.session_us);
+        all.absorb(part?);
     }
     Ok(all)
 }
@@ -200,14 +204,7 @@ fn sessions_on_this_thread(
         }
         let mut all = Sessions::default();
         for t in tasks {
-            let s = t.await.context("a client task panicked")?;
-            all.completed += s.completed;
-            all.failed += s.failed;
-            for (k, n) in s.errors {
-                *all.errors.entry(k).or_default() += n;
-            }
-            all.first_byte_us.extend(s.first_byte_us);
-            all.session_us.extend(s.session_us);
+            all.absorb(t.await.context("a client task panicked")?);
         }
         Ok(all)
     })

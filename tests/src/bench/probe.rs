@@ -100,16 +100,8 @@ pub fn forw_datagrams(ns: &Ns) -> Result<u64> {
 
 /// lb's global counter `name` (`lb status --instance I --json`, run in the lb namespace).
 pub fn lb_counter(cell: &Cell, name: &str) -> Result<u64> {
-    let mut cmd = cell.topo.lb.ns.command(harness::lb_bin());
-    cmd.args(["status", "--instance", &cell.topo.instance, "--json"]);
-    let out = run(&mut cmd)?;
-    let v: Value = serde_json::from_slice(&out.stdout).context("parsing lb status --json")?;
-    v["global"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .find(|e| e[0] == name)
-        .and_then(|e| e[1].as_u64())
+    let status = cell.topo.lb_status()?;
+    harness::Topology::find_global_counter(&status, name)
         .with_context(|| format!("lb status has no global counter {name}"))
 }
 

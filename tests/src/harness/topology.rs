@@ -402,15 +402,19 @@ impl Topology {
         serde_json::from_slice(&out.stdout).context("lb status --json")
     }
 
-    /// One global counter (by its exported name, e.g. `new_flows`) of `status`.
+    /// One global counter (by its exported name, e.g. `new_flows`) of `status`; 0 if absent.
     pub fn global_counter(status: &serde_json::Value, name: &str) -> u64 {
+        Self::find_global_counter(status, name).unwrap_or(0)
+    }
+
+    /// One global counter of `status`, if it has it.
+    pub fn find_global_counter(status: &serde_json::Value, name: &str) -> Option<u64> {
         status["global"]
             .as_array()
             .into_iter()
             .flatten()
             .find(|e| e[0] == name)
             .and_then(|e| e[1].as_u64())
-            .unwrap_or(0)
     }
 
     pub fn role_checked_config(&self) -> String {
