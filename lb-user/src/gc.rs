@@ -862,11 +862,10 @@ pub struct Worker {
 /// How often the GC's thread drains the `CONN_EVENTS` ring.
 pub const EVENTS_EVERY: Duration = Duration::from_millis(50);
 
-/// What the worker's last pass found.
+/// What the worker's last pass found that the loop acts on (the table fill goes to the live
+/// view through `on_pass`).
 #[derive(Debug, Clone, Default)]
 pub struct Published {
-    /// Table fill of the last pass.
-    pub fill: Option<TableFill>,
     /// The port range to count flows on (an earlier `snat_ports`), set by the loop.
     pub watch: Option<(u16, u16)>,
     /// Flows on `watch`'s ports at the last pass, with the range they were counted on.
@@ -910,7 +909,6 @@ impl Worker {
                     let watch = shared.lock().ok().and_then(|p| p.watch);
                     let on_watched = watch.map(|r| (r, gc.flows_on_ports(r)));
                     if let Ok(mut p) = shared.lock() {
-                        p.fill = Some(gc.fill().clone());
                         p.on_watched = on_watched;
                     }
                     next = std::time::Instant::now() + PERIOD;
