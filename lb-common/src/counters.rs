@@ -120,6 +120,17 @@ counters! {
     /// Under SNAT port pressure, a closed flow (no TIME_WAIT at its backend) quiet long enough
     /// was deleted and gave its port to a new flow.
     ClosedPortTakenOver => "closed_port_taken_over",
+    /// A flow the client closed first, ended by the data path as the client's ACK of the
+    /// backend's FIN passed (both FINs acknowledged: the backend's socket is gone, the client
+    /// holds the TIME_WAIT): both entries deleted, its slot and SNAT port free at once.
+    EndedAtLastAck => "ended_at_last_ack",
+    /// A segment on a handshake in progress that is not part of it, dropped: a client ACK that
+    /// does not acknowledge the backend's SYN-ACK, or a backend segment other than a SYN-ACK or
+    /// RST. Typically the last ACK of an earlier connection on the same tuple (overtaken by the
+    /// SYN that reused it), or a backend's retransmitted FIN of an earlier flow on the same
+    /// SNAT port: forwarded on the new flow's mapping, either would be answered with a RST
+    /// that ends the new connection.
+    DropHandshakeStale => "drop_handshake_stale",
 }
 
 /// Number of entries in `STATS_GLOBAL`.

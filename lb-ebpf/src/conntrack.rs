@@ -77,12 +77,11 @@ pub struct Closed {
 
 /// If the established entry at `key` is the reply entry of a flow that has been closing for
 /// more than `quiet_ns` and whose backend did not close first (so the backend holds no
-/// TIME_WAIT on this tuple), the flow; `done_quiet_ns` instead of `quiet_ns` when the client
-/// closed first and acknowledged the backend's FIN (the backend's socket is closed once that
-/// ACK arrives: only a lost ACK, retransmitted after at least 200 ms, still concerns the
-/// tuple). Nothing is deleted here (see [`delete_closed`]).
+/// TIME_WAIT on this tuple), the flow. (A flow the client closed first whose last ACK passed
+/// is not here any more: the forward path ended it, see [`client_closed_and_acked`].) Nothing
+/// is deleted here (see [`delete_closed`]).
 #[inline(always)]
-pub fn closed_quiet(key: &FlowKey, now: u64, quiet_ns: u64, done_quiet_ns: u64) -> Option<Closed> {
+pub fn closed_quiet(key: &FlowKey, now: u64, quiet_ns: u64) -> Option<Closed> {
     let rev = get_est(key)?;
     if rev.dir != DIR_REPLY {
         return None;
@@ -98,26 +97,43 @@ pub fn closed_quiet(key: &FlowKey, now: u64, quiet_ns: u64, done_quiet_ns: u64) 
     } else {
         rev.last_seen_ns
     };
-    let done = !reset
-        && fwd.first_fin != 0
-        && fwd.close & rev.close & FLOW_CLOSE_FIN != 0
-        && fwd.ack == rev.seq_end;
-    let quiet = if done { done_quiet_ns } else { quiet_ns };
-    if (rev.first_fin != 0 && !reset) || now.wrapping_sub(last) <= quiet {
+    if (rev.first_fin != 0 && !reset) || now.wrapping_sub(last) <= quiet_ns {
         return None;
     }
     Some(Closed { fwd_key, fwd, rev })
+}
+
+/// Whether the client closed the flow first (`fwd`: its forward entry, `rev`: the reply one)
+/// and both FINs are acknowledged: the backend received the client's FIN and its own FIN was
+/// acknowledged, so its socket is gone once that ACK arrives, and the client holds the only
+/// TIME_WAIT. Nothing on the tuple is still due but a retransmit of the backend's FIN should
+/// that last ACK be lost (it then meets no flow and gets a RST, which ends the same socket).
+#[inline(always)]
+pub fn client_closed_and_acked(fwd: &Flow, rev: &Flow) -> bool {
+    fwd.first_fin != 0
+        && rev.first_fin == 0
+        && (fwd.close | rev.close) & FLOW_CLOSE_RST == 0
+        && fwd.close & rev.close & FLOW_CLOSE_FIN != 0
+        && fwd.ack == rev.seq_end
+        && rev.ack == fwd.seq_end
+}
+
+/// Deletes both established entries of a flow (`key` and its partner's); false if another CPU
+/// deleted it first.
+#[inline(always)]
+pub fn delete_established(key: &FlowKey, partner_key: &FlowKey) -> bool {
+    if CT_ESTABLISHED.remove(key).is_err() {
+        return false;
+    }
+    let _ = CT_ESTABLISHED.remove(partner_key);
+    true
 }
 
 /// Deletes a closed flow found by [`closed_quiet`] at reply key `key`; false if another CPU
 /// deleted it first.
 #[inline(always)]
 pub fn delete_closed(c: &Closed, key: &FlowKey) -> bool {
-    if CT_ESTABLISHED.remove(&c.fwd_key).is_err() {
-        return false;
-    }
-    let _ = CT_ESTABLISHED.remove(key);
-    true
+    delete_established(&c.fwd_key, key)
 }
 
 /// Inserts a new reply entry only if its key is free: this is what claims an SNAT port.
@@ -229,8 +245,9 @@ pub fn delete(key: &FlowKey, found: &Found) {
 /// Records what a segment with `flags` says about the connection's end in `flow`, the entry of
 /// the direction it travels (each direction writes only its own entry, so the two paths never
 /// race on one byte). Nothing is deleted here: a half-closed connection keeps working, the
-/// last ACK and retransmitted FINs still translate, and the GC deletes the flow once it has
-/// been closing for the close timeout. A RST marks the entry; any later non-RST segment from
+/// last ACK and retransmitted FINs still translate; the forward path ends a flow the client
+/// closed first at its last ACK ([`client_closed_and_acked`]), and the GC deletes any other
+/// once it has been closing for the close timeout. A RST marks the entry; any later non-RST segment from
 /// the same side clears the mark again (a genuine RST's sender never sends on the tuple again,
 /// so that RST was spoofed). A changed mark refreshes `last_seen_ns`: the close timeout counts
 /// from the segment that closed the flow.
@@ -299,6 +316,29 @@ pub fn rst_acceptable(flow: &Flow, partner: &Flow, tcp: &Tcp) -> bool {
     }
     let low = partner.ack.wrapping_sub(1);
     u32::from_be_bytes(tcp.seq).wrapping_sub(low) <= flow.seq_end.wrapping_sub(low)
+}
+
+/// Whether a client segment may pass on a handshake in progress (`flow`: its forward entry,
+/// `partner`: the reply entry). A segment with ACK (and no SYN or RST) must acknowledge the
+/// backend's SYN-ACK: before the backend answered there is nothing to acknowledge, after it
+/// the ACK is its initial sequence number plus one. Anything else is a segment of an earlier
+/// connection on the same tuple (its last ACK, delayed behind the SYN that reused the tuple
+/// on another CPU): on the new mapping the backend would answer it with a RST that ends the
+/// new connection. SYN retransmits and RSTs pass.
+#[inline(always)]
+pub fn handshake_ack_acceptable(flow: &Flow, partner: &Flow, tcp: &Tcp) -> bool {
+    if tcp.flags & (TCP_ACK | TCP_SYN | TCP_RST) != TCP_ACK {
+        return true;
+    }
+    flow.state == FLOW_SYN_RECV && u32::from_be_bytes(tcp.ack) == partner.seq_end
+}
+
+/// Whether a backend segment may pass on a handshake in progress: its SYN-ACK (or a
+/// retransmit of it) or a RST. Any other is from an earlier flow on the same SNAT port (say
+/// its FIN, retransmitted because the client's last ACK was lost after it ended the flow).
+#[inline(always)]
+pub fn handshake_reply_acceptable(tcp: &Tcp) -> bool {
+    tcp.flags & (TCP_SYN | TCP_RST) != 0
 }
 
 /// How often an entry's `last_seen_ns` is refreshed at most.

@@ -4,9 +4,9 @@ use aya_ebpf::{bindings::xdp_action, programs::XdpContext};
 use aya_log_ebpf::info;
 use lb_common::{
     is_closing, Config, Counter, Flow, FlowKey, Service, CAPTURE_DIR_IN, CAPTURE_DIR_OUT,
-    CAPTURE_NO_ACTION, CONFIG_F_DEBUG, CONFIG_F_GENERIC, CONFIG_F_ROUTE_SRC, CONN_END_RESET,
-    CONN_END_REUSED, DIR_FORWARD, DIR_REPLY, FLOW_SYN_RECV, FLOW_SYN_SENT, IPPROTO_TCP,
-    SERVICE_F_MAXCONN_RESET,
+    CAPTURE_NO_ACTION, CONFIG_F_DEBUG, CONFIG_F_GENERIC, CONFIG_F_ROUTE_SRC, CONN_END_CLOSED,
+    CONN_END_RESET, CONN_END_REUSED, DIR_FORWARD, DIR_REPLY, FLOW_SYN_RECV, FLOW_SYN_SENT,
+    IPPROTO_TCP, SERVICE_F_MAXCONN_RESET,
 };
 use network_types::eth::EthHdr;
 
@@ -221,6 +221,10 @@ fn existing(
         stats::service_drop(flow.service_id, Counter::DropRstOutOfWindow);
         return xdp_action::XDP_DROP;
     }
+    if !found.established && !conntrack::handshake_ack_acceptable(&flow, found.partner, tcp) {
+        stats::service_drop(flow.service_id, Counter::DropHandshakeStale);
+        return xdp_action::XDP_DROP;
+    }
     // Before `promote`, which copies the entry: an ACK that establishes may carry a FIN.
     conntrack::track(found.flow, found.partner.close, tcp, now);
     let payload = payload_len(ip, tcp);
@@ -236,13 +240,36 @@ fn existing(
         maxconn::release(key);
     }
     if found.established {
-        conntrack::touch(found.flow, now);
+        if flags & TCP_ACK != 0 && conntrack::client_closed_and_acked(found.flow, found.partner) {
+            end_at_last_ack(key, found, now);
+        } else {
+            conntrack::touch(found.flow, now);
+        }
     } else if flags & (TCP_SYN | TCP_ACK | TCP_RST) == TCP_ACK && flow.state == FLOW_SYN_RECV {
         if let Some(action) = establish(cfg, key, &found, &svc, &flow, now) {
             return action;
         }
     }
     send(ctx, eth, ip, tcp, &flow, bytes, false)
+}
+
+/// The client's ACK of the backend's FIN on a flow it closed first: the connection is over at
+/// both ends (the backend's socket closes on this ACK, the client holds the TIME_WAIT). The
+/// flow is deleted now, not after a close timeout: its SNAT port is free for the next
+/// connection at once, and the agent has nothing to expire. Its slot went with the second FIN.
+/// The segment itself still goes out (the caller copied the mapping).
+#[inline(always)]
+fn end_at_last_ack(key: &FlowKey, found: conntrack::Found, now: u64) {
+    let partner_key = found.flow.partner_key(IPPROTO_TCP);
+    // The record is written from the entries before they are deleted, and only sent if this
+    // CPU's delete is the one that succeeded.
+    let pending = events::prepare(key, found.flow, found.partner, now, CONN_END_CLOSED);
+    if conntrack::delete_established(key, &partner_key) {
+        pending.submit();
+        stats::count(Counter::EndedAtLastAck);
+    } else {
+        pending.discard();
+    }
 }
 
 /// The client's ACK completes the handshake of `flow`: it takes the flow's connection slot
@@ -336,6 +363,10 @@ pub fn reply(
     }
     if found.established && !conntrack::rst_acceptable(found.flow, found.partner, tcp) {
         stats::service_drop(found.flow.service_id, Counter::DropRstOutOfWindow);
+        return xdp_action::XDP_DROP;
+    }
+    if !found.established && !conntrack::handshake_reply_acceptable(tcp) {
+        stats::service_drop(found.flow.service_id, Counter::DropHandshakeStale);
         return xdp_action::XDP_DROP;
     }
     conntrack::track(found.flow, found.partner.close, tcp, now);

@@ -6,10 +6,10 @@
 //! port; the search gives up after `SNAT_TRIES` tries. Under pressure (every try found its port
 //! taken), it tries `REUSE_TRIES` more ports and may also take over the port of a flow that
 //! has been closed for a while and whose backend did not close first: the backend has no
-//! TIME_WAIT on that tuple, and without this, connection churn to one backend would run out of
-//! ports while closed flows wait for the GC (after 100 ms instead of 1 s when the client's last
-//! ACK of the backend's FIN passed: the backend's socket is gone); or the port of a half-open handshake older than
-//! `HALF_OPEN_NS` (the backend answered, the client never did: a spoofed SYN), so that a SYN
+//! TIME_WAIT on that tuple, and without this, ports would wait for the GC (a flow the client
+//! closed first normally ends at its last ACK, in the forward path, and frees its port then;
+//! this covers the ones whose last ACK was lost and those a RST closed); or the port of a
+//! half-open handshake older than `HALF_OPEN_NS` (the backend answered, the client never did: a spoofed SYN), so that a SYN
 //! flood holds each port for a fraction of a second instead of the connect timeout.
 use aya_ebpf::helpers::bpf_get_prandom_u32;
 use lb_common::{
@@ -24,10 +24,6 @@ pub const REUSE_TRIES: u32 = 8;
 /// How long a closed flow must have been quiet before a new flow may take over its port (its
 /// last ACK and retransmitted FINs have passed).
 pub const REUSE_QUIET_NS: u64 = 1_000_000_000;
-/// The same for a flow the client closed first whose last ACK (of the backend's FIN) passed:
-/// the backend's socket is gone, and a lost last ACK would be retransmitted after 200 ms at
-/// the earliest.
-pub const DONE_QUIET_NS: u64 = 100_000_000;
 /// How old a half-open handshake must be before, under port pressure, a new flow may take over
 /// its port. A real client's ACK follows the backend's SYN-ACK within a round trip; a flood of
 /// spoofed SYNs at 20,000/s keeps about 5,000 ports younger than this.
@@ -95,7 +91,7 @@ pub fn claim(
                 return Some(key.dport);
             }
         }
-        if conntrack::closed_quiet(&key, now, REUSE_QUIET_NS, DONE_QUIET_NS).is_some() {
+        if conntrack::closed_quiet(&key, now, REUSE_QUIET_NS).is_some() {
             found = true;
             break;
         }
@@ -104,7 +100,7 @@ pub fn claim(
     if !found {
         return None;
     }
-    let c = conntrack::closed_quiet(&key, now, REUSE_QUIET_NS, DONE_QUIET_NS)?;
+    let c = conntrack::closed_quiet(&key, now, REUSE_QUIET_NS)?;
     let reason = if (c.fwd.close | c.rev.close) & FLOW_CLOSE_RST != 0 {
         CONN_END_CLOSED_RST
     } else {
