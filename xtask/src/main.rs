@@ -58,9 +58,9 @@ enum Task {
     /// Setup, build, then show lb balancing a simulated 3-server Neo4j cluster in namespaces.
     Demo,
     /// Setup, release build, then run benchmarks: `cargo xtask bench [SUITE] [-- --quick ...]`;
-    /// without a suite, `all` (writes BENCHMARKS.md) and then `failover`.
+    /// without a suite, `all`, `churn` and `failover` (each writes its section of BENCHMARKS.md).
     Bench {
-        /// all, throughput, connrate, latency, cost, memory or failover.
+        /// all, throughput, connrate, latency, cost, memory, churn or failover.
         suite: Option<String>,
         /// Passed to `lb-bench <suite>`, e.g. `--quick` or `--runs 3`.
         #[arg(last = true)]
@@ -139,7 +139,11 @@ fn real_main() -> Result<u8> {
             let release = repo().join("target/release");
             let suites = match suite {
                 Some(s) => vec![s],
-                None => vec!["all".to_string(), "failover".to_string()],
+                None => vec![
+                    "all".to_string(),
+                    "churn".to_string(),
+                    "failover".to_string(),
+                ],
             };
             let mut worst = 0;
             for suite in suites {

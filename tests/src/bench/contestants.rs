@@ -44,6 +44,8 @@ pub const WRITE_PORT: u16 = 7680;
 pub const BOLT_PORT: u16 = 7687;
 /// iperf3's port, on the VIP and on db01.
 pub const IPERF_PORT: u16 = 5201;
+/// lb only (`lb-bench churn`): a read service over all three members.
+pub const READ_ALL_PORT: u16 = 7682;
 /// The client's address on the direct leg.
 pub const DIRECT_ADDR: Ipv4Addr = Ipv4Addr::new(10, 0, 1, 200);
 
@@ -149,6 +151,12 @@ pub fn lb_config(topo: &Topology) -> String {
         ("write", WRITE_PORT, BOLT_PORT, "\"db01\""),
         ("read", 7681, BOLT_PORT, "\"db02\", \"db03\""),
         ("iperf", IPERF_PORT, IPERF_PORT, "\"db01\""),
+        (
+            "read-all",
+            READ_ALL_PORT,
+            BOLT_PORT,
+            "\"db01\", \"db02\", \"db03\"",
+        ),
     ] {
         s += &format!(
             "\n[[service]]\nname = \"{name}\"\nvip = \"{}:{port}\"\nbackend_port = {bport}\nbackends = [{members}]\n",

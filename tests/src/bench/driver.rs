@@ -130,7 +130,7 @@ fn machine() -> Machine {
 }
 
 /// `YYYY-MM-DD HH:MM UTC` of a Unix time.
-fn date_utc(secs: u64) -> String {
+pub fn date_utc(secs: u64) -> String {
     let days = (secs / 86400) as i64;
     let rem = secs % 86400;
     // Civil from days (Howard Hinnant's algorithm).

@@ -14,14 +14,18 @@
 //!   [`suite`] (iperf3, Bolt short sessions and ping-pong from [`loadgen`], memory), [`probe`]
 //!   (CPU, bpf_stats, lb counters, ForwDatagrams), [`cost`] (XDP cost per packet via
 //!   BPF_PROG_TEST_RUN) and [`report`] (the markdown tables);
+//! - [`churn`]: `lb-bench churn`, the machine's full connection rate for a minute from the native
+//!   client of [`handshakes`] (direct, lb write and read VIPs, HAProxy);
 //! - [`benchmarks_md`]: each bench's section of `BENCHMARKS.md`.
 
 pub mod benchmarks_md;
+pub mod churn;
 pub mod clients;
 pub mod contestants;
 pub mod cost;
 pub mod driver;
 pub mod failover;
+pub mod handshakes;
 pub mod loadgen;
 pub mod probe;
 pub mod report;

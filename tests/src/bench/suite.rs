@@ -380,7 +380,7 @@ fn measured<T>(
 pub const BACKGROUND: Duration = Duration::from_millis(500);
 
 /// Busy CPUs of the whole machine over [`BACKGROUND`].
-fn background() -> Result<f64> {
+pub fn background() -> Result<f64> {
     let a = probe::machine_cpu()?;
     let t = Instant::now();
     std::thread::sleep(BACKGROUND);

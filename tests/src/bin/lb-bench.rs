@@ -5,6 +5,10 @@
 //! records to `target/bench/failover.json`. Numbers are reported, never asserted; the exit status is
 //! non-zero only when a contestant produced no data at all.
 //!
+//! `lb-bench churn [--seconds N] [--threads N] [--rounds N] [--quick] [--only ROW,...]`: the
+//! machine's full connection rate for a minute (see `lb_tests::bench::churn`); writes its section
+//! of `BENCHMARKS.md` unless --quick or --only.
+//!
 //! `lb-bench all|throughput|connrate|latency|cost|memory [--quick] [--smoke] [--rounds N] [--only
 //! ID,...]`: lb against direct, HAProxy and nftables (see `lb_tests::bench::driver`); `all` also
 //! writes `BENCHMARKS.md`. Non-zero exit on a missing cell or a failed honesty check.
@@ -16,8 +20,10 @@ use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
+use lb_tests::bench::churn;
 use lb_tests::bench::driver::{self, Which};
 use lb_tests::bench::failover::{self, Contestant, RunRecord, Scenario};
+use lb_tests::bench::probe::BpfStats;
 use lb_tests::harness;
 use serde::Serialize;
 
@@ -43,6 +49,25 @@ enum Bench {
         quick: bool,
         /// Only these contestants (comma-separated): lb-manual, lb-fast, lb-imported,
         /// lb-imported-shutdown, lb-imported-faithful, haproxy-manual, haproxy-fast.
+        #[arg(long, value_delimiter = ',')]
+        only: Vec<String>,
+    },
+    /// The machine's full connection rate for a minute: handshake-only connections from a native
+    /// multi-threaded client; direct, lb's write and read VIPs, HAProxy.
+    Churn {
+        /// Seconds per row.
+        #[arg(long, default_value_t = 60)]
+        seconds: u64,
+        /// Client threads (blocking sockets).
+        #[arg(long, default_value_t = 8)]
+        threads: usize,
+        /// Rounds (rows interleaved).
+        #[arg(long, default_value_t = 1)]
+        rounds: usize,
+        /// 10 s per row, one round (the section of BENCHMARKS.md is not written).
+        #[arg(long)]
+        quick: bool,
+        /// Only these rows: routed, direct, lb-write, lb-read, haproxy-write.
         #[arg(long, value_delimiter = ',')]
         only: Vec<String>,
     },
@@ -128,6 +153,13 @@ fn real_main() -> Result<bool> {
     let cli = Cli::parse();
     match cli.bench {
         Bench::Failover { runs, quick, only } => failover_bench(runs, quick, &only),
+        Bench::Churn {
+            seconds,
+            threads,
+            rounds,
+            quick,
+            only,
+        } => churn_bench(seconds, threads, rounds, quick, &only),
         Bench::All(a) => perf(Which::All, a),
         Bench::Throughput(a) => perf(Which::Throughput, a),
         Bench::Connrate(a) => perf(Which::Connrate, a),
@@ -149,6 +181,71 @@ fn perf(which: Which, a: PerfArgs) -> Result<bool> {
             .trim_end_matches(" -- ")
             .to_string(),
     })
+}
+
+fn churn_bench(
+    seconds: u64,
+    threads: usize,
+    rounds: usize,
+    quick: bool,
+    only: &[String],
+) -> Result<bool> {
+    let rows = if only.is_empty() {
+        churn::Row::ALL.to_vec()
+    } else {
+        only.iter()
+            .map(|s| churn::Row::parse(s))
+            .collect::<Result<_>>()?
+    };
+    let plan = churn::Plan {
+        seconds: if quick { 10 } else { seconds.max(1) },
+        threads,
+        rounds: if quick { 1 } else { rounds.max(1) },
+        rows,
+    };
+    eprintln!(
+        "lb-bench churn: {} rows x {} rounds, {} s each, {} client threads; lb {}",
+        plan.rows.len(),
+        plan.rounds,
+        plan.seconds,
+        plan.threads,
+        harness::lb_bin().display()
+    );
+    let _stats = BpfStats::enable();
+    let records = churn::run(&plan);
+    let unix_time = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or_default();
+    let command = format!(
+        "cargo xtask bench churn -- {}",
+        std::env::args().skip(2).collect::<Vec<_>>().join(" ")
+    );
+    let m = machine();
+    let date = format!(
+        "{}, {} CPUs, {}, lb {}",
+        driver::date_utc(unix_time),
+        m.cpus,
+        m.kernel,
+        m.lb_commit.as_deref().unwrap_or("?")
+    );
+    let md = churn::report(&plan, &records, command.trim_end(), &date);
+    println!("\n{md}");
+    if !quick && only.is_empty() {
+        let bm = harness::repo_root().join("BENCHMARKS.md");
+        lb_tests::bench::benchmarks_md::write_section(&bm, "## lb-bench churn", &md)?;
+        println!("Report: {}", bm.display());
+    }
+    let dir = harness::repo_root().join("target").join("bench");
+    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    let path = dir.join("churn.json");
+    let raw = serde_json::json!({ "bench": "churn", "command": command.trim_end(), "unix_time": unix_time, "plan": plan, "records": records });
+    std::fs::write(&path, serde_json::to_vec_pretty(&raw)?)
+        .with_context(|| format!("writing {}", path.display()))?;
+    eprintln!("Raw records: {}", path.display());
+    Ok(records
+        .iter()
+        .all(|r| r.errors.is_empty() && r.checks.iter().all(|c| c.1)))
 }
 
 fn failover_bench(runs: usize, quick: bool, only: &[String]) -> Result<bool> {

@@ -1,0 +1,461 @@
+//! `lb-bench churn`: the machine's full connection rate, sustained. The native client of
+//! [`handshakes`](super::handshakes) opens handshake-only Bolt connections from N threads for a
+//! minute against: the direct path (db01, no balancer; routed by the kernel through the lb
+//! namespace, the baseline, and over a leg that bypasses it), lb's write VIP (one backend), lb's
+//! `read-all` VIP (three backends) and HAProxy 2.6 with the manual's configuration (write VIP).
+//! One fresh cell per row and round, rounds interleaved.
+//!
+//! Per row: connections per second over the run and its slowest and fastest 10-second window
+//! (ports that run out over time show as a sagging window), failures by kind, connect-to-answer
+//! p50/p99, the whole machine's busy CPU per connection and what the balancer adds to the direct
+//! path's, the balancer process's own CPU per connection (lb's agent: the flow lifecycle's cost
+//! in userspace) and the XDP program's run time per packet (`bpf_stats`).
+
+use std::collections::BTreeMap;
+use std::net::SocketAddrV4;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use serde::Serialize;
+
+use super::contestants::{self, Cell, Contestant, READ_ALL_PORT, WRITE_PORT};
+use super::handshakes::{self, Handshakes};
+use super::loadgen::quantile;
+use super::probe::{self, Usage};
+use super::stats::{median, spread, Spread};
+
+/// The rows of the table.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Row {
+    Routed,
+    Direct,
+    LbWrite,
+    LbRead,
+    HaproxyWrite,
+}
+
+impl Row {
+    pub const ALL: [Row; 5] = [
+        Row::Routed,
+        Row::Direct,
+        Row::LbWrite,
+        Row::LbRead,
+        Row::HaproxyWrite,
+    ];
+
+    pub fn id(self) -> &'static str {
+        match self {
+            Row::Routed => "routed",
+            Row::Direct => "direct",
+            Row::LbWrite => "lb-write",
+            Row::LbRead => "lb-read",
+            Row::HaproxyWrite => "haproxy-write",
+        }
+    }
+
+    fn label(self) -> &'static str {
+        match self {
+            Row::Routed => "direct: kernel routing through the lb namespace (no balancer, db01)",
+            Row::Direct => {
+                "direct leg: client to the backends' segment, bypassing the lb namespace"
+            }
+            Row::LbWrite => "lb, write VIP (1 backend)",
+            Row::LbRead => "lb, read VIP (3 backends)",
+            Row::HaproxyWrite => "HAProxy 2.6, manual config, write VIP",
+        }
+    }
+
+    pub fn parse(s: &str) -> Result<Row> {
+        Row::ALL.into_iter().find(|r| r.id() == s).with_context(|| {
+            let ids: Vec<&str> = Row::ALL.iter().map(|r| r.id()).collect();
+            format!("unknown row {s:?} (one of {})", ids.join(", "))
+        })
+    }
+
+    fn contestant(self) -> Contestant {
+        match self {
+            Row::Routed | Row::Direct => Contestant::Direct,
+            Row::LbWrite | Row::LbRead => Contestant::LbNative,
+            Row::HaproxyWrite => Contestant::Haproxy,
+        }
+    }
+
+    fn target(self, cell: &Cell) -> SocketAddrV4 {
+        match self {
+            Row::LbRead => SocketAddrV4::new(cell.topo.vip, READ_ALL_PORT),
+            Row::LbWrite | Row::HaproxyWrite => SocketAddrV4::new(cell.topo.vip, WRITE_PORT),
+            Row::Routed | Row::Direct => cell.bolt,
+        }
+    }
+
+    /// The routed row's extra setup: the client reaches db01 through the lb namespace, which
+    /// forwards (no balancer there), and db01 answers back the same way.
+    fn prepare(self, cell: &Cell) -> Result<()> {
+        if self != Row::Routed {
+            return Ok(());
+        }
+        let topo = &cell.topo;
+        let db01 = topo.backend("db01")?;
+        topo.client.ns.ip(&[
+            "route",
+            "add",
+            &format!("{}/32", db01.addr),
+            "via",
+            &topo.lb.client_addr.to_string(),
+        ])?;
+        db01.ns.ip(&[
+            "route",
+            "add",
+            &format!("{}/32", topo.client.addr),
+            "via",
+            &topo.lb.backend_addr.to_string(),
+        ])?;
+        topo.lb.ns.exec(&[
+            "sysctl",
+            "-qw",
+            "net.ipv4.conf.all.forwarding=1",
+            "net.ipv4.conf.l0.forwarding=1",
+            "net.ipv4.conf.l1.forwarding=1",
+        ])?;
+        Ok(())
+    }
+}
+
+/// Sizes of a run.
+#[derive(Debug, Clone, Serialize)]
+pub struct Plan {
+    pub seconds: u64,
+    pub threads: usize,
+    pub rounds: usize,
+    pub rows: Vec<Row>,
+}
+
+/// One row's run.
+#[derive(Debug, Clone, Serialize)]
+pub struct Record {
+    pub row: Row,
+    pub round: usize,
+    pub target: String,
+    pub handshakes: Option<Handshakes>,
+    pub p50_us: Option<u32>,
+    pub p99_us: Option<u32>,
+    pub usage: Option<Usage>,
+    /// Busy CPUs with no traffic before the run (subtracted from `usage`).
+    pub background_busy_cpus: f64,
+    pub errors: Vec<String>,
+    pub checks: Vec<(String, bool)>,
+}
+
+impl Record {
+    fn rate(&self) -> Option<f64> {
+        self.handshakes.as_ref().map(Handshakes::rate)
+    }
+
+    /// Machine busy CPU per completed connection, µs.
+    fn machine_us(&self) -> Option<f64> {
+        let (h, u) = (self.handshakes.as_ref()?, self.usage.as_ref()?);
+        (h.completed > 0).then(|| u.busy_cpu_s * 1e6 / h.completed as f64)
+    }
+
+    fn balancer_us(&self) -> Option<f64> {
+        let (h, u) = (self.handshakes.as_ref()?, self.usage.as_ref()?);
+        let cpu = u.balancer_cpu_s?;
+        (h.completed > 0).then(|| cpu * 1e6 / h.completed as f64)
+    }
+
+    fn xdp_ns_per_packet(&self) -> Option<f64> {
+        let u = self.usage.as_ref()?;
+        let (t, n) = (u.xdp_run_time_ns?, u.xdp_run_cnt?);
+        (n > 0).then(|| t as f64 / n as f64)
+    }
+
+    fn xdp_packets_per_connection(&self) -> Option<f64> {
+        let (h, u) = (self.handshakes.as_ref()?, self.usage.as_ref()?);
+        let n = u.xdp_run_cnt?;
+        (h.completed > 0).then(|| n as f64 / h.completed as f64)
+    }
+}
+
+/// Runs the plan; one record per row and round.
+pub fn run(plan: &Plan) -> Vec<Record> {
+    let mut out = Vec::new();
+    for round in 0..plan.rounds {
+        for &row in &plan.rows {
+            let t = Instant::now();
+            let rec = run_row(plan, row, round);
+            eprintln!(
+                "  {} round {}: {} ({:.1} s)",
+                row.id(),
+                round + 1,
+                brief(&rec),
+                t.elapsed().as_secs_f64()
+            );
+            out.push(rec);
+        }
+    }
+    out
+}
+
+fn brief(r: &Record) -> String {
+    let mut parts = Vec::new();
+    if let Some(h) = &r.handshakes {
+        parts.push(format!(
+            "{:.0} conn/s, {} failed {:?}, p50 {} us",
+            h.rate(),
+            h.failed,
+            h.errors,
+            r.p50_us.unwrap_or(0)
+        ));
+    }
+    if let Some(us) = r.balancer_us() {
+        parts.push(format!("balancer process {us:.2} us/conn"));
+    }
+    if let Some(us) = r.machine_us() {
+        parts.push(format!("machine {us:.1} us/conn"));
+    }
+    for e in &r.errors {
+        parts.push(format!("ERROR {}", e.lines().next().unwrap_or("")));
+    }
+    parts.join(", ")
+}
+
+fn run_row(plan: &Plan, row: Row, round: usize) -> Record {
+    let mut rec = Record {
+        row,
+        round,
+        target: String::new(),
+        handshakes: None,
+        p50_us: None,
+        p99_us: None,
+        usage: None,
+        background_busy_cpus: 0.0,
+        errors: Vec::new(),
+        checks: Vec::new(),
+    };
+    if let Err(e) = measure(plan, row, round, &mut rec) {
+        rec.errors.push(format!("{e:#}"));
+    }
+    rec
+}
+
+fn measure(plan: &Plan, row: Row, round: usize, rec: &mut Record) -> Result<()> {
+    let cell = contestants::setup(row.contestant(), round)
+        .with_context(|| format!("setting up {}", row.id()))?;
+    row.prepare(&cell)?;
+    let target = row.target(&cell);
+    rec.target = target.to_string();
+    rec.background_busy_cpus = super::suite::background()?;
+    let xdp_id = if row.contestant().is_lb() {
+        Some(probe::xdp_prog_id(
+            &cell.topo.lb.ns,
+            &cell.topo.lb.ifaces[0],
+        )?)
+    } else {
+        None
+    };
+    let (threads, dur) = (plan.threads, Duration::from_secs(plan.seconds));
+    let before = probe::Snapshot::take(&cell, xdp_id, true)?;
+    let t = Instant::now();
+    let mut h = cell
+        .topo
+        .client
+        .ns
+        .run_in(move || handshakes::run(target, threads, dur))??;
+    let wall = t.elapsed().as_secs_f64();
+    let after = probe::Snapshot::take(&cell, xdp_id, false)?;
+    let mut usage = before.usage(&after, wall);
+    usage.busy_cpu_s = (usage.busy_cpu_s - rec.background_busy_cpus * wall).max(0.0);
+    if h.completed == 0 {
+        bail!("no connection completed: {:?}", h.errors);
+    }
+    if row.contestant().is_lb() {
+        let flows = usage.new_flows.unwrap_or(0);
+        rec.checks.push((
+            format!("lb new_flows +{flows} >= {} connections", h.completed),
+            flows >= h.completed,
+        ));
+        rec.checks.push((
+            format!(
+                "lb namespace ForwDatagrams +{} (the kernel forwarded nothing)",
+                usage.lb_ns_forw_datagrams
+            ),
+            usage.lb_ns_forw_datagrams == 0,
+        ));
+    }
+    cell.ensure_alive().context("the balancer died")?;
+    rec.p50_us = quantile(&mut h.latency_us, 0.5);
+    rec.p99_us = quantile(&mut h.latency_us, 0.99);
+    rec.handshakes = Some(h);
+    rec.usage = Some(usage);
+    Ok(())
+}
+
+fn spread_of(records: &[&Record], f: impl Fn(&Record) -> Option<f64>) -> Option<Spread> {
+    spread(&records.iter().map(|r| f(r)).collect::<Vec<_>>())
+}
+
+fn fmt(s: Option<Spread>, decimals: usize) -> String {
+    match s {
+        None => "-".into(),
+        Some(s) if s.n > 1 => format!(
+            "{:.d$} ({:.d$}-{:.d$})",
+            s.median,
+            s.min,
+            s.max,
+            d = decimals
+        ),
+        Some(s) => format!("{:.d$}", s.median, d = decimals),
+    }
+}
+
+/// The row the others are compared with: kernel routing through the lb namespace (the same
+/// hops as through a balancer), else the direct leg.
+fn baseline(records: &[Record]) -> Row {
+    if records.iter().any(|r| r.row == Row::Routed) {
+        Row::Routed
+    } else {
+        Row::Direct
+    }
+}
+
+/// Per round, `f` of this row's record combined (`op`) with `f` of the baseline's record.
+fn against(
+    records: &[Record],
+    row: Row,
+    f: impl Fn(&Record) -> Option<f64> + Copy,
+    op: impl Fn(f64, f64) -> f64,
+) -> Option<Spread> {
+    let base = baseline(records);
+    let per_round: Vec<Option<f64>> = records
+        .iter()
+        .filter(|r| r.row == row)
+        .map(|r| {
+            let d = records
+                .iter()
+                .find(|d| d.row == base && d.round == r.round)?;
+            Some(op(f(r)?, f(d)?))
+        })
+        .collect();
+    spread(&per_round)
+}
+
+/// Per round, `f` of this row's record minus the baseline's.
+fn added(
+    records: &[Record],
+    row: Row,
+    f: impl Fn(&Record) -> Option<f64> + Copy,
+) -> Option<Spread> {
+    against(records, row, f, |a, b| a - b)
+}
+
+/// The markdown section (heading included).
+pub fn report(plan: &Plan, records: &[Record], command: &str, date: &str) -> String {
+    let mut md = format!(
+        "## lb-bench churn: handshake-only connections for {} s ({} round{}, medians, min-max in brackets)\n\n",
+        plan.seconds,
+        plan.rounds,
+        if plan.rounds == 1 { "" } else { "s" }
+    );
+    md += "| path | connections/s | × direct | slowest / fastest 10 s window, conn/s | failed | connect→answer p50 / p99, µs | p50 added vs direct, µs | machine CPU µs per connection | added vs direct | added × HAProxy's added | balancer process CPU µs per connection | XDP ns per packet (packets per connection) |\n";
+    md += "|---|---|---|---|---|---|---|---|---|---|---|---|\n";
+    let haproxy_added = added(records, Row::HaproxyWrite, Record::machine_us).map(|s| s.median);
+    for &row in &plan.rows {
+        let rs: Vec<&Record> = records.iter().filter(|r| r.row == row).collect();
+        if rs.is_empty() {
+            continue;
+        }
+        let ratio = against(records, row, Record::rate, |a, b| a / b);
+        let is_base = row == baseline(records);
+        let windows: Vec<(f64, f64)> = rs
+            .iter()
+            .filter_map(|r| r.handshakes.as_ref()?.window_rates(10))
+            .collect();
+        let window = match (
+            median(&windows.iter().map(|w| w.0).collect::<Vec<_>>()),
+            median(&windows.iter().map(|w| w.1).collect::<Vec<_>>()),
+        ) {
+            (Some(a), Some(b)) => format!("{a:.0} / {b:.0}"),
+            _ => "-".into(),
+        };
+        let mut failures: BTreeMap<String, u64> = BTreeMap::new();
+        let mut failed = 0;
+        for r in &rs {
+            if let Some(h) = &r.handshakes {
+                failed += h.failed;
+                for (k, n) in &h.errors {
+                    *failures.entry(k.clone()).or_default() += n;
+                }
+            }
+        }
+        let failed = if failed == 0 {
+            "0".to_string()
+        } else {
+            let kinds: Vec<String> = failures.iter().map(|(k, n)| format!("{k} {n}")).collect();
+            format!("{failed} ({})", kinds.join(", "))
+        };
+        let added_machine = added(records, row, Record::machine_us);
+        let vs_haproxy = match (added_machine, haproxy_added) {
+            (Some(a), Some(h)) if h > 0.0 && row.contestant() != Contestant::Direct => {
+                format!("×{:.2}", a.median / h)
+            }
+            _ => "-".into(),
+        };
+        let xdp = match (
+            spread_of(&rs, Record::xdp_ns_per_packet),
+            spread_of(&rs, Record::xdp_packets_per_connection),
+        ) {
+            (Some(ns), Some(p)) => format!("{} ({:.1})", fmt(Some(ns), 0), p.median),
+            _ => "-".into(),
+        };
+        md += &format!(
+            "| {} | {} | ×{} | {} | {} | {} / {} | {} | {} | {} | {} | {} | {} |\n",
+            row.label(),
+            fmt(spread_of(&rs, Record::rate), 0),
+            fmt(ratio, 2),
+            window,
+            failed,
+            fmt(spread_of(&rs, |r| r.p50_us.map(f64::from)), 0),
+            fmt(spread_of(&rs, |r| r.p99_us.map(f64::from)), 0),
+            if is_base {
+                "-".into()
+            } else {
+                fmt(added(records, row, |r| r.p50_us.map(f64::from)), 0)
+            },
+            fmt(spread_of(&rs, Record::machine_us), 1),
+            if is_base {
+                "-".into()
+            } else {
+                fmt(added_machine, 1)
+            },
+            vs_haproxy,
+            fmt(spread_of(&rs, Record::balancer_us), 2),
+            xdp,
+        );
+    }
+    let checks: Vec<&(String, bool)> = records.iter().flat_map(|r| &r.checks).collect();
+    let failed_checks: Vec<&&(String, bool)> = checks.iter().filter(|c| !c.1).collect();
+    md += &format!(
+        "\n{} of {} honesty checks passed (lb's `new_flows` rose by at least the connections completed; the lb namespace's `Ip: ForwDatagrams` stayed put).\n",
+        checks.len() - failed_checks.len(),
+        checks.len()
+    );
+    for c in failed_checks {
+        md += &format!("- FAILED: {}\n", c.0);
+    }
+    for r in records {
+        for e in &r.errors {
+            md += &format!(
+                "- MISSING: {} round {}: {}\n",
+                r.row.id(),
+                r.round + 1,
+                e.lines().next().unwrap_or("")
+            );
+        }
+    }
+    md += &format!(
+        "\n{} client threads, each: connect, send the 20-byte Bolt handshake, read the 4-byte answer, close (client first), in a loop; blocking sockets, one OS thread each, 3 s timeout per step. Server: the simulator on db01 (db01..db03 for the read VIP). lb: native XDP, static sets (write 7680 -> db01, read-all 7682 -> db01, db02, db03), default tables and SNAT range. HAProxy: the manual's configuration, checks on. Client namespace: tcp_tw_reuse=1, ports 1024-65000. Machine CPU: /proc/stat busy time over the run less the idle machine's background, per completed connection; `× direct` and `added` compare with the first row (kernel routing through the lb namespace: the same hops as through a balancer) of the same round; the direct leg crosses one veth pair fewer. Balancer process: lb's agent or HAProxy, /proc/PID/stat. {date}. Command: `{command}`.\n",
+        plan.threads
+    );
+    md
+}
