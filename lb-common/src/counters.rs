@@ -124,13 +124,18 @@ counters! {
     /// backend's FIN passed (both FINs acknowledged: the backend's socket is gone, the client
     /// holds the TIME_WAIT): both entries deleted, its slot and SNAT port free at once.
     EndedAtLastAck => "ended_at_last_ack",
-    /// A segment on a handshake in progress that is not part of it, dropped: a client ACK that
-    /// does not acknowledge the backend's SYN-ACK, or a backend segment other than a SYN-ACK or
-    /// RST. Typically the last ACK of an earlier connection on the same tuple (overtaken by the
-    /// SYN that reused it), or a backend's retransmitted FIN of an earlier flow on the same
-    /// SNAT port: forwarded on the new flow's mapping, either would be answered with a RST
-    /// that ends the new connection.
+    /// A client ACK on a handshake in progress that does not acknowledge the backend's
+    /// SYN-ACK (typically the last ACK of an earlier connection on the same tuple, overtaken
+    /// by the SYN that reused it): dropped, never forwarded on the new flow's mapping, where
+    /// the backend would answer it with a RST that ends the new connection.
     DropHandshakeStale => "drop_handshake_stale",
+    /// A backend segment on a handshake in progress that does not answer its SYN (not a
+    /// SYN-ACK acknowledging the client's initial sequence number): the backend still holds an
+    /// earlier connection on the same SNAT port (a spoofed SYN's half-open handshake whose port
+    /// was taken over, or a closed flow's retransmitted FIN). Answered with a RST, which ends
+    /// that stale connection at the backend, so that the client's SYN retransmit finds a clean
+    /// tuple; never forwarded to the new client.
+    RstHandshakeStale => "rst_handshake_stale",
 }
 
 /// Number of entries in `STATS_GLOBAL`.

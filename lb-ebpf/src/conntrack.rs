@@ -333,12 +333,18 @@ pub fn handshake_ack_acceptable(flow: &Flow, partner: &Flow, tcp: &Tcp) -> bool 
     flow.state == FLOW_SYN_RECV && u32::from_be_bytes(tcp.ack) == partner.seq_end
 }
 
-/// Whether a backend segment may pass on a handshake in progress: its SYN-ACK (or a
-/// retransmit of it) or a RST. Any other is from an earlier flow on the same SNAT port (say
-/// its FIN, retransmitted because the client's last ACK was lost after it ended the flow).
+/// Whether a backend segment may pass on a handshake in progress (`partner`: the flow's
+/// forward entry): a RST, or a SYN-ACK that acknowledges the client's SYN. Any other segment
+/// comes from an earlier connection the backend still holds on the same SNAT port: its answer
+/// to our SYN (a duplicate ACK from a half-open handshake whose port was taken over), that
+/// handshake's SYN-ACK retransmitted, or a closed flow's retransmitted FIN.
 #[inline(always)]
-pub fn handshake_reply_acceptable(tcp: &Tcp) -> bool {
-    tcp.flags & (TCP_SYN | TCP_RST) != 0
+pub fn handshake_reply_acceptable(partner: &Flow, tcp: &Tcp) -> bool {
+    if tcp.flags & TCP_RST != 0 {
+        return true;
+    }
+    tcp.flags & (TCP_SYN | TCP_ACK) == (TCP_SYN | TCP_ACK)
+        && u32::from_be_bytes(tcp.ack) == partner.seq_end
 }
 
 /// How often an entry's `last_seen_ns` is refreshed at most.

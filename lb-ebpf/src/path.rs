@@ -365,9 +365,16 @@ pub fn reply(
         stats::service_drop(found.flow.service_id, Counter::DropRstOutOfWindow);
         return xdp_action::XDP_DROP;
     }
-    if !found.established && !conntrack::handshake_reply_acceptable(tcp) {
-        stats::service_drop(found.flow.service_id, Counter::DropHandshakeStale);
-        return xdp_action::XDP_DROP;
+    if !found.established && !conntrack::handshake_reply_acceptable(found.partner, tcp) {
+        // The RST ends the backend's stale connection on this tuple: the client's SYN
+        // retransmit then opens a clean one.
+        return refuse(
+            ctx,
+            cfg,
+            found.flow.service_id,
+            flags,
+            Counter::RstHandshakeStale,
+        );
     }
     conntrack::track(found.flow, found.partner.close, tcp, now);
     let payload = payload_len(ip, tcp);

@@ -117,6 +117,8 @@ const OUTCOMES: &[Counter] = &[
     Counter::DropSlotsFull,
     Counter::SynHeld,
     Counter::DropRstOutOfWindow,
+    Counter::DropHandshakeStale,
+    Counter::RstHandshakeStale,
 ];
 
 /// The outcomes whose action is XDP_DROP.
@@ -135,6 +137,7 @@ const DROP_OUTCOMES: &[Counter] = &[
     Counter::DropSlotsFull,
     Counter::SynHeld,
     Counter::DropRstOutOfWindow,
+    Counter::DropHandshakeStale,
 ];
 
 /// The refusal reasons counted only when the RST was sent.
@@ -144,6 +147,7 @@ const RST_REASONS: &[Counter] = &[
     Counter::RstSnatExhausted,
     Counter::RstFlowReset,
     Counter::RstMaxconn,
+    Counter::RstHandshakeStale,
 ];
 
 /// Counters counted on top of an outcome (or never), not per frame.
@@ -168,6 +172,7 @@ const EVENTS: &[Counter] = &[
     Counter::DropNoEgress,
     Counter::HalfOpenReclaimed,
     Counter::ClosedPortTakenOver,
+    Counter::EndedAtLastAck,
 ];
 
 // ---------------------------------------------------------------------------------------------

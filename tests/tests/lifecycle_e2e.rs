@@ -1,6 +1,7 @@
 //! Connection-table lifecycle end to end: the agent's GC, with `[timeouts] idle = "3s"` and
 //! `close = "2s"`, removes an idle connection's entries after ~3 s (+ the 1 s GC period) and
-//! closed connections' entries after the close timeout, while a connection exchanging a byte
+//! connections the server closed first after the close timeout (one the client closed first
+//! is gone at its last ACK, deleted by the data path), while a connection exchanging a byte
 //! every 500 ms keeps its entries and keeps working. The tables are read from the agent's pins
 //! (`/sys/fs/bpf/lb/<instance>/CT_*`).
 use std::{
@@ -122,6 +123,18 @@ impl Conn {
         in_table(t, &self.fwd_key)
     }
 
+    /// Closes cleanly, the server first: its FIN, the client reads EOF and closes too (the
+    /// backend then holds the TIME_WAIT: the flow waits for the close timeout).
+    fn close_from_server(mut self) -> Result<FlowKey> {
+        self.server.shutdown(Shutdown::Write)?;
+        let mut rest = Vec::new();
+        self.client.read_to_end(&mut rest)?;
+        ensure!(rest.is_empty(), "unexpected bytes {rest:?}");
+        drop(self.client);
+        self.server.read_to_end(&mut rest)?;
+        Ok(self.fwd_key)
+    }
+
     /// Closes cleanly: FIN from the client, the server reads EOF and closes too.
     fn close(mut self) -> Result<FlowKey> {
         self.client.shutdown(Shutdown::Write)?;
@@ -174,11 +187,22 @@ fn idle_and_closed_flows_leave_the_table_after_their_timeouts_while_active_ones_
         })
     };
 
-    // FIN both ways (and the last ACK) on the closing ones: their entries stay for the close
-    // timeout, then the GC takes them.
+    // Closed by the client first: the data path ends the flow at the client's last ACK.
+    let client_closed = Conn::open(&topo, &listener)?;
+    let client_closed = client_closed.close()?;
+    thread::sleep(Duration::from_millis(100));
+    ensure!(
+        !any_entry(&table, &client_closed),
+        "a flow the client closed was not deleted at its last ACK"
+    );
+    // Closed by the server first (FIN both ways, the backend holds the TIME_WAIT): the entries
+    // stay for the close timeout, then the GC takes them.
     let closed: Vec<Conn> = closing;
     let closed_at = Instant::now();
-    let closed_keys: Vec<FlowKey> = closed.into_iter().map(Conn::close).collect::<Result<_>>()?;
+    let closed_keys: Vec<FlowKey> = closed
+        .into_iter()
+        .map(Conn::close_from_server)
+        .collect::<Result<_>>()?;
     thread::sleep(Duration::from_millis(300));
     for k in &closed_keys {
         ensure!(
@@ -243,7 +267,7 @@ fn idle_and_closed_flows_leave_the_table_after_their_timeouts_while_active_ones_
         .collect();
     ensure!(
         ended.iter().any(|l| l.contains("idle timeout"))
-            && ended.iter().any(|l| l.contains("FIN both ways")),
+            && ended.iter().filter(|l| l.contains("FIN both ways")).count() >= 4,
         "connection log: {ended:#?}"
     );
     ensure!(

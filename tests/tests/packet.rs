@@ -2077,7 +2077,7 @@ fn when_the_snat_ports_run_out_the_syn_is_answered_with_a_rst() -> Result<()> {
 
 #[test]
 #[ignore = "needs root and netns: run cargo xtask test"]
-fn when_the_ports_run_out_a_half_open_handshake_older_than_250ms_gives_its_port_to_a_new_flow(
+fn when_the_ports_run_out_a_half_open_handshake_older_than_250ms_gives_its_port_to_a_new_flow_and_the_backends_stale_answers_get_a_rst(
 ) -> Result<()> {
     let config = CONFIG.replace("10000-32767", "10000-10001");
     Fixture::run_with_config("halfopen", &config, |fx| {
@@ -2107,7 +2107,8 @@ fn when_the_ports_run_out_a_half_open_handshake_older_than_250ms_gives_its_port_
             f.created_ns = now - 300_000_000;
             fx.put_embryonic(&k, &f)?;
         }
-        let syn = client_syn(40013, WRITE_PORT);
+        // (Its own initial sequence number: the backend's stale answers below acknowledge A's.)
+        let syn = client_syn(40013, WRITE_PORT).with_seq_ack(0x7300_0000, 0);
         let before = fx.counters()?;
         let out = fx.from_client(&syn.bytes()?)?;
         assert_output(
@@ -2124,6 +2125,36 @@ fn when_the_ports_run_out_a_half_open_handshake_older_than_250ms_gives_its_port_
                 (Counter::HalfOpenReclaimed, 1),
             ]),
             "the half-open handshake's port taken over"
+        );
+        // The backend still holds A's half-open handshake on that tuple: it answers the new SYN
+        // with a duplicate ACK (of A's SYN), and may retransmit A's SYN-ACK. Neither reaches
+        // the new client: each is answered with the RST that ends A's handshake at the backend
+        // (the new client's SYN retransmit then opens a clean one).
+        let stale_ack = backend_segment(DB01, DB01_MAC, a_port, ACK)
+            .with_seq_ack(a_syn_ack.seq.wrapping_add(1), a_syn_ack.ack);
+        let stale_syn_ack = a_syn_ack.clone();
+        for (what, seg) in [
+            ("the backend's duplicate ACK of A's SYN", &stale_ack),
+            ("A's SYN-ACK, retransmitted", &stale_syn_ack),
+        ] {
+            assert_rst(
+                fx,
+                what,
+                seg,
+                fx.bk0.ifindex,
+                &rst_answer(seg),
+                &[(Counter::RstHandshakeStale, 1), (Counter::RstSent, 1)],
+            )?;
+        }
+        // The new flow's own SYN-ACK passes.
+        let syn_ack = backend_segment(DB01, DB01_MAC, a_port, SYN | ACK)
+            .with_seq_ack(0x5100_0000, syn.seq.wrapping_add(1))
+            .with_options(&frames::SYN_OPTIONS);
+        let out = fx.from_backends(&syn_ack.bytes()?)?;
+        assert_output(
+            &out,
+            Action::Redirect,
+            &to_client(&syn_ack, 40013, WRITE_PORT).bytes()?,
         );
         // The handshake the backend never answered keeps its port.
         let syn = client_syn(40014, WRITE_PORT);

@@ -317,13 +317,13 @@ fn a_client_closed_flow_ends_at_its_last_ack_and_its_port_is_free_at_once() -> R
         let out = fx.from_client(&syn.bytes()?)?;
         assert_eq!(out.action, Action::Redirect, "a new flow");
         assert_eq!(sport_of(&out.frame), done.port, "on the ended flow's port");
-        // A FIN of the old flow arriving now is not the new handshake's: dropped, not sent to
-        // the new client.
+        // A FIN of the old flow arriving now is not the new handshake's: never sent to the new
+        // client; answered with a RST that ends the backend's stale socket.
         let before = fx.counters()?;
-        assert_eq!(fx.from_backends(&late_fin)?.action, Action::Drop);
+        assert_eq!(fx.from_backends(&late_fin)?.action, Action::Tx);
         assert_eq!(
             fx.counters()?.changes_since(&before),
-            moved(&[(Counter::DropHandshakeStale, 1)])
+            moved(&[(Counter::RstHandshakeStale, 1), (Counter::RstSent, 1)])
         );
 
         // Closed by the client without a last ACK seen yet (or by the backend first): kept.
