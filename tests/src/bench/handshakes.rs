@@ -121,7 +121,7 @@ fn one_thread(addr: SocketAddrV4, start: Instant, deadline: Instant) -> Handshak
             return out;
         }
         let second = (t0 - start).as_secs() as usize;
-        match one(addr, &hs) {
+        match one(addr, &hs, STEP_TIMEOUT) {
             Ok(()) => {
                 out.completed += 1;
                 let us = u32::try_from(t0.elapsed().as_micros()).unwrap_or(u32::MAX);
@@ -141,11 +141,12 @@ fn one_thread(addr: SocketAddrV4, start: Instant, deadline: Instant) -> Handshak
     }
 }
 
-/// One connection; the failure's kind on error.
-fn one(addr: SocketAddr, hs: &[u8]) -> std::result::Result<(), String> {
-    let mut s = TcpStream::connect_timeout(&addr, STEP_TIMEOUT).map_err(|e| kind("connect", &e))?;
+/// One connection (connect, handshake, answer, close), each step within `timeout`; the
+/// failure's kind on error.
+pub fn one(addr: SocketAddr, hs: &[u8], timeout: Duration) -> std::result::Result<(), String> {
+    let mut s = TcpStream::connect_timeout(&addr, timeout).map_err(|e| kind("connect", &e))?;
     let _ = s.set_nodelay(true);
-    s.set_read_timeout(Some(STEP_TIMEOUT))
+    s.set_read_timeout(Some(timeout))
         .map_err(|e| kind("socket", &e))?;
     s.write_all(hs).map_err(|e| kind("send", &e))?;
     let mut v = [0u8; 4];

@@ -36,13 +36,13 @@ fn handshake() -> Vec<u8> {
 }
 
 /// One chunked message.
-fn message(tag: u8, fields: Vec<Value>) -> Result<Vec<u8>> {
+pub fn message(tag: u8, fields: Vec<Value>) -> Result<Vec<u8>> {
     let mut out = Vec::new();
     frame(&Value::Struct(tag, fields), &mut out)?;
     Ok(out)
 }
 
-fn hello() -> Result<Vec<u8>> {
+pub fn hello() -> Result<Vec<u8>> {
     message(
         tag::HELLO,
         vec![map([("user_agent", Value::from("lb-bench/1.0"))])],

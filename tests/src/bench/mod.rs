@@ -16,6 +16,8 @@
 //!   BPF_PROG_TEST_RUN) and [`report`] (the markdown tables);
 //! - [`churn`]: `lb-bench churn`, the machine's full connection rate for a minute from the native
 //!   client of [`handshakes`] (direct, lb write and read VIPs, HAProxy);
+//! - [`synflood`]: `lb-bench synflood`, spoofed SYNs at the write VIP (20,000 and 50 per second)
+//!   while a legitimate client connects every 10 ms; lb and HAProxy;
 //! - [`benchmarks_md`]: each bench's section of `BENCHMARKS.md`.
 
 pub mod benchmarks_md;
@@ -31,3 +33,4 @@ pub mod probe;
 pub mod report;
 pub mod stats;
 pub mod suite;
+pub mod synflood;

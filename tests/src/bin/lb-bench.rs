@@ -9,6 +9,9 @@
 //! machine's full connection rate for a minute (see `lb_tests::bench::churn`); writes its section
 //! of `BENCHMARKS.md` unless --quick or --only.
 //!
+//! `lb-bench synflood [--seconds N] [--rates R,...] [--quick] [--only ROW,...]`: spoofed SYNs
+//! against lb and HAProxy (see `lb_tests::bench::synflood`).
+//!
 //! `lb-bench all|throughput|connrate|latency|cost|memory [--quick] [--smoke] [--rounds N] [--only
 //! ID,...]`: lb against direct, HAProxy and nftables (see `lb_tests::bench::driver`); `all` also
 //! writes `BENCHMARKS.md`. Non-zero exit on a missing cell or a failed honesty check.
@@ -20,10 +23,10 @@ use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
-use lb_tests::bench::churn;
 use lb_tests::bench::driver::{self, Which};
 use lb_tests::bench::failover::{self, Contestant, RunRecord, Scenario};
 use lb_tests::bench::probe::BpfStats;
+use lb_tests::bench::{churn, synflood};
 use lb_tests::harness;
 use serde::Serialize;
 
@@ -68,6 +71,23 @@ enum Bench {
         #[arg(long)]
         quick: bool,
         /// Only these rows: routed, direct, lb-write, lb-read, haproxy-write.
+        #[arg(long, value_delimiter = ',')]
+        only: Vec<String>,
+    },
+    /// Spoofed SYNs at the write VIP while a legitimate client connects every 10 ms and an
+    /// established connection talks; lb (manual config + maxconn 256, and with backend_maxconn)
+    /// and HAProxy.
+    Synflood {
+        /// Seconds of flood per row and rate.
+        #[arg(long, default_value_t = 30)]
+        seconds: u64,
+        /// Flood rates, SYN/s.
+        #[arg(long, value_delimiter = ',', default_values_t = [20000u32, 50])]
+        rates: Vec<u32>,
+        /// 10 s floods (the section of BENCHMARKS.md is not written).
+        #[arg(long)]
+        quick: bool,
+        /// Only these rows: lb-imported, lb-backend-maxconn, haproxy.
         #[arg(long, value_delimiter = ',')]
         only: Vec<String>,
     },
@@ -160,6 +180,12 @@ fn real_main() -> Result<bool> {
             quick,
             only,
         } => churn_bench(seconds, threads, rounds, quick, &only),
+        Bench::Synflood {
+            seconds,
+            rates,
+            quick,
+            only,
+        } => synflood_bench(seconds, rates, quick, &only),
         Bench::All(a) => perf(Which::All, a),
         Bench::Throughput(a) => perf(Which::Throughput, a),
         Bench::Connrate(a) => perf(Which::Connrate, a),
@@ -246,6 +272,61 @@ fn churn_bench(
     Ok(records
         .iter()
         .all(|r| r.errors.is_empty() && r.checks.iter().all(|c| c.1)))
+}
+
+fn synflood_bench(seconds: u64, rates: Vec<u32>, quick: bool, only: &[String]) -> Result<bool> {
+    let rows = if only.is_empty() {
+        synflood::Row::ALL.to_vec()
+    } else {
+        only.iter()
+            .map(|s| synflood::Row::parse(s))
+            .collect::<Result<_>>()?
+    };
+    let plan = synflood::Plan {
+        seconds: if quick { 10 } else { seconds.max(1) },
+        rates,
+        rows,
+    };
+    eprintln!(
+        "lb-bench synflood: {} rows x {} rates, {} s each; lb {}",
+        plan.rows.len(),
+        plan.rates.len(),
+        plan.seconds,
+        harness::lb_bin().display()
+    );
+    let records = synflood::run(&plan);
+    let unix_time = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or_default();
+    let command = format!(
+        "cargo xtask bench synflood -- {}",
+        std::env::args().skip(2).collect::<Vec<_>>().join(" ")
+    );
+    let m = machine();
+    let date = format!(
+        "{}, {} CPUs, {}, lb {}, {}",
+        driver::date_utc(unix_time),
+        m.cpus,
+        m.kernel,
+        m.lb_commit.as_deref().unwrap_or("?"),
+        m.haproxy.as_deref().unwrap_or("HAProxy ?")
+    );
+    let md = synflood::report(&plan, &records, command.trim_end(), &date);
+    println!("\n{md}");
+    if !quick && only.is_empty() {
+        let bm = harness::repo_root().join("BENCHMARKS.md");
+        lb_tests::bench::benchmarks_md::write_section(&bm, "## lb-bench synflood", &md)?;
+        println!("Report: {}", bm.display());
+    }
+    let dir = harness::repo_root().join("target").join("bench");
+    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    let path = dir.join("synflood.json");
+    let raw = serde_json::json!({ "bench": "synflood", "command": command.trim_end(), "unix_time": unix_time, "plan": plan, "records": records });
+    std::fs::write(&path, serde_json::to_vec_pretty(&raw)?)
+        .with_context(|| format!("writing {}", path.display()))?;
+    eprintln!("Raw records: {}", path.display());
+    Ok(records.iter().all(|r| r.error.is_none()))
 }
 
 fn failover_bench(runs: usize, quick: bool, only: &[String]) -> Result<bool> {
