@@ -41,3 +41,47 @@ fn every_benchmark_cell_runs_and_passes_its_honesty_checks() -> Result<()> {
     ensure!(cells.len() == 6, "{} cells instead of 6", cells.len());
     Ok(())
 }
+
+/// Runs `lb-bench ARGS` and returns its stdout; fails on a non-zero exit.
+fn lb_bench(args: &[&str]) -> Result<String> {
+    let bin = env!("CARGO_BIN_EXE_lb-bench");
+    let out = Command::new(bin)
+        .args(args)
+        .output()
+        .with_context(|| format!("running {bin}"))?;
+    let stdout = String::from_utf8_lossy(&out.stdout).to_string();
+    ensure!(
+        out.status.success(),
+        "lb-bench {args:?} failed ({}):\n{stdout}\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(stdout)
+}
+
+#[test]
+#[ignore = "needs root and netns: run cargo xtask test"]
+fn the_churn_and_syn_flood_benches_run_end_to_end() -> Result<()> {
+    // One second per row, the rows that exercise the most code: a ratio against the routed
+    // baseline, lb's counters; 2,000 SYN/s against lb importing the manual.
+    let churn = lb_bench(&["churn", "--seconds", "1", "--only", "routed,lb-write"])?;
+    ensure!(
+        churn.contains("| lb, write VIP (1 backend) |") && !churn.contains("MISSING:"),
+        "{churn}"
+    );
+    ensure!(churn.contains("2 of 2 honesty checks passed"), "{churn}");
+    let flood = lb_bench(&[
+        "synflood",
+        "--seconds",
+        "1",
+        "--rates",
+        "2000",
+        "--only",
+        "lb-imported",
+    ])?;
+    ensure!(
+        flood.contains("kept,") && !flood.contains("MISSING:"),
+        "{flood}"
+    );
+    Ok(())
+}
