@@ -561,40 +561,6 @@ fn operators_drain_disable_and_enable_a_backend() -> Result<()> {
     Ok(())
 }
 
-/// `n` idle established flows of the http service written straight into the pinned table
-/// (fake clients and backends: nothing sends on them), as a busy balancer holds.
-fn fill_with_idle_flows(topo: &Topology, n: u32) -> Result<()> {
-    use aya::maps::HashMap;
-    use lb_common::{Flow, FlowKey, FLOW_ESTABLISHED};
-    use lb_tests::fixture::flow_pair;
-    use std::net::Ipv4Addr;
-    let dir = lb_user::dataplane::pin_dir(&topo.instance);
-    let map = lb_user::dataplane::open_pinned(&dir, lb_common::names::CT_ESTABLISHED)?;
-    let mut table = HashMap::<_, FlowKey, Flow>::try_from(map)?;
-    let now = lb_user::gc::monotonic_now()?;
-    let base = Flow {
-        created_ns: now,
-        last_seen_ns: now,
-        service_id: 2,
-        backend_id: 2,
-        state: FLOW_ESTABLISHED,
-        ..Default::default()
-    };
-    for i in 0..n {
-        let pair = flow_pair(
-            SocketAddrV4::new(Ipv4Addr::from(0x0a6f_0000 + i), 40_000),
-            SocketAddrV4::new(topo.vip, 80),
-            SocketAddrV4::new(topo.lb.backend_addr, 1024 + (i % 60_000) as u16),
-            SocketAddrV4::new(Ipv4Addr::new(10, 222, 0, (i / 60_000 + 1) as u8), 7474),
-            base,
-        );
-        for (k, f) in pair {
-            table.insert(k, f, 0)?;
-        }
-    }
-    Ok(())
-}
-
 #[test]
 #[ignore = "needs root and netns: run cargo xtask test"]
 fn with_half_a_million_idle_flows_in_the_table_failover_keeps_its_timing() -> Result<()> {
@@ -607,7 +573,7 @@ fn with_half_a_million_idle_flows_in_the_table_failover_keeps_its_timing() -> Re
     let lb = topo.start_lb(&cfg, &["--xdp-mode", "native"])?;
     let w = SocketAddrV4::new(topo.vip, 7680);
     let t = Instant::now();
-    fill_with_idle_flows(&topo, 250_000)?;
+    topo.fill_with_idle_flows(250_000, 80, 2, 2)?;
     eprintln!("250,000 idle flows written in {:?}", t.elapsed());
     // A few GC passes over them.
     thread::sleep(Duration::from_secs(3));

@@ -18,6 +18,8 @@
 //!   client of [`handshakes`] (direct, lb write and read VIPs, HAProxy);
 //! - [`synflood`]: `lb-bench synflood`, spoofed SYNs at the write VIP (20,000 and 50 per second)
 //!   while a legitimate client connects every 10 ms; lb and HAProxy;
+//! - [`idle`]: `lb-bench idle`, a million idle flows in the tables: check timing, agent CPU and
+//!   RSS, expiry;
 //! - [`benchmarks_md`]: each bench's section of `BENCHMARKS.md`.
 
 pub mod benchmarks_md;
@@ -28,6 +30,7 @@ pub mod cost;
 pub mod driver;
 pub mod failover;
 pub mod handshakes;
+pub mod idle;
 pub mod loadgen;
 pub mod probe;
 pub mod report;

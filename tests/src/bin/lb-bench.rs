@@ -12,6 +12,9 @@
 //! `lb-bench synflood [--seconds N] [--rates R,...] [--quick] [--only ROW,...]`: spoofed SYNs
 //! against lb and HAProxy (see `lb_tests::bench::synflood`).
 //!
+//! `lb-bench idle [--flows N] [--idle-seconds S]`: idle flows in the tables (see
+//! `lb_tests::bench::idle`).
+//!
 //! `lb-bench all|throughput|connrate|latency|cost|memory [--quick] [--smoke] [--rounds N] [--only
 //! ID,...]`: lb against direct, HAProxy and nftables (see `lb_tests::bench::driver`); `all` also
 //! writes `BENCHMARKS.md`. Non-zero exit on a missing cell or a failed honesty check.
@@ -26,7 +29,7 @@ use clap::{Parser, Subcommand};
 use lb_tests::bench::driver::{self, Which};
 use lb_tests::bench::failover::{self, Contestant, RunRecord, Scenario};
 use lb_tests::bench::probe::BpfStats;
-use lb_tests::bench::{churn, synflood};
+use lb_tests::bench::{churn, idle, synflood};
 use lb_tests::harness;
 use serde::Serialize;
 
@@ -90,6 +93,15 @@ enum Bench {
         /// Only these rows: lb-imported, lb-backend-maxconn, haproxy.
         #[arg(long, value_delimiter = ',')]
         only: Vec<String>,
+    },
+    /// A million idle established flows in the tables: check timing, agent CPU and RSS, expiry.
+    Idle {
+        /// Idle flows written into the table.
+        #[arg(long, default_value_t = 1_000_000)]
+        flows: u32,
+        /// `[timeouts] idle` of the agent, seconds (the watch lasts this long).
+        #[arg(long, default_value_t = 30)]
+        idle_seconds: u64,
     },
     /// Every figure below (not failover): the report goes to stdout and BENCHMARKS.md.
     All(PerfArgs),
@@ -186,6 +198,10 @@ fn real_main() -> Result<bool> {
             quick,
             only,
         } => synflood_bench(seconds, rates, quick, &only),
+        Bench::Idle {
+            flows,
+            idle_seconds,
+        } => idle_bench(flows, idle_seconds),
         Bench::All(a) => perf(Which::All, a),
         Bench::Throughput(a) => perf(Which::Throughput, a),
         Bench::Connrate(a) => perf(Which::Connrate, a),
@@ -327,6 +343,50 @@ fn synflood_bench(seconds: u64, rates: Vec<u32>, quick: bool, only: &[String]) -
         .with_context(|| format!("writing {}", path.display()))?;
     eprintln!("Raw records: {}", path.display());
     Ok(records.iter().all(|r| r.error.is_none()))
+}
+
+fn idle_bench(flows: u32, idle_seconds: u64) -> Result<bool> {
+    let plan = idle::Plan {
+        flows,
+        idle_s: idle_seconds.max(3),
+    };
+    eprintln!(
+        "lb-bench idle: {} flows, idle timeout {} s; lb {}",
+        plan.flows,
+        plan.idle_s,
+        harness::lb_bin().display()
+    );
+    let rec = idle::run(&plan);
+    let unix_time = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or_default();
+    let command = format!(
+        "cargo xtask bench idle -- {}",
+        std::env::args().skip(2).collect::<Vec<_>>().join(" ")
+    );
+    let m = machine();
+    let date = format!(
+        "{}, {} CPUs, {}, lb {}",
+        driver::date_utc(unix_time),
+        m.cpus,
+        m.kernel,
+        m.lb_commit.as_deref().unwrap_or("?")
+    );
+    let md = idle::report(&plan, &rec, command.trim_end(), &date);
+    println!("\n{md}");
+    if flows == 1_000_000 && rec.error.is_none() {
+        let bm = harness::repo_root().join("BENCHMARKS.md");
+        lb_tests::bench::benchmarks_md::write_section(&bm, "## lb-bench idle", &md)?;
+        println!("Report: {}", bm.display());
+    }
+    let dir = harness::repo_root().join("target").join("bench");
+    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    let path = dir.join("idle.json");
+    let raw = serde_json::json!({ "bench": "idle", "command": command.trim_end(), "unix_time": unix_time, "plan": plan, "record": rec });
+    std::fs::write(&path, serde_json::to_vec_pretty(&raw)?)
+        .with_context(|| format!("writing {}", path.display()))?;
+    Ok(rec.error.is_none())
 }
 
 fn failover_bench(runs: usize, quick: bool, only: &[String]) -> Result<bool> {

@@ -395,6 +395,56 @@ impl Topology {
     /// `neo4j-ha-master|slave|available`) at test timings: every 200 ms, rise 2, fall 2.
     /// `lb status --json` of this topology's instance, run in the lb namespace (by nsenter,
     /// which keeps bpffs visible, unlike `ip netns exec`).
+    /// Writes `n` idle established flows of (`service_id`, `backend_id`) to `vip_port` straight
+    /// into the running agent's pinned table (fake clients 10.111.x.x and backends 10.222.x.x:
+    /// nothing sends on them), as a busy balancer holds; their last segment is now.
+    pub fn fill_with_idle_flows(
+        &self,
+        n: u32,
+        vip_port: u16,
+        service_id: u32,
+        backend_id: u32,
+    ) -> Result<()> {
+        use aya::maps::HashMap;
+        use lb_common::{Flow, FlowKey, FLOW_ESTABLISHED};
+        use std::net::SocketAddrV4;
+        let dir = lb_user::dataplane::pin_dir(&self.instance);
+        let map = lb_user::dataplane::open_pinned(&dir, lb_common::names::CT_ESTABLISHED)?;
+        let mut table = HashMap::<_, FlowKey, Flow>::try_from(map)?;
+        let now = lb_user::gc::monotonic_now()?;
+        let base = Flow {
+            created_ns: now,
+            last_seen_ns: now,
+            service_id,
+            backend_id,
+            state: FLOW_ESTABLISHED,
+            ..Default::default()
+        };
+        for i in 0..n {
+            let pair = crate::fixture::flow_pair(
+                SocketAddrV4::new(Ipv4Addr::from(0x0a6f_0000 + i), 40_000),
+                SocketAddrV4::new(self.vip, vip_port),
+                SocketAddrV4::new(self.lb.backend_addr, 1024 + (i % 60_000) as u16),
+                SocketAddrV4::new(
+                    Ipv4Addr::new(
+                        10,
+                        222,
+                        (i / 60_000 / 250) as u8,
+                        (i / 60_000 % 250 + 1) as u8,
+                    ),
+                    7474,
+                ),
+                base,
+            );
+            for (k, f) in pair {
+                table
+                    .insert(k, f, 0)
+                    .with_context(|| format!("writing idle flow {i} of {n}"))?;
+            }
+        }
+        Ok(())
+    }
+
     pub fn lb_status(&self) -> Result<serde_json::Value> {
         let mut cmd = self.lb.ns.command(super::lb_bin());
         cmd.args(["status", "--instance", &self.instance, "--json"]);
