@@ -409,6 +409,9 @@ pub struct ConnEvent {
     pub backend_id: u32,
     /// `CONN_END_*`.
     pub reason: u32,
+    /// The backend-set generation that chose the flow's backend (low 32 bits).
+    pub generation: u32,
+    pub _pad: u32,
 }
 
 /// Entries of `MAXCONN_ACTIVE`: one per (service, backend) pair, then the global count.

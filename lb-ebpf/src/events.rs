@@ -54,6 +54,8 @@ pub fn prepare(fwd_key: &FlowKey, fwd: &Flow, rev: &Flow, now: u64, reason: u32)
         service_id: fwd.service_id,
         backend_id: fwd.backend_id,
         reason,
+        generation: fwd.generation,
+        _pad: 0,
     });
     Pending(Some(entry))
 }

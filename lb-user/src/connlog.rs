@@ -206,6 +206,8 @@ mod tests {
             service_id: 0,
             backend_id: 0,
             reason,
+            generation: 1,
+            _pad: 0,
         }
     }
 

@@ -14,7 +14,7 @@ use std::{
 
 use anyhow::{ensure, Context, Result};
 use aya::maps::HashMap as BpfHashMap;
-use lb_common::{names, Counter, Flow, FlowKey, DIR_FORWARD};
+use lb_common::{names, ConnEvent, Counter, Flow, FlowKey, DIR_FORWARD};
 use lb_tests::{
     harness::{Ns, Topology},
     traffic::{fnv64, payload, send, Sink},
@@ -89,7 +89,31 @@ fn every_flow_goes_to_a_member_of_the_generation_that_chose_it_across_1000_flips
     generations.insert(1, vec![0, 1, 2]); // installed by `configure`
     let stop = AtomicBool::new(false);
     let vip = SocketAddrV4::new(topo.vip, 7680);
+    // Flows the data path ends itself (at the client's last ACK, mostly) leave the tables at
+    // once: their connection-end records say which generation chose their backend. Nothing
+    // else drains the ring here, so a thread does, while the clients run.
+    let ring = ebpf.take_map(names::CONN_EVENTS).context("CONN_EVENTS")?;
+    let mut ring = aya::maps::RingBuf::try_from(ring)?;
+    let ring_stop = AtomicBool::new(false);
+    let mut ended: Vec<(u32, u32)> = Vec::new();
     let done = thread::scope(|s| -> Result<usize> {
+        let drainer = s.spawn(|| {
+            let mut out = Vec::new();
+            loop {
+                let last = ring_stop.load(Ordering::Relaxed);
+                while let Some(item) = ring.next() {
+                    let n = std::mem::size_of::<ConnEvent>();
+                    if item.len() >= n {
+                        let e: ConnEvent = bytemuck::pod_read_unaligned(&item[..n]);
+                        out.push((e.generation, e.backend_id));
+                    }
+                }
+                if last {
+                    return out;
+                }
+                thread::sleep(Duration::from_millis(1));
+            }
+        });
         let clients: Vec<_> = (0..8u64)
             .map(|c| {
                 let (stop, topo) = (&stop, &topo);
@@ -125,6 +149,11 @@ fn every_flow_goes_to_a_member_of_the_generation_that_chose_it_across_1000_flips
         for c in clients {
             total += c.join().map_err(|_| anyhow::anyhow!("client panicked"))??;
         }
+        // The last clients' final ACKs have passed once their connections returned.
+        ring_stop.store(true, Ordering::Relaxed);
+        ended = drainer
+            .join()
+            .map_err(|_| anyhow::anyhow!("drainer panicked"))?;
         Ok(total)
     })?;
     ensure!(
@@ -153,17 +182,31 @@ fn every_flow_goes_to_a_member_of_the_generation_that_chose_it_across_1000_flips
             checked += 1;
         }
     }
-    // Flows the data path ended itself are gone from the tables: a closed tuple the client
-    // reused, a closed flow whose port a new flow took over.
-    let ended = {
+    // The flows the data path ended, from their records.
+    for (generation, backend) in &ended {
+        let set = generations
+            .get(&u64::from(*generation))
+            .with_context(|| format!("ended flow with unknown generation {generation}"))?;
+        ensure!(
+            set.contains(&(*backend as usize)),
+            "an ended flow of generation {generation} went to backend {backend} outside its set {set:?}"
+        );
+    }
+    // Records lost to a full ring are counted, not silently skipped.
+    let lost = {
         let map = ebpf.map(names::STATS_GLOBAL).context("STATS_GLOBAL")?;
         let stats = aya::maps::PerCpuArray::<_, u64>::try_from(map)?;
         let sum = |c: Counter| -> Result<u64> { Ok(stats.get(&(c as u32), 0)?.iter().sum()) };
-        sum(Counter::ClosedTupleReused)? + sum(Counter::ClosedPortTakenOver)?
+        (sum(Counter::EndedAtLastAck)?
+            + sum(Counter::ClosedTupleReused)?
+            + sum(Counter::ClosedPortTakenOver)?)
+        .saturating_sub(ended.len() as u64)
     };
+    let seen = checked as u64 + ended.len() as u64;
     ensure!(
-        checked as u64 + ended >= done as u64,
-        "checked {checked} flows (and {ended} the data path ended) of {done} connections"
+        seen >= done as u64 && lost == 0,
+        "checked {checked} flows in the tables and {} the data path ended ({lost} records lost) of {done} connections",
+        ended.len()
     );
     Ok(())
 }
