@@ -97,7 +97,9 @@ pub const VM_SUITES: &[(&str, &[&str])] = &[
     (
         "lb-tests::packet_lifecycle",
         &[
-            "fins_both_ways_mark_the_flow_closing_and_the_last_ack_and_a_retransmitted_fin_translate",
+            "fins_both_ways_mark_the_flow_closing_and_a_retransmitted_fin_translates",
+            "a_client_closed_flow_ends_at_its_last_ack_and_its_port_is_free_at_once",
+            "a_late_ack_of_an_earlier_connection_on_a_reused_tuple_is_dropped_not_forwarded_on_the_new_flow",
             "gc_deletes_closed_flows_after_the_close_timeout_and_keeps_open_and_half_closed_ones",
             "the_data_path_reports_the_flows_it_deletes_itself_for_the_connection_log",
         ],
