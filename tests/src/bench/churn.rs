@@ -145,6 +145,8 @@ pub struct Record {
     pub background_busy_cpus: f64,
     pub errors: Vec<String>,
     pub checks: Vec<(String, bool)>,
+    /// lb: refusals, drops and flow-lifecycle counters that moved during the run.
+    pub lb_counters: Vec<(String, u64)>,
 }
 
 impl Record {
@@ -208,6 +210,9 @@ fn brief(r: &Record) -> String {
             r.p50_us.unwrap_or(0)
         ));
     }
+    if !r.lb_counters.is_empty() {
+        parts.push(format!("{:?}", r.lb_counters));
+    }
     if let Some(us) = r.balancer_us() {
         parts.push(format!("balancer process {us:.2} us/conn"));
     }
@@ -232,6 +237,7 @@ fn run_row(plan: &Plan, row: Row, round: usize) -> Record {
         background_busy_cpus: 0.0,
         errors: Vec::new(),
         checks: Vec::new(),
+        lb_counters: Vec::new(),
     };
     if let Err(e) = measure(plan, row, round, &mut rec) {
         rec.errors.push(format!("{e:#}"));
@@ -255,6 +261,11 @@ fn measure(plan: &Plan, row: Row, round: usize, rec: &mut Record) -> Result<()> 
         None
     };
     let (threads, dur) = (plan.threads, Duration::from_secs(plan.seconds));
+    let counters_before = if row.contestant().is_lb() {
+        Some(probe::lb_counters(&cell.topo)?)
+    } else {
+        None
+    };
     let before = probe::Snapshot::take(&cell, xdp_id, true)?;
     let t = Instant::now();
     let mut h = cell
@@ -282,6 +293,9 @@ fn measure(plan: &Plan, row: Row, round: usize, rec: &mut Record) -> Result<()> 
             ),
             usage.lb_ns_forw_datagrams == 0,
         ));
+    }
+    if let Some(b) = &counters_before {
+        rec.lb_counters = probe::lifecycle_moves(b, &probe::lb_counters(&cell.topo)?);
     }
     cell.ensure_alive().context("the balancer died")?;
     rec.p50_us = quantile(&mut h.latency_us, 0.5);
@@ -357,8 +371,8 @@ pub fn report(plan: &Plan, records: &[Record], command: &str, date: &str) -> Str
         plan.rounds,
         if plan.rounds == 1 { "" } else { "s" }
     );
-    md += "| path | connections/s | × direct | slowest / fastest 10 s window, conn/s | failed | connect→answer p50 / p99, µs | p50 added vs direct, µs | machine CPU µs per connection | added vs direct | added × HAProxy's added | balancer process CPU µs per connection | XDP ns per packet (packets per connection) |\n";
-    md += "|---|---|---|---|---|---|---|---|---|---|---|---|\n";
+    md += "| path | connections/s | × direct | slowest / fastest 10 s window, conn/s | failed | connect→answer p50 / p99, µs | p50 added vs direct, µs | machine CPU µs per connection | added vs direct | added × HAProxy's added | balancer process CPU µs per connection | XDP ns per packet (packets per connection) | lb's refusals, drops and flow ends (all rounds) |\n";
+    md += "|---|---|---|---|---|---|---|---|---|---|---|---|---|\n";
     let haproxy_added = added(records, Row::HaproxyWrite, Record::machine_us).map(|s| s.median);
     for &row in &plan.rows {
         let rs: Vec<&Record> = records.iter().filter(|r| r.row == row).collect();
@@ -408,8 +422,20 @@ pub fn report(plan: &Plan, records: &[Record], command: &str, date: &str) -> Str
             (Some(ns), Some(p)) => format!("{} ({:.1})", fmt(Some(ns), 0), p.median),
             _ => "-".into(),
         };
+        let mut moved: BTreeMap<&str, u64> = BTreeMap::new();
+        for r in &rs {
+            for (n, d) in &r.lb_counters {
+                *moved.entry(n).or_default() += d;
+            }
+        }
+        let moved = if row.contestant().is_lb() {
+            let v: Vec<String> = moved.iter().map(|(n, d)| format!("{n} +{d}")).collect();
+            v.join(", ")
+        } else {
+            "-".into()
+        };
         md += &format!(
-            "| {} | {} | ×{} | {} | {} | {} / {} | {} | {} | {} | {} | {} | {} |\n",
+            "| {} | {} | ×{} | {} | {} | {} / {} | {} | {} | {} | {} | {} | {} | {} |\n",
             row.label(),
             fmt(spread_of(&rs, Record::rate), 0),
             fmt(ratio, 2),
@@ -431,6 +457,7 @@ pub fn report(plan: &Plan, records: &[Record], command: &str, date: &str) -> Str
             vs_haproxy,
             fmt(spread_of(&rs, Record::balancer_us), 2),
             xdp,
+            moved,
         );
     }
     let checks: Vec<&(String, bool)> = records.iter().flat_map(|r| &r.checks).collect();

@@ -118,6 +118,44 @@ fn bpftool(ns: Option<&Ns>, args: &[&str]) -> Result<Value> {
     serde_json::from_slice(&out.stdout).context("parsing bpftool's JSON")
 }
 
+/// All of lb's global counters (`lb status --json` of `topo`'s instance).
+pub fn lb_counters(topo: &harness::Topology) -> Result<std::collections::BTreeMap<String, u64>> {
+    let status = topo.lb_status()?;
+    Ok(status["global"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|e| Some((e[0].as_str()?.to_string(), e[1].as_u64()?)))
+        .collect())
+}
+
+/// The counters that rose between two [`lb_counters`] readings and say what happened to
+/// connections: refusals and drops by reason, and the flow-lifecycle events.
+pub fn lifecycle_moves(
+    before: &std::collections::BTreeMap<String, u64>,
+    after: &std::collections::BTreeMap<String, u64>,
+) -> Vec<(String, u64)> {
+    const EVENTS: [&str; 6] = [
+        "established",
+        "ended_at_last_ack",
+        "closed_tuple_reused",
+        "half_open_reclaimed",
+        "closed_port_taken_over",
+        "syn_held",
+    ];
+    after
+        .iter()
+        .filter(|(n, _)| {
+            n.starts_with("rst_") || n.starts_with("drop_") || EVENTS.contains(&n.as_str())
+        })
+        .filter(|(n, _)| *n != "rst_sent")
+        .filter_map(|(n, a)| {
+            let d = a.saturating_sub(before.get(n).copied().unwrap_or(0));
+            (d > 0).then(|| (n.clone(), d))
+        })
+        .collect()
+}
+
 /// The id of the XDP program attached to `iface` in `ns`.
 pub fn xdp_prog_id(ns: &Ns, iface: &str) -> Result<u64> {
     let v = bpftool(Some(ns), &["net", "show", "dev", iface])?;

@@ -440,32 +440,12 @@ pub fn run(plan: &Plan) -> Vec<Record> {
     out
 }
 
-const LB_COUNTERS: [&str; 9] = [
-    "new_flows",
-    "established",
-    "half_open_reclaimed",
-    "drop_maxconn",
-    "rst_snat_exhausted",
-    "drop_embryonic_full",
-    "drop_handshake_stale",
-    "rst_handshake_stale",
-    "rst_no_flow",
-];
-
-fn lb_counters(s: &Setup) -> Result<Vec<(String, u64)>> {
-    let status = s.topo.lb_status()?;
-    Ok(LB_COUNTERS
-        .iter()
-        .map(|n| (n.to_string(), Topology::global_counter(&status, n)))
-        .collect())
-}
-
 fn run_one(plan: &Plan, row: Row, rate: u32, n: usize) -> Result<Record> {
     let s = setup(row, n)?;
     let before = if row.is_lb() {
-        lb_counters(&s)?
+        probe::lb_counters(&s.topo)?
     } else {
-        Vec::new()
+        Default::default()
     };
     let src_mac = mac_of(&s.topo.client.ns, &s.topo.client.iface)?;
     let dst_mac = mac_of(&s.topo.lb.ns, &s.topo.lb.ifaces[0])?;
@@ -521,13 +501,11 @@ fn run_one(plan: &Plan, row: Row, rate: u32, n: usize) -> Result<Record> {
     let sent = sent?;
     let (during, after): (Vec<_>, Vec<_>) = outcomes.into_iter().partition(|(o, _)| *o < flood_for);
     let (counters, slots_after) = if row.is_lb() {
-        let after = lb_counters(&s)?;
-        let moved = after
-            .iter()
-            .zip(&before)
-            .map(|((n, a), (_, b))| (n.clone(), a.saturating_sub(*b)))
-            .filter(|(_, d)| *d > 0)
-            .collect();
+        let after = probe::lb_counters(&s.topo)?;
+        let mut moved = probe::lifecycle_moves(&before, &after);
+        let flows = after.get("new_flows").copied().unwrap_or(0)
+            - before.get("new_flows").copied().unwrap_or(0);
+        moved.insert(0, ("new_flows".to_string(), flows));
         let status = s.topo.lb_status()?;
         (moved, status["maxconn"]["active"].as_u64())
     } else {
