@@ -17,9 +17,10 @@
 //!
 //! Every flow it deletes gets a line in the connection log (`crate::connlog`).
 //!
-//! The data path never deletes a flow on FIN or RST: a half-closed connection keeps working,
-//! the last ACK and retransmitted FINs still translate, and a spoofed RST can be taken back by
-//! the next genuine segment. Flow timestamps are `bpf_ktime_get_ns`, i.e. CLOCK_MONOTONIC;
+//! The data path deletes a flow itself only when the client closed first and its last ACK
+//! passed (and on resets and tuple reuse); on a FIN or RST it deletes nothing: a half-closed
+//! connection keeps working, retransmitted FINs still translate, and a spoofed RST can be
+//! taken back by the next genuine segment. Flow timestamps are `bpf_ktime_get_ns`, i.e. CLOCK_MONOTONIC;
 //! `last_seen_ns` is written at most once a second per entry, so idle expiry is accurate to a
 //! second.
 //!
@@ -51,8 +52,10 @@ use crate::{
     connlog::{ConnLog, Ended},
 };
 
-/// Most entries one pass deletes.
-pub const MAX_DELETIONS: usize = 100_000;
+/// Most entries one pass deletes (two a flow): a million flows that expire together (idle
+/// since a burst) go in one pass (four syscalls a flow, a few seconds), not in a queue of
+/// one-second passes ten times as long.
+pub const MAX_DELETIONS: usize = 2_000_000;
 
 /// How often the agent runs a pass.
 pub const PERIOD: Duration = Duration::from_secs(1);
@@ -232,6 +235,9 @@ pub struct Gc {
     established_fd: std::os::fd::OwnedFd,
     timeouts: Timeouts,
     log: ConnLog,
+    /// How long the last pass spent deleting established flows (the work it found to do; the
+    /// rest of a pass is reading).
+    deleting: Duration,
 }
 
 /// Why the GC ended a flow, as the connection log says it.
@@ -312,6 +318,7 @@ impl Gc {
             live: Default::default(),
             timeouts,
             log: ConnLog::default(),
+            deleting: Duration::ZERO,
         }
     }
 
@@ -452,31 +459,42 @@ impl Gc {
     /// Reads both tables and the slot table without deleting anything (for `lb status`).
     pub fn census(&mut self, now: u64) -> TableFill {
         let mut tally = Tally::default();
-        let mut established = 0;
-        for (_, f) in self
-            .established
-            .iter()
-            .take(self.established_visits)
-            .flatten()
-        {
-            established += 1;
-            if f.dir == DIR_FORWARD {
-                let open = self
-                    .established
-                    .get(&f.partner_key(IPPROTO_TCP), 0)
-                    .is_ok_and(|p| !is_closing(&f, &p));
-                if open {
-                    tally.pair(&f).established += 1;
-                }
+        // Batch reads (as a pass does): a million entries in milliseconds.
+        let mut snapshot: FastMap<FlowKey, Flow> = FastMap::default();
+        if let Err(e) = read_table(
+            (&self.established, &self.established_fd),
+            self.established_visits,
+            |k, f| {
+                snapshot.insert(k, f);
+            },
+        ) {
+            warn!("reading {}: {e:#}", names::CT_ESTABLISHED);
+        }
+        for f in snapshot.values().filter(|f| f.dir == DIR_FORWARD) {
+            let open = snapshot
+                .get(&f.partner_key(IPPROTO_TCP))
+                .is_some_and(|p| !is_closing(f, p));
+            if open {
+                tally.pair(f).established += 1;
             }
         }
-        let mut embryonic = 0;
-        for (_, f) in self.embryonic.iter().take(self.embryonic_visits).flatten() {
-            embryonic += 1;
-            if f.dir == DIR_FORWARD && now.saturating_sub(f.created_ns) <= self.timeouts.connect_ns
-            {
-                tally.pair(&f).embryonic += 1;
-            }
+        let established = snapshot.len();
+        let (mut embryonic, mut seen) = (0, FastSet::default());
+        let connect_ns = self.timeouts.connect_ns;
+        if let Err(e) = read_table(
+            (&self.embryonic, &self.embryonic_fd),
+            self.embryonic_visits,
+            |k, f| {
+                if !seen.insert(k) {
+                    return;
+                }
+                embryonic += 1;
+                if f.dir == DIR_FORWARD && now.saturating_sub(f.created_ns) <= connect_ns {
+                    tally.pair(&f).embryonic += 1;
+                }
+            },
+        ) {
+            warn!("reading {}: {e:#}", names::CT_EMBRYONIC);
         }
         let slots = self
             .slots
@@ -588,7 +606,11 @@ impl Gc {
         st: &mut SweepStats,
         tally: &mut Tally,
     ) -> usize {
-        let mut snapshot: FastMap<FlowKey, Flow> = FastMap::default();
+        // Sized from the last pass: growing a map of millions of entries would hold the old and
+        // the new one at once.
+        let expected = self.fill.established.entries;
+        let mut snapshot: FastMap<FlowKey, Flow> =
+            FastMap::with_capacity_and_hasher(expected + expected / 8, Default::default());
         let read = read_table(
             (&self.established, &self.established_fd),
             self.established_visits,
@@ -637,6 +659,7 @@ impl Gc {
             }
         }
 
+        let deleting = std::time::Instant::now();
         for (fkey, rkey, why) in flows {
             // Read again: a segment may have revived the flow, or a new one taken the tuple.
             let (Ok(f), Ok(r)) = (
@@ -679,6 +702,7 @@ impl Gc {
             st.orphans += 1;
         }
         self.log.flush();
+        self.deleting = deleting.elapsed();
         budget.saturating_sub(planned)
     }
 
@@ -872,8 +896,19 @@ pub struct Published {
     pub on_watched: Option<((u16, u16), usize)>,
 }
 
+/// The pause after a pass that took `took`: [`PERIOD`], or [`REST_PER_PASS`] times the pass
+/// when that is longer, so the GC's thread uses at most a fifth of a CPU however large the
+/// tables grow (a million flows: a pass of about half a second, one every 2.5 s; expiry is
+/// that much later, never skipped).
+pub fn rest_after(took: Duration) -> Duration {
+    PERIOD.max(took * REST_PER_PASS)
+}
+
+/// See [`rest_after`].
+pub const REST_PER_PASS: u32 = 4;
+
 impl Worker {
-    /// Starts passes every [`PERIOD`] on a thread named `lb-gc`; `release` is an own handle on
+    /// Starts passes every [`PERIOD`] (longer for long passes, see [`rest_after`]) on a thread named `lb-gc`; `release` is an own handle on
     /// `lb_release` (see [`crate::dataplane::own_program`]); `on_pass` gets each pass's fill.
     pub fn spawn(
         mut gc: Gc,
@@ -902,16 +937,21 @@ impl Worker {
                         std::thread::sleep(wait.min(EVENTS_EVERY));
                         continue;
                     }
+                    let started = std::time::Instant::now();
+                    // Deleting is the work the pass found, not overhead: only the reading
+                    // counts towards the rest (else a pass deleting a million expired flows
+                    // would put off the next one by its own length four times over).
                     if let Err(e) = gc.run_once(release.as_ref()) {
                         warn!("connection-table GC: {e:#}");
                     }
+                    let took = started.elapsed().saturating_sub(gc.deleting);
                     on_pass(gc.fill());
                     let watch = shared.lock().ok().and_then(|p| p.watch);
                     let on_watched = watch.map(|r| (r, gc.flows_on_ports(r)));
                     if let Ok(mut p) = shared.lock() {
                         p.on_watched = on_watched;
                     }
-                    next = std::time::Instant::now() + PERIOD;
+                    next = std::time::Instant::now() + rest_after(took);
                 }
             }
         });
@@ -971,5 +1011,20 @@ fn remove(table: &mut Table, key: &FlowKey) {
         Err(MapError::KeyNotFound) => {}
         Err(MapError::SyscallError(e)) if e.io_error.raw_os_error() == Some(libc::ENOENT) => {}
         Err(e) => warn!("connection-table GC: delete failed: {e}"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{rest_after, PERIOD};
+    use std::time::Duration;
+
+    #[test]
+    fn a_long_pass_is_followed_by_four_times_its_length_of_rest_a_short_one_by_a_second() {
+        assert_eq!(rest_after(Duration::from_millis(20)), PERIOD);
+        assert_eq!(
+            rest_after(Duration::from_millis(600)),
+            Duration::from_millis(2400)
+        );
     }
 }

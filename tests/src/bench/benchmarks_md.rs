@@ -6,7 +6,7 @@ use std::path::Path;
 use anyhow::{Context, Result};
 
 /// The file's first lines, above every section.
-pub const INTRO: &str = "# Benchmarks\n\nlb against the direct path, HAProxy 2.6 with the Neo4j manual's configuration and nftables DNAT, on one 2-core VM in network namespaces. `cargo xtask bench` regenerates every section below (`cargo xtask bench all` or `failover` one of them); raw records in `target/bench/<bench>.json`.\n";
+pub const INTRO: &str = "# Benchmarks\n\nlb against the direct path, HAProxy 2.6 with the Neo4j manual's configuration and nftables DNAT, on one 2-core VM in network namespaces. `cargo xtask bench` regenerates every section below (`cargo xtask bench all`, `churn`, `synflood`, `idle` or `failover` one of them); raw records in `target/bench/<bench>.json`.\n";
 
 /// `doc` with the section whose heading line starts with `heading` (up to the next `## `
 /// heading) replaced by `section`, or `section` appended; the intro is put back if missing.
