@@ -67,6 +67,8 @@ pub struct CostRound {
     pub syn_ns: f64,
     /// New flows with about 90 % of the SNAT ports to db01 held by established flows.
     pub syn_busy_ns: f64,
+    /// The share of those refused (no free port found within the search's tries).
+    pub syn_busy_refused: f64,
     pub established_ns: f64,
     pub reply_ns: f64,
     pub non_vip_ns: f64,
@@ -284,6 +286,7 @@ pub fn measure(plan: &CostPlan) -> Result<Vec<CostRound>> {
             let lb: &Xdp = fx.ebpf.program("lb_xdp").context("no lb_xdp")?.try_into()?;
             let busy_base = 2000 + (plan.rounds * n + round * BUSY_FRAMES) as u16;
             let mut syn_busy_ns = Vec::with_capacity(BUSY_FRAMES);
+            let mut busy_refused = 0usize;
             for i in 0..BUSY_FRAMES {
                 let f = TcpFrame::syn(
                     CLIENT_MAC,
@@ -293,11 +296,15 @@ pub fn measure(plan: &CostPlan) -> Result<Vec<CostRound>> {
                 )
                 .bytes()?;
                 let (action, ns, out) = run_once(lb, &f, cl0, 1)?;
+                // Forwarded to db01, or refused (a RST back to the client: every port tried
+                // was taken).
+                let forwarded = out.get(30..34) == Some(&DB01.octets()[..]);
+                let refused = action == Action::Tx && out.get(30..34) == Some(&CLIENT.octets()[..]);
                 ensure!(
-                    matches!(action, Action::Redirect | Action::Tx)
-                        && out.get(30..34) == Some(&DB01.octets()[..]),
-                    "round {round}: SYN {i} at 90 % occupancy not forwarded to db01: {action:?}"
+                    matches!(action, Action::Redirect | Action::Tx) && (forwarded || refused),
+                    "round {round}: SYN {i} at 90 % occupancy neither forwarded nor refused: {action:?}"
                 );
+                busy_refused += usize::from(refused);
                 syn_busy_ns.push(ns);
             }
             // Every round starts from empty tables: the same occupancy, and the SNAT ports of the
@@ -308,6 +315,7 @@ pub fn measure(plan: &CostPlan) -> Result<Vec<CostRound>> {
                 floor_repeat_ns: floor_repeat,
                 syn_ns: median(&mut syn_ns),
                 syn_busy_ns: median(&mut syn_busy_ns),
+                syn_busy_refused: busy_refused as f64 / BUSY_FRAMES as f64,
                 established_ns: median(&mut est_ns),
                 reply_ns: median(&mut reply_ns),
                 non_vip_ns: non_vip,

@@ -361,6 +361,15 @@ pub fn tables(
                     r.floor_repeat_ns
                 }
             };
+            let name = if name.starts_with("new flow with 90 %") {
+                let refused = sp(&|r| 100.0 * r.syn_busy_refused);
+                format!(
+                    "{name} ({} % of them refused: no free port among those tried)",
+                    fmt(refused, 1)
+                )
+            } else {
+                name.to_string()
+            };
             out += &format!(
                 "| {name} | {} | {} | {} |\n",
                 fmt(sp(&|r| f(r)), 0),
