@@ -581,7 +581,7 @@ mod tests {
         assert_eq!(size_of::<FlowKey>(), 16);
         assert_eq!(size_of::<Flow>(), 80);
         assert_eq!(size_of::<Slot>(), 16);
-        assert_eq!(size_of::<ConnEvent>(), 72);
+        assert_eq!(size_of::<ConnEvent>(), 80);
         assert_eq!(size_of::<ServiceKey>(), 8);
         assert_eq!(size_of::<Service>(), 16);
         assert_eq!(size_of::<Backend>(), 12);

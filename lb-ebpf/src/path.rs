@@ -261,14 +261,13 @@ fn existing(
 #[inline(always)]
 fn end_at_last_ack(key: &FlowKey, found: conntrack::Found, now: u64) {
     let partner_key = found.flow.partner_key(IPPROTO_TCP);
-    // The record is written from the entries before they are deleted, and only sent if this
-    // CPU's delete is the one that succeeded.
-    let pending = events::prepare(key, found.flow, found.partner, now, CONN_END_CLOSED);
+    // The record is sent from the entries before they are deleted, in one straight reserve,
+    // write and submit: a reservation held across the delete's branches is one the 6.1
+    // verifier cannot always see released. (Another CPU deleting the same flow at the same
+    // instant, a SYN reusing the tuple, would log it too: a duplicate line at worst.)
+    events::ended(key, found.flow, found.partner, now, CONN_END_CLOSED);
     if conntrack::delete_established(key, &partner_key) {
-        pending.submit();
         stats::count(Counter::EndedAtLastAck);
-    } else {
-        pending.discard();
     }
 }
 

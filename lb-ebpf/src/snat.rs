@@ -106,15 +106,13 @@ pub fn claim(
     } else {
         CONN_END_CLOSED
     };
-    // The log record is written from the entries before they are deleted, and only sent if
-    // this CPU's delete is the one that succeeded.
-    let pending = events::prepare(&c.fwd_key, c.fwd, c.rev, now, reason);
+    // The log record is sent from the entries before they are deleted (one straight reserve,
+    // write and submit, which every verifier sees released; two CPUs taking over the same
+    // port at once would log it twice, nothing worse).
+    events::ended(&c.fwd_key, c.fwd, c.rev, now, reason);
     if conntrack::delete_closed(&c, &key) {
-        pending.submit();
         stats::count(Counter::ClosedPortTakenOver);
         maxconn::release(&c.fwd_key);
-    } else {
-        pending.discard();
     }
     if !conntrack::established_has(&key) && conntrack::claim_embryonic(&key, reply) {
         Some(key.dport)
