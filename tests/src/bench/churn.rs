@@ -29,6 +29,7 @@ use super::stats::{median, spread, Spread};
 #[serde(rename_all = "kebab-case")]
 pub enum Row {
     Routed,
+    RoutedAll,
     Direct,
     LbWrite,
     LbRead,
@@ -36,8 +37,9 @@ pub enum Row {
 }
 
 impl Row {
-    pub const ALL: [Row; 5] = [
+    pub const ALL: [Row; 6] = [
         Row::Routed,
+        Row::RoutedAll,
         Row::Direct,
         Row::LbWrite,
         Row::LbRead,
@@ -47,6 +49,7 @@ impl Row {
     pub fn id(self) -> &'static str {
         match self {
             Row::Routed => "routed",
+            Row::RoutedAll => "routed-all",
             Row::Direct => "direct",
             Row::LbWrite => "lb-write",
             Row::LbRead => "lb-read",
@@ -57,6 +60,9 @@ impl Row {
     fn label(self) -> &'static str {
         match self {
             Row::Routed => "direct: kernel routing through the lb namespace (no balancer, db01)",
+            Row::RoutedAll => {
+                "direct to db01..db03 in turn, routed the same way (the read VIP's baseline)"
+            }
             Row::Direct => {
                 "direct leg: client to the backends' segment, bypassing the lb namespace"
             }
@@ -75,42 +81,55 @@ impl Row {
 
     fn contestant(self) -> Contestant {
         match self {
-            Row::Routed | Row::Direct => Contestant::Direct,
+            Row::Routed | Row::RoutedAll | Row::Direct => Contestant::Direct,
             Row::LbWrite | Row::LbRead => Contestant::LbNative,
             Row::HaproxyWrite => Contestant::Haproxy,
         }
     }
 
-    fn target(self, cell: &Cell) -> SocketAddrV4 {
-        match self {
-            Row::LbRead => SocketAddrV4::new(cell.topo.vip, READ_ALL_PORT),
-            Row::LbWrite | Row::HaproxyWrite => SocketAddrV4::new(cell.topo.vip, WRITE_PORT),
-            Row::Routed | Row::Direct => cell.bolt,
-        }
+    fn targets(self, cell: &Cell) -> Result<Vec<SocketAddrV4>> {
+        Ok(match self {
+            Row::LbRead => vec![SocketAddrV4::new(cell.topo.vip, READ_ALL_PORT)],
+            Row::LbWrite | Row::HaproxyWrite => vec![SocketAddrV4::new(cell.topo.vip, WRITE_PORT)],
+            Row::Routed | Row::Direct => vec![cell.bolt],
+            Row::RoutedAll => ["db01", "db02", "db03"]
+                .iter()
+                .map(|n| {
+                    Ok(SocketAddrV4::new(
+                        cell.topo.backend(n)?.addr,
+                        cell.bolt.port(),
+                    ))
+                })
+                .collect::<Result<_>>()?,
+        })
     }
 
-    /// The routed row's extra setup: the client reaches db01 through the lb namespace, which
-    /// forwards (no balancer there), and db01 answers back the same way.
+    /// The routed rows' extra setup: the client reaches the backends through the lb namespace,
+    /// which forwards (no balancer there), and they answer back the same way.
     fn prepare(self, cell: &Cell) -> Result<()> {
-        if self != Row::Routed {
-            return Ok(());
-        }
+        let backends: &[&str] = match self {
+            Row::Routed => &["db01"],
+            Row::RoutedAll => &["db01", "db02", "db03"],
+            _ => return Ok(()),
+        };
         let topo = &cell.topo;
-        let db01 = topo.backend("db01")?;
-        topo.client.ns.ip(&[
-            "route",
-            "add",
-            &format!("{}/32", db01.addr),
-            "via",
-            &topo.lb.client_addr.to_string(),
-        ])?;
-        db01.ns.ip(&[
-            "route",
-            "add",
-            &format!("{}/32", topo.client.addr),
-            "via",
-            &topo.lb.backend_addr.to_string(),
-        ])?;
+        for name in backends {
+            let b = topo.backend(name)?;
+            topo.client.ns.ip(&[
+                "route",
+                "add",
+                &format!("{}/32", b.addr),
+                "via",
+                &topo.lb.client_addr.to_string(),
+            ])?;
+            b.ns.ip(&[
+                "route",
+                "add",
+                &format!("{}/32", topo.client.addr),
+                "via",
+                &topo.lb.backend_addr.to_string(),
+            ])?;
+        }
         topo.lb.ns.exec(&[
             "sysctl",
             "-qw",
@@ -249,8 +268,12 @@ fn measure(plan: &Plan, row: Row, round: usize, rec: &mut Record) -> Result<()> 
     let cell = contestants::setup(row.contestant(), round)
         .with_context(|| format!("setting up {}", row.id()))?;
     row.prepare(&cell)?;
-    let target = row.target(&cell);
-    rec.target = target.to_string();
+    let targets = row.targets(&cell)?;
+    rec.target = targets
+        .iter()
+        .map(|t| t.to_string())
+        .collect::<Vec<_>>()
+        .join(" ");
     rec.background_busy_cpus = super::suite::background()?;
     let xdp_id = if row.contestant().is_lb() {
         Some(probe::xdp_prog_id(
@@ -272,7 +295,7 @@ fn measure(plan: &Plan, row: Row, round: usize, rec: &mut Record) -> Result<()> 
         .topo
         .client
         .ns
-        .run_in(move || handshakes::run(target, threads, dur))??;
+        .run_in(move || handshakes::run(&targets, threads, dur))??;
     let wall = t.elapsed().as_secs_f64();
     let after = probe::Snapshot::take(&cell, xdp_id, false)?;
     let mut usage = before.usage(&after, wall);
@@ -323,10 +346,13 @@ fn fmt(s: Option<Spread>, decimals: usize) -> String {
     }
 }
 
-/// The row the others are compared with: kernel routing through the lb namespace (the same
-/// hops as through a balancer), else the direct leg.
-fn baseline(records: &[Record]) -> Row {
-    if records.iter().any(|r| r.row == Row::Routed) {
+/// The row `row` is compared with: kernel routing through the lb namespace (the same hops as
+/// through a balancer) to the same backends, else the direct leg.
+fn baseline(records: &[Record], row: Row) -> Row {
+    let has = |r: Row| records.iter().any(|x| x.row == r);
+    if row == Row::LbRead && has(Row::RoutedAll) {
+        Row::RoutedAll
+    } else if has(Row::Routed) {
         Row::Routed
     } else {
         Row::Direct
@@ -340,7 +366,7 @@ fn against(
     f: impl Fn(&Record) -> Option<f64> + Copy,
     op: impl Fn(f64, f64) -> f64,
 ) -> Option<Spread> {
-    let base = baseline(records);
+    let base = baseline(records, row);
     let per_round: Vec<Option<f64>> = records
         .iter()
         .filter(|r| r.row == row)
@@ -380,7 +406,8 @@ pub fn report(plan: &Plan, records: &[Record], command: &str, date: &str) -> Str
             continue;
         }
         let ratio = against(records, row, Record::rate, |a, b| a / b);
-        let is_base = row == baseline(records);
+        let is_base =
+            matches!(row, Row::Routed | Row::RoutedAll) || row == baseline(records, Row::LbWrite);
         let windows: Vec<(f64, f64)> = rs
             .iter()
             .filter_map(|r| r.handshakes.as_ref()?.window_rates(10))
@@ -481,7 +508,7 @@ pub fn report(plan: &Plan, records: &[Record], command: &str, date: &str) -> Str
         }
     }
     md += &format!(
-        "\n{} client threads, each: connect, send the 20-byte Bolt handshake, read the 4-byte answer, close (client first), in a loop; blocking sockets, one OS thread each, 3 s timeout per step. Server: the simulator on db01 (db01..db03 for the read VIP). lb: native XDP, static sets (write 7680 -> db01, read-all 7682 -> db01, db02, db03), default tables and SNAT range. HAProxy: the manual's configuration, checks on. Client namespace: tcp_tw_reuse=1, ports 1024-65000. Machine CPU: /proc/stat busy time over the run less the idle machine's background, per completed connection; `× direct` and `added` compare with the first row (kernel routing through the lb namespace: the same hops as through a balancer) of the same round; the direct leg crosses one veth pair fewer. Balancer process: lb's agent or HAProxy, /proc/PID/stat. {date}. Command: `{command}`.\n",
+        "\n{} client threads, each: connect, send the 20-byte Bolt handshake, read the 4-byte answer, close (client first), in a loop; blocking sockets, one OS thread each, 3 s timeout per step. Server: the simulator on db01 (db01..db03 for the read VIP). lb: native XDP, static sets (write 7680 -> db01, read-all 7682 -> db01, db02, db03), default tables and SNAT range. HAProxy: the manual's configuration, checks on. Client namespace: tcp_tw_reuse=1, ports 1024-65000. Machine CPU: /proc/stat busy time over the run less the idle machine's background, per completed connection; `× direct` and `added` compare with kernel routing through the lb namespace (the same hops as through a balancer) in the same round: to db01 for the write rows, to db01..db03 in turn for the read VIP; the direct leg crosses one veth pair fewer. Balancer process: lb's agent or HAProxy, /proc/PID/stat. {date}. Command: `{command}`.\n",
         plan.threads
     );
     md

@@ -83,15 +83,16 @@ pub fn bolt_handshake() -> [u8; 20] {
     h
 }
 
-/// `threads` loops of handshake-only connections to `addr` for `duration`. Call inside the
-/// client's namespace: the threads inherit it.
-pub fn run(addr: SocketAddrV4, threads: usize, duration: Duration) -> Result<Handshakes> {
+/// `threads` loops of handshake-only connections to `targets` (each thread takes them in
+/// turn) for `duration`. Call inside the client's namespace: the threads inherit it.
+pub fn run(targets: &[SocketAddrV4], threads: usize, duration: Duration) -> Result<Handshakes> {
+    anyhow::ensure!(!targets.is_empty(), "no target");
     let threads = threads.max(1);
     let start = Instant::now();
     let deadline = start + duration;
     let parts: Vec<Handshakes> = std::thread::scope(|s| {
         let handles: Vec<_> = (0..threads)
-            .map(|_| s.spawn(move || one_thread(addr, start, deadline)))
+            .map(|i| s.spawn(move || one_thread(targets, i, start, deadline)))
             .collect();
         handles
             .into_iter()
@@ -111,11 +112,18 @@ pub fn run(addr: SocketAddrV4, threads: usize, duration: Duration) -> Result<Han
     Ok(all)
 }
 
-fn one_thread(addr: SocketAddrV4, start: Instant, deadline: Instant) -> Handshakes {
+fn one_thread(
+    targets: &[SocketAddrV4],
+    first: usize,
+    start: Instant,
+    deadline: Instant,
+) -> Handshakes {
     let hs = bolt_handshake();
-    let addr = SocketAddr::V4(addr);
     let mut out = Handshakes::default();
+    let mut next = first;
     loop {
+        let addr = SocketAddr::V4(targets[next % targets.len()]);
+        next += 1;
         let t0 = Instant::now();
         if t0 >= deadline {
             return out;
