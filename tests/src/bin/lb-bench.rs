@@ -225,6 +225,80 @@ fn perf(which: Which, a: PerfArgs) -> Result<bool> {
     })
 }
 
+/// When and how a bench ran, for its report and its raw record.
+struct RunInfo {
+    bench: &'static str,
+    unix_time: u64,
+    /// `cargo xtask bench BENCH -- ARGS`.
+    command: String,
+    /// Date, CPUs, kernel, lb commit (and HAProxy's version, for a bench that runs it).
+    date: String,
+}
+
+impl RunInfo {
+    fn now(bench: &'static str, with_haproxy: bool) -> RunInfo {
+        let unix_time = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or_default();
+        let command = format!(
+            "cargo xtask bench {bench} -- {}",
+            std::env::args().skip(2).collect::<Vec<_>>().join(" ")
+        )
+        .trim_end()
+        .to_string();
+        let m = machine();
+        let mut date = format!(
+            "{}, {} CPUs, {}, lb {}",
+            driver::date_utc(unix_time),
+            m.cpus,
+            m.kernel,
+            m.lb_commit.as_deref().unwrap_or("?")
+        );
+        if let Some(h) = m.haproxy.as_ref().filter(|_| with_haproxy) {
+            date += &format!(", {h}");
+        }
+        RunInfo {
+            bench,
+            unix_time,
+            command,
+            date,
+        }
+    }
+
+    /// Prints the report, writes its section of BENCHMARKS.md when `write` (a full run), and
+    /// the raw record (`fields` plus bench, command and time) to `target/bench/BENCH.json`.
+    fn publish(
+        &self,
+        heading: &str,
+        md: &str,
+        write: bool,
+        fields: serde_json::Value,
+    ) -> Result<()> {
+        println!("\n{md}");
+        if write {
+            let bm = harness::repo_root().join("BENCHMARKS.md");
+            lb_tests::bench::benchmarks_md::write_section(&bm, heading, md)?;
+            println!("Report: {}", bm.display());
+        }
+        let mut raw = serde_json::json!({
+            "bench": self.bench,
+            "command": self.command,
+            "unix_time": self.unix_time,
+        });
+        if let (Some(raw), serde_json::Value::Object(fields)) = (raw.as_object_mut(), fields) {
+            raw.extend(fields);
+        }
+        let dir = harness::repo_root().join("target").join("bench");
+        std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+        let path = dir.join(format!("{}.json", self.bench));
+        std::fs::write(&path, serde_json::to_vec_pretty(&raw)?)
+            .with_context(|| format!("writing {}", path.display()))?;
+        eprintln!("Raw records: {}", path.display());
+        Ok(())
+    }
+}
+
 fn churn_bench(
     seconds: u64,
     threads: usize,
@@ -255,36 +329,14 @@ fn churn_bench(
     );
     let _stats = BpfStats::enable();
     let records = churn::run(&plan);
-    let unix_time = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or_default();
-    let command = format!(
-        "cargo xtask bench churn -- {}",
-        std::env::args().skip(2).collect::<Vec<_>>().join(" ")
-    );
-    let m = machine();
-    let date = format!(
-        "{}, {} CPUs, {}, lb {}",
-        driver::date_utc(unix_time),
-        m.cpus,
-        m.kernel,
-        m.lb_commit.as_deref().unwrap_or("?")
-    );
-    let md = churn::report(&plan, &records, command.trim_end(), &date);
-    println!("\n{md}");
-    if !quick && only.is_empty() {
-        let bm = harness::repo_root().join("BENCHMARKS.md");
-        lb_tests::bench::benchmarks_md::write_section(&bm, "## lb-bench churn", &md)?;
-        println!("Report: {}", bm.display());
-    }
-    let dir = harness::repo_root().join("target").join("bench");
-    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
-    let path = dir.join("churn.json");
-    let raw = serde_json::json!({ "bench": "churn", "command": command.trim_end(), "unix_time": unix_time, "plan": plan, "records": records });
-    std::fs::write(&path, serde_json::to_vec_pretty(&raw)?)
-        .with_context(|| format!("writing {}", path.display()))?;
-    eprintln!("Raw records: {}", path.display());
+    let run = RunInfo::now("churn", false);
+    let md = churn::report(&plan, &records, &run.command, &run.date);
+    run.publish(
+        "## lb-bench churn",
+        &md,
+        !quick && only.is_empty(),
+        serde_json::json!({ "plan": plan, "records": records }),
+    )?;
     Ok(records
         .iter()
         .all(|r| r.errors.is_empty() && r.checks.iter().all(|c| c.1)))
@@ -311,37 +363,14 @@ fn synflood_bench(seconds: u64, rates: Vec<u32>, quick: bool, only: &[String]) -
         harness::lb_bin().display()
     );
     let records = synflood::run(&plan);
-    let unix_time = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or_default();
-    let command = format!(
-        "cargo xtask bench synflood -- {}",
-        std::env::args().skip(2).collect::<Vec<_>>().join(" ")
-    );
-    let m = machine();
-    let date = format!(
-        "{}, {} CPUs, {}, lb {}, {}",
-        driver::date_utc(unix_time),
-        m.cpus,
-        m.kernel,
-        m.lb_commit.as_deref().unwrap_or("?"),
-        m.haproxy.as_deref().unwrap_or("HAProxy ?")
-    );
-    let md = synflood::report(&plan, &records, command.trim_end(), &date);
-    println!("\n{md}");
-    if !quick && only.is_empty() {
-        let bm = harness::repo_root().join("BENCHMARKS.md");
-        lb_tests::bench::benchmarks_md::write_section(&bm, "## lb-bench synflood", &md)?;
-        println!("Report: {}", bm.display());
-    }
-    let dir = harness::repo_root().join("target").join("bench");
-    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
-    let path = dir.join("synflood.json");
-    let raw = serde_json::json!({ "bench": "synflood", "command": command.trim_end(), "unix_time": unix_time, "plan": plan, "records": records });
-    std::fs::write(&path, serde_json::to_vec_pretty(&raw)?)
-        .with_context(|| format!("writing {}", path.display()))?;
-    eprintln!("Raw records: {}", path.display());
+    let run = RunInfo::now("synflood", true);
+    let md = synflood::report(&plan, &records, &run.command, &run.date);
+    run.publish(
+        "## lb-bench synflood",
+        &md,
+        !quick && only.is_empty(),
+        serde_json::json!({ "plan": plan, "records": records }),
+    )?;
     Ok(records.iter().all(|r| r.error.is_none()))
 }
 
@@ -357,35 +386,14 @@ fn idle_bench(flows: u32, idle_seconds: u64) -> Result<bool> {
         harness::lb_bin().display()
     );
     let rec = idle::run(&plan);
-    let unix_time = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or_default();
-    let command = format!(
-        "cargo xtask bench idle -- {}",
-        std::env::args().skip(2).collect::<Vec<_>>().join(" ")
-    );
-    let m = machine();
-    let date = format!(
-        "{}, {} CPUs, {}, lb {}",
-        driver::date_utc(unix_time),
-        m.cpus,
-        m.kernel,
-        m.lb_commit.as_deref().unwrap_or("?")
-    );
-    let md = idle::report(&plan, &rec, command.trim_end(), &date);
-    println!("\n{md}");
-    if flows == 1_000_000 && rec.error.is_none() {
-        let bm = harness::repo_root().join("BENCHMARKS.md");
-        lb_tests::bench::benchmarks_md::write_section(&bm, "## lb-bench idle", &md)?;
-        println!("Report: {}", bm.display());
-    }
-    let dir = harness::repo_root().join("target").join("bench");
-    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
-    let path = dir.join("idle.json");
-    let raw = serde_json::json!({ "bench": "idle", "command": command.trim_end(), "unix_time": unix_time, "plan": plan, "record": rec });
-    std::fs::write(&path, serde_json::to_vec_pretty(&raw)?)
-        .with_context(|| format!("writing {}", path.display()))?;
+    let run = RunInfo::now("idle", false);
+    let md = idle::report(&plan, &rec, &run.command, &run.date);
+    run.publish(
+        "## lb-bench idle",
+        &md,
+        flows == 1_000_000 && rec.error.is_none(),
+        serde_json::json!({ "plan": plan, "record": rec }),
+    )?;
     Ok(rec.error.is_none())
 }
 
