@@ -22,6 +22,7 @@ use super::contestants::{self, Cell, Contestant, READ_ALL_PORT, WRITE_PORT};
 use super::handshakes::{self, Handshakes};
 use super::loadgen::quantile;
 use super::probe::{self, Usage};
+use super::report::fmt;
 use super::stats::{median, spread, Spread};
 
 /// The rows of the table.
@@ -330,20 +331,6 @@ fn measure(plan: &Plan, row: Row, round: usize, rec: &mut Record) -> Result<()> 
 
 fn spread_of(records: &[&Record], f: impl Fn(&Record) -> Option<f64>) -> Option<Spread> {
     spread(&records.iter().map(|r| f(r)).collect::<Vec<_>>())
-}
-
-fn fmt(s: Option<Spread>, decimals: usize) -> String {
-    match s {
-        None => "-".into(),
-        Some(s) if s.n > 1 => format!(
-            "{:.d$} ({:.d$}-{:.d$})",
-            s.median,
-            s.min,
-            s.max,
-            d = decimals
-        ),
-        Some(s) => format!("{:.d$}", s.median, d = decimals),
-    }
 }
 
 /// The row `row` is compared with: kernel routing through the lb namespace (the same hops as
