@@ -46,6 +46,9 @@ pub mod names {
     /// Connections the data path ended itself (ring buffer; not pinned: each program build
     /// writes its own, which its agent reads).
     pub const CONN_EVENTS: &str = "CONN_EVENTS";
+    /// Backend id -> the SNAT ports its flows hold, a hint for the port search (not pinned:
+    /// each program has its own, rebuilt by its agent's GC every pass).
+    pub const PORT_HINTS: &str = "PORT_HINTS";
     pub const SLOTS: &str = "SLOTS";
     pub const MAXCONN_ACTIVE: &str = "MAXCONN_ACTIVE";
     /// `lb capture`'s settings; written only by that command.
@@ -120,6 +123,29 @@ pub const CONFIG_F_ROUTE_SRC: u32 = 4;
 /// `snat_ports`) are still alive: replies to those ports are translated for them; without a
 /// flow such a reply passes to the kernel (the port is not lb's any more).
 pub const CONFIG_F_OLD_PORTS: u32 = 8;
+
+/// 64-bit words of a backend's SNAT-port hint bitmap (`PORT_HINTS`): bit `i` of word `w` stands
+/// for port `snat_port_min + 64 w + i`; enough for every port above 1023.
+pub const PORT_HINT_WORDS: u32 = 1024;
+
+/// `PORT_HINTS[backend id]`: which SNAT ports the backend's flows hold, as far as the data path
+/// and the GC know. Only a hint: a set bit whose port is free costs the search a skipped port
+/// until the GC's next pass rewrites the word; a clear bit whose port is taken costs one probe
+/// of the tables, which stay the authority.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[cfg_attr(feature = "user", derive(bytemuck::Pod, bytemuck::Zeroable))]
+pub struct PortHints {
+    pub words: [u64; PORT_HINT_WORDS as usize],
+}
+
+impl Default for PortHints {
+    fn default() -> Self {
+        Self {
+            words: [0; PORT_HINT_WORDS as usize],
+        }
+    }
+}
 
 /// `OLD_PORTS[0]`: an inclusive port range, host byte order.
 #[repr(C)]
@@ -569,6 +595,7 @@ mod pod {
     unsafe impl aya::Pod for super::ConnEvent {}
     unsafe impl aya::Pod for super::CaptureConfig {}
     unsafe impl aya::Pod for super::PortRange {}
+    unsafe impl aya::Pod for super::PortHints {}
 }
 
 #[cfg(test)]
@@ -581,6 +608,7 @@ mod tests {
         assert_eq!(size_of::<FlowKey>(), 16);
         assert_eq!(size_of::<Flow>(), 80);
         assert_eq!(size_of::<Slot>(), 16);
+        assert_eq!(size_of::<PortHints>(), 8192);
         assert_eq!(size_of::<ConnEvent>(), 80);
         assert_eq!(size_of::<ServiceKey>(), 8);
         assert_eq!(size_of::<Service>(), 16);

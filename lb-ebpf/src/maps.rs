@@ -9,7 +9,7 @@ use aya_ebpf::{
 };
 use lb_common::{
     epoch_index, BackendKey, BackendSet, BackendStats, CaptureConfig, Config, ConnEvent, Flow,
-    FlowKey, PortRange, RstBucket, Service, ServiceKey, ServiceStats, Slot, COUNTER_MAX,
+    FlowKey, PortHints, PortRange, RstBucket, Service, ServiceKey, ServiceStats, Slot, COUNTER_MAX,
     DEFAULT_EMBRYONIC_ENTRIES, DEFAULT_ESTABLISHED_ENTRIES, MAXCONN_ENTRIES, MAX_BACKENDS,
     MAX_IFACES, MAX_SERVICES, MAX_SNAT_ADDRS,
 };
@@ -72,6 +72,11 @@ pub static MAXCONN_ACTIVE: Array<u64, { MAXCONN_ENTRIES as usize }> = Array::new
 /// 3,000 events between two reads).
 #[btf_map]
 pub static CONN_EVENTS: RingBuf<ConnEvent, { 64 * 4096 }> = RingBuf::new();
+
+/// Backend id -> the SNAT ports its flows hold (a hint for `snat::claim`; see
+/// `lb_common::PortHints`). Not pinned: the agent's GC rewrites it from the tables every pass.
+#[btf_map]
+pub static PORT_HINTS: Array<PortHints, { MAX_BACKENDS as usize }> = Array::new();
 
 /// Round-robin cursor per service.
 #[btf_map]

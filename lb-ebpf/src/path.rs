@@ -138,6 +138,7 @@ pub fn forward(
         bytes: 0,
     };
     let Some(port) = snat::claim(
+        backend.id,
         backend.addr,
         backend.port,
         hop.src,
@@ -241,7 +242,7 @@ fn existing(
     }
     if found.established {
         if flags & TCP_ACK != 0 && conntrack::client_closed_and_acked(found.flow, found.partner) {
-            end_at_last_ack(key, found, now);
+            end_at_last_ack(cfg, key, found, now);
         } else {
             conntrack::touch(found.flow, now);
         }
@@ -259,8 +260,9 @@ fn existing(
 /// connection at once, and the agent has nothing to expire. Its slot went with the second FIN.
 /// The segment itself still goes out (the caller copied the mapping).
 #[inline(always)]
-fn end_at_last_ack(key: &FlowKey, found: conntrack::Found, now: u64) {
+fn end_at_last_ack(cfg: &Config, key: &FlowKey, found: conntrack::Found, now: u64) {
     let partner_key = found.flow.partner_key(IPPROTO_TCP);
+    let (backend, port) = (found.flow.backend_id, found.flow.nat_sport);
     // The record is sent from the entries before they are deleted, in one straight reserve,
     // write and submit: a reservation held across the delete's branches is one the 6.1
     // verifier cannot always see released. (Another CPU deleting the same flow at the same
@@ -268,6 +270,7 @@ fn end_at_last_ack(key: &FlowKey, found: conntrack::Found, now: u64) {
     events::ended(key, found.flow, found.partner, now, CONN_END_CLOSED);
     if conntrack::delete_established(key, &partner_key) {
         stats::count(Counter::EndedAtLastAck);
+        snat::release_hint(backend, port, cfg.snat_port_min, cfg.snat_port_max);
     }
 }
 

@@ -2,8 +2,12 @@
 //!
 //! A port is claimed by inserting the flow's reply entry (backend -> SNAT address:port) into
 //! the embryonic table with BPF_NOEXIST; a port whose reply key is in the established table is
-//! taken too, and so is a port whose embryonic entry has expired. Each try draws a random
-//! port; the search gives up after `SNAT_TRIES` tries. Under pressure (every try found its port
+//! taken too, and so is a port whose embryonic entry has expired. The tables are the
+//! authority; the search is guided by the backend's port hints (`PORT_HINTS`: a bitmap of the
+//! ports its flows hold, set here when a port is claimed or found taken, cleared when the
+//! forward path ends a flow, and rewritten from the tables by every pass of the agent's GC),
+//! so that a new flow finds a free port with one probe even when nine in ten are taken. Random
+//! ports follow if the hints find none (`SNAT_TRIES`). Under pressure (every try found its port
 //! taken), it tries `REUSE_TRIES` more ports and may also take over the port of a flow that
 //! has been closed for a while and whose backend did not close first: the backend has no
 //! TIME_WAIT on that tuple, and without this, ports would wait for the GC (a flow the client
@@ -11,13 +15,19 @@
 //! this covers the ones whose last ACK was lost and those a RST closed); or the port of a
 //! half-open handshake older than `HALF_OPEN_NS` (the backend answered, the client never did: a spoofed SYN), so that a SYN
 //! flood holds each port for a fraction of a second instead of the connect timeout.
+use core::intrinsics::{atomic_and, atomic_or, AtomicOrdering};
+
 use aya_ebpf::helpers::bpf_get_prandom_u32;
 use lb_common::{
-    Counter, Flow, FlowKey, CONN_END_CLOSED, CONN_END_CLOSED_RST, FLOW_CLOSE_RST, IPPROTO_TCP,
+    Counter, Flow, FlowKey, PortHints, CONN_END_CLOSED, CONN_END_CLOSED_RST, FLOW_CLOSE_RST,
+    IPPROTO_TCP, PORT_HINT_WORDS,
 };
 
-use crate::{conntrack, events, maxconn, stats};
+use crate::{conntrack, events, maps::PORT_HINTS, maxconn, stats};
 
+/// Hint words the first round of `claim` reads.
+pub const HINT_TRIES: u32 = 4;
+/// Random ports the second round of `claim` tries.
 pub const SNAT_TRIES: u32 = 32;
 /// Tries of the second round of `claim` (under pressure).
 pub const REUSE_TRIES: u32 = 8;
@@ -29,13 +39,23 @@ pub const REUSE_QUIET_NS: u64 = 1_000_000_000;
 /// spoofed SYNs at 20,000/s keeps about 5,000 ports younger than this.
 pub const HALF_OPEN_NS: u64 = 250_000_000;
 
-/// Claims a port for the reply entry `reply` from `backend:bport` to `snat_addr`, trying
-/// ports in `[min, max]` (host order). Returns the port (network order) or `None`.
-/// Embryonic entries older than `embryonic_timeout` at `now` are taken over; under pressure,
-/// so is the port of a quiet closed flow with no TIME_WAIT at the backend.
+/// Claims a port for the reply entry `reply` from `backend:bport` (backend id `backend_id`) to
+/// `snat_addr`, trying ports in `[min, max]` (host order). Returns the port (network order) or
+/// `None`. Embryonic entries older than `embryonic_timeout` at `now` are taken over; under
+/// pressure, so is the port of a quiet closed flow with no TIME_WAIT at the backend.
+///
+/// Three rounds, each only if the one before found nothing:
+/// 1. `HINT_TRIES` words of the backend's hint bitmap (`PORT_HINTS`), each drawn at random: the
+///    lowest port its word says is free is probed, so the cost does not grow with occupancy (at
+///    90 % a word of 64 ports has no free port once in a thousand). Whatever the probe finds,
+///    the port's bit is set: taken by this flow, or by the one the probe met.
+/// 2. `SNAT_TRIES` random ports (the hints are stale in the ports they set: ended flows the GC
+///    has not rewritten yet).
+/// 3. Under pressure, `REUSE_TRIES` takeovers (see below).
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
 pub fn claim(
+    backend_id: u32,
     backend: u32,
     bport: u16,
     snat_addr: u32,
@@ -59,15 +79,47 @@ pub fn claim(
         _pad: 0,
         _pad16: 0,
     };
+    if let Some(hints) = PORT_HINTS.get_ptr_mut(backend_id) {
+        // Words that hold a port of the range (`range` fits in `PORT_HINT_WORDS` words above
+        // port 1023, which the agent's config check ensures).
+        let words = range.div_ceil(64).min(PORT_HINT_WORDS);
+        let mut i = 0;
+        while i < HINT_TRIES {
+            i += 1;
+            // SAFETY: helper without arguments.
+            let rnd = unsafe { bpf_get_prandom_u32() };
+            // A random word, and in it the first free port from a random bit on: ports are
+            // spread over the range, not reused lowest first.
+            let (w, from) = ((rnd & 0xffff) % words, rnd >> 26);
+            let word = word_at(hints, w);
+            // SAFETY: an aligned u64 of the map value; other CPUs change it only with atomic
+            // operations, and a stale read costs a probe, nothing more.
+            let mut free = !unsafe { core::ptr::read_volatile(word) };
+            // `w * 64 < range` (w < words), so this does not underflow.
+            let valid = range - w * 64;
+            if valid < 64 {
+                free &= (1u64 << valid) - 1;
+            }
+            if free == 0 {
+                continue;
+            }
+            let bit = (lowest_bit(free.rotate_right(from)) + from) & 63;
+            key.dport = ((min as u32 + w * 64 + bit) as u16).to_be();
+            let claimed = probe(&key, reply, now, embryonic_timeout);
+            // SAFETY: as above; the atomic or is the BPF atomic instruction.
+            unsafe { atomic_or::<u64, u64, { AtomicOrdering::SeqCst }>(word, 1u64 << bit) };
+            if claimed {
+                return Some(key.dport);
+            }
+        }
+    }
     let mut i = 0;
     while i < SNAT_TRIES {
         // A fresh random port each try: taken ports cluster, and a walk from one random start
         // would keep hitting the same cluster.
         key.dport = random_port(min, range).to_be();
-        if !conntrack::established_has(&key)
-            && (conntrack::claim_embryonic(&key, reply)
-                || conntrack::reclaim_expired(&key, reply, now, embryonic_timeout))
-        {
+        if probe(&key, reply, now, embryonic_timeout) {
+            mark_hint(backend_id, key.dport, min, max);
             return Some(key.dport);
         }
         i += 1;
@@ -121,9 +173,73 @@ pub fn claim(
     }
 }
 
+/// Claims the reply entry at `key` if its port is free: in neither table, or held by an
+/// embryonic entry older than `embryonic_timeout`.
+#[inline(always)]
+fn probe(key: &FlowKey, reply: &Flow, now: u64, embryonic_timeout: u64) -> bool {
+    !conntrack::established_has(key)
+        && (conntrack::claim_embryonic(key, reply)
+            || conntrack::reclaim_expired(key, reply, now, embryonic_timeout))
+}
+
+/// The index of the lowest set bit of `x` (not 0), without a branch or a table: the bits
+/// below it, counted (SWAR).
+#[inline(always)]
+fn lowest_bit(x: u64) -> u32 {
+    let mut v = (x & x.wrapping_neg()).wrapping_sub(1);
+    v -= (v >> 1) & 0x5555_5555_5555_5555;
+    v = (v & 0x3333_3333_3333_3333) + ((v >> 2) & 0x3333_3333_3333_3333);
+    v = (v + (v >> 4)) & 0x0f0f_0f0f_0f0f_0f0f;
+    (v.wrapping_mul(0x0101_0101_0101_0101) >> 56) as u32
+}
+
 /// A random port in `[min, min + range)` (host order).
 #[inline(always)]
 fn random_port(min: u16, range: u32) -> u16 {
     // SAFETY: helper without arguments.
     (min as u32 + unsafe { bpf_get_prandom_u32() } % range) as u16
+}
+
+/// The hint word of `port` (network order) for backend `backend_id` and the port's bit in it;
+/// `None` for a port outside `[min, max]`.
+#[inline(always)]
+fn hint_bit(backend_id: u32, port: u16, min: u16, max: u16) -> Option<(*mut u64, u64)> {
+    let port = u16::from_be(port);
+    if port < min || port > max {
+        return None;
+    }
+    let hints = PORT_HINTS.get_ptr_mut(backend_id)?;
+    let off = (port - min) as u32;
+    Some((word_at(hints, off / 64), 1u64 << (off % 64)))
+}
+
+/// Word `w` of a backend's hints (`w` < `PORT_HINT_WORDS`, which the mask also ensures).
+#[inline(always)]
+fn word_at(hints: *mut PortHints, w: u32) -> *mut u64 {
+    // The compiler can prove `w` in bounds and would drop the mask; the verifier cannot, and
+    // needs it. Read back from the stack, `w` is opaque to the compiler, so the mask stays.
+    // SAFETY: reads a local.
+    let w = unsafe { core::ptr::read_volatile(&w) } & (PORT_HINT_WORDS - 1);
+    // SAFETY: `hints` points at a `PortHints` map value, valid for the program run; `w` is
+    // masked into its array.
+    unsafe { (*hints).words.as_mut_ptr().add(w as usize) }
+}
+
+/// Sets the hint bit of a port a random try claimed.
+#[inline(always)]
+fn mark_hint(backend_id: u32, port: u16, min: u16, max: u16) {
+    if let Some((word, bit)) = hint_bit(backend_id, port, min, max) {
+        // SAFETY: an aligned u64 of the map value, changed with the BPF atomic instruction.
+        unsafe { atomic_or::<u64, u64, { AtomicOrdering::SeqCst }>(word, bit) };
+    }
+}
+
+/// Clears the hint bit of a port the data path just freed (`port`: network order) for backend
+/// `backend_id`, so the next search finds it at once.
+#[inline(always)]
+pub fn release_hint(backend_id: u32, port: u16, min: u16, max: u16) {
+    if let Some((word, bit)) = hint_bit(backend_id, port, min, max) {
+        // SAFETY: an aligned u64 of the map value, changed with the BPF atomic instruction.
+        unsafe { atomic_and::<u64, u64, { AtomicOrdering::SeqCst }>(word, !bit) };
+    }
 }

@@ -38,18 +38,20 @@ use foldhash::{HashMap as FastMap, HashSet as FastSet};
 
 use anyhow::{Context, Result};
 use aya::{
-    maps::{HashMap, Map, MapData, MapError},
+    maps::{Array, HashMap, Map, MapData, MapError},
     programs::{TestRun, TestRunOptions, Xdp},
     Ebpf,
 };
 use lb_common::{
-    is_closing, names, Flow, FlowKey, Slot, DIR_FORWARD, FLOW_CLOSE_RST, IPPROTO_TCP, MAX_SERVICES,
+    is_closing, names, Flow, FlowKey, PortHints, Slot, DIR_FORWARD, FLOW_CLOSE_RST, IPPROTO_TCP,
+    MAX_SERVICES,
 };
 use tracing::{debug, warn};
 
 use crate::{
     config::Config,
     connlog::{ConnLog, Ended},
+    port_hints::{self, HintBits},
 };
 
 /// Most entries one pass deletes (two a flow): a million flows that expire together (idle
@@ -194,9 +196,18 @@ impl TableFill {
 struct Tally {
     pairs: std::collections::BTreeMap<(u32, u32), PairFlows>,
     live: FastSet<FlowKey>,
+    /// The SNAT ports of the flows the pass keeps, per backend (when the GC keeps port hints).
+    held: Option<HintBits>,
 }
 
 impl Tally {
+    /// A kept flow's reply entry holds SNAT `port` (network order) towards `backend`.
+    fn hold(&mut self, backend: u32, port: u16) {
+        if let Some(h) = &mut self.held {
+            h.hold(backend, u16::from_be(port));
+        }
+    }
+
     fn pair(&mut self, f: &Flow) -> &mut PairFlows {
         self.pairs
             .entry((f.service_id, f.backend_id))
@@ -238,6 +249,10 @@ pub struct Gc {
     /// How long the last pass spent deleting established flows (the work it found to do; the
     /// rest of a pass is reading).
     deleting: Duration,
+    /// The program's port hints and the SNAT range they cover (see [`Gc::set_port_hints`]),
+    /// and the backend ids the last pass wrote.
+    hints: Option<(Array<MapData, PortHints>, (u16, u16))>,
+    hinted: FastSet<u32>,
 }
 
 /// Why the GC ended a flow, as the connection log says it.
@@ -269,10 +284,10 @@ fn table(map: Map, name: &str) -> Result<(Table, usize, std::os::fd::OwnedFd)> {
 }
 
 /// A second handle on the map `name` of `ebpf`, which stays in the object.
-fn share(ebpf: &Ebpf, name: &str) -> Result<Map> {
+pub fn share(ebpf: &Ebpf, name: &str) -> Result<Map> {
     let data = match ebpf.map(name) {
-        Some(Map::HashMap(m) | Map::LruHashMap(m)) => m,
-        Some(_) => anyhow::bail!("map {name} is not a hash map"),
+        Some(Map::HashMap(m) | Map::LruHashMap(m) | Map::Array(m)) => m,
+        Some(_) => anyhow::bail!("map {name} is neither a hash map nor an array"),
         None => anyhow::bail!("the object has no map {name}"),
     };
     let fd = data
@@ -319,6 +334,38 @@ impl Gc {
             timeouts,
             log: ConnLog::default(),
             deleting: Duration::ZERO,
+            hints: None,
+            hinted: FastSet::default(),
+        }
+    }
+
+    /// Rewrites the data path's port hints (`PORT_HINTS`, for SNAT range `range`) from each
+    /// pass's tables: the ports of flows it ended and of entries it or the LRU dropped become
+    /// free in the hint again.
+    pub fn set_port_hints(&mut self, map: Map, range: (u16, u16)) -> Result<()> {
+        let hints = Array::<MapData, PortHints>::try_from(map)
+            .with_context(|| format!("opening {}", names::PORT_HINTS))?;
+        self.hints = Some((hints, range));
+        Ok(())
+    }
+
+    /// Writes one bitmap per backend id that holds ports now or held some at the last pass.
+    /// The data path sets bits concurrently: one it sets between this pass's read and this
+    /// write is lost, which costs its port one probe of the tables (the authority), nothing
+    /// more.
+    fn write_hints(&mut self, held: Option<HintBits>) {
+        let (Some((map, _)), Some(held)) = (&mut self.hints, held) else {
+            return;
+        };
+        self.hinted.clear();
+        for (id, bits) in held.into_bitmaps() {
+            if let Err(e) = map.set(id, *bits, 0) {
+                warn!("writing {}[{id}]: {e}", names::PORT_HINTS);
+                continue;
+            }
+            if port_hints::holds_any(&bits) {
+                self.hinted.insert(id);
+            }
         }
     }
 
@@ -413,9 +460,16 @@ impl Gc {
     /// One pass as if the monotonic clock read `now` (ns).
     pub fn sweep(&mut self, now: u64) -> SweepStats {
         let mut st = SweepStats::default();
-        let mut tally = Tally::default();
+        let mut tally = Tally {
+            held: self
+                .hints
+                .as_ref()
+                .map(|(_, range)| HintBits::new(*range, self.hinted.iter().copied())),
+            ..Default::default()
+        };
         let budget = self.sweep_established(now, MAX_DELETIONS, &mut st, &mut tally);
         self.sweep_embryonic(now, budget, &mut st, &mut tally);
+        self.write_hints(tally.held.take());
         self.fill = TableFill {
             embryonic: Fill {
                 entries: st.embryonic_entries,
@@ -647,6 +701,7 @@ impl Gc {
                         planned += 2;
                     } else {
                         tally.live.insert(*key);
+                        tally.hold(partner.backend_id, pkey.dport);
                     }
                 }
                 _ => {
@@ -723,6 +778,9 @@ impl Gc {
                 if f.dir == DIR_FORWARD && now.saturating_sub(f.created_ns) <= timeout {
                     tally.pair(&f).embryonic += 1;
                     tally.live.insert(k);
+                }
+                if f.dir != DIR_FORWARD && now.saturating_sub(f.created_ns) <= timeout {
+                    tally.hold(f.backend_id, k.dport);
                 }
                 if now.saturating_sub(f.created_ns) > timeout {
                     if doomed.len() >= budget {

@@ -28,6 +28,7 @@ pub mod maglev;
 pub mod mirror;
 pub mod nic;
 pub mod ops;
+pub mod port_hints;
 pub mod run;
 pub mod selftest;
 pub mod status;

@@ -163,6 +163,9 @@ async fn serve(
     let mut control = Control::new(ebpf)?;
     let mut gc = crate::gc::Gc::new(ebpf, crate::gc::Timeouts::from_config(cfg))?;
     gc.set_log(crate::connlog::ConnLog::new(cfg.connection_log.as_deref())?);
+    if let Some(hints) = ebpf.take_map(lb_common::names::PORT_HINTS) {
+        gc.set_port_hints(hints, cfg.snat_ports)?;
+    }
     if let Some(p) = &cfg.connection_log {
         info!(file = %p.display(), "connection log appended to this file");
     }

@@ -2183,6 +2183,92 @@ fn when_the_ports_run_out_a_half_open_handshake_older_than_250ms_gives_its_port_
     })
 }
 
+#[test]
+#[ignore = "needs root and netns: run cargo xtask test"]
+fn with_90_percent_of_the_snat_ports_taken_every_new_flow_finds_a_free_one_through_the_port_hints(
+) -> Result<()> {
+    Fixture::run("porthints", |fx| {
+        // Every port to db01 but each tenth held by an idle flow, and the hints rewritten from
+        // the table as the agent's GC pass does. Before the hints, the random search found no
+        // free port in its tries for about 1 SYN in 20 here, and probed ten ports on average.
+        let (lo, hi) = SNAT_PORTS;
+        fx.occupy_snat_ports((lo..=hi).filter(|p| p % 10 != 0))?;
+        fx.rewrite_port_hints()?;
+        let before = fx.counters()?;
+        let mut ports = std::collections::HashSet::new();
+        for i in 0..1000u16 {
+            let (_, port) = open_write_flow(fx, 20_000 + i)?;
+            assert_eq!(port % 10, 0, "SYN {i}: a port the table says is free");
+            assert!(ports.insert(port), "SYN {i}: port {port} given twice");
+        }
+        assert_eq!(
+            fx.counters()?.get(Counter::RstSnatExhausted) - before.get(Counter::RstSnatExhausted),
+            0,
+            "none refused"
+        );
+        Ok(())
+    })
+}
+
+#[test]
+#[ignore = "needs root and netns: run cargo xtask test"]
+fn stale_port_hints_never_refuse_a_new_flow() -> Result<()> {
+    Fixture::run("stalehints", |fx| {
+        // Hints that say every port is taken while the tables are empty (a GC that has not run
+        // since flows ended): the search falls back to probing ports, and finds them free.
+        fx.set_port_hints(
+            0,
+            lb_common::PortHints {
+                words: [u64::MAX; lb_common::PORT_HINT_WORDS as usize],
+            },
+        )?;
+        for i in 0..100u16 {
+            open_write_flow(fx, 21_000 + i)?;
+        }
+        // The next pass rewrites them from the tables: 100 ports held, the rest free again.
+        fx.rewrite_port_hints()?;
+        let held: u32 = fx.port_hints(0)?.words.iter().map(|w| w.count_ones()).sum();
+        assert_eq!(held, 100, "one bit per flow's port");
+        Ok(())
+    })
+}
+
+#[test]
+#[ignore = "needs root and netns: run cargo xtask test"]
+fn port_hints_that_call_taken_ports_free_never_give_a_port_twice() -> Result<()> {
+    Fixture::run("freehints", |fx| {
+        // Nine ports in ten held by idle flows, and hints that say every port is free (flows
+        // claimed since the GC's last read, whose bits its write overwrote). The tables decide:
+        // a new flow only ever gets a port no flow holds, and each port once. A probe that
+        // meets a taken port marks it in the hints, so the search learns the range as it goes.
+        let (lo, hi) = SNAT_PORTS;
+        fx.occupy_snat_ports((lo..=hi).filter(|p| p % 10 != 0))?;
+        fx.set_port_hints(0, lb_common::PortHints::default())?;
+        let before = fx.counters()?;
+        let mut ports = std::collections::HashSet::new();
+        for i in 0..300u16 {
+            let out = fx.from_client(&client_syn(20_000 + i, WRITE_PORT).bytes()?)?;
+            if out.action == Action::Tx {
+                continue; // refused: every port this search tried was taken
+            }
+            assert_eq!(out.action, Action::Redirect, "SYN {i}");
+            let port = sport_of(&out.frame);
+            assert_eq!(port % 10, 0, "SYN {i}: port {port} is held by another flow");
+            assert!(ports.insert(port), "SYN {i}: port {port} given twice");
+        }
+        let refused =
+            fx.counters()?.get(Counter::RstSnatExhausted) - before.get(Counter::RstSnatExhausted);
+        assert_eq!(ports.len() as u64 + refused, 300);
+        let marked: u32 = fx.port_hints(0)?.words.iter().map(|w| w.count_ones()).sum();
+        assert!(
+            marked as usize > ports.len(),
+            "the taken ports the probes met are marked too ({marked} bits, {} flows)",
+            ports.len()
+        );
+        Ok(())
+    })
+}
+
 // ---------------------------------------------------------------------------------------------
 // ICMP errors
 // ---------------------------------------------------------------------------------------------

@@ -292,6 +292,10 @@ fn a_client_closed_flow_ends_at_its_last_ack_and_its_port_is_free_at_once() -> R
         );
         assert!(!done.in_table(fx)?, "both entries deleted at once");
         assert!(other.in_table(fx)?, "the other flow untouched");
+        assert!(
+            !fx.port_hinted(0, done.port)? && fx.port_hinted(0, other.port)?,
+            "the port hints free the ended flow's port and keep the other's"
+        );
         let ev = conn_events(fx)?;
         assert_eq!(ev.len(), 1, "{ev:?}");
         assert_eq!(

@@ -92,6 +92,7 @@ pub const VM_SUITES: &[(&str, &[&str])] = &[
             "traffic_not_for_a_service_passes_byte_for_byte",
             "the_fib_source_probe_tells_whether_this_kernel_has_bpf_fib_lookup_src",
             "without_fib_lookup_src_a_new_flow_takes_the_source_the_agent_resolved_for_its_backend",
+            "with_90_percent_of_the_snat_ports_taken_every_new_flow_finds_a_free_one_through_the_port_hints",
         ],
     ),
     (

@@ -18,8 +18,8 @@ use serde::Serialize;
 
 use crate::fixture::frames::{TcpFrame, ACK, PSH, SYN};
 use crate::fixture::{
-    flow_pair, sa, Action, Fixture, BACKEND_PORT, BK0_MAC, CL0_ADDR, CL0_MAC, CLIENT, CLIENT_MAC,
-    DB01, DB01_MAC, SNAT_ADDR, SNAT_PORTS, VIP, WRITE_PORT,
+    sa, Action, Fixture, BACKEND_PORT, BK0_MAC, CL0_ADDR, CL0_MAC, CLIENT, CLIENT_MAC, DB01,
+    DB01_MAC, SNAT_ADDR, SNAT_PORTS, VIP, WRITE_PORT,
 };
 
 /// Frames per path and rounds.
@@ -106,39 +106,7 @@ fn median(v: &mut [f64]) -> f64 {
 /// New flows timed at 90 % SNAT-port occupancy, per round.
 const BUSY_FRAMES: usize = 500;
 
-/// Writes an idle established flow (a fake client) onto each SNAT `port` to db01.
-fn occupy(fx: &mut Fixture, ports: impl Iterator<Item = u16>) -> Result<()> {
-    let map = fx
-        .ebpf
-        .map_mut(names::CT_ESTABLISHED)
-        .context("no CT_ESTABLISHED")?;
-    let mut m = HashMap::<_, FlowKey, Flow>::try_from(map)?;
-    let now = lb_user::gc::monotonic_now()?;
-    let base = Flow {
-        created_ns: now,
-        last_seen_ns: now,
-        state: lb_common::FLOW_ESTABLISHED,
-        ..Default::default()
-    };
-    for port in ports {
-        let client = std::net::SocketAddrV4::new(
-            std::net::Ipv4Addr::from(0x0a6f_0000 + u32::from(port)),
-            40_000,
-        );
-        for (k, f) in flow_pair(
-            client,
-            sa(VIP, WRITE_PORT),
-            sa(SNAT_ADDR, port),
-            sa(DB01, BACKEND_PORT),
-            base,
-        ) {
-            m.insert(k, f, 0)?;
-        }
-    }
-    Ok(())
-}
-
-/// Empties both connection tables.
+/// Empties both connection tables, and the port hints as the GC's next pass would.
 fn clear_tables(fx: &mut Fixture) -> Result<()> {
     for name in [names::CT_ESTABLISHED, names::CT_EMBRYONIC] {
         let map = fx
@@ -151,7 +119,7 @@ fn clear_tables(fx: &mut Fixture) -> Result<()> {
             m.remove(&k)?;
         }
     }
-    Ok(())
+    fx.rewrite_port_hints()
 }
 
 /// Runs `plan` in a packet fixture; one [`CostRound`] per round.
@@ -282,7 +250,9 @@ pub fn measure(plan: &CostPlan) -> Result<Vec<CostRound>> {
             // into the table. A port search now meets a taken port nine times in ten.
             let (lo, hi) = SNAT_PORTS;
             let held: std::collections::HashSet<u16> = snat_ports.iter().copied().collect();
-            occupy(fx, (lo..=hi).filter(|p| p % 10 != 0 && !held.contains(p)))?;
+            fx.occupy_snat_ports((lo..=hi).filter(|p| p % 10 != 0 && !held.contains(p)))?;
+            // The agent's GC would now rewrite the port hints from the table: do what a pass does.
+            fx.rewrite_port_hints()?;
             let lb: &Xdp = fx.ebpf.program("lb_xdp").context("no lb_xdp")?.try_into()?;
             let busy_base = 2000 + (plan.rounds * n + round * BUSY_FRAMES) as u16;
             let mut syn_busy_ns = Vec::with_capacity(BUSY_FRAMES);
