@@ -8,12 +8,24 @@ use lb_common::Counter;
 
 use crate::{
     maps::{FIB_PARAMS, ROUTE_SRC, TX_PORTS},
+    parse::Ip,
     stats,
 };
 
 const AF_INET: u8 = 2;
 /// Fill `ipv4_src` with the route's preferred source address (kernel 6.7+).
 const BPF_FIB_LOOKUP_SRC: u32 = 1 << 4;
+
+/// Whether the packet's TTL ends here: such a packet is left to the kernel, which answers it
+/// (ICMP time exceeded) as a router does; counted.
+#[inline(always)]
+pub fn ttl_ends_here(ip: &Ip) -> bool {
+    let ends = ip.ttl <= 1;
+    if ends {
+        stats::count(Counter::PassTtl);
+    }
+    ends
+}
 
 /// Where and how a new flow's packets leave.
 pub struct NextHop {

@@ -75,8 +75,7 @@ pub fn handle(
         stats::count(Counter::DropIcmpNoFlow);
         return xdp_action::XDP_DROP;
     };
-    if ip.ttl <= 1 {
-        stats::count(Counter::PassTtl);
+    if forward::ttl_ends_here(ip) {
         return xdp_action::XDP_PASS;
     }
     let flow = *found.flow;

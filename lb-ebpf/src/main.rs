@@ -130,7 +130,11 @@ mod prog {
             };
             // SAFETY: helper without arguments.
             let now = unsafe { bpf_ktime_get_ns() };
-            return path::forward(ctx, f, eth, ip, tcp, svc, &cfg, now);
+            let key = path::key_of(ip, tcp);
+            return path::forward(
+                &mut path::Packet::new(ctx, f, eth, ip, tcp, &key, &cfg, now),
+                svc,
+            );
         }
         let dport = u16::from_be(ports.dport);
         let in_range =
@@ -142,7 +146,11 @@ mod prog {
             };
             // SAFETY: helper without arguments.
             let now = unsafe { bpf_ktime_get_ns() };
-            return path::reply(ctx, f, eth, ip, tcp, &cfg, now, old_range);
+            let key = path::key_of(ip, tcp);
+            return path::reply(
+                &mut path::Packet::new(ctx, f, eth, ip, tcp, &key, &cfg, now),
+                old_range,
+            );
         }
         xdp_action::XDP_PASS
     }

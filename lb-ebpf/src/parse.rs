@@ -75,6 +75,14 @@ pub struct Tcp {
     pub urg: u16,
 }
 
+impl Tcp {
+    /// A SYN with none of ACK, RST or FIN: the only segment that may start a flow.
+    #[inline(always)]
+    pub fn is_plain_syn(&self) -> bool {
+        self.flags & (TCP_SYN | TCP_ACK | TCP_RST | TCP_FIN) == TCP_SYN
+    }
+}
+
 /// An IPv4 header viewed as words in network byte order.
 #[repr(C)]
 pub struct Ip {

@@ -18,8 +18,53 @@ use crate::{
     rst, service, snat, stats,
 };
 
+/// One TCP segment of a service or to an SNAT port, as both paths see it (Katran's
+/// `packet_description`): its headers, its flow key, and the time and settings it is handled
+/// with. The paths take it whole; what they rewrite, they rewrite here.
+pub struct Packet<'a> {
+    pub ctx: &'a XdpContext,
+    pub eth: &'a mut EthHdr,
+    pub ip: &'a mut Ip,
+    pub tcp: &'a mut Tcp,
+    /// The segment's own tuple (as received; a local of the entry's frame, so that only it,
+    /// not the whole description, is on the stack where helpers read it).
+    pub key: &'a FlowKey,
+    pub cfg: &'a Config,
+    /// `bpf_ktime_get_ns` when the frame arrived.
+    pub now: u64,
+    /// The frame's length.
+    pub bytes: u64,
+}
+
+impl<'a> Packet<'a> {
+    #[inline(always)]
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        ctx: &'a XdpContext,
+        f: Frame,
+        eth: &'a mut EthHdr,
+        ip: &'a mut Ip,
+        tcp: &'a mut Tcp,
+        key: &'a FlowKey,
+        cfg: &'a Config,
+        now: u64,
+    ) -> Self {
+        Self {
+            ctx,
+            eth,
+            ip,
+            tcp,
+            key,
+            cfg,
+            now,
+            bytes: f.len() as u64,
+        }
+    }
+}
+
+/// The tuple of a segment with headers `ip` and `tcp`.
 #[inline(always)]
-fn key_of(ip: &Ip, tcp: &Tcp) -> FlowKey {
+pub fn key_of(ip: &Ip, tcp: &Tcp) -> FlowKey {
     FlowKey {
         saddr: ip.saddr,
         daddr: ip.daddr,
@@ -33,73 +78,69 @@ fn key_of(ip: &Ip, tcp: &Tcp) -> FlowKey {
 
 /// A packet from a client to a VIP:port of `svc`.
 #[inline(always)]
-#[allow(clippy::too_many_arguments)]
-pub fn forward(
-    ctx: &XdpContext,
-    f: Frame,
-    eth: &mut EthHdr,
-    ip: &mut Ip,
-    tcp: &mut Tcp,
-    svc: Service,
-    cfg: &Config,
-    now: u64,
-) -> u32 {
-    let key = key_of(ip, tcp);
-    let flags = tcp.flags;
-    let bytes = f.len() as u64;
-    count_large(cfg, f);
+pub fn forward(p: &mut Packet, svc: Service) -> u32 {
+    count_large(p);
 
-    if let Some(found) = conntrack::lookup(&key, now, cfg.embryonic_timeout_ns) {
-        if ip.ttl <= 1 {
-            stats::count(Counter::PassTtl);
+    if let Some(found) = conntrack::lookup(p.key, p.now, p.cfg.embryonic_timeout_ns) {
+        if forward::ttl_ends_here(p.ip) {
             return xdp_action::XDP_PASS;
         }
-        let plain_syn = flags & (TCP_SYN | TCP_ACK | TCP_RST | TCP_FIN) == TCP_SYN;
+        let plain_syn = p.tcp.is_plain_syn();
         if plain_syn && is_closing(found.flow, found.partner) {
             // The client reuses the tuple of a closed connection (TIME_WAIT reuse): the old
             // flow is over; this SYN starts a new one below (its slot, if any, was released
             // when it closed; `maxconn::acquire` takes care of a leftover).
-            events::ended(&key, found.flow, found.partner, now, CONN_END_REUSED);
-            conntrack::delete(&key, &found);
+            events::ended(p.key, found.flow, found.partner, p.now, CONN_END_REUSED);
+            conntrack::delete(p.key, &found);
             stats::count(Counter::ClosedTupleReused);
         } else if plain_syn && !found.established && is_reset(found.flow) {
             // A SYN retransmit whose first SYN went to a backend demoted since: the handshake
             // starts over on the current set (the new master), instead of a refusal.
-            events::ended(&key, found.flow, found.partner, now, CONN_END_RESET);
-            conntrack::delete(&key, &found);
-            maxconn::release(&key);
+            events::ended(p.key, found.flow, found.partner, p.now, CONN_END_RESET);
+            conntrack::delete(p.key, &found);
+            maxconn::release(p.key);
         } else {
-            return existing(ctx, eth, ip, tcp, &key, found, svc, cfg, now, bytes);
+            return existing(p, found, svc);
         }
     }
 
     // No flow: only a plain SYN may start one.
-    if flags & (TCP_SYN | TCP_ACK | TCP_RST | TCP_FIN) != TCP_SYN {
-        return refuse(ctx, cfg, svc.id, flags, Counter::RstNoFlow);
+    if !p.tcp.is_plain_syn() {
+        return refuse(p, svc.id, Counter::RstNoFlow);
     }
-    if ip.ttl <= 1 {
-        stats::count(Counter::PassTtl);
+    if forward::ttl_ends_here(p.ip) {
         return xdp_action::XDP_PASS;
     }
-    let Some((backend, generation)) = service::pick(&svc, &key) else {
+    let Some((backend, generation)) = service::pick(&svc, p.key) else {
         // No backend holds the role (e.g. no master). While the agent hands the role over,
         // hold the SYN (the client's retransmit lands on the new master); else refuse fast,
         // never black-hole.
-        if crate::maps::syn_held(svc.id, now) {
+        if crate::maps::syn_held(svc.id, p.now) {
             stats::service_drop(svc.id, Counter::SynHeld);
             return xdp_action::XDP_DROP;
         }
-        return refuse(ctx, cfg, svc.id, flags, Counter::RstNoBackend);
+        return refuse(p, svc.id, Counter::RstNoBackend);
     };
-    let generic = cfg.flags & CONFIG_F_GENERIC != 0;
-    let tot_len = if generic { 0 } else { u16::from_be(ip.tot_len) };
-    let ingress = ctx.ingress_ifindex() as u32;
-    let src_from = if cfg.flags & CONFIG_F_ROUTE_SRC != 0 {
+    let generic = p.cfg.flags & CONFIG_F_GENERIC != 0;
+    let tot_len = if generic {
+        0
+    } else {
+        u16::from_be(p.ip.tot_len)
+    };
+    let ingress = p.ctx.ingress_ifindex() as u32;
+    let src_from = if p.cfg.flags & CONFIG_F_ROUTE_SRC != 0 {
         forward::SrcFrom::RouteSrc
     } else {
         forward::SrcFrom::Fib
     };
-    let hop = match forward::lookup(ctx, ingress, backend.addr, backend.port, tot_len, src_from) {
+    let hop = match forward::lookup(
+        p.ctx,
+        ingress,
+        backend.addr,
+        backend.port,
+        tot_len,
+        src_from,
+    ) {
         Ok(hop) => hop,
         Err(_) => {
             stats::service_drop(svc.id, Counter::DropFib);
@@ -112,23 +153,23 @@ pub fn forward(
         return xdp_action::XDP_DROP;
     }
     // A handshake takes no slot (its ACK does, in `existing`): only the counts are read.
-    if !maxconn::admits(svc.id, backend.id, svc.backend_maxconn, cfg.maxconn) {
-        return over_limit(ctx, cfg, &svc, backend.id, flags);
+    if !maxconn::admits(svc.id, backend.id, svc.backend_maxconn, p.cfg.maxconn) {
+        return over_limit(p, &svc, backend.id);
     }
     let reply = Flow {
-        created_ns: now,
-        last_seen_ns: now,
+        created_ns: p.now,
+        last_seen_ns: p.now,
         generation: generation as u32,
         seq_end: 0,
-        nat_saddr: ip.daddr,
-        nat_daddr: ip.saddr,
+        nat_saddr: p.ip.daddr,
+        nat_daddr: p.ip.saddr,
         ifindex: ingress,
         backend_id: backend.id,
         service_id: svc.id,
-        nat_sport: tcp.dport,
-        nat_dport: tcp.sport,
-        smac: eth.dst_addr,
-        dmac: eth.src_addr,
+        nat_sport: p.tcp.dport,
+        nat_dport: p.tcp.sport,
+        smac: p.eth.dst_addr,
+        dmac: p.eth.src_addr,
         state: FLOW_SYN_SENT,
         dir: DIR_REPLY,
         close: 0,
@@ -137,18 +178,8 @@ pub fn forward(
         ack: 0,
         bytes: 0,
     };
-    let Some(port) = snat::claim(
-        backend.id,
-        backend.addr,
-        backend.port,
-        hop.src,
-        cfg.snat_port_min,
-        cfg.snat_port_max,
-        &reply,
-        now,
-        cfg.embryonic_timeout_ns,
-    ) else {
-        return refuse(ctx, cfg, svc.id, flags, Counter::RstSnatExhausted);
+    let Some(port) = snat::claim(&backend, hop.src, &reply, p.cfg, p.now) else {
+        return refuse(p, svc.id, Counter::RstSnatExhausted);
     };
     let fwd = Flow {
         nat_saddr: hop.src,
@@ -159,11 +190,11 @@ pub fn forward(
         smac: hop.smac,
         dmac: hop.dmac,
         dir: DIR_FORWARD,
-        bytes: payload_len(ip, tcp),
-        seq_end: u32::from_be_bytes(tcp.seq).wrapping_add(1),
+        bytes: payload_len(p.ip, p.tcp),
+        seq_end: u32::from_be_bytes(p.tcp.seq).wrapping_add(1),
         ..reply
     };
-    if !conntrack::insert_embryonic(&key, &fwd) {
+    if !conntrack::insert_embryonic(p.key, &fwd) {
         conntrack::remove_embryonic(&fwd.partner_key(IPPROTO_TCP));
         stats::service_drop(svc.id, Counter::DropEmbryonicFull);
         return xdp_action::XDP_DROP;
@@ -175,12 +206,12 @@ pub fn forward(
     if let Some(b) = stats::backend(backend.id) {
         b.new_flows += 1;
     }
-    if cfg.flags & CONFIG_F_DEBUG != 0 {
+    if p.cfg.flags & CONFIG_F_DEBUG != 0 {
         info!(
-            ctx,
+            p.ctx,
             "new flow {:i}:{} -> backend {:i}:{} via snat {:i}:{} gen {}",
-            u32::from_be(ip.saddr),
-            u16::from_be(tcp.sport),
+            u32::from_be(p.ip.saddr),
+            u16::from_be(p.tcp.sport),
             u32::from_be(backend.addr),
             u16::from_be(backend.port),
             u32::from_be(hop.src),
@@ -188,70 +219,58 @@ pub fn forward(
             generation
         );
     }
-    send(ctx, eth, ip, tcp, &fwd, bytes, false)
+    send(p, &fwd, false)
 }
 
 /// A client segment of an existing flow: forwarded on the flow's mapping (a SYN on an
 /// established key too; on an embryonic key it is a retransmit).
 #[inline(always)]
-#[allow(clippy::too_many_arguments)]
-fn existing(
-    ctx: &XdpContext,
-    eth: &mut EthHdr,
-    ip: &mut Ip,
-    tcp: &mut Tcp,
-    key: &FlowKey,
-    found: conntrack::Found,
-    svc: Service,
-    cfg: &Config,
-    now: u64,
-    bytes: u64,
-) -> u32 {
-    let flags = tcp.flags;
+fn existing(p: &mut Packet, found: conntrack::Found, svc: Service) -> u32 {
+    let flags = p.tcp.flags;
     // Copied before `promote`, which deletes the embryonic entries `found` points into: a
     // deleted element of a preallocated (LRU) hash map goes back to the free list at once
     // and another CPU's insert may overwrite it while we still read it.
     let flow = *found.flow;
     if is_reset(&flow) {
-        events::ended(key, &flow, found.partner, now, CONN_END_RESET);
-        conntrack::delete(key, &found);
-        maxconn::release(key);
-        return refuse(ctx, cfg, flow.service_id, flags, Counter::RstFlowReset);
+        events::ended(p.key, &flow, found.partner, p.now, CONN_END_RESET);
+        conntrack::delete(p.key, &found);
+        maxconn::release(p.key);
+        return refuse(p, flow.service_id, Counter::RstFlowReset);
     }
-    if found.established && !conntrack::rst_acceptable(found.flow, found.partner, tcp) {
+    if found.established && !conntrack::rst_acceptable(found.flow, found.partner, p.tcp) {
         stats::service_drop(flow.service_id, Counter::DropRstOutOfWindow);
         return xdp_action::XDP_DROP;
     }
-    if !found.established && !conntrack::handshake_ack_acceptable(&flow, found.partner, tcp) {
+    if !found.established && !conntrack::handshake_ack_acceptable(&flow, found.partner, p.tcp) {
         stats::service_drop(flow.service_id, Counter::DropHandshakeStale);
         return xdp_action::XDP_DROP;
     }
     // Before `promote`, which copies the entry: an ACK that establishes may carry a FIN.
-    conntrack::track(found.flow, found.partner.close, tcp, now);
-    let payload = payload_len(ip, tcp);
+    conntrack::track(found.flow, found.partner.close, p.tcp, p.now);
+    let payload = payload_len(p.ip, p.tcp);
     conntrack::track_seq(
         found.flow,
         found.partner.ack,
-        tcp,
+        p.tcp,
         payload as u32,
         found.established,
     );
     found.flow.bytes += payload;
     if flags & TCP_FIN != 0 && fins_both_ways(found.flow, found.partner) {
-        maxconn::release(key);
+        maxconn::release(p.key);
     }
     if found.established {
         if flags & TCP_ACK != 0 && conntrack::client_closed_and_acked(found.flow, found.partner) {
-            end_at_last_ack(cfg, key, found, now);
+            end_at_last_ack(p.cfg, p.key, found, p.now);
         } else {
-            conntrack::touch(found.flow, now);
+            conntrack::touch(found.flow, p.now);
         }
     } else if flags & (TCP_SYN | TCP_ACK | TCP_RST) == TCP_ACK && flow.state == FLOW_SYN_RECV {
-        if let Some(action) = establish(cfg, key, &found, &svc, &flow, now) {
+        if let Some(action) = establish(p.cfg, p.key, &found, &svc, &flow, p.now) {
             return action;
         }
     }
-    send(ctx, eth, ip, tcp, &flow, bytes, false)
+    send(p, &flow, false)
 }
 
 /// The client's ACK of the backend's FIN on a flow it closed first: the connection is over at
@@ -326,29 +345,17 @@ fn establish(
 /// A packet from a configured backend to an SNAT-range port (`old_range`: a port of an
 /// earlier range, whose flows may still be alive).
 #[inline(always)]
-#[allow(clippy::too_many_arguments)]
-pub fn reply(
-    ctx: &XdpContext,
-    f: Frame,
-    eth: &mut EthHdr,
-    ip: &mut Ip,
-    tcp: &mut Tcp,
-    cfg: &Config,
-    now: u64,
-    old_range: bool,
-) -> u32 {
-    count_large(cfg, f);
-    let key = key_of(ip, tcp);
-    let flags = tcp.flags;
-    let Some(found) = conntrack::lookup(&key, now, cfg.embryonic_timeout_ns) else {
+pub fn reply(p: &mut Packet, old_range: bool) -> u32 {
+    count_large(p);
+    let flags = p.tcp.flags;
+    let Some(found) = conntrack::lookup(p.key, p.now, p.cfg.embryonic_timeout_ns) else {
         if old_range {
             // Not lb's port any more unless a flow still holds it: the host's own traffic.
             return xdp_action::XDP_PASS;
         }
-        return refuse(ctx, cfg, u32::MAX, flags, Counter::RstNoFlow);
+        return refuse(p, u32::MAX, Counter::RstNoFlow);
     };
-    if ip.ttl <= 1 {
-        stats::count(Counter::PassTtl);
+    if forward::ttl_ends_here(p.ip) {
         return xdp_action::XDP_PASS;
     }
     // A demoted master's segment in flight (say a COMMIT's SUCCESS) still reaches the client:
@@ -358,32 +365,26 @@ pub fn reply(
         let service = found.flow.service_id;
         // The forward key (where the flow's slot is recorded), read before the delete.
         let fwd_key = found.flow.partner_key(IPPROTO_TCP);
-        events::ended(&fwd_key, found.partner, found.flow, now, CONN_END_RESET);
-        conntrack::delete(&key, &found);
+        events::ended(&fwd_key, found.partner, found.flow, p.now, CONN_END_RESET);
+        conntrack::delete(p.key, &found);
         maxconn::release(&fwd_key);
-        return refuse(ctx, cfg, service, flags, Counter::RstFlowReset);
+        return refuse(p, service, Counter::RstFlowReset);
     }
-    if found.established && !conntrack::rst_acceptable(found.flow, found.partner, tcp) {
+    if found.established && !conntrack::rst_acceptable(found.flow, found.partner, p.tcp) {
         stats::service_drop(found.flow.service_id, Counter::DropRstOutOfWindow);
         return xdp_action::XDP_DROP;
     }
-    if !found.established && !conntrack::handshake_reply_acceptable(found.partner, tcp) {
+    if !found.established && !conntrack::handshake_reply_acceptable(found.partner, p.tcp) {
         // The RST ends the backend's stale connection on this tuple: the client's SYN
         // retransmit then opens a clean one.
-        return refuse(
-            ctx,
-            cfg,
-            found.flow.service_id,
-            flags,
-            Counter::RstHandshakeStale,
-        );
+        return refuse(p, found.flow.service_id, Counter::RstHandshakeStale);
     }
-    conntrack::track(found.flow, found.partner.close, tcp, now);
-    let payload = payload_len(ip, tcp);
+    conntrack::track(found.flow, found.partner.close, p.tcp, p.now);
+    let payload = payload_len(p.ip, p.tcp);
     conntrack::track_seq(
         found.flow,
         found.partner.ack,
-        tcp,
+        p.tcp,
         payload as u32,
         found.established,
     );
@@ -392,12 +393,12 @@ pub fn reply(
         maxconn::release(&found.flow.partner_key(IPPROTO_TCP));
     }
     if found.established {
-        conntrack::touch(found.flow, now);
-    } else if tcp.flags & (TCP_SYN | TCP_ACK) == (TCP_SYN | TCP_ACK) {
+        conntrack::touch(found.flow, p.now);
+    } else if p.tcp.flags & (TCP_SYN | TCP_ACK) == (TCP_SYN | TCP_ACK) {
         conntrack::mark_syn_recv(found.partner, found.flow);
     }
     let flow = *found.flow;
-    send(ctx, eth, ip, tcp, &flow, f.len() as u64, true)
+    send(p, &flow, true)
 }
 
 /// Whether both directions sent a FIN: the flow's maxconn slot is released at once. A flow
@@ -418,12 +419,12 @@ fn payload_len(ip: &Ip, tcp: &Tcp) -> u64 {
 /// A SYN over a `maxconn` limit: dropped (the client retransmits its SYN, which stands in
 /// for HAProxy's queue), or refused with a RST when the service says `on_maxconn = "reset"`.
 #[inline(always)]
-fn over_limit(ctx: &XdpContext, cfg: &Config, svc: &Service, backend: u32, flags: u8) -> u32 {
+fn over_limit(p: &Packet, svc: &Service, backend: u32) -> u32 {
     if let Some(b) = stats::backend(backend) {
         b.maxconn_refused += 1;
     }
     if svc.flags & SERVICE_F_MAXCONN_RESET != 0 {
-        return refuse(ctx, cfg, svc.id, flags, Counter::RstMaxconn);
+        return refuse(p, svc.id, Counter::RstMaxconn);
     }
     stats::service_drop(svc.id, Counter::DropMaxconn);
     xdp_action::XDP_DROP
@@ -438,12 +439,12 @@ fn is_reset(flow: &Flow) -> bool {
 /// Answers a segment that may not pass with a RST (a RST itself is dropped, never answered),
 /// counting `reason`.
 #[inline(always)]
-fn refuse(ctx: &XdpContext, cfg: &Config, service: u32, flags: u8, reason: Counter) -> u32 {
-    if flags & TCP_RST != 0 {
+fn refuse(p: &Packet, service: u32, reason: Counter) -> u32 {
+    if p.tcp.flags & TCP_RST != 0 {
         stats::service_drop(service, Counter::DropNoFlow);
         return xdp_action::XDP_DROP;
     }
-    let action = rst::reply(ctx, cfg.rst_per_sec);
+    let action = rst::reply(p.ctx, p.cfg.rst_per_sec);
     if action == xdp_action::XDP_TX {
         stats::service_drop(service, reason);
     } else if let Some(s) = stats::service(service) {
@@ -456,27 +457,19 @@ fn refuse(ctx: &XdpContext, cfg: &Config, service: u32, flags: u8, reason: Count
 /// In generic mode, counts frames larger than an Ethernet MTU (GSO super-packets, which the
 /// kernel's generic redirect refuses).
 #[inline(always)]
-fn count_large(cfg: &Config, f: Frame) {
-    if cfg.flags & CONFIG_F_GENERIC != 0 && f.len() > 1514 {
+fn count_large(p: &Packet) {
+    if p.cfg.flags & CONFIG_F_GENERIC != 0 && p.bytes > 1514 {
         stats::count(Counter::GenericLarge);
     }
 }
 
 /// Rewrites the packet for `flow`, counts it and transmits it.
 #[inline(always)]
-fn send(
-    ctx: &XdpContext,
-    eth: &mut EthHdr,
-    ip: &mut Ip,
-    tcp: &mut Tcp,
-    flow: &Flow,
-    bytes: u64,
-    is_reply: bool,
-) -> u32 {
+fn send(p: &mut Packet, flow: &Flow, is_reply: bool) -> u32 {
     let cap = capture::sampled(flow.service_id);
     if cap.service != 0 {
         capture::emit(
-            ctx,
+            p.ctx,
             &cap,
             flow.service_id,
             CAPTURE_DIR_IN,
@@ -484,33 +477,33 @@ fn send(
             is_reply,
         );
     }
-    nat::rewrite(eth, ip, tcp, flow);
+    nat::rewrite(p.eth, p.ip, p.tcp, flow);
     if is_reply {
         stats::count(Counter::ReplyPackets);
         if let Some(s) = stats::service(flow.service_id) {
             s.reply_packets += 1;
-            s.reply_bytes += bytes;
+            s.reply_bytes += p.bytes;
         }
         if let Some(b) = stats::backend(flow.backend_id) {
             b.reply_packets += 1;
-            b.reply_bytes += bytes;
+            b.reply_bytes += p.bytes;
         }
     } else {
         stats::count(Counter::FwdPackets);
         if let Some(s) = stats::service(flow.service_id) {
             s.packets += 1;
-            s.bytes += bytes;
+            s.bytes += p.bytes;
         }
         if let Some(b) = stats::backend(flow.backend_id) {
             b.packets += 1;
-            b.bytes += bytes;
+            b.bytes += p.bytes;
         }
     }
-    let action = forward::transmit(ctx, flow.ifindex);
+    let action = forward::transmit(p.ctx, flow.ifindex);
     if cap.service != 0 {
         // The redirect itself happens after the program returns: the frame is still ours.
         capture::emit(
-            ctx,
+            p.ctx,
             &cap,
             flow.service_id,
             CAPTURE_DIR_OUT,

@@ -19,8 +19,8 @@ use core::intrinsics::{atomic_and, atomic_or, AtomicOrdering};
 
 use aya_ebpf::helpers::bpf_get_prandom_u32;
 use lb_common::{
-    Counter, Flow, FlowKey, PortHints, CONN_END_CLOSED, CONN_END_CLOSED_RST, FLOW_CLOSE_RST,
-    IPPROTO_TCP, PORT_HINT_WORDS,
+    Backend, Config, Counter, Flow, FlowKey, PortHints, CONN_END_CLOSED, CONN_END_CLOSED_RST,
+    FLOW_CLOSE_RST, IPPROTO_TCP, PORT_HINT_WORDS,
 };
 
 use crate::{conntrack, events, maps::PORT_HINTS, maxconn, stats};
@@ -39,10 +39,10 @@ pub const REUSE_QUIET_NS: u64 = 1_000_000_000;
 /// spoofed SYNs at 20,000/s keeps about 5,000 ports younger than this.
 pub const HALF_OPEN_NS: u64 = 250_000_000;
 
-/// Claims a port for the reply entry `reply` from `backend:bport` (backend id `backend_id`) to
-/// `snat_addr`, trying ports in `[min, max]` (host order). Returns the port (network order) or
-/// `None`. Embryonic entries older than `embryonic_timeout` at `now` are taken over; under
-/// pressure, so is the port of a quiet closed flow with no TIME_WAIT at the backend.
+/// Claims a port for the reply entry `reply` from `backend` to `snat_addr`, trying ports in
+/// `cfg`'s SNAT range. Returns the port (network order) or `None`. Embryonic entries older
+/// than the connect timeout at `now` are taken over; under pressure, so is the port of a quiet
+/// closed flow with no TIME_WAIT at the backend.
 ///
 /// Three rounds, each only if the one before found nothing:
 /// 1. `HINT_TRIES` words of the backend's hint bitmap (`PORT_HINTS`), each drawn at random: the
@@ -53,27 +53,24 @@ pub const HALF_OPEN_NS: u64 = 250_000_000;
 ///    has not rewritten yet).
 /// 3. Under pressure, `REUSE_TRIES` takeovers (see below).
 #[inline(always)]
-#[allow(clippy::too_many_arguments)]
 pub fn claim(
-    backend_id: u32,
-    backend: u32,
-    bport: u16,
+    backend: &Backend,
     snat_addr: u32,
-    min: u16,
-    max: u16,
     reply: &Flow,
+    cfg: &Config,
     now: u64,
-    embryonic_timeout: u64,
 ) -> Option<u16> {
+    let (min, max) = (cfg.snat_port_min, cfg.snat_port_max);
+    let (backend_id, embryonic_timeout) = (backend.id, cfg.embryonic_timeout_ns);
     if max < min {
         return None;
     }
     let range = (max - min) as u32 + 1;
     // One key, its port changed each try.
     let mut key = FlowKey {
-        saddr: backend,
+        saddr: backend.addr,
         daddr: snat_addr,
-        sport: bport,
+        sport: backend.port,
         dport: 0,
         proto: IPPROTO_TCP,
         _pad: 0,
