@@ -311,6 +311,15 @@ pub const fn is_closing(a: &Flow, b: &Flow) -> bool {
     (a.close & b.close & FLOW_CLOSE_FIN) != 0 || ((a.close | b.close) & FLOW_CLOSE_RST) != 0
 }
 
+/// Whether the backend closed the flow of the forward entry `fwd` and the reply entry `rev`
+/// first, with FINs (not a RST): the backend then holds the TIME_WAIT on the tuple, so the flow
+/// and its SNAT port stay for the whole close timeout; any other closed flow may go sooner. The
+/// one rule the data path's port takeover and the agent's GC both follow.
+#[inline(always)]
+pub const fn backend_closed_first(fwd: &Flow, rev: &Flow) -> bool {
+    rev.first_fin != 0 && (fwd.close | rev.close) & FLOW_CLOSE_RST == 0
+}
+
 /// Direction of a flow entry.
 pub const DIR_FORWARD: u8 = 0;
 pub const DIR_REPLY: u8 = 1;

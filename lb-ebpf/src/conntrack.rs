@@ -3,8 +3,8 @@
 //! counts when the partner entry exists in the same table and points back.
 use aya_ebpf::bindings::{BPF_ANY, BPF_NOEXIST};
 use lb_common::{
-    is_closing, Counter, Flow, FlowKey, DIR_REPLY, FLOW_CLOSE_FIN, FLOW_CLOSE_RST,
-    FLOW_ESTABLISHED, FLOW_SYN_RECV, IPPROTO_TCP,
+    backend_closed_first, is_closing, Counter, Flow, FlowKey, DIR_REPLY, FLOW_CLOSE_FIN,
+    FLOW_CLOSE_RST, FLOW_ESTABLISHED, FLOW_SYN_RECV, IPPROTO_TCP,
 };
 
 use crate::{
@@ -91,13 +91,12 @@ pub fn closed_quiet(key: &FlowKey, now: u64, quiet_ns: u64) -> Option<Closed> {
     if !fwd.points_back_to(key) || !is_closing(fwd, rev) {
         return None;
     }
-    let reset = (fwd.close | rev.close) & FLOW_CLOSE_RST != 0;
     let last = if fwd.last_seen_ns > rev.last_seen_ns {
         fwd.last_seen_ns
     } else {
         rev.last_seen_ns
     };
-    if (rev.first_fin != 0 && !reset) || now.wrapping_sub(last) <= quiet_ns {
+    if backend_closed_first(fwd, rev) || now.wrapping_sub(last) <= quiet_ns {
         return None;
     }
     Some(Closed { fwd_key, fwd, rev })

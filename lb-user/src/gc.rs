@@ -43,8 +43,8 @@ use aya::{
     Ebpf,
 };
 use lb_common::{
-    is_closing, names, Flow, FlowKey, PortHints, Slot, DIR_FORWARD, FLOW_CLOSE_RST, IPPROTO_TCP,
-    MAX_SERVICES,
+    backend_closed_first, is_closing, names, Flow, FlowKey, PortHints, Slot, DIR_FORWARD,
+    IPPROTO_TCP, MAX_SERVICES,
 };
 use tracing::{debug, warn};
 
@@ -115,6 +115,26 @@ impl Timeouts {
         match self.idle_by_service.get(service as usize) {
             Some(&t) if t != 0 => t,
             _ => self.idle_ns,
+        }
+    }
+
+    /// Why the flow of the forward entry `a` and the reply entry `b` should go at `now`, if it
+    /// should: closed and quiet for the close timeout (at most `QUICK_CLOSE_NS` unless the
+    /// backend closed first and holds the TIME_WAIT), or idle for its service's idle timeout.
+    fn expiry(&self, now: u64, a: &Flow, b: &Flow) -> Option<Expiry> {
+        let quiet = now.saturating_sub(a.last_seen_ns.max(b.last_seen_ns));
+        let idle = self.idle_of(a.service_id);
+        let close = if backend_closed_first(a, b) {
+            self.close_ns
+        } else {
+            self.close_ns.min(QUICK_CLOSE_NS)
+        };
+        if self.close_ns != 0 && is_closing(a, b) && quiet > close {
+            Some(Expiry::Closed)
+        } else if idle != 0 && quiet > idle {
+            Some(Expiry::Idle)
+        } else {
+            None
         }
     }
 }
@@ -630,27 +650,6 @@ impl Gc {
         }
     }
 
-    /// Why the flow of the entries `a` and `b` should go at `now`, if it should.
-    fn expiry(&self, now: u64, a: &Flow, b: &Flow) -> Option<Expiry> {
-        let quiet = now.saturating_sub(a.last_seen_ns.max(b.last_seen_ns));
-        let t = &self.timeouts;
-        let idle = t.idle_of(a.service_id);
-        // `a` is the forward (client) entry, `b` the reply (backend) entry.
-        let backend_closed_first = b.first_fin != 0 && (a.close | b.close) & FLOW_CLOSE_RST == 0;
-        let close = if backend_closed_first {
-            t.close_ns
-        } else {
-            t.close_ns.min(QUICK_CLOSE_NS)
-        };
-        if t.close_ns != 0 && is_closing(a, b) && quiet > close {
-            Some(Expiry::Closed)
-        } else if idle != 0 && quiet > idle {
-            Some(Expiry::Idle)
-        } else {
-            None
-        }
-    }
-
     /// Deletes expired established flows and orphans, at most `budget` entries; returns the
     /// budget left.
     fn sweep_established(
@@ -696,7 +695,7 @@ impl Gc {
                     if !is_closing(flow, partner) {
                         tally.pair(flow).established += 1;
                     }
-                    if let Some(why) = self.expiry(now, flow, partner) {
+                    if let Some(why) = self.timeouts.expiry(now, flow, partner) {
                         flows.push((*key, pkey, why));
                         planned += 2;
                     } else {
@@ -727,7 +726,7 @@ impl Gc {
             let before = snapshot.get(&fkey).map(|s| s.created_ns);
             if before != Some(f.created_ns)
                 || !r.points_back_to(&fkey)
-                || self.expiry(now, &f, &r) != Some(why)
+                || self.timeouts.expiry(now, &f, &r) != Some(why)
             {
                 st.revived += 1;
                 continue;
@@ -1074,8 +1073,59 @@ fn remove(table: &mut Table, key: &FlowKey) {
 
 #[cfg(test)]
 mod tests {
-    use super::{rest_after, PERIOD};
+    use super::{rest_after, Expiry, Timeouts, PERIOD, QUICK_CLOSE_NS};
+    use lb_common::{Flow, FLOW_CLOSE_FIN, FLOW_CLOSE_RST};
     use std::time::Duration;
+
+    const S: u64 = 1_000_000_000;
+
+    /// A flow's forward and reply entries, both last seen at `seen`, with these close bits.
+    fn flow(seen: u64, close: (u8, u8), backend_first: bool) -> (Flow, Flow) {
+        let f = |close: u8, first_fin: u8| Flow {
+            last_seen_ns: seen,
+            close,
+            first_fin,
+            ..Default::default()
+        };
+        (f(close.0, 0), f(close.1, u8::from(backend_first)))
+    }
+
+    #[test]
+    fn a_closed_flow_goes_after_two_seconds_unless_the_backend_closed_first() {
+        let t = Timeouts::new(30 * S, 7200 * S, 10 * S);
+        let fins = (FLOW_CLOSE_FIN, FLOW_CLOSE_FIN);
+        let (a, b) = flow(100 * S, fins, false);
+        assert_eq!(t.expiry(100 * S + QUICK_CLOSE_NS, &a, &b), None);
+        assert_eq!(
+            t.expiry(100 * S + QUICK_CLOSE_NS + 1, &a, &b),
+            Some(Expiry::Closed)
+        );
+        // The backend holds the TIME_WAIT: the flow keeps its port for the close timeout.
+        let (a, b) = flow(100 * S, fins, true);
+        assert_eq!(t.expiry(109 * S, &a, &b), None);
+        assert_eq!(t.expiry(110 * S + 1, &a, &b), Some(Expiry::Closed));
+        // A RST ends it quickly whoever sent a FIN first.
+        let (a, b) = flow(100 * S, (FLOW_CLOSE_RST, FLOW_CLOSE_FIN), true);
+        assert_eq!(t.expiry(103 * S, &a, &b), Some(Expiry::Closed));
+    }
+
+    #[test]
+    fn an_open_flow_goes_after_its_services_idle_timeout_and_half_closed_is_open() {
+        let mut t = Timeouts::new(30 * S, 60 * S, 10 * S);
+        t.idle_by_service[1] = 5 * S;
+        let (mut a, b) = flow(0, (FLOW_CLOSE_FIN, 0), false);
+        assert_eq!(t.expiry(59 * S, &a, &b), None, "half closed is not closed");
+        assert_eq!(t.expiry(61 * S, &a, &b), Some(Expiry::Idle));
+        a.service_id = 1;
+        assert_eq!(t.expiry(6 * S, &a, &b), Some(Expiry::Idle));
+    }
+
+    #[test]
+    fn zero_timeouts_expire_nothing() {
+        let t = Timeouts::new(30 * S, 0, 0);
+        let (a, b) = flow(0, (FLOW_CLOSE_FIN, FLOW_CLOSE_FIN), false);
+        assert_eq!(t.expiry(u64::MAX, &a, &b), None);
+    }
 
     #[test]
     fn a_long_pass_is_followed_by_four_times_its_length_of_rest_a_short_one_by_a_second() {
