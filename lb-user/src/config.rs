@@ -1,7 +1,6 @@
 //! The TOML configuration: model, defaults and validation. Every error names the file, the
 //! line and what is wrong.
 use std::{
-    collections::HashSet,
     net::{Ipv4Addr, SocketAddr, SocketAddrV4},
     ops::Range,
     path::{Path, PathBuf},
@@ -18,6 +17,14 @@ use toml::Spanned;
 
 /// Default SNAT port range: below Linux's default ephemeral range (32768-60999).
 pub const DEFAULT_SNAT_PORTS: (u16, u16) = (10000, 32767);
+/// `[timeouts] connect`: how long a handshake may take.
+pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
+/// `[timeouts] idle`: how long an established flow may be quiet.
+pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(2 * 3600);
+/// `[timeouts] close`: how long a closed flow stays after its last segment.
+pub const DEFAULT_CLOSE_TIMEOUT: Duration = Duration::from_secs(10);
+/// `rst_per_sec`: RSTs the data path may generate per second and CPU.
+pub const DEFAULT_RST_PER_SEC: u32 = 1000;
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -296,6 +303,449 @@ fn parse_duration(path: &Path, text: &str, v: &Spanned<String>, what: &str) -> R
     })
 }
 
+/// The file being parsed: every error names it and the line (`err`).
+#[derive(Clone, Copy)]
+struct Src<'a> {
+    path: &'a Path,
+    text: &'a str,
+}
+
+impl Src<'_> {
+    /// An error at `span` of the file.
+    fn err(self, span: Range<usize>, msg: impl std::fmt::Display) -> anyhow::Error {
+        at(self.path, self.text, span, msg)
+    }
+
+    fn duration(self, v: &Spanned<String>, what: &str) -> Result<Duration> {
+        parse_duration(self.path, self.text, v, what)
+    }
+
+    /// The TOML document, or the line of its first syntax error or unknown key.
+    fn document(self) -> Result<RawConfig> {
+        toml::from_str(self.text).map_err(|e| {
+            let line = e.span().map(|s| {
+                self.text[..s.start.min(self.text.len())]
+                    .matches('\n')
+                    .count()
+                    + 1
+            });
+            match line {
+                Some(l) => anyhow::anyhow!("{}:{l}: {}", self.path.display(), e.message()),
+                None => anyhow::anyhow!("{}: {}", self.path.display(), e.message()),
+            }
+        })
+    }
+}
+
+/// `instance`: names the pins, the admin socket and the logs of this balancer.
+fn parse_instance(src: Src, v: Option<&Spanned<String>>) -> Result<String> {
+    let Some(i) = v else {
+        return Ok("default".to_string());
+    };
+    let s = i.get_ref();
+    let ok = !s.is_empty()
+        && s.len() <= 64
+        && s.chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_');
+    if !ok {
+        return Err(src.err(i.span(), "instance: use 1-64 letters, digits, '-' or '_'"));
+    }
+    Ok(s.clone())
+}
+
+fn parse_snat_ports(src: Src, v: Option<&Spanned<String>>) -> Result<(u16, u16)> {
+    match v {
+        None => Ok(DEFAULT_SNAT_PORTS),
+        Some(s) => parse_port_range(s.get_ref())
+            .map_err(|e| src.err(s.span(), format!("snat_ports = {:?}: {e}", s.get_ref()))),
+    }
+}
+
+fn parse_vip_mode(src: Src, v: Option<&Spanned<String>>) -> Result<VipMode> {
+    match v.map(|v| (v.get_ref().as_str(), v.span())) {
+        None | Some(("local", _)) => Ok(VipMode::Local),
+        Some(("routed", _)) => Ok(VipMode::Routed),
+        Some((other, span)) => Err(src.err(
+            span,
+            format!("vip_mode = {other:?}: expected \"local\" or \"routed\""),
+        )),
+    }
+}
+
+/// `[timeouts]`: connect, idle and close, each with its default.
+fn parse_timeouts(src: Src, t: &RawTimeouts) -> Result<(Duration, Duration, Duration)> {
+    let or = |v: &Option<Spanned<String>>, what: &str, default: Duration| match v {
+        Some(v) => src.duration(v, what),
+        None => Ok(default),
+    };
+    Ok((
+        or(&t.connect, "timeouts.connect", DEFAULT_CONNECT_TIMEOUT)?,
+        or(&t.idle, "timeouts.idle", DEFAULT_IDLE_TIMEOUT)?,
+        or(&t.close, "timeouts.close", DEFAULT_CLOSE_TIMEOUT)?,
+    ))
+}
+
+/// A limit that 0 would turn into a refusal of every connection (`maxconn`,
+/// `backend_maxconn`); absent: 0, no limit.
+fn parse_limit(src: Src, v: Option<&Spanned<u32>>, what: &str) -> Result<u32> {
+    match v {
+        Some(m) if *m.get_ref() == 0 => Err(src.err(
+            m.span(),
+            format!("{what} = 0 would refuse every connection; leave it out for no limit"),
+        )),
+        Some(m) => Ok(*m.get_ref()),
+        None => Ok(0),
+    }
+}
+
+/// `[[backend]]`s: unique names, IPv4 addresses; ids are positions (the agent maps them to
+/// the ids an adopted instance already gave their names, `ids`).
+fn parse_backends(src: Src, raw: &[RawBackend]) -> Result<Vec<Backend>> {
+    let mut backends: Vec<Backend> = Vec::new();
+    for b in raw {
+        let name = b.name.get_ref().clone();
+        if backends.iter().any(|k| k.name == name) {
+            return Err(src.err(b.name.span(), format!("backend {name:?} is defined twice")));
+        }
+        let address: Ipv4Addr = b.address.get_ref().parse().map_err(|_| {
+            src.err(
+                b.address.span(),
+                format!(
+                    "backend {name:?}: address {:?} is not an IPv4 address",
+                    b.address.get_ref()
+                ),
+            )
+        })?;
+        backends.push(Backend {
+            id: backends.len() as u32,
+            name,
+            address,
+            check_port: b.check_port.unwrap_or(7474),
+        });
+    }
+    if backends.len() > lb_common::MAX_BACKENDS as usize {
+        bail!(
+            "{}: {} backends; at most {} are supported",
+            src.path.display(),
+            backends.len(),
+            lb_common::MAX_BACKENDS
+        );
+    }
+    Ok(backends)
+}
+
+/// `[[check]]`s: each resolved, none named twice or like a preset.
+fn parse_checks(src: Src, raw: &[Spanned<RawCheck>]) -> Result<Vec<Arc<CheckSpec>>> {
+    let mut checks: Vec<Arc<CheckSpec>> = Vec::new();
+    for c in raw {
+        let spec = c
+            .get_ref()
+            .resolve()
+            .map_err(|e| src.err(c.span(), format!("[[check]]: {e}")))?;
+        if checks.iter().any(|k| k.name == spec.name) || preset(&spec.name).is_some() {
+            return Err(src.err(
+                c.span(),
+                format!(
+                    "check {:?} is defined twice (or shadows a preset)",
+                    spec.name
+                ),
+            ));
+        }
+        checks.push(Arc::new(spec));
+    }
+    Ok(checks)
+}
+
+/// `[[service]]`s: unique names and VIPs, each parsed by [`parse_service`], then their
+/// fallbacks resolved by name.
+fn parse_services(
+    src: Src,
+    raw: &RawConfig,
+    backends: &[Backend],
+    checks: &[Arc<CheckSpec>],
+) -> Result<Vec<Service>> {
+    let mut services: Vec<Service> = Vec::new();
+    for s in &raw.services {
+        let name = s.name.get_ref();
+        if services.iter().any(|k| &k.name == name) {
+            return Err(src.err(s.name.span(), format!("service {name:?} is defined twice")));
+        }
+        let vip = service_vip(src, name, &s.vip)?;
+        if services.iter().any(|k| k.vip == vip) {
+            return Err(src.err(
+                s.vip.span(),
+                format!("service {name:?}: vip {vip} is used by another service"),
+            ));
+        }
+        let service = parse_service(src, s, services.len() as u32, vip, backends, checks, raw)?;
+        services.push(service);
+    }
+    for (i, s) in raw.services.iter().enumerate() {
+        if let Some(f) = &s.fallback {
+            let j = services.iter().position(|x| &x.name == f.get_ref()).ok_or_else(|| {
+                src.err(f.span(), format!("service {:?}: fallback {:?} is not a service name (e.g. fallback = \"write\" sends reads to the master when no slave is healthy)", s.name.get_ref(), f.get_ref()))
+            })?;
+            if j == i {
+                return Err(src.err(f.span(), "a service cannot fall back to itself"));
+            }
+            services[i].fallback = Some(j);
+        }
+    }
+    if services.is_empty() {
+        bail!(
+            "{}: no [[service]] defined; lb has nothing to balance",
+            src.path.display()
+        );
+    }
+    if services.len() > lb_common::MAX_SERVICES as usize {
+        bail!(
+            "{}: {} services; at most {} are supported",
+            src.path.display(),
+            services.len(),
+            lb_common::MAX_SERVICES
+        );
+    }
+    Ok(services)
+}
+
+/// A service's `vip`, IPV4:PORT.
+fn service_vip(src: Src, name: &str, v: &Spanned<String>) -> Result<SocketAddrV4> {
+    v.get_ref().parse().map_err(|_| {
+        src.err(
+            v.span(),
+            format!(
+                "service {name:?}: vip {:?} is not IPV4:PORT, e.g. \"192.0.2.10:7680\"",
+                v.get_ref()
+            ),
+        )
+    })
+}
+
+/// One `[[service]]` at `vip` (its fallback is resolved by [`parse_services`]). Its keys are
+/// checked in the order of the first error a user meets: the backend port, the members, the
+/// check, then the settings that depend on the check's role.
+fn parse_service(
+    src: Src,
+    s: &RawService,
+    id: u32,
+    vip: SocketAddrV4,
+    backends: &[Backend],
+    checks: &[Arc<CheckSpec>],
+    raw: &RawConfig,
+) -> Result<Service> {
+    let name = s.name.get_ref().clone();
+    if *s.backend_port.get_ref() == 0 {
+        return Err(src.err(
+            s.backend_port.span(),
+            format!("service {name:?}: backend_port must be 1-65535"),
+        ));
+    }
+    let members = service_members(src, &name, &s.backends, backends)?;
+    let check = service_check(src, &name, s.check.as_ref(), checks)?;
+    let exclusive = check.as_ref().is_some_and(|c| c.exclusive);
+    let balance = service_balance(src, &name, s.balance.as_ref(), exclusive)?;
+    let on_down = service_on_down(src, &name, s.on_down.as_ref(), exclusive)?;
+    let syn_hold = service_syn_hold(src, &name, s.syn_hold.as_ref(), check.as_deref())?;
+    let maxconn_reset = service_on_maxconn(src, &name, s.on_maxconn.as_ref())?;
+    let backend_maxconn = parse_limit(
+        src,
+        s.backend_maxconn.as_ref(),
+        &format!("service {name:?}: backend_maxconn"),
+    )?;
+    if let (Some(o), None, None) = (&s.on_maxconn, &s.backend_maxconn, &raw.maxconn) {
+        return Err(src.err(o.span(), format!("service {name:?}: on_maxconn has no effect without backend_maxconn here or a global maxconn")));
+    }
+    let idle_timeout = service_idle_timeout(src, &name, s.idle_timeout.as_ref())?;
+    Ok(Service {
+        id,
+        name,
+        vip,
+        backend_port: *s.backend_port.get_ref(),
+        backends: members,
+        check,
+        balance,
+        on_down,
+        exclusive,
+        syn_hold,
+        fallback: None,
+        backend_maxconn,
+        maxconn_reset,
+        idle_timeout,
+    })
+}
+
+/// A service's `backends`: positions in `backends`, each once, at most `MAX_SET_SIZE`.
+fn service_members(
+    src: Src,
+    name: &str,
+    v: &Spanned<Vec<String>>,
+    backends: &[Backend],
+) -> Result<Vec<usize>> {
+    let mut idx = Vec::new();
+    for bn in v.get_ref() {
+        let i = backends.iter().position(|b| &b.name == bn).ok_or_else(|| {
+            let known: Vec<_> = backends.iter().map(|b| b.name.as_str()).collect();
+            src.err(
+                v.span(),
+                format!(
+                    "service {name:?}: unknown backend {bn:?} (defined: {})",
+                    known.join(", ")
+                ),
+            )
+        })?;
+        if !idx.contains(&i) {
+            idx.push(i);
+        }
+    }
+    if idx.len() > lb_common::MAX_SET_SIZE {
+        return Err(src.err(
+            v.span(),
+            format!(
+                "service {name:?}: at most {} backends per service",
+                lb_common::MAX_SET_SIZE
+            ),
+        ));
+    }
+    Ok(idx)
+}
+
+/// A service's `check`: a `[[check]]` by name, else a preset.
+fn service_check(
+    src: Src,
+    name: &str,
+    v: Option<&Spanned<String>>,
+    checks: &[Arc<CheckSpec>],
+) -> Result<Option<Arc<CheckSpec>>> {
+    let Some(c) = v else {
+        return Ok(None);
+    };
+    if let Some(k) = checks.iter().find(|k| &k.name == c.get_ref()) {
+        return Ok(Some(k.clone()));
+    }
+    let spec = preset(c.get_ref()).ok_or_else(|| {
+        let mut known: Vec<&str> = PRESET_NAMES.to_vec();
+        known.extend(checks.iter().map(|k| k.name.as_str()));
+        src.err(
+            c.span(),
+            format!(
+                "service {name:?}: unknown check {:?} (presets and [[check]] names: {})",
+                c.get_ref(),
+                known.join(", ")
+            ),
+        )
+    })?;
+    Ok(Some(Arc::new(spec)))
+}
+
+/// `balance`; default `first` for an exclusive role (the master), else `roundrobin`.
+fn service_balance(
+    src: Src,
+    name: &str,
+    v: Option<&Spanned<String>>,
+    exclusive: bool,
+) -> Result<Balance> {
+    match v.map(|b| (b.get_ref().as_str(), b.span())) {
+        None if exclusive => Ok(Balance::First),
+        None => Ok(Balance::RoundRobin),
+        Some(("first", _)) => Ok(Balance::First),
+        Some(("roundrobin", _)) => Ok(Balance::RoundRobin),
+        Some(("maglev", _)) => Ok(Balance::Maglev),
+        Some((other, span)) => Err(src.err(
+            span,
+            format!("service {name:?}: balance = {other:?}: expected \"first\", \"roundrobin\" or \"maglev\""),
+        )),
+    }
+}
+
+/// `on_down`; default `reset` for an exclusive role (a demoted master's writes must end),
+/// else `drain`.
+fn service_on_down(
+    src: Src,
+    name: &str,
+    v: Option<&Spanned<String>>,
+    exclusive: bool,
+) -> Result<OnDown> {
+    match v.map(|b| (b.get_ref().as_str(), b.span())) {
+        None if exclusive => Ok(OnDown::Reset),
+        None => Ok(OnDown::Drain),
+        Some(("reset", _)) => Ok(OnDown::Reset),
+        Some(("drain", _)) => Ok(OnDown::Drain),
+        Some((other, span)) => Err(src.err(
+            span,
+            format!("service {name:?}: on_down = {other:?}: expected \"reset\" or \"drain\""),
+        )),
+    }
+}
+
+/// `syn_hold`: only for an exclusive role check, where it defaults to a candidate's rise.
+fn service_syn_hold(
+    src: Src,
+    name: &str,
+    v: Option<&Spanned<String>>,
+    check: Option<&CheckSpec>,
+) -> Result<Duration> {
+    match (v, check) {
+        (Some(v), Some(c)) if c.exclusive => src.duration(v, &format!("service {name:?}: syn_hold")),
+        (Some(v), _) => Err(src.err(v.span(), format!("service {name:?}: syn_hold applies only to a service with an exclusive role check (e.g. check = \"master\"): other services keep their set while a member changes"))),
+        (None, Some(c)) if c.exclusive => Ok(default_syn_hold(c)),
+        (None, _) => Ok(Duration::ZERO),
+    }
+}
+
+/// `on_maxconn`: whether a SYN over a limit gets a RST (`reset`) instead of being dropped.
+fn service_on_maxconn(src: Src, name: &str, v: Option<&Spanned<String>>) -> Result<bool> {
+    match v.map(|b| (b.get_ref().as_str(), b.span())) {
+        None | Some(("drop", _)) => Ok(false),
+        Some(("reset", _)) => Ok(true),
+        Some((other, span)) => Err(src.err(span, format!("service {name:?}: on_maxconn = {other:?}: expected \"drop\" (default: the client's SYN retransmit waits for a free slot) or \"reset\""))),
+    }
+}
+
+/// A service's own `idle_timeout` (positive), or `None` for the global one.
+fn service_idle_timeout(
+    src: Src,
+    name: &str,
+    v: Option<&Spanned<String>>,
+) -> Result<Option<Duration>> {
+    let Some(v) = v else {
+        return Ok(None);
+    };
+    let d = src.duration(v, &format!("service {name:?}: idle_timeout"))?;
+    if d.is_zero() {
+        return Err(src.err(
+            v.span(),
+            format!("service {name:?}: idle_timeout must be positive"),
+        ));
+    }
+    Ok(Some(d))
+}
+
+/// `connection_log`: a file in an existing directory.
+fn parse_connection_log(src: Src, v: Option<&Spanned<PathBuf>>) -> Result<Option<PathBuf>> {
+    let Some(p) = v else {
+        return Ok(None);
+    };
+    let file = p.get_ref();
+    if file.as_os_str().is_empty() || file.is_dir() {
+        return Err(src.err(
+            p.span(),
+            format!(
+                "connection_log = {:?}: name a file, e.g. \"/var/log/lb/connections.log\"",
+                file.display().to_string()
+            ),
+        ));
+    }
+    if let Some(d) = file.parent().filter(|d| !d.as_os_str().is_empty()) {
+        if !d.is_dir() {
+            return Err(src.err(
+                p.span(),
+                format!("connection_log: directory {} does not exist", d.display()),
+            ));
+        }
+    }
+    Ok(Some(file.clone()))
+}
+
 /// Validates `[admin]` and reads its password (the password never appears in an error). The
 /// operator API needs authentication unless the server listens on loopback only.
 fn parse_admin(path: &Path, text: &str, a: &Spanned<RawAdmin>) -> Result<AdminConfig> {
@@ -442,404 +892,47 @@ impl Config {
         Self::parse(path, &text)
     }
 
+    /// Parses and validates `text`, the contents of `path`: one phase per part of the file
+    /// (each a function below), every error with the file, the line and what is expected.
     pub fn parse(path: &Path, text: &str) -> Result<Self> {
-        let raw: RawConfig = toml::from_str(text).map_err(|e| {
-            let line = e
-                .span()
-                .map(|s| text[..s.start.min(text.len())].matches('\n').count() + 1);
-            match line {
-                Some(l) => anyhow::anyhow!("{}:{l}: {}", path.display(), e.message()),
-                None => anyhow::anyhow!("{}: {}", path.display(), e.message()),
-            }
-        })?;
-
-        let instance = match &raw.instance {
-            Some(i) => {
-                let s = i.get_ref();
-                if s.is_empty()
-                    || s.len() > 64
-                    || !s
-                        .chars()
-                        .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
-                {
-                    return Err(at(
-                        path,
-                        text,
-                        i.span(),
-                        "instance: use 1-64 letters, digits, '-' or '_'",
-                    ));
-                }
-                s.clone()
-            }
-            None => "default".to_string(),
-        };
-
-        let snat_ports = match &raw.snat_ports {
-            None => DEFAULT_SNAT_PORTS,
-            Some(s) => parse_port_range(s.get_ref()).map_err(|e| {
-                at(
-                    path,
-                    text,
-                    s.span(),
-                    format!("snat_ports = {:?}: {e}", s.get_ref()),
-                )
-            })?,
-        };
-
-        let vip_mode = match raw
-            .vip_mode
-            .as_ref()
-            .map(|v| (v.get_ref().as_str(), v.span()))
-        {
-            None | Some(("local", _)) => VipMode::Local,
-            Some(("routed", _)) => VipMode::Routed,
-            Some((other, span)) => {
-                return Err(at(
-                    path,
-                    text,
-                    span,
-                    format!("vip_mode = {other:?}: expected \"local\" or \"routed\""),
-                ))
-            }
-        };
-
-        let connect_timeout = match &raw.timeouts.connect {
-            Some(v) => parse_duration(path, text, v, "timeouts.connect")?,
-            None => Duration::from_secs(30),
-        };
-        let idle_timeout = match &raw.timeouts.idle {
-            Some(v) => parse_duration(path, text, v, "timeouts.idle")?,
-            None => Duration::from_secs(2 * 3600),
-        };
-        let close_timeout = match &raw.timeouts.close {
-            Some(v) => parse_duration(path, text, v, "timeouts.close")?,
-            None => Duration::from_secs(10),
-        };
-
-        let mut backends = Vec::new();
-        let mut names = HashSet::new();
-        for b in &raw.backends {
-            let name = b.name.get_ref().clone();
-            if !names.insert(name.clone()) {
-                return Err(at(
-                    path,
-                    text,
-                    b.name.span(),
-                    format!("backend {name:?} is defined twice"),
-                ));
-            }
-            let address: Ipv4Addr = b.address.get_ref().parse().map_err(|_| {
-                at(
-                    path,
-                    text,
-                    b.address.span(),
-                    format!(
-                        "backend {name:?}: address {:?} is not an IPv4 address",
-                        b.address.get_ref()
-                    ),
-                )
-            })?;
-            backends.push(Backend {
-                id: backends.len() as u32,
-                name,
-                address,
-                check_port: b.check_port.unwrap_or(7474),
-            });
-        }
-        if backends.len() > lb_common::MAX_BACKENDS as usize {
-            bail!(
-                "{}: {} backends; at most {} are supported",
-                path.display(),
-                backends.len(),
-                lb_common::MAX_BACKENDS
-            );
-        }
-
-        let mut checks: Vec<Arc<CheckSpec>> = Vec::new();
-        for c in &raw.checks {
-            let spec = c
-                .get_ref()
-                .resolve()
-                .map_err(|e| at(path, text, c.span(), format!("[[check]]: {e}")))?;
-            if checks.iter().any(|k| k.name == spec.name) || preset(&spec.name).is_some() {
-                return Err(at(
-                    path,
-                    text,
-                    c.span(),
-                    format!(
-                        "check {:?} is defined twice (or shadows a preset)",
-                        spec.name
-                    ),
-                ));
-            }
-            checks.push(Arc::new(spec));
-        }
-
-        let mut services = Vec::new();
-        let mut vips = HashSet::new();
-        let mut snames = HashSet::new();
-        for s in &raw.services {
-            let name = s.name.get_ref().clone();
-            if !snames.insert(name.clone()) {
-                return Err(at(
-                    path,
-                    text,
-                    s.name.span(),
-                    format!("service {name:?} is defined twice"),
-                ));
-            }
-            let vip: SocketAddrV4 = s.vip.get_ref().parse().map_err(|_| {
-                at(
-                    path,
-                    text,
-                    s.vip.span(),
-                    format!(
-                        "service {name:?}: vip {:?} is not IPV4:PORT, e.g. \"192.0.2.10:7680\"",
-                        s.vip.get_ref()
-                    ),
-                )
-            })?;
-            if !vips.insert(vip) {
-                return Err(at(
-                    path,
-                    text,
-                    s.vip.span(),
-                    format!("service {name:?}: vip {vip} is used by another service"),
-                ));
-            }
-            if *s.backend_port.get_ref() == 0 {
-                return Err(at(
-                    path,
-                    text,
-                    s.backend_port.span(),
-                    format!("service {name:?}: backend_port must be 1-65535"),
-                ));
-            }
-            let mut idx = Vec::new();
-            for bn in s.backends.get_ref() {
-                let i = backends.iter().position(|b| &b.name == bn).ok_or_else(|| {
-                    let known: Vec<_> = backends.iter().map(|b| b.name.as_str()).collect();
-                    at(
-                        path,
-                        text,
-                        s.backends.span(),
-                        format!(
-                            "service {name:?}: unknown backend {bn:?} (defined: {})",
-                            known.join(", ")
-                        ),
-                    )
-                })?;
-                if !idx.contains(&i) {
-                    idx.push(i);
-                }
-            }
-            if idx.len() > lb_common::MAX_SET_SIZE {
-                return Err(at(
-                    path,
-                    text,
-                    s.backends.span(),
-                    format!(
-                        "service {name:?}: at most {} backends per service",
-                        lb_common::MAX_SET_SIZE
-                    ),
-                ));
-            }
-            let check = match &s.check {
-                None => None,
-                Some(c) => Some(match checks.iter().find(|k| &k.name == c.get_ref()) {
-                    Some(k) => k.clone(),
-                    None => Arc::new(preset(c.get_ref()).ok_or_else(|| {
-                        let mut known: Vec<&str> = PRESET_NAMES.to_vec();
-                        known.extend(checks.iter().map(|k| k.name.as_str()));
-                        at(path, text, c.span(), format!("service {name:?}: unknown check {:?} (presets and [[check]] names: {})", c.get_ref(), known.join(", ")))
-                    })?),
-                }),
-            };
-            let exclusive = check.as_ref().is_some_and(|c| c.exclusive);
-            let balance = match s.balance.as_ref().map(|b| (b.get_ref().as_str(), b.span())) {
-                None if exclusive => Balance::First,
-                None => Balance::RoundRobin,
-                Some(("first", _)) => Balance::First,
-                Some(("roundrobin", _)) => Balance::RoundRobin,
-                Some(("maglev", _)) => Balance::Maglev,
-                Some((other, span)) => {
-                    return Err(at(path, text, span, format!("service {name:?}: balance = {other:?}: expected \"first\", \"roundrobin\" or \"maglev\"")))
-                }
-            };
-            let on_down = match s.on_down.as_ref().map(|b| (b.get_ref().as_str(), b.span())) {
-                None if exclusive => OnDown::Reset,
-                None => OnDown::Drain,
-                Some(("reset", _)) => OnDown::Reset,
-                Some(("drain", _)) => OnDown::Drain,
-                Some((other, span)) => {
-                    return Err(at(
-                        path,
-                        text,
-                        span,
-                        format!(
-                        "service {name:?}: on_down = {other:?}: expected \"reset\" or \"drain\""
-                    ),
-                    ))
-                }
-            };
-            let syn_hold = match (&s.syn_hold, &check) {
-                (Some(v), Some(c)) if c.exclusive => {
-                    parse_duration(path, text, v, &format!("service {name:?}: syn_hold"))?
-                }
-                (Some(v), _) => {
-                    return Err(at(path, text, v.span(), format!("service {name:?}: syn_hold applies only to a service with an exclusive role check (e.g. check = \"master\"): other services keep their set while a member changes")))
-                }
-                (None, Some(c)) if c.exclusive => default_syn_hold(c),
-                (None, _) => Duration::ZERO,
-            };
-            let maxconn_reset = match s.on_maxconn.as_ref().map(|b| (b.get_ref().as_str(), b.span())) {
-                None | Some(("drop", _)) => false,
-                Some(("reset", _)) => true,
-                Some((other, span)) => {
-                    return Err(at(path, text, span, format!("service {name:?}: on_maxconn = {other:?}: expected \"drop\" (default: the client's SYN retransmit waits for a free slot) or \"reset\"")))
-                }
-            };
-            let backend_maxconn = match &s.backend_maxconn {
-                Some(m) if *m.get_ref() == 0 => {
-                    return Err(at(path, text, m.span(), format!("service {name:?}: backend_maxconn = 0 would refuse every connection; leave it out for no limit")))
-                }
-                Some(m) => *m.get_ref(),
-                None => 0,
-            };
-            if let (Some(o), None, None) = (&s.on_maxconn, &s.backend_maxconn, &raw.maxconn) {
-                return Err(at(path, text, o.span(), format!("service {name:?}: on_maxconn has no effect without backend_maxconn here or a global maxconn")));
-            }
-            let idle_timeout = match &s.idle_timeout {
-                Some(v) => {
-                    let d =
-                        parse_duration(path, text, v, &format!("service {name:?}: idle_timeout"))?;
-                    if d.is_zero() {
-                        return Err(at(
-                            path,
-                            text,
-                            v.span(),
-                            format!("service {name:?}: idle_timeout must be positive"),
-                        ));
-                    }
-                    Some(d)
-                }
-                None => None,
-            };
-            services.push(Service {
-                id: services.len() as u32,
-                name,
-                vip,
-                backend_port: *s.backend_port.get_ref(),
-                backends: idx,
-                check,
-                balance,
-                on_down,
-                exclusive,
-                syn_hold,
-                fallback: None,
-                backend_maxconn,
-                maxconn_reset,
-                idle_timeout,
-            });
-        }
-        for (i, s) in raw.services.iter().enumerate() {
-            if let Some(f) = &s.fallback {
-                let j = services.iter().position(|x| &x.name == f.get_ref()).ok_or_else(|| {
-                    at(path, text, f.span(), format!("service {:?}: fallback {:?} is not a service name (e.g. fallback = \"write\" sends reads to the master when no slave is healthy)", s.name.get_ref(), f.get_ref()))
-                })?;
-                if j == i {
-                    return Err(at(
-                        path,
-                        text,
-                        f.span(),
-                        "a service cannot fall back to itself",
-                    ));
-                }
-                services[i].fallback = Some(j);
-            }
-        }
-        if services.is_empty() {
-            bail!(
-                "{}: no [[service]] defined; lb has nothing to balance",
-                path.display()
-            );
-        }
-        if services.len() > lb_common::MAX_SERVICES as usize {
-            bail!(
-                "{}: {} services; at most {} are supported",
-                path.display(),
-                services.len(),
-                lb_common::MAX_SERVICES
-            );
-        }
-
-        let maxconn = match &raw.maxconn {
-            Some(m) if *m.get_ref() == 0 => {
-                return Err(at(
-                    path,
-                    text,
-                    m.span(),
-                    "maxconn = 0 would refuse every connection; leave it out for no limit",
-                ))
-            }
-            Some(m) => *m.get_ref(),
-            None => 0,
-        };
-
-        let connection_log = match &raw.connection_log {
-            None => None,
-            Some(p) => {
-                let file = p.get_ref();
-                let dir = file.parent().filter(|d| !d.as_os_str().is_empty());
-                if file.as_os_str().is_empty() || file.is_dir() {
-                    return Err(at(path, text, p.span(), format!("connection_log = {:?}: name a file, e.g. \"/var/log/lb/connections.log\"", file.display().to_string())));
-                }
-                if let Some(d) = dir {
-                    if !d.is_dir() {
-                        return Err(at(
-                            path,
-                            text,
-                            p.span(),
-                            format!("connection_log: directory {} does not exist", d.display()),
-                        ));
-                    }
-                }
-                Some(file.clone())
-            }
-        };
-
-        let admin = match &raw.admin {
-            None => AdminConfig::default(),
-            Some(a) => parse_admin(path, text, a)?,
-        };
-
+        let src = Src { path, text };
+        let raw: RawConfig = src.document()?;
+        let instance = parse_instance(src, raw.instance.as_ref())?;
+        let snat_ports = parse_snat_ports(src, raw.snat_ports.as_ref())?;
+        let vip_mode = parse_vip_mode(src, raw.vip_mode.as_ref())?;
+        let (connect_timeout, idle_timeout, close_timeout) = parse_timeouts(src, &raw.timeouts)?;
+        let backends = parse_backends(src, &raw.backends)?;
+        let checks = parse_checks(src, &raw.checks)?;
+        let services = parse_services(src, &raw, &backends, &checks)?;
         Ok(Self {
             path: path.to_path_buf(),
             instance,
             snat_ports,
             vip_mode,
             debug: raw.debug,
-            rst_per_sec: raw.rst_per_sec.unwrap_or(1000),
-            maxconn,
+            rst_per_sec: raw.rst_per_sec.unwrap_or(DEFAULT_RST_PER_SEC),
+            maxconn: parse_limit(src, raw.maxconn.as_ref(), "maxconn")?,
             connect_timeout,
             idle_timeout,
             close_timeout,
-            // Default: room for every flow the SNAT ports allow (two entries a flow), at least
-            // the built-in sizes' order of magnitude for small setups.
             embryonic_entries: raw
                 .tables
                 .embryonic
                 .unwrap_or(lb_common::DEFAULT_EMBRYONIC_ENTRIES),
+            // Default: room for every flow the SNAT ports allow.
             established_entries: raw
                 .tables
                 .established
                 .unwrap_or_else(|| default_established(snat_ports, backends.len())),
             established_configured: raw.tables.established.is_some(),
             xdp_object: None,
-            connection_log,
+            connection_log: parse_connection_log(src, raw.connection_log.as_ref())?,
             backends,
             services,
-            admin,
+            admin: match &raw.admin {
+                None => AdminConfig::default(),
+                Some(a) => parse_admin(path, text, a)?,
+            },
         })
     }
 

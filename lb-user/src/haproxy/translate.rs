@@ -14,8 +14,8 @@ use crate::health::spec::{preset, Method, PRESET_NAMES};
 pub const PLACEHOLDER_VIP: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 10);
 
 /// The lb defaults the output relies on when HAProxy says nothing.
-const LB_CONNECT: Duration = Duration::from_secs(30);
-const LB_IDLE: Duration = Duration::from_secs(2 * 3600);
+const LB_CONNECT: Duration = crate::config::DEFAULT_CONNECT_TIMEOUT;
+const LB_IDLE: Duration = crate::config::DEFAULT_IDLE_TIMEOUT;
 
 /// Collects diagnostics and the comments of the TOML table being written.
 struct Out<'a> {
@@ -86,6 +86,11 @@ struct CheckOut {
     secret: Option<Secret>,
 }
 
+/// The lb configuration for HAProxy's `p` (read from `files`), as TOML text with a comment at
+/// every decision that differs from HAProxy, and the secrets it refers to. Findings go to
+/// `diags`. One phase per function: the proxies indexed, the services and the admin server
+/// found, the servers merged into lb backends, a check per HAProxy backend, the timeouts
+/// folded, then the text written.
 pub fn translate(
     p: &Parsed,
     files: &[&str],
@@ -94,7 +99,26 @@ pub fn translate(
 ) -> (String, Vec<Secret>) {
     let mut out = Out { diags };
     let proxies = &p.proxies;
+    let backends = index_proxies(proxies, &mut out);
+    let (svcs, admin) = services_of(proxies, &backends, opts, &mut out);
+    let servers = lb_backends(proxies, &svcs, &mut out);
+    let mut checks = checks_of(proxies, &svcs, &servers, opts, &mut out);
+    let timeouts = timeouts_of(proxies, &svcs, &mut out);
 
+    let mut t = String::new();
+    write_head(&mut t, p, files, admin.is_some(), &timeouts, &mut out);
+    write_body(&mut t, proxies, &svcs, &servers, &checks, &timeouts);
+    let mut secrets: Vec<Secret> = checks.drain().filter_map(|(_, c)| c.secret).collect();
+    if let Some(admin) = admin {
+        secrets.extend(write_admin(&mut t, admin));
+    }
+    secrets.sort_by(|a, b| a.path.cmp(&b.path));
+    (t, secrets)
+}
+
+/// The HAProxy backends (and listens) by name; a name defined twice is an error, for
+/// frontends too (HAProxy refuses both).
+fn index_proxies<'p>(proxies: &'p [Proxy], out: &mut Out<'_>) -> HashMap<&'p str, usize> {
     // Backends by name; duplicates are errors (HAProxy refuses them too).
     let mut backends: HashMap<&str, usize> = HashMap::new();
     let mut frontends: HashMap<&str, usize> = HashMap::new();
@@ -127,6 +151,18 @@ pub fn translate(
         }
     }
 
+    backends
+}
+
+/// lb's services (one per bind line of a frontend or listen, with the backend it sends to) and
+/// the admin server (a `listen` with `stats enable` and no servers); a backend no frontend
+/// uses is reported.
+fn services_of(
+    proxies: &[Proxy],
+    backends: &HashMap<&str, usize>,
+    opts: &Options,
+    out: &mut Out<'_>,
+) -> (Vec<Svc>, Option<Admin>) {
     // Services, the admin server, and which backends they use.
     let mut svcs: Vec<Svc> = Vec::new();
     let mut admin: Option<Admin> = None;
@@ -148,7 +184,7 @@ pub fn translate(
                 );
                 continue;
             }
-            admin = Some(admin_table(fe, opts, &mut out));
+            admin = Some(admin_table(fe, opts, out));
             continue;
         }
         if fe.stats_enable.is_some() {
@@ -251,11 +287,25 @@ pub fn translate(
         }
     }
 
+    (svcs, admin)
+}
+
+/// The servers of the services' backends as lb backends, one per address.
+struct Servers {
+    lbb: Vec<LbBackend>,
+    /// (HAProxy backend, server index) -> index in `lbb`.
+    member: HashMap<(usize, usize), usize>,
+    /// Comments of each lb backend.
+    backend_comments: Vec<Vec<String>>,
+}
+
+/// lb backends: one per server address, named after the first server seen there.
+fn lb_backends(proxies: &[Proxy], svcs: &[Svc], out: &mut Out<'_>) -> Servers {
     // lb backends: one per server address, named after the first server seen there.
     let mut lbb: Vec<LbBackend> = Vec::new();
     let mut member: HashMap<(usize, usize), usize> = HashMap::new();
     let mut backend_comments: Vec<Vec<String>> = Vec::new();
-    for s in &svcs {
+    for s in svcs {
         let px = &proxies[s.be];
         for (si, srv) in px.servers.iter().enumerate() {
             if member.contains_key(&(s.be, si)) {
@@ -307,26 +357,49 @@ pub fn translate(
         }
     }
 
+    Servers {
+        lbb,
+        member,
+        backend_comments,
+    }
+}
+
+/// lb's check for each HAProxy backend the services use (shared by those services).
+fn checks_of(
+    proxies: &[Proxy],
+    svcs: &[Svc],
+    servers: &Servers,
+    opts: &Options,
+    out: &mut Out<'_>,
+) -> HashMap<usize, CheckOut> {
     // Checks, one per HAProxy backend (shared by the services that use it).
     let mut checks: HashMap<usize, CheckOut> = HashMap::new();
     let mut check_names: Vec<String> = Vec::new();
-    for s in &svcs {
+    for s in svcs {
         if checks.contains_key(&s.be) {
             continue;
         }
-        let c = check_for(
-            &proxies[s.be],
-            s,
-            &lbb,
-            &member,
-            opts,
-            &mut check_names,
-            &mut out,
-        );
+        let c = check_for(&proxies[s.be], s, servers, opts, &mut check_names, out);
         checks.insert(s.be, c);
     }
 
-    // Timeouts: lb has one connect (embryonic) and one idle timeout.
+    checks
+}
+
+/// lb's timeouts, folded from the services' HAProxy timeouts.
+struct Timeouts {
+    comments: Vec<String>,
+    /// The longest `timeout connect`.
+    connect: Option<At<Duration>>,
+    /// The longest idle timeout (max of client and server) and where it comes from.
+    idle: Option<(Duration, String)>,
+    /// Each service's own idle timeout and where it comes from.
+    svc_idle: Vec<Option<(Duration, String)>>,
+}
+
+/// Timeouts: lb has one connect (embryonic) and one idle timeout, and a service may keep a
+/// shorter idle timeout of its own.
+fn timeouts_of(proxies: &[Proxy], svcs: &[Svc], out: &mut Out<'_>) -> Timeouts {
     let mut t_comments = Vec::new();
     let mut connect: Option<At<Duration>> = None;
     let mut idle: Option<(Duration, String)> = None;
@@ -334,7 +407,7 @@ pub fn translate(
     let mut idle_seen: Vec<Duration> = Vec::new();
     // Each service's own idle timeout and where it comes from.
     let mut svc_idle: Vec<Option<(Duration, String)>> = Vec::new();
-    for s in &svcs {
+    for s in svcs {
         let (fe, be) = (&proxies[s.fe].settings, &proxies[s.be].settings);
         if let Some(c) = &be.timeout_connect {
             connect_seen.push(c.v);
@@ -390,8 +463,29 @@ pub fn translate(
     }
     let _ = idle_seen;
 
-    // The text.
-    let mut t = String::new();
+    Timeouts {
+        comments: t_comments,
+        connect,
+        idle,
+        svc_idle,
+    }
+}
+
+/// The text's head: where it comes from, the global `maxconn`, and `[timeouts]`.
+fn write_head(
+    t: &mut String,
+    p: &Parsed,
+    files: &[&str],
+    has_admin: bool,
+    timeouts: &Timeouts,
+    out: &mut Out<'_>,
+) {
+    let Timeouts {
+        comments: t_comments,
+        connect,
+        idle,
+        ..
+    } = timeouts;
     let _ = writeln!(
         t,
         "# lb configuration imported from HAProxy by `lb import-haproxy` ({}).",
@@ -414,12 +508,12 @@ pub fn translate(
         }
         let _ = writeln!(t, "maxconn = {}", m.v);
     }
-    if admin.is_none() {
+    if !has_admin {
         let _ = writeln!(t, "# No `listen ... stats enable` in the HAProxy config: lb's admin server keeps its default, 127.0.0.1:8080 ([admin] listen = \"off\" disables it).");
     }
     let _ = writeln!(t);
     let _ = writeln!(t, "[timeouts]");
-    for l in &t_comments {
+    for l in t_comments {
         let _ = writeln!(t, "# {l}");
     }
     match &connect {
@@ -451,10 +545,25 @@ pub fn translate(
             );
         }
     }
+}
 
-    let mut secrets = Vec::new();
+/// The `[[check]]` tables, the `[[backend]]`s and the `[[service]]`s.
+fn write_body(
+    t: &mut String,
+    proxies: &[Proxy],
+    svcs: &[Svc],
+    servers: &Servers,
+    checks: &HashMap<usize, CheckOut>,
+    timeouts: &Timeouts,
+) {
+    let Servers {
+        lbb,
+        member,
+        backend_comments,
+    } = servers;
+    let Timeouts { idle, svc_idle, .. } = timeouts;
     let mut order: Vec<usize> = Vec::new();
-    for s in &svcs {
+    for s in svcs {
         if !order.contains(&s.be) {
             order.push(s.be);
         }
@@ -538,31 +647,25 @@ pub fn translate(
             }
         }
     }
-    for (_, c) in checks.drain() {
-        if let Some(s) = c.secret {
-            secrets.push(s);
-        }
+}
+
+/// `[admin]`; the password file's secret, if one is written.
+fn write_admin(t: &mut String, admin: Admin) -> Option<Secret> {
+    let (listen, comments, secret, auth, operations) = admin;
+    let _ = writeln!(t);
+    let _ = writeln!(t, "[admin]");
+    for l in &comments {
+        let _ = writeln!(t, "# {l}");
     }
-    if let Some((listen, comments, secret, auth, operations)) = admin {
-        let _ = writeln!(t);
-        let _ = writeln!(t, "[admin]");
-        for l in &comments {
-            let _ = writeln!(t, "# {l}");
-        }
-        let _ = writeln!(t, "listen = {}", q(&listen));
-        if operations {
-            let _ = writeln!(t, "operations = true");
-        }
-        if let Some((user, file)) = auth {
-            let _ = writeln!(t, "user = {}", q(&user));
-            let _ = writeln!(t, "password_file = {}", q(&file));
-        }
-        if let Some(s) = secret {
-            secrets.push(s);
-        }
+    let _ = writeln!(t, "listen = {}", q(&listen));
+    if operations {
+        let _ = writeln!(t, "operations = true");
     }
-    secrets.sort_by(|a, b| a.path.cmp(&b.path));
-    (t, secrets)
+    if let Some((user, file)) = auth {
+        let _ = writeln!(t, "user = {}", q(&user));
+        let _ = writeln!(t, "password_file = {}", q(&file));
+    }
+    secret
 }
 
 /// `[admin]`: listen, comments, the password to write, (user, password_file), operations.
@@ -668,12 +771,14 @@ fn uniform<T: Clone + PartialEq + std::fmt::Debug>(
     Some(first)
 }
 
-#[allow(clippy::too_many_arguments)]
+/// lb's check for the HAProxy backend `px` of service `s` (shared by the services that use
+/// it): the service's limits, then, if HAProxy checks the servers, the request, the timing, the
+/// port and the `[[check]]` table (or a preset by name), the balance and what happens to the
+/// connections of a server that goes down.
 fn check_for(
     px: &Proxy,
     s: &Svc,
-    lbb: &[LbBackend],
-    member: &HashMap<(usize, usize), usize>,
+    servers: &Servers,
     opts: &Options,
     names: &mut Vec<String>,
     out: &mut Out<'_>,
@@ -684,7 +789,81 @@ fn check_for(
         out.error(&px.loc, format!("backend {} has no server", px.name));
         return c;
     }
-    // backend_port: one per service.
+    backend_port(px, s, &mut cm, out);
+    c.maxconn = server_maxconn(px, &mut cm, out);
+
+    let checked: Vec<&super::parse::Server> = px
+        .servers
+        .iter()
+        .filter(|x| x.opts.check.as_ref().is_some_and(|c| c.v))
+        .collect();
+    if checked.is_empty() {
+        c.offered = unchecked(px, &mut cm, out);
+        c.balance = Some(balance_of(px, &mut cm, out));
+        c.comments = cm;
+        return c;
+    }
+    if checked.len() != px.servers.len() {
+        let un: Vec<&str> = px
+            .servers
+            .iter()
+            .filter(|x| !x.opts.check.as_ref().is_some_and(|c| c.v))
+            .map(|x| x.name.as_str())
+            .collect();
+        out.say(&mut cm, Severity::Warning, &px.loc, format!("backend {}: {} have no `check` but others do; lb checks every server of a service: they are checked too", px.name, un.join(", ")));
+    }
+    let Some(req) = http_request(px, &checked, &mut cm, out) else {
+        return c;
+    };
+    let timing = timing(px, &checked, &mut cm, out);
+    let Ok(port_override) = check_port(px, s, servers, out) else {
+        return c;
+    };
+    let hloc = req.loc.clone();
+    let preset_name = preset_for_uri(&req.uri);
+    let pexcl = preset_name.and_then(preset).is_some_and(|b| b.exclusive);
+    let exclusive = pexcl && !opts.faithful;
+    let Table {
+        name: cname,
+        lines: table,
+        secret,
+    } = check_table(
+        px,
+        &req,
+        &timing,
+        port_override,
+        pexcl && opts.faithful,
+        opts,
+        names,
+        &mut cm,
+        out,
+    );
+    if table.is_empty() {
+        c.reference = preset_name.map(str::to_string);
+    } else {
+        names.push(cname.clone());
+        let mut tt = String::from("[[check]]\n");
+        let _ = writeln!(tt, "# the check of backend {} ({})", px.name, hloc);
+        let _ = writeln!(tt, "name = {}", q(&cname));
+        if let Some(p) = preset_name {
+            let _ = writeln!(tt, "preset = {}", q(p));
+        }
+        for l in table {
+            let _ = writeln!(tt, "{l}");
+        }
+        c.table = Some(tt);
+        c.reference = Some(cname);
+    }
+    c.secret = secret;
+    c.exclusive = exclusive;
+    c.balance = role_balance(px, preset_name.filter(|_| pexcl), &hloc, opts, &mut cm, out);
+    c.on_down = Some(on_down(px, &checked, exclusive, &mut cm, out));
+    c.comments = cm;
+    c
+}
+
+/// `backend_port`: one per service; the servers' ports must agree.
+fn backend_port(px: &Proxy, s: &Svc, cm: &mut Vec<String>, out: &mut Out<'_>) {
     let ports: Vec<u16> = px
         .servers
         .iter()
@@ -695,7 +874,7 @@ fn check_for(
     }
     if let Some(srv) = px.servers.iter().find(|x| x.port.is_none()) {
         out.say(
-            &mut cm,
+            cm,
             Severity::Note,
             &srv.loc,
             format!(
@@ -704,6 +883,10 @@ fn check_for(
             ),
         );
     }
+}
+
+/// `backend_maxconn`: the servers' smallest `maxconn`, if any.
+fn server_maxconn(px: &Proxy, cm: &mut Vec<String>, out: &mut Out<'_>) -> Option<u32> {
     if let Some(m) = px.servers.iter().find_map(|x| x.opts.maxconn.as_ref()) {
         let limits: Vec<Option<u32>> = px
             .servers
@@ -722,7 +905,7 @@ fn check_for(
                 })
                 .collect();
             out.say(
-                &mut cm,
+                cm,
                 Severity::Warning,
                 &m.loc,
                 format!(
@@ -734,89 +917,100 @@ fn check_for(
         }
         if let Some(v) = smallest {
             out.say(
-                &mut cm,
+                cm,
                 Severity::Note,
                 &m.loc,
                 format!(
                     "server maxconn {v}: HAProxy queues connections over the limit; lb drops their SYN and the client's SYN retransmit (1 s, 3 s, ...) waits for a free slot (on_maxconn = \"reset\" refuses at once instead)"
                 ),
             );
-            c.maxconn = Some(v);
+            return Some(v);
         }
     }
+    None
+}
 
-    let checked: Vec<&super::parse::Server> = px
-        .servers
-        .iter()
-        .filter(|x| x.opts.check.as_ref().is_some_and(|c| c.v))
-        .collect();
+/// lb's balance for HAProxy's `balance` line.
+fn balance_of(px: &Proxy, cm: &mut Vec<String>, out: &mut Out<'_>) -> String {
+    match &px.settings.balance {
+        None => "roundrobin".into(),
+        Some(At { v, loc }) => match v.as_str() {
+            "roundrobin" | "static-rr" => "roundrobin".into(),
+            "first" => "first".into(),
+            "source" => {
+                out.say(cm, Severity::Warning, loc, "balance source: lb's nearest is maglev, consistent hashing of each connection (not of the client address alone)".into());
+                "maglev".into()
+            }
+            other => {
+                out.say(
+                    cm,
+                    Severity::Warning,
+                    loc,
+                    format!("balance {other} is not supported by lb: round robin instead"),
+                );
+                "roundrobin".into()
+            }
+        },
+    }
+}
+
+/// A backend whose servers HAProxy never checks: warned about; the preset lb offers in a
+/// comment, if the `option httpchk` URI is one's.
+fn unchecked(px: &Proxy, cm: &mut Vec<String>, out: &mut Out<'_>) -> Option<String> {
     let hc = px.settings.httpchk.as_ref();
-    let balance_of = |out: &mut Out<'_>, cm: &mut Vec<String>| -> String {
-        match &px.settings.balance {
-            None => "roundrobin".into(),
-            Some(At { v, loc }) => match v.as_str() {
-                "roundrobin" | "static-rr" => "roundrobin".into(),
-                "first" => "first".into(),
-                "source" => {
-                    out.say(cm, Severity::Warning, loc, "balance source: lb's nearest is maglev, consistent hashing of each connection (not of the client address alone)".into());
-                    "maglev".into()
-                }
-                other => {
-                    out.say(
-                        cm,
-                        Severity::Warning,
-                        loc,
-                        format!("balance {other} is not supported by lb: round robin instead"),
-                    );
-                    "roundrobin".into()
-                }
-            },
-        }
+    let offered = hc.and_then(|h| h.uri.as_deref()).and_then(preset_for_uri);
+    let loc = hc
+        .and_then(|h| h.loc.clone())
+        .unwrap_or_else(|| px.servers[0].loc.clone());
+    let fix = match &offered {
+        Some(p) => format!("add `check` to the server lines (or set check = \"{p}\" in lb's service, left commented out below)"),
+        None => "add `check` to the server lines and an `option httpchk METHOD URI`".to_string(),
     };
+    let what = if hc.is_some() {
+        "option httpchk is configured but no server has `check`"
+    } else {
+        "no server has `check`"
+    };
+    out.say(cm, Severity::Warning, &loc, format!("backend {}: {what}: HAProxy never checks these servers, and neither does lb: every server always receives connections, also when it is down. To check them, {fix}", px.name));
+    offered.map(str::to_string)
+}
 
-    if checked.is_empty() {
-        let offered = hc.and_then(|h| h.uri.as_deref()).and_then(preset_for_uri);
-        let loc = hc
-            .and_then(|h| h.loc.clone())
-            .unwrap_or_else(|| px.servers[0].loc.clone());
-        let fix = match &offered {
-            Some(p) => format!("add `check` to the server lines (or set check = \"{p}\" in lb's service, left commented out below)"),
-            None => "add `check` to the server lines and an `option httpchk METHOD URI`".to_string(),
-        };
-        let what = if hc.is_some() {
-            "option httpchk is configured but no server has `check`"
-        } else {
-            "no server has `check`"
-        };
-        out.say(&mut cm, Severity::Warning, &loc, format!("backend {}: {what}: HAProxy never checks these servers, and neither does lb: every server always receives connections, also when it is down. To check them, {fix}", px.name));
-        c.offered = offered.map(str::to_string);
-        c.balance = Some(balance_of(out, &mut cm));
-        c.comments = cm;
-        return c;
-    }
-    if checked.len() != px.servers.len() {
-        let un: Vec<&str> = px
-            .servers
-            .iter()
-            .filter(|x| !x.opts.check.as_ref().is_some_and(|c| c.v))
-            .map(|x| x.name.as_str())
-            .collect();
-        out.say(&mut cm, Severity::Warning, &px.loc, format!("backend {}: {} have no `check` but others do; lb checks every server of a service: they are checked too", px.name, un.join(", ")));
-    }
+/// The check's request, from `option httpchk` (and its headers).
+struct Request {
+    /// The `option httpchk` line (or the backend's).
+    loc: Loc,
+    uri: String,
+    method: Method,
+    version: &'static str,
+    headers: Vec<(String, String)>,
+    /// Basic auth from an `Authorization` header: (user, password).
+    auth: Option<(String, String)>,
+    expect_status: Option<u16>,
+    expect_string: Option<String>,
+}
+
+/// The check's request; `None` (an error reported) when lb cannot send it.
+fn http_request(
+    px: &Proxy,
+    checked: &[&super::parse::Server],
+    cm: &mut Vec<String>,
+    out: &mut Out<'_>,
+) -> Option<Request> {
+    let hc = px.settings.httpchk.as_ref();
     let Some(hc) = hc else {
         out.error(&checked[0].loc, format!("backend {}: `check` without `option httpchk` is a TCP connect check, which lb does not do (its checks are HTTP role checks): add option httpchk METHOD URI", px.name));
-        return c;
+        return None;
     };
     let hloc = hc.loc.clone().unwrap_or_else(|| px.loc.clone());
     let Some(uri) = hc.uri.clone() else {
         out.error(&hloc, format!("backend {}: option httpchk without a URI (HAProxy would send OPTIONS /, which tells nothing about a role): write e.g. option httpchk HEAD /db/manage/server/ha/master HTTP/1.0", px.name));
-        return c;
+        return None;
     };
     let method = match hc.method.as_deref().map(str::to_ascii_uppercase).as_deref() {
         Some("HEAD") => Method::Head,
         Some("GET") => Method::Get,
         None | Some("OPTIONS") => {
-            out.say(&mut cm, Severity::Warning, &hloc, "option httpchk uses OPTIONS (HAProxy's default method); lb's checks send HEAD or GET: GET instead".into());
+            out.say(cm, Severity::Warning, &hloc, "option httpchk uses OPTIONS (HAProxy's default method); lb's checks send HEAD or GET: GET instead".into());
             Method::Get
         }
         Some(m) => {
@@ -824,7 +1018,7 @@ fn check_for(
                 &hloc,
                 format!("option httpchk: method {m} is not supported by lb (HEAD or GET)"),
             );
-            return c;
+            return None;
         }
     };
     let version = match hc.version.as_deref() {
@@ -835,7 +1029,7 @@ fn check_for(
                 &hloc,
                 format!("option httpchk: version {v:?} is not supported (HTTP/1.0 or HTTP/1.1)"),
             );
-            return c;
+            return None;
         }
     };
     let mut headers = Vec::new();
@@ -846,14 +1040,14 @@ fn check_for(
                 Some(ua) => auth = Some(ua),
                 None => {
                     out.error(&hloc, format!("backend {}: the check's Authorization header is not `Basic base64(user:password)`: lb's checks support Basic auth only", px.name));
-                    return c;
+                    return None;
                 }
             }
         } else if ["connection", "content-length", "transfer-encoding"]
             .contains(&k.to_ascii_lowercase().as_str())
         {
             out.say(
-                &mut cm,
+                cm,
                 Severity::Warning,
                 &hloc,
                 format!("check header {k} is managed by lb's checker: not imported"),
@@ -862,21 +1056,41 @@ fn check_for(
             headers.push((k.clone(), v.clone()));
         }
     }
+    Some(Request {
+        loc: hloc,
+        uri,
+        method,
+        version,
+        headers,
+        auth,
+        expect_status: hc.expect_status,
+        expect_string: hc.expect_string.clone(),
+    })
+}
+
+/// The check's timing: one value per service for each setting (the first server's).
+struct Timing {
+    inter: Option<At<Duration>>,
+    fastinter: Option<At<Duration>>,
+    downinter: Option<At<Duration>>,
+    rise: Option<At<u32>>,
+    fall: Option<At<u32>>,
+}
+
+fn timing(
+    px: &Proxy,
+    checked: &[&super::parse::Server],
+    cm: &mut Vec<String>,
+    out: &mut Out<'_>,
+) -> Timing {
     let sopts: Vec<&ServerOpts> = checked.iter().map(|x| &x.opts).collect();
-    let inter = uniform(
-        &sopts,
-        |o| o.inter.as_ref(),
-        "inter",
-        &px.name,
-        &mut cm,
-        out,
-    );
+    let inter = uniform(&sopts, |o| o.inter.as_ref(), "inter", &px.name, cm, out);
     let fastinter = uniform(
         &sopts,
         |o| o.fastinter.as_ref(),
         "fastinter",
         &px.name,
-        &mut cm,
+        cm,
         out,
     );
     let downinter = uniform(
@@ -884,13 +1098,30 @@ fn check_for(
         |o| o.downinter.as_ref(),
         "downinter",
         &px.name,
-        &mut cm,
+        cm,
         out,
     );
-    let rise = uniform(&sopts, |o| o.rise.as_ref(), "rise", &px.name, &mut cm, out);
-    let fall = uniform(&sopts, |o| o.fall.as_ref(), "fall", &px.name, &mut cm, out);
+    let rise = uniform(&sopts, |o| o.rise.as_ref(), "rise", &px.name, cm, out);
+    let fall = uniform(&sopts, |o| o.fall.as_ref(), "fall", &px.name, cm, out);
 
-    // The check port: lb's backends carry one; a different one for this service goes in the check.
+    Timing {
+        inter,
+        fastinter,
+        downinter,
+        rise,
+        fall,
+    }
+}
+
+/// The check port: lb's backends carry one; a different one for this service goes in the
+/// check (`Ok(Some(port))`). `Err` (reported) when the servers disagree and share addresses.
+fn check_port(
+    px: &Proxy,
+    s: &Svc,
+    servers: &Servers,
+    out: &mut Out<'_>,
+) -> Result<Option<u16>, ()> {
+    let Servers { lbb, member, .. } = servers;
     let eff = |si: usize| {
         let x = &px.servers[si];
         x.opts
@@ -909,11 +1140,52 @@ fn check_for(
             port_override = Some(p0);
         } else {
             out.error(&px.loc, format!("backend {}: its servers are checked on different ports and share addresses with other backends; lb cannot express that", px.name));
-            return c;
+            return Err(());
         }
     }
 
-    let preset_name = preset_for_uri(&uri);
+    Ok(port_override)
+}
+
+/// A `[[check]]` table: its name, its lines (none: the preset serves as is), and the password
+/// taken out of the check line.
+struct Table {
+    name: String,
+    lines: Vec<String>,
+    secret: Option<Secret>,
+}
+
+#[allow(clippy::too_many_arguments)]
+fn check_table(
+    px: &Proxy,
+    req: &Request,
+    timing: &Timing,
+    port_override: Option<u16>,
+    not_exclusive: bool,
+    opts: &Options,
+    names: &[String],
+    cm: &mut Vec<String>,
+    out: &mut Out<'_>,
+) -> Table {
+    let Request {
+        loc: hloc,
+        uri,
+        method,
+        version,
+        headers,
+        auth,
+        expect_status,
+        expect_string,
+    } = req;
+    let (method, version) = (*method, *version);
+    let Timing {
+        inter,
+        fastinter,
+        downinter,
+        rise,
+        fall,
+    } = timing;
+    let preset_name = preset_for_uri(uri);
     let base = preset_name.and_then(preset);
     let mut table = Vec::<String>::new();
     let mut add = |k: &str, v: String| table.push(format!("{k} = {v}"));
@@ -927,19 +1199,18 @@ fn check_for(
             }
         }
         None => {
-            add("uri", q(&uri));
+            add("uri", q(uri));
             add("method", q(method.as_str()));
             add("version", q(version));
-            out.say(&mut cm, Severity::Note, &hloc, format!("backend {}: the check URI {uri} matches no role preset ({}): a plain health check (no \"not in this role\" answers, not exclusive)", px.name, PRESET_NAMES.join(", ")));
+            out.say(cm, Severity::Note, hloc, format!("backend {}: the check URI {uri} matches no role preset ({}): a plain health check (no \"not in this role\" answers, not exclusive)", px.name, PRESET_NAMES.join(", ")));
         }
     }
-    let pexcl = base.as_ref().is_some_and(|b| b.exclusive);
-    if let Some(st) = hc.expect_status {
+    if let Some(st) = *expect_status {
         if base.as_ref().is_none_or(|b| b.expect_status != st) {
             add("expect_status", st.to_string());
         }
     }
-    if let Some(sv) = &hc.expect_string {
+    if let Some(sv) = expect_string {
         if base
             .as_ref()
             .is_none_or(|b| b.expect_body.as_deref() != Some(sv.as_str()))
@@ -947,13 +1218,13 @@ fn check_for(
             add("expect_body", q(sv));
         }
         if method == Method::Head {
-            out.say(&mut cm, Severity::Warning, &hloc, "http-check expect string with a HEAD check: HEAD answers carry no body; lb judges the status only".into());
+            out.say(cm, Severity::Warning, hloc, "http-check expect string with a HEAD check: HEAD answers carry no body; lb judges the status only".into());
         }
-    } else if hc.expect_status.is_none() && base.is_none() {
+    } else if expect_status.is_none() && base.is_none() {
         out.say(
-            &mut cm,
+            cm,
             Severity::Note,
-            &hloc,
+            hloc,
             "no http-check expect: HAProxy accepts any 2xx or 3xx; lb expects 200".into(),
         );
     }
@@ -985,8 +1256,7 @@ fn check_for(
     if let Some(f) = &fall {
         add("fall", f.v.to_string());
     }
-    let exclusive = pexcl && !opts.faithful;
-    if pexcl && opts.faithful {
+    if not_exclusive {
         add("exclusive", "false".into());
     }
     // The check's name: the backend's, unless a preset or another check has it.
@@ -1002,30 +1272,29 @@ fn check_for(
     let mut secret = None;
     if let Some((user, password)) = auth {
         let path = opts.password_dir.join(format!("{cname}.password"));
-        out.say(&mut cm, Severity::Note, &hloc, format!("the check's credentials (user {user:?}) were in the check line: the password is now in {} (0600), never printed", path.display()));
-        add("user", q(&user));
+        out.say(cm, Severity::Note, hloc, format!("the check's credentials (user {user:?}) were in the check line: the password is now in {} (0600), never printed", path.display()));
+        add("user", q(user));
         add("password_file", q(&path.display().to_string()));
-        secret = Some(Secret::new(path, password));
+        secret = Some(Secret::new(path, password.clone()));
     }
-    if table.is_empty() {
-        c.reference = preset_name.map(str::to_string);
-    } else {
-        names.push(cname.clone());
-        let mut tt = String::from("[[check]]\n");
-        let _ = writeln!(tt, "# the check of backend {} ({})", px.name, hloc);
-        let _ = writeln!(tt, "name = {}", q(&cname));
-        if let Some(p) = preset_name {
-            let _ = writeln!(tt, "preset = {}", q(p));
-        }
-        for l in table {
-            let _ = writeln!(tt, "{l}");
-        }
-        c.table = Some(tt);
-        c.reference = Some(cname);
+    Table {
+        name: cname,
+        lines: table,
+        secret,
     }
-    c.secret = secret;
-    c.exclusive = exclusive;
-    if let Some(p) = preset_name.filter(|_| pexcl) {
+}
+
+/// The balance of a service: for an exclusive role (`role`: its preset) none (one member),
+/// unless `--faithful` keeps HAProxy's; else lb's for HAProxy's `balance` line.
+fn role_balance(
+    px: &Proxy,
+    role: Option<&str>,
+    hloc: &Loc,
+    opts: &Options,
+    cm: &mut Vec<String>,
+    out: &mut Out<'_>,
+) -> Option<String> {
+    if let Some(p) = role {
         let bloc = px
             .settings
             .balance
@@ -1037,13 +1306,13 @@ fn check_for(
             Some(b) => format!("says balance {}, so HAProxy spreads it over every server whose check passes", b.v),
         };
         if opts.faithful {
-            out.say(&mut cm, Severity::Note, &bloc, format!("backend {} {how}; --faithful keeps that: {p} with exclusive = false and round robin, so two servers claiming the role during a failover both receive writes", px.name));
-            c.balance = Some(balance_of(out, &mut cm));
+            out.say(cm, Severity::Note, &bloc, format!("backend {} {how}; --faithful keeps that: {p} with exclusive = false and round robin, so two servers claiming the role during a failover both receive writes", px.name));
+            Some(balance_of(px, cm, out))
         } else {
-            out.say(&mut cm, Severity::Note, &bloc, format!("backend {} {how}; lb imports it as {p}'s exclusive role: at most one server receives writes, never two during a failover (import with --faithful to keep round robin)", px.name));
+            out.say(cm, Severity::Note, &bloc, format!("backend {} {how}; lb imports it as {p}'s exclusive role: at most one server receives writes, never two during a failover (import with --faithful to keep round robin)", px.name));
             if let Some(b) = &px.settings.balance {
                 out.say(
-                    &mut cm,
+                    cm,
                     Severity::Note,
                     &b.loc,
                     format!(
@@ -1052,40 +1321,50 @@ fn check_for(
                     ),
                 );
             }
+            None
         }
     } else {
-        c.balance = Some(balance_of(out, &mut cm));
+        Some(balance_of(px, cm, out))
     }
+}
+
+/// `on_down`: reset with `on-marked-down shutdown-sessions` on every server, or for an
+/// exclusive role; else drain, as HAProxy does.
+fn on_down(
+    px: &Proxy,
+    checked: &[&super::parse::Server],
+    exclusive: bool,
+    cm: &mut Vec<String>,
+    out: &mut Out<'_>,
+) -> &'static str {
     let sd: Vec<bool> = checked
         .iter()
         .map(|x| x.opts.shutdown_sessions.as_ref().is_some_and(|b| b.v))
         .collect();
     if sd.iter().all(|b| *b) {
-        c.on_down = Some("reset");
         if let Some(l) = checked[0]
             .opts
             .shutdown_sessions
             .as_ref()
             .map(|a| a.loc.clone())
         {
-            out.say(&mut cm, Severity::Note, &l, "on-marked-down shutdown-sessions: on_down = \"reset\" (a server taken out gets its connections reset)".into());
+            out.say(cm, Severity::Note, &l, "on-marked-down shutdown-sessions: on_down = \"reset\" (a server taken out gets its connections reset)".into());
         }
+        "reset"
     } else if exclusive {
         // The role moved: the old holder's connections (a driver's pool) would keep writing to
         // a server that is no longer the master, as they do with HAProxy.
-        c.on_down = Some("reset");
-        out.say(&mut cm, Severity::Note, &checked[0].loc, format!("backend {}: on_down = \"reset\", unlike HAProxy without on-marked-down shutdown-sessions: when the role moves, the old master's pooled connections are reset so that drivers reconnect to the new one instead of writing to a demoted master (--faithful keeps HAProxy's drain)", px.name));
+        out.say(cm, Severity::Note, &checked[0].loc, format!("backend {}: on_down = \"reset\", unlike HAProxy without on-marked-down shutdown-sessions: when the role moves, the old master's pooled connections are reset so that drivers reconnect to the new one instead of writing to a demoted master (--faithful keeps HAProxy's drain)", px.name));
+        "reset"
     } else {
-        c.on_down = Some("drain");
         let partial = if sd.iter().any(|b| *b) {
             "only some servers say on-marked-down shutdown-sessions: "
         } else {
             ""
         };
-        out.say(&mut cm, Severity::Warning, &checked[0].loc, format!("backend {}: {partial}no on-marked-down shutdown-sessions, so a server marked down keeps its connections, as in HAProxy: on_down = \"drain\"; add the option to the server lines (or set on_down = \"reset\") to reset them", px.name));
+        out.say(cm, Severity::Warning, &checked[0].loc, format!("backend {}: {partial}no on-marked-down shutdown-sessions, so a server marked down keeps its connections, as in HAProxy: on_down = \"drain\"; add the option to the server lines (or set on_down = \"reset\") to reset them", px.name));
+        "drain"
     }
-    c.comments = cm;
-    c
 }
 
 /// The role preset whose URI is `uri`.
