@@ -13,16 +13,7 @@
 //! or a replacement; removal by failed checks with no replacement drains.
 use crate::config::{Backend, OnDown, Service};
 
-/// What the agent knows of one (service, backend) pair.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct Health {
-    /// The rise/fall state machine says UP.
-    pub up: bool,
-    /// The latest check answered positive (the server claims the role).
-    pub latest_positive: bool,
-    /// The latest check answered a definitive negative (the server says it lost the role).
-    pub latest_negative: bool,
-}
+pub use crate::health::machine::Health;
 
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Decision {

@@ -31,6 +31,7 @@ pub mod ops;
 pub mod port_hints;
 pub mod run;
 pub mod selftest;
+pub mod state;
 pub mod status;
 pub mod supervise;
 

@@ -1,7 +1,8 @@
 //! The agent's live view for operators: what each service's set is, how each (service,
-//! backend) pair's checks stand, and the operator's overrides. Written by the supervisor (the
-//! map owner's loop), read by the admin server and `lb status`. Counters are not here: they
-//! are read from the data path's per-CPU maps when asked for.
+//! backend) pair's checks stand, and the operator's overrides. Built from the agent's state
+//! ([`crate::state`]) by [`publish`], which the supervisor calls after each change; read by the
+//! admin server, and the source of the pinned health mirror. Counters are not here: they are
+//! read from the data path's per-CPU maps when asked for.
 use std::{
     sync::{Arc, RwLock},
     time::{Duration, Instant, SystemTime},
@@ -9,7 +10,10 @@ use std::{
 
 use serde::Serialize;
 
-use crate::config::Config;
+use crate::{
+    config::Config,
+    state::{AgentState, Pair},
+};
 
 /// An operator's override of one backend (all services), like HAProxy's runtime API.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Default)]
@@ -77,52 +81,19 @@ pub struct LiveView {
 }
 
 impl LiveView {
+    /// The view of `cfg` before the agent decided anything (every set empty, no check yet).
     pub fn new(cfg: &Config, mode: &str, ifaces: &[String]) -> Self {
-        let services = cfg
-            .services
-            .iter()
-            .map(|s| ServiceView {
-                id: s.id,
-                name: s.name.clone(),
-                vip: s.vip.to_string(),
-                backend_port: s.backend_port,
-                check: s.check.as_ref().map(|c| c.name.clone()),
-                generation: 0,
-                members: vec![],
-                pairs: s
-                    .backends
-                    .iter()
-                    .map(|&b| PairView {
-                        backend: cfg.backends[b].name.clone(),
-                        backend_id: cfg.backends[b].id,
-                        maxconn: (s.backend_maxconn != 0).then_some(s.backend_maxconn),
-                        state: if s.check.is_some() {
-                            "DOWN".into()
-                        } else {
-                            "NO CHECK".into()
-                        },
-                        up: s.check.is_none(),
-                        in_set: false,
-                        last_check: None,
-                        last_latency_ms: None,
-                        since_change_s: None,
-                        since: None,
-                    })
-                    .collect(),
-            })
-            .collect();
+        let state = AgentState::new(vec![vec![]; cfg.services.len()], cfg.backends.len());
         Self {
             instance: cfg.instance.clone(),
             mode: mode.to_string(),
             ifaces: ifaces.to_vec(),
             started: Instant::now(),
             started_at: SystemTime::now(),
-            services,
-            admin: cfg
-                .backends
-                .iter()
-                .map(|b| (b.name.clone(), Admin::Ready))
+            services: (0..cfg.services.len())
+                .map(|s| service_view(cfg, &state, s))
                 .collect(),
+            admin: admin_view(cfg, &state),
             maxconn: (cfg.maxconn != 0).then_some(cfg.maxconn),
             tables: None,
         }
@@ -144,5 +115,95 @@ impl LiveView {
     }
 }
 
-/// Shared handle: the supervisor writes, readers take snapshots.
+/// Shared handle: the supervisor publishes into it, readers take snapshots.
 pub type Live = Arc<RwLock<LiveView>>;
+
+/// Publishes service `s` and the operators' overrides of `state` into `view`.
+pub fn publish(view: &mut LiveView, cfg: &Config, state: &AgentState, s: usize) {
+    if let Some(v) = view.services.get_mut(s) {
+        *v = service_view(cfg, state, s);
+    }
+    view.admin = admin_view(cfg, state);
+}
+
+/// Service `s` as `state` has it.
+pub fn service_view(cfg: &Config, state: &AgentState, s: usize) -> ServiceView {
+    let svc = &cfg.services[s];
+    let st = state.services.get(s).cloned().unwrap_or_default();
+    ServiceView {
+        id: svc.id,
+        name: svc.name.clone(),
+        vip: svc.vip.to_string(),
+        backend_port: svc.backend_port,
+        check: svc.check.as_ref().map(|c| c.name.clone()),
+        generation: st.generation,
+        members: st
+            .installed
+            .iter()
+            .map(|&b| cfg.backends[b].name.clone())
+            .collect(),
+        pairs: svc
+            .backends
+            .iter()
+            .map(|&b| {
+                pair_view(
+                    cfg,
+                    svc,
+                    b,
+                    state.pairs.get(&(s, b)),
+                    st.installed.contains(&b),
+                )
+            })
+            .collect(),
+    }
+}
+
+/// One pair: its checks' last word (`pair`: `None` before the first), in the set or not.
+fn pair_view(
+    cfg: &Config,
+    svc: &crate::config::Service,
+    b: usize,
+    pair: Option<&Pair>,
+    in_set: bool,
+) -> PairView {
+    let checked = svc.check.is_some();
+    let up = if checked {
+        pair.is_some_and(|p| p.health.up)
+    } else {
+        true
+    };
+    let state = match (checked, up, pair.map_or((0, 0), |p| p.progress)) {
+        (false, _, _) => "NO CHECK".to_string(),
+        (true, true, (_, 0)) => "UP".to_string(),
+        (true, true, (_, f)) => format!("UP (going down, {f} failed)"),
+        (true, false, (0, _)) => "DOWN".to_string(),
+        (true, false, (p, _)) => format!("DOWN (going up, {p} passed)"),
+    };
+    let last = pair.and_then(|p| p.last.as_ref());
+    PairView {
+        backend: cfg.backends[b].name.clone(),
+        backend_id: cfg.backends[b].id,
+        maxconn: (svc.backend_maxconn != 0).then_some(svc.backend_maxconn),
+        state,
+        up,
+        in_set,
+        last_check: last.map(|(text, _)| text.clone()),
+        last_latency_ms: last.map(|(_, latency)| latency.as_secs_f64() * 1000.0),
+        since_change_s: None,
+        since: pair.and_then(|p| p.since),
+    }
+}
+
+/// Every backend's name and override.
+fn admin_view(cfg: &Config, state: &AgentState) -> Vec<(String, Admin)> {
+    cfg.backends
+        .iter()
+        .enumerate()
+        .map(|(b, x)| {
+            (
+                x.name.clone(),
+                state.admin.get(b).copied().unwrap_or_default(),
+            )
+        })
+        .collect()
+}

@@ -1,9 +1,9 @@
-//! The agent's event loop between the health checks and the map owner: every check result
-//! updates the health of its (service, backend) pair, the affected services' desired sets are
-//! recomputed ([`crate::desired`]) and, when they change, installed atomically by
-//! [`Control`] (the only writer), which logs the generation.
-use std::collections::{HashMap, HashSet};
-
+//! The agent's event loop between the health checks and the map owner. A check result flows
+//! one way: probe -> check machine (the scheduler's [`Update`]) -> the pair's record in the
+//! agent's state ([`crate::state`], owned here) -> the affected services' decisions
+//! ([`crate::desired`]) -> [`Control`] (the only writer of the maps), which installs a changed
+//! set atomically and logs its generation -> publish: the live view and the pinned mirror,
+//! both built from the state.
 use anyhow::{Context, Result};
 use tokio::sync::mpsc::Sender;
 use tracing::{info, warn};
@@ -18,33 +18,24 @@ use crate::{
     },
     live::{Admin, Live},
     mirror::Mirror,
+    state::{AgentState, Pair},
 };
 
 pub struct Supervisor {
-    health: HashMap<(usize, usize), Health>,
-    /// The set installed now, per service (backend indexes).
-    installed: Vec<Vec<usize>>,
-    /// Services that lost every backend and check their candidates at `fastinter`.
-    fast: HashSet<usize>,
-    last_warning: Vec<Option<String>>,
+    /// The one owner of what the agent knows and decided (see [`crate::state`]).
+    state: AgentState,
     commands: Option<Sender<Command>>,
-    /// Operator overrides per backend (configuration order).
-    admin: Vec<Admin>,
     live: Live,
     /// While set, results are recorded but no set is written (adoption: one full round of
     /// checks first).
     hold: bool,
     mirror: Option<Mirror>,
-    /// Per exclusive service with `on_down = "reset"`: former holders that left the set
-    /// without a reset (checks timed out, or an operator's drain); their connections are
-    /// reset once another server holds the role, so that at most one carries writes.
-    drained: Vec<Vec<usize>>,
 }
 
 impl Supervisor {
-    /// `installed`: what `Control::configure` installed (static sets, empty checked ones).
+    /// Starts from what `Control::configure` installed: static sets whole, checked ones empty.
     pub fn new(cfg: &Config, commands: Option<Sender<Command>>, live: Live) -> Self {
-        let installed = cfg
+        let statics = cfg
             .services
             .iter()
             .map(|s| {
@@ -55,60 +46,45 @@ impl Supervisor {
                 }
             })
             .collect();
-        let sup = Self {
-            health: HashMap::new(),
-            installed,
-            fast: HashSet::new(),
-            last_warning: vec![None; cfg.services.len()],
+        let mut sup = Self {
+            state: AgentState::new(statics, cfg.backends.len()),
             commands,
-            admin: vec![Admin::Ready; cfg.backends.len()],
             live,
             hold: false,
             mirror: None,
-            drained: vec![vec![]; cfg.services.len()],
         };
-        for s in 0..cfg.services.len() {
-            sup.publish_set(cfg, s);
-        }
+        sup.publish_all(cfg);
         sup
     }
 
     /// Mirrors health into the pinned `HEALTH` map from now on (for `lb status`).
     pub fn mirror_to(&mut self, cfg: &Config, mirror: Mirror) {
         self.mirror = Some(mirror);
-        for s in 0..cfg.services.len() {
-            self.mirror_service(cfg, s);
-        }
-    }
-
-    fn mirror_service(&mut self, cfg: &Config, s: usize) {
-        let Some(m) = self.mirror.as_mut() else {
-            return;
-        };
-        if let Ok(v) = self.live.read() {
-            m.write_service(cfg, &v, s);
-        }
+        self.publish_all(cfg);
     }
 
     /// Takes over the sets an earlier agent installed: their members count as UP at full
     /// health, and nothing is written until [`Supervisor::release`].
     pub fn adopt(&mut self, cfg: &Config, installed: Vec<Vec<usize>>) {
-        for (s, members) in installed.iter().enumerate() {
+        for (s, members) in installed.into_iter().enumerate() {
             if cfg.services[s].check.is_none() {
                 continue;
             }
-            for &b in members {
-                self.health.insert(
+            for &b in &members {
+                self.state.pairs.insert(
                     (s, b),
-                    Health {
-                        up: true,
-                        latest_positive: true,
-                        latest_negative: false,
+                    Pair {
+                        health: Health {
+                            up: true,
+                            latest_positive: true,
+                            latest_negative: false,
+                        },
+                        ..Default::default()
                     },
                 );
             }
-            self.installed[s] = members.clone();
-            self.publish_set(cfg, s);
+            self.state.services[s].installed = members;
+            self.publish(cfg, s);
         }
         self.hold = true;
     }
@@ -120,12 +96,6 @@ impl Supervisor {
             self.recompute(cfg, control, s)?;
         }
         Ok(())
-    }
-
-    /// Whether the pair was in an adopted set (its check starts UP).
-    pub fn adopted_up(&self, service: usize, backend: usize) -> bool {
-        self.installed[service].contains(&backend)
-            && self.health.get(&(service, backend)).is_some_and(|h| h.up)
     }
 
     /// Applies an operator's override of backend `name` to every service it is in.
@@ -144,24 +114,21 @@ impl Supervisor {
                 let known: Vec<&str> = cfg.backends.iter().map(|b| b.name.as_str()).collect();
                 format!("no backend {name:?} (configured: {})", known.join(", "))
             })?;
-        let old = std::mem::replace(&mut self.admin[b], admin);
+        let old = std::mem::replace(&mut self.state.admin[b], admin);
         info!(backend = name, "operator: {old:?} -> {admin:?}");
-        if let Ok(mut v) = self.live.write() {
-            v.admin[b].1 = admin;
-        }
         for s in 0..cfg.services.len() {
             self.recompute(cfg, control, s)?;
             // Maintenance: its connections go too, whether it was still in the set or draining.
             if admin == Admin::Disable && cfg.services[s].backends.contains(&b) {
                 control.reset_flows(cfg, s, b)?;
             }
-            self.mirror_service(cfg, s);
+            self.publish(cfg, s);
         }
         Ok(format!("{name}: {admin:?}"))
     }
 
     pub fn installed(&self, service: usize) -> &[usize] {
-        &self.installed[service]
+        &self.state.services[service].installed
     }
 
     fn command(&self, c: Command) {
@@ -170,20 +137,28 @@ impl Supervisor {
         }
     }
 
-    /// Records a check result and re-decides the sets it affects.
+    /// Records a check result, re-decides the sets it affects and publishes the service.
     pub fn on_update(&mut self, cfg: &Config, control: &mut Control, u: &Update) -> Result<()> {
-        let h = Health {
-            up: u.up,
-            latest_positive: u.latest_positive,
-            latest_negative: matches!(u.probe.outcome, Outcome::Negative { .. }),
-        };
-        self.health.insert((u.service, u.backend), h);
-        self.record(cfg, u);
-        self.mirror_service(cfg, u.service);
+        let h = u.health;
+        self.state.pairs.insert(
+            (u.service, u.backend),
+            Pair {
+                health: h,
+                progress: u.progress,
+                last: Some((
+                    match &u.probe.outcome {
+                        Outcome::Positive => "positive".to_string(),
+                        other => other.to_string(),
+                    },
+                    u.probe.latency,
+                )),
+                since: Some(u.since),
+            },
+        );
         let svc = &cfg.services[u.service];
         // A positive claim from a server that is not the holder: re-check the holder now.
         if svc.exclusive && h.latest_positive {
-            if let Some(&holder) = self.installed[u.service].first() {
+            if let Some(&holder) = self.installed(u.service).first() {
                 if holder != u.backend {
                     self.command(Command::CheckNow {
                         service: u.service,
@@ -198,6 +173,7 @@ impl Supervisor {
                 self.recompute(cfg, control, i)?;
             }
         }
+        self.publish(cfg, u.service);
         Ok(())
     }
 
@@ -216,7 +192,7 @@ impl Supervisor {
         if !svc.exclusive || svc.on_down != crate::config::OnDown::Reset {
             return vec![];
         }
-        let drained = &mut self.drained[s];
+        let drained = &mut self.state.services[s].drained;
         for &b in old {
             if !new.contains(&b) && !decided.contains(&b) && !drained.contains(&b) {
                 drained.push(b);
@@ -235,31 +211,28 @@ impl Supervisor {
             return Ok(());
         }
         let svc = &cfg.services[s];
-        let fallback = svc.fallback.map(|f| self.installed[f].clone());
-        let admin = &self.admin;
-        let health = |b: usize| match admin[b] {
-            Admin::Ready => self.health.get(&(s, b)).copied().unwrap_or_default(),
-            _ => Health::default(),
-        };
+        let fallback = svc.fallback.map(|f| self.installed(f).to_vec());
+        let state = &self.state;
         let mut d = decide(
             svc,
             &cfg.backends,
-            health,
-            &self.installed[s],
+            |b| state.health(s, b),
+            &state.services[s].installed,
             fallback.as_deref(),
         );
         // Operator overrides apply to every service, checked or not.
-        d.members.retain(|&b| admin[b] == Admin::Ready);
-        if d.warning != self.last_warning[s] {
+        d.members.retain(|&b| state.admin[b] == Admin::Ready);
+        let st = &mut self.state.services[s];
+        if d.warning != st.last_warning {
             if let Some(w) = &d.warning {
                 warn!("{w}");
             }
-            self.last_warning[s] = d.warning.clone();
+            st.last_warning = d.warning.clone();
         }
-        if d.members == self.installed[s] {
+        if d.members == st.installed {
             return Ok(());
         }
-        let old = std::mem::replace(&mut self.installed[s], d.members.clone());
+        let old = std::mem::replace(&mut st.installed, d.members.clone());
         // A former holder that left without a reset is in no set: its flows can be reset
         // before the new holder is installed, so that no write reaches it once the new one
         // takes writes.
@@ -269,8 +242,6 @@ impl Supervisor {
         }
         let mut reset = d.reset.clone();
         reset.extend(drained);
-        self.publish_set(cfg, s);
-        self.mirror_service(cfg, s);
         if d.members.is_empty() && !old.is_empty() && !svc.syn_hold.is_zero() {
             // The role is being handed over: new SYNs wait for the next holder (their
             // retransmit lands on it) rather than fail, for at most `syn_hold`. Set before the
@@ -281,9 +252,8 @@ impl Supervisor {
         // Install first, then reset: a flow created from the old set after the reset would
         // otherwise survive.
         let generation = control.install_backends(cfg, s, &d.members)?;
-        if let Ok(mut v) = self.live.write() {
-            v.services[s].generation = generation;
-        }
+        self.state.services[s].generation = generation;
+        self.publish(cfg, s);
         for &b in &d.reset {
             control.reset_flows(cfg, s, b)?;
         }
@@ -307,7 +277,7 @@ impl Supervisor {
             } else if !old.is_empty() {
                 warn!(service = %svc.name, "no backend left: new connections are refused (RST); re-checking every candidate now, then at fastinter");
             }
-            if self.fast.insert(s) {
+            if !std::mem::replace(&mut self.state.services[s].fast, true) {
                 for &b in &svc.backends {
                     self.command(Command::CheckNow {
                         service: s,
@@ -320,7 +290,7 @@ impl Supervisor {
                     });
                 }
             }
-        } else if !d.members.is_empty() && self.fast.remove(&s) {
+        } else if !d.members.is_empty() && std::mem::take(&mut self.state.services[s].fast) {
             if !svc.syn_hold.is_zero() {
                 control.hold_syns(cfg, s, 0)?;
             }
@@ -335,42 +305,19 @@ impl Supervisor {
         Ok(())
     }
 
-    /// Mirrors a check result into the live view.
-    fn record(&self, cfg: &Config, u: &Update) {
-        let Some(i) = cfg.services[u.service]
-            .backends
-            .iter()
-            .position(|&b| b == u.backend)
-        else {
-            return;
-        };
+    /// Publishes service `s` (and the overrides) from the state: the live view, then the
+    /// pinned mirror from that view.
+    fn publish(&mut self, cfg: &Config, s: usize) {
         let Ok(mut v) = self.live.write() else { return };
-        let p = &mut v.services[u.service].pairs[i];
-        let (pos, fail) = u.progress;
-        p.up = u.up;
-        p.state = match (u.up, pos, fail) {
-            (true, _, 0) => "UP".into(),
-            (true, _, f) => format!("UP (going down, {f} failed)"),
-            (false, 0, _) => "DOWN".into(),
-            (false, p, _) => format!("DOWN (going up, {p} passed)"),
-        };
-        p.last_check = Some(match &u.probe.outcome {
-            Outcome::Positive => "positive".to_string(),
-            other => other.to_string(),
-        });
-        p.last_latency_ms = Some(u.probe.latency.as_secs_f64() * 1000.0);
-        p.since = Some(u.since);
+        crate::live::publish(&mut v, cfg, &self.state, s);
+        if let Some(m) = self.mirror.as_mut() {
+            m.write_service(cfg, &v, s);
+        }
     }
 
-    fn publish_set(&self, cfg: &Config, s: usize) {
-        let Ok(mut v) = self.live.write() else { return };
-        let members: Vec<String> = self.installed[s]
-            .iter()
-            .map(|&b| cfg.backends[b].name.clone())
-            .collect();
-        for p in &mut v.services[s].pairs {
-            p.in_set = members.contains(&p.backend);
+    fn publish_all(&mut self, cfg: &Config) {
+        for s in 0..cfg.services.len() {
+            self.publish(cfg, s);
         }
-        v.services[s].members = members;
     }
 }

@@ -16,6 +16,17 @@ use std::{
 
 use super::{probe::Outcome, spec::CheckSpec};
 
+/// What a check machine says of its (service, backend) pair: what the set decision reads.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Health {
+    /// The rise/fall state machine says UP.
+    pub up: bool,
+    /// The latest check answered positive (the server claims the role).
+    pub latest_positive: bool,
+    /// The latest check answered a definitive negative (the server says it lost the role).
+    pub latest_negative: bool,
+}
+
 /// A change of state, returned once by [`Machine::observe`].
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Transition {
@@ -150,6 +161,16 @@ impl Machine {
     /// The latest check returned [`Outcome::Positive`] (the server claims the role now).
     pub fn latest_positive(&self) -> bool {
         matches!(self.last, Some(Outcome::Positive))
+    }
+
+    /// What the decision reads of this machine: UP, and whether the latest check claimed the
+    /// role or definitively denied it.
+    pub fn health(&self) -> Health {
+        Health {
+            up: self.up,
+            latest_positive: self.latest_positive(),
+            latest_negative: matches!(self.last, Some(Outcome::Negative { .. })),
+        }
     }
 
     /// The time of the last transition (creation time before any).

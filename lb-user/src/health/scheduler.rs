@@ -11,7 +11,7 @@ use std::{collections::HashMap, net::SocketAddr, sync::Arc, time::Instant};
 use tokio::sync::mpsc;
 
 use super::{
-    machine::{Machine, Transition},
+    machine::{Health, Machine, Transition},
     probe::{probe, Outcome, Probe},
     spec::CheckSpec,
 };
@@ -38,10 +38,8 @@ pub struct Update {
     pub probe: Probe,
     /// The transition this check caused, if any.
     pub transition: Option<Transition>,
-    /// The state after this check.
-    pub up: bool,
-    /// This check returned [`Outcome::Positive`].
-    pub latest_positive: bool,
+    /// The machine after this check, as the decision reads it.
+    pub health: Health,
     /// (consecutive positives, consecutive failures).
     pub progress: (u32, u32),
     /// Time of the last transition.
@@ -140,8 +138,7 @@ async fn run_target(
             backend: t.backend,
             probe: p,
             transition,
-            up: machine.is_up(),
-            latest_positive: machine.latest_positive(),
+            health: machine.health(),
             progress: machine.progress(),
             since: machine.since(),
         };
@@ -269,9 +266,12 @@ mod tests {
             );
             healthy_times.push(t0.elapsed());
             if healthy_times.len() == 1 {
-                assert!(u.up && u.latest_positive && u.transition.is_some(), "{u:?}");
+                assert!(
+                    u.health.up && u.health.latest_positive && u.transition.is_some(),
+                    "{u:?}"
+                );
             } else {
-                assert!(u.up && u.transition.is_none(), "{u:?}");
+                assert!(u.health.up && u.transition.is_none(), "{u:?}");
             }
         }
         // Checks every ~100 ms (plus the check's own latency) for a second.
@@ -288,7 +288,7 @@ mod tests {
             "{:?}",
             t0.elapsed()
         );
-        assert!(!u.up && u.transition.is_none());
+        assert!(!u.health.up && u.transition.is_none());
         assert_eq!(
             u.probe.outcome,
             Outcome::Failed("timeout after 2s (waiting for the answer)".into())
@@ -311,7 +311,7 @@ mod tests {
             tx,
         );
         let u = rx.recv().await.unwrap();
-        assert_eq!((u.service, u.backend, u.up), (2, 5, true));
+        assert_eq!((u.service, u.backend, u.health.up), (2, 5, true));
         assert_eq!(u.transition.map(|t| t.up), Some(true));
         // Nothing for 10 s, unless asked.
         assert!(tokio::time::timeout(Duration::from_millis(300), rx.recv())
