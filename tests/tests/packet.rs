@@ -45,40 +45,6 @@ fn backend_segment(backend: Ipv4Addr, mac: [u8; 6], snat_port: u16, flags: u8) -
     .with_seq_ack(0x5000_0000, 0x1000_0001)
 }
 
-/// What the balancer must send to `backend` for the client segment `seg` over `snat_port`.
-fn to_backend(seg: &TcpFrame, backend: Ipv4Addr, mac: [u8; 6], snat_port: u16) -> TcpFrame {
-    seg.clone()
-        .forwarded(BK0_MAC, mac)
-        .translated(sa(SNAT_ADDR, snat_port), sa(backend, BACKEND_PORT))
-}
-
-/// What the balancer must send to the client for the backend segment `seg`.
-fn to_client(seg: &TcpFrame, client_port: u16, service_port: u16) -> TcpFrame {
-    seg.clone()
-        .forwarded(CL0_MAC, CLIENT_MAC)
-        .translated(sa(VIP, service_port), sa(CLIENT, client_port))
-}
-
-/// The source port of a rewritten TCP frame (the SNAT port the program claimed).
-fn sport_of(frame: &[u8]) -> u16 {
-    u16::from_be_bytes([frame[34], frame[35]])
-}
-
-#[track_caller]
-fn assert_output(out: &Outcome, action: Action, want: &[u8]) {
-    assert_eq!(
-        out.action,
-        action,
-        "action (output frame {})",
-        hex(&out.frame)
-    );
-    assert!(
-        out.frame == want,
-        "the output frame is not the expected one:\n{}",
-        describe_diff(&out.frame, want)
-    );
-}
-
 /// Runs `frame` on `ingress` and checks it passed byte for byte without touching any counter.
 #[track_caller]
 fn assert_passes_untouched(fx: &Fixture, what: &str, frame: &[u8], ingress: u32) -> Result<()> {
@@ -118,11 +84,6 @@ fn assert_dropped(
     Ok(())
 }
 
-/// The entry for `key` in `table`, if any.
-fn entry(table: &[(FlowKey, Flow)], key: &FlowKey) -> Option<Flow> {
-    table.iter().find(|(k, _)| k == key).map(|(_, f)| *f)
-}
-
 fn tuples(table: &[(FlowKey, Flow)]) -> Vec<String> {
     table
         .iter()
@@ -137,7 +98,8 @@ fn open_write_flow(fx: &Fixture, client_port: u16) -> Result<(TcpFrame, u16)> {
     let out = fx.from_client(&syn.bytes()?)?;
     assert_eq!(out.action, Action::Redirect, "SYN from {client_port}");
     let port = sport_of(&out.frame);
-    assert_output(
+    assert_bytes(
+        "output",
         &out,
         Action::Redirect,
         &to_backend(&syn, DB01, DB01_MAC, port).bytes()?,
@@ -152,7 +114,8 @@ fn handshake_until_syn_ack(fx: &Fixture, client_port: u16) -> Result<(TcpFrame, 
         .with_seq_ack(0x5000_0000, syn.seq.wrapping_add(1))
         .with_options(&frames::SYN_OPTIONS);
     let out = fx.from_backends(&syn_ack.bytes()?)?;
-    assert_output(
+    assert_bytes(
+        "output",
         &out,
         Action::Redirect,
         &to_client(&syn_ack, client_port, WRITE_PORT).bytes()?,
@@ -219,21 +182,6 @@ fn assert_rst(
     Ok(())
 }
 
-/// The MAC of a backend address.
-fn backend_mac(addr: Ipv4Addr) -> [u8; 6] {
-    match addr {
-        DB01 => DB01_MAC,
-        DB02 => DB02_MAC,
-        DB03 => DB03_MAC,
-        other => panic!("{other} is not a fixture backend"),
-    }
-}
-
-/// The destination address of a rewritten IPv4 frame (the backend the program chose).
-fn daddr_of(frame: &[u8]) -> Ipv4Addr {
-    Ipv4Addr::new(frame[30], frame[31], frame[32], frame[33])
-}
-
 /// Pins the calling thread to CPU 0, so that every test run uses the same per-CPU maps
 /// (`RST_BUCKET`).
 fn pin_to_cpu0() -> Result<()> {
@@ -241,124 +189,6 @@ fn pin_to_cpu0() -> Result<()> {
     set.set(0)?;
     nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(0), &set)?;
     Ok(())
-}
-
-/// An established flow through the balancer.
-struct Est {
-    client_port: u16,
-    service_port: u16,
-    backend: Ipv4Addr,
-    /// The SNAT port.
-    port: u16,
-    /// The client's and the backend's next sequence numbers.
-    client_seq: u32,
-    backend_seq: u32,
-}
-
-impl Est {
-    fn fwd_key(&self) -> FlowKey {
-        flow_key(sa(CLIENT, self.client_port), sa(VIP, self.service_port))
-    }
-
-    fn rev_key(&self) -> FlowKey {
-        flow_key(sa(self.backend, BACKEND_PORT), sa(SNAT_ADDR, self.port))
-    }
-
-    /// A data segment from the client.
-    fn client_data(&self, payload: &[u8]) -> TcpFrame {
-        TcpFrame::new(
-            CLIENT_MAC,
-            CL0_MAC,
-            sa(CLIENT, self.client_port),
-            sa(VIP, self.service_port),
-        )
-        .with_flags(PSH | ACK)
-        .with_seq_ack(self.client_seq, self.backend_seq)
-        .with_payload(payload)
-    }
-
-    /// A data segment from the backend.
-    fn backend_data(&self, payload: &[u8]) -> TcpFrame {
-        TcpFrame::new(
-            backend_mac(self.backend),
-            BK0_MAC,
-            sa(self.backend, BACKEND_PORT),
-            sa(SNAT_ADDR, self.port),
-        )
-        .with_flags(PSH | ACK)
-        .with_seq_ack(self.backend_seq, self.client_seq)
-        .with_payload(payload)
-    }
-
-    /// Checks that a client data segment and a backend data segment are forwarded (exact
-    /// bytes), i.e. that the flow is alive.
-    #[track_caller]
-    fn assert_alive(&self, fx: &Fixture, what: &str) -> Result<()> {
-        let data = self.client_data(b"ping");
-        let out = fx.from_client(&data.bytes()?)?;
-        let want = to_backend(&data, self.backend, backend_mac(self.backend), self.port);
-        assert_eq!(out.action, Action::Redirect, "{what}: client data");
-        assert_output(&out, Action::Redirect, &want.bytes()?);
-        let answer = self.backend_data(b"pong");
-        let out = fx.from_backends(&answer.bytes()?)?;
-        let want = to_client(&answer, self.client_port, self.service_port);
-        assert_eq!(out.action, Action::Redirect, "{what}: backend data");
-        assert_output(&out, Action::Redirect, &want.bytes()?);
-        Ok(())
-    }
-}
-
-/// Opens a flow from `client_port` to the VIP's `service_port` through the whole handshake and
-/// checks its two established entries.
-fn establish(fx: &Fixture, client_port: u16, service_port: u16) -> Result<Est> {
-    let syn = client_syn(client_port, service_port);
-    let out = fx.from_client(&syn.bytes()?)?;
-    assert_eq!(out.action, Action::Redirect, "SYN from {client_port}");
-    let (backend, port) = (daddr_of(&out.frame), sport_of(&out.frame));
-    let mac = backend_mac(backend);
-    assert_output(
-        &out,
-        Action::Redirect,
-        &to_backend(&syn, backend, mac, port).bytes()?,
-    );
-    let syn_ack = TcpFrame::new(mac, BK0_MAC, sa(backend, BACKEND_PORT), sa(SNAT_ADDR, port))
-        .with_flags(SYN | ACK)
-        .with_seq_ack(0x5000_0000, syn.seq + 1);
-    let out = fx.from_backends(&syn_ack.bytes()?)?;
-    assert_output(
-        &out,
-        Action::Redirect,
-        &to_client(&syn_ack, client_port, service_port).bytes()?,
-    );
-    let est = Est {
-        client_port,
-        service_port,
-        backend,
-        port,
-        client_seq: syn.seq + 1,
-        backend_seq: syn_ack.seq + 1,
-    };
-    let ack = TcpFrame::new(
-        CLIENT_MAC,
-        CL0_MAC,
-        sa(CLIENT, client_port),
-        sa(VIP, service_port),
-    )
-    .with_flags(ACK)
-    .with_seq_ack(est.client_seq, est.backend_seq);
-    let out = fx.from_client(&ack.bytes()?)?;
-    assert_output(
-        &out,
-        Action::Redirect,
-        &to_backend(&ack, backend, mac, port).bytes()?,
-    );
-    let table = fx.established()?;
-    assert!(
-        entry(&table, &est.fwd_key()).is_some() && entry(&table, &est.rev_key()).is_some(),
-        "flow from {client_port} not established: {:?}",
-        tuples(&table)
-    );
-    Ok(est)
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -383,7 +213,7 @@ fn syn_to_vip_is_dnatted_and_snatted_to_the_master() -> Result<()> {
         // (seq, options) untouched, both checksums valid.
         let want = to_backend(&syn, DB01, DB01_MAC, port);
         assert_eq!(want.ttl, 63);
-        assert_output(&out, Action::Redirect, &want.bytes()?);
+        assert_bytes("output", &out, Action::Redirect, &want.bytes()?);
 
         assert_eq!(
             fx.counters()?.changes_since(&before),
@@ -453,7 +283,8 @@ fn a_retransmitted_syn_reuses_the_flow_and_its_snat_port() -> Result<()> {
         let (syn, port) = open_write_flow(fx, CLIENT_PORT)?;
         let before = fx.counters()?;
         let out = fx.from_client(&syn.bytes()?)?;
-        assert_output(
+        assert_bytes(
+            "output",
             &out,
             Action::Redirect,
             &to_backend(&syn, DB01, DB01_MAC, port).bytes()?,
@@ -482,7 +313,7 @@ fn backend_syn_ack_is_translated_back_to_the_client() -> Result<()> {
         // ports 7680 -> 40000.
         let want = to_client(&syn_ack, CLIENT_PORT, WRITE_PORT);
         assert_eq!((want.eth_src, want.eth_dst), (syn.eth_dst, syn.eth_src));
-        assert_output(&out, Action::Redirect, &want.bytes()?);
+        assert_bytes("output", &out, Action::Redirect, &want.bytes()?);
         assert_eq!(
             fx.counters()?.changes_since(&before),
             moved(&[(Counter::ReplyPackets, 1)])
@@ -505,7 +336,8 @@ fn the_clients_ack_establishes_the_flow_and_data_takes_the_established_path() ->
         let ack = client_segment(CLIENT_PORT, ACK).with_seq_ack(syn.seq + 1, syn_ack.seq + 1);
         let before = fx.counters()?;
         let out = fx.from_client(&ack.bytes()?)?;
-        assert_output(
+        assert_bytes(
+            "output",
             &out,
             Action::Redirect,
             &to_backend(&ack, DB01, DB01_MAC, port).bytes()?,
@@ -529,7 +361,8 @@ fn the_clients_ack_establishes_the_flow_and_data_takes_the_established_path() ->
             .with_payload(b"\x60\x60\xb0\x17\x00\x00\x04\x04\x00\x00\x00\x00");
         let before = fx.counters()?;
         let out = fx.from_client(&data.bytes()?)?;
-        assert_output(
+        assert_bytes(
+            "output",
             &out,
             Action::Redirect,
             &to_backend(&data, DB01, DB01_MAC, port).bytes()?,
@@ -538,7 +371,8 @@ fn the_clients_ack_establishes_the_flow_and_data_takes_the_established_path() ->
             .with_seq_ack(syn_ack.seq + 1, syn.seq + 13)
             .with_payload(b"\x00\x00\x04\x04");
         let out = fx.from_backends(&answer.bytes()?)?;
-        assert_output(
+        assert_bytes(
+            "output",
             &out,
             Action::Redirect,
             &to_client(&answer, CLIENT_PORT, WRITE_PORT).bytes()?,
@@ -546,7 +380,8 @@ fn the_clients_ack_establishes_the_flow_and_data_takes_the_established_path() ->
         let fin =
             client_segment(CLIENT_PORT, FIN | ACK).with_seq_ack(syn.seq + 13, syn_ack.seq + 5);
         let out = fx.from_client(&fin.bytes()?)?;
-        assert_output(
+        assert_bytes(
+            "output",
             &out,
             Action::Redirect,
             &to_backend(&fin, DB01, DB01_MAC, port).bytes()?,
@@ -590,7 +425,7 @@ fn a_backend_behind_the_ingress_interface_gets_the_syn_by_xdp_tx() -> Result<()>
             .clone()
             .forwarded(CL0_MAC, near_mac)
             .translated(sa(CL0_ADDR, port), sa(near, BACKEND_PORT));
-        assert_output(&out, Action::Tx, &want.bytes()?);
+        assert_bytes("output", &out, Action::Tx, &want.bytes()?);
 
         let syn_ack = TcpFrame::new(
             near_mac,
@@ -601,7 +436,8 @@ fn a_backend_behind_the_ingress_interface_gets_the_syn_by_xdp_tx() -> Result<()>
         .with_flags(SYN | ACK)
         .with_seq_ack(0x5000_0000, syn.seq + 1);
         let out = fx.from_client(&syn_ack.bytes()?)?;
-        assert_output(
+        assert_bytes(
+            "output",
             &out,
             Action::Tx,
             &to_client(&syn_ack, CLIENT_PORT, 7682).bytes()?,
@@ -658,7 +494,8 @@ fn an_embryonic_flow_older_than_the_connect_timeout_counts_as_no_flow() -> Resul
         let before = fx.counters()?;
         let out = fx.from_client(&syn.bytes()?)?;
         let port = sport_of(&out.frame);
-        assert_output(
+        assert_bytes(
+            "output",
             &out,
             Action::Redirect,
             &to_backend(&syn, DB01, DB01_MAC, port).bytes()?,
@@ -694,7 +531,8 @@ fn syns_to_the_read_service_alternate_between_its_backends() -> Result<()> {
             let syn = client_syn(client_port, READ_PORT);
             let out = fx.from_client(&syn.bytes()?)?;
             let port = sport_of(&out.frame);
-            assert_output(
+            assert_bytes(
+                "output",
                 &out,
                 Action::Redirect,
                 &to_backend(&syn, backend, mac, port).bytes()?,
@@ -719,7 +557,8 @@ fn pick_backend(fx: &mut Fixture, client_port: u16, service_port: u16) -> Result
     let out = fx.from_client(&syn.bytes()?)?;
     assert_eq!(out.action, Action::Redirect, "SYN from {client_port}");
     let (backend, port) = (daddr_of(&out.frame), sport_of(&out.frame));
-    assert_output(
+    assert_bytes(
+        "output",
         &out,
         Action::Redirect,
         &to_backend(&syn, backend, backend_mac(backend), port).bytes()?,
@@ -965,7 +804,8 @@ fn after_a_change_of_snat_ports_the_earlier_ranges_flows_keep_their_replies_and_
             .with_options(&frames::SYN_OPTIONS);
         let before = fx.counters()?;
         let out = fx.from_backends(&syn_ack.bytes()?)?;
-        assert_output(
+        assert_bytes(
+            "output",
             &out,
             Action::Redirect,
             &to_client(&syn_ack, CLIENT_PORT, WRITE_PORT).bytes()?,
@@ -1146,7 +986,7 @@ fn a_non_syn_segment_to_a_vip_without_a_flow_is_answered_with_a_rst() -> Result<
         let want = rst_answer(&ack).bytes()?;
         let before = fx.counters()?;
         let out = fx.from_client(&padded)?;
-        assert_output(&out, Action::Tx, &want);
+        assert_bytes("output", &out, Action::Tx, &want);
         assert_eq!(
             fx.counters()?.changes_since(&before),
             moved(&[(Counter::RstNoFlow, 1), (Counter::RstSent, 1)]),
@@ -1354,7 +1194,7 @@ fn a_syn_to_a_service_without_backends_is_refused_with_a_rst_or_held_while_its_r
 
         // The write service emptied by the agent (its master lost the role): new connections
         // are refused, an established one drains.
-        let est = establish(fx, 40010, WRITE_PORT)?;
+        let est = Conn::establish(fx, 40010, WRITE_PORT)?;
         fx.control.install_set(0, &[])?;
         let syn = client_syn(40011, WRITE_PORT);
         assert_rst(
@@ -1429,7 +1269,7 @@ fn config_with_second_db01_service() -> String {
 }
 
 #[track_caller]
-fn assert_flow_gone(fx: &Fixture, what: &str, est: &Est) -> Result<()> {
+fn assert_flow_gone(fx: &Fixture, what: &str, est: &Conn) -> Result<()> {
     for (name, table) in [
         ("established", fx.established()?),
         ("embryonic", fx.embryonic()?),
@@ -1447,10 +1287,10 @@ fn assert_flow_gone(fx: &Fixture, what: &str, est: &Est) -> Result<()> {
 #[ignore = "needs root and netns: run cargo xtask test"]
 fn reset_flows_answers_the_clients_next_segment_with_a_rst_and_deletes_the_flow() -> Result<()> {
     Fixture::run_with_config("resetcl", &config_with_second_db01_service(), |fx| {
-        let a = establish(fx, 40000, WRITE_PORT)?;
-        let b = establish(fx, 40001, 7682)?;
-        let c = establish(fx, 40002, READ_PORT)?;
-        let d = establish(fx, 40003, READ_PORT)?;
+        let a = Conn::establish(fx, 40000, WRITE_PORT)?;
+        let b = Conn::establish(fx, 40001, 7682)?;
+        let c = Conn::establish(fx, 40002, READ_PORT)?;
+        let d = Conn::establish(fx, 40003, READ_PORT)?;
         assert_eq!(
             (a.backend, b.backend, c.backend, d.backend),
             (DB01, DB01, DB02, DB03)
@@ -1459,7 +1299,7 @@ fn reset_flows_answers_the_clients_next_segment_with_a_rst_and_deletes_the_flow(
 
         // db01 demoted in "write" (service 0, backend 0).
         fx.control.reset_flows(&fx.cfg, 0, 0)?;
-        let data = a.client_data(b"CREATE (n)");
+        let data = a.client(PSH | ACK, b"CREATE (n)");
         let mut want = TcpFrame::new(CL0_MAC, CLIENT_MAC, sa(VIP, WRITE_PORT), sa(CLIENT, 40000))
             .with_flags(RST)
             .with_seq_ack(a.backend_seq, 0);
@@ -1478,7 +1318,7 @@ fn reset_flows_answers_the_clients_next_segment_with_a_rst_and_deletes_the_flow(
         assert_flow_gone(fx, "after the client's reset segment", &a)?;
         assert_eq!(fx.established()?.len(), 6);
         // The flow is gone: further segments of it are no-flow segments.
-        let again = a.client_data(b"again");
+        let again = a.client(PSH | ACK, b"again");
         assert_rst(
             fx,
             "client data once the flow is gone",
@@ -1487,7 +1327,7 @@ fn reset_flows_answers_the_clients_next_segment_with_a_rst_and_deletes_the_flow(
             &rst_answer(&again),
             &[(Counter::RstNoFlow, 1), (Counter::RstSent, 1)],
         )?;
-        let late = a.backend_data(b"late");
+        let late = a.backend(PSH | ACK, b"late");
         assert_rst(
             fx,
             "backend data once the flow is gone",
@@ -1504,7 +1344,7 @@ fn reset_flows_answers_the_clients_next_segment_with_a_rst_and_deletes_the_flow(
 
         // Another backend of the same service: only its flows.
         fx.control.reset_flows(&fx.cfg, 1, 2)?;
-        let data = d.client_data(b"MATCH (n)");
+        let data = d.client(PSH | ACK, b"MATCH (n)");
         assert_rst(
             fx,
             "client data to db03 after its reset",
@@ -1526,17 +1366,18 @@ fn reset_flows_answers_the_clients_next_segment_with_a_rst_and_deletes_the_flow(
 fn a_demoted_masters_answer_in_flight_reaches_the_client_before_the_rst_on_its_next_segment(
 ) -> Result<()> {
     Fixture::run_with_config("resetbk", &config_with_second_db01_service(), |fx| {
-        let a = establish(fx, 40000, WRITE_PORT)?;
-        let b = establish(fx, 40001, 7682)?;
-        let c = establish(fx, 40002, READ_PORT)?;
+        let a = Conn::establish(fx, 40000, WRITE_PORT)?;
+        let b = Conn::establish(fx, 40001, 7682)?;
+        let c = Conn::establish(fx, 40002, READ_PORT)?;
 
         fx.control.reset_flows(&fx.cfg, 0, 0)?;
         // db01's SUCCESS to a COMMIT, already on its way when db01 was demoted: delivered,
         // translated as usual (the client must learn that its write happened).
-        let success = a.backend_data(b"\x00\x03\xb1\x70\xa0\x00\x00");
+        let success = a.backend(PSH | ACK, b"\x00\x03\xb1\x70\xa0\x00\x00");
         let before = fx.counters()?;
         let out = fx.from_backends(&success.bytes()?)?;
-        assert_output(
+        assert_bytes(
+            "output",
             &out,
             Action::Redirect,
             &to_client(&success, a.client_port, WRITE_PORT).bytes()?,
@@ -1566,7 +1407,7 @@ fn a_demoted_masters_answer_in_flight_reaches_the_client_before_the_rst_on_its_n
         )?;
         assert_flow_gone(fx, "after the client's segment", &a)?;
         // db01's later segments find no flow: it gets its RST too.
-        let late = a.backend_data(b"late");
+        let late = a.backend(PSH | ACK, b"late");
         assert_rst(
             fx,
             "backend data once the flow is gone",
@@ -1579,7 +1420,7 @@ fn a_demoted_masters_answer_in_flight_reaches_the_client_before_the_rst_on_its_n
         c.assert_alive(fx, "db02 in \"read\"")?;
 
         // A flow opened after the reset records the new epoch and lives.
-        let n = establish(fx, 40004, WRITE_PORT)?;
+        let n = Conn::establish(fx, 40004, WRITE_PORT)?;
         n.assert_alive(fx, "a write flow opened after the reset")?;
         assert_eq!(fx.established()?.len(), 6);
         Ok(())
@@ -1614,7 +1455,8 @@ fn a_handshake_to_a_demoted_master_is_refused_to_it_and_the_clients_syn_retransm
         let before = fx.counters()?;
         let out = fx.from_client(&syn.bytes()?)?;
         let port = sport_of(&out.frame);
-        assert_output(
+        assert_bytes(
+            "output",
             &out,
             Action::Redirect,
             &to_backend(&syn, DB01, DB01_MAC, port).bytes()?,
@@ -1893,7 +1735,7 @@ fn a_syn_with_ttl_1_is_left_to_the_kernel() -> Result<()> {
             let frame = syn.bytes()?;
             let before = fx.counters()?;
             let out = fx.from_client(&frame)?;
-            assert_output(&out, Action::Pass, &frame);
+            assert_bytes("output", &out, Action::Pass, &frame);
             assert_eq!(
                 fx.counters()?.changes_since(&before),
                 moved(&[(Counter::PassTtl, 1)]),
@@ -2000,7 +1842,8 @@ fn without_fib_lookup_src_a_new_flow_takes_the_source_the_agent_resolved_for_its
         let before = fx.counters()?;
         let out = fx.from_client(&syn.bytes()?)?;
         let port = sport_of(&out.frame);
-        assert_output(
+        assert_bytes(
+            "output",
             &out,
             Action::Redirect,
             &to_backend(&syn, DB01, DB01_MAC, port).bytes()?,
@@ -2059,7 +1902,7 @@ fn when_the_snat_ports_run_out_the_syn_is_answered_with_a_rst() -> Result<()> {
             rst.window = 0;
             let want = rst.bytes()?;
             assert_eq!(want.len(), 54);
-            assert_output(&out, Action::Tx, &want);
+            assert_bytes("output", &out, Action::Tx, &want);
             assert_eq!(
                 fx.counters()?.changes_since(&before),
                 moved(&[
@@ -2111,7 +1954,8 @@ fn when_the_ports_run_out_a_half_open_handshake_older_than_250ms_gives_its_port_
         let syn = client_syn(40013, WRITE_PORT).with_seq_ack(0x7300_0000, 0);
         let before = fx.counters()?;
         let out = fx.from_client(&syn.bytes()?)?;
-        assert_output(
+        assert_bytes(
+            "output",
             &out,
             Action::Redirect,
             &to_backend(&syn, DB01, DB01_MAC, a_port).bytes()?,
@@ -2151,7 +1995,8 @@ fn when_the_ports_run_out_a_half_open_handshake_older_than_250ms_gives_its_port_
             .with_seq_ack(0x5100_0000, syn.seq.wrapping_add(1))
             .with_options(&frames::SYN_OPTIONS);
         let out = fx.from_backends(&syn_ack.bytes()?)?;
-        assert_output(
+        assert_bytes(
+            "output",
             &out,
             Action::Redirect,
             &to_client(&syn_ack, 40013, WRITE_PORT).bytes()?,
@@ -2178,7 +2023,7 @@ fn when_the_ports_run_out_a_half_open_handshake_older_than_250ms_gives_its_port_
         let ack =
             client_segment(40010, ACK).with_seq_ack(a_syn_ack.ack, a_syn_ack.seq.wrapping_add(1));
         let out = fx.from_client(&ack.bytes()?)?;
-        assert_output(&out, Action::Tx, &rst_answer(&ack).bytes()?);
+        assert_bytes("output", &out, Action::Tx, &rst_answer(&ack).bytes()?);
         Ok(())
     })
 }
@@ -2318,7 +2163,7 @@ fn frag_needed_about_a_forwarded_packet_is_translated_to_the_client() -> Result<
             )?;
             let before = fx.counters()?;
             let out = fx.from_backends(&icmp)?;
-            assert_output(&out, Action::Redirect, &want);
+            assert_bytes("output", &out, Action::Redirect, &want);
             assert_eq!(
                 fx.counters()?.changes_since(&before),
                 moved(&[(Counter::IcmpTranslated, 1)]),
@@ -2364,7 +2209,7 @@ fn time_exceeded_about_a_reply_is_translated_to_the_backend() -> Result<()> {
         )?;
         let before = fx.counters()?;
         let out = fx.from_client(&icmp)?;
-        assert_output(&out, Action::Redirect, &want);
+        assert_bytes("output", &out, Action::Redirect, &want);
         assert_eq!(
             fx.counters()?.changes_since(&before),
             moved(&[(Counter::IcmpTranslated, 1)])

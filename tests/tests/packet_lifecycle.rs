@@ -15,7 +15,7 @@ use aya::maps::HashMap;
 use lb_common::{
     is_closing, names, Counter, Flow, FlowKey, FLOW_CLOSE_FIN, FLOW_CLOSE_RST, FLOW_ESTABLISHED,
 };
-use lb_tests::fixture::frames::{describe_diff, hex, TcpFrame, ACK, FIN, PSH, RST, SYN};
+use lb_tests::fixture::frames::{TcpFrame, ACK, FIN, PSH, RST, SYN};
 use lb_tests::fixture::*;
 use lb_user::gc::{monotonic_now, Gc, SweepStats, Timeouts};
 
@@ -25,196 +25,8 @@ const SEC: u64 = 1_000_000_000;
 // Helpers (the frame conventions of packet.rs)
 // ---------------------------------------------------------------------------------------------
 
-fn to_backend(seg: &TcpFrame, snat_port: u16) -> TcpFrame {
-    seg.clone()
-        .forwarded(BK0_MAC, DB01_MAC)
-        .translated(sa(SNAT_ADDR, snat_port), sa(DB01, BACKEND_PORT))
-}
-
-fn to_client(seg: &TcpFrame, client_port: u16) -> TcpFrame {
-    seg.clone()
-        .forwarded(CL0_MAC, CLIENT_MAC)
-        .translated(sa(VIP, WRITE_PORT), sa(CLIENT, client_port))
-}
-
-fn sport_of(frame: &[u8]) -> u16 {
-    u16::from_be_bytes([frame[34], frame[35]])
-}
-
-#[track_caller]
-fn assert_output(what: &str, out: &Outcome, action: Action, want: &TcpFrame) -> Result<()> {
-    let want = want.bytes()?;
-    assert_eq!(
-        out.action,
-        action,
-        "{what}: action (output frame {})",
-        hex(&out.frame)
-    );
-    assert!(
-        out.frame == want,
-        "{what}: the output frame is not the expected one:\n{}",
-        describe_diff(&out.frame, &want)
-    );
-    Ok(())
-}
-
-fn entry(table: &[(FlowKey, Flow)], key: &FlowKey) -> Option<Flow> {
-    table.iter().find(|(k, _)| k == key).map(|(_, f)| *f)
-}
-
-/// An established write flow; `client_seq`/`backend_seq` are the next sequence numbers.
-struct Conn {
-    client_port: u16,
-    port: u16,
-    client_seq: u32,
-    backend_seq: u32,
-}
-
-impl Conn {
-    fn fwd_key(&self) -> FlowKey {
-        flow_key(sa(CLIENT, self.client_port), sa(VIP, WRITE_PORT))
-    }
-
-    fn rev_key(&self) -> FlowKey {
-        flow_key(sa(DB01, BACKEND_PORT), sa(SNAT_ADDR, self.port))
-    }
-
-    fn client(&self, flags: u8, payload: &[u8]) -> TcpFrame {
-        TcpFrame::new(
-            CLIENT_MAC,
-            CL0_MAC,
-            sa(CLIENT, self.client_port),
-            sa(VIP, WRITE_PORT),
-        )
-        .with_flags(flags)
-        .with_seq_ack(self.client_seq, self.backend_seq)
-        .with_payload(payload)
-    }
-
-    fn backend(&self, flags: u8, payload: &[u8]) -> TcpFrame {
-        TcpFrame::new(
-            DB01_MAC,
-            BK0_MAC,
-            sa(DB01, BACKEND_PORT),
-            sa(SNAT_ADDR, self.port),
-        )
-        .with_flags(flags)
-        .with_seq_ack(self.backend_seq, self.client_seq)
-        .with_payload(payload)
-    }
-
-    /// Sends a client segment and checks it reached db01 translated, byte for byte.
-    #[track_caller]
-    fn client_sends(&mut self, fx: &Fixture, what: &str, flags: u8, payload: &[u8]) -> Result<()> {
-        let seg = self.client(flags, payload);
-        let out = fx.from_client(&seg.bytes()?)?;
-        assert_output(what, &out, Action::Redirect, &to_backend(&seg, self.port))?;
-        self.client_seq = self
-            .client_seq
-            .wrapping_add(payload.len() as u32 + u32::from(flags & FIN != 0));
-        Ok(())
-    }
-
-    /// Sends a backend segment and checks it reached the client translated, byte for byte.
-    #[track_caller]
-    fn backend_sends(&mut self, fx: &Fixture, what: &str, flags: u8, payload: &[u8]) -> Result<()> {
-        let seg = self.backend(flags, payload);
-        let out = fx.from_backends(&seg.bytes()?)?;
-        assert_output(
-            what,
-            &out,
-            Action::Redirect,
-            &to_client(&seg, self.client_port),
-        )?;
-        self.backend_seq = self
-            .backend_seq
-            .wrapping_add(payload.len() as u32 + u32::from(flags & FIN != 0));
-        Ok(())
-    }
-
-    /// Both established entries (forward, reply); panics if either is missing.
-    #[track_caller]
-    fn entries(&self, fx: &Fixture) -> Result<(Flow, Flow)> {
-        let t = fx.established()?;
-        let f = entry(&t, &self.fwd_key()).expect("established forward entry");
-        let r = entry(&t, &self.rev_key()).expect("established reply entry");
-        Ok((f, r))
-    }
-
-    /// Makes both entries look quiet for `ago_ns` (their last segment that long ago).
-    fn quiet_for(&self, fx: &mut Fixture, ago_ns: u64) -> Result<()> {
-        let last = monotonic_now()? - ago_ns;
-        let (mut f, mut r) = self.entries(fx)?;
-        f.last_seen_ns = last;
-        r.last_seen_ns = last;
-        put_established(fx, &self.fwd_key(), &f)?;
-        put_established(fx, &self.rev_key(), &r)
-    }
-
-    fn closing(&self, fx: &Fixture) -> Result<bool> {
-        let (f, r) = self.entries(fx)?;
-        Ok(is_closing(&f, &r))
-    }
-
-    /// Whether either entry of this flow is still in the established table.
-    fn in_table(&self, fx: &Fixture) -> Result<bool> {
-        let t = fx.established()?;
-        Ok(entry(&t, &self.fwd_key()).is_some() || entry(&t, &self.rev_key()).is_some())
-    }
-}
-
-/// The three-way handshake from `client_port` to the write service (db01).
-fn establish(fx: &Fixture, client_port: u16) -> Result<Conn> {
-    let syn = client_syn(client_port, WRITE_PORT);
-    let out = fx.from_client(&syn.bytes()?)?;
-    assert_eq!(out.action, Action::Redirect, "SYN from {client_port}");
-    let port = sport_of(&out.frame);
-    assert_output("SYN", &out, Action::Redirect, &to_backend(&syn, port))?;
-    let mut c = Conn {
-        client_port,
-        port,
-        client_seq: syn.seq.wrapping_add(1),
-        backend_seq: 0x5000_0000,
-    };
-    let syn_ack = c.backend(SYN | ACK, b"");
-    let out = fx.from_backends(&syn_ack.bytes()?)?;
-    assert_output(
-        "SYN-ACK",
-        &out,
-        Action::Redirect,
-        &to_client(&syn_ack, client_port),
-    )?;
-    c.backend_seq += 1;
-    c.client_sends(fx, "handshake ACK", ACK, b"")?;
-    let (f, r) = c.entries(fx)?;
-    assert_eq!((f.state, r.state), (FLOW_ESTABLISHED, FLOW_ESTABLISHED));
-    assert_eq!((f.close, r.close), (0, 0));
-    Ok(c)
-}
-
 fn default_timeouts(fx: &Fixture) -> Timeouts {
     Timeouts::from_config(&fx.cfg)
-}
-
-/// Writes `flow` under `key` into `CT_ESTABLISHED` (to age an entry by hand).
-fn put_established(fx: &mut Fixture, key: &FlowKey, flow: &Flow) -> Result<()> {
-    let map = fx
-        .ebpf
-        .map_mut(names::CT_ESTABLISHED)
-        .expect("CT_ESTABLISHED");
-    let mut m = HashMap::<_, FlowKey, Flow>::try_from(map)?;
-    m.insert(key, flow, 0)?;
-    Ok(())
-}
-
-fn remove_established(fx: &mut Fixture, key: &FlowKey) -> Result<()> {
-    let map = fx
-        .ebpf
-        .map_mut(names::CT_ESTABLISHED)
-        .expect("CT_ESTABLISHED");
-    let mut m = HashMap::<_, FlowKey, Flow>::try_from(map)?;
-    m.remove(key)?;
-    Ok(())
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -225,7 +37,7 @@ fn remove_established(fx: &mut Fixture, key: &FlowKey) -> Result<()> {
 #[ignore = "needs root and netns: run cargo xtask test"]
 fn a_half_closed_connection_keeps_translating_both_ways() -> Result<()> {
     Fixture::run("halfclose", |fx| {
-        let mut c = establish(fx, 40000)?;
+        let mut c = Conn::establish(fx, 40000, WRITE_PORT)?;
         c.client_sends(fx, "client FIN", FIN | ACK, b"")?;
         let (f, r) = c.entries(fx)?;
         assert_eq!((f.close, r.close), (FLOW_CLOSE_FIN, 0), "FIN recorded");
@@ -249,7 +61,7 @@ fn a_half_closed_connection_keeps_translating_both_ways() -> Result<()> {
 #[ignore = "needs root and netns: run cargo xtask test"]
 fn fins_both_ways_mark_the_flow_closing_and_a_retransmitted_fin_translates() -> Result<()> {
     Fixture::run("finfin", |fx| {
-        let mut c = establish(fx, 40001)?;
+        let mut c = Conn::establish(fx, 40001, WRITE_PORT)?;
         c.client_sends(fx, "client FIN", FIN | ACK, b"")?;
         let before = fx.counters()?;
         c.backend_sends(fx, "backend FIN", FIN | ACK, b"")?;
@@ -277,8 +89,8 @@ fn a_client_closed_flow_ends_at_its_last_ack_and_its_port_is_free_at_once() -> R
     // Two SNAT ports only: two flows take both.
     let cfg = two_snat_ports();
     Fixture::run_with_config("lastack", &cfg, |fx| {
-        let mut done = establish(fx, 41400)?;
-        let mut other = establish(fx, 41401)?;
+        let mut done = Conn::establish(fx, 41400, WRITE_PORT)?;
+        let mut other = Conn::establish(fx, 41401, WRITE_PORT)?;
         done.client_sends(fx, "query", PSH | ACK, b"RUN")?;
         done.client_sends(fx, "client FIN", FIN | ACK, b"")?;
         done.backend_sends(fx, "backend FIN", FIN | ACK, b"")?;
@@ -347,7 +159,7 @@ fn a_client_closed_flow_ends_at_its_last_ack_and_its_port_is_free_at_once() -> R
 fn a_late_ack_of_an_earlier_connection_on_a_reused_tuple_is_dropped_not_forwarded_on_the_new_flow(
 ) -> Result<()> {
     Fixture::run("lateack", |fx| {
-        let mut old = establish(fx, 41410)?;
+        let mut old = Conn::establish(fx, 41410, WRITE_PORT)?;
         old.client_sends(fx, "client FIN", FIN | ACK, b"")?;
         old.backend_sends(fx, "backend FIN", FIN | ACK, b"")?;
         // The client's last ACK and its next SYN on the same tuple (TIME_WAIT reuse) leave on
@@ -361,6 +173,8 @@ fn a_late_ack_of_an_earlier_connection_on_a_reused_tuple_is_dropped_not_forwarde
         // The late ACK, before and after the backend answered the new SYN: dropped.
         let mut new = Conn {
             client_port: 41410,
+            service_port: WRITE_PORT,
+            backend: DB01,
             port,
             client_seq: syn.seq + 1,
             backend_seq: 0x6100_0000,
@@ -398,7 +212,7 @@ fn a_late_ack_of_an_earlier_connection_on_a_reused_tuple_is_dropped_not_forwarde
 fn a_rst_marks_the_flow_closing_and_a_later_segment_from_its_side_proves_it_spoofed() -> Result<()>
 {
     Fixture::run("rst", |fx| {
-        let mut c = establish(fx, 40002)?;
+        let mut c = Conn::establish(fx, 40002, WRITE_PORT)?;
 
         // A RST "from the client" (spoofed, say): translated like any segment, flow kept, marked.
         c.client_sends(fx, "client RST", RST | ACK, b"")?;
@@ -465,7 +279,7 @@ fn assert_blind_rst_dropped(
 #[ignore = "needs root and netns: run cargo xtask test"]
 fn a_rst_outside_the_receivers_window_is_dropped_and_the_idle_connection_lives() -> Result<()> {
     Fixture::run("rstwin", |fx| {
-        let mut c = establish(fx, 40005)?;
+        let mut c = Conn::establish(fx, 40005, WRITE_PORT)?;
         c.client_sends(fx, "client data", PSH | ACK, b"RUN")?;
         c.backend_sends(fx, "backend answer", PSH | ACK, b"SUCCESS")?;
         c.client_sends(fx, "client ACK", ACK, b"")?;
@@ -510,7 +324,7 @@ fn a_rst_outside_the_receivers_window_is_dropped_and_the_idle_connection_lives()
         assert_eq!((f.close, r.close), (FLOW_CLOSE_RST, 0));
 
         // And the exact RST of an idle connection, from the backend.
-        let mut d = establish(fx, 40006)?;
+        let mut d = Conn::establish(fx, 40006, WRITE_PORT)?;
         d.client_sends(fx, "client data", PSH | ACK, b"RUN")?;
         d.backend_sends(fx, "backend ACK", ACK, b"")?;
         d.backend_sends(fx, "backend's exact RST", RST, b"")?;
@@ -525,7 +339,7 @@ fn a_rst_outside_the_receivers_window_is_dropped_and_the_idle_connection_lives()
 fn a_syn_on_a_closing_tuple_starts_a_new_flow() -> Result<()> {
     Fixture::run("reuse", |fx| {
         for (what, client_port) in [("FINs both ways", 40003u16), ("a RST", 40004)] {
-            let mut c = establish(fx, client_port)?;
+            let mut c = Conn::establish(fx, client_port, WRITE_PORT)?;
             if client_port == 40003 {
                 // No last ACK yet (it would end the flow): the SYN overtook it.
                 c.client_sends(fx, "client FIN", FIN | ACK, b"")?;
@@ -540,11 +354,11 @@ fn a_syn_on_a_closing_tuple_starts_a_new_flow() -> Result<()> {
             let before = fx.counters()?;
             let out = fx.from_client(&syn.bytes()?)?;
             let port = sport_of(&out.frame);
-            assert_output(
+            assert_frame(
                 &format!("{what}: SYN on the closing tuple"),
                 &out,
                 Action::Redirect,
-                &to_backend(&syn, port),
+                &to_backend(&syn, DB01, DB01_MAC, port),
             )?;
             assert_eq!(
                 fx.counters()?.changes_since(&before),
@@ -570,17 +384,19 @@ fn a_syn_on_a_closing_tuple_starts_a_new_flow() -> Result<()> {
             // The new flow completes its handshake like any other.
             let mut n = Conn {
                 client_port,
+                service_port: WRITE_PORT,
+                backend: DB01,
                 port,
                 client_seq: syn.seq + 1,
                 backend_seq: 0x6000_0000,
             };
             let syn_ack = n.backend(SYN | ACK, b"");
             let out = fx.from_backends(&syn_ack.bytes()?)?;
-            assert_output(
+            assert_frame(
                 "new SYN-ACK",
                 &out,
                 Action::Redirect,
-                &to_client(&syn_ack, client_port),
+                &to_client(&syn_ack, client_port, WRITE_PORT),
             )?;
             n.backend_seq += 1;
             n.client_sends(fx, "new handshake ACK", ACK, b"")?;
@@ -597,16 +413,16 @@ fn a_syn_on_a_closing_tuple_starts_a_new_flow() -> Result<()> {
 fn a_syn_on_an_established_or_half_closed_tuple_is_forwarded_on_the_existing_mapping() -> Result<()>
 {
     Fixture::run("synest", |fx| {
-        let mut c = establish(fx, 40005)?;
+        let mut c = Conn::establish(fx, 40005, WRITE_PORT)?;
         for what in ["established", "half-closed"] {
             let syn = client_syn(c.client_port, WRITE_PORT);
             let before = fx.counters()?;
             let out = fx.from_client(&syn.bytes()?)?;
-            assert_output(
+            assert_frame(
                 &format!("SYN on the {what} tuple"),
                 &out,
                 Action::Redirect,
-                &to_backend(&syn, c.port),
+                &to_backend(&syn, DB01, DB01_MAC, c.port),
             )?;
             assert_eq!(
                 fx.counters()?.changes_since(&before),
@@ -633,12 +449,12 @@ fn gc_deletes_closed_flows_after_the_close_timeout_and_keeps_open_and_half_close
         // Closed by the client first (the backend holds no TIME_WAIT), by a RST, and by the
         // backend first (it holds TIME_WAIT on the tuple: the SNAT port waits longer).
         // (`fin`'s last ACK was lost: with it the data path would have ended the flow itself.)
-        let mut fin = establish(fx, 41000)?;
+        let mut fin = Conn::establish(fx, 41000, WRITE_PORT)?;
         fin.client_sends(fx, "FIN", FIN | ACK, b"")?;
         fin.backend_sends(fx, "FIN", FIN | ACK, b"")?;
-        let mut rst = establish(fx, 41001)?;
+        let mut rst = Conn::establish(fx, 41001, WRITE_PORT)?;
         rst.client_sends(fx, "RST", RST, b"")?;
-        let mut bfin = establish(fx, 41004)?;
+        let mut bfin = Conn::establish(fx, 41004, WRITE_PORT)?;
         bfin.backend_sends(fx, "FIN", FIN | ACK, b"")?;
         bfin.client_sends(fx, "FIN", FIN | ACK, b"")?;
         bfin.backend_sends(fx, "last ACK", ACK, b"")?;
@@ -654,8 +470,8 @@ fn gc_deletes_closed_flows_after_the_close_timeout_and_keeps_open_and_half_close
             (1, 0),
             "the client's FIN came first"
         );
-        let open = establish(fx, 41002)?;
-        let mut half = establish(fx, 41003)?;
+        let open = Conn::establish(fx, 41002, WRITE_PORT)?;
+        let mut half = Conn::establish(fx, 41003, WRITE_PORT)?;
         half.client_sends(fx, "FIN", FIN | ACK, b"")?;
         let t0 = monotonic_now()?;
         let mut gc = Gc::shared(&fx.ebpf, default_timeouts(fx))?;
@@ -704,7 +520,7 @@ fn gc_deletes_closed_flows_after_the_close_timeout_and_keeps_open_and_half_close
 #[ignore = "needs root and netns: run cargo xtask test"]
 fn gc_counts_the_close_timeout_from_the_last_segment() -> Result<()> {
     Fixture::run("gclast", |fx| {
-        let mut c = establish(fx, 41010)?;
+        let mut c = Conn::establish(fx, 41010, WRITE_PORT)?;
         c.client_sends(fx, "FIN", FIN | ACK, b"")?;
         c.backend_sends(fx, "FIN", FIN | ACK, b"")?;
         // Age the marks by hand: the FINs were 20 s ago, the last segment now.
@@ -713,19 +529,19 @@ fn gc_counts_the_close_timeout_from_the_last_segment() -> Result<()> {
         let mut r_old = r;
         f.last_seen_ns = t0 - 20 * SEC;
         r_old.last_seen_ns = t0 - 20 * SEC;
-        put_established(fx, &c.fwd_key(), &f)?;
-        put_established(fx, &c.rev_key(), &r_old)?;
+        fx.put_established(&c.fwd_key(), &f)?;
+        fx.put_established(&c.rev_key(), &r_old)?;
         let mut gc = Gc::shared(&fx.ebpf, default_timeouts(fx))?;
         let st = gc.sweep(t0);
         assert_eq!(st.closed, 1, "quiet for 20 s: gone ({st:?})");
 
-        let mut c = establish(fx, 41011)?;
+        let mut c = Conn::establish(fx, 41011, WRITE_PORT)?;
         c.client_sends(fx, "FIN", FIN | ACK, b"")?;
         c.backend_sends(fx, "FIN", FIN | ACK, b"")?;
         let t0 = monotonic_now()?;
         let (mut f, r) = c.entries(fx)?;
         f.last_seen_ns = t0 - 20 * SEC;
-        put_established(fx, &c.fwd_key(), &f)?;
+        fx.put_established(&c.fwd_key(), &f)?;
         let st = gc.sweep(t0);
         assert_eq!(
             st.deleted_entries(),
@@ -751,9 +567,9 @@ fn gc_deletes_idle_flows_after_the_idle_timeout_and_keeps_active_ones() -> Resul
     Fixture::run_with_config("gcidle", &cfg, |fx| {
         let mut gc = Gc::shared(&fx.ebpf, default_timeouts(fx))?;
         assert_eq!(gc.timeouts(), Timeouts::new(30 * SEC, 2 * SEC, SEC));
-        let idle = establish(fx, 42000)?;
-        let mut client_talks = establish(fx, 42001)?;
-        let mut backend_talks = establish(fx, 42002)?;
+        let idle = Conn::establish(fx, 42000, WRITE_PORT)?;
+        let mut client_talks = Conn::establish(fx, 42001, WRITE_PORT)?;
+        let mut backend_talks = Conn::establish(fx, 42002, WRITE_PORT)?;
         // 3.5 s of real time: one flow silent, the others active in one direction each
         // (`last_seen_ns` is written at most once a second per entry).
         for i in 0..7 {
@@ -808,9 +624,9 @@ fn gc_deletes_embryonic_entries_past_the_connect_timeout() -> Result<()> {
 #[ignore = "needs root and netns: run cargo xtask test"]
 fn gc_deletes_an_established_entry_whose_partner_is_gone_after_a_grace_period() -> Result<()> {
     Fixture::run("gcorphan", |fx| {
-        let c = establish(fx, 44000)?;
-        let other = establish(fx, 44001)?;
-        remove_established(fx, &c.fwd_key())?;
+        let c = Conn::establish(fx, 44000, WRITE_PORT)?;
+        let other = Conn::establish(fx, 44001, WRITE_PORT)?;
+        fx.remove_established(&c.fwd_key())?;
         let t0 = monotonic_now()?;
         let mut gc = Gc::shared(&fx.ebpf, default_timeouts(fx))?;
         assert_eq!(
@@ -846,7 +662,7 @@ fn the_data_path_reports_the_flows_it_deletes_itself_for_the_connection_log() ->
     Fixture::run("connev", |fx| {
         assert!(conn_events(fx)?.is_empty(), "no events before any flow");
         // A flow of a backend demoted with reset: deleted on its next segment, reported.
-        let mut c = establish(fx, 41200)?;
+        let mut c = Conn::establish(fx, 41200, WRITE_PORT)?;
         c.client_sends(fx, "query", PSH | ACK, b"RETURN 1")?;
         c.backend_sends(fx, "answer", PSH | ACK, b"RECORD 1 DONE")?;
         fx.control.reset_flows(&fx.cfg, 0, 0)?;
@@ -869,7 +685,7 @@ fn the_data_path_reports_the_flows_it_deletes_itself_for_the_connection_log() ->
         assert!(e.ended_ns >= e.created_ns && e.created_ns > 0);
 
         // A closed flow whose tuple a new SYN reuses before the GC deleted it: reported once.
-        let mut d = establish(fx, 41201)?;
+        let mut d = Conn::establish(fx, 41201, WRITE_PORT)?;
         d.client_sends(fx, "client FIN", FIN | ACK, b"")?;
         d.backend_sends(fx, "backend FIN", FIN | ACK, b"")?;
         let syn = client_syn(41201, WRITE_PORT).with_seq_ack(0x7100_0000, 0);
@@ -901,8 +717,8 @@ fn with_every_snat_port_taken_a_new_flow_takes_over_the_port_of_a_quiet_client_c
     // Two SNAT ports only: two flows take both.
     let cfg = two_snat_ports();
     Fixture::run_with_config("takeover", &cfg, |fx| {
-        let mut client_closed = establish(fx, 41300)?;
-        let mut backend_closed = establish(fx, 41301)?;
+        let mut client_closed = Conn::establish(fx, 41300, WRITE_PORT)?;
+        let mut backend_closed = Conn::establish(fx, 41301, WRITE_PORT)?;
         client_closed.client_sends(fx, "query", PSH | ACK, b"RUN")?;
         client_closed.client_sends(fx, "client FIN", FIN | ACK, b"")?;
         client_closed.backend_sends(fx, "backend FIN", FIN | ACK, b"")?;
@@ -939,7 +755,12 @@ fn with_every_snat_port_taken_a_new_flow_takes_over_the_port_of_a_quiet_client_c
         );
         let port = sport_of(&out.frame);
         assert_eq!(port, client_closed.port, "the client-closed flow's port");
-        assert_output("SYN", &out, Action::Redirect, &to_backend(&syn, port))?;
+        assert_frame(
+            "SYN",
+            &out,
+            Action::Redirect,
+            &to_backend(&syn, DB01, DB01_MAC, port),
+        )?;
         assert!(!client_closed.in_table(fx)?, "the closed flow is gone");
         assert!(
             backend_closed.in_table(fx)?,

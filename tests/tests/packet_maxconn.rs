@@ -11,7 +11,6 @@
 //! Fixture of `packet.rs`: client 198.18.0.2 behind `cl0`; write 198.18.0.10:7680 -> db01,
 //! read :7681 -> db02, db03.
 
-use std::net::Ipv4Addr;
 use std::process::Command;
 
 use anyhow::{Context, Result};
@@ -19,10 +18,8 @@ use aya::{
     maps::{Array, HashMap},
     programs::Xdp,
 };
-use lb_common::{
-    epoch_index, names, Counter, Flow, FlowKey, Slot, FLOW_ESTABLISHED, MAXCONN_GLOBAL,
-};
-use lb_tests::fixture::frames::{TcpFrame, ACK, FIN, PSH, RST, SYN};
+use lb_common::{epoch_index, names, Counter, Flow, FlowKey, Slot, MAXCONN_GLOBAL};
+use lb_tests::fixture::frames::{ACK, FIN, PSH, RST};
 use lb_tests::fixture::*;
 use lb_user::gc::{monotonic_now, release_program, release_slot, Gc, Timeouts};
 
@@ -66,104 +63,12 @@ fn slots(fx: &Fixture) -> Result<Vec<(FlowKey, Slot)>> {
     Ok(m.iter().filter_map(|r| r.ok()).collect())
 }
 
-/// A connection driven through the program: handshake, then any segments.
-struct Conn {
-    client_port: u16,
-    service_port: u16,
-    backend: Ipv4Addr,
-    backend_mac: [u8; 6],
-    snat_port: u16,
-    cseq: u32,
-    bseq: u32,
-}
-
-impl Conn {
-    /// A write connection, established.
-    fn open(fx: &Fixture, client_port: u16) -> Result<Self> {
-        Self::open_to(fx, client_port, WRITE_PORT)
-    }
-
-    /// A connection to `service_port`, established.
-    fn open_to(fx: &Fixture, client_port: u16, service_port: u16) -> Result<Self> {
-        let mut c = Self::handshake(fx, client_port, service_port)?;
-        assert_eq!(c.client(fx, ACK)?, Action::Redirect, "handshake's ACK");
-        c.assert_established(fx, true);
-        Ok(c)
-    }
-
-    /// The client's SYN and the backend's SYN-ACK: the handshake waits for the client's ACK.
-    fn handshake(fx: &Fixture, client_port: u16, service_port: u16) -> Result<Self> {
-        let s = client_syn(client_port, service_port);
-        let out = fx.from_client(&s.bytes()?)?;
-        assert_eq!(out.action, Action::Redirect, "SYN from {client_port}");
-        let mut backend_mac = [0; 6];
-        backend_mac.copy_from_slice(&out.frame[0..6]);
-        let mut c = Self {
-            client_port,
-            service_port,
-            backend: Ipv4Addr::new(out.frame[30], out.frame[31], out.frame[32], out.frame[33]),
-            backend_mac,
-            snat_port: u16::from_be_bytes([out.frame[34], out.frame[35]]),
-            cseq: s.seq.wrapping_add(1),
-            bseq: 0x7000_0000,
-        };
-        assert_eq!(c.backend(fx, SYN | ACK)?, Action::Redirect, "SYN-ACK");
-        c.bseq += 1;
-        Ok(c)
-    }
-
-    #[track_caller]
-    fn assert_established(&self, fx: &Fixture, yes: bool) {
-        let t = fx.established().unwrap();
-        let fwd = t
-            .iter()
-            .find(|(k, _)| *k == self.fwd_key())
-            .map(|(_, f)| *f);
-        assert_eq!(
-            fwd.map(|f| f.state),
-            yes.then_some(FLOW_ESTABLISHED),
-            "flow from {} established?",
-            self.client_port
-        );
-    }
-
-    fn fwd_key(&self) -> FlowKey {
-        flow_key(sa(CLIENT, self.client_port), sa(VIP, self.service_port))
-    }
-
-    fn client(&mut self, fx: &Fixture, flags: u8) -> Result<Action> {
-        let seg = TcpFrame::new(
-            CLIENT_MAC,
-            CL0_MAC,
-            sa(CLIENT, self.client_port),
-            sa(VIP, self.service_port),
-        )
-        .with_flags(flags)
-        .with_seq_ack(self.cseq, self.bseq);
-        self.cseq = self.cseq.wrapping_add(u32::from(flags & FIN != 0));
-        Ok(fx.from_client(&seg.bytes()?)?.action)
-    }
-
-    fn backend(&mut self, fx: &Fixture, flags: u8) -> Result<Action> {
-        let seg = TcpFrame::new(
-            self.backend_mac,
-            BK0_MAC,
-            sa(self.backend, BACKEND_PORT),
-            sa(SNAT_ADDR, self.snat_port),
-        )
-        .with_flags(flags)
-        .with_seq_ack(self.bseq, self.cseq);
-        self.bseq = self.bseq.wrapping_add(u32::from(flags & FIN != 0));
-        Ok(fx.from_backends(&seg.bytes()?)?.action)
-    }
-}
-
 #[test]
 #[ignore = "needs root and netns: run cargo xtask test"]
 fn a_syn_over_the_backend_limit_is_dropped_and_a_close_frees_the_slot() -> Result<()> {
     Fixture::run_with_config("mcdrop", &config("", "backend_maxconn = 2"), |fx| {
-        let mut a = Conn::open(fx, 40001)?;
-        let mut b = Conn::open(fx, 40002)?;
+        let mut a = Conn::establish(fx, 40001, WRITE_PORT)?;
+        let mut b = Conn::establish(fx, 40002, WRITE_PORT)?;
         assert_eq!(counts(fx)?, (2, 0, 0, 2), "two slots held");
         assert_eq!(slots(fx)?.len(), 2);
 
@@ -185,7 +90,7 @@ fn a_syn_over_the_backend_limit_is_dropped_and_a_close_frees_the_slot() -> Resul
         );
 
         // Held connections keep working, a retransmitted SYN on one of them too.
-        assert_eq!(a.client(fx, PSH | ACK)?, Action::Redirect);
+        assert_eq!(a.client_action(fx, PSH | ACK)?, Action::Redirect);
         let out = fx.from_client(&client_syn(40001, WRITE_PORT).bytes()?)?;
         assert_eq!(out.action, Action::Redirect, "SYN on an established tuple");
         assert_eq!(counts(fx)?.0, 2);
@@ -196,34 +101,34 @@ fn a_syn_over_the_backend_limit_is_dropped_and_a_close_frees_the_slot() -> Resul
         assert_eq!(counts(fx)?, (2, 0, 0, 2));
 
         // One FIN is a half-close: the slot stays. The second FIN closes: released at once.
-        assert_eq!(a.client(fx, FIN | ACK)?, Action::Redirect);
+        assert_eq!(a.client_action(fx, FIN | ACK)?, Action::Redirect);
         assert_eq!(counts(fx)?.0, 2, "half-closed still holds its slot");
-        assert_eq!(a.backend(fx, FIN | ACK)?, Action::Redirect);
+        assert_eq!(a.backend_action(fx, FIN | ACK)?, Action::Redirect);
         assert_eq!(counts(fx)?, (1, 0, 0, 1), "closed: slot released");
         // The last ACK translates and ends the flow, releasing nothing more; a retransmitted
         // FIN of the backend then meets no flow (answered with a RST).
-        assert_eq!(a.client(fx, ACK)?, Action::Redirect);
-        assert_eq!(a.backend(fx, FIN | ACK)?, Action::Tx);
+        assert_eq!(a.client_action(fx, ACK)?, Action::Redirect);
+        assert_eq!(a.backend_action(fx, FIN | ACK)?, Action::Tx);
         assert_eq!(counts(fx)?, (1, 0, 0, 1), "released once");
 
-        let mut c = Conn::open(fx, 40003)?;
+        let mut c = Conn::establish(fx, 40003, WRITE_PORT)?;
         assert_eq!(counts(fx)?, (2, 0, 0, 2), "the freed slot is taken");
 
         // A RST closes too, but the slot stays until the flow is deleted: a spoofed RST that
         // the next genuine segment takes back must not free a slot the connection still uses.
-        assert_eq!(b.backend(fx, RST)?, Action::Redirect);
+        assert_eq!(b.backend_action(fx, RST)?, Action::Redirect);
         assert_eq!(
             counts(fx)?,
             (2, 0, 0, 2),
             "RST: slot kept until the flow goes"
         );
         assert_eq!(
-            b.backend(fx, PSH | ACK)?,
+            b.backend_action(fx, PSH | ACK)?,
             Action::Redirect,
             "the RST taken back"
         );
         assert_eq!(counts(fx)?, (2, 0, 0, 2));
-        assert_eq!(b.backend(fx, RST)?, Action::Redirect);
+        assert_eq!(b.backend_action(fx, RST)?, Action::Redirect);
         // The GC deletes the reset flow once it is quiet (2 s) and releases its slot.
         let later = monotonic_now()? + 3 * SEC;
         let mut gc = Gc::shared(&fx.ebpf, Timeouts::from_config(&fx.cfg))?;
@@ -236,7 +141,7 @@ fn a_syn_over_the_backend_limit_is_dropped_and_a_close_frees_the_slot() -> Resul
         // A flow reset by the agent (on_down = "reset") releases its slot on its next segment.
         fx.control.reset_flows(&fx.cfg, 0, 0)?;
         assert_eq!(
-            c.client(fx, PSH | ACK)?,
+            c.client_action(fx, PSH | ACK)?,
             Action::Tx,
             "reset flow answered with RST"
         );
@@ -251,7 +156,7 @@ fn a_syn_over_the_backend_limit_is_dropped_and_a_close_frees_the_slot() -> Resul
 fn on_maxconn_reset_answers_the_syn_over_the_limit_with_a_rst() -> Result<()> {
     let cfg = config("", "backend_maxconn = 1\non_maxconn = \"reset\"");
     Fixture::run_with_config("mcrst", &cfg, |fx| {
-        Conn::open(fx, 40201)?;
+        Conn::establish(fx, 40201, WRITE_PORT)?;
         let before = fx.counters()?;
         let out = fx.from_client(&client_syn(40202, WRITE_PORT).bytes()?)?;
         assert_eq!(out.action, Action::Tx, "RST to the client");
@@ -289,11 +194,15 @@ fn handshakes_hold_no_slot_and_one_completing_over_the_limit_waits_for_a_free_sl
         let mut a = Conn::handshake(fx, 41001, WRITE_PORT)?;
         let mut b = Conn::handshake(fx, 41002, WRITE_PORT)?;
         let mut c = Conn::handshake(fx, 41003, WRITE_PORT)?;
-        assert_eq!(a.client(fx, ACK)?, Action::Redirect);
-        assert_eq!(b.client(fx, ACK)?, Action::Redirect);
+        assert_eq!(a.client_action(fx, ACK)?, Action::Redirect);
+        assert_eq!(b.client_action(fx, ACK)?, Action::Redirect);
         assert_eq!(counts(fx)?, (2, 0, 0, 2));
         let before = fx.counters()?;
-        assert_eq!(c.client(fx, ACK)?, Action::Drop, "ACK over the limit waits");
+        assert_eq!(
+            c.client_action(fx, ACK)?,
+            Action::Drop,
+            "ACK over the limit waits"
+        );
         assert_eq!(
             fx.counters()?.changes_since(&before),
             moved(&[(Counter::DropMaxconn, 1)])
@@ -302,7 +211,7 @@ fn handshakes_hold_no_slot_and_one_completing_over_the_limit_waits_for_a_free_sl
         c.assert_established(fx, false);
         // Its data waits too (never reaches the backend, which holds no connection yet).
         assert_eq!(
-            c.client(fx, PSH | ACK)?,
+            c.client_action(fx, PSH | ACK)?,
             Action::Drop,
             "data over the limit"
         );
@@ -313,10 +222,14 @@ fn handshakes_hold_no_slot_and_one_completing_over_the_limit_waits_for_a_free_sl
         assert_eq!(out.action, Action::Drop, "SYN over the limit");
 
         // `a` closes (FINs both ways): the waiting connection's next segment takes the slot.
-        assert_eq!(a.client(fx, FIN | ACK)?, Action::Redirect);
-        assert_eq!(a.backend(fx, FIN | ACK)?, Action::Redirect);
+        assert_eq!(a.client_action(fx, FIN | ACK)?, Action::Redirect);
+        assert_eq!(a.backend_action(fx, FIN | ACK)?, Action::Redirect);
         assert_eq!(counts(fx)?, (1, 0, 0, 1));
-        assert_eq!(c.client(fx, PSH | ACK)?, Action::Redirect, "retransmit");
+        assert_eq!(
+            c.client_action(fx, PSH | ACK)?,
+            Action::Redirect,
+            "retransmit"
+        );
         c.assert_established(fx, true);
         assert_eq!(counts(fx)?, (2, 0, 0, 2));
         assert_eq!(slots(fx)?.len(), 2);
@@ -328,9 +241,9 @@ fn handshakes_hold_no_slot_and_one_completing_over_the_limit_waits_for_a_free_sl
 #[ignore = "needs root and netns: run cargo xtask test"]
 fn the_global_limit_counts_every_service() -> Result<()> {
     Fixture::run_with_config("mcglobal", &config("maxconn = 3", ""), |fx| {
-        Conn::open(fx, 40301)?;
+        Conn::establish(fx, 40301, WRITE_PORT)?;
         for p in [40302, 40303] {
-            Conn::open_to(fx, p, READ_PORT)?;
+            Conn::establish(fx, p, READ_PORT)?;
         }
         let (w, r2, r3, g) = counts(fx)?;
         assert_eq!((w, r2 + r3, g), (1, 2, 3), "per pair and global");
@@ -352,14 +265,14 @@ fn the_gc_releases_slots_of_expired_idle_and_vanished_flows_exactly_once() -> Re
         // whose entries vanish (deleted behind the GC's back), and a busy one.
         let out = fx.from_client(&client_syn(40401, WRITE_PORT).bytes()?)?;
         assert_eq!(out.action, Action::Redirect);
-        Conn::open(fx, 40402)?;
-        let vanished = Conn::open(fx, 40403)?;
+        Conn::establish(fx, 40402, WRITE_PORT)?;
+        let vanished = Conn::establish(fx, 40403, WRITE_PORT)?;
         fx.remove_established(&vanished.fwd_key())?;
         fx.remove_established(&flow_key(
             sa(DB01, BACKEND_PORT),
-            sa(SNAT_ADDR, vanished.snat_port),
+            sa(SNAT_ADDR, vanished.port),
         ))?;
-        let busy = Conn::open(fx, 40404)?;
+        let busy = Conn::establish(fx, 40404, WRITE_PORT)?;
         assert_eq!(counts(fx)?.0, 3, "the handshake holds no slot");
 
         let t0 = monotonic_now()?;
