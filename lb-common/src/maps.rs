@@ -586,25 +586,37 @@ pub struct CaptureHeader {
 
 #[cfg(feature = "user")]
 mod pod {
-    // SAFETY: all of these are #[repr(C)], Copy, padding-free (bytemuck::Pod is derived,
-    // which checks that at compile time) and valid for any bit pattern.
-    unsafe impl aya::Pod for super::Config {}
-    unsafe impl aya::Pod for super::ServiceKey {}
-    unsafe impl aya::Pod for super::Service {}
-    unsafe impl aya::Pod for super::Backend {}
-    unsafe impl aya::Pod for super::BackendSet {}
-    unsafe impl aya::Pod for super::BackendKey {}
-    unsafe impl aya::Pod for super::FlowKey {}
-    unsafe impl aya::Pod for super::Flow {}
-    unsafe impl aya::Pod for super::ServiceStats {}
-    unsafe impl aya::Pod for super::BackendStats {}
-    unsafe impl aya::Pod for super::RstBucket {}
-    unsafe impl aya::Pod for super::HealthRecord {}
-    unsafe impl aya::Pod for super::Slot {}
-    unsafe impl aya::Pod for super::ConnEvent {}
-    unsafe impl aya::Pod for super::CaptureConfig {}
-    unsafe impl aya::Pod for super::PortRange {}
-    unsafe impl aya::Pod for super::PortHints {}
+    /// `aya::Pod` for map types that derive `bytemuck::Pod`.
+    macro_rules! aya_pod {
+        ($($t:ty),* $(,)?) => {
+            $(
+                // SAFETY: the type derives bytemuck::Pod, which checks at compile time that it
+                // is #[repr(C)], Copy, free of padding and valid for any bit pattern: what
+                // aya::Pod requires.
+                unsafe impl aya::Pod for $t {}
+            )*
+        };
+    }
+
+    aya_pod!(
+        super::Config,
+        super::ServiceKey,
+        super::Service,
+        super::Backend,
+        super::BackendSet,
+        super::BackendKey,
+        super::FlowKey,
+        super::Flow,
+        super::ServiceStats,
+        super::BackendStats,
+        super::RstBucket,
+        super::HealthRecord,
+        super::Slot,
+        super::ConnEvent,
+        super::CaptureConfig,
+        super::PortRange,
+        super::PortHints,
+    );
 }
 
 #[cfg(test)]
