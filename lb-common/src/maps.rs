@@ -511,7 +511,10 @@ pub const fn epoch_index(service: u32, backend: u32) -> u32 {
 /// Per-CPU counters of one service (`STATS_SERVICE[service id]`).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-#[cfg_attr(feature = "user", derive(bytemuck::Pod, bytemuck::Zeroable))]
+#[cfg_attr(
+    feature = "user",
+    derive(bytemuck::Pod, bytemuck::Zeroable, serde::Serialize)
+)]
 pub struct ServiceStats {
     /// Client -> backend packets and bytes forwarded.
     pub packets: u64,
@@ -527,7 +530,10 @@ pub struct ServiceStats {
 /// Per-CPU counters of one backend (`STATS_BACKEND[backend id]`).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-#[cfg_attr(feature = "user", derive(bytemuck::Pod, bytemuck::Zeroable))]
+#[cfg_attr(
+    feature = "user",
+    derive(bytemuck::Pod, bytemuck::Zeroable, serde::Serialize)
+)]
 pub struct BackendStats {
     pub packets: u64,
     pub bytes: u64,
@@ -536,6 +542,30 @@ pub struct BackendStats {
     pub new_flows: u64,
     /// SYNs refused because a `maxconn` limit of this backend (or the global one) was reached.
     pub maxconn_refused: u64,
+}
+
+impl ServiceStats {
+    /// Adds `o` (another CPU's counters) to these.
+    pub fn add(&mut self, o: &Self) {
+        self.packets += o.packets;
+        self.bytes += o.bytes;
+        self.reply_packets += o.reply_packets;
+        self.reply_bytes += o.reply_bytes;
+        self.new_flows += o.new_flows;
+        self.drops += o.drops;
+    }
+}
+
+impl BackendStats {
+    /// Adds `o` (another CPU's counters) to these.
+    pub fn add(&mut self, o: &Self) {
+        self.packets += o.packets;
+        self.bytes += o.bytes;
+        self.reply_packets += o.reply_packets;
+        self.reply_bytes += o.reply_bytes;
+        self.new_flows += o.new_flows;
+        self.maxconn_refused += o.maxconn_refused;
+    }
 }
 
 /// `CAPTURE[0]`: which service's frames `lb capture` samples. All zero (the state of a fresh

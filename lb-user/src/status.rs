@@ -91,8 +91,8 @@ fn sum<T: aya::Pod + Default + Copy>(
 pub struct Snapshot {
     pub instance: String,
     pub global: Vec<(String, u64)>,
-    pub services: Vec<(String, ServiceCounters)>,
-    pub backends: Vec<(String, BackendCounters)>,
+    pub services: Vec<(String, ServiceStats)>,
+    pub backends: Vec<(String, BackendStats)>,
     /// Whether an agent serves the instance now (its operator socket answers). Without one
     /// the data path keeps forwarding, but sets are frozen and no failover happens.
     pub agent_running: bool,
@@ -221,25 +221,6 @@ fn health_rows(dir: &Path, services: &[String], backends: &[String]) -> Vec<Heal
     rows
 }
 
-#[derive(Debug, Default, Serialize, Clone, Copy)]
-pub struct ServiceCounters {
-    pub packets: u64,
-    pub bytes: u64,
-    pub reply_packets: u64,
-    pub reply_bytes: u64,
-    pub new_flows: u64,
-    pub drops: u64,
-}
-
-#[derive(Debug, Default, Serialize, Clone, Copy)]
-pub struct BackendCounters {
-    pub packets: u64,
-    pub bytes: u64,
-    pub reply_packets: u64,
-    pub reply_bytes: u64,
-    pub new_flows: u64,
-}
-
 pub fn snapshot(instance: &str) -> Result<Snapshot> {
     let dir = pin_dir(instance);
     if !dir.exists() {
@@ -264,45 +245,11 @@ pub fn snapshot(instance: &str) -> Result<Snapshot> {
     };
     let mut services = Vec::new();
     for (i, name) in snames.iter().enumerate().filter(|(_, n)| !n.is_empty()) {
-        let t = sum(&s, i as u32, |t, v| {
-            t.packets += v.packets;
-            t.bytes += v.bytes;
-            t.reply_packets += v.reply_packets;
-            t.reply_bytes += v.reply_bytes;
-            t.new_flows += v.new_flows;
-            t.drops += v.drops;
-        })?;
-        services.push((
-            name.clone(),
-            ServiceCounters {
-                packets: t.packets,
-                bytes: t.bytes,
-                reply_packets: t.reply_packets,
-                reply_bytes: t.reply_bytes,
-                new_flows: t.new_flows,
-                drops: t.drops,
-            },
-        ));
+        services.push((name.clone(), sum(&s, i as u32, ServiceStats::add)?));
     }
     let mut backends = Vec::new();
     for (i, name) in bnames.iter().enumerate().filter(|(_, n)| !n.is_empty()) {
-        let t = sum(&b, i as u32, |t, v| {
-            t.packets += v.packets;
-            t.bytes += v.bytes;
-            t.reply_packets += v.reply_packets;
-            t.reply_bytes += v.reply_bytes;
-            t.new_flows += v.new_flows;
-        })?;
-        backends.push((
-            name.clone(),
-            BackendCounters {
-                packets: t.packets,
-                bytes: t.bytes,
-                reply_packets: t.reply_packets,
-                reply_bytes: t.reply_bytes,
-                new_flows: t.new_flows,
-            },
-        ));
+        backends.push((name.clone(), sum(&b, i as u32, BackendStats::add)?));
     }
     let health = health_rows(&dir, &snames, &bnames);
     let maxconn = maxconn_view(&dir, info.as_ref(), &health);
