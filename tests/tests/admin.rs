@@ -323,6 +323,10 @@ fn cell(row: &str, key: &str) -> Result<(Option<String>, String)> {
     Ok((v, text))
 }
 
+/// Writes the counting test sends, and the size of each one's query.
+const N: u64 = 25;
+const QUERY: usize = 1000;
+
 #[test]
 #[ignore = "needs root and netns: run cargo xtask test"]
 fn stats_json_metrics_csv_and_the_dashboard_count_writes_exactly() -> Result<()> {
@@ -343,28 +347,43 @@ fn stats_json_metrics_csv_and_the_dashboard_count_writes_exactly() -> Result<()>
         service(&before, "write")?["members"]
     );
 
-    const N: u64 = 25;
-    const QUERY: usize = 1000;
     writes(&topo, N as usize, QUERY)?;
-    let after = stats(&topo, None)?;
 
-    // Exact: new flows of the write service and of db01 (nothing else sends to db01: it is not
-    // a slave, and the http service got no traffic; checks are not balanced flows).
-    let wb = &service(&before, "write")?["counters"];
-    let wa = &service(&after, "write")?["counters"];
+    let after = stats(&topo, None)?;
+    each_write_is_counted_exactly_once(&before, &after)?;
+    rates_rise_with_traffic_and_fall_back_to_zero(&topo)?;
+    // Traffic has stopped: every view read now must agree with /stats.json read now.
+    let doc = stats(&topo, None)?;
+    let m = parse_metrics(&get_ok(&topo, "/metrics", None)?)?;
+    metrics_agree_with_stats_json(&doc, &m)?;
+    let nic_doc = nic_counters_agree_in_both(&topo, doc.clone(), m)?;
+    csv_has_one_row_per_pair_and_the_same_totals(&topo, &doc)?;
+    the_dashboard_shows_what_stats_json_says(&topo, &nic_doc)?;
+    held_connections_show_as_active_flows_until_closed(&topo)?;
+    screenshot(&topo);
+    drop(lb);
+    Ok(())
+}
+
+/// Exact: new flows of the write service and of db01 (nothing else sends to db01: it is not a
+/// slave, and the http service got no traffic; checks are not balanced flows); lower bounds on
+/// packets and bytes both ways.
+fn each_write_is_counted_exactly_once(before: &Value, after: &Value) -> Result<()> {
+    let wb = &service(before, "write")?["counters"];
+    let wa = &service(after, "write")?["counters"];
     ensure!(
         u(&wa["new_flows"])? - u(&wb["new_flows"])? == N,
         "write service: {} new flows for {N} connections",
         u(&wa["new_flows"])? - u(&wb["new_flows"])?
     );
-    let db01b = &backend(&before, "db01")?["counters"];
-    let db01a = &backend(&after, "db01")?["counters"];
+    let db01b = &backend(before, "db01")?["counters"];
+    let db01a = &backend(after, "db01")?["counters"];
     ensure!(
         u(&db01a["new_flows"])? - u(&db01b["new_flows"])? == N,
         "db01: {} new flows for {N} connections",
         u(&db01a["new_flows"])? - u(&db01b["new_flows"])?
     );
-    ensure!(pair(&after, "write", "db01")?["counters"] == *db01a);
+    ensure!(pair(after, "write", "db01")?["counters"] == *db01a);
     // Lower bounds: every connection carried its query (client to backend), and at least
     // SYN, handshake, HELLO, RUN+PULL, GOODBYE in, and SYN-ACK, version, SUCCESS, RECORD out.
     let d = |a: &Value, b: &Value, k: &str| -> Result<u64> { Ok(u(&a[k])? - u(&b[k])?) };
@@ -392,30 +411,34 @@ fn stats_json_metrics_csv_and_the_dashboard_count_writes_exactly() -> Result<()>
     }
     for other in ["db02", "db03"] {
         ensure!(
-            backend(&after, other)?["counters"]["new_flows"]
-                == backend(&before, other)?["counters"]["new_flows"],
+            backend(after, other)?["counters"]["new_flows"]
+                == backend(before, other)?["counters"]["new_flows"],
             "{other} got new flows"
         );
     }
-    ensure!(pair(&after, "write", "db01")?["state"] == "UP");
-    ensure!(pair(&after, "write", "db01")?["in_set"] == true);
-    ensure!(pair(&after, "write", "db02")?["in_set"] == false);
+    ensure!(pair(after, "write", "db01")?["state"] == "UP");
+    ensure!(pair(after, "write", "db01")?["in_set"] == true);
+    ensure!(pair(after, "write", "db02")?["in_set"] == false);
 
-    // Rates: within two sampling windows the writes show up as a positive rate, and once
-    // nothing flows the rate goes back to zero (a window, not since start).
+    Ok(())
+}
+
+/// Within two sampling windows the writes show up as a positive rate, and once nothing flows
+/// the rate goes back to zero (a window, not since start).
+fn rates_rise_with_traffic_and_fall_back_to_zero(topo: &Topology) -> Result<()> {
     let mut rates_seen = false;
     let mut idle_seen = false;
     let mut seen = Vec::new();
     // The first window needs two samples at least 1 s apart (sampled every second).
     let end = Instant::now() + Duration::from_secs(5);
-    while stats(&topo, None)?["rate_window_s"].is_null() {
+    while stats(topo, None)?["rate_window_s"].is_null() {
         ensure!(Instant::now() < end, "no rate window 5 s after the start");
         std::thread::sleep(Duration::from_millis(100));
     }
     let end = Instant::now() + Duration::from_secs(8);
-    writes(&topo, 5, 10)?;
+    writes(topo, 5, 10)?;
     while Instant::now() < end && !(rates_seen && idle_seen) {
-        let doc = stats(&topo, None)?;
+        let doc = stats(topo, None)?;
         let r = service(&doc, "write")?["rates"]["new_flows"]
             .as_f64()
             .unwrap_or(-1.0);
@@ -432,70 +455,77 @@ fn stats_json_metrics_csv_and_the_dashboard_count_writes_exactly() -> Result<()>
         "rates: seen positive {rates_seen}, back to zero {idle_seen}: (rate, window) {seen:?}"
     );
 
-    // Traffic has stopped: every view read now must agree with /stats.json read now.
-    let doc = stats(&topo, None)?;
-    let m = parse_metrics(&get_ok(&topo, "/metrics", None)?)?;
-    let w = service(&doc, "write")?;
+    Ok(())
+}
+
+/// /metrics says what /stats.json says (`doc` and `m` read back to back, traffic stopped).
+fn metrics_agree_with_stats_json(doc: &Value, m: &HashMap<Key, f64>) -> Result<()> {
+    let w = service(doc, "write")?;
     ensure!(
-        metric(&m, "lb_service_new_flows_total", &[("service", "write")])?
+        metric(m, "lb_service_new_flows_total", &[("service", "write")])?
             == u(&w["counters"]["new_flows"])? as f64
     );
     ensure!(
         metric(
-            &m,
+            m,
             "lb_service_bytes_total",
             &[("service", "write"), ("direction", "in")]
         )? == u(&w["counters"]["bytes_in"])? as f64
     );
     ensure!(
         metric(
-            &m,
+            m,
             "lb_service_packets_total",
             &[("service", "write"), ("direction", "out")]
         )? == u(&w["counters"]["packets_out"])? as f64
     );
     ensure!(
-        metric(&m, "lb_backend_new_flows_total", &[("backend", "db01")])?
-            == u(&backend(&doc, "db01")?["counters"]["new_flows"])? as f64
+        metric(m, "lb_backend_new_flows_total", &[("backend", "db01")])?
+            == u(&backend(doc, "db01")?["counters"]["new_flows"])? as f64
     );
     ensure!(
         metric(
-            &m,
+            m,
             "lb_backend_up",
             &[("service", "write"), ("backend", "db01")]
         )? == 1.0
     );
     ensure!(
         metric(
-            &m,
+            m,
             "lb_backend_up",
             &[("service", "write"), ("backend", "db02")]
         )? == 0.0
     );
     ensure!(
         metric(
-            &m,
+            m,
             "lb_backend_in_set",
             &[("service", "read"), ("backend", "db02")]
         )? == 1.0
     );
     ensure!(
-        metric(&m, "lb_set_generation", &[("service", "write")])? == u(&w["generation"])? as f64
+        metric(m, "lb_set_generation", &[("service", "write")])? == u(&w["generation"])? as f64
     );
     ensure!(
         metric(
-            &m,
+            m,
             "lb_check_latency_seconds",
             &[("service", "write"), ("backend", "db01")]
         )? >= 0.0
     );
-    ensure!(metric(&m, "lb_service_drops_total", &[("service", "write")])? >= 0.0);
-    ensure!(metric(&m, "lb_uptime_seconds", &[])? > 0.0);
+    ensure!(metric(m, "lb_service_drops_total", &[("service", "write")])? >= 0.0);
+    ensure!(metric(m, "lb_uptime_seconds", &[])? > 0.0);
     ensure!(
         m.keys().any(|(n, _)| n == "lb_datapath_events_total"),
         "no lb_datapath_events_total"
     );
 
+    Ok(())
+}
+
+/// The NIC's XDP counters, in /stats.json and /metrics; returns the /stats.json they agreed in.
+fn nic_counters_agree_in_both(topo: &Topology, doc: Value, m: HashMap<Key, f64>) -> Result<Value> {
     // The NIC's XDP counters. They are cached for a second, so /stats.json and /metrics read
     // back to back agree unless a refresh fell between the two reads (health checks keep
     // counting on the backend side): then read both again.
@@ -504,8 +534,8 @@ fn stats_json_metrics_csv_and_the_dashboard_count_writes_exactly() -> Result<()>
         let (doc, m) = if tries == 0 {
             (doc.clone(), m.clone())
         } else {
-            let d = stats(&topo, None)?;
-            (d, parse_metrics(&get_ok(&topo, "/metrics", None)?)?)
+            let d = stats(topo, None)?;
+            (d, parse_metrics(&get_ok(topo, "/metrics", None)?)?)
         };
         tries += 1;
         match check_nic(&doc, &m, &topo.lb.ifaces) {
@@ -518,9 +548,15 @@ fn stats_json_metrics_csv_and_the_dashboard_count_writes_exactly() -> Result<()>
         }
     };
 
-    // CSV, both URLs: one row per backend per service, plus FRONTEND and BACKEND.
+    Ok(nic_doc)
+}
+
+/// CSV, both URLs: one row per backend per service, plus FRONTEND and BACKEND, with the
+/// totals of `doc`; the HTML page is the dashboard.
+fn csv_has_one_row_per_pair_and_the_same_totals(topo: &Topology, doc: &Value) -> Result<()> {
+    let w = service(doc, "write")?;
     for url in ["/;csv", "/haproxy?stats;csv"] {
-        let csv = get_ok(&topo, url, None)?;
+        let csv = get_ok(topo, url, None)?;
         let mut lines = csv.lines();
         let header = lines.next().context("empty csv")?;
         ensure!(
@@ -544,15 +580,20 @@ fn stats_json_metrics_csv_and_the_dashboard_count_writes_exactly() -> Result<()>
         let want = u(&w["counters"]["new_flows"])?.to_string();
         ensure!(fe[stot] == want, "csv stot {} vs {want}", fe[stot]);
     }
-    let page = get_ok(&topo, "/haproxy?stats", None)?;
+    let page = get_ok(topo, "/haproxy?stats", None)?;
     ensure!(
         page.contains("<!DOCTYPE html>"),
         "/haproxy?stats is not the dashboard"
     );
 
-    // The dashboard as a browser renders it.
-    let dom = chromium(&topo, &["--dump-dom".to_string()])?;
-    let doc = stats(&topo, None)?;
+    Ok(())
+}
+
+/// The dashboard as a browser renders it shows what /stats.json says; its NIC value lies
+/// between `nic_doc`'s and a reading after.
+fn the_dashboard_shows_what_stats_json_says(topo: &Topology, nic_doc: &Value) -> Result<()> {
+    let dom = chromium(topo, &["--dump-dom".to_string()])?;
+    let doc = stats(topo, None)?;
     std::fs::write(topo.log_dir.join("dashboard.dom.html"), &dom)?;
     for s in doc["services"].as_array().context("services")? {
         let sname = s["name"].as_str().context("service name")?;
@@ -610,7 +651,7 @@ fn stats_json_metrics_csv_and_the_dashboard_count_writes_exactly() -> Result<()>
     let (v, _) = cell(r, "value")?;
     let shown: u64 = v.as_deref().unwrap_or("").parse().context("NIC value")?;
     let (lo, hi) = (
-        u(&nic(&nic_doc, l0)?["counters"]["rx_xdp_packets"])?,
+        u(&nic(nic_doc, l0)?["counters"]["rx_xdp_packets"])?,
         u(&nic(&doc, l0)?["counters"]["rx_xdp_packets"])?,
     );
     ensure!(
@@ -618,8 +659,12 @@ fn stats_json_metrics_csv_and_the_dashboard_count_writes_exactly() -> Result<()>
         "dashboard {l0} rx_xdp_packets {shown}, not in {lo}..={hi}"
     );
 
-    // Live connections: three held open show as the pair's active flows after a GC pass
-    // (once a second), in /stats.json and /metrics, with the table fill; closed, they go.
+    Ok(())
+}
+
+/// Three connections held open show as the pair's active flows after a GC pass (once a
+/// second), in /stats.json and /metrics, with the table fill; closed, they go.
+fn held_connections_show_as_active_flows_until_closed(topo: &Topology) -> Result<()> {
     let vip = SocketAddrV4::new(topo.vip, 7680);
     let held: Vec<TcpStream> = topo.client.ns.run_in(|| {
         (0..3)
@@ -630,7 +675,7 @@ fn stats_json_metrics_csv_and_the_dashboard_count_writes_exactly() -> Result<()>
     let wait_active = |want: u64| -> Result<Value> {
         let end = Instant::now() + Duration::from_secs(5);
         loop {
-            let doc = stats(&topo, None)?;
+            let doc = stats(topo, None)?;
             if active(&doc).ok() == Some(want) {
                 return Ok(doc);
             }
@@ -648,14 +693,14 @@ fn stats_json_metrics_csv_and_the_dashboard_count_writes_exactly() -> Result<()>
         u(&est["entries"])? >= 6 && u(&est["capacity"])? > 0,
         "established table fill {est}"
     );
-    let m = parse_metrics(&get_ok(&topo, "/metrics", None)?)?;
+    let m = parse_metrics(&get_ok(topo, "/metrics", None)?)?;
     let in_metrics = metric(
         &m,
         "lb_active_flows",
         &[("service", "write"), ("backend", "db01")],
     )?;
     ensure!(
-        in_metrics == 3.0 || active(&stats(&topo, None)?)? as f64 == in_metrics,
+        in_metrics == 3.0 || active(&stats(topo, None)?)? as f64 == in_metrics,
         "/metrics lb_active_flows {in_metrics}"
     );
     for c in &held {
@@ -664,10 +709,14 @@ fn stats_json_metrics_csv_and_the_dashboard_count_writes_exactly() -> Result<()>
     drop(held);
     wait_active(0)?;
 
-    // A screenshot for people (an artifact, not an assertion).
+    Ok(())
+}
+
+/// A screenshot of the dashboard for people (an artifact, not an assertion).
+fn screenshot(topo: &Topology) {
     let shot = topo.log_dir.join("dashboard.png");
     if let Err(e) = chromium(
-        &topo,
+        topo,
         &[
             format!("--screenshot={}", shot.display()),
             "--window-size=1280,900".to_string(),
@@ -677,8 +726,6 @@ fn stats_json_metrics_csv_and_the_dashboard_count_writes_exactly() -> Result<()>
     } else {
         eprintln!("dashboard screenshot: {}", shot.display());
     }
-    drop(lb);
-    Ok(())
 }
 
 #[test]
