@@ -62,7 +62,8 @@ pub fn lookup(key: &FlowKey, now: u64, embryonic_timeout: u64) -> Option<Found> 
     })
 }
 
-/// Whether `key` is taken in either table (used to claim SNAT ports).
+/// Whether `key` is in the established table (a port claim checks it before its insert into
+/// the embryonic table, which only sees that table).
 #[inline(always)]
 pub fn established_has(key: &FlowKey) -> bool {
     CT_ESTABLISHED.get_ptr(key).is_some()

@@ -1,15 +1,22 @@
 //! The lb agent: loads the XDP program, owns its configuration maps, runs health checks.
 //!
-//! - [`config`]: the TOML model and its validation.
-//! - [`dataplane`]: load, attach, pin.
+//! - [`config`]: the TOML model and its validation; [`haproxy`]: the import of a HAProxy
+//!   configuration.
+//! - [`dataplane`]: load, attach, pin; [`selftest`]: the SYN sent through the loaded program
+//!   before the agent says ready.
+//! - [`health`]: where a check decides (probe, rise/fall machine, scheduler, presets).
+//! - [`desired`]: where backend sets are decided from health (role rules).
+//! - [`state`]: what the agent knows and decided; [`supervise`]: its owner, the loop from
+//!   check results to installed sets.
 //! - [`control`]: the only writer of the config and backend-set maps (atomic set swaps).
+//! - [`live`] and [`mirror`]: the views published from the state (the admin server's, and the
+//!   pinned one `lb status` reads).
+//! - [`gc`]: connection-table expiry and `maxconn` slot release, on a thread of its own;
+//!   [`port_hints`]: the SNAT port hints it rewrites; [`connlog`]: the connection log.
 //! - [`ids`]: stable service and backend ids, by name, across restarts.
 //! - [`host`]: host settings lb changes and restores (forwarding, reserved ports, VIPs).
-//! - [`desired`]: where backend sets are decided from health (role rules).
-//! - [`supervise`]: the loop from check results to installed sets.
 //! - [`maglev`]: consistent-hash lookup tables.
-//! - [`run`]: `lb run`, tying them together.
-//! - [`selftest`]: the SYN sent through the loaded program before the agent says ready.
+//! - [`run`]: `lb run`, tying them together; [`ops`]: its control socket.
 //! - [`status`]: `lb status`, reading pinned counters.
 //! - [`capture`]: `lb capture`, sampled frames of one service to a pcap file.
 //! - [`admin`]: the admin HTTP server (dashboard, /stats.json, ;csv, /metrics).

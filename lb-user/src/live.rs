@@ -36,7 +36,7 @@ pub struct PairView {
     pub backend_id: u32,
     /// `backend_maxconn` of the service, if limited.
     pub maxconn: Option<u32>,
-    /// "UP", "DOWN", "UP (going down 1/3)", "DOWN (going up 1/2)", or "NO CHECK".
+    /// "UP", "DOWN", "UP (going down, 1 failed)", "DOWN (going up, 1 passed)", or "NO CHECK".
     pub state: String,
     pub up: bool,
     /// In the installed set now.

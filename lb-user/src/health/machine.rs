@@ -77,7 +77,6 @@ pub struct Machine {
 }
 
 impl Machine {
-    /// A DOWN server that has not been checked yet.
     /// A server already in service when the agent (re)started: UP at full health, so that only
     /// a definitive negative or `fall` failures take it out (HAProxy's server-state file).
     pub fn new_up(spec: &CheckSpec) -> Self {
@@ -88,6 +87,7 @@ impl Machine {
         }
     }
 
+    /// A DOWN server that has not been checked yet.
     pub fn new(spec: &CheckSpec) -> Self {
         Machine {
             up: false,
