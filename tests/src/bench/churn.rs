@@ -35,9 +35,12 @@ pub enum Row {
     LbWrite,
     LbRead,
     HaproxyWrite,
+    /// The write VIP with lb attached in generic (skb) mode: only when named (`--only`).
+    LbWriteGeneric,
 }
 
 impl Row {
+    /// Every row a run without `--only` measures.
     pub const ALL: [Row; 6] = [
         Row::Routed,
         Row::RoutedAll,
@@ -45,6 +48,17 @@ impl Row {
         Row::LbWrite,
         Row::LbRead,
         Row::HaproxyWrite,
+    ];
+
+    /// Rows `--only` may name: [`Row::ALL`] and the generic-mode write row.
+    pub const NAMED: [Row; 7] = [
+        Row::Routed,
+        Row::RoutedAll,
+        Row::Direct,
+        Row::LbWrite,
+        Row::LbRead,
+        Row::HaproxyWrite,
+        Row::LbWriteGeneric,
     ];
 
     pub fn id(self) -> &'static str {
@@ -55,6 +69,7 @@ impl Row {
             Row::LbWrite => "lb-write",
             Row::LbRead => "lb-read",
             Row::HaproxyWrite => "haproxy-write",
+            Row::LbWriteGeneric => "lb-write-generic",
         }
     }
 
@@ -70,20 +85,25 @@ impl Row {
             Row::LbWrite => "lb, write VIP (1 backend)",
             Row::LbRead => "lb, read VIP (3 backends)",
             Row::HaproxyWrite => "HAProxy 2.6, manual config, write VIP",
+            Row::LbWriteGeneric => "lb, write VIP (1 backend), generic XDP",
         }
     }
 
     pub fn parse(s: &str) -> Result<Row> {
-        Row::ALL.into_iter().find(|r| r.id() == s).with_context(|| {
-            let ids: Vec<&str> = Row::ALL.iter().map(|r| r.id()).collect();
-            format!("unknown row {s:?} (one of {})", ids.join(", "))
-        })
+        Row::NAMED
+            .into_iter()
+            .find(|r| r.id() == s)
+            .with_context(|| {
+                let ids: Vec<&str> = Row::NAMED.iter().map(|r| r.id()).collect();
+                format!("unknown row {s:?} (one of {})", ids.join(", "))
+            })
     }
 
     fn contestant(self) -> Contestant {
         match self {
             Row::Routed | Row::RoutedAll | Row::Direct => Contestant::Direct,
             Row::LbWrite | Row::LbRead => Contestant::LbNative,
+            Row::LbWriteGeneric => Contestant::LbGeneric,
             Row::HaproxyWrite => Contestant::Haproxy,
         }
     }
@@ -91,7 +111,9 @@ impl Row {
     fn targets(self, cell: &Cell) -> Result<Vec<SocketAddrV4>> {
         Ok(match self {
             Row::LbRead => vec![SocketAddrV4::new(cell.topo.vip, READ_ALL_PORT)],
-            Row::LbWrite | Row::HaproxyWrite => vec![SocketAddrV4::new(cell.topo.vip, WRITE_PORT)],
+            Row::LbWrite | Row::LbWriteGeneric | Row::HaproxyWrite => {
+                vec![SocketAddrV4::new(cell.topo.vip, WRITE_PORT)]
+            }
             Row::Routed | Row::Direct => vec![cell.bolt],
             Row::RoutedAll => ["db01", "db02", "db03"]
                 .iter()
