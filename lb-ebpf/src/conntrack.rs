@@ -36,16 +36,8 @@ fn get_emb(key: &FlowKey) -> Option<&'static mut Flow> {
 /// Looks `key` up: established first, then embryonic (unless expired at `now`).
 #[inline(always)]
 pub fn lookup(key: &FlowKey, now: u64, embryonic_timeout: u64) -> Option<Found> {
-    if let Some(flow) = get_est(key) {
-        if let Some(partner) = get_est(&flow.partner_key(IPPROTO_TCP)) {
-            if partner.points_back_to(key) {
-                return Some(Found {
-                    flow,
-                    partner,
-                    established: true,
-                });
-            }
-        }
+    if let Some(found) = established(key) {
+        return Some(found);
     }
     let flow = get_emb(key)?;
     if now.wrapping_sub(flow.created_ns) > embryonic_timeout {
@@ -59,6 +51,33 @@ pub fn lookup(key: &FlowKey, now: u64, embryonic_timeout: u64) -> Option<Found> 
         flow,
         partner,
         established: false,
+    })
+}
+
+/// [`lookup`] for a segment that is not a plain SYN, which must never miss a flow that
+/// exists. A handshake completing on another CPU moves its flow from the embryonic table to
+/// the established one: it inserts there first, then deletes here ([`promote`]). A lookup that
+/// read the established table before that insert and the embryonic one after that delete
+/// finds neither; the established table has the flow by then, so it is read once more. (Seen
+/// in generic mode, where a client's handshake ACK and its first data leave on two CPUs: the
+/// data segment found no flow and was answered with a RST.)
+#[inline(always)]
+pub fn lookup_settled(key: &FlowKey, now: u64, embryonic_timeout: u64) -> Option<Found> {
+    lookup(key, now, embryonic_timeout).or_else(|| established(key))
+}
+
+/// The established flow at `key`, with its partner pointing back.
+#[inline(always)]
+fn established(key: &FlowKey) -> Option<Found> {
+    let flow = get_est(key)?;
+    let partner = get_est(&flow.partner_key(IPPROTO_TCP))?;
+    if !partner.points_back_to(key) {
+        return None;
+    }
+    Some(Found {
+        flow,
+        partner,
+        established: true,
     })
 }
 

@@ -81,7 +81,12 @@ pub fn key_of(ip: &Ip, tcp: &Tcp) -> FlowKey {
 pub fn forward(p: &mut Packet, svc: Service) -> u32 {
     count_large(p);
 
-    if let Some(found) = conntrack::lookup(p.key, p.now, p.cfg.embryonic_timeout_ns) {
+    let found = if p.tcp.is_plain_syn() {
+        conntrack::lookup(p.key, p.now, p.cfg.embryonic_timeout_ns)
+    } else {
+        conntrack::lookup_settled(p.key, p.now, p.cfg.embryonic_timeout_ns)
+    };
+    if let Some(found) = found {
         if forward::ttl_ends_here(p.ip) {
             return xdp_action::XDP_PASS;
         }
@@ -348,7 +353,7 @@ fn establish(
 pub fn reply(p: &mut Packet, old_range: bool) -> u32 {
     count_large(p);
     let flags = p.tcp.flags;
-    let Some(found) = conntrack::lookup(p.key, p.now, p.cfg.embryonic_timeout_ns) else {
+    let Some(found) = conntrack::lookup_settled(p.key, p.now, p.cfg.embryonic_timeout_ns) else {
         if old_range {
             // Not lb's port any more unless a flow still holds it: the host's own traffic.
             return xdp_action::XDP_PASS;
