@@ -397,15 +397,16 @@ fn fix_tcp_csum(b: &mut [u8]) {
 /// A flow opened before the fuzz.
 #[derive(Clone, Debug)]
 struct Known {
-    client_port: u16,
-    service_port: u16,
-    backend: Ipv4Addr,
-    backend_mac: [u8; 6],
-    snat_port: u16,
-    client_seq: u32,
-    backend_seq: u32,
+    conn: Conn,
     /// Opened completely: its base segments carry no FIN, RST or SYN.
     stable: bool,
+}
+
+impl std::ops::Deref for Known {
+    type Target = Conn;
+    fn deref(&self) -> &Conn {
+        &self.conn
+    }
 }
 
 fn mac_of(addr: Ipv4Addr) -> [u8; 6] {
@@ -417,65 +418,17 @@ fn mac_of(addr: Ipv4Addr) -> [u8; 6] {
 }
 
 /// Opens a flow: the SYN, then (`steps` >= 2) the backend's SYN-ACK, then (`steps` >= 3) the
-/// client's ACK; each must be redirected.
+/// client's ACK; each must go through, byte for byte.
 fn open(fx: &Fixture, client_port: u16, service_port: u16, steps: u8) -> Result<Known> {
-    let syn = TcpFrame::syn(
-        CLIENT_MAC,
-        CL0_MAC,
-        sa(CLIENT, client_port),
-        sa(VIP, service_port),
-    );
-    let out = fx.from_client(&syn.bytes()?)?;
-    assert_eq!(out.action, Action::Redirect, "SYN from {client_port}");
-    let backend = ip4(&out.frame, 30);
-    let k = Known {
-        client_port,
-        service_port,
-        backend,
-        backend_mac: mac_of(backend),
-        snat_port: be16(&out.frame, 34),
-        client_seq: syn.seq.wrapping_add(1),
-        backend_seq: 0x5000_0001,
-        stable: steps >= 3,
+    let conn = match steps {
+        0 | 1 => Conn::syn(fx, client_port, service_port)?,
+        2 => Conn::handshake(fx, client_port, service_port)?,
+        _ => Conn::establish(fx, client_port, service_port)?,
     };
-    if steps >= 2 {
-        let syn_ack = k
-            .backend_segment(SYN | ACK, &[])
-            .with_seq_ack(0x5000_0000, k.client_seq);
-        let out = fx.from_backends(&syn_ack.bytes()?)?;
-        assert_eq!(out.action, Action::Redirect, "SYN-ACK to {client_port}");
-    }
-    if steps >= 3 {
-        let out = fx.from_client(&k.client_segment(ACK, &[]).bytes()?)?;
-        assert_eq!(out.action, Action::Redirect, "ACK from {client_port}");
-    }
-    Ok(k)
-}
-
-impl Known {
-    fn client_segment(&self, flags: u8, payload: &[u8]) -> TcpFrame {
-        TcpFrame::new(
-            CLIENT_MAC,
-            CL0_MAC,
-            sa(CLIENT, self.client_port),
-            sa(VIP, self.service_port),
-        )
-        .with_flags(flags)
-        .with_seq_ack(self.client_seq, self.backend_seq)
-        .with_payload(payload)
-    }
-
-    fn backend_segment(&self, flags: u8, payload: &[u8]) -> TcpFrame {
-        TcpFrame::new(
-            self.backend_mac,
-            BK0_MAC,
-            sa(self.backend, BACKEND_PORT),
-            sa(SNAT_ADDR, self.snat_port),
-        )
-        .with_flags(flags)
-        .with_seq_ack(self.backend_seq, self.client_seq)
-        .with_payload(payload)
-    }
+    Ok(Known {
+        conn,
+        stable: steps >= 3,
+    })
 }
 
 /// Where an input was generated from (for the report).
@@ -609,12 +562,12 @@ impl Gen<'_> {
             }
             1 => {
                 let ((k, flags), p) = (self.flow_and_flags(), self.payload());
-                let seg = k.client_segment(flags, &p);
+                let seg = k.client(flags, &p);
                 (Source::MutatedForward, Side::Client, seg.bytes()?)
             }
             _ => {
                 let ((k, flags), p) = (self.flow_and_flags(), self.payload());
-                let seg = k.backend_segment(flags, &p);
+                let seg = k.backend(flags, &p);
                 (Source::MutatedReply, Side::Backends, seg.bytes()?)
             }
         };
@@ -727,7 +680,7 @@ impl Gen<'_> {
                 } else {
                     let k = self.flow();
                     let port = if self.chance(50) {
-                        k.snat_port
+                        k.port
                     } else {
                         self.rng.range(SNAT_PORTS.0.into(), SNAT_PORTS.1.into()) as u16
                     };
@@ -754,7 +707,7 @@ impl Gen<'_> {
         let known = self.chance(50);
         let (src, dst) = if about_forwarded {
             let port = if known {
-                k.snat_port
+                k.port
             } else {
                 self.rng.range(SNAT_PORTS.0.into(), SNAT_PORTS.1.into()) as u16
             };
