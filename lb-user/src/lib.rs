@@ -17,7 +17,8 @@
 //! - [`host`]: host settings lb changes and restores (forwarding, reserved ports, VIPs).
 //! - [`maglev`]: consistent-hash lookup tables.
 //! - [`run`]: `lb run`, tying them together; [`ops`]: its control socket.
-//! - [`status`]: `lb status`, reading pinned counters.
+//! - [`status`]: `lb status`, reading pinned counters; [`readiness`]: `lb health`, whether
+//!   this balancer can serve (an exit code for keepalived and monitoring).
 //! - [`capture`]: `lb capture`, sampled frames of one service to a pcap file.
 //! - [`admin`]: the admin HTTP server (dashboard, /stats.json, ;csv, /metrics).
 //! - [`nic`]: the NIC's own XDP counters (`ethtool -S`) for the admin views.
@@ -36,6 +37,7 @@ pub mod mirror;
 pub mod nic;
 pub mod ops;
 pub mod port_hints;
+pub mod readiness;
 pub mod run;
 pub mod selftest;
 pub mod state;

@@ -161,6 +161,19 @@ enum Cmd {
         #[arg(long, default_value = "default")]
         instance: String,
     },
+    /// Whether this balancer can serve, as the exit code: 0 when the agent runs, the XDP
+    /// program is attached to every interface, the data path is configured and every service
+    /// has a backend in its set; 1 otherwise, with what failed.
+    ///
+    /// For keepalived (`track_script { chk_lb }` with `script "lb health --instance NAME
+    /// --quiet"`) and for monitoring. Reads only; changes nothing.
+    Health {
+        #[arg(long, default_value = "default")]
+        instance: String,
+        /// Print nothing; the exit code says it.
+        #[arg(long)]
+        quiet: bool,
+    },
 }
 
 fn main() -> std::process::ExitCode {
@@ -269,6 +282,19 @@ fn cli_main() -> Result<()> {
             Ok(())
         }
         Cmd::Detach { instance } => lb_user::run::detach(&instance),
+        Cmd::Health { instance, quiet } => {
+            let findings = lb_user::readiness::assess(&instance);
+            if !quiet {
+                for f in &findings {
+                    println!("{} {}", if f.ok { "ok  " } else { "FAIL" }, f.what);
+                }
+            }
+            if findings.iter().all(|f| f.ok) {
+                Ok(())
+            } else {
+                std::process::exit(1)
+            }
+        }
     }
 }
 

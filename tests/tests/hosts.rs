@@ -222,3 +222,79 @@ fn a_data_path_that_cannot_forward_is_caught_by_the_self_test_before_ready() -> 
     writes_reach(&topo, topo.vip, "db01")?;
     Ok(())
 }
+
+/// `lb health` in the lb namespace: (exit code 0, its output).
+fn lb_health(topo: &Topology) -> Result<(bool, String)> {
+    let mut cmd = topo.lb.ns.command(lb_tests::harness::lb_bin());
+    cmd.args(["health", "--instance", &topo.instance]);
+    let out = cmd.output().context("run lb health")?;
+    Ok((
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+    ))
+}
+
+/// Waits up to 10 s for `lb health` to answer `healthy`, its output containing `says`.
+fn health_becomes(topo: &Topology, healthy: bool, says: &str) -> Result<String> {
+    let t = Instant::now();
+    loop {
+        let (ok, out) = lb_health(topo)?;
+        if ok == healthy && out.contains(says) {
+            return Ok(out);
+        }
+        ensure!(
+            t.elapsed() < Duration::from_secs(10),
+            "lb health did not become {} saying {says:?}:\n{out}",
+            if healthy { "healthy" } else { "unhealthy" }
+        );
+        thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// Runs `lb ARGS... --instance` in the lb namespace.
+fn lb(topo: &Topology, args: &[&str]) -> Result<()> {
+    let mut cmd = topo.lb.ns.command(lb_tests::harness::lb_bin());
+    cmd.args(args).args(["--instance", &topo.instance]);
+    lb_tests::harness::ns::run(&mut cmd)?;
+    Ok(())
+}
+
+#[test]
+#[ignore = "needs root and netns: run cargo xtask test"]
+fn lb_health_says_by_its_exit_code_whether_this_balancer_can_serve() -> Result<()> {
+    let topo = Topology::two_armed("lbhealth")?;
+    let _sims = topo.start_sims(&["master", "slave", "slave"])?;
+    let agent = topo.start_lb(&topo.role_checked_config(), &["--xdp-mode", "native"])?;
+
+    // Serving: every check passes, and the output says what was checked.
+    let out = health_becomes(&topo, true, "service write: db01")?;
+    for line in ["ok   agent running", "XDP program", "data path configured"] {
+        ensure!(out.contains(line), "no {line:?} in:\n{out}");
+    }
+    for iface in &topo.lb.ifaces {
+        ensure!(
+            out.contains(&format!("ok   {iface}: XDP program")),
+            "{iface}:\n{out}"
+        );
+    }
+
+    // The write service without a backend (its master disabled by the operator): not ready.
+    lb(&topo, &["server", "db01", "disable"])?;
+    health_becomes(&topo, false, "FAIL service write: no backend in its set")?;
+    lb(&topo, &["server", "db01", "enable"])?;
+    health_becomes(&topo, true, "service write: db01")?;
+
+    // The agent gone (kill -9): the data path still forwards, but nothing checks or fails
+    // over: not ready, so that keepalived moves the VIP.
+    agent.signal(nix::sys::signal::Signal::SIGKILL)?;
+    health_becomes(&topo, false, "FAIL agent not running")?;
+
+    // Detached: no program on the interfaces.
+    lb(&topo, &["detach"])?;
+    let (ok, out) = lb_health(&topo)?;
+    ensure!(
+        !ok && (out.contains("no pinned XDP link") || out.contains("FAIL instance")),
+        "after lb detach:\n{out}"
+    );
+    Ok(())
+}
