@@ -257,8 +257,16 @@ fn burst(topo: &Topology, listener: &TcpListener) -> Result<()> {
         s.shutdown(Shutdown::Both)?;
         clients[i].shutdown(Shutdown::Write)?;
         if waiting > 0 {
-            let mut s = accept_within(listener, Duration::from_secs(15))?
-                .context("a waiting client was not served after a slot freed")?;
+            // It gets in with its next retransmit (its ACK, its data, or its answer to the
+            // backend's SYN-ACK retransmit), whose backoff may have grown to tens of seconds
+            // (an RTO of 3 s after a retransmitted SYN doubles: 3, 6, 12, 24 s).
+            let mut s = accept_within(listener, Duration::from_secs(60))?.with_context(|| {
+                format!(
+                    "a waiting client was not served within 60 s after a slot freed; counts {:?}, drop_maxconn {:?}",
+                    counts(topo).ok(),
+                    counter(topo, Counter::DropMaxconn).ok()
+                )
+            })?;
             waiting -= 1;
             let i = serve_one(&mut s, &mut clients)?;
             open.insert(0, (s, i));
