@@ -352,18 +352,26 @@ pub fn handshake_ack_acceptable(flow: &Flow, partner: &Flow, tcp: &Tcp) -> bool 
     flow.state == FLOW_SYN_RECV && u32::from_be_bytes(tcp.ack) == partner.seq_end
 }
 
+/// Most data a client can send before its handshake completes at the backend (the window of
+/// a SYN-ACK is not scaled: 65,535 bytes), and its FIN.
+const HANDSHAKE_DATA_MAX: u32 = 65_536;
+
 /// Whether a backend segment may pass on a handshake in progress (`partner`: the flow's
-/// forward entry): a RST, or a SYN-ACK that acknowledges the client's SYN. Any other segment
-/// comes from an earlier connection the backend still holds on the same SNAT port: its answer
-/// to our SYN (a duplicate ACK from a half-open handshake whose port was taken over), that
-/// handshake's SYN-ACK retransmitted, or a closed flow's retransmitted FIN.
+/// forward entry): a RST, or a SYN-ACK that acknowledges the client's SYN. The client's end of
+/// the sequence space (`partner.seq_end`) is its SYN's, or, when its ACK waits for a slot and
+/// it sent data meanwhile, at most `HANDSHAKE_DATA_MAX` beyond it: the backend's SYN-ACK
+/// retransmit then still acknowledges the SYN. Any other segment comes from an earlier
+/// connection the backend still holds on the same SNAT port: its answer to our SYN (a
+/// duplicate ACK from a half-open handshake whose port was taken over), that handshake's
+/// SYN-ACK retransmitted (acknowledging another SYN, a random distance away), or a closed
+/// flow's retransmitted FIN.
 #[inline(always)]
 pub fn handshake_reply_acceptable(partner: &Flow, tcp: &Tcp) -> bool {
     if tcp.flags & TCP_RST != 0 {
         return true;
     }
     tcp.flags & (TCP_SYN | TCP_ACK) == (TCP_SYN | TCP_ACK)
-        && u32::from_be_bytes(tcp.ack) == partner.seq_end
+        && partner.seq_end.wrapping_sub(u32::from_be_bytes(tcp.ack)) <= HANDSHAKE_DATA_MAX
 }
 
 /// How often an entry's `last_seen_ns` is refreshed at most.

@@ -257,12 +257,11 @@ fn burst(topo: &Topology, listener: &TcpListener) -> Result<()> {
         s.shutdown(Shutdown::Both)?;
         clients[i].shutdown(Shutdown::Write)?;
         if waiting > 0 {
-            // It gets in with its next retransmit (its ACK, its data, or its answer to the
-            // backend's SYN-ACK retransmit), whose backoff may have grown to tens of seconds
-            // (an RTO of 3 s after a retransmitted SYN doubles: 3, 6, 12, 24 s).
-            let mut s = accept_within(listener, Duration::from_secs(60))?.with_context(|| {
+            // It gets in with its next retransmit (its data, or its ACK of the backend's
+            // SYN-ACK retransmit).
+            let mut s = accept_within(listener, Duration::from_secs(15))?.with_context(|| {
                 format!(
-                    "a waiting client was not served within 60 s after a slot freed; counts {:?}, drop_maxconn {:?}",
+                    "a waiting client was not served within 15 s after a slot freed; counts {:?}, drop_maxconn {:?}",
                     counts(topo).ok(),
                     counter(topo, Counter::DropMaxconn).ok()
                 )

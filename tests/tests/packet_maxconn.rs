@@ -19,7 +19,7 @@ use aya::{
     programs::Xdp,
 };
 use lb_common::{epoch_index, names, Counter, Flow, FlowKey, Slot, MAXCONN_GLOBAL};
-use lb_tests::fixture::frames::{ACK, FIN, PSH, RST};
+use lb_tests::fixture::frames::{ACK, FIN, PSH, RST, SYN};
 use lb_tests::fixture::*;
 use lb_user::gc::{monotonic_now, release_program, release_slot, Gc, Timeouts};
 
@@ -381,6 +381,56 @@ fn the_verified_program_uses_the_fetch_form_of_the_atomic_add_and_stays_small() 
             !text.contains("lock *("),
             "no plain (non-fetch) XADD: every maxconn add uses its old value or is an undo"
         );
+        Ok(())
+    })
+}
+
+#[test]
+#[ignore = "needs root and netns: run cargo xtask test"]
+fn a_waiting_clients_data_never_turns_the_backends_syn_ack_retransmit_into_a_rst() -> Result<()> {
+    Fixture::run_with_config("mcsynack", &config("", "backend_maxconn = 1"), |fx| {
+        // Both handshakes admitted below the limit of 1; `w` completes second and waits.
+        let mut a = Conn::handshake(fx, 42001, WRITE_PORT)?;
+        let mut w = Conn::handshake(fx, 42002, WRITE_PORT)?;
+        assert_eq!(a.client_action(fx, ACK)?, Action::Redirect);
+        assert_eq!(
+            w.client_action(fx, ACK)?,
+            Action::Drop,
+            "over the limit: waits"
+        );
+        // Its first data waits too (the client holds an established socket and sends).
+        let data = w.client(PSH | ACK, b"RUN");
+        assert_eq!(fx.from_client(&data.bytes()?)?.action, Action::Drop);
+        // The backend never saw the ACK: it retransmits its SYN-ACK, which acknowledges the
+        // client's SYN, not the data. It is this handshake's own: it reaches the client, and
+        // is never answered with a RST, which would end the backend's half of the connection
+        // (the waiting client would then never be served).
+        let again = w
+            .backend(SYN | ACK, b"")
+            .with_seq_ack(w.backend_seq.wrapping_sub(1), w.client_seq);
+        let before = fx.counters()?;
+        let out = fx.from_backends(&again.bytes()?)?;
+        assert_frame(
+            "retransmitted SYN-ACK",
+            &out,
+            Action::Redirect,
+            &w.to_client(&again),
+        )?;
+        assert_eq!(
+            fx.counters()?.get(Counter::RstHandshakeStale) - before.get(Counter::RstHandshakeStale),
+            0
+        );
+        // A slot frees: the data's retransmit completes the handshake and goes through.
+        assert_eq!(a.client_action(fx, FIN | ACK)?, Action::Redirect);
+        assert_eq!(a.backend_action(fx, FIN | ACK)?, Action::Redirect);
+        let out = fx.from_client(&data.bytes()?)?;
+        assert_frame(
+            "the data, retransmitted",
+            &out,
+            Action::Redirect,
+            &w.to_backend(&data),
+        )?;
+        w.assert_established(fx, true);
         Ok(())
     })
 }
