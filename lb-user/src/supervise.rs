@@ -94,6 +94,7 @@ impl Supervisor {
         self.hold = false;
         for s in 0..cfg.services.len() {
             self.recompute(cfg, control, s)?;
+            self.publish(cfg, s);
         }
         Ok(())
     }
@@ -171,6 +172,7 @@ impl Supervisor {
         for (i, s) in cfg.services.iter().enumerate() {
             if s.fallback == Some(u.service) {
                 self.recompute(cfg, control, i)?;
+                self.publish(cfg, i);
             }
         }
         self.publish(cfg, u.service);
@@ -205,7 +207,7 @@ impl Supervisor {
         drained.drain(..).filter(|b| !decided.contains(b)).collect()
     }
 
-    /// Re-decides service `s` and installs the result if it changed.
+    /// Re-decides service `s` and installs the result if it changed (the caller publishes).
     pub fn recompute(&mut self, cfg: &Config, control: &mut Control, s: usize) -> Result<()> {
         if self.hold {
             return Ok(());
@@ -253,7 +255,6 @@ impl Supervisor {
         // otherwise survive.
         let generation = control.install_backends(cfg, s, &d.members)?;
         self.state.services[s].generation = generation;
-        self.publish(cfg, s);
         for &b in &d.reset {
             control.reset_flows(cfg, s, b)?;
         }
