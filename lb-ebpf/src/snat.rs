@@ -46,8 +46,8 @@ pub const HALF_OPEN_NS: u64 = 250_000_000;
 ///
 /// Three rounds, each only if the one before found nothing:
 /// 1. `HINT_TRIES` words of the backend's hint bitmap (`PORT_HINTS`), each drawn at random: the
-///    lowest port its word says is free is probed, so the cost does not grow with occupancy (at
-///    90 % a word of 64 ports has no free port once in a thousand). Whatever the probe finds,
+///    first port its word says is free, from a random bit on, is probed, so the cost does not
+///    grow with occupancy (at 90 % a word of 64 ports has no free port once in a thousand). Whatever the probe finds,
 ///    the port's bit is set: taken by this flow, or by the one the probe met.
 /// 2. `SNAT_TRIES` random ports (the hints are stale in the ports they set: ended flows the GC
 ///    has not rewritten yet).
