@@ -24,6 +24,7 @@ use super::loadgen::quantile;
 use super::probe::{self, Usage};
 use super::report::fmt;
 use super::stats::{median, spread, Spread};
+use crate::harness::xdp_pass::XdpPass;
 
 /// The rows of the table.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -37,14 +38,18 @@ pub enum Row {
     HaproxyWrite,
     /// The write VIP with lb attached in generic (skb) mode: only when named (`--only`).
     LbWriteGeneric,
+    /// [`Row::Routed`] with `lb_pass` (XDP_PASS, nothing else) attached natively to the lb
+    /// namespace's interfaces: what any native XDP program costs on veth before it does
+    /// anything (the frame's conversion to and from an XDP buffer). Only when named.
+    RoutedXdpPass,
 }
 
 impl Row {
-    /// Every row a run without `--only` measures: all but the generic-mode one.
+    /// Every row a run without `--only` measures: all but the last two.
     pub const ALL: &[Row] = Row::NAMED.split_at(6).0;
 
-    /// Rows `--only` may name: [`Row::ALL`], then the generic-mode write row.
-    pub const NAMED: [Row; 7] = [
+    /// Rows `--only` may name: [`Row::ALL`], then the generic-mode write row and the XDP floor.
+    pub const NAMED: [Row; 8] = [
         Row::Routed,
         Row::RoutedAll,
         Row::Direct,
@@ -52,6 +57,7 @@ impl Row {
         Row::LbRead,
         Row::HaproxyWrite,
         Row::LbWriteGeneric,
+        Row::RoutedXdpPass,
     ];
 
     pub fn id(self) -> &'static str {
@@ -63,6 +69,7 @@ impl Row {
             Row::LbRead => "lb-read",
             Row::HaproxyWrite => "haproxy-write",
             Row::LbWriteGeneric => "lb-write-generic",
+            Row::RoutedXdpPass => "routed-xdp-pass",
         }
     }
 
@@ -79,6 +86,9 @@ impl Row {
             Row::LbRead => "lb, read VIP (3 backends)",
             Row::HaproxyWrite => "HAProxy 2.6, manual config, write VIP",
             Row::LbWriteGeneric => "lb, write VIP (1 backend), generic XDP",
+            Row::RoutedXdpPass => {
+                "direct, routed as above, with an XDP_PASS program on the lb namespace's veths"
+            }
         }
     }
 
@@ -94,7 +104,7 @@ impl Row {
 
     fn contestant(self) -> Contestant {
         match self {
-            Row::Routed | Row::RoutedAll | Row::Direct => Contestant::Direct,
+            Row::Routed | Row::RoutedAll | Row::Direct | Row::RoutedXdpPass => Contestant::Direct,
             Row::LbWrite | Row::LbRead => Contestant::LbNative,
             Row::LbWriteGeneric => Contestant::LbGeneric,
             Row::HaproxyWrite => Contestant::Haproxy,
@@ -107,7 +117,7 @@ impl Row {
             Row::LbWrite | Row::LbWriteGeneric | Row::HaproxyWrite => {
                 vec![SocketAddrV4::new(cell.topo.vip, WRITE_PORT)]
             }
-            Row::Routed | Row::Direct => vec![cell.bolt],
+            Row::Routed | Row::Direct | Row::RoutedXdpPass => vec![cell.bolt],
             Row::RoutedAll => ["db01", "db02", "db03"]
                 .iter()
                 .map(|n| {
@@ -121,12 +131,13 @@ impl Row {
     }
 
     /// The routed rows' extra setup: the client reaches the backends through the lb namespace,
-    /// which forwards (no balancer there), and they answer back the same way.
-    fn prepare(self, cell: &Cell) -> Result<()> {
+    /// which forwards (no balancer there), and they answer back the same way. The XDP floor
+    /// row's programs stay attached while the returned value lives.
+    fn prepare(self, cell: &Cell) -> Result<Option<XdpPass>> {
         let backends: &[&str] = match self {
-            Row::Routed => &["db01"],
+            Row::Routed | Row::RoutedXdpPass => &["db01"],
             Row::RoutedAll => &["db01", "db02", "db03"],
-            _ => return Ok(()),
+            _ => return Ok(None),
         };
         let topo = &cell.topo;
         for name in backends {
@@ -153,7 +164,14 @@ impl Row {
             "net.ipv4.conf.l0.forwarding=1",
             "net.ipv4.conf.l1.forwarding=1",
         ])?;
-        Ok(())
+        if self != Row::RoutedXdpPass {
+            return Ok(None);
+        }
+        let mut pass = XdpPass::load()?;
+        for iface in &topo.lb.ifaces {
+            pass.attach(&topo.lb.ns, iface)?;
+        }
+        Ok(Some(pass))
     }
 }
 
@@ -283,7 +301,7 @@ fn run_row(plan: &Plan, row: Row, round: usize) -> Record {
 fn measure(plan: &Plan, row: Row, round: usize, rec: &mut Record) -> Result<()> {
     let cell = contestants::setup(row.contestant(), round)
         .with_context(|| format!("setting up {}", row.id()))?;
-    row.prepare(&cell)?;
+    let _xdp_floor = row.prepare(&cell)?;
     let targets = row.targets(&cell)?;
     // One answered connection per target before the clock starts: the routed rows' first
     // SYNs meet unresolved neighbours and wait for their retransmit (1 s), which would cost

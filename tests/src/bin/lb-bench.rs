@@ -73,7 +73,7 @@ enum Bench {
         /// 10 s per row, one round (the section of BENCHMARKS.md is not written).
         #[arg(long)]
         quick: bool,
-        /// Only these rows: routed, routed-all, direct, lb-write, lb-read, haproxy-write, and lb-write-generic (generic XDP; run only when named).
+        /// Only these rows: routed, routed-all, direct, lb-write, lb-read, haproxy-write, and lb-write-generic (generic XDP; run only when named), routed-xdp-pass (routing with an XDP_PASS program on the lb namespace's veths: the native-XDP floor; only when named).
         #[arg(long, value_delimiter = ',')]
         only: Vec<String>,
     },
