@@ -46,6 +46,9 @@ pub mod names {
     /// Connections the data path ended itself (ring buffer; not pinned: each program build
     /// writes its own, which its agent reads).
     pub const CONN_EVENTS: &str = "CONN_EVENTS";
+    /// Flows the data path established, for a pair's standby (ring buffer, written only with
+    /// `CONFIG_F_SYNC`; not pinned, like `CONN_EVENTS`).
+    pub const FLOW_SYNC: &str = "FLOW_SYNC";
     /// Backend id -> the SNAT ports its flows hold, a hint for the port search (not pinned:
     /// each program has its own, rebuilt by its agent's GC every pass).
     pub const PORT_HINTS: &str = "PORT_HINTS";
@@ -123,6 +126,9 @@ pub const CONFIG_F_ROUTE_SRC: u32 = 4;
 /// `snat_ports`) are still alive: replies to those ports are translated for them; without a
 /// flow such a reply passes to the kernel (the port is not lb's any more).
 pub const CONFIG_F_OLD_PORTS: u32 = 8;
+/// The instance is one of a pair: every flow the data path establishes is also written to
+/// `FLOW_SYNC` (a [`FlowSync`]), which the agent streams to the standby.
+pub const CONFIG_F_SYNC: u32 = 16;
 
 /// 64-bit words of a backend's SNAT-port hint bitmap (`PORT_HINTS`): bit `i` of word `w` stands
 /// for port `snat_port_min + 64 w + i`; enough for every port above 1023.
@@ -449,6 +455,17 @@ pub struct ConnEvent {
     pub _pad: u32,
 }
 
+/// A flow the data path just established (`FLOW_SYNC`): its forward key and both entries as
+/// they went into the established table.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[cfg_attr(feature = "user", derive(bytemuck::Pod, bytemuck::Zeroable))]
+pub struct FlowSync {
+    pub fwd_key: FlowKey,
+    pub fwd: Flow,
+    pub rev: Flow,
+}
+
 /// Entries of `MAXCONN_ACTIVE`: one per (service, backend) pair, then the global count.
 pub const MAXCONN_ENTRIES: u32 = MAX_SERVICES * MAX_BACKENDS + 1;
 /// Index of the global count in `MAXCONN_ACTIVE`.
@@ -643,6 +660,7 @@ mod pod {
         super::HealthRecord,
         super::Slot,
         super::ConnEvent,
+        super::FlowSync,
         super::CaptureConfig,
         super::PortRange,
         super::PortHints,

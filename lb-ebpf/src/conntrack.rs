@@ -8,6 +8,7 @@ use lb_common::{
 };
 
 use crate::{
+    events,
     maps::{CT_EMBRYONIC, CT_ESTABLISHED},
     parse::{Tcp, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN},
     stats,
@@ -219,9 +220,10 @@ pub fn mark_syn_recv(forward: &mut Flow, reply: &mut Flow) {
 /// Moves a flow from the embryonic to the established table: both entries are inserted
 /// there first, then removed from the embryonic table, so a concurrent reader always finds
 /// the flow in one of them. Returns false (and leaves the embryonic flow alone) when the
-/// established table is full.
+/// established table is full. With `sync` (a pair), the flow is also reported to the agent
+/// for the standby.
 #[inline(always)]
-pub fn promote(fwd_key: &FlowKey, found: &Found, now: u64) -> bool {
+pub fn promote(fwd_key: &FlowKey, found: &Found, now: u64, sync: bool) -> bool {
     let mut fwd = *found.flow;
     let mut rev = *found.partner;
     fwd.state = FLOW_ESTABLISHED;
@@ -245,6 +247,9 @@ pub fn promote(fwd_key: &FlowKey, found: &Found, now: u64) -> bool {
     remove_embryonic(fwd_key);
     remove_embryonic(&rev_key);
     stats::count(Counter::Established);
+    if sync {
+        events::established(fwd_key, &fwd, &rev);
+    }
     true
 }
 

@@ -2,10 +2,13 @@
 //! data path reports the flows it deletes itself (reset on a demoted backend, a closed tuple
 //! reused by a new SYN); the agent's GC logs the ones it expires. A full ring loses the event,
 //! never the packet. Records wake no one: the agent's GC thread drains the ring every 50 ms.
+//!
+//! In a pair, also the flows it establishes (`FLOW_SYNC`), which the agent streams to the
+//! standby.
 use aya_ebpf::bindings::BPF_RB_NO_WAKEUP;
 use lb_common::{ConnEvent, Flow, FlowKey};
 
-use crate::maps::CONN_EVENTS;
+use crate::maps::{CONN_EVENTS, FLOW_SYNC};
 
 /// Reports the end of the flow whose forward entry `fwd` (at `fwd_key`) and reply entry `rev`
 /// are about to be deleted: the record is reserved, written in place (no stack copy) and
@@ -34,5 +37,25 @@ pub fn ended(fwd_key: &FlowKey, fwd: &Flow, rev: &Flow, now: u64, reason: u32) {
         generation: fwd.generation,
         _pad: 0,
     });
+    entry.submit(BPF_RB_NO_WAKEUP as u64);
+}
+
+/// Reports a flow just established (forward key `fwd_key`, entries `fwd` and `rev` as
+/// inserted) for the pair's standby: reserved, written in place and submitted in one straight
+/// line, without a wakeup (the agent drains the ring on a timer). A full ring loses the
+/// record (the standby resets that flow after a takeover), never the packet.
+#[inline(always)]
+pub fn established(fwd_key: &FlowKey, fwd: &Flow, rev: &Flow) {
+    let Some(mut entry) = FLOW_SYNC.reserve(0) else {
+        return;
+    };
+    let p = entry.as_mut_ptr();
+    // SAFETY: `p` points at the reserved record, valid and ours until the submit; each field
+    // is written once through a raw pointer, with no copy of the whole record on the stack.
+    unsafe {
+        core::ptr::addr_of_mut!((*p).fwd_key).write(*fwd_key);
+        core::ptr::addr_of_mut!((*p).fwd).write(*fwd);
+        core::ptr::addr_of_mut!((*p).rev).write(*rev);
+    }
     entry.submit(BPF_RB_NO_WAKEUP as u64);
 }

@@ -4,9 +4,9 @@ use aya_ebpf::{bindings::xdp_action, programs::XdpContext};
 use aya_log_ebpf::info;
 use lb_common::{
     is_closing, Config, Counter, Flow, FlowKey, Service, CAPTURE_DIR_IN, CAPTURE_DIR_OUT,
-    CAPTURE_NO_ACTION, CONFIG_F_DEBUG, CONFIG_F_GENERIC, CONFIG_F_ROUTE_SRC, CONN_END_CLOSED,
-    CONN_END_RESET, CONN_END_REUSED, DIR_FORWARD, DIR_REPLY, FLOW_SYN_RECV, FLOW_SYN_SENT,
-    IPPROTO_TCP, SERVICE_F_MAXCONN_RESET,
+    CAPTURE_NO_ACTION, CONFIG_F_DEBUG, CONFIG_F_GENERIC, CONFIG_F_ROUTE_SRC, CONFIG_F_SYNC,
+    CONN_END_CLOSED, CONN_END_RESET, CONN_END_REUSED, DIR_FORWARD, DIR_REPLY, FLOW_SYN_RECV,
+    FLOW_SYN_SENT, IPPROTO_TCP, SERVICE_F_MAXCONN_RESET,
 };
 use network_types::eth::EthHdr;
 
@@ -337,7 +337,7 @@ fn establish(
             });
         }
     }
-    if !conntrack::promote(key, found, now) {
+    if !conntrack::promote(key, found, now, cfg.flags & CONFIG_F_SYNC != 0) {
         if limited {
             maxconn::release(key);
         }

@@ -52,6 +52,16 @@ struct RawConfig {
     #[serde(default, rename = "service")]
     services: Vec<RawService>,
     admin: Option<Spanned<RawAdmin>>,
+    pair: Option<Spanned<RawPair>>,
+}
+
+/// `[pair]`: this node is one of two lb nodes for the same VIPs (keepalived moves the
+/// addresses); its established flows are streamed to the other.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawPair {
+    peer: Option<Spanned<String>>,
+    listen: Option<Spanned<String>>,
 }
 
 /// `[admin]`: the admin HTTP server (dashboard, /stats.json, ;csv, /metrics), like HAProxy's
@@ -248,6 +258,16 @@ pub struct Config {
     pub backends: Vec<Backend>,
     pub services: Vec<Service>,
     pub admin: AdminConfig,
+    /// `[pair]`, when this node is one of a pair.
+    pub pair: Option<PairConfig>,
+}
+
+/// `[pair]`: where the other node's agent listens for this one's flows, and where this one
+/// listens for the other's.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PairConfig {
+    pub peer: SocketAddrV4,
+    pub listen: SocketAddrV4,
 }
 
 /// Parses an SNAT port range `"FIRST-LAST"` (config key `snat_ports`, `lb run --snat-ports`).
@@ -746,6 +766,34 @@ fn parse_connection_log(src: Src, v: Option<&Spanned<PathBuf>>) -> Result<Option
     Ok(Some(file.clone()))
 }
 
+/// Validates `[pair]`: `peer` is required; `listen` defaults to every address on the peer's
+/// port.
+fn parse_pair(src: Src, p: &Spanned<RawPair>) -> Result<PairConfig> {
+    let addr = |v: &Spanned<String>, key: &str| {
+        v.get_ref().parse::<SocketAddrV4>().map_err(|_| {
+            src.err(
+                v.span(),
+                format!(
+                    "{key} = {:?}: expected an IPv4 ADDRESS:PORT, e.g. \"10.0.2.2:7690\"",
+                    v.get_ref()
+                ),
+            )
+        })
+    };
+    let Some(peer) = &p.get_ref().peer else {
+        return Err(src.err(
+            p.span(),
+            "[pair] needs peer = \"ADDRESS:PORT\": where the other node's agent listens",
+        ));
+    };
+    let peer = addr(peer, "peer")?;
+    let listen = match &p.get_ref().listen {
+        Some(l) => addr(l, "listen")?,
+        None => SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, peer.port()),
+    };
+    Ok(PairConfig { peer, listen })
+}
+
 /// Validates `[admin]` and reads its password (the password never appears in an error). The
 /// operator API needs authentication unless the server listens on loopback only.
 fn parse_admin(path: &Path, text: &str, a: &Spanned<RawAdmin>) -> Result<AdminConfig> {
@@ -933,6 +981,7 @@ impl Config {
                 None => AdminConfig::default(),
                 Some(a) => parse_admin(path, text, a)?,
             },
+            pair: raw.pair.as_ref().map(|p| parse_pair(src, p)).transpose()?,
         })
     }
 
@@ -990,6 +1039,33 @@ backends = ["db02", "db01"]
         assert_eq!(c.services[1].backends, vec![1, 0]);
         assert_eq!(c.vip_addrs(), vec![Ipv4Addr::new(198, 18, 0, 10)]);
         assert_eq!(c.vip_mode, VipMode::Local);
+    }
+
+    #[test]
+    fn a_pair_names_its_peer_and_listens_on_the_peers_port_unless_told() {
+        let c = Config::parse(
+            Path::new("lb.toml"),
+            &format!("{GOOD}[pair]\npeer = \"10.0.2.2:7690\"\n"),
+        )
+        .unwrap();
+        let p = c.pair.unwrap();
+        assert_eq!(p.peer, "10.0.2.2:7690".parse().unwrap());
+        assert_eq!(p.listen, "0.0.0.0:7690".parse().unwrap());
+        assert!(Config::parse(Path::new("lb.toml"), GOOD)
+            .unwrap()
+            .pair
+            .is_none());
+        let lines = GOOD.lines().count();
+        let e = err(&format!("{GOOD}[pair]\nlisten = \"10.0.2.1:7690\"\n"));
+        assert!(
+            e.contains(&format!("lb.toml:{}", lines + 1)) && e.contains("needs peer"),
+            "{e}"
+        );
+        let e = err(&format!("{GOOD}[pair]\npeer = \"lb2:7690\"\n"));
+        assert!(
+            e.contains(&format!("lb.toml:{}", lines + 2)) && e.contains("ADDRESS:PORT"),
+            "{e}"
+        );
     }
 
     #[test]

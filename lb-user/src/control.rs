@@ -12,7 +12,7 @@ use aya::{
 use lb_common::{
     addr_be, names, port_be, Backend, BackendKey, BackendSet, Config as MapConfig, Service,
     ServiceKey, CONFIG_F_DEBUG, CONFIG_F_GENERIC, CONFIG_F_OLD_PORTS, CONFIG_F_ROUTE_SRC,
-    IPPROTO_TCP, MAX_SERVICES, MAX_SET_SIZE,
+    CONFIG_F_SYNC, IPPROTO_TCP, MAX_SERVICES, MAX_SET_SIZE,
 };
 use tracing::info;
 
@@ -132,6 +132,47 @@ impl Control {
         Ok(())
     }
 
+    /// This node's ids for a flow a pair's active synced (`pair::install`): the service at
+    /// `vip`, the backend at `backend`, and that pair's current reset epoch.
+    pub fn synced_ids(
+        &self,
+        vip: std::net::SocketAddrV4,
+        backend: std::net::SocketAddrV4,
+    ) -> Result<crate::pair::Ids> {
+        let service = self
+            .services
+            .get(
+                &ServiceKey {
+                    addr: u32::from_ne_bytes(vip.ip().octets()),
+                    port: vip.port().to_be(),
+                    proto: lb_common::IPPROTO_TCP,
+                    _pad: 0,
+                },
+                0,
+            )
+            .with_context(|| format!("no service at {vip} on this node"))?;
+        let backend_id = self
+            .backends
+            .get(
+                &BackendKey {
+                    addr: u32::from_ne_bytes(backend.ip().octets()),
+                    port: backend.port().to_be(),
+                    _pad: 0,
+                },
+                0,
+            )
+            .with_context(|| format!("no backend {backend} on this node"))?;
+        let epoch = self
+            .reset_epoch
+            .get(&lb_common::epoch_index(service.id, backend_id), 0)
+            .unwrap_or(0);
+        Ok(crate::pair::Ids {
+            service: service.id,
+            backend: backend_id,
+            epoch,
+        })
+    }
+
     /// Writes the data path's runtime settings.
     pub fn write_config(&mut self, cfg: &Config, generic: bool) -> Result<()> {
         let mut flags = 0;
@@ -146,6 +187,9 @@ impl Control {
         }
         if self.old_range.is_some() {
             flags |= CONFIG_F_OLD_PORTS;
+        }
+        if cfg.pair.is_some() {
+            flags |= CONFIG_F_SYNC;
         }
         let c = MapConfig {
             embryonic_timeout_ns: cfg.connect_timeout.as_nanos() as u64,

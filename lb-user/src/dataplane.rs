@@ -99,6 +99,16 @@ fn expected_meta() -> Result<Vec<(&'static str, u64)>> {
 
 const SIZE_SLOTS: u32 = 24;
 
+/// Bytes of the `FLOW_SYNC` ring: the object's size in a pair, else one page (the program
+/// never writes it).
+fn flow_sync_size(cfg: &Config) -> u32 {
+    if cfg.pair.is_some() {
+        256 * 4096
+    } else {
+        4096
+    }
+}
+
 /// Whether an instance was found pinned and adopted, and how many flows it carried.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Pins {
@@ -228,7 +238,8 @@ fn load_with(cfg: &Config, pin_dir: Option<&Path>) -> Result<Ebpf> {
     loader
         .map_max_entries(names::CT_EMBRYONIC, cfg.embryonic_entries)
         .map_max_entries(names::CT_ESTABLISHED, cfg.established_entries)
-        .map_max_entries(names::SLOTS, slots_size(cfg).max(1));
+        .map_max_entries(names::SLOTS, slots_size(cfg).max(1))
+        .map_max_entries(names::FLOW_SYNC, flow_sync_size(cfg));
     if let Some(dir) = pin_dir {
         for name in names::ALL {
             loader.map_pin_path(name, dir.join(name));

@@ -36,6 +36,7 @@ pub mod maglev;
 pub mod mirror;
 pub mod nic;
 pub mod ops;
+pub mod pair;
 pub mod port_hints;
 pub mod readiness;
 pub mod run;

@@ -54,6 +54,16 @@ pub async fn run(args: RunArgs) -> Result<()> {
         cfg.instance = i;
     }
     cfg.xdp_object = args.xdp_object;
+    if cfg.pair.is_some() {
+        // The data path reports flows and a standby can install them (`pair`), but the stream
+        // between the two agents is not built yet: a pair would look synced and not be.
+        bail!(
+            "{}: [pair] (flow-state sync between two lb nodes) is not finished in this version; \
+             remove it: keepalived can still move the VIPs between two lb hosts (README, \"A pair \
+             with keepalived\"), without carrying live connections across",
+            cfg.path.display()
+        );
+    }
     if !nix::unistd::geteuid().is_root() {
         bail!("lb run needs root (CAP_BPF, CAP_NET_ADMIN, CAP_SYS_ADMIN): run it with sudo");
     }

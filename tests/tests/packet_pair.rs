@@ -1,0 +1,92 @@
+//! A pair's flow sync at the packet level (issue 15, first part): the active's data path reports
+//! each flow it establishes (`FLOW_SYNC`, only in a pair), and a standby that installs the
+//! reported flow (`lb_user::pair`, through the wire encoding) forwards the flow's next segments
+//! both ways exactly as the active did.
+//!
+//! Same fixture as `packet.rs`: client 198.18.0.2 behind `cl0`, db01 10.0.1.10 behind `bk0`
+//! (10.0.1.1, the SNAT address); VIP 198.18.0.10:7680 "write" -> db01:7687.
+
+use anyhow::Result;
+use lb_tests::fixture::frames::{ACK, PSH};
+use lb_tests::fixture::*;
+use lb_user::pair::{self, SyncedFlow};
+
+/// The fixture's configuration as one node of a pair.
+fn paired() -> String {
+    format!("{CONFIG}\n[pair]\npeer = \"127.0.0.1:7690\"\n")
+}
+
+#[test]
+#[ignore = "needs root and netns: run cargo xtask test"]
+fn each_flow_established_in_a_pair_is_reported_once_with_its_entries() -> Result<()> {
+    Fixture::run_with_config("pairreport", &paired(), |fx| {
+        let mut c = Conn::handshake(fx, 40100, WRITE_PORT)?;
+        assert!(
+            fx.synced_flows()?.is_empty(),
+            "a handshake in progress is not reported"
+        );
+        c.client_sends(fx, "handshake ACK", ACK, b"")?;
+        let (fwd, rev) = c.entries(fx)?;
+        let reported = fx.synced_flows()?;
+        assert_eq!(reported.len(), 1, "one record for the established flow");
+        let r = reported[0];
+        assert_eq!(r.fwd_key, c.fwd_key());
+        assert_eq!(
+            (r.fwd, r.rev),
+            (fwd, rev),
+            "the record holds both entries as they went into the table"
+        );
+        c.client_sends(fx, "data", PSH | ACK, b"hello")?;
+        c.backend_sends(fx, "answer", PSH | ACK, b"world")?;
+        assert!(
+            fx.synced_flows()?.is_empty(),
+            "segments of an established flow report nothing more"
+        );
+        Ok(())
+    })
+}
+
+#[test]
+#[ignore = "needs root and netns: run cargo xtask test"]
+fn outside_a_pair_nothing_is_reported() -> Result<()> {
+    Fixture::run("pairnone", |fx| {
+        let mut c = Conn::establish(fx, 40101, WRITE_PORT)?;
+        c.client_sends(fx, "data", PSH | ACK, b"hello")?;
+        assert!(fx.synced_flows()?.is_empty());
+        Ok(())
+    })
+}
+
+#[test]
+#[ignore = "needs root and netns: run cargo xtask test"]
+fn a_standby_that_installed_the_reported_flow_forwards_its_next_segments_as_the_active(
+) -> Result<()> {
+    Fixture::run_with_config("pairinstall", &paired(), |fx| {
+        let mut c = Conn::establish(fx, 40102, WRITE_PORT)?;
+        c.client_sends(fx, "data on the active", PSH | ACK, b"BEGIN")?;
+        c.backend_sends(fx, "answer on the active", PSH | ACK, b"SUCCESS")?;
+        let [r] = fx.synced_flows()?[..] else {
+            panic!("one reported flow");
+        };
+        let ifindexes = [fx.cl0.ifindex, fx.bk0.ifindex];
+        let flow = pair::export(&r, lb_user::gc::monotonic_now()?, &ifindexes)?;
+        let mut wire = Vec::new();
+        flow.encode(&mut wire);
+        let flow = SyncedFlow::decode(&wire)?;
+
+        // A standby without the flow: the tables lose it, and the client's next segment meets
+        // no flow (answered with a RST).
+        fx.remove_established(&c.fwd_key())?;
+        fx.remove_established(&c.rev_key())?;
+        let orphan = fx.from_client(&c.client(PSH | ACK, b"RUN").bytes()?)?;
+        assert_eq!(orphan.action, Action::Tx, "no flow: refused with a RST");
+
+        fx.install_synced(&flow)?;
+        c.assert_established(fx, true);
+        // The segments after the takeover, sequence numbers past what the record says.
+        c.client_sends(fx, "data after the install", PSH | ACK, b"RUN")?;
+        c.backend_sends(fx, "answer after the install", PSH | ACK, b"RECORD")?;
+        c.assert_alive(fx, "after the install")?;
+        Ok(())
+    })
+}
