@@ -31,6 +31,7 @@ pub const DEFAULT_RST_PER_SEC: u32 = 1000;
 struct RawConfig {
     instance: Option<Spanned<String>>,
     snat_ports: Option<Spanned<String>>,
+    snat_address: Option<Spanned<String>>,
     vip_mode: Option<Spanned<String>>,
     #[serde(default)]
     debug: bool,
@@ -237,6 +238,10 @@ pub struct Config {
     pub path: PathBuf,
     pub instance: String,
     pub snat_ports: (u16, u16),
+    /// `snat_address`: the source address of every new flow towards its backend, instead of
+    /// the route's source. A pair's floating address (keepalived moves it with the VIPs), so
+    /// that the backends' replies to the active's flows reach whichever node is active.
+    pub snat_address: Option<Ipv4Addr>,
     pub vip_mode: VipMode,
     pub debug: bool,
     pub rst_per_sec: u32,
@@ -371,6 +376,19 @@ fn parse_instance(src: Src, v: Option<&Spanned<String>>) -> Result<String> {
         return Err(src.err(i.span(), "instance: use 1-64 letters, digits, '-' or '_'"));
     }
     Ok(s.clone())
+}
+
+fn parse_snat_address(src: Src, v: &Spanned<String>) -> Result<Ipv4Addr> {
+    match v.get_ref().parse::<Ipv4Addr>() {
+        Ok(a) if !a.is_unspecified() && !a.is_broadcast() && !a.is_multicast() => Ok(a),
+        _ => Err(src.err(
+            v.span(),
+            format!(
+                "snat_address = {:?}: expected a unicast IPv4 address, e.g. \"10.0.1.100\"",
+                v.get_ref()
+            ),
+        )),
+    }
 }
 
 fn parse_snat_ports(src: Src, v: Option<&Spanned<String>>) -> Result<(u16, u16)> {
@@ -947,6 +965,11 @@ impl Config {
         let raw: RawConfig = src.document()?;
         let instance = parse_instance(src, raw.instance.as_ref())?;
         let snat_ports = parse_snat_ports(src, raw.snat_ports.as_ref())?;
+        let snat_address = raw
+            .snat_address
+            .as_ref()
+            .map(|a| parse_snat_address(src, a))
+            .transpose()?;
         let vip_mode = parse_vip_mode(src, raw.vip_mode.as_ref())?;
         let (connect_timeout, idle_timeout, close_timeout) = parse_timeouts(src, &raw.timeouts)?;
         let backends = parse_backends(src, &raw.backends)?;
@@ -956,6 +979,7 @@ impl Config {
             path: path.to_path_buf(),
             instance,
             snat_ports,
+            snat_address,
             vip_mode,
             debug: raw.debug,
             rst_per_sec: raw.rst_per_sec.unwrap_or(DEFAULT_RST_PER_SEC),

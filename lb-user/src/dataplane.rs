@@ -289,9 +289,14 @@ fn load_with(cfg: &Config, pin_dir: Option<&Path>) -> Result<Ebpf> {
 /// it can say (Linux 6.7+), else from this host's route to each backend as resolved now (a
 /// backend without a route gets none: its new flows are dropped as "no SNAT address", and the
 /// FIB lookup refuses them first anyway). Returns whether the FIB gives it.
-pub fn set_source_addresses(ebpf: &Ebpf, control: &mut Control, cfg: &Config) -> Result<bool> {
+pub fn set_source_addresses(ebpf: &Ebpf, control: &mut Control, cfg: &Config) -> Result<Source> {
+    if let Some(a) = cfg.snat_address {
+        let sources: Vec<_> = cfg.backends.iter().map(|b| (b.address, a)).collect();
+        control.use_route_sources(&sources)?;
+        return Ok(Source::Configured(a));
+    }
     if fib_src_supported(ebpf)? {
-        return Ok(true);
+        return Ok(Source::Fib);
     }
     let mut sources = Vec::new();
     for b in &cfg.backends {
@@ -301,7 +306,18 @@ pub fn set_source_addresses(ebpf: &Ebpf, control: &mut Control, cfg: &Config) ->
         }
     }
     control.use_route_sources(&sources)?;
-    Ok(false)
+    Ok(Source::Routes)
+}
+
+/// Where a new flow's source address comes from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Source {
+    /// The kernel's FIB lookup (`BPF_FIB_LOOKUP_SRC`, Linux 6.7+).
+    Fib,
+    /// This host's route to each backend, resolved by the agent at start (older kernels).
+    Routes,
+    /// `snat_address`, for every backend.
+    Configured(std::net::Ipv4Addr),
 }
 
 /// Whether the kernel's `bpf_fib_lookup` accepts `BPF_FIB_LOOKUP_SRC` (Linux 6.7+), asked by

@@ -273,6 +273,8 @@ pub struct Gc {
     /// and the backend ids the last pass wrote.
     hints: Option<(Array<MapData, PortHints>, (u16, u16))>,
     hinted: FastSet<u32>,
+    /// In a pair: what the peer is told (flows ended, flows refreshed at each pass).
+    pair: Option<crate::pair::feed::Feed>,
 }
 
 /// Why the GC ended a flow, as the connection log says it.
@@ -356,7 +358,19 @@ impl Gc {
             deleting: Duration::ZERO,
             hints: None,
             hinted: FastSet::default(),
+            pair: None,
         }
+    }
+
+    /// Tells `feed` (the pair's) of every flow that ends and, at each pass, of the flows that
+    /// carried a segment since the pass before.
+    pub fn feed_pair(&mut self, feed: crate::pair::feed::Feed) {
+        self.pair = Some(feed);
+    }
+
+    /// The pair's feed, if any (the worker hands it the data path's `FLOW_SYNC` records).
+    pub fn pair_feed(&mut self) -> Option<&mut crate::pair::feed::Feed> {
+        self.pair.as_mut()
     }
 
     /// Rewrites the data path's port hints (`PORT_HINTS`, for SNAT range `range`) from each
@@ -448,6 +462,9 @@ impl Gc {
     /// Logs a connection the data path ended (a `CONN_EVENTS` record).
     pub fn log_event(&mut self, e: &lb_common::ConnEvent) {
         self.log.record(&Ended::from_event(e));
+        if let Some(p) = &mut self.pair {
+            p.ended(&e.key);
+        }
     }
 
     pub fn timeouts(&self) -> Timeouts {
@@ -679,6 +696,7 @@ impl Gc {
 
         let mut flows: Vec<(FlowKey, FlowKey, Expiry)> = Vec::new();
         let mut orphans: Vec<FlowKey> = Vec::new();
+        let mut refresh: Vec<(FlowKey, Flow, Flow)> = Vec::new();
         let mut planned = 0usize;
         for (key, flow) in &snapshot {
             if planned + 2 > budget {
@@ -701,6 +719,9 @@ impl Gc {
                     } else {
                         tally.live.insert(*key);
                         tally.hold(partner.backend_id, pkey.dport);
+                        if self.pair.is_some() {
+                            refresh.push((*key, *flow, *partner));
+                        }
                     }
                 }
                 _ => {
@@ -713,6 +734,9 @@ impl Gc {
             }
         }
 
+        if let Some(p) = &mut self.pair {
+            p.pass(now, refresh.into_iter());
+        }
         let deleting = std::time::Instant::now();
         for (fkey, rkey, why) in flows {
             // Read again: a segment may have revived the flow, or a new one taken the tuple.
@@ -735,6 +759,9 @@ impl Gc {
             remove(&mut self.established, &rkey);
             self.log
                 .record(&Ended::from_flows(&fkey, &f, &r, reason(&f, &r, why)));
+            if let Some(p) = &mut self.pair {
+                p.ended(&fkey);
+            }
             match why {
                 Expiry::Closed => st.closed += 1,
                 Expiry::Idle => st.idle += 1,
@@ -942,6 +969,9 @@ pub struct Worker {
 
 /// How often the GC's thread drains the `CONN_EVENTS` ring.
 pub const EVENTS_EVERY: Duration = Duration::from_millis(50);
+/// How often it drains both rings in a pair (`FLOW_SYNC` too): a flow reaches the peer at
+/// most this much after it was established, plus the stream's own delay.
+pub const SYNC_EVERY: Duration = Duration::from_millis(10);
 
 /// What the worker's last pass found that the loop acts on (the table fill goes to the live
 /// view through `on_pass`).
@@ -971,8 +1001,15 @@ impl Worker {
         mut gc: Gc,
         release: Option<Xdp>,
         mut events: aya::maps::RingBuf<MapData>,
+        mut flow_sync: Option<aya::maps::RingBuf<MapData>>,
         on_pass: impl Fn(&TableFill) + Send + 'static,
     ) -> Result<Self> {
+        // In a pair the rings are drained more often: the peer's lag is this period.
+        let every = if flow_sync.is_some() {
+            SYNC_EVERY
+        } else {
+            EVENTS_EVERY
+        };
         use std::sync::{atomic::Ordering, Arc, Mutex};
         let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let shared = Arc::new(Mutex::new(Published::default()));
@@ -989,9 +1026,23 @@ impl Worker {
                             gc.log_event(&e);
                         }
                     }
+                    // After the ends: a flow that ended since the last drain has its end
+                    // recorded when its own record is read, and is not sent.
+                    if let (Some(ring), Ok(now)) = (flow_sync.as_mut(), monotonic_now()) {
+                        while let Some(item) = ring.next() {
+                            let size = std::mem::size_of::<lb_common::FlowSync>();
+                            if item.len() >= size {
+                                let f: lb_common::FlowSync =
+                                    bytemuck::pod_read_unaligned(&item[..size]);
+                                if let Some(feed) = gc.pair_feed() {
+                                    feed.established(&f, now);
+                                }
+                            }
+                        }
+                    }
                     let wait = next.saturating_duration_since(std::time::Instant::now());
                     if !wait.is_zero() {
-                        std::thread::sleep(wait.min(EVENTS_EVERY));
+                        std::thread::sleep(wait.min(every));
                         continue;
                     }
                     let started = std::time::Instant::now();

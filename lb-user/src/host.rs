@@ -37,6 +37,14 @@ pub fn iface_addrs(iface: &str) -> Result<Vec<Ipv4Addr>> {
     Ok(out)
 }
 
+/// The MAC address of `iface` (in the calling thread's network namespace).
+pub fn iface_mac(iface: &str) -> Result<[u8; 6]> {
+    nix::ifaddrs::getifaddrs()?
+        .filter(|a| a.interface_name == iface)
+        .find_map(|a| a.address?.as_link_addr()?.addr())
+        .with_context(|| format!("{iface} has no link-layer (MAC) address"))
+}
+
 /// The driver name of `iface` as ethtool reports it (e.g. "veth"), if it can be read.
 pub fn driver(iface: &str) -> Option<String> {
     let out = Command::new("ethtool").args(["-i", iface]).output().ok()?;

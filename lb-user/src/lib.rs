@@ -22,6 +22,7 @@
 //! - [`capture`]: `lb capture`, sampled frames of one service to a pcap file.
 //! - [`admin`]: the admin HTTP server (dashboard, /stats.json, ;csv, /metrics).
 //! - [`nic`]: the NIC's own XDP counters (`ethtool -S`) for the admin views.
+//! - [`pair`]: a pair of nodes for the same VIPs, each streaming its flows to the other.
 pub mod admin;
 pub mod capture;
 pub mod config;

@@ -54,16 +54,6 @@ pub async fn run(args: RunArgs) -> Result<()> {
         cfg.instance = i;
     }
     cfg.xdp_object = args.xdp_object;
-    if cfg.pair.is_some() {
-        // The data path reports flows and a standby can install them (`pair`), but the stream
-        // between the two agents is not built yet: a pair would look synced and not be.
-        bail!(
-            "{}: [pair] (flow-state sync between two lb nodes) is not finished in this version; \
-             remove it: keepalived can still move the VIPs between two lb hosts (README, \"A pair \
-             with keepalived\"), without carrying live connections across",
-            cfg.path.display()
-        );
-    }
     if !nix::unistd::geteuid().is_root() {
         bail!("lb run needs root (CAP_BPF, CAP_NET_ADMIN, CAP_SYS_ADMIN): run it with sudo");
     }
@@ -148,6 +138,39 @@ pub fn detach(instance: &str) -> Result<()> {
 }
 
 /// The interfaces the program is attached to, and how.
+/// Starts the pair's streams: own handles on the pinned established table and reset epochs
+/// for each thread, the interfaces with their MACs.
+fn start_pair(
+    cfg: &Config,
+    pair: &crate::config::PairConfig,
+    ifaces: &[String],
+    ifindexes: &[u32],
+    pin_dir: &Path,
+    rx: std::sync::mpsc::Receiver<crate::pair::feed::Outgoing>,
+) -> Result<crate::pair::Running> {
+    let own = ifaces
+        .iter()
+        .zip(ifindexes)
+        .map(|(name, &ifindex)| {
+            Ok(crate::pair::Iface {
+                ifindex,
+                mac: host::iface_mac(name)?,
+            })
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let tables = || {
+        crate::pair::tables::Tables::new(
+            cfg,
+            dataplane::open_pinned(pin_dir, lb_common::names::CT_ESTABLISHED)?,
+            dataplane::open_pinned(pin_dir, lb_common::names::RESET_EPOCH)?,
+            own.clone(),
+        )
+    };
+    let running = crate::pair::Running::start(pair, tables()?, tables()?, rx)?;
+    info!(peer = %pair.peer, listen = %pair.listen, "pair: streaming this node's flows to the peer, installing the peer's");
+    Ok(running)
+}
+
 struct Ifaces<'a> {
     names: &'a [String],
     indexes: &'a [u32],
@@ -187,6 +210,22 @@ async fn serve(
             .context("the object has no CONN_EVENTS map")?;
         aya::maps::RingBuf::try_from(map).context("CONN_EVENTS is not a ring buffer")?
     };
+    // In a pair: the flows the data path establishes come through `FLOW_SYNC`, which the GC's
+    // thread drains with `CONN_EVENTS` and feeds, with the ends and its refreshes, to the
+    // sender's thread; the receiver's thread installs the peer's flows.
+    let mut pair_rx = None;
+    let flow_sync = match &cfg.pair {
+        None => None,
+        Some(_) => {
+            let map = ebpf
+                .take_map(lb_common::names::FLOW_SYNC)
+                .context("the object has no FLOW_SYNC map")?;
+            let (tx, rx) = std::sync::mpsc::sync_channel(crate::pair::feed::QUEUE);
+            gc.feed_pair(crate::pair::feed::Feed::new(tx, ifindexes.to_vec()));
+            pair_rx = Some(rx);
+            Some(aya::maps::RingBuf::try_from(map).context("FLOW_SYNC is not a ring buffer")?)
+        }
+    };
     // A record of host changes belongs to the pinned instance it was kept for: trusted only when
     // adopting that instance (a fresh one starts from the host as it is).
     let mut host = match pins {
@@ -223,6 +262,13 @@ async fn serve(
                 .filter(|a| !vips.contains(a)),
         );
     }
+    if let Some(a) = cfg.snat_address {
+        // Not necessarily on an interface yet (a pair's standby: keepalived adds it at
+        // takeover); replies to it are translated from the start.
+        if !snat_addrs.contains(&a) {
+            snat_addrs.push(a);
+        }
+    }
     if snat_addrs.is_empty() {
         bail!(
             "none of {} has an IPv4 address to use as the SNAT source address",
@@ -236,15 +282,17 @@ async fn serve(
         control.adopt_sets(cfg)
     };
     let mut old_ranges = carry_old_ranges(cfg, &mut control, &mut host)?;
-    if dataplane::set_source_addresses(ebpf, &mut control, cfg)? {
-        info!(
+    match dataplane::set_source_addresses(ebpf, &mut control, cfg)? {
+        dataplane::Source::Fib => info!(
             "new flows take the source address the kernel's FIB lookup gives (BPF_FIB_LOOKUP_SRC)"
-        );
-    } else {
-        info!(
+        ),
+        dataplane::Source::Routes => info!(
             "this kernel has no BPF_FIB_LOOKUP_SRC (Linux before 6.7): new flows take the source address \
              of this host's route to their backend, resolved now (restart lb after changing such a route)"
-        );
+        ),
+        dataplane::Source::Configured(a) => {
+            info!(snat_address = %a, "new flows take the configured snat_address");
+        }
     }
     control.configure(cfg, mode == AttachMode::Generic, ifindexes, &snat_addrs)?;
 
@@ -272,7 +320,11 @@ async fn serve(
             None
         }
     };
-    let gc = crate::gc::Worker::spawn(gc, release, conn_events, {
+    let _pair = match (&cfg.pair, pair_rx) {
+        (Some(pair), Some(rx)) => Some(start_pair(cfg, pair, ifaces, ifindexes, pin_dir, rx)?),
+        _ => None,
+    };
+    let gc = crate::gc::Worker::spawn(gc, release, conn_events, flow_sync, {
         let live = live.clone();
         move |fill| {
             if let Ok(mut v) = live.write() {

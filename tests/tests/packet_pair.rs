@@ -3,11 +3,16 @@
 //! reported flow (`lb_user::pair`, through the wire encoding) forwards the flow's next segments
 //! both ways exactly as the active did.
 //!
+//! Also `snat_address`, the pair's floating source address: new flows take it instead of the
+//! route's, and replies to it are translated.
+//!
 //! Same fixture as `packet.rs`: client 198.18.0.2 behind `cl0`, db01 10.0.1.10 behind `bk0`
 //! (10.0.1.1, the SNAT address); VIP 198.18.0.10:7680 "write" -> db01:7687.
 
+use std::net::Ipv4Addr;
+
 use anyhow::Result;
-use lb_tests::fixture::frames::{ACK, PSH};
+use lb_tests::fixture::frames::{TcpFrame, ACK, PSH, SYN};
 use lb_tests::fixture::*;
 use lb_user::pair::{self, SyncedFlow};
 
@@ -87,6 +92,51 @@ fn a_standby_that_installed_the_reported_flow_forwards_its_next_segments_as_the_
         c.client_sends(fx, "data after the install", PSH | ACK, b"RUN")?;
         c.backend_sends(fx, "answer after the install", PSH | ACK, b"RECORD")?;
         c.assert_alive(fx, "after the install")?;
+        Ok(())
+    })
+}
+
+/// A floating SNAT address on the backends' segment, not on any interface of the fixture.
+const FLOATING: Ipv4Addr = Ipv4Addr::new(10, 0, 1, 100);
+
+#[test]
+#[ignore = "needs root and netns: run cargo xtask test"]
+fn with_snat_address_new_flows_leave_from_it_and_replies_to_it_come_back() -> Result<()> {
+    let config = CONFIG.replace(
+        "instance = ",
+        &format!("snat_address = \"{FLOATING}\"\ninstance = "),
+    );
+    assert_ne!(config, CONFIG, "the fixture config names its instance");
+    Fixture::run_with_config("pairsnat", &config, |fx| {
+        let syn = client_syn(40200, WRITE_PORT);
+        let out = fx.from_client(&syn.bytes()?)?;
+        let port = sport_of(&out.frame);
+        assert_frame(
+            "SYN to db01 from the configured address",
+            &out,
+            Action::Redirect,
+            &syn.clone()
+                .forwarded(BK0_MAC, DB01_MAC)
+                .translated(sa(FLOATING, port), sa(DB01, BACKEND_PORT)),
+        )?;
+        let syn_ack = TcpFrame::new(
+            DB01_MAC,
+            BK0_MAC,
+            sa(DB01, BACKEND_PORT),
+            sa(FLOATING, port),
+        )
+        .with_flags(SYN | ACK)
+        .with_seq_ack(0x5000_0000, syn.seq.wrapping_add(1));
+        let back = fx.from_backends(&syn_ack.bytes()?)?;
+        assert_frame(
+            "SYN-ACK back to the client",
+            &back,
+            Action::Redirect,
+            &syn_ack
+                .clone()
+                .forwarded(CL0_MAC, CLIENT_MAC)
+                .translated(sa(VIP, WRITE_PORT), sa(CLIENT, 40200)),
+        )?;
         Ok(())
     })
 }

@@ -7,8 +7,8 @@
 //!   the standby installs with its own interfaces, clock, ids and reset epochs ([`entries`],
 //!   written by [`install`]).
 //!
-//! Built so far: the data path's export and the standby's install. Not yet: the stream between
-//! the agents, snapshots, roles and the keepalived configuration (issue 15).
+//! - [`feed`]: what this node tells its peer (gathered on the GC's thread); [`stream`]: the
+//!   two TCP streams between the agents (a snapshot, then live flows and ends).
 use std::{
     borrow::BorrowMut,
     net::{Ipv4Addr, SocketAddrV4},
@@ -18,6 +18,9 @@ use anyhow::{anyhow, Context, Result};
 use aya::maps::{HashMap, MapData};
 use lb_common::{Flow, FlowKey, FlowSync, DIR_FORWARD, DIR_REPLY, FLOW_ESTABLISHED, IPPROTO_TCP};
 
+pub mod feed;
+pub mod stream;
+pub mod tables;
 pub mod wire;
 
 pub use wire::{Direction, SyncedFlow};
@@ -37,7 +40,7 @@ fn be(a: SocketAddrV4) -> (u32, u16) {
     (u32::from_ne_bytes(a.ip().octets()), a.port().to_be())
 }
 
-fn key(src: SocketAddrV4, dst: SocketAddrV4) -> FlowKey {
+pub(crate) fn key(src: SocketAddrV4, dst: SocketAddrV4) -> FlowKey {
     let ((saddr, sport), (daddr, dport)) = (be(src), be(dst));
     FlowKey {
         saddr,
@@ -205,6 +208,68 @@ pub fn install<C: BorrowMut<MapData>>(
         return Err(e).context("established table");
     }
     Ok(())
+}
+
+/// The pair's two threads (sender, receiver) and their status; stopped when dropped.
+pub struct Running {
+    pub status: stream::Status,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    threads: Vec<std::thread::JoinHandle<()>>,
+}
+
+impl Running {
+    /// Binds `pair.listen` (an error says why it cannot) and starts the receiver into `sink`
+    /// and the sender of `rx`'s messages (snapshots from `source`) to `pair.peer`.
+    pub fn start(
+        pair: &crate::config::PairConfig,
+        source: impl stream::Source + 'static,
+        sink: impl stream::Sink + 'static,
+        rx: std::sync::mpsc::Receiver<feed::Outgoing>,
+    ) -> Result<Self> {
+        let listener = std::net::TcpListener::bind(pair.listen).with_context(|| {
+            format!(
+                "[pair] listen = \"{}\": cannot listen there for the peer's flows",
+                pair.listen
+            )
+        })?;
+        let status = stream::Status::default();
+        if let Ok(mut s) = status.lock() {
+            s.peer = pair.peer.to_string();
+            s.listen = pair.listen.to_string();
+        }
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let recv = {
+            let (status, stop) = (status.clone(), stop.clone());
+            std::thread::Builder::new()
+                .name("lb-pair-recv".into())
+                .spawn(move || stream::receive_loop(listener, sink, status, stop))?
+        };
+        let send = {
+            let (status, stop, peer) = (status.clone(), stop.clone(), pair.peer);
+            std::thread::Builder::new()
+                .name("lb-pair-send".into())
+                .spawn(move || stream::send_loop(peer, source, rx, status, stop))?
+        };
+        Ok(Self {
+            status,
+            stop,
+            threads: vec![recv, send],
+        })
+    }
+
+    /// A copy of the status now.
+    pub fn status(&self) -> stream::PairStatus {
+        self.status.lock().map(|s| s.clone()).unwrap_or_default()
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
+    }
 }
 
 #[cfg(test)]

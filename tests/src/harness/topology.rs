@@ -76,6 +76,9 @@ pub struct TopologyOptions {
     pub peer_xdp: bool,
     /// Agent instance name; default `test-<test>-<pid>` (the demo uses `demo`).
     pub instance: Option<String>,
+    /// A second balancer host on the same segment (`lb2`, one-armed only): a pair's standby.
+    /// Default false.
+    pub standby: bool,
 }
 
 impl Default for TopologyOptions {
@@ -85,6 +88,7 @@ impl Default for TopologyOptions {
             sender_offloads: false,
             peer_xdp: true,
             instance: None,
+            standby: false,
         }
     }
 }
@@ -130,6 +134,9 @@ pub struct Topology {
     pub vip: Ipv4Addr,
     pub client: Host,
     pub lb: LbHost,
+    /// The second balancer host ([`TopologyOptions::standby`]), whose agent runs as
+    /// [`Topology::standby_instance`].
+    pub lb2: Option<LbHost>,
     /// Same as `lb.ifaces`.
     pub lb_ifaces: Vec<String>,
     /// The namespace holding the bridge `br0`.
@@ -219,9 +226,22 @@ impl Topology {
                 Ipv4Addr::new(10, 0, 1, 50),
             ),
         };
+        let lb2 = match (options.standby, shape) {
+            (false, _) => None,
+            (true, Shape::OneArmed) => Some(LbHost {
+                ns: ns("lb2"),
+                ifaces: vec!["l0".into()],
+                client_addr: Ipv4Addr::new(10, 0, 1, 2),
+                backend_addr: Ipv4Addr::new(10, 0, 1, 2),
+            }),
+            (true, Shape::TwoArmed) => {
+                bail!("a standby balancer is built in the one-armed shape only")
+            }
+        };
         let mut topo = Topology {
             test_name: test_name.to_string(),
             shape,
+            lb2,
             instance,
             vip,
             lb_ifaces: lb.ifaces.clone(),
@@ -243,6 +263,9 @@ impl Topology {
 
     fn build(&mut self) -> Result<()> {
         cleanup::remove_pin_dir(&self.instance)?;
+        if self.lb2.is_some() {
+            cleanup::remove_pin_dir(&self.standby_instance())?;
+        }
         match fs::remove_dir_all(&self.log_dir) {
             Ok(()) => {}
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
@@ -258,6 +281,7 @@ impl Topology {
             self.lb.ns.clone(),
             self.switch.clone(),
         ];
+        all.extend(self.lb2.iter().map(|h| h.ns.clone()));
         all.extend(self.backends.iter().map(|b| b.ns.clone()));
         for ns in &all {
             if ns.exists() {
@@ -291,6 +315,12 @@ impl Topology {
                 switch_ports.push("s-l0".into());
                 addr_up(&lb.ns, "l0", lb.client_addr)?;
                 peer_xdp.push((sw.clone(), "s-l0".into()));
+                if let Some(lb2) = self.lb2.clone() {
+                    veth(&lb2.ns, "l0", &sw, "s-lb2")?;
+                    switch_ports.push("s-lb2".into());
+                    addr_up(&lb2.ns, "l0", lb2.client_addr)?;
+                    peer_xdp.push((sw.clone(), "s-lb2".into()));
+                }
             }
         }
         addr_up(&client.ns, "c0", client.addr)?;
@@ -343,8 +373,14 @@ impl Topology {
             self.lb.ns.clone(),
             self.switch.clone(),
         ];
+        all.extend(self.lb2.iter().map(|h| h.ns.clone()));
         all.extend(self.backends.iter().map(|b| b.ns.clone()));
         all
+    }
+
+    /// The agent instance of the second balancer host (`lb2`).
+    pub fn standby_instance(&self) -> String {
+        format!("{}-b", self.instance)
     }
 
     /// The backend called `name`.
@@ -580,18 +616,46 @@ impl Topology {
         extra_args: &[&str],
         env: &[(&str, &str)],
     ) -> Result<LbProcess> {
-        let config = self.log_dir.join("lb.toml");
+        self.start_agent(&self.lb, &self.instance, config_toml, extra_args, env)
+    }
+
+    /// Starts the agent of the second balancer host (`lb2`) as [`Topology::standby_instance`].
+    pub fn start_standby_lb(&self, config_toml: &str, extra_args: &[&str]) -> Result<LbProcess> {
+        let lb2 = self
+            .lb2
+            .as_ref()
+            .context("this topology has no second balancer (TopologyOptions::standby)")?;
+        self.start_agent(lb2, &self.standby_instance(), config_toml, extra_args, &[])
+    }
+
+    /// Starts `lb run` on `host` as `instance` with `config_toml` and waits for it to be ready.
+    fn start_agent(
+        &self,
+        host: &LbHost,
+        instance: &str,
+        config_toml: &str,
+        extra_args: &[&str],
+        env: &[(&str, &str)],
+    ) -> Result<LbProcess> {
+        let (config, name) = if instance == self.instance {
+            (self.log_dir.join("lb.toml"), "lb".to_string())
+        } else {
+            (
+                self.log_dir.join(format!("{instance}.toml")),
+                instance.to_string(),
+            )
+        };
         fs::write(&config, config_toml).with_context(|| format!("writing {}", config.display()))?;
-        let mut cmd = self.lb.ns.command(super::lb_bin());
+        let mut cmd = host.ns.command(super::lb_bin());
         cmd.arg("run")
             .arg("--config")
             .arg(&config)
-            .args(["--instance", &self.instance]);
-        for iface in &self.lb.ifaces {
+            .args(["--instance", instance]);
+        for iface in &host.ifaces {
             cmd.args(["--iface", iface]);
         }
         cmd.args(extra_args).envs(env.iter().copied());
-        let process = self.spawn_command("lb", cmd)?;
+        let process = self.spawn_command(&name, cmd)?;
         let ready_line = process.wait_for_line(Stream::Stderr, "lb ready", ready_timeout())?;
         Ok(LbProcess {
             process,
@@ -691,11 +755,17 @@ impl Drop for Topology {
         }
         // The agent's records under /run/lb outlive it by design (for `lb detach`); the
         // namespaces they describe are gone now.
-        for suffix in [".json", ".host.json", ".sock"] {
-            let _ = fs::remove_file(format!("/run/lb/{}{suffix}", self.instance));
+        let mut instances = vec![self.instance.clone()];
+        if self.lb2.is_some() {
+            instances.push(self.standby_instance());
         }
-        if let Err(e) = cleanup::remove_pin_dir(&self.instance) {
-            eprintln!("harness: {e:#}");
+        for instance in &instances {
+            for suffix in [".json", ".host.json", ".sock"] {
+                let _ = fs::remove_file(format!("/run/lb/{instance}{suffix}"));
+            }
+            if let Err(e) = cleanup::remove_pin_dir(instance) {
+                eprintln!("harness: {e:#}");
+            }
         }
         if std::thread::panicking() || std::env::var_os("LB_KEEP_LOGS").is_some() {
             eprintln!(

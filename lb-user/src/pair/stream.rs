@@ -1,0 +1,586 @@
+//! The stream between the two agents of a pair: one TCP connection each way, each carrying the
+//! flows of the node that opens it. A node's sender connects to the peer's `listen` address,
+//! sends a snapshot of its established flows, then every message its [`Feed`](super::feed)
+//! queues, and a ping each second it has nothing else; it reconnects (and sends a new snapshot)
+//! whenever the connection breaks. A node's receiver accepts its peer's connection and applies
+//! what arrives to its own tables. Neither side needs to know which node is active: a standby
+//! establishes no flows and sends nothing but its snapshot (of flows it received, which the
+//! peer already has and so leaves alone), and after a takeover the roles of the two streams
+//! swap by themselves. Two threads (blocking sockets), apart from the agent's event loop.
+//!
+//! Frames: a type byte, a big-endian u16 length, the payload.
+use std::{
+    io::{BufReader, ErrorKind, Read, Write},
+    net::{SocketAddr, SocketAddrV4, TcpListener, TcpStream},
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        mpsc::{Receiver, RecvTimeoutError},
+        Arc, Mutex,
+    },
+    time::{Duration, Instant},
+};
+
+use anyhow::{bail, Context, Result};
+use lb_common::FlowKey;
+use serde::Serialize;
+use tracing::{info, warn};
+
+use super::{feed::Outgoing, wire::FLOW_LEN, SyncedFlow};
+
+/// The first bytes of every connection: the protocol and its version.
+pub const MAGIC: &[u8; 8] = b"lb-pair1";
+
+const T_HELLO: u8 = 1;
+const T_NEW: u8 = 2;
+const T_UPDATE: u8 = 3;
+const T_END: u8 = 4;
+const T_SNAPSHOT_DONE: u8 = 5;
+const T_PING: u8 = 6;
+
+/// A sender with nothing to send pings this often; a receiver that hears nothing for
+/// [`SILENCE`] drops the connection.
+pub const PING_EVERY: Duration = Duration::from_secs(1);
+pub const SILENCE: Duration = Duration::from_secs(4);
+
+/// One message on the stream.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Msg {
+    Hello,
+    New(SyncedFlow),
+    Update(SyncedFlow),
+    /// The flow with this forward key (client -> VIP) ended.
+    End {
+        client: SocketAddrV4,
+        vip: SocketAddrV4,
+    },
+    /// The snapshot that began the connection is complete: this many flows.
+    SnapshotDone(u64),
+    Ping,
+}
+
+fn tuple(k: &FlowKey) -> (SocketAddrV4, SocketAddrV4) {
+    let a = |addr: u32, port: u16| {
+        SocketAddrV4::new(
+            std::net::Ipv4Addr::from(addr.to_ne_bytes()),
+            u16::from_be(port),
+        )
+    };
+    (a(k.saddr, k.sport), a(k.daddr, k.dport))
+}
+
+impl From<Outgoing> for Msg {
+    fn from(o: Outgoing) -> Msg {
+        match o {
+            Outgoing::New(f) => Msg::New(f),
+            Outgoing::Update(f) => Msg::Update(f),
+            Outgoing::End(k) => {
+                let (client, vip) = tuple(&k);
+                Msg::End { client, vip }
+            }
+        }
+    }
+}
+
+fn put_addr(out: &mut Vec<u8>, a: SocketAddrV4) {
+    out.extend_from_slice(&a.ip().octets());
+    out.extend_from_slice(&a.port().to_be_bytes());
+}
+
+fn get_addr(b: &[u8]) -> SocketAddrV4 {
+    SocketAddrV4::new(
+        std::net::Ipv4Addr::new(b[0], b[1], b[2], b[3]),
+        u16::from_be_bytes([b[4], b[5]]),
+    )
+}
+
+impl Msg {
+    /// Appends the message's frame to `out`.
+    pub fn encode(&self, out: &mut Vec<u8>) {
+        let start = out.len();
+        out.extend_from_slice(&[0, 0, 0]);
+        let t = match self {
+            Msg::Hello => {
+                out.extend_from_slice(MAGIC);
+                T_HELLO
+            }
+            Msg::New(f) => {
+                f.encode(out);
+                T_NEW
+            }
+            Msg::Update(f) => {
+                f.encode(out);
+                T_UPDATE
+            }
+            Msg::End { client, vip } => {
+                put_addr(out, *client);
+                put_addr(out, *vip);
+                T_END
+            }
+            Msg::SnapshotDone(n) => {
+                out.extend_from_slice(&n.to_be_bytes());
+                T_SNAPSHOT_DONE
+            }
+            Msg::Ping => T_PING,
+        };
+        let len = (out.len() - start - 3) as u16;
+        out[start] = t;
+        out[start + 1..start + 3].copy_from_slice(&len.to_be_bytes());
+    }
+
+    /// Reads one message.
+    pub fn read(r: &mut impl Read) -> Result<Msg> {
+        let mut head = [0u8; 3];
+        r.read_exact(&mut head)?;
+        let len = u16::from_be_bytes([head[1], head[2]]) as usize;
+        let mut body = vec![0u8; len];
+        r.read_exact(&mut body)?;
+        let want = |n: usize| -> Result<()> {
+            if len != n {
+                bail!("message type {} of {len} bytes (expected {n})", head[0]);
+            }
+            Ok(())
+        };
+        Ok(match head[0] {
+            T_HELLO => {
+                if body != MAGIC {
+                    bail!("the peer does not speak this pair protocol ({body:?}): another lb version?");
+                }
+                Msg::Hello
+            }
+            T_NEW => Msg::New(SyncedFlow::decode(&body)?),
+            T_UPDATE => Msg::Update(SyncedFlow::decode(&body)?),
+            T_END => {
+                want(12)?;
+                Msg::End {
+                    client: get_addr(&body[..6]),
+                    vip: get_addr(&body[6..]),
+                }
+            }
+            T_SNAPSHOT_DONE => {
+                want(8)?;
+                Msg::SnapshotDone(u64::from_be_bytes(body[..8].try_into()?))
+            }
+            T_PING => {
+                want(0)?;
+                Msg::Ping
+            }
+            other => bail!("unknown message type {other}: the peer runs another lb version"),
+        })
+    }
+}
+
+const _: () = assert!(FLOW_LEN < u16::MAX as usize);
+
+/// What the pair's two streams are doing, for `lb status`, the dashboard and `lb health`.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct PairStatus {
+    pub peer: String,
+    pub listen: String,
+    /// This node's flows to the peer.
+    pub sending: bool,
+    pub flows_sent: u64,
+    pub snapshots_sent: u64,
+    /// The peer's flows to this node: connected, and its snapshot received on this connection.
+    pub receiving: bool,
+    pub synced: bool,
+    pub flows_received: u64,
+    pub ends_received: u64,
+    /// Flows not installed: already present (a `New` this node has), or refused (an unknown
+    /// service or backend, a full table).
+    pub flows_present: u64,
+    pub install_errors: u64,
+    pub last_snapshot_flows: u64,
+    /// Seconds since the Unix epoch.
+    pub last_snapshot_at: Option<u64>,
+    pub last_error: Option<String>,
+}
+
+/// Shared status of both streams.
+pub type Status = Arc<Mutex<PairStatus>>;
+
+fn with(status: &Status, f: impl FnOnce(&mut PairStatus)) {
+    if let Ok(mut s) = status.lock() {
+        f(&mut s);
+    }
+}
+
+/// This node's flows, for the snapshot a new connection begins with.
+pub trait Source: Send {
+    fn snapshot(&mut self) -> Result<Vec<SyncedFlow>>;
+}
+
+/// Where the peer's flows go.
+pub trait Sink: Send {
+    /// Installs `f`; with `replace` over what the tables hold, else only where they hold
+    /// nothing. Ok(false): not installed, the tables hold the flow already.
+    fn install(&mut self, f: &SyncedFlow, replace: bool) -> Result<bool>;
+    /// Deletes the flow from `client` to `vip`, if the tables hold it.
+    fn end(&mut self, client: SocketAddrV4, vip: SocketAddrV4) -> Result<()>;
+}
+
+/// Sleeps `d` unless `stop` is set first (checked every 100 ms).
+fn nap(stop: &AtomicBool, d: Duration) {
+    let until = Instant::now() + d;
+    while !stop.load(Ordering::Relaxed) && Instant::now() < until {
+        std::thread::sleep(Duration::from_millis(100).min(until - Instant::now()));
+    }
+}
+
+fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+/// The sender: this node's flows to `peer`, until `stop`.
+pub fn send_loop(
+    peer: SocketAddrV4,
+    mut source: impl Source,
+    rx: Receiver<Outgoing>,
+    status: Status,
+    stop: Arc<AtomicBool>,
+) {
+    let mut logged_down = false;
+    while !stop.load(Ordering::Relaxed) {
+        let stream = match TcpStream::connect_timeout(&SocketAddr::V4(peer), Duration::from_secs(1))
+        {
+            Ok(s) => s,
+            Err(e) => {
+                if !logged_down {
+                    warn!(%peer, "pair: cannot reach the peer's agent ({e}); retrying every second");
+                    logged_down = true;
+                }
+                with(&status, |s| {
+                    s.sending = false;
+                    s.last_error = Some(format!("connect to {peer}: {e}"));
+                });
+                // What was queued meanwhile is in the next snapshot.
+                while rx.try_recv().is_ok() {}
+                nap(&stop, Duration::from_secs(1));
+                continue;
+            }
+        };
+        logged_down = false;
+        match send_on(stream, &mut source, &rx, &status, &stop) {
+            Ok(()) => return,
+            Err(e) => {
+                warn!(%peer, "pair: the stream to the peer broke: {e:#}");
+                with(&status, |s| {
+                    s.sending = false;
+                    s.last_error = Some(format!("stream to {peer}: {e:#}"));
+                });
+                nap(&stop, Duration::from_millis(200));
+            }
+        }
+    }
+}
+
+/// One connection's life: hello, snapshot, then the queue. Ok when the agent stops.
+fn send_on(
+    mut stream: TcpStream,
+    source: &mut impl Source,
+    rx: &Receiver<Outgoing>,
+    status: &Status,
+    stop: &AtomicBool,
+) -> Result<()> {
+    stream.set_nodelay(true)?;
+    stream.set_write_timeout(Some(SILENCE))?;
+    let mut buf = Vec::with_capacity(64 * 1024);
+    Msg::Hello.encode(&mut buf);
+    let flows = source.snapshot().context("reading this node's flows")?;
+    for f in &flows {
+        Msg::New(*f).encode(&mut buf);
+        if buf.len() > 60 * 1024 {
+            stream.write_all(&buf)?;
+            buf.clear();
+        }
+    }
+    Msg::SnapshotDone(flows.len() as u64).encode(&mut buf);
+    stream.write_all(&buf)?;
+    buf.clear();
+    info!(
+        flows = flows.len(),
+        "pair: connected to the peer, snapshot sent"
+    );
+    with(status, |s| {
+        s.sending = true;
+        s.snapshots_sent += 1;
+        s.flows_sent += flows.len() as u64;
+    });
+    while !stop.load(Ordering::Relaxed) {
+        match rx.recv_timeout(PING_EVERY) {
+            Ok(first) => {
+                let mut n = 0u64;
+                let mut m = Some(first);
+                // Whatever else is queued goes in the same write.
+                while let Some(o) = m {
+                    if matches!(o, Outgoing::New(_) | Outgoing::Update(_)) {
+                        n += 1;
+                    }
+                    Msg::from(o).encode(&mut buf);
+                    m = if buf.len() < 60 * 1024 {
+                        rx.try_recv().ok()
+                    } else {
+                        None
+                    };
+                }
+                stream.write_all(&buf)?;
+                buf.clear();
+                with(status, |s| s.flows_sent += n);
+            }
+            Err(RecvTimeoutError::Timeout) => {
+                Msg::Ping.encode(&mut buf);
+                stream.write_all(&buf)?;
+                buf.clear();
+            }
+            Err(RecvTimeoutError::Disconnected) => return Ok(()),
+        }
+    }
+    Ok(())
+}
+
+/// The receiver: the peer's flows, accepted on `listener`, into `sink`, until `stop`.
+pub fn receive_loop(
+    listener: TcpListener,
+    mut sink: impl Sink,
+    status: Status,
+    stop: Arc<AtomicBool>,
+) {
+    if let Err(e) = listener.set_nonblocking(true) {
+        warn!("pair: {e}");
+    }
+    while !stop.load(Ordering::Relaxed) {
+        let (stream, from) = match listener.accept() {
+            Ok(c) => c,
+            Err(e) if e.kind() == ErrorKind::WouldBlock => {
+                std::thread::sleep(Duration::from_millis(100));
+                continue;
+            }
+            Err(e) => {
+                warn!("pair: accept: {e}");
+                nap(&stop, Duration::from_secs(1));
+                continue;
+            }
+        };
+        info!(%from, "pair: the peer connected");
+        let r = receive_on(stream, &mut sink, &status, &stop);
+        with(&status, |s| {
+            s.receiving = false;
+            s.synced = false;
+            if let Err(e) = &r {
+                s.last_error = Some(format!("stream from {from}: {e:#}"));
+            }
+        });
+        match r {
+            Ok(()) => info!(%from, "pair: the peer closed its stream"),
+            Err(e) => warn!(%from, "pair: the stream from the peer broke: {e:#}"),
+        }
+    }
+}
+
+fn receive_on(
+    stream: TcpStream,
+    sink: &mut impl Sink,
+    status: &Status,
+    stop: &AtomicBool,
+) -> Result<()> {
+    stream.set_nonblocking(false)?;
+    stream.set_read_timeout(Some(SILENCE))?;
+    let mut r = BufReader::with_capacity(64 * 1024, stream);
+    match Msg::read(&mut r)? {
+        Msg::Hello => {}
+        other => bail!("expected a hello, got {other:?}"),
+    }
+    with(status, |s| s.receiving = true);
+    while !stop.load(Ordering::Relaxed) {
+        let m = match Msg::read(&mut r) {
+            Ok(m) => m,
+            Err(e) => {
+                let eof = e
+                    .downcast_ref::<std::io::Error>()
+                    .is_some_and(|io| io.kind() == ErrorKind::UnexpectedEof);
+                return if eof { Ok(()) } else { Err(e) };
+            }
+        };
+        match m {
+            Msg::New(f) | Msg::Update(f) => {
+                let installed = sink.install(&f, matches!(m, Msg::Update(_)));
+                with(status, |s| {
+                    s.flows_received += 1;
+                    match installed {
+                        Ok(true) => {}
+                        Ok(false) => s.flows_present += 1,
+                        Err(ref e) => {
+                            s.install_errors += 1;
+                            s.last_error = Some(format!("install {}: {e:#}", f.client));
+                        }
+                    }
+                });
+            }
+            Msg::End { client, vip } => {
+                let r = sink.end(client, vip);
+                with(status, |s| {
+                    s.ends_received += 1;
+                    if let Err(e) = r {
+                        s.last_error = Some(format!("end {client}: {e:#}"));
+                    }
+                });
+            }
+            Msg::SnapshotDone(n) => {
+                info!(flows = n, "pair: the peer's snapshot is in");
+                with(status, |s| {
+                    s.synced = true;
+                    s.last_snapshot_flows = n;
+                    s.last_snapshot_at = Some(unix_now());
+                });
+            }
+            Msg::Ping => {}
+            Msg::Hello => bail!("a second hello"),
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::pair::wire;
+
+    #[test]
+    fn every_message_reads_back_as_written() {
+        let f = wire::tests::sample();
+        let msgs = [
+            Msg::Hello,
+            Msg::New(f),
+            Msg::Update(f),
+            Msg::End {
+                client: f.client,
+                vip: f.vip,
+            },
+            Msg::SnapshotDone(1 << 33),
+            Msg::Ping,
+        ];
+        let mut buf = Vec::new();
+        for m in &msgs {
+            m.encode(&mut buf);
+        }
+        let mut r = &buf[..];
+        for m in &msgs {
+            assert_eq!(&Msg::read(&mut r).unwrap(), m);
+        }
+        assert!(r.is_empty());
+    }
+
+    #[test]
+    fn a_stranger_or_a_garbled_frame_is_refused_with_the_reason() {
+        let mut r: &[u8] = b"\x01\x00\x08GET / HT";
+        let e = Msg::read(&mut r).unwrap_err();
+        assert!(e.to_string().contains("another lb version"), "{e}");
+        let mut r: &[u8] = b"\x04\x00\x02ab";
+        let e = Msg::read(&mut r).unwrap_err();
+        assert!(e.to_string().contains("expected 12"), "{e}");
+        let mut r: &[u8] = b"\x09\x00\x00";
+        assert!(Msg::read(&mut r).is_err());
+    }
+
+    #[derive(Default)]
+    struct Tables {
+        flows: Vec<SyncedFlow>,
+        ends: Vec<SocketAddrV4>,
+    }
+
+    #[derive(Clone, Default)]
+    struct Shared(Arc<Mutex<Tables>>);
+
+    impl Source for Shared {
+        fn snapshot(&mut self) -> Result<Vec<SyncedFlow>> {
+            Ok(self.0.lock().unwrap().flows.clone())
+        }
+    }
+
+    impl Sink for Shared {
+        fn install(&mut self, f: &SyncedFlow, replace: bool) -> Result<bool> {
+            let mut t = self.0.lock().unwrap();
+            if let Some(old) = t.flows.iter_mut().find(|o| o.client == f.client) {
+                if replace {
+                    *old = *f;
+                }
+                return Ok(replace);
+            }
+            t.flows.push(*f);
+            Ok(true)
+        }
+        fn end(&mut self, client: SocketAddrV4, _vip: SocketAddrV4) -> Result<()> {
+            let mut t = self.0.lock().unwrap();
+            t.flows.retain(|f| f.client != client);
+            t.ends.push(client);
+            Ok(())
+        }
+    }
+
+    fn wait(what: &str, cond: impl Fn() -> bool) {
+        let until = Instant::now() + Duration::from_secs(5);
+        while !cond() {
+            assert!(Instant::now() < until, "timed out waiting for {what}");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// Two nodes on loopback: the active's snapshot and live messages reach the standby; the
+    /// standby's snapshot of the same flows changes nothing on the active.
+    #[test]
+    fn snapshot_then_live_flows_and_ends_reach_the_peer() {
+        let port = |f: &SyncedFlow, p| SyncedFlow {
+            client: SocketAddrV4::new(*f.client.ip(), p),
+            ..*f
+        };
+        let base = wire::tests::sample();
+        let active = Shared::default();
+        active.0.lock().unwrap().flows.push(port(&base, 1));
+        let standby = Shared::default();
+        let stop = Arc::new(AtomicBool::new(false));
+        let (st_a, st_b) = (Status::default(), Status::default());
+
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let SocketAddr::V4(addr) = listener.local_addr().unwrap() else {
+            unreachable!()
+        };
+        let recv = {
+            let (sink, st, stop) = (standby.clone(), st_b.clone(), stop.clone());
+            std::thread::spawn(move || receive_loop(listener, sink, st, stop))
+        };
+        let (tx, rx) = std::sync::mpsc::sync_channel(16);
+        let send = {
+            let (src, st, stop) = (active.clone(), st_a.clone(), stop.clone());
+            std::thread::spawn(move || send_loop(addr, src, rx, st, stop))
+        };
+        wait("the snapshot", || st_b.lock().unwrap().synced);
+        assert_eq!(standby.0.lock().unwrap().flows, vec![port(&base, 1)]);
+
+        tx.send(Outgoing::New(port(&base, 2))).unwrap();
+        let mut moved = port(&base, 1);
+        moved.forward.seq_end += 100;
+        tx.send(Outgoing::Update(moved)).unwrap();
+        let k = FlowKey {
+            saddr: u32::from_ne_bytes(base.client.ip().octets()),
+            sport: 2u16.to_be(),
+            ..Default::default()
+        };
+        tx.send(Outgoing::End(k)).unwrap();
+        wait("the live messages", || {
+            standby.0.lock().unwrap().ends.len() == 1
+        });
+        assert_eq!(standby.0.lock().unwrap().flows, vec![moved]);
+        let s = st_b.lock().unwrap().clone();
+        assert_eq!(
+            (s.flows_received, s.ends_received, s.last_snapshot_flows),
+            (3, 1, 1)
+        );
+        assert!(st_a.lock().unwrap().sending);
+
+        stop.store(true, Ordering::Relaxed);
+        drop(tx);
+        send.join().unwrap();
+        recv.join().unwrap();
+    }
+}

@@ -1,0 +1,141 @@
+//! This node's tables as the pair's streams see them: the source of the snapshot a sender
+//! begins with (every established flow), and the sink a receiver installs the peer's flows
+//! into (own handles on the established table and the reset epochs; ids from the
+//! configuration, which [`crate::ids`] made this node's).
+use std::net::{Ipv4Addr, SocketAddrV4};
+
+use anyhow::{Context, Result};
+use aya::maps::{Array, HashMap, Map, MapData};
+use lb_common::{epoch_index, Flow, FlowKey, FlowSync, DIR_FORWARD, IPPROTO_TCP};
+
+use super::{export, install, stream, Ids, Iface, SyncedFlow};
+use crate::config::Config;
+
+/// Where a synced flow's ids come from.
+#[derive(Debug, Clone)]
+struct Directory {
+    /// VIP:port -> (service id, backend port).
+    services: Vec<(SocketAddrV4, u32, u16)>,
+    /// Backend address -> id.
+    backends: Vec<(Ipv4Addr, u32)>,
+}
+
+impl Directory {
+    fn of(cfg: &Config) -> Self {
+        Self {
+            services: cfg
+                .services
+                .iter()
+                .map(|s| (s.vip, s.id, s.backend_port))
+                .collect(),
+            backends: cfg.backends.iter().map(|b| (b.address, b.id)).collect(),
+        }
+    }
+
+    fn ids(&self, f: &SyncedFlow) -> Result<(u32, u32)> {
+        let &(_, service, port) = self
+            .services
+            .iter()
+            .find(|(vip, ..)| *vip == f.vip)
+            .with_context(|| format!("no service at {} on this node", f.vip))?;
+        let &(_, backend) = self
+            .backends
+            .iter()
+            .find(|(a, _)| a == f.backend.ip() && port == f.backend.port())
+            .with_context(|| format!("no backend {} of that service on this node", f.backend))?;
+        Ok((service, backend))
+    }
+}
+
+/// The node's tables for the pair.
+pub struct Tables {
+    established: HashMap<MapData, FlowKey, Flow>,
+    epochs: Array<MapData, u32>,
+    directory: Directory,
+    ifaces: Vec<Iface>,
+}
+
+impl Tables {
+    /// `established` and `epochs`: own handles on `CT_ESTABLISHED` and `RESET_EPOCH`; `ifaces`:
+    /// the instance's interfaces in order.
+    pub fn new(cfg: &Config, established: Map, epochs: Map, ifaces: Vec<Iface>) -> Result<Self> {
+        Ok(Self {
+            established: HashMap::try_from(established).context("CT_ESTABLISHED")?,
+            epochs: Array::try_from(epochs).context("RESET_EPOCH")?,
+            directory: Directory::of(cfg),
+            ifaces,
+        })
+    }
+
+    fn now() -> u64 {
+        crate::gc::monotonic_now().unwrap_or(0)
+    }
+}
+
+impl stream::Source for Tables {
+    fn snapshot(&mut self) -> Result<Vec<SyncedFlow>> {
+        let now = Self::now();
+        let all: std::collections::HashMap<FlowKey, Flow> =
+            self.established.iter().filter_map(|r| r.ok()).collect();
+        let ifindexes: Vec<u32> = self.ifaces.iter().map(|i| i.ifindex).collect();
+        Ok(all
+            .iter()
+            .filter(|(_, f)| f.dir == DIR_FORWARD)
+            .filter_map(|(k, f)| {
+                let rev = all.get(&f.partner_key(IPPROTO_TCP))?;
+                rev.points_back_to(k).then_some(FlowSync {
+                    fwd_key: *k,
+                    fwd: *f,
+                    rev: *rev,
+                })
+            })
+            .filter_map(|s| export(&s, now, &ifindexes).ok())
+            .collect())
+    }
+}
+
+impl stream::Sink for Tables {
+    fn install(&mut self, f: &SyncedFlow, replace: bool) -> Result<bool> {
+        let (service, backend) = self.directory.ids(f)?;
+        if !replace {
+            let fwd = super::key(f.client, f.vip);
+            let rev = super::key(f.backend, f.snat);
+            if self.established.get(&fwd, 0).is_ok() || self.established.get(&rev, 0).is_ok() {
+                return Ok(false);
+            }
+        }
+        let epoch = self
+            .epochs
+            .get(&epoch_index(service, backend), 0)
+            .unwrap_or(0);
+        install(
+            &mut self.established,
+            f,
+            Ids {
+                service,
+                backend,
+                epoch,
+            },
+            Self::now(),
+            &self.ifaces,
+        )?;
+        Ok(true)
+    }
+
+    fn end(&mut self, client: SocketAddrV4, vip: SocketAddrV4) -> Result<()> {
+        let fwd_key = super::key(client, vip);
+        let Ok(fwd) = self.established.get(&fwd_key, 0) else {
+            return Ok(());
+        };
+        let rev_key = fwd.partner_key(IPPROTO_TCP);
+        let _ = self.established.remove(&fwd_key);
+        if self
+            .established
+            .get(&rev_key, 0)
+            .is_ok_and(|r| r.points_back_to(&fwd_key))
+        {
+            let _ = self.established.remove(&rev_key);
+        }
+        Ok(())
+    }
+}
