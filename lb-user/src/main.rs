@@ -174,6 +174,38 @@ enum Cmd {
         #[arg(long)]
         quiet: bool,
     },
+    /// A pair of lb hosts for the same VIPs (keepalived moves the addresses; the agents sync
+    /// their flows, see README "A pair with keepalived").
+    Pair {
+        #[command(subcommand)]
+        cmd: PairCmd,
+    },
+}
+
+#[derive(Subcommand)]
+enum PairCmd {
+    /// Print the keepalived.conf this host needs: one VRRP instance holding every VIP and the
+    /// floating snat_address, its priority lowered by `lb health` while this host cannot serve
+    /// or lacks its peer's flows.
+    ///
+    /// Example: lb pair keepalived-config --config /etc/lb/neo4j.toml --iface eth0 --priority 100
+    ///          (the other host: --priority 90) > /etc/keepalived/keepalived.conf
+    #[command(verbatim_doc_comment)]
+    KeepalivedConfig {
+        #[arg(long)]
+        config: PathBuf,
+        /// The interface VRRP runs on and the addresses go to (the first --iface of lb run).
+        #[arg(long)]
+        iface: String,
+        /// This host's priority; give the other host one less than 20 below or above.
+        #[arg(long, default_value_t = 100)]
+        priority: u8,
+        #[arg(long, default_value_t = 51)]
+        router_id: u8,
+        /// Seconds between VRRP adverts (0.2 for a sub-second takeover).
+        #[arg(long, default_value_t = 1.0)]
+        advert_int: f64,
+    },
 }
 
 fn main() -> std::process::ExitCode {
@@ -282,6 +314,33 @@ fn cli_main() -> Result<()> {
             Ok(())
         }
         Cmd::Detach { instance } => lb_user::run::detach(&instance),
+        Cmd::Pair {
+            cmd:
+                PairCmd::KeepalivedConfig {
+                    config,
+                    iface,
+                    priority,
+                    router_id,
+                    advert_int,
+                },
+        } => {
+            let cfg = lb_user::config::Config::load(&config)?;
+            let lb = std::env::current_exe().context("the path of this lb binary")?;
+            print!(
+                "{}",
+                lb_user::pair::keepalived::config(
+                    &cfg,
+                    &lb_user::pair::keepalived::Options {
+                        iface: &iface,
+                        priority,
+                        router_id,
+                        advert_int,
+                        lb: &lb,
+                    },
+                )?
+            );
+            Ok(())
+        }
         Cmd::Health { instance, quiet } => {
             let findings = lb_user::readiness::assess(&instance);
             if !quiet {

@@ -67,6 +67,9 @@ pub fn assess(instance: &str) -> Vec<Finding> {
         ))),
     }
     out.push(config_reads_back(&dir));
+    if let Some(f) = pair_finding(instance) {
+        out.push(f);
+    }
     let services: Vec<&str> = info
         .as_ref()
         .map(|i| {
@@ -91,6 +94,23 @@ pub fn assess(instance: &str) -> Vec<Finding> {
         });
     }
     out
+}
+
+/// In a pair: whether this node may take the VIPs over (it has its peer's flows, or it is
+/// alone), from the status its agent writes every half second. `None` when not paired.
+fn pair_finding(instance: &str) -> Option<Finding> {
+    let (s, age) = crate::pair::read_status(instance)?;
+    Some(if age > crate::pair::STATUS_EVERY * 6 {
+        Finding::fail(format!(
+            "pair: status {} is {:.0?} old (agent stopped?)",
+            crate::pair::status_path(instance).display(),
+            age
+        ))
+    } else if s.eligible {
+        Finding::ok(format!("pair: {}", s.why))
+    } else {
+        Finding::fail(format!("pair: {}", s.why))
+    })
 }
 
 /// The instance's XDP link on `iface` is pinned and the interface has an XDP program.

@@ -166,7 +166,8 @@ fn start_pair(
             own.clone(),
         )
     };
-    let running = crate::pair::Running::start(pair, tables()?, tables()?, rx)?;
+    let mut running = crate::pair::Running::start(pair, tables()?, tables()?, rx)?;
+    running.publish(&cfg.instance, cfg.vip_addrs(), ifaces[0].clone())?;
     info!(peer = %pair.peer, listen = %pair.listen, "pair: streaming this node's flows to the peer, installing the peer's");
     Ok(running)
 }

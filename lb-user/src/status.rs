@@ -103,6 +103,8 @@ pub struct Snapshot {
     pub maxconn: MaxconnView,
     /// The connection tables (read by `lb status`; the admin server takes the GC's last pass).
     pub tables: Option<crate::gc::TableFill>,
+    /// In a pair: its streams as the agent last wrote them.
+    pub pair: Option<crate::pair::stream::PairStatus>,
 }
 
 #[derive(Debug, Default, Serialize, Clone)]
@@ -264,6 +266,7 @@ pub fn snapshot(instance: &str) -> Result<Snapshot> {
         health,
         maxconn,
         tables: None,
+        pair: crate::pair::read_status(instance).map(|(p, _)| p),
     })
 }
 
@@ -281,6 +284,29 @@ pub fn census(instance: &str) -> Result<crate::gc::TableFill> {
 
 pub fn print(s: &Snapshot) {
     println!("instance {}", s.instance);
+    if let Some(p) = &s.pair {
+        println!(
+            "pair: {}, peer {} ({}), {}: {}; flows sent {}, received {} (ends {}), last snapshot {} flows{}",
+            p.role,
+            p.peer,
+            match (p.sending, p.receiving, p.synced) {
+                (_, true, true) => "streams both ways, synced",
+                (_, true, false) => "receiving its snapshot",
+                (true, false, _) => "reachable, streams nothing to this node",
+                (false, false, _) => "unreachable",
+            },
+            if p.eligible { "eligible" } else { "NOT eligible" },
+            p.why,
+            p.flows_sent,
+            p.flows_received,
+            p.ends_received,
+            p.last_snapshot_flows,
+            p.last_error
+                .as_ref()
+                .map(|e| format!("; last error: {e}"))
+                .unwrap_or_default()
+        );
+    }
     if s.agent_running {
         println!("agent: running");
     } else {

@@ -201,3 +201,116 @@ fn fail_over(topo: &Topology, lb2: &lb_tests::harness::LbHost) -> Result<()> {
     }
     Ok(())
 }
+
+/// Whether `addr` is on `iface` in `ns`.
+fn holds(ns: &lb_tests::harness::Ns, iface: &str, addr: Ipv4Addr) -> Result<bool> {
+    let out = ns.ip(&["-4", "-o", "addr", "show", "dev", iface])?;
+    Ok(String::from_utf8_lossy(&out.stdout).contains(&format!("inet {addr}/")))
+}
+
+/// keepalived on `host` with the configuration `lb pair keepalived-config` prints for the
+/// agent started with `config` (advert every second).
+fn keepalived(
+    topo: &Topology,
+    host: &lb_tests::harness::LbHost,
+    name: &str,
+    config: &std::path::Path,
+    priority: u8,
+) -> Result<lb_tests::harness::Process> {
+    let out = std::process::Command::new(lb_bin())
+        .args(["pair", "keepalived-config", "--config"])
+        .arg(config)
+        .args(["--iface", "l0", "--priority", &priority.to_string()])
+        .output()?;
+    ensure!(
+        out.status.success(),
+        "lb pair keepalived-config: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let conf = topo.log_dir.join(format!("{name}.conf"));
+    std::fs::write(&conf, &out.stdout)?;
+    let file = |ext: &str| {
+        topo.log_dir
+            .join(format!("{name}.{ext}"))
+            .display()
+            .to_string()
+    };
+    topo.spawn(
+        &host.ns,
+        name,
+        &[
+            "keepalived",
+            "--dont-fork",
+            "--log-console",
+            "--vrrp",
+            "--use-file",
+            &conf.display().to_string(),
+            "--pid",
+            &file("pid"),
+            "--vrrp_pid",
+            &file("vrrp.pid"),
+        ],
+    )
+}
+
+/// The same takeover with keepalived moving the addresses (VRRP, gratuitous ARP) from the
+/// configuration `lb pair keepalived-config` prints: the session carries on once VRRP has
+/// moved the VIP, and `lb health` (keepalived's track script) holds both nodes eligible.
+#[test]
+#[ignore = "needs root and netns: run cargo xtask test"]
+fn with_keepalived_the_vip_moves_to_the_standby_and_the_session_follows() -> Result<()> {
+    let topo = Topology::new(
+        "pair_keepalived",
+        Shape::OneArmed,
+        TopologyOptions {
+            standby: true,
+            ..Default::default()
+        },
+    )?;
+    let _sims = topo.start_sims(&["master", "slave", "slave"])?;
+    let lb2 = topo.lb2.clone().context("standby host")?;
+    let (a, b) = (topo.lb.client_addr, lb2.client_addr);
+    let standby = topo.standby_instance();
+    let lb1_agent = topo.start_lb(&config(&topo, &topo.instance, a, b), &[])?;
+    let lb2_agent = topo.start_standby_lb(&config(&topo, &standby, b, a), &[])?;
+    let _k1 = keepalived(&topo, &topo.lb, "keepalived1", &lb1_agent.config, 100)?;
+    let _k2 = keepalived(&topo, &lb2, "keepalived2", &lb2_agent.config, 90)?;
+    wait_for("lb1 to hold the VIP", Duration::from_secs(15), || {
+        Ok(holds(&topo.lb.ns, "l0", topo.vip)? && holds(&topo.lb.ns, "l0", FLOATING)?)
+    })?;
+
+    let vip = SocketAddr::V4(SocketAddrV4::new(topo.vip, 7680));
+    let mut session = topo
+        .client
+        .ns
+        .run_in(|| BoltClient::connect(vip, Negotiation::Classic, None))??;
+    let before = session.run("CREATE (n)", Access::Write)?;
+    standby_has_the_flow(&standby)?;
+    let quiet = status(&standby)?;
+
+    topo.lb.ns.ip(&["link", "set", "l0", "down"])?;
+    let t = Instant::now();
+    wait_for("lb2 to take the VIP over", Duration::from_secs(15), || {
+        Ok(holds(&lb2.ns, "l0", topo.vip)? && holds(&lb2.ns, "l0", FLOATING)?)
+    })?;
+    eprintln!("VRRP moved the addresses in {:?}", t.elapsed());
+    let after = session
+        .run("CREATE (n)", Access::Write)
+        .context("the session's next write, through lb2")?;
+    ensure!(
+        after.server == "db01" && after.writes == before.writes + 1,
+        "after the takeover the session wrote on {} (writes {} -> {})",
+        after.server,
+        before.writes,
+        after.writes
+    );
+    let s = status(&standby)?;
+    let moved = |c: &str| Topology::global_counter(&s, c) - Topology::global_counter(&quiet, c);
+    ensure!(
+        moved("rst_no_flow") == 0 && moved("new_flows") == 0,
+        "lb2 treated the session as unknown (rst_no_flow +{}, new_flows +{})",
+        moved("rst_no_flow"),
+        moved("new_flows")
+    );
+    Ok(())
+}

@@ -31,6 +31,7 @@ pub const PACKAGES: &[&str] = &[
     "qemu-system-x86", // the VM that runs suites on Debian 12's own kernel (src/vm.rs)
     "busybox-static", // PID 1 and tools of that VM's initramfs
     "kmod",    // depmod for the extracted kernel, modprobe in the VM
+    "keepalived", // VRRP for the pair tests (tests/tests/pair.rs)
 ];
 
 /// The nightly the eBPF build and bpf-linker are tied to (platform-facts).

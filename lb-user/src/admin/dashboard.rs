@@ -168,6 +168,7 @@ function header(d){
       kv('drops', 'drops', c.drops)
     ]),
     tablesLine(d, kv),
+    pairLine(d, kv),
     d.counters_error ? el('div', {id: 'counters-error'}, ['counters unavailable: ' + d.counters_error]) : el('span')
   ]);
 }
@@ -181,6 +182,17 @@ function tablesLine(d, kv){
                : [el('span', null, ['connection tables: no GC pass yet'])];
   if (d.maxconn !== null) kids.push(kv('maxconn', 'maxconn_active', d.maxconn_active, d.maxconn_active + ' / ' + d.maxconn));
   return el('div', {'class': 'kv', id: 'tables-fill'}, kids);
+}
+function pairLine(d, kv){
+  var p = d.pair;
+  if (!p) return el('span');
+  var link = p.receiving ? (p.synced ? 'synced' : 'receiving snapshot') : (p.sending ? 'peer streams nothing here' : 'peer unreachable');
+  return el('div', {'class': 'kv', id: 'pair'}, [
+    kv('pair', 'pair_role', p.role), kv('peer', 'pair_peer', p.peer), kv('sync', 'pair_sync', link),
+    kv('eligible', 'pair_eligible', p.eligible, p.eligible ? 'yes' : 'NO: ' + p.why),
+    kv('flows sent', 'pair_flows_sent', p.flows_sent), kv('received', 'pair_flows_received', p.flows_received),
+    kv('last snapshot', 'pair_last_snapshot_flows', p.last_snapshot_flows, p.last_snapshot_flows + ' flows')
+  ]);
 }
 function render(d){
   REFRESH = d.refresh_ms || REFRESH;

@@ -364,13 +364,16 @@ pub async fn document(state: &State) -> Result<StatsDoc> {
         .sampler
         .lock()
         .map_err(|_| anyhow::anyhow!("sampler lock poisoned"))?;
-    Ok(model::build(
+    let mut doc = model::build(
         &live,
         &state.statics,
         now.as_ref().map_err(|e| e.clone()),
         sampler.window(),
         nic,
-    ))
+    );
+    // The pair's streams publish their own status (a file the agent's pair thread writes).
+    doc.pair = crate::pair::read_status(&doc.instance).map(|(p, _)| p);
+    Ok(doc)
 }
 
 /// Answers one request (auth first, on every route).

@@ -293,6 +293,8 @@ pub struct StatsDoc {
     /// The global `maxconn` (none: no limit) and the connections counted against it.
     pub maxconn: Option<u32>,
     pub maxconn_active: u64,
+    /// In a pair: its streams, as the agent last wrote them (`pair::read_status`).
+    pub pair: Option<crate::pair::stream::PairStatus>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -511,6 +513,7 @@ pub fn build(
         tables: live.tables.clone(),
         maxconn: live.maxconn,
         maxconn_active: sample.map(|x| x.maxconn.active).unwrap_or(0),
+        pair: None,
     }
 }
 

@@ -19,6 +19,7 @@ use aya::maps::{HashMap, MapData};
 use lb_common::{Flow, FlowKey, FlowSync, DIR_FORWARD, DIR_REPLY, FLOW_ESTABLISHED, IPPROTO_TCP};
 
 pub mod feed;
+pub mod keepalived;
 pub mod stream;
 pub mod tables;
 pub mod wire;
@@ -261,6 +262,66 @@ impl Running {
     pub fn status(&self) -> stream::PairStatus {
         self.status.lock().map(|s| s.clone()).unwrap_or_default()
     }
+
+    /// Writes the status, with this node's role (whether `iface` holds one of `vips`) and
+    /// eligibility, to [`status_path`] every [`STATUS_EVERY`] (for `lb status`, the admin
+    /// views and `lb health`) until stopped; removes it then.
+    pub fn publish(&mut self, instance: &str, vips: Vec<Ipv4Addr>, iface: String) -> Result<()> {
+        let (status, stop, path) = (
+            self.status.clone(),
+            self.stop.clone(),
+            status_path(instance),
+        );
+        std::fs::create_dir_all("/run/lb").context("create /run/lb")?;
+        let started = std::time::Instant::now();
+        let t = std::thread::Builder::new()
+            .name("lb-pair-status".into())
+            .spawn(move || {
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    let mut s = status.lock().map(|s| s.clone()).unwrap_or_default();
+                    (s.eligible, s.why) = stream::eligibility(&s, started.elapsed());
+                    let active = crate::host::iface_addrs(&iface)
+                        .is_ok_and(|have| vips.iter().any(|v| have.contains(v)));
+                    s.role = if active { "active" } else { "standby" }.into();
+                    s.written_at_ms = std::time::SystemTime::now()
+                        .duration_since(std::time::UNIX_EPOCH)
+                        .map_or(0, |d| d.as_millis() as u64);
+                    let tmp = path.with_extension("json.tmp");
+                    let written = serde_json::to_vec_pretty(&s)
+                        .map_err(std::io::Error::other)
+                        .and_then(|b| std::fs::write(&tmp, b))
+                        .and_then(|()| std::fs::rename(&tmp, &path));
+                    if let Err(e) = written {
+                        tracing::warn!("pair: writing {}: {e}", path.display());
+                    }
+                    std::thread::sleep(STATUS_EVERY);
+                }
+                let _ = std::fs::remove_file(&path);
+            })?;
+        self.threads.push(t);
+        Ok(())
+    }
+}
+
+/// How often a running pair writes its status file.
+pub const STATUS_EVERY: std::time::Duration = std::time::Duration::from_millis(500);
+
+/// The pair's status file of `instance` (written by its agent, read by `lb status` and
+/// `lb health`).
+pub fn status_path(instance: &str) -> std::path::PathBuf {
+    std::path::Path::new("/run/lb").join(format!("{instance}.pair.json"))
+}
+
+/// The pair's status of `instance` as its agent last wrote it, with its age; `None` when the
+/// instance is not paired (or its agent never wrote one).
+pub fn read_status(instance: &str) -> Option<(stream::PairStatus, std::time::Duration)> {
+    let bytes = std::fs::read(status_path(instance)).ok()?;
+    let s: stream::PairStatus = serde_json::from_slice(&bytes).ok()?;
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64);
+    let age = std::time::Duration::from_millis(now.saturating_sub(s.written_at_ms));
+    Some((s, age))
 }
 
 impl Drop for Running {

@@ -172,7 +172,7 @@ impl Msg {
 const _: () = assert!(FLOW_LEN < u16::MAX as usize);
 
 /// What the pair's two streams are doing, for `lb status`, the dashboard and `lb health`.
-#[derive(Debug, Clone, Default, Serialize)]
+#[derive(Debug, Clone, Default, Serialize, serde::Deserialize)]
 pub struct PairStatus {
     pub peer: String,
     pub listen: String,
@@ -193,6 +193,53 @@ pub struct PairStatus {
     /// Seconds since the Unix epoch.
     pub last_snapshot_at: Option<u64>,
     pub last_error: Option<String>,
+    /// "active" while this node holds a VIP address (keepalived put it there), else
+    /// "standby".
+    pub role: String,
+    /// Whether this node may take the VIPs over now, and why (see [`eligibility`]).
+    pub eligible: bool,
+    pub why: String,
+    /// When the status was written (ms since the Unix epoch), for readers to tell a stale
+    /// file from a live one.
+    pub written_at_ms: u64,
+}
+
+/// How long after its start a node with no stream either way (its peer down or unreachable)
+/// waits before it says it may serve alone.
+pub const ALONE_AFTER: Duration = Duration::from_secs(5);
+
+/// Whether a node with streams `s`, up for `up`, may take the VIPs over: only with the peer's
+/// flows (its snapshot received on the live stream), or alone when the peer is unreachable
+/// both ways (then nobody has flows to give it). A peer reachable but not streaming to this
+/// node, or in the middle of its snapshot, makes it wait: a takeover then would reset the
+/// flows it lacks.
+pub fn eligibility(s: &PairStatus, up: Duration) -> (bool, String) {
+    if s.synced {
+        return (
+            true,
+            format!(
+                "synced: the peer's snapshot ({} flows) is in, its flows follow",
+                s.last_snapshot_flows
+            ),
+        );
+    }
+    if s.receiving {
+        return (false, "unsynced: receiving the peer's snapshot".into());
+    }
+    if s.sending {
+        return (
+            false,
+            "unsynced: the peer is reachable but streams nothing to this node (check its [pair] peer)"
+                .into(),
+        );
+    }
+    if up < ALONE_AFTER {
+        return (
+            false,
+            format!("starting: waiting up to {ALONE_AFTER:?} for the peer"),
+        );
+    }
+    (true, "alone: the peer is unreachable both ways".into())
 }
 
 /// Shared status of both streams.
@@ -396,10 +443,16 @@ fn receive_on(
         let m = match Msg::read(&mut r) {
             Ok(m) => m,
             Err(e) => {
-                let eof = e
-                    .downcast_ref::<std::io::Error>()
-                    .is_some_and(|io| io.kind() == ErrorKind::UnexpectedEof);
-                return if eof { Ok(()) } else { Err(e) };
+                let kind = e.downcast_ref::<std::io::Error>().map(|io| io.kind());
+                return match kind {
+                    Some(ErrorKind::UnexpectedEof) => Ok(()),
+                    Some(ErrorKind::WouldBlock | ErrorKind::TimedOut) => {
+                        bail!(
+                            "the peer sent nothing for {SILENCE:?} (it pings every {PING_EVERY:?})"
+                        )
+                    }
+                    _ => Err(e),
+                };
             }
         };
         match m {
@@ -445,6 +498,23 @@ fn receive_on(
 mod tests {
     use super::*;
     use crate::pair::wire;
+
+    #[test]
+    fn a_node_is_eligible_synced_or_alone_never_half_way() {
+        let st = |receiving, synced, sending| PairStatus {
+            receiving,
+            synced,
+            sending,
+            ..Default::default()
+        };
+        let long = Duration::from_secs(60);
+        assert!(eligibility(&st(true, true, true), long).0);
+        assert!(!eligibility(&st(true, false, true), long).0);
+        assert!(!eligibility(&st(false, false, true), long).0);
+        assert!(eligibility(&st(false, false, false), long).0);
+        let (ok, why) = eligibility(&st(false, false, false), Duration::from_secs(1));
+        assert!(!ok && why.starts_with("starting"), "{why}");
+    }
 
     #[test]
     fn every_message_reads_back_as_written() {

@@ -1,0 +1,117 @@
+//! `lb pair keepalived-config`: the keepalived configuration a node of a pair needs, from its
+//! lb configuration. One VRRP instance holds every VIP and the floating `snat_address` on the
+//! client-facing interface; `lb health` lowers the node's priority while it cannot serve or has
+//! not received its peer's flows (so a returning node stays backup until it is synced); both
+//! nodes start as backup and the higher priority takes the addresses.
+use std::{fmt::Write, net::Ipv4Addr, path::Path};
+
+use anyhow::{bail, Result};
+
+use crate::config::Config;
+
+/// What the configuration file does not say.
+#[derive(Debug, Clone)]
+pub struct Options<'a> {
+    /// The interface VRRP runs on and the addresses go to (the first `--iface`).
+    pub iface: &'a str,
+    /// This node's priority (the other node's should differ by less than 20).
+    pub priority: u8,
+    pub router_id: u8,
+    /// Seconds between adverts (keepalived accepts fractions: 0.2 for a sub-second takeover).
+    pub advert_int: f64,
+    /// The `lb` binary keepalived runs for its track script.
+    pub lb: &'a Path,
+}
+
+/// The keepalived.conf text for `cfg`'s instance.
+pub fn config(cfg: &Config, o: &Options) -> Result<String> {
+    let Some(snat) = cfg.snat_address else {
+        bail!(
+            "{}: a pair needs snat_address (a floating address keepalived moves with the VIPs)",
+            cfg.path.display()
+        );
+    };
+    if cfg.pair.is_none() {
+        bail!(
+            "{}: no [pair] section: this node would not sync its flows",
+            cfg.path.display()
+        );
+    }
+    let mut addrs: Vec<Ipv4Addr> = cfg.vip_addrs();
+    if !addrs.contains(&snat) {
+        addrs.push(snat);
+    }
+    let name = &cfg.instance;
+    let mut s = String::new();
+    let _ = writeln!(
+        s,
+        "# keepalived.conf for lb instance {name:?} (lb pair keepalived-config)"
+    );
+    let _ = writeln!(
+        s,
+        "global_defs {{\n    enable_script_security\n    script_user root\n}}"
+    );
+    let _ = writeln!(
+        s,
+        "vrrp_script chk_lb_{name} {{\n    script \"{} health --instance {name} --quiet\"\n    interval 1\n    fall 2\n    rise 2\n    weight -20\n}}",
+        o.lb.display()
+    );
+    let _ = writeln!(
+        s,
+        "vrrp_instance lb_{name} {{\n    state BACKUP\n    interface {}\n    virtual_router_id {}\n    priority {}\n    advert_int {}\n    virtual_ipaddress {{",
+        o.iface, o.router_id, o.priority, o.advert_int
+    );
+    for a in addrs {
+        let _ = writeln!(s, "        {a}/32 dev {}", o.iface);
+    }
+    let _ = writeln!(
+        s,
+        "    }}\n    track_script {{\n        chk_lb_{name}\n    }}\n}}"
+    );
+    Ok(s)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_vips_and_the_floating_address_move_together_under_lb_health() {
+        let text = "instance = \"neo4j\"\nvip_mode = \"routed\"\nsnat_address = \"10.0.1.60\"\n\
+            [[backend]]\nname = \"db01\"\naddress = \"10.0.1.10\"\n\
+            [[service]]\nname = \"write\"\nvip = \"192.0.2.10:7680\"\nbackend_port = 7687\nbackends = [\"db01\"]\n\
+            [[service]]\nname = \"read\"\nvip = \"192.0.2.10:7681\"\nbackend_port = 7687\nbackends = [\"db01\"]\n\
+            [pair]\npeer = \"10.0.1.2:7690\"\n";
+        let cfg = Config::parse(Path::new("lb.toml"), text).unwrap();
+        let o = Options {
+            iface: "eth0",
+            priority: 100,
+            router_id: 51,
+            advert_int: 1.0,
+            lb: Path::new("/usr/bin/lb"),
+        };
+        let out = config(&cfg, &o).unwrap();
+        assert!(
+            out.contains("script \"/usr/bin/lb health --instance neo4j --quiet\""),
+            "{out}"
+        );
+        assert!(
+            out.contains("weight -20") && out.contains("state BACKUP"),
+            "{out}"
+        );
+        assert_eq!(out.matches("192.0.2.10/32 dev eth0").count(), 1, "{out}");
+        assert!(out.contains("10.0.1.60/32 dev eth0"), "{out}");
+        assert!(
+            out.contains("priority 100") && out.contains("virtual_router_id 51"),
+            "{out}"
+        );
+
+        let unpaired = Config::parse(
+            Path::new("lb.toml"),
+            &text.replace("snat_address = \"10.0.1.60\"\n", ""),
+        )
+        .unwrap();
+        let e = config(&unpaired, &o).unwrap_err().to_string();
+        assert!(e.contains("needs snat_address"), "{e}");
+    }
+}
