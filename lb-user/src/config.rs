@@ -63,6 +63,7 @@ struct RawConfig {
 struct RawPair {
     peer: Option<Spanned<String>>,
     listen: Option<Spanned<String>>,
+    secret_file: Option<Spanned<PathBuf>>,
 }
 
 /// `[admin]`: the admin HTTP server (dashboard, /stats.json, ;csv, /metrics), like HAProxy's
@@ -269,10 +270,13 @@ pub struct Config {
 
 /// `[pair]`: where the other node's agent listens for this one's flows, and where this one
 /// listens for the other's.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone)]
 pub struct PairConfig {
     pub peer: SocketAddrV4,
     pub listen: SocketAddrV4,
+    /// The shared secret both streams prove at connect (`secret_file`, read at load); none:
+    /// the streams are not authenticated.
+    pub secret: Option<crate::pair::stream::Secret>,
 }
 
 /// Parses an SNAT port range `"FIRST-LAST"` (config key `snat_ports`, `lb run --snat-ports`).
@@ -785,7 +789,7 @@ fn parse_connection_log(src: Src, v: Option<&Spanned<PathBuf>>) -> Result<Option
 }
 
 /// Validates `[pair]`: `peer` is required; `listen` defaults to every address on the peer's
-/// port.
+/// port; `secret_file` (optional) is read now.
 fn parse_pair(src: Src, p: &Spanned<RawPair>) -> Result<PairConfig> {
     let addr = |v: &Spanned<String>, key: &str| {
         v.get_ref().parse::<SocketAddrV4>().map_err(|_| {
@@ -809,7 +813,31 @@ fn parse_pair(src: Src, p: &Spanned<RawPair>) -> Result<PairConfig> {
         Some(l) => addr(l, "listen")?,
         None => SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, peer.port()),
     };
-    Ok(PairConfig { peer, listen })
+    let secret = match &p.get_ref().secret_file {
+        None => None,
+        Some(f) => {
+            // The secret itself never appears in an error.
+            let bytes = std::fs::read(f.get_ref()).map_err(|e| {
+                src.err(
+                    f.span(),
+                    format!("secret_file {}: {e}", f.get_ref().display()),
+                )
+            })?;
+            let trimmed = bytes.trim_ascii();
+            if trimmed.is_empty() {
+                return Err(src.err(
+                    f.span(),
+                    format!("secret_file {} is empty", f.get_ref().display()),
+                ));
+            }
+            Some(crate::pair::stream::Secret::new(trimmed.to_vec()))
+        }
+    };
+    Ok(PairConfig {
+        peer,
+        listen,
+        secret,
+    })
 }
 
 /// Validates `[admin]` and reads its password (the password never appears in an error). The
@@ -1090,6 +1118,29 @@ backends = ["db02", "db01"]
             e.contains(&format!("lb.toml:{}", lines + 2)) && e.contains("ADDRESS:PORT"),
             "{e}"
         );
+        let dir = std::env::temp_dir().join(format!("lb-pair-secret-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let (full, empty) = (dir.join("secret"), dir.join("empty"));
+        std::fs::write(&full, "hunter2-hunter2\n").unwrap();
+        std::fs::write(&empty, "\n").unwrap();
+        let with = |f: &std::path::Path| {
+            format!(
+                "{GOOD}[pair]\npeer = \"10.0.2.2:7690\"\nsecret_file = \"{}\"\n",
+                f.display()
+            )
+        };
+        let c = Config::parse(Path::new("lb.toml"), &with(&full)).unwrap();
+        let secret = c.pair.unwrap().secret.unwrap();
+        assert_eq!(
+            format!("{secret:?}"),
+            "Secret(15 bytes)",
+            "trimmed, never printed"
+        );
+        let e = err(&with(&empty));
+        assert!(e.contains("is empty") && !e.contains("hunter2"), "{e}");
+        let e = err(&with(&dir.join("missing")));
+        assert!(e.contains(&format!("lb.toml:{}", lines + 3)), "{e}");
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

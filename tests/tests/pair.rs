@@ -23,12 +23,15 @@ const FLOATING: Ipv4Addr = Ipv4Addr::new(10, 0, 1, 60);
 const SYNC_PORT: u16 = 7690;
 
 fn config(topo: &Topology, instance: &str, me: Ipv4Addr, peer: Ipv4Addr) -> String {
+    let secret = topo.log_dir.join("pair.secret");
+    std::fs::write(&secret, "a shared secret of the pair\n").expect("writing the pair's secret");
     format!(
         "instance = \"{instance}\"\nvip_mode = \"routed\"\nsnat_address = \"{FLOATING}\"\n{}\
          [[service]]\nname = \"write\"\nvip = \"{}:7680\"\nbackend_port = 7687\nbackends = [\"db01\"]\n\
-         [pair]\npeer = \"{peer}:{SYNC_PORT}\"\nlisten = \"{me}:{SYNC_PORT}\"\n",
+         [pair]\npeer = \"{peer}:{SYNC_PORT}\"\nlisten = \"{me}:{SYNC_PORT}\"\nsecret_file = \"{}\"\n",
         topo.backends_toml(),
-        topo.vip
+        topo.vip,
+        secret.display()
     )
 }
 

@@ -239,17 +239,24 @@ impl Running {
             s.listen = pair.listen.to_string();
         }
         let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let secret = pair.secret.clone().unwrap_or_default();
+        if pair.secret.is_none() {
+            tracing::warn!(
+                listen = %pair.listen,
+                "pair: no secret_file: anyone who reaches this address can install flows; set [pair] secret_file"
+            );
+        }
         let recv = {
-            let (status, stop) = (status.clone(), stop.clone());
+            let (status, stop, secret) = (status.clone(), stop.clone(), secret.clone());
             std::thread::Builder::new()
                 .name("lb-pair-recv".into())
-                .spawn(move || stream::receive_loop(listener, sink, status, stop))?
+                .spawn(move || stream::receive_loop(listener, secret, sink, status, stop))?
         };
         let send = {
             let (status, stop, peer) = (status.clone(), stop.clone(), pair.peer);
             std::thread::Builder::new()
                 .name("lb-pair-send".into())
-                .spawn(move || stream::send_loop(peer, source, rx, status, stop))?
+                .spawn(move || stream::send_loop(peer, secret, source, rx, status, stop))?
         };
         Ok(Self {
             status,

@@ -8,6 +8,13 @@
 //! peer already has and so leaves alone), and after a takeover the roles of the two streams
 //! swap by themselves. Two threads (blocking sockets), apart from the agent's event loop.
 //!
+//! Each connection begins with a mutual proof of the pair's shared secret (`[pair]
+//! secret_file`): the sender's hello carries a nonce, the receiver answers with its own nonce
+//! and an HMAC-SHA256 over both, the sender proves itself the same way; a side that finds a
+//! wrong proof drops the connection before any flow moves. (Without a secret both sides use an
+//! empty key: anyone who reaches the port can then install flows.) The messages after it are
+//! not signed one by one: keep the stream on the pair's own link.
+//!
 //! Frames: a type byte, a big-endian u16 length, the payload.
 use std::{
     io::{BufReader, ErrorKind, Read, Write},
@@ -36,6 +43,63 @@ const T_UPDATE: u8 = 3;
 const T_END: u8 = 4;
 const T_SNAPSHOT_DONE: u8 = 5;
 const T_PING: u8 = 6;
+const T_CHALLENGE: u8 = 7;
+const T_PROOF: u8 = 8;
+
+/// Bytes of a nonce and of a proof (HMAC-SHA256).
+pub const NONCE: usize = 16;
+pub const PROOF: usize = 32;
+
+/// The pair's shared secret (never printed).
+#[derive(Clone, Default)]
+pub struct Secret(Vec<u8>);
+
+impl Secret {
+    pub fn new(bytes: Vec<u8>) -> Self {
+        Self(bytes)
+    }
+
+    fn mac(&self, parts: &[&[u8]]) -> hmac::Hmac<sha2::Sha256> {
+        use hmac::Mac;
+        let mut mac = hmac::Hmac::<sha2::Sha256>::new_from_slice(&self.0)
+            .expect("HMAC takes a key of any length");
+        for p in parts {
+            mac.update(p);
+        }
+        mac
+    }
+
+    /// HMAC-SHA256 of `parts` under the secret.
+    fn proof(&self, parts: &[&[u8]]) -> [u8; PROOF] {
+        use hmac::Mac;
+        self.mac(parts).finalize().into_bytes().into()
+    }
+
+    /// Whether `proof` is this secret's over `parts` (compared in constant time).
+    fn verify(&self, parts: &[&[u8]], proof: &[u8; PROOF]) -> bool {
+        use hmac::Mac;
+        self.mac(parts).verify_slice(proof).is_ok()
+    }
+}
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Secret({} bytes)", self.0.len())
+    }
+}
+
+/// A fresh random nonce.
+fn nonce() -> Result<[u8; NONCE]> {
+    let mut n = [0u8; NONCE];
+    std::fs::File::open("/dev/urandom")
+        .and_then(|mut f| f.read_exact(&mut n))
+        .context("reading /dev/urandom")?;
+    Ok(n)
+}
+
+/// What the receiver's proof covers, and the sender's.
+const BY_RECEIVER: &[u8] = b"lb-pair1 receiver";
+const BY_SENDER: &[u8] = b"lb-pair1 sender";
 
 /// A sender with nothing to send pings this often; a receiver that hears nothing for
 /// [`SILENCE`] drops the connection.
@@ -45,7 +109,12 @@ pub const SILENCE: Duration = Duration::from_secs(4);
 /// One message on the stream.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Msg {
-    Hello,
+    /// The sender's first message: the protocol, and its nonce.
+    Hello([u8; NONCE]),
+    /// The receiver's answer: its nonce, and its proof of the secret over both nonces.
+    Challenge([u8; NONCE], [u8; PROOF]),
+    /// The sender's proof of the secret over both nonces.
+    Proof([u8; PROOF]),
     New(SyncedFlow),
     Update(SyncedFlow),
     /// The flow with this forward key (client -> VIP) ended.
@@ -99,9 +168,19 @@ impl Msg {
         let start = out.len();
         out.extend_from_slice(&[0, 0, 0]);
         let t = match self {
-            Msg::Hello => {
+            Msg::Hello(n) => {
                 out.extend_from_slice(MAGIC);
+                out.extend_from_slice(n);
                 T_HELLO
+            }
+            Msg::Challenge(n, p) => {
+                out.extend_from_slice(n);
+                out.extend_from_slice(p);
+                T_CHALLENGE
+            }
+            Msg::Proof(p) => {
+                out.extend_from_slice(p);
+                T_PROOF
             }
             Msg::New(f) => {
                 f.encode(out);
@@ -142,10 +221,20 @@ impl Msg {
         };
         Ok(match head[0] {
             T_HELLO => {
-                if body != MAGIC {
-                    bail!("the peer does not speak this pair protocol ({body:?}): another lb version?");
+                if len != MAGIC.len() + NONCE || &body[..MAGIC.len()] != MAGIC {
+                    bail!(
+                        "the peer does not speak this pair protocol: another lb version, or not lb"
+                    );
                 }
-                Msg::Hello
+                Msg::Hello(body[MAGIC.len()..].try_into()?)
+            }
+            T_CHALLENGE => {
+                want(NONCE + PROOF)?;
+                Msg::Challenge(body[..NONCE].try_into()?, body[NONCE..].try_into()?)
+            }
+            T_PROOF => {
+                want(PROOF)?;
+                Msg::Proof(body[..].try_into()?)
             }
             T_NEW => Msg::New(SyncedFlow::decode(&body)?),
             T_UPDATE => Msg::Update(SyncedFlow::decode(&body)?),
@@ -282,6 +371,7 @@ fn unix_now() -> u64 {
 /// The sender: this node's flows to `peer`, until `stop`.
 pub fn send_loop(
     peer: SocketAddrV4,
+    secret: Secret,
     mut source: impl Source,
     rx: Receiver<Outgoing>,
     status: Status,
@@ -308,7 +398,7 @@ pub fn send_loop(
             }
         };
         logged_down = false;
-        match send_on(stream, &mut source, &rx, &status, &stop) {
+        match send_on(stream, &secret, &mut source, &rx, &status, &stop) {
             Ok(()) => return,
             Err(e) => {
                 warn!(%peer, "pair: the stream to the peer broke: {e:#}");
@@ -325,6 +415,7 @@ pub fn send_loop(
 /// One connection's life: hello, snapshot, then the queue. Ok when the agent stops.
 fn send_on(
     mut stream: TcpStream,
+    secret: &Secret,
     source: &mut impl Source,
     rx: &Receiver<Outgoing>,
     status: &Status,
@@ -333,7 +424,21 @@ fn send_on(
     stream.set_nodelay(true)?;
     stream.set_write_timeout(Some(SILENCE))?;
     let mut buf = Vec::with_capacity(64 * 1024);
-    Msg::Hello.encode(&mut buf);
+    let mine = nonce()?;
+    Msg::Hello(mine).encode(&mut buf);
+    stream.write_all(&buf)?;
+    buf.clear();
+    stream.set_read_timeout(Some(SILENCE))?;
+    let theirs = match Msg::read(&mut stream)? {
+        Msg::Challenge(theirs, proof) => {
+            if !secret.verify(&[BY_RECEIVER, &mine, &theirs], &proof) {
+                bail!("the peer does not know this pair's secret (secret_file differs, or one side has none)");
+            }
+            theirs
+        }
+        other => bail!("expected the peer's challenge, got {other:?}"),
+    };
+    Msg::Proof(secret.proof(&[BY_SENDER, &theirs, &mine])).encode(&mut buf);
     let flows = source.snapshot().context("reading this node's flows")?;
     for f in &flows {
         Msg::New(*f).encode(&mut buf);
@@ -389,6 +494,7 @@ fn send_on(
 /// The receiver: the peer's flows, accepted on `listener`, into `sink`, until `stop`.
 pub fn receive_loop(
     listener: TcpListener,
+    secret: Secret,
     mut sink: impl Sink,
     status: Status,
     stop: Arc<AtomicBool>,
@@ -410,7 +516,7 @@ pub fn receive_loop(
             }
         };
         info!(%from, "pair: the peer connected");
-        let r = receive_on(stream, &mut sink, &status, &stop);
+        let r = receive_on(stream, &secret, &mut sink, &status, &stop);
         with(&status, |s| {
             s.receiving = false;
             s.synced = false;
@@ -427,16 +533,29 @@ pub fn receive_loop(
 
 fn receive_on(
     stream: TcpStream,
+    secret: &Secret,
     sink: &mut impl Sink,
     status: &Status,
     stop: &AtomicBool,
 ) -> Result<()> {
     stream.set_nonblocking(false)?;
     stream.set_read_timeout(Some(SILENCE))?;
+    let mut w = stream.try_clone()?;
     let mut r = BufReader::with_capacity(64 * 1024, stream);
-    match Msg::read(&mut r)? {
-        Msg::Hello => {}
+    let theirs = match Msg::read(&mut r)? {
+        Msg::Hello(n) => n,
         other => bail!("expected a hello, got {other:?}"),
+    };
+    let mine = nonce()?;
+    let mut buf = Vec::new();
+    Msg::Challenge(mine, secret.proof(&[BY_RECEIVER, &theirs, &mine])).encode(&mut buf);
+    w.write_all(&buf)?;
+    match Msg::read(&mut r)? {
+        Msg::Proof(p) if secret.verify(&[BY_SENDER, &mine, &theirs], &p) => {}
+        Msg::Proof(_) => bail!(
+            "the peer does not know this pair's secret (secret_file differs, or one side has none): nothing installed"
+        ),
+        other => bail!("expected the peer's proof, got {other:?}"),
     }
     with(status, |s| s.receiving = true);
     while !stop.load(Ordering::Relaxed) {
@@ -488,7 +607,9 @@ fn receive_on(
                 });
             }
             Msg::Ping => {}
-            Msg::Hello => bail!("a second hello"),
+            Msg::Hello(_) | Msg::Challenge(..) | Msg::Proof(_) => {
+                bail!("a handshake message in the middle of the stream")
+            }
         }
     }
     Ok(())
@@ -520,7 +641,9 @@ mod tests {
     fn every_message_reads_back_as_written() {
         let f = wire::tests::sample();
         let msgs = [
-            Msg::Hello,
+            Msg::Hello([7; NONCE]),
+            Msg::Challenge([1; NONCE], [2; PROOF]),
+            Msg::Proof([3; PROOF]),
             Msg::New(f),
             Msg::Update(f),
             Msg::End {
@@ -543,7 +666,7 @@ mod tests {
 
     #[test]
     fn a_stranger_or_a_garbled_frame_is_refused_with_the_reason() {
-        let mut r: &[u8] = b"\x01\x00\x08GET / HT";
+        let mut r: &[u8] = b"\x01\x00\x18GET / HTTP/1.1\r\nHost: x\r\n";
         let e = Msg::read(&mut r).unwrap_err();
         assert!(e.to_string().contains("another lb version"), "{e}");
         let mut r: &[u8] = b"\x04\x00\x02ab";
@@ -596,6 +719,47 @@ mod tests {
         }
     }
 
+    /// A sender with another secret is turned away before any flow moves, and says why.
+    #[test]
+    fn a_peer_without_the_secret_installs_nothing() {
+        let base = wire::tests::sample();
+        let active = Shared::default();
+        active.0.lock().unwrap().flows.push(base);
+        let standby = Shared::default();
+        let stop = Arc::new(AtomicBool::new(false));
+        let (st_a, st_b) = (Status::default(), Status::default());
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let SocketAddr::V4(addr) = listener.local_addr().unwrap() else {
+            unreachable!()
+        };
+        let recv = {
+            let (sink, st, stop) = (standby.clone(), st_b.clone(), stop.clone());
+            std::thread::spawn(move || {
+                receive_loop(listener, Secret::new(b"right".to_vec()), sink, st, stop)
+            })
+        };
+        let (tx, rx) = std::sync::mpsc::sync_channel(16);
+        let send = {
+            let (src, st, stop) = (active.clone(), st_a.clone(), stop.clone());
+            std::thread::spawn(move || {
+                send_loop(addr, Secret::new(b"wrong".to_vec()), src, rx, st, stop)
+            })
+        };
+        wait("the sender to give up", || {
+            st_a.lock()
+                .unwrap()
+                .last_error
+                .as_deref()
+                .is_some_and(|e| e.contains("secret"))
+        });
+        assert!(standby.0.lock().unwrap().flows.is_empty());
+        assert!(!st_b.lock().unwrap().synced);
+        stop.store(true, Ordering::Relaxed);
+        drop(tx);
+        send.join().unwrap();
+        recv.join().unwrap();
+    }
+
     /// Two nodes on loopback: the active's snapshot and live messages reach the standby; the
     /// standby's snapshot of the same flows changes nothing on the active.
     #[test]
@@ -617,12 +781,16 @@ mod tests {
         };
         let recv = {
             let (sink, st, stop) = (standby.clone(), st_b.clone(), stop.clone());
-            std::thread::spawn(move || receive_loop(listener, sink, st, stop))
+            std::thread::spawn(move || {
+                receive_loop(listener, Secret::new(b"s3cret".to_vec()), sink, st, stop)
+            })
         };
         let (tx, rx) = std::sync::mpsc::sync_channel(16);
         let send = {
             let (src, st, stop) = (active.clone(), st_a.clone(), stop.clone());
-            std::thread::spawn(move || send_loop(addr, src, rx, st, stop))
+            std::thread::spawn(move || {
+                send_loop(addr, Secret::new(b"s3cret".to_vec()), src, rx, st, stop)
+            })
         };
         wait("the snapshot", || st_b.lock().unwrap().synced);
         assert_eq!(standby.0.lock().unwrap().flows, vec![port(&base, 1)]);
