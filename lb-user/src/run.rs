@@ -164,6 +164,7 @@ fn start_pair(
             dataplane::open_pinned(pin_dir, lb_common::names::CT_ESTABLISHED)?,
             dataplane::open_pinned(pin_dir, lb_common::names::RESET_EPOCH)?,
             own.clone(),
+            ifaces[0].clone(),
         )
     };
     let mut running = crate::pair::Running::start(pair, tables()?, tables()?, rx)?;

@@ -258,7 +258,8 @@ fn keepalived(
 
 /// The same takeover with keepalived moving the addresses (VRRP, gratuitous ARP) from the
 /// configuration `lb pair keepalived-config` prints: the session carries on once VRRP has
-/// moved the VIP, and `lb health` (keepalived's track script) holds both nodes eligible.
+/// moved the VIP; and when lb1 returns, it takes the VIP back (after `preempt_delay`, with
+/// lb2's flows) and the session carries on again.
 #[test]
 #[ignore = "needs root and netns: run cargo xtask test"]
 fn with_keepalived_the_vip_moves_to_the_standby_and_the_session_follows() -> Result<()> {
@@ -314,6 +315,31 @@ fn with_keepalived_the_vip_moves_to_the_standby_and_the_session_follows() -> Res
         "lb2 treated the session as unknown (rst_no_flow +{}, new_flows +{})",
         moved("rst_no_flow"),
         moved("new_flows")
+    );
+
+    // lb1 comes back: it receives lb2's flows, then (priority 100 after preempt_delay) takes
+    // the VIP back, and the session carries on through it.
+    let away = status(&topo.instance)?;
+    topo.lb.ns.ip(&["link", "set", "l0", "up"])?;
+    wait_for("lb1 to take the VIP back", Duration::from_secs(20), || {
+        Ok(holds(&topo.lb.ns, "l0", topo.vip)? && !holds(&lb2.ns, "l0", topo.vip)?)
+    })?;
+    let back = session
+        .run("CREATE (n)", Access::Write)
+        .context("the session's write after the switchback, through lb1")?;
+    ensure!(
+        back.writes == after.writes + 1,
+        "writes {} -> {}",
+        after.writes,
+        back.writes
+    );
+    let s1 = status(&topo.instance)?;
+    let moved1 = |c: &str| Topology::global_counter(&s1, c) - Topology::global_counter(&away, c);
+    ensure!(
+        moved1("rst_no_flow") == 0 && moved1("fwd_packets") > 0,
+        "lb1 after its return: rst_no_flow +{}, fwd_packets +{}",
+        moved1("rst_no_flow"),
+        moved1("fwd_packets")
     );
     Ok(())
 }

@@ -2,12 +2,18 @@
 //! lb configuration. One VRRP instance holds every VIP and the floating `snat_address` on the
 //! client-facing interface; `lb health` lowers the node's priority while it cannot serve or has
 //! not received its peer's flows (so a returning node stays backup until it is synced); both
-//! nodes start as backup and the higher priority takes the addresses.
+//! nodes start as backup and the higher priority takes the addresses, a returning one after
+//! [`PREEMPT_DELAY`].
 use std::{fmt::Write, net::Ipv4Addr, path::Path};
 
 use anyhow::{bail, Result};
 
 use crate::config::Config;
+
+/// Seconds a returning node (higher priority) waits before it takes the VIPs back: its peer's
+/// flows arrive within a second or two of its return, and `lb health` holds its priority down
+/// until they have.
+pub const PREEMPT_DELAY: u32 = 5;
 
 /// What the configuration file does not say.
 #[derive(Debug, Clone)]
@@ -58,7 +64,7 @@ pub fn config(cfg: &Config, o: &Options) -> Result<String> {
     );
     let _ = writeln!(
         s,
-        "vrrp_instance lb_{name} {{\n    state BACKUP\n    interface {}\n    virtual_router_id {}\n    priority {}\n    advert_int {}\n    virtual_ipaddress {{",
+        "vrrp_instance lb_{name} {{\n    state BACKUP\n    interface {}\n    virtual_router_id {}\n    priority {}\n    advert_int {}\n    preempt_delay {PREEMPT_DELAY}\n    virtual_ipaddress {{",
         o.iface, o.router_id, o.priority, o.advert_int
     );
     for a in addrs {

@@ -17,6 +17,7 @@
 //!
 //! Frames: a type byte, a big-endian u16 length, the payload.
 use std::{
+    collections::HashSet,
     io::{BufReader, ErrorKind, Read, Write},
     net::{SocketAddr, SocketAddrV4, TcpListener, TcpStream},
     sync::{
@@ -45,6 +46,7 @@ const T_SNAPSHOT_DONE: u8 = 5;
 const T_PING: u8 = 6;
 const T_CHALLENGE: u8 = 7;
 const T_PROOF: u8 = 8;
+const T_SNAPSHOT_BEGIN: u8 = 9;
 
 /// Bytes of a nonce and of a proof (HMAC-SHA256).
 pub const NONCE: usize = 16;
@@ -115,6 +117,11 @@ pub enum Msg {
     Challenge([u8; NONCE], [u8; PROOF]),
     /// The sender's proof of the secret over both nonces.
     Proof([u8; PROOF]),
+    /// A snapshot follows; `active`: the sender holds the VIPs, so its flows are the truth (a
+    /// standby receiving it makes its tables the snapshot: see [`receive_loop`]).
+    SnapshotBegin {
+        active: bool,
+    },
     New(SyncedFlow),
     Update(SyncedFlow),
     /// The flow with this forward key (client -> VIP) ended.
@@ -127,7 +134,8 @@ pub enum Msg {
     Ping,
 }
 
-fn tuple(k: &FlowKey) -> (SocketAddrV4, SocketAddrV4) {
+/// A forward key as (client, VIP).
+pub fn tuple_of(k: &FlowKey) -> (SocketAddrV4, SocketAddrV4) {
     let a = |addr: u32, port: u16| {
         SocketAddrV4::new(
             std::net::Ipv4Addr::from(addr.to_ne_bytes()),
@@ -143,7 +151,7 @@ impl From<Outgoing> for Msg {
             Outgoing::New(f) => Msg::New(f),
             Outgoing::Update(f) => Msg::Update(f),
             Outgoing::End(k) => {
-                let (client, vip) = tuple(&k);
+                let (client, vip) = tuple_of(&k);
                 Msg::End { client, vip }
             }
         }
@@ -181,6 +189,10 @@ impl Msg {
             Msg::Proof(p) => {
                 out.extend_from_slice(p);
                 T_PROOF
+            }
+            Msg::SnapshotBegin { active } => {
+                out.push(*active as u8);
+                T_SNAPSHOT_BEGIN
             }
             Msg::New(f) => {
                 f.encode(out);
@@ -236,6 +248,12 @@ impl Msg {
                 want(PROOF)?;
                 Msg::Proof(body[..].try_into()?)
             }
+            T_SNAPSHOT_BEGIN => {
+                want(1)?;
+                Msg::SnapshotBegin {
+                    active: body[0] != 0,
+                }
+            }
             T_NEW => Msg::New(SyncedFlow::decode(&body)?),
             T_UPDATE => Msg::Update(SyncedFlow::decode(&body)?),
             T_END => {
@@ -278,6 +296,8 @@ pub struct PairStatus {
     /// service or backend, a full table).
     pub flows_present: u64,
     pub install_errors: u64,
+    /// Flows deleted because the active peer's snapshot did not have them.
+    pub purged: u64,
     pub last_snapshot_flows: u64,
     /// Seconds since the Unix epoch.
     pub last_snapshot_at: Option<u64>,
@@ -343,6 +363,8 @@ fn with(status: &Status, f: impl FnOnce(&mut PairStatus)) {
 /// This node's flows, for the snapshot a new connection begins with.
 pub trait Source: Send {
     fn snapshot(&mut self) -> Result<Vec<SyncedFlow>>;
+    /// Whether this node holds the VIPs now (its flows are the truth).
+    fn active(&self) -> bool;
 }
 
 /// Where the peer's flows go.
@@ -352,6 +374,10 @@ pub trait Sink: Send {
     fn install(&mut self, f: &SyncedFlow, replace: bool) -> Result<bool>;
     /// Deletes the flow from `client` to `vip`, if the tables hold it.
     fn end(&mut self, client: SocketAddrV4, vip: SocketAddrV4) -> Result<()>;
+    /// Whether this node holds the VIPs now.
+    fn active(&self) -> bool;
+    /// Deletes every established flow but those of `keep` (forward tuples); how many went.
+    fn purge_except(&mut self, keep: &HashSet<(SocketAddrV4, SocketAddrV4)>) -> Result<u64>;
 }
 
 /// Sleeps `d` unless `stop` is set first (checked every 100 ms).
@@ -439,6 +465,10 @@ fn send_on(
         other => bail!("expected the peer's challenge, got {other:?}"),
     };
     Msg::Proof(secret.proof(&[BY_SENDER, &theirs, &mine])).encode(&mut buf);
+    Msg::SnapshotBegin {
+        active: source.active(),
+    }
+    .encode(&mut buf);
     let flows = source.snapshot().context("reading this node's flows")?;
     for f in &flows {
         Msg::New(*f).encode(&mut buf);
@@ -558,6 +588,11 @@ fn receive_on(
         other => bail!("expected the peer's proof, got {other:?}"),
     }
     with(status, |s| s.receiving = true);
+    // A snapshot from the node holding the VIPs, received by one that does not: its flows
+    // replace this node's, and what this node has beyond them (flows that ended while it was
+    // away: a returning node's leftovers) goes at the snapshot's end.
+    let mut mirror: Option<HashSet<(SocketAddrV4, SocketAddrV4)>> = None;
+    let mut in_snapshot = false;
     while !stop.load(Ordering::Relaxed) {
         let m = match Msg::read(&mut r) {
             Ok(m) => m,
@@ -575,8 +610,18 @@ fn receive_on(
             }
         };
         match m {
+            Msg::SnapshotBegin { active } => {
+                in_snapshot = true;
+                mirror = (active && !sink.active()).then(HashSet::new);
+            }
             Msg::New(f) | Msg::Update(f) => {
-                let installed = sink.install(&f, matches!(m, Msg::Update(_)));
+                let replace = matches!(m, Msg::Update(_)) || (in_snapshot && mirror.is_some());
+                if in_snapshot {
+                    if let Some(keep) = &mut mirror {
+                        keep.insert((f.client, f.vip));
+                    }
+                }
+                let installed = sink.install(&f, replace);
                 with(status, |s| {
                     s.flows_received += 1;
                     match installed {
@@ -599,6 +644,19 @@ fn receive_on(
                 });
             }
             Msg::SnapshotDone(n) => {
+                in_snapshot = false;
+                if let Some(keep) = mirror.take() {
+                    match sink.purge_except(&keep) {
+                        Ok(0) => {}
+                        Ok(gone) => {
+                            info!(gone, "pair: flows the active peer does not have deleted");
+                            with(status, |s| s.purged += gone);
+                        }
+                        Err(e) => {
+                            warn!("pair: deleting flows the active peer does not have: {e:#}")
+                        }
+                    }
+                }
                 info!(flows = n, "pair: the peer's snapshot is in");
                 with(status, |s| {
                     s.synced = true;
@@ -644,6 +702,7 @@ mod tests {
             Msg::Hello([7; NONCE]),
             Msg::Challenge([1; NONCE], [2; PROOF]),
             Msg::Proof([3; PROOF]),
+            Msg::SnapshotBegin { active: true },
             Msg::New(f),
             Msg::Update(f),
             Msg::End {
@@ -680,6 +739,7 @@ mod tests {
     struct Tables {
         flows: Vec<SyncedFlow>,
         ends: Vec<SocketAddrV4>,
+        active: bool,
     }
 
     #[derive(Clone, Default)]
@@ -688,6 +748,9 @@ mod tests {
     impl Source for Shared {
         fn snapshot(&mut self) -> Result<Vec<SyncedFlow>> {
             Ok(self.0.lock().unwrap().flows.clone())
+        }
+        fn active(&self) -> bool {
+            self.0.lock().unwrap().active
         }
     }
 
@@ -709,6 +772,15 @@ mod tests {
             t.ends.push(client);
             Ok(())
         }
+        fn active(&self) -> bool {
+            self.0.lock().unwrap().active
+        }
+        fn purge_except(&mut self, keep: &HashSet<(SocketAddrV4, SocketAddrV4)>) -> Result<u64> {
+            let mut t = self.0.lock().unwrap();
+            let before = t.flows.len();
+            t.flows.retain(|f| keep.contains(&(f.client, f.vip)));
+            Ok((before - t.flows.len()) as u64)
+        }
     }
 
     fn wait(what: &str, cond: impl Fn() -> bool) {
@@ -717,6 +789,64 @@ mod tests {
             assert!(Instant::now() < until, "timed out waiting for {what}");
             std::thread::sleep(Duration::from_millis(10));
         }
+    }
+
+    /// A node that comes back (not holding the VIPs) with flows left from before receives the
+    /// active node's snapshot: its tables become that snapshot. A flow the active node mapped
+    /// anew replaces the leftover on the same tuple; a leftover the active node does not have
+    /// goes. The active node, receiving the returning node's snapshot, keeps its own flows.
+    #[test]
+    fn a_returning_node_takes_the_active_nodes_flows_as_they_are() {
+        let base = wire::tests::sample();
+        let port = |p, snat| SyncedFlow {
+            client: SocketAddrV4::new(*base.client.ip(), p),
+            snat: SocketAddrV4::new(*base.snat.ip(), snat),
+            ..base
+        };
+        let active = Shared::default();
+        {
+            let mut t = active.0.lock().unwrap();
+            t.active = true;
+            t.flows = vec![port(1, 5001), port(2, 6002)];
+        }
+        let returning = Shared::default();
+        returning.0.lock().unwrap().flows = vec![port(2, 5002), port(3, 5003)];
+        let stop = Arc::new(AtomicBool::new(false));
+        let (st_a, st_b) = (Status::default(), Status::default());
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let SocketAddr::V4(addr) = listener.local_addr().unwrap() else {
+            unreachable!()
+        };
+        let recv = {
+            let (sink, st, stop) = (returning.clone(), st_b.clone(), stop.clone());
+            std::thread::spawn(move || receive_loop(listener, Secret::default(), sink, st, stop))
+        };
+        let (tx, rx) = std::sync::mpsc::sync_channel(16);
+        let send = {
+            let (src, st, stop) = (active.clone(), st_a.clone(), stop.clone());
+            std::thread::spawn(move || send_loop(addr, Secret::default(), src, rx, st, stop))
+        };
+        wait("the snapshot", || st_b.lock().unwrap().synced);
+        let mut got = returning.0.lock().unwrap().flows.clone();
+        got.sort_by_key(|f| f.client.port());
+        assert_eq!(got, vec![port(1, 5001), port(2, 6002)]);
+        assert_eq!(st_b.lock().unwrap().purged, 1);
+        stop.store(true, Ordering::Relaxed);
+        drop(tx);
+        send.join().unwrap();
+        recv.join().unwrap();
+
+        // The other way round (the returning node's snapshot to the active one): nothing of
+        // the active node's changes.
+        let (active_flows, _) = {
+            let t = active.0.lock().unwrap();
+            (t.flows.clone(), ())
+        };
+        let mut sink = active.clone();
+        let mut stale = port(1, 9999);
+        stale.forward.seq_end = 1;
+        assert!(!sink.install(&stale, false).unwrap());
+        assert_eq!(active.0.lock().unwrap().flows, active_flows);
     }
 
     /// A sender with another secret is turned away before any flow moves, and says why.

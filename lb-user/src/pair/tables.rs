@@ -53,18 +53,36 @@ pub struct Tables {
     epochs: Array<MapData, u32>,
     directory: Directory,
     ifaces: Vec<Iface>,
+    /// The VIPs, and the interface keepalived puts them on: this node is active while it
+    /// holds one.
+    vips: Vec<Ipv4Addr>,
+    vip_iface: String,
 }
 
 impl Tables {
     /// `established` and `epochs`: own handles on `CT_ESTABLISHED` and `RESET_EPOCH`; `ifaces`:
-    /// the instance's interfaces in order.
-    pub fn new(cfg: &Config, established: Map, epochs: Map, ifaces: Vec<Iface>) -> Result<Self> {
+    /// the instance's interfaces in order, the first named `vip_iface`.
+    pub fn new(
+        cfg: &Config,
+        established: Map,
+        epochs: Map,
+        ifaces: Vec<Iface>,
+        vip_iface: String,
+    ) -> Result<Self> {
         Ok(Self {
             established: HashMap::try_from(established).context("CT_ESTABLISHED")?,
             epochs: Array::try_from(epochs).context("RESET_EPOCH")?,
             directory: Directory::of(cfg),
             ifaces,
+            vips: cfg.vip_addrs(),
+            vip_iface,
         })
+    }
+
+    /// Whether this node holds a VIP now.
+    pub fn holds_a_vip(&self) -> bool {
+        crate::host::iface_addrs(&self.vip_iface)
+            .is_ok_and(|have| self.vips.iter().any(|v| have.contains(v)))
     }
 
     fn now() -> u64 {
@@ -91,6 +109,10 @@ impl stream::Source for Tables {
             })
             .filter_map(|s| export(&s, now, &ifindexes).ok())
             .collect())
+    }
+
+    fn active(&self) -> bool {
+        self.holds_a_vip()
     }
 }
 
@@ -120,6 +142,28 @@ impl stream::Sink for Tables {
             &self.ifaces,
         )?;
         Ok(true)
+    }
+
+    fn active(&self) -> bool {
+        self.holds_a_vip()
+    }
+
+    fn purge_except(
+        &mut self,
+        keep: &std::collections::HashSet<(SocketAddrV4, SocketAddrV4)>,
+    ) -> Result<u64> {
+        let gone: Vec<FlowKey> = self
+            .established
+            .iter()
+            .filter_map(|r| r.ok())
+            .filter(|(k, f)| f.dir == DIR_FORWARD && !keep.contains(&super::stream::tuple_of(k)))
+            .map(|(k, _)| k)
+            .collect();
+        for k in &gone {
+            let (client, vip) = super::stream::tuple_of(k);
+            self.end(client, vip)?;
+        }
+        Ok(gone.len() as u64)
     }
 
     fn end(&mut self, client: SocketAddrV4, vip: SocketAddrV4) -> Result<()> {
