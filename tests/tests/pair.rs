@@ -343,3 +343,86 @@ fn with_keepalived_the_vip_moves_to_the_standby_and_the_session_follows() -> Res
     );
     Ok(())
 }
+
+/// The link between the two agents is cut while lb1 serves: lb2's status says it is no longer
+/// synced; a session opened meanwhile is not on lb2. Once the link heals, lb1's stream
+/// reconnects and its snapshot brings that session to lb2, which then carries it after a
+/// takeover.
+#[test]
+#[ignore = "needs root and netns: run cargo xtask test"]
+fn after_the_peer_link_heals_the_standby_resyncs_and_carries_what_it_missed() -> Result<()> {
+    let topo = Topology::new(
+        "pair_link_cut",
+        Shape::OneArmed,
+        TopologyOptions {
+            standby: true,
+            ..Default::default()
+        },
+    )?;
+    let _sims = topo.start_sims(&["master", "slave", "slave"])?;
+    let lb2 = topo.lb2.clone().context("standby host")?;
+    let (a, b) = (topo.lb.client_addr, lb2.client_addr);
+    let standby = topo.standby_instance();
+    for addr in [topo.vip, FLOATING] {
+        topo.lb
+            .ns
+            .ip(&["addr", "add", &format!("{addr}/32"), "dev", "l0"])?;
+    }
+    let _lb1 = topo.start_lb(&config(&topo, &topo.instance, a, b), &[])?;
+    let _lb2 = topo.start_standby_lb(&config(&topo, &standby, b, a), &[])?;
+    let synced = |yes: bool| {
+        let standby = standby.clone();
+        move || -> Result<bool> {
+            Ok(lb_user::pair::read_status(&standby)
+                .is_some_and(|(s, _)| s.synced == yes && s.receiving == yes))
+        }
+    };
+    wait_for("lb2 synced", Duration::from_secs(5), synced(true))?;
+
+    // Cut: neither agent can reach the other (the client and the backends still can).
+    topo.lb
+        .ns
+        .ip(&["route", "add", "blackhole", &format!("{b}/32")])?;
+    lb2.ns
+        .ip(&["route", "add", "blackhole", &format!("{a}/32")])?;
+    wait_for(
+        "lb2 to say it is not synced",
+        Duration::from_secs(10),
+        synced(false),
+    )?;
+    let (s, _) = lb_user::pair::read_status(&standby).context("lb2's pair status")?;
+    ensure!(!s.eligible || s.why.starts_with("alone"), "{s:?}");
+
+    let vip = SocketAddr::V4(SocketAddrV4::new(topo.vip, 7680));
+    let mut session = topo
+        .client
+        .ns
+        .run_in(|| BoltClient::connect(vip, Negotiation::Classic, None))??;
+    let before = session.run("CREATE (n)", Access::Write)?;
+    std::thread::sleep(Duration::from_millis(500));
+    ensure!(
+        established(&standby)?.is_empty(),
+        "lb2 got the session's flow through a cut link"
+    );
+
+    // Heal: lb1's stream reconnects and its snapshot carries the session.
+    topo.lb
+        .ns
+        .ip(&["route", "del", "blackhole", &format!("{b}/32")])?;
+    lb2.ns
+        .ip(&["route", "del", "blackhole", &format!("{a}/32")])?;
+    wait_for("lb2 synced again", Duration::from_secs(10), synced(true))?;
+    standby_has_the_flow(&standby)?;
+
+    fail_over(&topo, &lb2)?;
+    let after = session
+        .run("CREATE (n)", Access::Write)
+        .context("the session opened during the cut, after the takeover")?;
+    ensure!(
+        after.writes == before.writes + 1,
+        "writes {} -> {}",
+        before.writes,
+        after.writes
+    );
+    Ok(())
+}
