@@ -426,3 +426,94 @@ fn after_the_peer_link_heals_the_standby_resyncs_and_carries_what_it_missed() ->
     );
     Ok(())
 }
+
+/// A database failover while lb2 is active after the balancer's own: lb2 runs its own role
+/// checks, and the old master's synced session is reset as any of its own would be; a new
+/// session reaches the new master.
+#[test]
+#[ignore = "needs root and netns: run cargo xtask test"]
+fn a_database_failover_after_the_takeover_resets_the_old_masters_synced_session() -> Result<()> {
+    use lb_tests::sim::{control::SimControl, Role};
+    let topo = Topology::new(
+        "pair_db_failover",
+        Shape::OneArmed,
+        TopologyOptions {
+            standby: true,
+            ..Default::default()
+        },
+    )?;
+    let sims = topo.start_sims(&["master", "slave", "slave"])?;
+    let lb2 = topo.lb2.clone().context("standby host")?;
+    let (a, b) = (topo.lb.client_addr, lb2.client_addr);
+    let standby = topo.standby_instance();
+    let all: Vec<&str> = topo.backends.iter().map(|b| b.name.as_str()).collect();
+    let checked = |instance: &str, me: Ipv4Addr, peer: Ipv4Addr| {
+        let base = topo.role_checked_config_of(None, &all, &[("write", 7680, "master")]);
+        let pair = config(&topo, instance, me, peer);
+        format!(
+            "instance = \"{instance}\"\nvip_mode = \"routed\"\nsnat_address = \"{FLOATING}\"\n{}\n{}",
+            base.split_once('\n').map_or("", |(_, rest)| rest),
+            &pair[pair.find("[pair]").unwrap_or(pair.len())..]
+        )
+    };
+    for addr in [topo.vip, FLOATING] {
+        topo.lb
+            .ns
+            .ip(&["addr", "add", &format!("{addr}/32"), "dev", "l0"])?;
+    }
+    let _lb1 = topo.start_lb(&checked(&topo.instance, a, b), &[])?;
+    let _lb2 = topo.start_standby_lb(&checked(&standby, b, a), &[])?;
+    let vip = SocketAddr::V4(SocketAddrV4::new(topo.vip, 7680));
+    let connect = || {
+        topo.client
+            .ns
+            .run_in(|| BoltClient::connect(vip, Negotiation::Classic, None))?
+    };
+    let mut session = None;
+    wait_for("the write set on lb1", Duration::from_secs(10), || {
+        Ok(match connect() {
+            Ok(mut c) => {
+                let ok = c.run("CREATE (n)", Access::Write).is_ok();
+                session = Some(c);
+                ok
+            }
+            Err(_) => false,
+        })
+    })?;
+    let mut session = session.context("a session")?;
+    standby_has_the_flow(&standby)?;
+    fail_over(&topo, &lb2)?;
+    ensure!(session.run("CREATE (n)", Access::Write)?.server == "db01");
+
+    let quiet = status(&standby)?;
+    SimControl::new(&sims[0].control).set_role(Role::Slave)?;
+    SimControl::new(&sims[1].control).set_role(Role::Master)?;
+    let mut fresh = None;
+    wait_for(
+        "a new session to reach db02",
+        Duration::from_secs(10),
+        || {
+            Ok(
+                match connect().and_then(|mut c| c.run("CREATE (n)", Access::Write)) {
+                    Ok(r) => {
+                        fresh = Some(r.server.clone());
+                        r.server == "db02"
+                    }
+                    Err(_) => false,
+                },
+            )
+        },
+    )?;
+    let old = session.run("CREATE (n)", Access::Write);
+    ensure!(
+        old.is_err(),
+        "the old master's session still wrote: {old:?}"
+    );
+    let s = status(&standby)?;
+    ensure!(
+        Topology::global_counter(&s, "rst_flow_reset")
+            > Topology::global_counter(&quiet, "rst_flow_reset"),
+        "lb2 reset the synced session of the demoted master"
+    );
+    Ok(())
+}
