@@ -21,6 +21,8 @@ use lb_tests::{
 /// The pair's floating SNAT address (the backends' replies go to whichever node holds it).
 const FLOATING: Ipv4Addr = Ipv4Addr::new(10, 0, 1, 60);
 const SYNC_PORT: u16 = 7690;
+/// Idle pooled connections the keepalived test carries across both moves.
+const IDLE: usize = 100;
 
 fn config(topo: &Topology, instance: &str, me: Ipv4Addr, peer: Ipv4Addr) -> String {
     let secret = topo.log_dir.join("pair.secret");
@@ -257,8 +259,8 @@ fn keepalived(
 }
 
 /// The same takeover with keepalived moving the addresses (VRRP, gratuitous ARP) from the
-/// configuration `lb pair keepalived-config` prints: the session carries on once VRRP has
-/// moved the VIP; and when lb1 returns, it takes the VIP back (after `preempt_delay`, with
+/// configuration `lb pair keepalived-config` prints: the session and 100 idle pooled
+/// connections carry on once VRRP has moved the VIP; and when lb1 returns, it takes the VIP back (after `preempt_delay`, with
 /// lb2's flows) and the session carries on again.
 #[test]
 #[ignore = "needs root and netns: run cargo xtask test"]
@@ -289,7 +291,18 @@ fn with_keepalived_the_vip_moves_to_the_standby_and_the_session_follows() -> Res
         .ns
         .run_in(|| BoltClient::connect(vip, Negotiation::Classic, None))??;
     let before = session.run("CREATE (n)", Access::Write)?;
+    // A pool's idle connections: opened (handshake and HELLO) and left alone.
+    let mut idle: Vec<BoltClient> = topo.client.ns.run_in(|| {
+        (0..IDLE)
+            .map(|_| BoltClient::connect(vip, Negotiation::Classic, None))
+            .collect::<Result<Vec<_>>>()
+    })??;
     standby_has_the_flow(&standby)?;
+    wait_for(
+        "every idle connection on lb2",
+        Duration::from_secs(5),
+        || Ok(established(&standby)?.len() >= 2 * (IDLE + 1)),
+    )?;
     let quiet = status(&standby)?;
 
     topo.lb.ns.ip(&["link", "set", "l0", "down"])?;
@@ -308,6 +321,10 @@ fn with_keepalived_the_vip_moves_to_the_standby_and_the_session_follows() -> Res
         before.writes,
         after.writes
     );
+    for (i, c) in idle.iter_mut().enumerate() {
+        c.run("CREATE (n)", Access::Write)
+            .with_context(|| format!("idle connection {i} after the takeover"))?;
+    }
     let s = status(&standby)?;
     let moved = |c: &str| Topology::global_counter(&s, c) - Topology::global_counter(&quiet, c);
     ensure!(
@@ -327,12 +344,17 @@ fn with_keepalived_the_vip_moves_to_the_standby_and_the_session_follows() -> Res
     let back = session
         .run("CREATE (n)", Access::Write)
         .context("the session's write after the switchback, through lb1")?;
+    // db01 counts every write: the idle connections' 100 came in between.
     ensure!(
-        back.writes == after.writes + 1,
+        back.writes == after.writes + IDLE as i64 + 1,
         "writes {} -> {}",
         after.writes,
         back.writes
     );
+    for (i, c) in idle.iter_mut().enumerate() {
+        c.run("CREATE (n)", Access::Write)
+            .with_context(|| format!("idle connection {i} after the switchback"))?;
+    }
     let s1 = status(&topo.instance)?;
     let moved1 = |c: &str| Topology::global_counter(&s1, c) - Topology::global_counter(&away, c);
     ensure!(
