@@ -306,6 +306,12 @@ pub fn print(s: &Snapshot) {
                 .map(|e| format!("; last error: {e}"))
                 .unwrap_or_default()
         );
+        if let Some(at) = p.split_brain_at {
+            println!(
+                "pair: SPLIT BRAIN: the peer opened {} flows while this host held the VIPs too (last at {} s since the epoch)",
+                p.split_brain_flows, at
+            );
+        }
     }
     if s.agent_running {
         println!("agent: running");

@@ -31,7 +31,7 @@ use std::{
 use anyhow::{bail, Context, Result};
 use lb_common::FlowKey;
 use serde::Serialize;
-use tracing::{info, warn};
+use tracing::{error, info, warn};
 
 use super::{feed::Outgoing, wire::FLOW_LEN, SyncedFlow};
 
@@ -298,6 +298,10 @@ pub struct PairStatus {
     pub install_errors: u64,
     /// Flows deleted because the active peer's snapshot did not have them.
     pub purged: u64,
+    /// Flows the peer established while this node held the VIPs too (both serve: split
+    /// brain), and when the last came (seconds since the Unix epoch).
+    pub split_brain_flows: u64,
+    pub split_brain_at: Option<u64>,
     pub last_snapshot_flows: u64,
     /// Seconds since the Unix epoch.
     pub last_snapshot_at: Option<u64>,
@@ -358,6 +362,10 @@ fn with(status: &Status, f: impl FnOnce(&mut PairStatus)) {
     if let Ok(mut s) = status.lock() {
         f(&mut s);
     }
+}
+
+fn with_value<T: Default>(status: &Status, f: impl FnOnce(&mut PairStatus) -> T) -> T {
+    status.lock().map(|mut s| f(&mut s)).unwrap_or_default()
 }
 
 /// This node's flows, for the snapshot a new connection begins with.
@@ -615,6 +623,24 @@ fn receive_on(
                 mirror = (active && !sink.active()).then(HashSet::new);
             }
             Msg::New(f) | Msg::Update(f) => {
+                if !in_snapshot && matches!(m, Msg::New(_)) && sink.active() {
+                    // The peer opens flows while this node holds the VIPs: both serve. Both keep
+                    // every flow either knows; the operator must end it.
+                    let first = with_value(status, |s| {
+                        s.split_brain_flows += 1;
+                        let now = unix_now();
+                        let quiet = s.split_brain_at.is_none_or(|t| now >= t + 10);
+                        s.split_brain_at = Some(now);
+                        quiet
+                    });
+                    if first {
+                        error!(
+                            client = %f.client,
+                            "pair: SPLIT BRAIN: the peer opens flows while this host holds the VIPs too; \
+                             both keep forwarding every flow either knows (check keepalived and the link between the hosts)"
+                        );
+                    }
+                }
                 let replace = matches!(m, Msg::Update(_)) || (in_snapshot && mirror.is_some());
                 if in_snapshot {
                     if let Some(keep) = &mut mirror {

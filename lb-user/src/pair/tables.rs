@@ -57,6 +57,9 @@ pub struct Tables {
     /// holds one.
     vips: Vec<Ipv4Addr>,
     vip_iface: String,
+    /// The last answer of [`Tables::holds_a_vip`] and when it was read (the receiver asks at
+    /// every flow; the interface's addresses are read at most every 200 ms).
+    held: std::cell::Cell<Option<(std::time::Instant, bool)>>,
 }
 
 impl Tables {
@@ -76,13 +79,21 @@ impl Tables {
             ifaces,
             vips: cfg.vip_addrs(),
             vip_iface,
+            held: std::cell::Cell::new(None),
         })
     }
 
     /// Whether this node holds a VIP now.
     pub fn holds_a_vip(&self) -> bool {
-        crate::host::iface_addrs(&self.vip_iface)
-            .is_ok_and(|have| self.vips.iter().any(|v| have.contains(v)))
+        if let Some((at, held)) = self.held.get() {
+            if at.elapsed() < std::time::Duration::from_millis(200) {
+                return held;
+            }
+        }
+        let held = crate::host::iface_addrs(&self.vip_iface)
+            .is_ok_and(|have| self.vips.iter().any(|v| have.contains(v)));
+        self.held.set(Some((std::time::Instant::now(), held)));
+        held
     }
 
     fn now() -> u64 {
