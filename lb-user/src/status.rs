@@ -286,7 +286,7 @@ pub fn print(s: &Snapshot) {
     println!("instance {}", s.instance);
     if let Some(p) = &s.pair {
         println!(
-            "pair: {}, peer {} ({}), {}: {}; flows sent {}, received {} (ends {}), last snapshot {} flows{}",
+            "pair: {}, peer {} ({}), {}: {}; flows sent {}, received {} (ends {}), last snapshot {} flows, sync lag p50/p99 {}{}",
             p.role,
             p.peer,
             match (p.sending, p.receiving, p.synced) {
@@ -301,6 +301,10 @@ pub fn print(s: &Snapshot) {
             p.flows_received,
             p.ends_received,
             p.last_snapshot_flows,
+            match (p.lag_p50_us, p.lag_p99_us) {
+                (Some(a), Some(b)) => format!("{a}/{b} µs over {} flows", p.lag_count),
+                _ => "-".into(),
+            },
             p.last_error
                 .as_ref()
                 .map(|e| format!("; last error: {e}"))

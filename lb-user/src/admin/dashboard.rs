@@ -191,7 +191,9 @@ function pairLine(d, kv){
     kv('pair', 'pair_role', p.role), kv('peer', 'pair_peer', p.peer), kv('sync', 'pair_sync', link),
     kv('eligible', 'pair_eligible', p.eligible, p.eligible ? 'yes' : 'NO: ' + p.why),
     kv('flows sent', 'pair_flows_sent', p.flows_sent), kv('received', 'pair_flows_received', p.flows_received),
-    kv('last snapshot', 'pair_last_snapshot_flows', p.last_snapshot_flows, p.last_snapshot_flows + ' flows')
+    kv('last snapshot', 'pair_last_snapshot_flows', p.last_snapshot_flows, p.last_snapshot_flows + ' flows'),
+    kv('sync lag p50/p99', 'pair_lag_p99_us', p.lag_p99_us === null ? '' : p.lag_p99_us,
+       p.lag_p99_us === null ? '-' : p.lag_p50_us + ' / ' + p.lag_p99_us + ' \u00b5s')
   ]);
 }
 function render(d){

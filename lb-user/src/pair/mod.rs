@@ -67,6 +67,18 @@ fn direction(f: &Flow) -> Direction {
 /// The flow the active's data path reported (`FLOW_SYNC`) at `now_ns` (its clock), with its
 /// interfaces `ifindexes` in the instance's order.
 pub fn export(s: &FlowSync, now_ns: u64, ifindexes: &[u32]) -> Result<SyncedFlow> {
+    export_at(s, now_ns, unix_now_ns(), ifindexes)
+}
+
+/// The wall clock, ns since the Unix epoch.
+pub fn unix_now_ns() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as u64)
+}
+
+/// [`export`] with the wall clock given.
+pub fn export_at(s: &FlowSync, now_ns: u64, unix_ns: u64, ifindexes: &[u32]) -> Result<SyncedFlow> {
     let position = |ifindex: u32| {
         ifindexes
             .iter()
@@ -87,6 +99,7 @@ pub fn export(s: &FlowSync, now_ns: u64, ifindexes: &[u32]) -> Result<SyncedFlow
         backend_iface: position(fwd.ifindex)?,
         age_ns: now_ns.saturating_sub(fwd.created_ns),
         idle_ns: now_ns.saturating_sub(last),
+        last_seen_unix_ns: unix_ns.saturating_sub(now_ns.saturating_sub(last)),
         generation: fwd.generation,
         forward: direction(fwd),
         reply: direction(rev),
@@ -287,6 +300,8 @@ impl Running {
                 while !stop.load(std::sync::atomic::Ordering::Relaxed) {
                     let mut s = status.lock().map(|s| s.clone()).unwrap_or_default();
                     (s.eligible, s.why) = stream::eligibility(&s, started.elapsed());
+                    (s.lag_p50_us, s.lag_p99_us) = (s.lag.quantile(0.5), s.lag.quantile(0.99));
+                    (s.lag_max_us, s.lag_count) = (s.lag.max_us(), s.lag.count());
                     let active = crate::host::iface_addrs(&iface)
                         .is_ok_and(|have| vips.iter().any(|v| have.contains(v)));
                     s.role = if active { "active" } else { "standby" }.into();

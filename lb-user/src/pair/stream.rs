@@ -298,6 +298,15 @@ pub struct PairStatus {
     pub install_errors: u64,
     /// Flows deleted because the active peer's snapshot did not have them.
     pub purged: u64,
+    /// How long new flows took from their handshake on the peer to this node's tables
+    /// (wall clocks; the live stream only, not snapshots), in µs: median, 99th percentile,
+    /// worst, and how many were measured.
+    pub lag_p50_us: Option<u64>,
+    pub lag_p99_us: Option<u64>,
+    pub lag_max_us: u64,
+    pub lag_count: u64,
+    #[serde(skip)]
+    pub lag: Lag,
     /// Flows the peer established while this node held the VIPs too (both serve: split
     /// brain), and when the last came (seconds since the Unix epoch).
     pub split_brain_flows: u64,
@@ -353,6 +362,67 @@ pub fn eligibility(s: &PairStatus, up: Duration) -> (bool, String) {
         );
     }
     (true, "alone: the peer is unreachable both ways".into())
+}
+
+/// A histogram of sync lags: eight buckets per power of two of microseconds (within 12.5 %).
+#[derive(Debug, Clone, Default)]
+pub struct Lag {
+    buckets: Vec<u64>,
+    count: u64,
+    max_us: u64,
+}
+
+impl Lag {
+    fn index(us: u64) -> usize {
+        if us < 8 {
+            return us as usize;
+        }
+        let octave = 63 - us.leading_zeros() as usize;
+        (octave - 2) * 8 + ((us >> (octave - 3)) & 7) as usize
+    }
+
+    /// The largest value of bucket `i`, µs.
+    fn upper(i: usize) -> u64 {
+        if i < 8 {
+            return i as u64;
+        }
+        let (octave, sub) = (i / 8 + 2, (i % 8) as u64);
+        ((8 + sub + 1) << (octave - 3)) - 1
+    }
+
+    pub fn record(&mut self, us: u64) {
+        let i = Self::index(us);
+        if self.buckets.len() <= i {
+            self.buckets.resize(i + 1, 0);
+        }
+        self.buckets[i] += 1;
+        self.count += 1;
+        self.max_us = self.max_us.max(us);
+    }
+
+    /// The `q` quantile (0..=1), µs: the top of its bucket, at most the largest value seen.
+    pub fn quantile(&self, q: f64) -> Option<u64> {
+        if self.count == 0 {
+            return None;
+        }
+        let rank = ((q * self.count as f64).ceil() as u64).max(1);
+        let mut seen = 0;
+        for (i, n) in self.buckets.iter().enumerate() {
+            seen += n;
+            if seen >= rank {
+                return Some(Self::upper(i).min(self.max_us));
+            }
+        }
+        Some(self.max_us)
+    }
+
+    pub fn count(&self) -> u64 {
+        self.count
+    }
+
+    pub fn max_us(&self) -> u64 {
+        self.max_us
+    }
 }
 
 /// Shared status of both streams.
@@ -641,6 +711,10 @@ fn receive_on(
                         );
                     }
                 }
+                if !in_snapshot && matches!(m, Msg::New(_)) {
+                    let lag_us = super::unix_now_ns().saturating_sub(f.last_seen_unix_ns) / 1_000;
+                    with(status, |s| s.lag.record(lag_us));
+                }
                 let replace = matches!(m, Msg::Update(_)) || (in_snapshot && mirror.is_some());
                 if in_snapshot {
                     if let Some(keep) = &mut mirror {
@@ -703,6 +777,27 @@ fn receive_on(
 mod tests {
     use super::*;
     use crate::pair::wire;
+
+    #[test]
+    fn lag_quantiles_are_within_an_eighth_of_an_octave() {
+        let mut l = Lag::default();
+        assert_eq!(l.quantile(0.5), None);
+        for us in 1..=1000u64 {
+            l.record(us * 10);
+        }
+        let p50 = l.quantile(0.5).unwrap();
+        let p99 = l.quantile(0.99).unwrap();
+        assert!((5_000..=5_700).contains(&p50), "{p50}");
+        assert!((9_900..=10_000).contains(&p99), "{p99}");
+        assert_eq!((l.count(), l.max_us()), (1000, 10_000));
+        for us in [0u64, 7, 8, 9, 15, 16, 1 << 20] {
+            let i = Lag::index(us);
+            assert!(
+                Lag::upper(i) >= us && (i == 0 || Lag::upper(i - 1) < us),
+                "{us}"
+            );
+        }
+    }
 
     #[test]
     fn a_node_is_eligible_synced_or_alone_never_half_way() {

@@ -43,6 +43,10 @@ pub struct SyncedFlow {
     /// How long ago the flow began, and how long ago it last carried a segment.
     pub age_ns: u64,
     pub idle_ns: u64,
+    /// When it last carried a segment, on the sender's wall clock (ns since the Unix epoch):
+    /// for a new flow, when its handshake completed. The receiver's sync lag is its own wall
+    /// clock less this (exact on one machine, as good as NTP across two).
+    pub last_seen_unix_ns: u64,
     /// The backend-set generation that chose the backend (for the connection log).
     pub generation: u32,
     /// Client -> backend, and backend -> client.
@@ -51,7 +55,7 @@ pub struct SyncedFlow {
 }
 
 /// Bytes of an encoded [`SyncedFlow`].
-pub const FLOW_LEN: usize = 4 * 6 + 6 * 2 + 2 + 8 * 2 + 4 + 2 * DIRECTION_LEN;
+pub const FLOW_LEN: usize = 4 * 6 + 6 * 2 + 2 + 8 * 3 + 4 + 2 * DIRECTION_LEN;
 const DIRECTION_LEN: usize = 4 + 4 + 1 + 1 + 8;
 
 /// Appends bytes in network order.
@@ -133,6 +137,7 @@ impl SyncedFlow {
         w.u8(self.backend_iface);
         w.u64(self.age_ns);
         w.u64(self.idle_ns);
+        w.u64(self.last_seen_unix_ns);
         w.u32(self.generation);
         w.dir(&self.forward);
         w.dir(&self.reply);
@@ -158,6 +163,7 @@ impl SyncedFlow {
             backend_iface: r.u8(),
             age_ns: r.u64(),
             idle_ns: r.u64(),
+            last_seen_unix_ns: r.u64(),
             generation: r.u32(),
             forward: r.dir(),
             reply: r.dir(),
@@ -181,6 +187,7 @@ pub(crate) mod tests {
             backend_iface: 1,
             age_ns: 1_500_000_000,
             idle_ns: 20_000_000,
+            last_seen_unix_ns: 1_796_000_000_000_000_000,
             generation: 7,
             forward: Direction {
                 seq_end: 0xfedc_ba98,
