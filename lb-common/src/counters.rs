@@ -136,6 +136,10 @@ counters! {
     /// that stale connection at the backend, so that the client's SYN retransmit finds a clean
     /// tuple; never forwarded to the new client.
     RstHandshakeStale => "rst_handshake_stale",
+    /// In a pair: a frame to a VIP or an SNAT port addressed to another host's MAC (a switch
+    /// flooding a frame meant for the other node): passed to the kernel, which drops it; the
+    /// node it was meant for forwards it.
+    PassOtherHost => "pass_other_host",
 }
 
 /// Number of entries in `STATS_GLOBAL`.

@@ -49,6 +49,8 @@ pub mod names {
     /// Flows the data path established, for a pair's standby (ring buffer, written only with
     /// `CONFIG_F_SYNC`; not pinned, like `CONN_EVENTS`).
     pub const FLOW_SYNC: &str = "FLOW_SYNC";
+    /// Ifindex -> the MAC of that interface (written by the agent in a pair).
+    pub const IFACE_MACS: &str = "IFACE_MACS";
     /// Backend id -> the SNAT ports its flows hold, a hint for the port search (not pinned:
     /// each program has its own, rebuilt by its agent's GC every pass).
     pub const PORT_HINTS: &str = "PORT_HINTS";
@@ -127,7 +129,9 @@ pub const CONFIG_F_ROUTE_SRC: u32 = 4;
 /// flow such a reply passes to the kernel (the port is not lb's any more).
 pub const CONFIG_F_OLD_PORTS: u32 = 8;
 /// The instance is one of a pair: every flow the data path establishes is also written to
-/// `FLOW_SYNC` (a [`FlowSync`]), which the agent streams to the standby.
+/// `FLOW_SYNC` (a [`FlowSync`]), which the agent streams to the standby; and a frame addressed
+/// to another MAC than its interface's (`IFACE_MACS`) is passed, not forwarded: on a segment
+/// the two nodes share, a switch floods frames meant for the other node.
 pub const CONFIG_F_SYNC: u32 = 16;
 
 /// 64-bit words of a backend's SNAT-port hint bitmap (`PORT_HINTS`): bit `i` of word `w` stands

@@ -53,12 +53,12 @@ mod prog {
     use aya_ebpf::{
         bindings::xdp_action, helpers::bpf_ktime_get_ns, macros::xdp, programs::XdpContext,
     };
-    use lb_common::{Counter, CONFIG_F_OLD_PORTS};
+    use lb_common::{Counter, CONFIG_F_OLD_PORTS, CONFIG_F_SYNC};
     use network_types::eth::EthHdr;
 
     use crate::{
         csum, icmp,
-        maps::{config, in_old_ports, is_backend, is_snat_addr},
+        maps::{addressed_here, config, in_old_ports, is_backend, is_snat_addr},
         parse::{
             words20, Frame, Ip, Ports, Tcp, ETH_LEN, ETH_P_IPV4, IPPROTO_ICMP, IPPROTO_TCP, L4_OFF,
         },
@@ -124,6 +124,17 @@ mod prog {
             return xdp_action::XDP_PASS;
         };
         let cfg = config();
+        if cfg.flags & CONFIG_F_SYNC != 0
+            && !addressed_here(ctx.ingress_ifindex() as u32, &eth.dst_addr)
+        {
+            // In a pair, a frame flooded to this node but meant for the other: the kernel
+            // drops it (another host's MAC); only the node it was sent to may forward it.
+            // Counted only when it was ours to handle (a VIP or an SNAT port).
+            if service::lookup(ip.daddr, ports.dport).is_some() || is_snat_addr(ip.daddr) {
+                stats::count(Counter::PassOtherHost);
+            }
+            return xdp_action::XDP_PASS;
+        }
         if let Some(svc) = service::lookup(ip.daddr, ports.dport) {
             let Some(tcp) = checked_tcp(f, ip, svc.id) else {
                 return xdp_action::XDP_DROP;

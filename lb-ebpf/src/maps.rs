@@ -79,6 +79,19 @@ pub static CONN_EVENTS: RingBuf<ConnEvent, { 64 * 4096 }> = RingBuf::new();
 #[btf_map]
 pub static FLOW_SYNC: RingBuf<FlowSync, { 256 * 4096 }> = RingBuf::new();
 
+/// Ifindex -> the interface's MAC (only read with `CONFIG_F_SYNC`).
+#[btf_map]
+pub static IFACE_MACS: HashMap<u32, [u8; 6], { MAX_IFACES as usize }> = HashMap::new();
+
+/// Whether a frame received on `ifindex` is addressed to `dst`, that interface's own MAC.
+#[inline(always)]
+pub fn addressed_here(ifindex: u32, dst: &[u8; 6]) -> bool {
+    IFACE_MACS.get_ptr(ifindex).is_some_and(|mac| {
+        // SAFETY: a map value pointer from a successful lookup is valid for reading.
+        unsafe { *mac == *dst }
+    })
+}
+
 /// Backend id -> the SNAT ports its flows hold (a hint for `snat::claim`; see
 /// `lb_common::PortHints`). Not pinned: the agent's GC rewrites it from the tables every pass.
 #[btf_map]

@@ -33,6 +33,7 @@ pub struct Control {
     sets: ArrayOfMaps<MapData, Array<MapData, BackendSet>>,
     tx_ports: DevMapHash<MapData>,
     snat_addrs: HashMap<MapData, u32, u32>,
+    iface_macs: HashMap<MapData, u32, [u8; 6]>,
     route_src: HashMap<MapData, u32, u32>,
     /// The kernel lacks `BPF_FIB_LOOKUP_SRC`: the data path reads `route_src` instead.
     route_src_fallback: bool,
@@ -78,6 +79,7 @@ impl Control {
             sets: take(ebpf, names::BACKEND_SETS)?,
             tx_ports: take(ebpf, names::TX_PORTS)?,
             snat_addrs: take(ebpf, names::SNAT_ADDRS)?,
+            iface_macs: take(ebpf, names::IFACE_MACS)?,
             route_src: take(ebpf, names::ROUTE_SRC)?,
             route_src_fallback: false,
             old_ports: take(ebpf, names::OLD_PORTS)?,
@@ -171,6 +173,18 @@ impl Control {
             backend: backend_id,
             epoch,
         })
+    }
+
+    /// Records each interface's MAC (ifindex, MAC): in a pair the data path forwards only
+    /// frames addressed to the interface they arrive on. Before [`Control::write_config`]
+    /// sets `CONFIG_F_SYNC`, so that no frame is judged against an empty map.
+    pub fn set_iface_macs(&mut self, macs: &[(u32, [u8; 6])]) -> Result<()> {
+        for (ifindex, mac) in macs {
+            self.iface_macs
+                .insert(ifindex, mac, 0)
+                .with_context(|| format!("add ifindex {ifindex} to IFACE_MACS"))?;
+        }
+        Ok(())
     }
 
     /// Writes the data path's runtime settings.

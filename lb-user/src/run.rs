@@ -296,6 +296,14 @@ async fn serve(
             info!(snat_address = %a, "new flows take the configured snat_address");
         }
     }
+    if cfg.pair.is_some() {
+        let macs = ifaces
+            .iter()
+            .zip(ifindexes)
+            .map(|(name, &i)| Ok((i, host::iface_mac(name)?)))
+            .collect::<Result<Vec<_>>>()?;
+        control.set_iface_macs(&macs)?;
+    }
     control.configure(cfg, mode == AttachMode::Generic, ifindexes, &snat_addrs)?;
 
     // Health checks: one task per (checked service, backend); results come back on `updates`.
@@ -357,7 +365,7 @@ async fn serve(
         ebpf,
         cfg,
         |i| !supervisor.installed(i).is_empty(),
-        ifindexes[0],
+        (ifindexes[0], host::iface_mac(&ifaces[0])?),
         pin_dir,
     )?;
     info!("{verdict}");

@@ -49,9 +49,9 @@ impl std::fmt::Display for Verdict {
     }
 }
 
-/// A client SYN to `vip` as the first interface would receive it.
-fn syn(vip: SocketAddrV4, sport: u16) -> Result<Vec<u8>> {
-    let builder = etherparse::PacketBuilder::ethernet2([2, 0, 0, 0, 0, 1], [2, 0, 0, 0, 0, 2])
+/// A client SYN to `vip` as the first interface (MAC `dst`) would receive it.
+fn syn(vip: SocketAddrV4, sport: u16, dst: [u8; 6]) -> Result<Vec<u8>> {
+    let builder = etherparse::PacketBuilder::ethernet2([2, 0, 0, 0, 0, 1], dst)
         .ipv4(CLIENT.octets(), vip.ip().octets(), 64)
         .tcp(sport, vip.port(), 0x5e1f_7e57, 64240)
         .syn();
@@ -76,7 +76,7 @@ pub fn run(
     ebpf: &Ebpf,
     cfg: &Config,
     installed: impl Fn(usize) -> bool,
-    ingress_ifindex: u32,
+    (ingress_ifindex, ingress_mac): (u32, [u8; 6]),
     pin_dir: &Path,
 ) -> Result<Verdict> {
     let Some((_, service)) = cfg.services.iter().enumerate().find(|(i, _)| installed(*i)) else {
@@ -90,7 +90,7 @@ pub fn run(
         .try_into()?;
     // A source port of its own per start, far from anything a real client uses at that moment.
     let sport = 1024 + (std::process::id() % 60000) as u16;
-    let frame = syn(service.vip, sport)?;
+    let frame = syn(service.vip, sport, ingress_mac)?;
     // struct xdp_md { data, data_end, data_meta, ingress_ifindex, rx_queue_index, egress_ifindex }
     let md: [u32; 6] = [0, frame.len() as u32, 0, ingress_ifindex, 0, 0];
     let ctx: Vec<u8> = md.iter().flat_map(|w| w.to_ne_bytes()).collect();

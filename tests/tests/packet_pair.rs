@@ -140,3 +140,36 @@ fn with_snat_address_new_flows_leave_from_it_and_replies_to_it_come_back() -> Re
         Ok(())
     })
 }
+
+#[test]
+#[ignore = "needs root and netns: run cargo xtask test"]
+fn in_a_pair_a_frame_flooded_to_this_node_for_the_other_passes_untouched() -> Result<()> {
+    Fixture::run_with_config("pairflood", &paired(), |fx| {
+        let other = [0x02, 0xee, 0, 0, 0, 0x01];
+        // A client SYN and a backend reply, both addressed to the other node's MAC.
+        let syn = TcpFrame::syn(CLIENT_MAC, other, sa(CLIENT, 40300), sa(VIP, WRITE_PORT));
+        let reply = TcpFrame::new(
+            DB01_MAC,
+            other,
+            sa(DB01, BACKEND_PORT),
+            sa(SNAT_ADDR, 12345),
+        )
+        .with_flags(ACK);
+        let before = fx.counters()?;
+        for frame in [syn.bytes()?, reply.bytes()?] {
+            let out = fx.test_run(&frame, fx.cl0.ifindex)?;
+            assert_bytes("a frame for the other node", &out, Action::Pass, &frame);
+        }
+        assert_eq!(
+            fx.counters()?.changes_since(&before),
+            moved(&[(lb_common::Counter::PassOtherHost, 2)])
+        );
+        assert!(
+            fx.embryonic()?.is_empty(),
+            "no flow for a frame meant for the other node"
+        );
+        // The same SYN addressed to this node is balanced.
+        Conn::syn(fx, 40300, WRITE_PORT)?;
+        Ok(())
+    })
+}

@@ -11,66 +11,19 @@ use std::{
 };
 
 use anyhow::{ensure, Context, Result};
-use aya::maps::HashMap;
-use lb_common::{names, Flow, FlowKey};
 use lb_tests::{
-    harness::{lb_bin, Shape, Topology, TopologyOptions},
+    harness::{
+        pair::{
+            config, established, fail_over, holds, keepalived, mac_of, standby_has_the_flow,
+            status, steer, wait_for, FLOATING,
+        },
+        Shape, Topology, TopologyOptions,
+    },
     sim::bolt_client::{Access, BoltClient, Negotiation},
 };
 
-/// The pair's floating SNAT address (the backends' replies go to whichever node holds it).
-const FLOATING: Ipv4Addr = Ipv4Addr::new(10, 0, 1, 60);
-const SYNC_PORT: u16 = 7690;
 /// Idle pooled connections the keepalived test carries across both moves.
 const IDLE: usize = 100;
-
-fn config(topo: &Topology, instance: &str, me: Ipv4Addr, peer: Ipv4Addr) -> String {
-    let secret = topo.log_dir.join("pair.secret");
-    std::fs::write(&secret, "a shared secret of the pair\n").expect("writing the pair's secret");
-    format!(
-        "instance = \"{instance}\"\nvip_mode = \"routed\"\nsnat_address = \"{FLOATING}\"\n{}\
-         [[service]]\nname = \"write\"\nvip = \"{}:7680\"\nbackend_port = 7687\nbackends = [\"db01\"]\n\
-         [pair]\npeer = \"{peer}:{SYNC_PORT}\"\nlisten = \"{me}:{SYNC_PORT}\"\nsecret_file = \"{}\"\n",
-        topo.backends_toml(),
-        topo.vip,
-        secret.display()
-    )
-}
-
-/// The established-table entries of `instance` (read from its pins).
-fn established(instance: &str) -> Result<Vec<(FlowKey, Flow)>> {
-    let map = lb_user::dataplane::open_pinned(
-        &lb_user::dataplane::pin_dir(instance),
-        names::CT_ESTABLISHED,
-    )?;
-    let table: HashMap<_, FlowKey, Flow> = HashMap::try_from(map)?;
-    Ok(table.iter().filter_map(|r| r.ok()).collect())
-}
-
-fn status(instance: &str) -> Result<serde_json::Value> {
-    let out = std::process::Command::new(lb_bin())
-        .args(["status", "--instance", instance, "--json"])
-        .output()?;
-    ensure!(
-        out.status.success(),
-        "lb status --instance {instance} failed"
-    );
-    serde_json::from_slice(&out.stdout).context("lb status --json")
-}
-
-fn wait_for(what: &str, timeout: Duration, mut ok: impl FnMut() -> Result<bool>) -> Result<()> {
-    let until = Instant::now() + timeout;
-    loop {
-        if ok()? {
-            return Ok(());
-        }
-        ensure!(
-            Instant::now() < until,
-            "timed out after {timeout:?} waiting for {what}"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
 
 #[test]
 #[ignore = "needs root and netns: run cargo xtask test"]
@@ -174,90 +127,6 @@ fn takeover(sync: bool) -> Result<()> {
     Ok(())
 }
 
-/// Waits until the standby `instance` holds the session's flow (both entries) and checks that
-/// its copy sends from the floating address.
-fn standby_has_the_flow(instance: &str) -> Result<()> {
-    wait_for("the flow on the standby", Duration::from_secs(2), || {
-        Ok(established(instance)?.len() >= 2)
-    })?;
-    let synced = established(instance)?;
-    ensure!(
-        synced
-            .iter()
-            .any(|(_, f)| f.nat_saddr == u32::from_ne_bytes(FLOATING.octets())),
-        "the standby's copy sends from the floating address: {synced:?}"
-    );
-    Ok(())
-}
-
-/// lb1 dies as a host does (its link goes down); the addresses move to lb2, and the client's
-/// and the backends' neighbour entries are flushed (keepalived's gratuitous ARP).
-fn fail_over(topo: &Topology, lb2: &lb_tests::harness::LbHost) -> Result<()> {
-    topo.lb.ns.ip(&["link", "set", "l0", "down"])?;
-    for addr in [topo.vip, FLOATING] {
-        lb2.ns
-            .ip(&["addr", "add", &format!("{addr}/32"), "dev", "l0"])?;
-    }
-    topo.client
-        .ns
-        .ip(&["neigh", "flush", "dev", &topo.client.iface])?;
-    for db in &topo.backends {
-        db.ns.ip(&["neigh", "flush", "dev", &db.iface])?;
-    }
-    Ok(())
-}
-
-/// Whether `addr` is on `iface` in `ns`.
-fn holds(ns: &lb_tests::harness::Ns, iface: &str, addr: Ipv4Addr) -> Result<bool> {
-    let out = ns.ip(&["-4", "-o", "addr", "show", "dev", iface])?;
-    Ok(String::from_utf8_lossy(&out.stdout).contains(&format!("inet {addr}/")))
-}
-
-/// keepalived on `host` with the configuration `lb pair keepalived-config` prints for the
-/// agent started with `config` (advert every second).
-fn keepalived(
-    topo: &Topology,
-    host: &lb_tests::harness::LbHost,
-    name: &str,
-    config: &std::path::Path,
-    priority: u8,
-) -> Result<lb_tests::harness::Process> {
-    let out = std::process::Command::new(lb_bin())
-        .args(["pair", "keepalived-config", "--config"])
-        .arg(config)
-        .args(["--iface", "l0", "--priority", &priority.to_string()])
-        .output()?;
-    ensure!(
-        out.status.success(),
-        "lb pair keepalived-config: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let conf = topo.log_dir.join(format!("{name}.conf"));
-    std::fs::write(&conf, &out.stdout)?;
-    let file = |ext: &str| {
-        topo.log_dir
-            .join(format!("{name}.{ext}"))
-            .display()
-            .to_string()
-    };
-    topo.spawn(
-        &host.ns,
-        name,
-        &[
-            "keepalived",
-            "--dont-fork",
-            "--log-console",
-            "--vrrp",
-            "--use-file",
-            &conf.display().to_string(),
-            "--pid",
-            &file("pid"),
-            "--vrrp_pid",
-            &file("vrrp.pid"),
-        ],
-    )
-}
-
 /// The same takeover with keepalived moving the addresses (VRRP, gratuitous ARP) from the
 /// configuration `lb pair keepalived-config` prints: the session and 100 idle pooled
 /// connections carry on once VRRP has moved the VIP; and when lb1 returns, it takes the VIP back (after `preempt_delay`, with
@@ -279,8 +148,8 @@ fn with_keepalived_the_vip_moves_to_the_standby_and_the_session_follows() -> Res
     let standby = topo.standby_instance();
     let lb1_agent = topo.start_lb(&config(&topo, &topo.instance, a, b), &[])?;
     let lb2_agent = topo.start_standby_lb(&config(&topo, &standby, b, a), &[])?;
-    let _k1 = keepalived(&topo, &topo.lb, "keepalived1", &lb1_agent.config, 100)?;
-    let _k2 = keepalived(&topo, &lb2, "keepalived2", &lb2_agent.config, 90)?;
+    let _k1 = keepalived(&topo, &topo.lb, "keepalived1", &lb1_agent.config, 100, 1.0)?;
+    let _k2 = keepalived(&topo, &lb2, "keepalived2", &lb2_agent.config, 90, 1.0)?;
     wait_for("lb1 to hold the VIP", Duration::from_secs(15), || {
         Ok(holds(&topo.lb.ns, "l0", topo.vip)? && holds(&topo.lb.ns, "l0", FLOATING)?)
     })?;
@@ -537,45 +406,6 @@ fn a_database_failover_after_the_takeover_resets_the_old_masters_synced_session(
             > Topology::global_counter(&quiet, "rst_flow_reset"),
         "lb2 reset the synced session of the demoted master"
     );
-    Ok(())
-}
-
-/// The MAC address of `iface` in `ns`.
-fn mac_of(ns: &lb_tests::harness::Ns, iface: &str) -> Result<String> {
-    let out = ns.ip(&["-j", "link", "show", "dev", iface])?;
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout)?;
-    v[0]["address"]
-        .as_str()
-        .map(str::to_string)
-        .context("no MAC in ip -j link")
-}
-
-/// Sends the client's VIP traffic and db01's replies to the host with MAC `mac` (what ARP
-/// would settle on, made permanent).
-fn steer(topo: &Topology, mac: &str) -> Result<()> {
-    topo.client.ns.ip(&[
-        "neigh",
-        "replace",
-        &topo.vip.to_string(),
-        "lladdr",
-        mac,
-        "dev",
-        &topo.client.iface,
-        "nud",
-        "permanent",
-    ])?;
-    let db01 = topo.backend("db01")?;
-    db01.ns.ip(&[
-        "neigh",
-        "replace",
-        &FLOATING.to_string(),
-        "lladdr",
-        mac,
-        "dev",
-        &db01.iface,
-        "nud",
-        "permanent",
-    ])?;
     Ok(())
 }
 

@@ -58,9 +58,10 @@ enum Task {
     /// Setup, build, then show lb balancing a simulated 3-server Neo4j cluster in namespaces.
     Demo,
     /// Setup, release build, then run benchmarks: `cargo xtask bench [SUITE] [-- --quick ...]`;
-    /// without a suite, `all`, `churn`, `synflood`, `idle` and `failover` (each writes its section of BENCHMARKS.md).
+    /// without a suite, `all`, `churn` and `failover`; `synflood`, `idle` and `pair` by name (each
+    /// writes its section of BENCHMARKS.md).
     Bench {
-        /// all, throughput, connrate, latency, cost, memory, churn, synflood, idle or failover.
+        /// all, throughput, connrate, latency, cost, memory, churn, synflood, idle, pair or failover.
         suite: Option<String>,
         /// Passed to `lb-bench <suite>`, e.g. `--quick` or `--runs 3`.
         #[arg(last = true)]

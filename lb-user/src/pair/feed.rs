@@ -6,7 +6,7 @@
 //! a bounded channel; a full channel drops the message and counts it (the next pass's refresh,
 //! or the snapshot of the next connection, makes up for it).
 use std::{
-    collections::HashMap,
+    collections::{HashMap, VecDeque},
     sync::mpsc::{SyncSender, TrySendError},
     time::{Duration, Instant},
 };
@@ -39,7 +39,10 @@ pub struct Feed {
     tx: SyncSender<Outgoing>,
     /// The instance's interfaces, in order.
     ifindexes: Vec<u32>,
+    /// Keys of the flows that ended in the last [`RECENT_ENDS`], and the same in the order
+    /// they ended (pruned from the front: O(1) a flow, whatever the rate).
     recent_ends: HashMap<FlowKey, Instant>,
+    ended_order: VecDeque<(Instant, FlowKey)>,
     /// When the last pass began (data path clock): flows seen since are refreshed.
     last_pass_ns: u64,
     /// Messages lost to a full queue, and flows that could not be exported.
@@ -53,6 +56,7 @@ impl Feed {
             tx,
             ifindexes,
             recent_ends: HashMap::new(),
+            ended_order: VecDeque::new(),
             last_pass_ns: 0,
             dropped: 0,
             unexportable: 0,
@@ -71,9 +75,18 @@ impl Feed {
     /// The flow with forward key `key` ended.
     pub fn ended(&mut self, key: &FlowKey) {
         let now = Instant::now();
-        self.recent_ends
-            .retain(|_, t| now.duration_since(*t) < RECENT_ENDS);
+        while let Some(&(t, k)) = self.ended_order.front() {
+            if now.duration_since(t) < RECENT_ENDS {
+                break;
+            }
+            self.ended_order.pop_front();
+            // A key that ended again since is still recent.
+            if self.recent_ends.get(&k) == Some(&t) {
+                self.recent_ends.remove(&k);
+            }
+        }
         self.recent_ends.insert(*key, now);
+        self.ended_order.push_back((now, *key));
         self.send(Outgoing::End(*key));
     }
 

@@ -53,9 +53,15 @@ pub fn config(cfg: &Config, o: &Options) -> Result<String> {
         s,
         "# keepalived.conf for lb instance {name:?} (lb pair keepalived-config)"
     );
+    // Adverts more often than once a second need VRRP version 3.
+    let version = if o.advert_int < 1.0 {
+        "\n    vrrp_version 3"
+    } else {
+        ""
+    };
     let _ = writeln!(
         s,
-        "global_defs {{\n    enable_script_security\n    script_user root\n}}"
+        "global_defs {{\n    enable_script_security\n    script_user root{version}\n}}"
     );
     let _ = writeln!(
         s,

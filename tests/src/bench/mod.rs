@@ -32,6 +32,7 @@ pub mod failover;
 pub mod handshakes;
 pub mod idle;
 pub mod loadgen;
+pub mod pair;
 pub mod probe;
 pub mod report;
 pub mod stats;

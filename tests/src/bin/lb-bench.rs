@@ -94,6 +94,16 @@ enum Bench {
         #[arg(long, value_delimiter = ',')]
         only: Vec<String>,
     },
+    /// A pair of lb hosts: the flow sync's lag and CPU under the churn generator, and takeovers
+    /// by keepalived (advert_int 1 and 0.2) while the generator and 20 sessions run.
+    Pair {
+        /// Seconds of generator per row.
+        #[arg(long, default_value_t = 20)]
+        seconds: u64,
+        /// Client threads (blocking sockets).
+        #[arg(long, default_value_t = 8)]
+        threads: usize,
+    },
     /// A million idle established flows in the tables: check timing, agent CPU and RSS, expiry.
     Idle {
         /// Idle flows written into the table.
@@ -202,6 +212,7 @@ fn real_main() -> Result<bool> {
             flows,
             idle_seconds,
         } => idle_bench(flows, idle_seconds),
+        Bench::Pair { seconds, threads } => pair_bench(seconds, threads),
         Bench::All(a) => perf(Which::All, a),
         Bench::Throughput(a) => perf(Which::Throughput, a),
         Bench::Connrate(a) => perf(Which::Connrate, a),
@@ -372,6 +383,31 @@ fn synflood_bench(seconds: u64, rates: Vec<u32>, quick: bool, only: &[String]) -
         serde_json::json!({ "plan": plan, "records": records }),
     )?;
     Ok(records.iter().all(|r| r.error.is_none()))
+}
+
+fn pair_bench(seconds: u64, threads: usize) -> Result<bool> {
+    let plan = lb_tests::bench::pair::Plan {
+        seconds: seconds.max(1),
+        threads,
+    };
+    eprintln!(
+        "lb-bench pair: {} s per row, {} client threads; lb {}",
+        plan.seconds,
+        plan.threads,
+        harness::lb_bin().display()
+    );
+    let records = lb_tests::bench::pair::run(&plan);
+    let run = RunInfo::now("pair", false);
+    let md = lb_tests::bench::pair::report(&plan, &records, &run.command, &run.date);
+    let ok = records.sync.iter().all(|r| r.errors.is_empty())
+        && records.takeover.iter().all(|r| r.errors.is_empty());
+    run.publish(
+        "## lb-bench pair",
+        &md,
+        ok,
+        serde_json::json!({ "plan": plan, "records": records }),
+    )?;
+    Ok(ok)
 }
 
 fn idle_bench(flows: u32, idle_seconds: u64) -> Result<bool> {

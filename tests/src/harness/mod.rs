@@ -19,6 +19,7 @@
 pub mod cleanup;
 pub mod lock;
 pub mod ns;
+pub mod pair;
 pub mod process;
 pub mod topology;
 pub mod xdp_pass;

@@ -1,0 +1,197 @@
+//! A pair of lb hosts in the one-armed topology with a standby (`TopologyOptions::standby`),
+//! shared by the pair tests (`tests/tests/pair.rs`) and `lb-bench pair`: the agents'
+//! configuration, keepalived from `lb pair keepalived-config`, moving the addresses by hand,
+//! and reading an instance's tables and status.
+use std::{
+    net::Ipv4Addr,
+    time::{Duration, Instant},
+};
+
+use anyhow::{ensure, Context, Result};
+use aya::maps::HashMap;
+use lb_common::{names, Flow, FlowKey};
+
+use super::{lb_bin, LbHost, Ns, Process, Topology};
+
+/// The pair's floating SNAT address (the backends' replies go to whichever host holds it).
+pub const FLOATING: Ipv4Addr = Ipv4Addr::new(10, 0, 1, 60);
+/// Where each agent listens for its peer's stream.
+pub const SYNC_PORT: u16 = 7690;
+
+/// The agent configuration of `instance` as one host of the pair (`me`, streaming to `peer`):
+/// the write VIP :7680 to db01, `vip_mode = "routed"` (the addresses are keepalived's or the
+/// test's), the floating `snat_address`, `[pair]` with a shared secret.
+pub fn config(topo: &Topology, instance: &str, me: Ipv4Addr, peer: Ipv4Addr) -> String {
+    let secret = topo.log_dir.join("pair.secret");
+    std::fs::write(&secret, "a shared secret of the pair\n").expect("writing the pair's secret");
+    format!(
+        "instance = \"{instance}\"\nvip_mode = \"routed\"\nsnat_address = \"{FLOATING}\"\n{}\
+         [[service]]\nname = \"write\"\nvip = \"{}:7680\"\nbackend_port = 7687\nbackends = [\"db01\"]\n\
+         [pair]\npeer = \"{peer}:{SYNC_PORT}\"\nlisten = \"{me}:{SYNC_PORT}\"\nsecret_file = \"{}\"\n",
+        topo.backends_toml(),
+        topo.vip,
+        secret.display()
+    )
+}
+
+/// The established-table entries of `instance` (read from its pins).
+pub fn established(instance: &str) -> Result<Vec<(FlowKey, Flow)>> {
+    let map = lb_user::dataplane::open_pinned(
+        &lb_user::dataplane::pin_dir(instance),
+        names::CT_ESTABLISHED,
+    )?;
+    let table: HashMap<_, FlowKey, Flow> = HashMap::try_from(map)?;
+    Ok(table.iter().filter_map(|r| r.ok()).collect())
+}
+
+/// `lb status --instance INSTANCE --json`.
+pub fn status(instance: &str) -> Result<serde_json::Value> {
+    let out = std::process::Command::new(lb_bin())
+        .args(["status", "--instance", instance, "--json"])
+        .output()?;
+    ensure!(
+        out.status.success(),
+        "lb status --instance {instance} failed"
+    );
+    serde_json::from_slice(&out.stdout).context("lb status --json")
+}
+
+/// Polls `ok` every 20 ms until it says yes; an error after `timeout`.
+pub fn wait_for(what: &str, timeout: Duration, mut ok: impl FnMut() -> Result<bool>) -> Result<()> {
+    let until = Instant::now() + timeout;
+    loop {
+        if ok()? {
+            return Ok(());
+        }
+        ensure!(
+            Instant::now() < until,
+            "timed out after {timeout:?} waiting for {what}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Waits until the standby `instance` holds the session's flow (both entries) and checks that
+/// its copy sends from the floating address.
+pub fn standby_has_the_flow(instance: &str) -> Result<()> {
+    wait_for("the flow on the standby", Duration::from_secs(2), || {
+        Ok(established(instance)?.len() >= 2)
+    })?;
+    let synced = established(instance)?;
+    ensure!(
+        synced
+            .iter()
+            .any(|(_, f)| f.nat_saddr == u32::from_ne_bytes(FLOATING.octets())),
+        "the standby's copy sends from the floating address: {synced:?}"
+    );
+    Ok(())
+}
+
+/// lb1 dies as a host does (its link goes down); the addresses move to lb2, and the client's
+/// and the backends' neighbour entries are flushed (keepalived's gratuitous ARP).
+pub fn fail_over(topo: &Topology, lb2: &LbHost) -> Result<()> {
+    topo.lb.ns.ip(&["link", "set", "l0", "down"])?;
+    for addr in [topo.vip, FLOATING] {
+        lb2.ns
+            .ip(&["addr", "add", &format!("{addr}/32"), "dev", "l0"])?;
+    }
+    topo.client
+        .ns
+        .ip(&["neigh", "flush", "dev", &topo.client.iface])?;
+    for db in &topo.backends {
+        db.ns.ip(&["neigh", "flush", "dev", &db.iface])?;
+    }
+    Ok(())
+}
+
+/// Whether `addr` is on `iface` in `ns`.
+pub fn holds(ns: &Ns, iface: &str, addr: Ipv4Addr) -> Result<bool> {
+    let out = ns.ip(&["-4", "-o", "addr", "show", "dev", iface])?;
+    Ok(String::from_utf8_lossy(&out.stdout).contains(&format!("inet {addr}/")))
+}
+
+/// keepalived on `host` with the configuration `lb pair keepalived-config` prints for the
+/// agent started with `config`, adverts every `advert_int` seconds.
+pub fn keepalived(
+    topo: &Topology,
+    host: &LbHost,
+    name: &str,
+    config: &std::path::Path,
+    priority: u8,
+    advert_int: f64,
+) -> Result<Process> {
+    let out = std::process::Command::new(lb_bin())
+        .args(["pair", "keepalived-config", "--config"])
+        .arg(config)
+        .args(["--iface", "l0", "--priority", &priority.to_string()])
+        .args(["--advert-int", &advert_int.to_string()])
+        .output()?;
+    ensure!(
+        out.status.success(),
+        "lb pair keepalived-config: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let conf = topo.log_dir.join(format!("{name}.conf"));
+    std::fs::write(&conf, &out.stdout)?;
+    let file = |ext: &str| {
+        topo.log_dir
+            .join(format!("{name}.{ext}"))
+            .display()
+            .to_string()
+    };
+    topo.spawn(
+        &host.ns,
+        name,
+        &[
+            "keepalived",
+            "--dont-fork",
+            "--log-console",
+            "--vrrp",
+            "--use-file",
+            &conf.display().to_string(),
+            "--pid",
+            &file("pid"),
+            "--vrrp_pid",
+            &file("vrrp.pid"),
+        ],
+    )
+}
+
+/// The MAC address of `iface` in `ns`.
+pub fn mac_of(ns: &Ns, iface: &str) -> Result<String> {
+    let out = ns.ip(&["-j", "link", "show", "dev", iface])?;
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+    v[0]["address"]
+        .as_str()
+        .map(str::to_string)
+        .context("no MAC in ip -j link")
+}
+
+/// Sends the client's VIP traffic and db01's replies to the host with MAC `mac` (what ARP
+/// would settle on, made permanent).
+pub fn steer(topo: &Topology, mac: &str) -> Result<()> {
+    topo.client.ns.ip(&[
+        "neigh",
+        "replace",
+        &topo.vip.to_string(),
+        "lladdr",
+        mac,
+        "dev",
+        &topo.client.iface,
+        "nud",
+        "permanent",
+    ])?;
+    let db01 = topo.backend("db01")?;
+    db01.ns.ip(&[
+        "neigh",
+        "replace",
+        &FLOATING.to_string(),
+        "lladdr",
+        mac,
+        "dev",
+        &db01.iface,
+        "nud",
+        "permanent",
+    ])?;
+    Ok(())
+}
