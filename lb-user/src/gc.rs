@@ -463,7 +463,7 @@ impl Gc {
     pub fn log_event(&mut self, e: &lb_common::ConnEvent) {
         self.log.record(&Ended::from_event(e));
         if let Some(p) = &mut self.pair {
-            p.ended(&e.key);
+            p.ended(&e.key, e.ended_ns.saturating_sub(e.created_ns));
         }
     }
 
@@ -760,7 +760,7 @@ impl Gc {
             self.log
                 .record(&Ended::from_flows(&fkey, &f, &r, reason(&f, &r, why)));
             if let Some(p) = &mut self.pair {
-                p.ended(&fkey);
+                p.ended(&fkey, now.saturating_sub(f.created_ns));
             }
             match why {
                 Expiry::Closed => st.closed += 1,
@@ -1018,6 +1018,9 @@ impl Worker {
             move || {
                 let mut next = std::time::Instant::now();
                 while !stop.load(Ordering::Relaxed) {
+                    if let Some(feed) = gc.pair_feed() {
+                        feed.tick();
+                    }
                     while let Some(item) = events.next() {
                         if item.len() >= std::mem::size_of::<lb_common::ConnEvent>() {
                             let e: lb_common::ConnEvent = bytemuck::pod_read_unaligned(
@@ -1040,6 +1043,9 @@ impl Worker {
                             }
                         }
                     }
+                    if let Some(feed) = gc.pair_feed() {
+                        feed.flush();
+                    }
                     let wait = next.saturating_duration_since(std::time::Instant::now());
                     if !wait.is_zero() {
                         std::thread::sleep(wait.min(every));
@@ -1051,6 +1057,9 @@ impl Worker {
                     // would put off the next one by its own length four times over).
                     if let Err(e) = gc.run_once(release.as_ref()) {
                         warn!("connection-table GC: {e:#}");
+                    }
+                    if let Some(feed) = gc.pair_feed() {
+                        feed.flush();
                     }
                     let took = started.elapsed().saturating_sub(gc.deleting);
                     on_pass(gc.fill());

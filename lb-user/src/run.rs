@@ -146,7 +146,7 @@ fn start_pair(
     ifaces: &[String],
     ifindexes: &[u32],
     pin_dir: &Path,
-    rx: std::sync::mpsc::Receiver<crate::pair::feed::Outgoing>,
+    rx: std::sync::mpsc::Receiver<crate::pair::feed::Batch>,
 ) -> Result<crate::pair::Running> {
     let own = ifaces
         .iter()

@@ -6,11 +6,12 @@
 //! a bounded channel; a full channel drops the message and counts it (the next pass's refresh,
 //! or the snapshot of the next connection, makes up for it).
 use std::{
-    collections::{HashMap, VecDeque},
+    collections::VecDeque,
     sync::mpsc::{SyncSender, TrySendError},
     time::{Duration, Instant},
 };
 
+use foldhash::{HashMap, HashSet};
 use lb_common::{Flow, FlowKey, FlowSync};
 use tracing::warn;
 
@@ -31,12 +32,22 @@ pub enum Outgoing {
 /// end (the two rings are drained one after the other) is not sent.
 const RECENT_ENDS: Duration = Duration::from_secs(2);
 
-/// Messages queued for the sender at most.
-pub const QUEUE: usize = 1 << 16;
+/// A flow this old when it ends may have reached the peer in a snapshot (its stream
+/// reconnected meanwhile) even if this feed never sent it: its end is sent.
+pub const SNAPSHOT_AGE: Duration = Duration::from_secs(1);
+
+/// The messages of one drain.
+pub type Batch = Vec<Outgoing>;
+
+/// Batches queued for the sender at most (a drain every 10 ms: about 40 s).
+pub const QUEUE: usize = 4096;
 
 /// The GC thread's side of the sync.
 pub struct Feed {
-    tx: SyncSender<Outgoing>,
+    tx: SyncSender<Batch>,
+    /// What this drain found, sent as one batch by [`Feed::flush`] (one wakeup of the
+    /// sender's thread a drain, not one a flow).
+    pending: Vec<Outgoing>,
     /// The instance's interfaces, in order.
     ifindexes: Vec<u32>,
     /// Keys of the flows that ended in the last [`RECENT_ENDS`], and the same in the order
@@ -45,18 +56,28 @@ pub struct Feed {
     ended_order: VecDeque<(Instant, FlowKey)>,
     /// When the last pass began (data path clock): flows seen since are refreshed.
     last_pass_ns: u64,
+    /// Flows this feed sent (new or refreshed) and that have not ended.
+    sent: HashSet<FlowKey>,
+    /// The time of the current drain ([`Feed::tick`]): one clock read per drain, not per end.
+    now: Instant,
+    /// Ends not sent: the peer never had the flow.
+    pub ends_not_needed: u64,
     /// Messages lost to a full queue, and flows that could not be exported.
     pub dropped: u64,
     pub unexportable: u64,
 }
 
 impl Feed {
-    pub fn new(tx: SyncSender<Outgoing>, ifindexes: Vec<u32>) -> Self {
+    pub fn new(tx: SyncSender<Batch>, ifindexes: Vec<u32>) -> Self {
         Self {
             tx,
+            pending: Vec::new(),
             ifindexes,
-            recent_ends: HashMap::new(),
+            recent_ends: HashMap::default(),
             ended_order: VecDeque::new(),
+            sent: Default::default(),
+            now: Instant::now(),
+            ends_not_needed: 0,
             last_pass_ns: 0,
             dropped: 0,
             unexportable: 0,
@@ -64,17 +85,34 @@ impl Feed {
     }
 
     fn send(&mut self, m: Outgoing) {
-        match self.tx.try_send(m) {
+        self.pending.push(m);
+    }
+
+    /// Hands what this drain found to the sender's thread.
+    pub fn flush(&mut self) {
+        if self.pending.is_empty() {
+            return;
+        }
+        match self.tx.try_send(std::mem::take(&mut self.pending)) {
             Ok(()) => {}
-            Err(TrySendError::Full(_)) => self.dropped += 1,
+            Err(TrySendError::Full(b)) => self.dropped += b.len() as u64,
             // The sender's thread is gone (the agent stops).
             Err(TrySendError::Disconnected(_)) => {}
         }
     }
 
-    /// The flow with forward key `key` ended.
-    pub fn ended(&mut self, key: &FlowKey) {
-        let now = Instant::now();
+    /// Reads the clock for the ends of the drain that follows.
+    pub fn tick(&mut self) {
+        self.now = Instant::now();
+    }
+
+    /// The flow with forward key `key`, begun `age_ns` ago, ended. The peer is told only if
+    /// it may have the flow: this feed sent it, or it is older than [`SNAPSHOT_AGE`] (a
+    /// snapshot may have carried it). Under churn most flows end before their report is read;
+    /// they never reach the peer, and neither does their end.
+    pub fn ended(&mut self, key: &FlowKey, age_ns: u64) {
+        let sent = self.sent.remove(key);
+        let now = self.now;
         while let Some(&(t, k)) = self.ended_order.front() {
             if now.duration_since(t) < RECENT_ENDS {
                 break;
@@ -87,7 +125,11 @@ impl Feed {
         }
         self.recent_ends.insert(*key, now);
         self.ended_order.push_back((now, *key));
-        self.send(Outgoing::End(*key));
+        if sent || age_ns >= SNAPSHOT_AGE.as_nanos() as u64 {
+            self.send(Outgoing::End(*key));
+        } else {
+            self.ends_not_needed += 1;
+        }
     }
 
     /// The data path established the flow `s` (`FLOW_SYNC`), read at `now_ns`.
@@ -96,7 +138,10 @@ impl Feed {
             return;
         }
         match export(s, now_ns, &self.ifindexes) {
-            Ok(f) => self.send(Outgoing::New(f)),
+            Ok(f) => {
+                self.sent.insert(s.fwd_key);
+                self.send(Outgoing::New(f));
+            }
             Err(e) => {
                 self.unexportable += 1;
                 warn!("flow not synced: {e:#}");
@@ -113,6 +158,7 @@ impl Feed {
                 continue;
             }
             if let Ok(f) = export(&FlowSync { fwd_key, fwd, rev }, now_ns, &self.ifindexes) {
+                self.sent.insert(fwd_key);
                 self.send(Outgoing::Update(f));
             }
         }
@@ -159,18 +205,32 @@ mod tests {
         let (tx, rx) = std::sync::mpsc::sync_channel(16);
         let mut feed = Feed::new(tx, vec![4, 9]);
         let (a, b) = (flow(1000, 100), flow(1001, 100));
-        feed.ended(&a.fwd_key);
+        // `a` ends young before its report is read: neither its end nor its report is sent.
+        feed.ended(&a.fwd_key, 1_000);
         feed.established(&a, 150);
         feed.established(&b, 150);
-        let got: Vec<_> = rx.try_iter().collect();
+        feed.flush();
+        let got: Vec<_> = rx.try_iter().flatten().collect();
         assert!(
-            matches!(got[..], [Outgoing::End(k), Outgoing::New(f)] if k == a.fwd_key && f.client.port() == 1001)
+            matches!(got[..], [Outgoing::New(f)] if f.client.port() == 1001),
+            "{got:?}"
+        );
+        assert_eq!(feed.ends_not_needed, 1);
+        // `b` was sent: its end is too; an old flow's end always is.
+        feed.ended(&b.fwd_key, 1_000);
+        feed.ended(&flow(999, 0).fwd_key, 2 * SNAPSHOT_AGE.as_nanos() as u64);
+        feed.flush();
+        let got: Vec<_> = rx.try_iter().flatten().collect();
+        assert!(
+            matches!(got[..], [Outgoing::End(x), Outgoing::End(_)] if x == b.fwd_key),
+            "{got:?}"
         );
 
         // First pass: everything seen since 0 is refreshed; second: only what moved since.
         feed.pass(200, [(b.fwd_key, b.fwd, b.rev)].into_iter());
+        feed.flush();
         assert!(matches!(
-            rx.try_iter().collect::<Vec<_>>()[..],
+            rx.try_iter().flatten().collect::<Vec<_>>()[..],
             [Outgoing::Update(_)]
         ));
         let quiet = flow(1001, 150);
@@ -183,7 +243,8 @@ mod tests {
             ]
             .into_iter(),
         );
-        let got: Vec<_> = rx.try_iter().collect();
+        feed.flush();
+        let got: Vec<_> = rx.try_iter().flatten().collect();
         assert!(
             matches!(got[..], [Outgoing::Update(f)] if f.client.port() == 1002),
             "{got:?}"
@@ -195,7 +256,10 @@ mod tests {
         let (tx, _rx) = std::sync::mpsc::sync_channel(1);
         let mut feed = Feed::new(tx, vec![4, 9]);
         feed.established(&flow(1, 1), 2);
+        feed.flush();
         feed.established(&flow(2, 1), 2);
-        assert_eq!(feed.dropped, 1);
+        feed.established(&flow(3, 1), 2);
+        feed.flush();
+        assert_eq!(feed.dropped, 2, "the second batch, whole");
     }
 }

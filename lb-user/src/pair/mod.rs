@@ -238,7 +238,7 @@ impl Running {
         pair: &crate::config::PairConfig,
         source: impl stream::Source + 'static,
         sink: impl stream::Sink + 'static,
-        rx: std::sync::mpsc::Receiver<feed::Outgoing>,
+        rx: std::sync::mpsc::Receiver<feed::Batch>,
     ) -> Result<Self> {
         let listener = std::net::TcpListener::bind(pair.listen).with_context(|| {
             format!(

@@ -33,7 +33,11 @@ use lb_common::FlowKey;
 use serde::Serialize;
 use tracing::{error, info, warn};
 
-use super::{feed::Outgoing, wire::FLOW_LEN, SyncedFlow};
+use super::{
+    feed::{Batch, Outgoing},
+    wire::FLOW_LEN,
+    SyncedFlow,
+};
 
 /// The first bytes of every connection: the protocol and its version.
 pub const MAGIC: &[u8; 8] = b"lb-pair1";
@@ -477,7 +481,7 @@ pub fn send_loop(
     peer: SocketAddrV4,
     secret: Secret,
     mut source: impl Source,
-    rx: Receiver<Outgoing>,
+    rx: Receiver<Batch>,
     status: Status,
     stop: Arc<AtomicBool>,
 ) {
@@ -521,7 +525,7 @@ fn send_on(
     mut stream: TcpStream,
     secret: &Secret,
     source: &mut impl Source,
-    rx: &Receiver<Outgoing>,
+    rx: &Receiver<Batch>,
     status: &Status,
     stop: &AtomicBool,
 ) -> Result<()> {
@@ -571,14 +575,16 @@ fn send_on(
         match rx.recv_timeout(PING_EVERY) {
             Ok(first) => {
                 let mut n = 0u64;
-                let mut m = Some(first);
+                let mut batch = Some(first);
                 // Whatever else is queued goes in the same write.
-                while let Some(o) = m {
-                    if matches!(o, Outgoing::New(_) | Outgoing::Update(_)) {
-                        n += 1;
+                while let Some(b) = batch {
+                    for o in b {
+                        if matches!(o, Outgoing::New(_) | Outgoing::Update(_)) {
+                            n += 1;
+                        }
+                        Msg::from(o).encode(&mut buf);
                     }
-                    Msg::from(o).encode(&mut buf);
-                    m = if buf.len() < 60 * 1024 {
+                    batch = if buf.len() < 60 * 1024 {
                         rx.try_recv().ok()
                     } else {
                         None
@@ -1046,16 +1052,16 @@ mod tests {
         wait("the snapshot", || st_b.lock().unwrap().synced);
         assert_eq!(standby.0.lock().unwrap().flows, vec![port(&base, 1)]);
 
-        tx.send(Outgoing::New(port(&base, 2))).unwrap();
+        tx.send(vec![Outgoing::New(port(&base, 2))]).unwrap();
         let mut moved = port(&base, 1);
         moved.forward.seq_end += 100;
-        tx.send(Outgoing::Update(moved)).unwrap();
+        tx.send(vec![Outgoing::Update(moved)]).unwrap();
         let k = FlowKey {
             saddr: u32::from_ne_bytes(base.client.ip().octets()),
             sport: 2u16.to_be(),
             ..Default::default()
         };
-        tx.send(Outgoing::End(k)).unwrap();
+        tx.send(vec![Outgoing::End(k)]).unwrap();
         wait("the live messages", || {
             standby.0.lock().unwrap().ends.len() == 1
         });
