@@ -119,6 +119,7 @@ const OUTCOMES: &[Counter] = &[
     Counter::DropRstOutOfWindow,
     Counter::DropHandshakeStale,
     Counter::RstHandshakeStale,
+    Counter::PassOtherHost,
 ];
 
 /// The outcomes whose action is XDP_DROP.
@@ -1297,6 +1298,8 @@ fn fuzzed_frames_get_only_the_actions_the_model_allows() -> Result<()> {
             "drop_malformed; {ctx}"
         );
         assert_eq!(d(Counter::DropNoEgress), 0, "drop_no_egress; {ctx}");
+        // The fixture is not one of a pair: every frame is judged as addressed here.
+        assert_eq!(d(Counter::PassOtherHost), 0, "pass_other_host; {ctx}");
 
         // Every forward entry has its reverse, at the end as during the run.
         checks.push(pairing(fx, frames, &mut bad_pairs)?);

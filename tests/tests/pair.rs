@@ -6,7 +6,7 @@
 //! entries are flushed, as keepalived's gratuitous ARP updates them.
 
 use std::{
-    net::{Ipv4Addr, SocketAddr, SocketAddrV4},
+    net::Ipv4Addr,
     time::{Duration, Instant},
 };
 
@@ -14,12 +14,12 @@ use anyhow::{ensure, Context, Result};
 use lb_tests::{
     harness::{
         pair::{
-            config, established, fail_over, holds, keepalived, mac_of, standby_has_the_flow,
-            status, steer, wait_for, FLOATING,
+            config, established, fail_over, holds, keepalived, mac_of, moved, standby_has_the_flow,
+            status, steer, wait_for, Pair, FLOATING,
         },
-        Shape, Topology, TopologyOptions,
+        Topology,
     },
-    sim::bolt_client::{Access, BoltClient, Negotiation},
+    sim::bolt_client::{Access, BoltClient},
 };
 
 /// Idle pooled connections the keepalived test carries across both moves.
@@ -40,40 +40,21 @@ fn without_flow_sync_the_new_active_balancer_resets_the_session() -> Result<()> 
 }
 
 fn takeover(sync: bool) -> Result<()> {
-    let topo = Topology::new(
-        if sync {
-            "pair_takeover"
-        } else {
-            "pair_unsynced"
-        },
-        Shape::OneArmed,
-        TopologyOptions {
-            standby: true,
-            ..Default::default()
-        },
-    )?;
-    let _sims = topo.start_sims(&["master", "slave", "slave"])?;
-    let lb2 = topo.lb2.clone().context("standby host")?;
-    let (a, b) = (topo.lb.client_addr, lb2.client_addr);
-    let standby = topo.standby_instance();
+    let pair = Pair::new(if sync {
+        "pair_takeover"
+    } else {
+        "pair_unsynced"
+    })?;
+    let (topo, lb2, standby) = (&pair.topo, &pair.lb2, pair.standby.clone());
     // lb1 holds the addresses, as keepalived's master does.
-    for addr in [topo.vip, FLOATING] {
-        topo.lb
-            .ns
-            .ip(&["addr", "add", &format!("{addr}/32"), "dev", "l0"])?;
-    }
-    let _lb1 = topo.start_lb(&config(&topo, &topo.instance, a, b), &[])?;
-    let mut lb2_config = config(&topo, &standby, b, a);
+    pair.hold(&topo.lb)?;
+    let (c1, mut c2) = pair.configs();
     if !sync {
-        lb2_config.truncate(lb2_config.find("[pair]").context("[pair]")?);
+        c2.truncate(c2.find("[pair]").context("[pair]")?);
     }
-    let _lb2 = topo.start_standby_lb(&lb2_config, &[])?;
+    let _agents = pair.start(&c1, &c2)?;
 
-    let vip = SocketAddr::V4(SocketAddrV4::new(topo.vip, 7680));
-    let mut session = topo
-        .client
-        .ns
-        .run_in(|| BoltClient::connect(vip, Negotiation::Classic, None))??;
+    let mut session = pair.session()?;
     let before = session.run("CREATE (n)", Access::Write)?;
     ensure!(
         before.server == "db01",
@@ -85,11 +66,11 @@ fn takeover(sync: bool) -> Result<()> {
         standby_has_the_flow(&standby)?;
     }
     let quiet = status(&standby)?;
-    fail_over(&topo, &lb2)?;
+    fail_over(topo, lb2)?;
 
     let next = session.run("CREATE (n)", Access::Write);
     let s = status(&standby)?;
-    let moved = |c: &str| Topology::global_counter(&s, c) - Topology::global_counter(&quiet, c);
+    let moved = |c: &str| moved(&s, &quiet, c);
     if !sync {
         ensure!(next.is_err(), "the session survived without sync: {next:?}");
         ensure!(
@@ -119,10 +100,7 @@ fn takeover(sync: bool) -> Result<()> {
     );
 
     // New sessions go through lb2 too.
-    let mut fresh = topo
-        .client
-        .ns
-        .run_in(|| BoltClient::connect(vip, Negotiation::Classic, None))??;
+    let mut fresh = pair.session()?;
     ensure!(fresh.run("CREATE (n)", Access::Write)?.server == "db01");
     Ok(())
 }
@@ -134,38 +112,20 @@ fn takeover(sync: bool) -> Result<()> {
 #[test]
 #[ignore = "needs root and netns: run cargo xtask test"]
 fn with_keepalived_the_vip_moves_to_the_standby_and_the_session_follows() -> Result<()> {
-    let topo = Topology::new(
-        "pair_keepalived",
-        Shape::OneArmed,
-        TopologyOptions {
-            standby: true,
-            ..Default::default()
-        },
-    )?;
-    let _sims = topo.start_sims(&["master", "slave", "slave"])?;
-    let lb2 = topo.lb2.clone().context("standby host")?;
-    let (a, b) = (topo.lb.client_addr, lb2.client_addr);
-    let standby = topo.standby_instance();
-    let lb1_agent = topo.start_lb(&config(&topo, &topo.instance, a, b), &[])?;
-    let lb2_agent = topo.start_standby_lb(&config(&topo, &standby, b, a), &[])?;
-    let _k1 = keepalived(&topo, &topo.lb, "keepalived1", &lb1_agent.config, 100, 1.0)?;
-    let _k2 = keepalived(&topo, &lb2, "keepalived2", &lb2_agent.config, 90, 1.0)?;
+    let pair = Pair::new("pair_keepalived")?;
+    let (topo, lb2, standby) = (&pair.topo, &pair.lb2, pair.standby.clone());
+    let (c1, c2) = pair.configs();
+    let (lb1_agent, lb2_agent) = pair.start(&c1, &c2)?;
+    let _k1 = keepalived(topo, &topo.lb, "keepalived1", &lb1_agent.config, 100, 1.0)?;
+    let _k2 = keepalived(topo, lb2, "keepalived2", &lb2_agent.config, 90, 1.0)?;
     wait_for("lb1 to hold the VIP", Duration::from_secs(15), || {
         Ok(holds(&topo.lb.ns, "l0", topo.vip)? && holds(&topo.lb.ns, "l0", FLOATING)?)
     })?;
 
-    let vip = SocketAddr::V4(SocketAddrV4::new(topo.vip, 7680));
-    let mut session = topo
-        .client
-        .ns
-        .run_in(|| BoltClient::connect(vip, Negotiation::Classic, None))??;
+    let mut session = pair.session()?;
     let before = session.run("CREATE (n)", Access::Write)?;
     // A pool's idle connections: opened (handshake and HELLO) and left alone.
-    let mut idle: Vec<BoltClient> = topo.client.ns.run_in(|| {
-        (0..IDLE)
-            .map(|_| BoltClient::connect(vip, Negotiation::Classic, None))
-            .collect::<Result<Vec<_>>>()
-    })??;
+    let mut idle: Vec<BoltClient> = (0..IDLE).map(|_| pair.session()).collect::<Result<_>>()?;
     standby_has_the_flow(&standby)?;
     wait_for(
         "every idle connection on lb2",
@@ -195,12 +155,12 @@ fn with_keepalived_the_vip_moves_to_the_standby_and_the_session_follows() -> Res
             .with_context(|| format!("idle connection {i} after the takeover"))?;
     }
     let s = status(&standby)?;
-    let moved = |c: &str| Topology::global_counter(&s, c) - Topology::global_counter(&quiet, c);
+    let on_lb2 = |c: &str| moved(&s, &quiet, c);
     ensure!(
-        moved("rst_no_flow") == 0 && moved("new_flows") == 0,
+        on_lb2("rst_no_flow") == 0 && on_lb2("new_flows") == 0,
         "lb2 treated the session as unknown (rst_no_flow +{}, new_flows +{})",
-        moved("rst_no_flow"),
-        moved("new_flows")
+        on_lb2("rst_no_flow"),
+        on_lb2("new_flows")
     );
 
     // lb1 comes back: it receives lb2's flows, then (priority 100 after preempt_delay) takes
@@ -225,12 +185,12 @@ fn with_keepalived_the_vip_moves_to_the_standby_and_the_session_follows() -> Res
             .with_context(|| format!("idle connection {i} after the switchback"))?;
     }
     let s1 = status(&topo.instance)?;
-    let moved1 = |c: &str| Topology::global_counter(&s1, c) - Topology::global_counter(&away, c);
+    let on_lb1 = |c: &str| moved(&s1, &away, c);
     ensure!(
-        moved1("rst_no_flow") == 0 && moved1("fwd_packets") > 0,
+        on_lb1("rst_no_flow") == 0 && on_lb1("fwd_packets") > 0,
         "lb1 after its return: rst_no_flow +{}, fwd_packets +{}",
-        moved1("rst_no_flow"),
-        moved1("fwd_packets")
+        on_lb1("rst_no_flow"),
+        on_lb1("fwd_packets")
     );
     Ok(())
 }
@@ -242,25 +202,12 @@ fn with_keepalived_the_vip_moves_to_the_standby_and_the_session_follows() -> Res
 #[test]
 #[ignore = "needs root and netns: run cargo xtask test"]
 fn after_the_peer_link_heals_the_standby_resyncs_and_carries_what_it_missed() -> Result<()> {
-    let topo = Topology::new(
-        "pair_link_cut",
-        Shape::OneArmed,
-        TopologyOptions {
-            standby: true,
-            ..Default::default()
-        },
-    )?;
-    let _sims = topo.start_sims(&["master", "slave", "slave"])?;
-    let lb2 = topo.lb2.clone().context("standby host")?;
+    let pair = Pair::new("pair_link_cut")?;
+    let (topo, lb2, standby) = (&pair.topo, &pair.lb2, pair.standby.clone());
     let (a, b) = (topo.lb.client_addr, lb2.client_addr);
-    let standby = topo.standby_instance();
-    for addr in [topo.vip, FLOATING] {
-        topo.lb
-            .ns
-            .ip(&["addr", "add", &format!("{addr}/32"), "dev", "l0"])?;
-    }
-    let _lb1 = topo.start_lb(&config(&topo, &topo.instance, a, b), &[])?;
-    let _lb2 = topo.start_standby_lb(&config(&topo, &standby, b, a), &[])?;
+    pair.hold(&topo.lb)?;
+    let (c1, c2) = pair.configs();
+    let _agents = pair.start(&c1, &c2)?;
     let synced = |yes: bool| {
         let standby = standby.clone();
         move || -> Result<bool> {
@@ -284,11 +231,7 @@ fn after_the_peer_link_heals_the_standby_resyncs_and_carries_what_it_missed() ->
     let (s, _) = lb_user::pair::read_status(&standby).context("lb2's pair status")?;
     ensure!(!s.eligible || s.why.starts_with("alone"), "{s:?}");
 
-    let vip = SocketAddr::V4(SocketAddrV4::new(topo.vip, 7680));
-    let mut session = topo
-        .client
-        .ns
-        .run_in(|| BoltClient::connect(vip, Negotiation::Classic, None))??;
+    let mut session = pair.session()?;
     let before = session.run("CREATE (n)", Access::Write)?;
     std::thread::sleep(Duration::from_millis(500));
     ensure!(
@@ -305,7 +248,7 @@ fn after_the_peer_link_heals_the_standby_resyncs_and_carries_what_it_missed() ->
     wait_for("lb2 synced again", Duration::from_secs(10), synced(true))?;
     standby_has_the_flow(&standby)?;
 
-    fail_over(&topo, &lb2)?;
+    fail_over(topo, lb2)?;
     let after = session
         .run("CREATE (n)", Access::Write)
         .context("the session opened during the cut, after the takeover")?;
@@ -325,41 +268,23 @@ fn after_the_peer_link_heals_the_standby_resyncs_and_carries_what_it_missed() ->
 #[ignore = "needs root and netns: run cargo xtask test"]
 fn a_database_failover_after_the_takeover_resets_the_old_masters_synced_session() -> Result<()> {
     use lb_tests::sim::{control::SimControl, Role};
-    let topo = Topology::new(
-        "pair_db_failover",
-        Shape::OneArmed,
-        TopologyOptions {
-            standby: true,
-            ..Default::default()
-        },
-    )?;
-    let sims = topo.start_sims(&["master", "slave", "slave"])?;
-    let lb2 = topo.lb2.clone().context("standby host")?;
+    let pair = Pair::new("pair_db_failover")?;
+    let (topo, lb2, standby) = (&pair.topo, &pair.lb2, pair.standby.clone());
     let (a, b) = (topo.lb.client_addr, lb2.client_addr);
-    let standby = topo.standby_instance();
     let all: Vec<&str> = topo.backends.iter().map(|b| b.name.as_str()).collect();
     let checked = |instance: &str, me: Ipv4Addr, peer: Ipv4Addr| {
         let base = topo.role_checked_config_of(None, &all, &[("write", 7680, "master")]);
-        let pair = config(&topo, instance, me, peer);
+        let pair = config(topo, instance, me, peer);
         format!(
             "instance = \"{instance}\"\nvip_mode = \"routed\"\nsnat_address = \"{FLOATING}\"\n{}\n{}",
             base.split_once('\n').map_or("", |(_, rest)| rest),
             &pair[pair.find("[pair]").unwrap_or(pair.len())..]
         )
     };
-    for addr in [topo.vip, FLOATING] {
-        topo.lb
-            .ns
-            .ip(&["addr", "add", &format!("{addr}/32"), "dev", "l0"])?;
-    }
+    pair.hold(&topo.lb)?;
     let _lb1 = topo.start_lb(&checked(&topo.instance, a, b), &[])?;
     let _lb2 = topo.start_standby_lb(&checked(&standby, b, a), &[])?;
-    let vip = SocketAddr::V4(SocketAddrV4::new(topo.vip, 7680));
-    let connect = || {
-        topo.client
-            .ns
-            .run_in(|| BoltClient::connect(vip, Negotiation::Classic, None))?
-    };
+    let connect = || pair.session();
     let mut session = None;
     wait_for("the write set on lb1", Duration::from_secs(10), || {
         Ok(match connect() {
@@ -373,12 +298,12 @@ fn a_database_failover_after_the_takeover_resets_the_old_masters_synced_session(
     })?;
     let mut session = session.context("a session")?;
     standby_has_the_flow(&standby)?;
-    fail_over(&topo, &lb2)?;
+    fail_over(topo, lb2)?;
     ensure!(session.run("CREATE (n)", Access::Write)?.server == "db01");
 
     let quiet = status(&standby)?;
-    SimControl::new(&sims[0].control).set_role(Role::Slave)?;
-    SimControl::new(&sims[1].control).set_role(Role::Master)?;
+    SimControl::new(&pair.sims[0].control).set_role(Role::Slave)?;
+    SimControl::new(&pair.sims[1].control).set_role(Role::Master)?;
     let mut fresh = None;
     wait_for(
         "a new session to reach db02",
@@ -417,33 +342,15 @@ fn a_database_failover_after_the_takeover_resets_the_old_masters_synced_session(
 #[test]
 #[ignore = "needs root and netns: run cargo xtask test"]
 fn in_a_split_brain_both_hosts_carry_every_session_either_opened() -> Result<()> {
-    let topo = Topology::new(
-        "pair_split_brain",
-        Shape::OneArmed,
-        TopologyOptions {
-            standby: true,
-            ..Default::default()
-        },
-    )?;
-    let _sims = topo.start_sims(&["master", "slave", "slave"])?;
-    let lb2 = topo.lb2.clone().context("standby host")?;
-    let (a, b) = (topo.lb.client_addr, lb2.client_addr);
-    let standby = topo.standby_instance();
-    for host in [&topo.lb, &lb2] {
-        for addr in [topo.vip, FLOATING] {
-            host.ns
-                .ip(&["addr", "add", &format!("{addr}/32"), "dev", "l0"])?;
-        }
-    }
-    let _lb1 = topo.start_lb(&config(&topo, &topo.instance, a, b), &[])?;
-    let _lb2 = topo.start_standby_lb(&config(&topo, &standby, b, a), &[])?;
+    let pair = Pair::new("pair_split_brain")?;
+    let (topo, lb2, standby) = (&pair.topo, &pair.lb2, pair.standby.clone());
+    pair.hold(&topo.lb)?;
+    pair.hold(lb2)?;
+    let (c1, c2) = pair.configs();
+    let _agents = pair.start(&c1, &c2)?;
     let (mac1, mac2) = (mac_of(&topo.lb.ns, "l0")?, mac_of(&lb2.ns, "l0")?);
-    let vip = SocketAddr::V4(SocketAddrV4::new(topo.vip, 7680));
     let open = || -> Result<BoltClient> {
-        let mut c = topo
-            .client
-            .ns
-            .run_in(|| BoltClient::connect(vip, Negotiation::Classic, None))??;
+        let mut c = pair.session()?;
         c.run("CREATE (n)", Access::Write)?;
         Ok(c)
     };
@@ -457,10 +364,10 @@ fn in_a_split_brain_both_hosts_carry_every_session_either_opened() -> Result<()>
         }
         Ok(())
     };
-    steer(&topo, &mac1)?;
+    steer(topo, &mac1)?;
     let mut on_lb1 = open()?;
     both_have(1)?;
-    steer(&topo, &mac2)?;
+    steer(topo, &mac2)?;
     let mut on_lb2 = open()?;
     both_have(2)?;
     let loud = |instance: &str| {
@@ -473,7 +380,7 @@ fn in_a_split_brain_both_hosts_carry_every_session_either_opened() -> Result<()>
     )?;
     let before = [status(&topo.instance)?, status(&standby)?];
     for mac in [&mac1, &mac2, &mac1] {
-        steer(&topo, mac)?;
+        steer(topo, mac)?;
         on_lb1
             .run("CREATE (n)", Access::Write)
             .with_context(|| format!("lb1's session through {mac}"))?;

@@ -918,6 +918,57 @@ mod tests {
         }
     }
 
+    /// A sender (secret `send`) streaming `active`'s flows, over loopback, to a receiver
+    /// (secret `recv`) installing them into `standby`; [`Link::finish`] stops both threads.
+    struct Link {
+        stop: Arc<AtomicBool>,
+        sender: Status,
+        receiver: Status,
+        tx: Option<std::sync::mpsc::SyncSender<Batch>>,
+        threads: Vec<std::thread::JoinHandle<()>>,
+    }
+
+    impl Link {
+        fn open(active: &Shared, send: &[u8], standby: &Shared, recv: &[u8]) -> Link {
+            let stop = Arc::new(AtomicBool::new(false));
+            let (sender, receiver) = (Status::default(), Status::default());
+            let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+            let SocketAddr::V4(addr) = listener.local_addr().unwrap() else {
+                unreachable!()
+            };
+            let (tx, rx) = std::sync::mpsc::sync_channel(16);
+            let recv_thread = {
+                let (sink, st, stop) = (standby.clone(), receiver.clone(), stop.clone());
+                let secret = Secret::new(recv.to_vec());
+                std::thread::spawn(move || receive_loop(listener, secret, sink, st, stop))
+            };
+            let send_thread = {
+                let (src, st, stop) = (active.clone(), sender.clone(), stop.clone());
+                let secret = Secret::new(send.to_vec());
+                std::thread::spawn(move || send_loop(addr, secret, src, rx, st, stop))
+            };
+            Link {
+                stop,
+                sender,
+                receiver,
+                tx: Some(tx),
+                threads: vec![recv_thread, send_thread],
+            }
+        }
+
+        fn send(&self, batch: Batch) {
+            self.tx.as_ref().unwrap().send(batch).unwrap();
+        }
+
+        fn finish(mut self) {
+            self.stop.store(true, Ordering::Relaxed);
+            self.tx.take();
+            for t in self.threads.drain(..) {
+                t.join().unwrap();
+            }
+        }
+    }
+
     /// A node that comes back (not holding the VIPs) with flows left from before receives the
     /// active node's snapshot: its tables become that snapshot. A flow the active node mapped
     /// anew replaces the leftover on the same tuple; a leftover the active node does not have
@@ -938,30 +989,13 @@ mod tests {
         }
         let returning = Shared::default();
         returning.0.lock().unwrap().flows = vec![port(2, 5002), port(3, 5003)];
-        let stop = Arc::new(AtomicBool::new(false));
-        let (st_a, st_b) = (Status::default(), Status::default());
-        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-        let SocketAddr::V4(addr) = listener.local_addr().unwrap() else {
-            unreachable!()
-        };
-        let recv = {
-            let (sink, st, stop) = (returning.clone(), st_b.clone(), stop.clone());
-            std::thread::spawn(move || receive_loop(listener, Secret::default(), sink, st, stop))
-        };
-        let (tx, rx) = std::sync::mpsc::sync_channel(16);
-        let send = {
-            let (src, st, stop) = (active.clone(), st_a.clone(), stop.clone());
-            std::thread::spawn(move || send_loop(addr, Secret::default(), src, rx, st, stop))
-        };
-        wait("the snapshot", || st_b.lock().unwrap().synced);
+        let link = Link::open(&active, b"", &returning, b"");
+        wait("the snapshot", || link.receiver.lock().unwrap().synced);
         let mut got = returning.0.lock().unwrap().flows.clone();
         got.sort_by_key(|f| f.client.port());
         assert_eq!(got, vec![port(1, 5001), port(2, 6002)]);
-        assert_eq!(st_b.lock().unwrap().purged, 1);
-        stop.store(true, Ordering::Relaxed);
-        drop(tx);
-        send.join().unwrap();
-        recv.join().unwrap();
+        assert_eq!(link.receiver.lock().unwrap().purged, 1);
+        link.finish();
 
         // The other way round (the returning node's snapshot to the active one): nothing of
         // the active node's changes.
@@ -983,38 +1017,18 @@ mod tests {
         let active = Shared::default();
         active.0.lock().unwrap().flows.push(base);
         let standby = Shared::default();
-        let stop = Arc::new(AtomicBool::new(false));
-        let (st_a, st_b) = (Status::default(), Status::default());
-        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-        let SocketAddr::V4(addr) = listener.local_addr().unwrap() else {
-            unreachable!()
-        };
-        let recv = {
-            let (sink, st, stop) = (standby.clone(), st_b.clone(), stop.clone());
-            std::thread::spawn(move || {
-                receive_loop(listener, Secret::new(b"right".to_vec()), sink, st, stop)
-            })
-        };
-        let (tx, rx) = std::sync::mpsc::sync_channel(16);
-        let send = {
-            let (src, st, stop) = (active.clone(), st_a.clone(), stop.clone());
-            std::thread::spawn(move || {
-                send_loop(addr, Secret::new(b"wrong".to_vec()), src, rx, st, stop)
-            })
-        };
+        let link = Link::open(&active, b"wrong", &standby, b"right");
         wait("the sender to give up", || {
-            st_a.lock()
+            link.sender
+                .lock()
                 .unwrap()
                 .last_error
                 .as_deref()
                 .is_some_and(|e| e.contains("secret"))
         });
         assert!(standby.0.lock().unwrap().flows.is_empty());
-        assert!(!st_b.lock().unwrap().synced);
-        stop.store(true, Ordering::Relaxed);
-        drop(tx);
-        send.join().unwrap();
-        recv.join().unwrap();
+        assert!(!link.receiver.lock().unwrap().synced);
+        link.finish();
     }
 
     /// Two nodes on loopback: the active's snapshot and live messages reach the standby; the
@@ -1029,53 +1043,30 @@ mod tests {
         let active = Shared::default();
         active.0.lock().unwrap().flows.push(port(&base, 1));
         let standby = Shared::default();
-        let stop = Arc::new(AtomicBool::new(false));
-        let (st_a, st_b) = (Status::default(), Status::default());
-
-        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-        let SocketAddr::V4(addr) = listener.local_addr().unwrap() else {
-            unreachable!()
-        };
-        let recv = {
-            let (sink, st, stop) = (standby.clone(), st_b.clone(), stop.clone());
-            std::thread::spawn(move || {
-                receive_loop(listener, Secret::new(b"s3cret".to_vec()), sink, st, stop)
-            })
-        };
-        let (tx, rx) = std::sync::mpsc::sync_channel(16);
-        let send = {
-            let (src, st, stop) = (active.clone(), st_a.clone(), stop.clone());
-            std::thread::spawn(move || {
-                send_loop(addr, Secret::new(b"s3cret".to_vec()), src, rx, st, stop)
-            })
-        };
-        wait("the snapshot", || st_b.lock().unwrap().synced);
+        let link = Link::open(&active, b"s3cret", &standby, b"s3cret");
+        wait("the snapshot", || link.receiver.lock().unwrap().synced);
         assert_eq!(standby.0.lock().unwrap().flows, vec![port(&base, 1)]);
 
-        tx.send(vec![Outgoing::New(port(&base, 2))]).unwrap();
+        link.send(vec![Outgoing::New(port(&base, 2))]);
         let mut moved = port(&base, 1);
         moved.forward.seq_end += 100;
-        tx.send(vec![Outgoing::Update(moved)]).unwrap();
+        link.send(vec![Outgoing::Update(moved)]);
         let k = FlowKey {
             saddr: u32::from_ne_bytes(base.client.ip().octets()),
             sport: 2u16.to_be(),
             ..Default::default()
         };
-        tx.send(vec![Outgoing::End(k)]).unwrap();
+        link.send(vec![Outgoing::End(k)]);
         wait("the live messages", || {
             standby.0.lock().unwrap().ends.len() == 1
         });
         assert_eq!(standby.0.lock().unwrap().flows, vec![moved]);
-        let s = st_b.lock().unwrap().clone();
+        let s = link.receiver.lock().unwrap().clone();
         assert_eq!(
             (s.flows_received, s.ends_received, s.last_snapshot_flows),
             (3, 1, 1)
         );
-        assert!(st_a.lock().unwrap().sending);
-
-        stop.store(true, Ordering::Relaxed);
-        drop(tx);
-        send.join().unwrap();
-        recv.join().unwrap();
+        assert!(link.sender.lock().unwrap().sending);
+        link.finish();
     }
 }

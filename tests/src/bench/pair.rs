@@ -25,8 +25,7 @@ use serde::Serialize;
 
 use super::handshakes::{self, Handshakes};
 use super::probe::process_cpu_s;
-use crate::harness::pair::{config, holds, keepalived, wait_for, FLOATING};
-use crate::harness::{Shape, Topology, TopologyOptions};
+use crate::harness::pair::{holds, keepalived, wait_for, Pair, FLOATING};
 use crate::sim::bolt_client::{Access, BoltClient, Negotiation};
 
 /// Sizes of a run.
@@ -73,30 +72,17 @@ pub struct Records {
     pub takeover: Vec<TakeoverRecord>,
 }
 
-fn topology(name: &str) -> Result<Topology> {
-    let topo = Topology::new(
-        name,
-        Shape::OneArmed,
-        TopologyOptions {
-            standby: true,
-            ..Default::default()
-        },
-    )?;
-    // As in every connection-rate bench: the client reuses TIME_WAIT tuples and has the ports.
-    topo.client.ns.exec(&[
+/// A pair whose client reuses TIME_WAIT tuples and has the ports, as in every connection-rate
+/// bench.
+fn pair(name: &str) -> Result<Pair> {
+    let pair = Pair::new(name)?;
+    pair.topo.client.ns.exec(&[
         "sysctl",
         "-qw",
         "net.ipv4.tcp_tw_reuse=1",
         "net.ipv4.ip_local_port_range=1024 65000",
     ])?;
-    Ok(topo)
-}
-
-fn hold_addresses(ns: &crate::harness::Ns, topo: &Topology) -> Result<()> {
-    for addr in [topo.vip, FLOATING] {
-        ns.ip(&["addr", "add", &format!("{addr}/32"), "dev", "l0"])?;
-    }
-    Ok(())
+    Ok(pair)
 }
 
 fn without_pair(config: &str) -> String {
@@ -144,16 +130,13 @@ pub fn run(plan: &Plan) -> Records {
 }
 
 fn sync_row(plan: &Plan, paired: bool, rec: &mut SyncRecord) -> Result<()> {
-    let topo = topology(if paired { "bench_pair" } else { "bench_single" })?;
-    let _sims = topo.start_sims(&["master", "slave", "slave"])?;
-    let lb2 = topo.lb2.clone().context("standby host")?;
-    let (a, b) = (topo.lb.client_addr, lb2.client_addr);
-    let standby = topo.standby_instance();
-    hold_addresses(&topo.lb.ns, &topo)?;
-    let c1 = config(&topo, &topo.instance, a, b);
+    let pair = pair(if paired { "bench_pair" } else { "bench_single" })?;
+    let (topo, standby) = (&pair.topo, pair.standby.clone());
+    pair.hold(&topo.lb)?;
+    let (c1, c2) = pair.configs();
     let lb1 = topo.start_lb(&if paired { c1 } else { without_pair(&c1) }, &[])?;
     let lb2_agent = if paired {
-        Some(topo.start_standby_lb(&config(&topo, &standby, b, a), &[])?)
+        Some(topo.start_standby_lb(&c2, &[])?)
     } else {
         None
     };
@@ -202,15 +185,12 @@ fn sync_row(plan: &Plan, paired: bool, rec: &mut SyncRecord) -> Result<()> {
 }
 
 fn takeover_row(plan: &Plan, rec: &mut TakeoverRecord) -> Result<()> {
-    let topo = topology("bench_takeover")?;
-    let _sims = topo.start_sims(&["master", "slave", "slave"])?;
-    let lb2 = topo.lb2.clone().context("standby host")?;
-    let (a, b) = (topo.lb.client_addr, lb2.client_addr);
-    let standby = topo.standby_instance();
-    let lb1 = topo.start_lb(&config(&topo, &topo.instance, a, b), &[])?;
-    let lb2_agent = topo.start_standby_lb(&config(&topo, &standby, b, a), &[])?;
+    let pair = pair("bench_takeover")?;
+    let (topo, lb2, standby) = (&pair.topo, &pair.lb2, pair.standby.clone());
+    let (c1, c2) = pair.configs();
+    let (lb1, lb2_agent) = pair.start(&c1, &c2)?;
     let _k1 = keepalived(
-        &topo,
+        topo,
         &topo.lb,
         "keepalived1",
         &lb1.config,
@@ -218,8 +198,8 @@ fn takeover_row(plan: &Plan, rec: &mut TakeoverRecord) -> Result<()> {
         rec.advert_int,
     )?;
     let _k2 = keepalived(
-        &topo,
-        &lb2,
+        topo,
+        lb2,
         "keepalived2",
         &lb2_agent.config,
         90,

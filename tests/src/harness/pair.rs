@@ -3,7 +3,7 @@
 //! configuration, keepalived from `lb pair keepalived-config`, moving the addresses by hand,
 //! and reading an instance's tables and status.
 use std::{
-    net::Ipv4Addr,
+    net::{Ipv4Addr, SocketAddr, SocketAddrV4},
     time::{Duration, Instant},
 };
 
@@ -11,7 +11,8 @@ use anyhow::{ensure, Context, Result};
 use aya::maps::HashMap;
 use lb_common::{names, Flow, FlowKey};
 
-use super::{lb_bin, LbHost, Ns, Process, Topology};
+use super::{lb_bin, LbHost, LbProcess, Ns, Process, Shape, SimProcess, Topology, TopologyOptions};
+use crate::sim::bolt_client::{BoltClient, Negotiation};
 
 /// The pair's floating SNAT address (the backends' replies go to whichever host holds it).
 pub const FLOATING: Ipv4Addr = Ipv4Addr::new(10, 0, 1, 60);
@@ -194,4 +195,82 @@ pub fn steer(topo: &Topology, mac: &str) -> Result<()> {
         "permanent",
     ])?;
     Ok(())
+}
+
+/// The one-armed topology with a standby host and the three simulators (db01 the master):
+/// what every pair test and `lb-bench pair` start from.
+pub struct Pair {
+    /// Dropped first: the simulators stop before the topology is taken down.
+    pub sims: Vec<SimProcess>,
+    pub topo: Topology,
+    /// The second host, and its agent's instance name.
+    pub lb2: LbHost,
+    pub standby: String,
+}
+
+impl Pair {
+    pub fn new(name: &str) -> Result<Pair> {
+        let topo = Topology::new(
+            name,
+            Shape::OneArmed,
+            TopologyOptions {
+                standby: true,
+                ..Default::default()
+            },
+        )?;
+        let sims = topo.start_sims(&["master", "slave", "slave"])?;
+        let lb2 = topo.lb2.clone().context("standby host")?;
+        let standby = topo.standby_instance();
+        Ok(Pair {
+            sims,
+            topo,
+            lb2,
+            standby,
+        })
+    }
+
+    /// lb1's and lb2's configurations, each streaming to the other ([`config`]).
+    pub fn configs(&self) -> (String, String) {
+        let (a, b) = (self.topo.lb.client_addr, self.lb2.client_addr);
+        (
+            config(&self.topo, &self.topo.instance, a, b),
+            config(&self.topo, &self.standby, b, a),
+        )
+    }
+
+    /// Puts the VIP and the floating address on `host`, as keepalived's master does.
+    pub fn hold(&self, host: &LbHost) -> Result<()> {
+        for addr in [self.topo.vip, FLOATING] {
+            host.ns
+                .ip(&["addr", "add", &format!("{addr}/32"), "dev", "l0"])?;
+        }
+        Ok(())
+    }
+
+    /// Starts lb1's agent with `lb1` and lb2's with `lb2` (each waits for its `lb ready`).
+    pub fn start(&self, lb1: &str, lb2: &str) -> Result<(LbProcess, LbProcess)> {
+        Ok((
+            self.topo.start_lb(lb1, &[])?,
+            self.topo.start_standby_lb(lb2, &[])?,
+        ))
+    }
+
+    /// The write VIP.
+    pub fn vip(&self) -> SocketAddr {
+        SocketAddr::V4(SocketAddrV4::new(self.topo.vip, 7680))
+    }
+
+    /// A Bolt session through the write VIP, opened in the client's namespace.
+    pub fn session(&self) -> Result<BoltClient> {
+        let vip = self.vip();
+        self.topo
+            .client
+            .ns
+            .run_in(move || BoltClient::connect(vip, Negotiation::Classic, None))?
+    }
+}
+
+/// How much the global counter `name` moved from `before` to `after` (two `lb status`).
+pub fn moved(after: &serde_json::Value, before: &serde_json::Value, name: &str) -> u64 {
+    Topology::global_counter(after, name).saturating_sub(Topology::global_counter(before, name))
 }
