@@ -4,7 +4,8 @@
 Usage: pooled_writes.py URI
 Reads lines from stdin; for each line runs one write transaction (the driver's managed
 transaction, which retries on transient/connection errors) and prints one JSON line
-{"ok": true, "server": ..., "writes": ...} or {"ok": false, "error": ...}. Exits at EOF.
+{"ok": true, "server": ..., "writes": ..., "connection": ...} or {"ok": false, "error": ...}.
+Exits at EOF.
 The driver keeps its pooled connections between lines, so a failover between two lines shows
 whether the pooled connection to the old master is detected and replaced.
 """
@@ -16,8 +17,13 @@ from neo4j import GraphDatabase
 
 
 def work(tx):
-    rec = tx.run("CREATE (n) RETURN 1").single()
-    return {"server": rec["server"], "writes": rec["writes"]}
+    result = tx.run("CREATE (n) RETURN 1")
+    rec = result.single()
+    server = result.consume().server
+    # The server's id of the Bolt connection (HELLO's `connection_id`): the same id after a
+    # balancer failover means the pooled connection itself carried on.
+    connection = getattr(server, "_metadata", {}).get("connection_id")
+    return {"server": rec["server"], "writes": rec["writes"], "connection": connection}
 
 
 def main() -> int:

@@ -402,3 +402,75 @@ fn in_a_split_brain_both_hosts_carry_every_session_either_opened() -> Result<()>
     }
     Ok(())
 }
+
+/// The official Python driver's pooled session through a keepalived takeover: the driver's
+/// next write after the VIP moved goes over the same pooled Bolt connection (the server's
+/// connection id is unchanged: no RST, no reconnect), and db01 counts exactly one write more.
+#[test]
+#[ignore = "needs root and netns: run cargo xtask test"]
+fn the_official_drivers_pooled_connection_carries_on_through_the_takeover() -> Result<()> {
+    use std::io::{BufRead, Write};
+    let python = lb_tests::harness::python();
+    if !python.exists() {
+        eprintln!(
+            "skipped: no Python venv with the neo4j driver at {} (cargo xtask setup creates it)",
+            python.display()
+        );
+        return Ok(());
+    }
+    let pair = Pair::new("pair_driver")?;
+    let (topo, lb2, standby) = (&pair.topo, &pair.lb2, pair.standby.clone());
+    let (c1, c2) = pair.configs();
+    let (lb1_agent, lb2_agent) = pair.start(&c1, &c2)?;
+    let _k1 = keepalived(topo, &topo.lb, "keepalived1", &lb1_agent.config, 100, 1.0)?;
+    let _k2 = keepalived(topo, lb2, "keepalived2", &lb2_agent.config, 90, 1.0)?;
+    wait_for("lb1 to hold the VIP", Duration::from_secs(15), || {
+        Ok(holds(&topo.lb.ns, "l0", topo.vip)? && holds(&topo.lb.ns, "l0", FLOATING)?)
+    })?;
+    let script = lb_tests::harness::repo_root().join("tests/py/pooled_writes.py");
+    let mut child = topo
+        .client
+        .ns
+        .command(&python)
+        .arg(&script)
+        .arg(format!("bolt://{}:7680", topo.vip))
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .context("start pooled_writes.py")?;
+    let mut stdin = child.stdin.take().context("stdin")?;
+    let mut stdout = std::io::BufReader::new(child.stdout.take().context("stdout")?);
+    let mut write = || -> Result<serde_json::Value> {
+        writeln!(stdin, "go")?;
+        let mut line = String::new();
+        stdout.read_line(&mut line)?;
+        serde_json::from_str(&line).with_context(|| format!("bad line {line:?}"))
+    };
+    let first = write()?;
+    ensure!(
+        first["ok"] == true && first["server"] == "db01" && first["connection"].is_string(),
+        "{first}"
+    );
+    standby_has_the_flow(&standby)?;
+    let quiet = status(&standby)?;
+
+    topo.lb.ns.ip(&["link", "set", "l0", "down"])?;
+    wait_for("lb2 to take the VIP over", Duration::from_secs(15), || {
+        Ok(holds(&lb2.ns, "l0", topo.vip)? && holds(&lb2.ns, "l0", FLOATING)?)
+    })?;
+    let second = write()?;
+    let _ = child.kill();
+    ensure!(
+        second["ok"] == true
+            && second["server"] == "db01"
+            && second["connection"] == first["connection"]
+            && second["writes"].as_i64() == first["writes"].as_i64().map(|w| w + 1),
+        "the driver's write after the takeover: {second} (before: {first})"
+    );
+    let s = status(&standby)?;
+    ensure!(
+        moved(&s, &quiet, "rst_no_flow") == 0 && moved(&s, &quiet, "new_flows") == 0,
+        "lb2 treated the driver's connection as unknown"
+    );
+    Ok(())
+}
