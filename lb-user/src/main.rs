@@ -184,6 +184,16 @@ enum Cmd {
 
 #[derive(Subcommand)]
 enum PairCmd {
+    /// keepalived's notify hook (the configuration keepalived-config prints calls it): records
+    /// the VRRP state keepalived gives this host, which lb status and the dashboard show.
+    /// keepalived appends TYPE NAME STATE [PRIORITY].
+    Notify {
+        #[arg(long, default_value = "default")]
+        instance: String,
+        /// What keepalived appends: TYPE NAME STATE [PRIORITY].
+        #[arg(num_args = 0.., trailing_var_arg = true)]
+        args: Vec<String>,
+    },
     /// Print the keepalived.conf this host needs: one VRRP instance holding every VIP and the
     /// floating snat_address, its priority lowered by `lb health` while this host cannot serve
     /// or lacks its peer's flows.
@@ -314,6 +324,14 @@ fn cli_main() -> Result<()> {
             Ok(())
         }
         Cmd::Detach { instance } => lb_user::run::detach(&instance),
+        Cmd::Pair {
+            cmd: PairCmd::Notify { instance, args },
+        } => {
+            let state = args
+                .get(2)
+                .context("expected what keepalived's notify passes: TYPE NAME STATE [PRIORITY]")?;
+            lb_user::pair::record_vrrp_state(&instance, state)
+        }
         Cmd::Pair {
             cmd:
                 PairCmd::KeepalivedConfig {

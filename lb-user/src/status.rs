@@ -286,8 +286,12 @@ pub fn print(s: &Snapshot) {
     println!("instance {}", s.instance);
     if let Some(p) = &s.pair {
         println!(
-            "pair: {}, peer {} ({}), {}: {}; flows sent {}, received {} (ends {}), last snapshot {} flows, sync lag p50/p99 {}{}",
+            "pair: {}{}, peer {} ({}), {}: {}; flows sent {}, received {} (ends {}), last snapshot {} flows, sync lag p50/p99 {}{}",
             p.role,
+            p.vrrp_state
+                .as_ref()
+                .map(|v| format!(" (keepalived: {v})"))
+                .unwrap_or_default(),
             p.peer,
             match (p.sending, p.receiving, p.synced) {
                 (_, true, true) => "streams both ways, synced",

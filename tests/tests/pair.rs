@@ -140,6 +140,17 @@ fn with_keepalived_the_vip_moves_to_the_standby_and_the_session_follows() -> Res
         Ok(holds(&lb2.ns, "l0", topo.vip)? && holds(&lb2.ns, "l0", FLOATING)?)
     })?;
     eprintln!("VRRP moved the addresses in {:?}", t.elapsed());
+    // keepalived told each agent its state (`lb pair notify`), which its status shows.
+    let vrrp =
+        |instance: &str| lb_user::pair::read_status(instance).and_then(|(s, _)| s.vrrp_state);
+    wait_for(
+        "keepalived's states in the agents' status",
+        Duration::from_secs(5),
+        || {
+            Ok(vrrp(&standby).as_deref() == Some("MASTER")
+                && vrrp(&topo.instance).as_deref() == Some("FAULT"))
+        },
+    )?;
     let after = session
         .run("CREATE (n)", Access::Write)
         .context("the session's next write, through lb2")?;

@@ -188,7 +188,7 @@ function pairLine(d, kv){
   if (!p) return el('span');
   var link = p.receiving ? (p.synced ? 'synced' : 'receiving snapshot') : (p.sending ? 'peer streams nothing here' : 'peer unreachable');
   return el('div', {'class': 'kv', id: 'pair'}, [
-    kv('pair', 'pair_role', p.role), kv('peer', 'pair_peer', p.peer), kv('sync', 'pair_sync', link),
+    kv('pair', 'pair_role', p.role, p.role + (p.vrrp_state ? ' (keepalived ' + p.vrrp_state + ')' : '')), kv('peer', 'pair_peer', p.peer), kv('sync', 'pair_sync', link),
     kv('eligible', 'pair_eligible', p.eligible, p.eligible ? 'yes' : 'NO: ' + p.why),
     kv('flows sent', 'pair_flows_sent', p.flows_sent), kv('received', 'pair_flows_received', p.flows_received),
     kv('last snapshot', 'pair_last_snapshot_flows', p.last_snapshot_flows, p.last_snapshot_flows + ' flows'),

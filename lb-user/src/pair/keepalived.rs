@@ -78,7 +78,8 @@ pub fn config(cfg: &Config, o: &Options) -> Result<String> {
     }
     let _ = writeln!(
         s,
-        "    }}\n    track_script {{\n        chk_lb_{name}\n    }}\n}}"
+        "    }}\n    track_script {{\n        chk_lb_{name}\n    }}\n    notify \"{} pair notify --instance {name}\"\n}}",
+        o.lb.display()
     );
     Ok(s)
 }

@@ -287,6 +287,7 @@ impl Running {
     /// eligibility, to [`status_path`] every [`STATUS_EVERY`] (for `lb status`, the admin
     /// views and `lb health`) until stopped; removes it then.
     pub fn publish(&mut self, instance: &str, vips: Vec<Ipv4Addr>, iface: String) -> Result<()> {
+        let instance_name = instance.to_string();
         let (status, stop, path) = (
             self.status.clone(),
             self.stop.clone(),
@@ -305,6 +306,10 @@ impl Running {
                     let active = crate::host::iface_addrs(&iface)
                         .is_ok_and(|have| vips.iter().any(|v| have.contains(v)));
                     s.role = if active { "active" } else { "standby" }.into();
+                    (s.vrrp_state, s.vrrp_since) = match vrrp_state(&instance_name) {
+                        Some((state, at)) => (Some(state), Some(at)),
+                        None => (None, None),
+                    };
                     s.written_at_ms = std::time::SystemTime::now()
                         .duration_since(std::time::UNIX_EPOCH)
                         .map_or(0, |d| d.as_millis() as u64);
@@ -332,6 +337,35 @@ pub const STATUS_EVERY: std::time::Duration = std::time::Duration::from_millis(5
 /// `lb health`).
 pub fn status_path(instance: &str) -> std::path::PathBuf {
     std::path::Path::new("/run/lb").join(format!("{instance}.pair.json"))
+}
+
+/// Where `lb pair notify` records keepalived's VRRP state for `instance`.
+pub fn vrrp_state_path(instance: &str) -> std::path::PathBuf {
+    std::path::Path::new("/run/lb").join(format!("{instance}.vrrp"))
+}
+
+/// Records the VRRP state keepalived notified (`MASTER`, `BACKUP`, `FAULT`, `STOP`), with
+/// the time, for the agent's status.
+pub fn record_vrrp_state(instance: &str, state: &str) -> Result<()> {
+    if state.is_empty() || state.len() > 16 || !state.chars().all(|c| c.is_ascii_alphabetic()) {
+        anyhow::bail!("{state:?} is not a VRRP state (MASTER, BACKUP, FAULT, STOP)");
+    }
+    let path = vrrp_state_path(instance);
+    std::fs::create_dir_all("/run/lb").context("create /run/lb")?;
+    let secs = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    std::fs::write(&path, format!("{state} {secs}\n"))
+        .with_context(|| format!("write {}", path.display()))
+}
+
+/// keepalived's last notified state for `instance` and when (seconds since the epoch).
+pub fn vrrp_state(instance: &str) -> Option<(String, u64)> {
+    let text = std::fs::read_to_string(vrrp_state_path(instance)).ok()?;
+    let mut words = text.split_whitespace();
+    let state = words.next()?.to_string();
+    let at = words.next()?.parse().ok()?;
+    Some((state, at))
 }
 
 /// The pair's status of `instance` as its agent last wrote it, with its age; `None` when the

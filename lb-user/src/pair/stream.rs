@@ -322,6 +322,10 @@ pub struct PairStatus {
     /// "active" while this node holds a VIP address (keepalived put it there), else
     /// "standby".
     pub role: String,
+    /// The VRRP state keepalived last notified (`lb pair notify`), and since when (seconds
+    /// since the Unix epoch).
+    pub vrrp_state: Option<String>,
+    pub vrrp_since: Option<u64>,
     /// Whether this node may take the VIPs over now, and why (see [`eligibility`]).
     pub eligible: bool,
     pub why: String,

@@ -760,7 +760,7 @@ impl Drop for Topology {
             instances.push(self.standby_instance());
         }
         for instance in &instances {
-            for suffix in [".json", ".host.json", ".sock"] {
+            for suffix in [".json", ".host.json", ".sock", ".pair.json", ".vrrp"] {
                 let _ = fs::remove_file(format!("/run/lb/{instance}{suffix}"));
             }
             if let Err(e) = cleanup::remove_pin_dir(instance) {
