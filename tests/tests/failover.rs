@@ -3,14 +3,13 @@
 use std::{
     io::{ErrorKind, Read, Write},
     net::{SocketAddr, SocketAddrV4, TcpStream},
-    process::Stdio,
     thread,
     time::{Duration, Instant},
 };
 
 use anyhow::{bail, ensure, Context, Result};
 use lb_tests::{
-    harness::{slowdown, SimProcess, Topology},
+    harness::{driver::PooledWriter, slowdown, SimProcess, Topology},
     sim::{
         bolt_client::{Access, BoltClient, Negotiation},
         control::SimControl,
@@ -240,43 +239,18 @@ fn failover_moves_new_writes_without_overlap_and_resets_the_demoted_masters_flow
 #[test]
 #[ignore = "needs root and netns: run cargo xtask test"]
 fn the_official_drivers_pooled_session_writes_to_the_new_master_after_failover() -> Result<()> {
-    let python = lb_tests::harness::python();
-    if !python.exists() {
-        eprintln!(
-            "skipped: no Python venv with the neo4j driver at {} (cargo xtask setup creates it)",
-            python.display()
-        );
-        return Ok(());
-    }
     let topo = Topology::two_armed("pooled")?;
     let (sims, _lb) = up(&topo, "pooled")?;
-    let script = lb_tests::harness::repo_root().join("tests/py/pooled_writes.py");
-    let mut child = topo
-        .client
-        .ns
-        .command(&python)
-        .arg(&script)
-        .arg(format!("bolt://{}:7680", topo.vip))
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .spawn()
-        .context("start pooled_writes.py")?;
-    let mut stdin = child.stdin.take().context("stdin")?;
-    let mut stdout = std::io::BufReader::new(child.stdout.take().context("stdout")?);
-    let mut write = || -> Result<serde_json::Value> {
-        use std::io::BufRead;
-        writeln!(stdin, "go")?;
-        let mut line = String::new();
-        stdout.read_line(&mut line)?;
-        serde_json::from_str(&line).with_context(|| format!("bad line {line:?}"))
+    let uri = format!("bolt://{}:7680", topo.vip);
+    let Some(mut driver) = PooledWriter::start(&topo.client.ns, &uri)? else {
+        return Ok(());
     };
-    let first = write()?;
+    let first = driver.write()?;
     ensure!(first["ok"] == true && first["server"] == "db01", "{first}");
     control(&sims, 0).set_role(Role::Slave)?;
     control(&sims, 1).set_role(Role::Master)?;
     thread::sleep(Duration::from_millis(1500));
-    let second = write()?;
-    let _ = child.kill();
+    let second = driver.write()?;
     ensure!(
         second["ok"] == true && second["server"] == "db02",
         "after failover: {second}"

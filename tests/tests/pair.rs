@@ -13,9 +13,10 @@ use std::{
 use anyhow::{ensure, Context, Result};
 use lb_tests::{
     harness::{
+        driver::PooledWriter,
         pair::{
-            config, established, fail_over, holds, keepalived, mac_of, moved, standby_has_the_flow,
-            status, steer, wait_for, Pair, FLOATING,
+            config, established, fail_over, holds, mac_of, moved, standby_has_the_flow, status,
+            steer, wait_for, Pair, FLOATING,
         },
         Topology,
     },
@@ -114,13 +115,7 @@ fn takeover(sync: bool) -> Result<()> {
 fn with_keepalived_the_vip_moves_to_the_standby_and_the_session_follows() -> Result<()> {
     let pair = Pair::new("pair_keepalived")?;
     let (topo, lb2, standby) = (&pair.topo, &pair.lb2, pair.standby.clone());
-    let (c1, c2) = pair.configs();
-    let (lb1_agent, lb2_agent) = pair.start(&c1, &c2)?;
-    let _k1 = keepalived(topo, &topo.lb, "keepalived1", &lb1_agent.config, 100, 1.0)?;
-    let _k2 = keepalived(topo, lb2, "keepalived2", &lb2_agent.config, 90, 1.0)?;
-    wait_for("lb1 to hold the VIP", Duration::from_secs(15), || {
-        Ok(holds(&topo.lb.ns, "l0", topo.vip)? && holds(&topo.lb.ns, "l0", FLOATING)?)
-    })?;
+    let _running = pair.with_keepalived(1.0)?;
 
     let mut session = pair.session()?;
     let before = session.run("CREATE (n)", Access::Write)?;
@@ -420,44 +415,14 @@ fn in_a_split_brain_both_hosts_carry_every_session_either_opened() -> Result<()>
 #[test]
 #[ignore = "needs root and netns: run cargo xtask test"]
 fn the_official_drivers_pooled_connection_carries_on_through_the_takeover() -> Result<()> {
-    use std::io::{BufRead, Write};
-    let python = lb_tests::harness::python();
-    if !python.exists() {
-        eprintln!(
-            "skipped: no Python venv with the neo4j driver at {} (cargo xtask setup creates it)",
-            python.display()
-        );
-        return Ok(());
-    }
     let pair = Pair::new("pair_driver")?;
     let (topo, lb2, standby) = (&pair.topo, &pair.lb2, pair.standby.clone());
-    let (c1, c2) = pair.configs();
-    let (lb1_agent, lb2_agent) = pair.start(&c1, &c2)?;
-    let _k1 = keepalived(topo, &topo.lb, "keepalived1", &lb1_agent.config, 100, 1.0)?;
-    let _k2 = keepalived(topo, lb2, "keepalived2", &lb2_agent.config, 90, 1.0)?;
-    wait_for("lb1 to hold the VIP", Duration::from_secs(15), || {
-        Ok(holds(&topo.lb.ns, "l0", topo.vip)? && holds(&topo.lb.ns, "l0", FLOATING)?)
-    })?;
-    let script = lb_tests::harness::repo_root().join("tests/py/pooled_writes.py");
-    let mut child = topo
-        .client
-        .ns
-        .command(&python)
-        .arg(&script)
-        .arg(format!("bolt://{}:7680", topo.vip))
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .context("start pooled_writes.py")?;
-    let mut stdin = child.stdin.take().context("stdin")?;
-    let mut stdout = std::io::BufReader::new(child.stdout.take().context("stdout")?);
-    let mut write = || -> Result<serde_json::Value> {
-        writeln!(stdin, "go")?;
-        let mut line = String::new();
-        stdout.read_line(&mut line)?;
-        serde_json::from_str(&line).with_context(|| format!("bad line {line:?}"))
+    let _running = pair.with_keepalived(1.0)?;
+    let uri = format!("bolt://{}:7680", topo.vip);
+    let Some(mut driver) = PooledWriter::start(&topo.client.ns, &uri)? else {
+        return Ok(());
     };
-    let first = write()?;
+    let first = driver.write()?;
     ensure!(
         first["ok"] == true && first["server"] == "db01" && first["connection"].is_string(),
         "{first}"
@@ -469,8 +434,7 @@ fn the_official_drivers_pooled_connection_carries_on_through_the_takeover() -> R
     wait_for("lb2 to take the VIP over", Duration::from_secs(15), || {
         Ok(holds(&lb2.ns, "l0", topo.vip)? && holds(&lb2.ns, "l0", FLOATING)?)
     })?;
-    let second = write()?;
-    let _ = child.kill();
+    let second = driver.write()?;
     ensure!(
         second["ok"] == true
             && second["server"] == "db01"

@@ -25,7 +25,7 @@ use serde::Serialize;
 
 use super::handshakes::{self, Handshakes};
 use super::probe::process_cpu_s;
-use crate::harness::pair::{holds, keepalived, wait_for, Pair, FLOATING};
+use crate::harness::pair::{holds, wait_for, Pair};
 use crate::sim::bolt_client::{Access, BoltClient, Negotiation};
 
 /// Sizes of a run.
@@ -187,27 +187,7 @@ fn sync_row(plan: &Plan, paired: bool, rec: &mut SyncRecord) -> Result<()> {
 fn takeover_row(plan: &Plan, rec: &mut TakeoverRecord) -> Result<()> {
     let pair = pair("bench_takeover")?;
     let (topo, lb2, standby) = (&pair.topo, &pair.lb2, pair.standby.clone());
-    let (c1, c2) = pair.configs();
-    let (lb1, lb2_agent) = pair.start(&c1, &c2)?;
-    let _k1 = keepalived(
-        topo,
-        &topo.lb,
-        "keepalived1",
-        &lb1.config,
-        100,
-        rec.advert_int,
-    )?;
-    let _k2 = keepalived(
-        topo,
-        lb2,
-        "keepalived2",
-        &lb2_agent.config,
-        90,
-        rec.advert_int,
-    )?;
-    wait_for("lb1 to hold the VIP", Duration::from_secs(20), || {
-        Ok(holds(&topo.lb.ns, "l0", topo.vip)? && holds(&topo.lb.ns, "l0", FLOATING)?)
-    })?;
+    let _running = pair.with_keepalived(rec.advert_int)?;
     let vip = SocketAddrV4::new(topo.vip, 7680);
     let target = SocketAddr::V4(vip);
 

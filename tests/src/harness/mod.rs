@@ -17,6 +17,7 @@
 //! runs them with `--include-ignored --test-threads=1`.
 
 pub mod cleanup;
+pub mod driver;
 pub mod lock;
 pub mod ns;
 pub mod pair;

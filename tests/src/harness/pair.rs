@@ -274,3 +274,31 @@ impl Pair {
 pub fn moved(after: &serde_json::Value, before: &serde_json::Value, name: &str) -> u64 {
     Topology::global_counter(after, name).saturating_sub(Topology::global_counter(before, name))
 }
+
+/// Both agents and both keepalived daemons of a [`Pair`], kept running while this lives.
+pub struct Running {
+    pub lb1: LbProcess,
+    pub lb2: LbProcess,
+    pub keepalived: [Process; 2],
+}
+
+impl Pair {
+    /// Starts both agents with [`Pair::configs`] and keepalived on both hosts (priorities 100
+    /// and 90, adverts every `advert_int` s), and waits until lb1 holds the VIP and the
+    /// floating address.
+    pub fn with_keepalived(&self, advert_int: f64) -> Result<Running> {
+        let (c1, c2) = self.configs();
+        let (lb1, lb2) = self.start(&c1, &c2)?;
+        let topo = &self.topo;
+        let k1 = keepalived(topo, &topo.lb, "keepalived1", &lb1.config, 100, advert_int)?;
+        let k2 = keepalived(topo, &self.lb2, "keepalived2", &lb2.config, 90, advert_int)?;
+        wait_for("lb1 to hold the VIP", Duration::from_secs(20), || {
+            Ok(holds(&topo.lb.ns, "l0", topo.vip)? && holds(&topo.lb.ns, "l0", FLOATING)?)
+        })?;
+        Ok(Running {
+            lb1,
+            lb2,
+            keepalived: [k1, k2],
+        })
+    }
+}
