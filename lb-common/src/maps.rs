@@ -134,6 +134,11 @@ pub const CONFIG_F_OLD_PORTS: u32 = 8;
 /// the two nodes share, a switch floods frames meant for the other node.
 pub const CONFIG_F_SYNC: u32 = 16;
 
+/// Bytes of the `FLOW_SYNC` ring in a pair (outside one the agent makes it one page): about
+/// 5,900 records, more than 300 ms at the machine's connection rate between two drains 10 ms
+/// apart.
+pub const FLOW_SYNC_BYTES: u32 = 256 * 4096;
+
 /// 64-bit words of a backend's SNAT-port hint bitmap (`PORT_HINTS`): bit `i` of word `w` stands
 /// for port `snat_port_min + 64 w + i`; enough for every port above 1023.
 pub const PORT_HINT_WORDS: u32 = 1024;

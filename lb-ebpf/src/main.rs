@@ -124,18 +124,10 @@ mod prog {
             return xdp_action::XDP_PASS;
         };
         let cfg = config();
-        if cfg.flags & CONFIG_F_SYNC != 0
-            && !addressed_here(ctx.ingress_ifindex() as u32, &eth.dst_addr)
-        {
-            // In a pair, a frame flooded to this node but meant for the other: the kernel
-            // drops it (another host's MAC); only the node it was sent to may forward it.
-            // Counted only when it was ours to handle (a VIP or an SNAT port).
-            if service::lookup(ip.daddr, ports.dport).is_some() || is_snat_addr(ip.daddr) {
-                stats::count(Counter::PassOtherHost);
-            }
-            return xdp_action::XDP_PASS;
-        }
         if let Some(svc) = service::lookup(ip.daddr, ports.dport) {
+            if for_the_other_host(ctx, eth, &cfg) {
+                return xdp_action::XDP_PASS;
+            }
             let Some(tcp) = checked_tcp(f, ip, svc.id) else {
                 return xdp_action::XDP_DROP;
             };
@@ -152,6 +144,9 @@ mod prog {
             cfg.snat_port_max != 0 && dport >= cfg.snat_port_min && dport <= cfg.snat_port_max;
         let old_range = !in_range && cfg.flags & CONFIG_F_OLD_PORTS != 0 && in_old_ports(dport);
         if (in_range || old_range) && is_snat_addr(ip.daddr) && is_backend(ip.saddr, ports.sport) {
+            if for_the_other_host(ctx, eth, &cfg) {
+                return xdp_action::XDP_PASS;
+            }
             let Some(tcp) = checked_tcp(f, ip, u32::MAX) else {
                 return xdp_action::XDP_DROP;
             };
@@ -164,6 +159,20 @@ mod prog {
             );
         }
         xdp_action::XDP_PASS
+    }
+
+    /// In a pair, whether a frame that is ours (to a VIP or an SNAT port) is addressed to
+    /// another MAC than its interface's: a switch flooding a frame meant for the other node.
+    /// Counted; the caller passes it to the kernel, which drops it (another host's MAC), and
+    /// only the node it was sent to forwards it. Outside a pair, no map is read.
+    #[inline(always)]
+    fn for_the_other_host(ctx: &XdpContext, eth: &EthHdr, cfg: &lb_common::Config) -> bool {
+        let other = cfg.flags & CONFIG_F_SYNC != 0
+            && !addressed_here(ctx.ingress_ifindex() as u32, &eth.dst_addr);
+        if other {
+            stats::count(Counter::PassOtherHost);
+        }
+        other
     }
 
     /// The TCP header of a packet that is ours, or `None` (counted) when the packet has IP

@@ -10,8 +10,8 @@ use aya_ebpf::{
 use lb_common::{
     epoch_index, BackendKey, BackendSet, BackendStats, CaptureConfig, Config, ConnEvent, Flow,
     FlowKey, FlowSync, PortHints, PortRange, RstBucket, Service, ServiceKey, ServiceStats, Slot,
-    COUNTER_MAX, DEFAULT_EMBRYONIC_ENTRIES, DEFAULT_ESTABLISHED_ENTRIES, MAXCONN_ENTRIES,
-    MAX_BACKENDS, MAX_IFACES, MAX_SERVICES, MAX_SNAT_ADDRS,
+    COUNTER_MAX, DEFAULT_EMBRYONIC_ENTRIES, DEFAULT_ESTABLISHED_ENTRIES, FLOW_SYNC_BYTES,
+    MAXCONN_ENTRIES, MAX_BACKENDS, MAX_IFACES, MAX_SERVICES, MAX_SNAT_ADDRS,
 };
 
 /// `BPF_F_NO_COMMON_LRU` is not used: a per-CPU LRU list would evict a flow whose reply
@@ -74,10 +74,9 @@ pub static MAXCONN_ACTIVE: Array<u64, { MAXCONN_ENTRIES as usize }> = Array::new
 pub static CONN_EVENTS: RingBuf<ConnEvent, { 64 * 4096 }> = RingBuf::new();
 
 /// Flows the data path established, for a pair's standby (only with `CONFIG_F_SYNC`; the
-/// agent sizes it: one page when the instance is not paired). 1 MiB holds about 5,900 flows,
-/// more than 300 ms at the machine's connection rate between two drains 10 ms apart.
+/// agent sizes it: one page when the instance is not paired).
 #[btf_map]
-pub static FLOW_SYNC: RingBuf<FlowSync, { 256 * 4096 }> = RingBuf::new();
+pub static FLOW_SYNC: RingBuf<FlowSync, { FLOW_SYNC_BYTES as usize }> = RingBuf::new();
 
 /// Ifindex -> the interface's MAC (only read with `CONFIG_F_SYNC`).
 #[btf_map]

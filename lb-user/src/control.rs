@@ -134,45 +134,12 @@ impl Control {
         Ok(())
     }
 
-    /// This node's ids for a flow a pair's active synced (`pair::install`): the service at
-    /// `vip`, the backend at `backend`, and that pair's current reset epoch.
-    pub fn synced_ids(
-        &self,
-        vip: std::net::SocketAddrV4,
-        backend: std::net::SocketAddrV4,
-    ) -> Result<crate::pair::Ids> {
-        let service = self
-            .services
-            .get(
-                &ServiceKey {
-                    addr: u32::from_ne_bytes(vip.ip().octets()),
-                    port: vip.port().to_be(),
-                    proto: lb_common::IPPROTO_TCP,
-                    _pad: 0,
-                },
-                0,
-            )
-            .with_context(|| format!("no service at {vip} on this node"))?;
-        let backend_id = self
-            .backends
-            .get(
-                &BackendKey {
-                    addr: u32::from_ne_bytes(backend.ip().octets()),
-                    port: backend.port().to_be(),
-                    _pad: 0,
-                },
-                0,
-            )
-            .with_context(|| format!("no backend {backend} on this node"))?;
-        let epoch = self
-            .reset_epoch
-            .get(&lb_common::epoch_index(service.id, backend_id), 0)
-            .unwrap_or(0);
-        Ok(crate::pair::Ids {
-            service: service.id,
-            backend: backend_id,
-            epoch,
-        })
+    /// The current reset epoch of (`service`, `backend`) (a pair's standby stamps the flows it
+    /// installs with it: they are live).
+    pub fn reset_epoch(&self, service: u32, backend: u32) -> u32 {
+        self.reset_epoch
+            .get(&lb_common::epoch_index(service, backend), 0)
+            .unwrap_or(0)
     }
 
     /// Records each interface's MAC (ifindex, MAC): in a pair the data path forwards only

@@ -103,7 +103,7 @@ const SIZE_SLOTS: u32 = 24;
 /// never writes it).
 fn flow_sync_size(cfg: &Config) -> u32 {
     if cfg.pair.is_some() {
-        256 * 4096
+        lb_common::FLOW_SYNC_BYTES
     } else {
         4096
     }

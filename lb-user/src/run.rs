@@ -137,7 +137,6 @@ pub fn detach(instance: &str) -> Result<()> {
     Ok(())
 }
 
-/// The interfaces the program is attached to, and how.
 /// Starts the pair's streams: own handles on the pinned established table and reset epochs
 /// for each thread, the interfaces with their MACs.
 fn start_pair(
@@ -173,6 +172,7 @@ fn start_pair(
     Ok(running)
 }
 
+/// The interfaces the program is attached to, and how.
 struct Ifaces<'a> {
     names: &'a [String],
     indexes: &'a [u32],

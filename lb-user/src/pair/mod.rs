@@ -77,6 +77,11 @@ pub fn unix_now_ns() -> u64 {
         .map_or(0, |d| d.as_nanos() as u64)
 }
 
+/// Whether `iface` holds one of `vips` now (keepalived put it there: this node is active).
+pub fn holds_a_vip(iface: &str, vips: &[Ipv4Addr]) -> bool {
+    crate::host::iface_addrs(iface).is_ok_and(|have| vips.iter().any(|v| have.contains(v)))
+}
+
 /// [`export`] with the wall clock given.
 pub fn export_at(s: &FlowSync, now_ns: u64, unix_ns: u64, ifindexes: &[u32]) -> Result<SyncedFlow> {
     let position = |ifindex: u32| {
@@ -303,16 +308,17 @@ impl Running {
                     (s.eligible, s.why) = stream::eligibility(&s, started.elapsed());
                     (s.lag_p50_us, s.lag_p99_us) = (s.lag.quantile(0.5), s.lag.quantile(0.99));
                     (s.lag_max_us, s.lag_count) = (s.lag.max_us(), s.lag.count());
-                    let active = crate::host::iface_addrs(&iface)
-                        .is_ok_and(|have| vips.iter().any(|v| have.contains(v)));
-                    s.role = if active { "active" } else { "standby" }.into();
+                    s.role = if holds_a_vip(&iface, &vips) {
+                        "active"
+                    } else {
+                        "standby"
+                    }
+                    .into();
                     (s.vrrp_state, s.vrrp_since) = match vrrp_state(&instance_name) {
                         Some((state, at)) => (Some(state), Some(at)),
                         None => (None, None),
                     };
-                    s.written_at_ms = std::time::SystemTime::now()
-                        .duration_since(std::time::UNIX_EPOCH)
-                        .map_or(0, |d| d.as_millis() as u64);
+                    s.written_at_ms = unix_now_ns() / 1_000_000;
                     let tmp = path.with_extension("json.tmp");
                     let written = serde_json::to_vec_pretty(&s)
                         .map_err(std::io::Error::other)
@@ -352,9 +358,7 @@ pub fn record_vrrp_state(instance: &str, state: &str) -> Result<()> {
     }
     let path = vrrp_state_path(instance);
     std::fs::create_dir_all("/run/lb").context("create /run/lb")?;
-    let secs = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs());
+    let secs = unix_now_ns() / 1_000_000_000;
     std::fs::write(&path, format!("{state} {secs}\n"))
         .with_context(|| format!("write {}", path.display()))
 }
@@ -373,10 +377,9 @@ pub fn vrrp_state(instance: &str) -> Option<(String, u64)> {
 pub fn read_status(instance: &str) -> Option<(stream::PairStatus, std::time::Duration)> {
     let bytes = std::fs::read(status_path(instance)).ok()?;
     let s: stream::PairStatus = serde_json::from_slice(&bytes).ok()?;
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64);
-    let age = std::time::Duration::from_millis(now.saturating_sub(s.written_at_ms));
+    let age = std::time::Duration::from_millis(
+        (unix_now_ns() / 1_000_000).saturating_sub(s.written_at_ms),
+    );
     Some((s, age))
 }
 

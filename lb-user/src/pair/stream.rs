@@ -140,13 +140,10 @@ pub enum Msg {
 
 /// A forward key as (client, VIP).
 pub fn tuple_of(k: &FlowKey) -> (SocketAddrV4, SocketAddrV4) {
-    let a = |addr: u32, port: u16| {
-        SocketAddrV4::new(
-            std::net::Ipv4Addr::from(addr.to_ne_bytes()),
-            u16::from_be(port),
-        )
-    };
-    (a(k.saddr, k.sport), a(k.daddr, k.dport))
+    (
+        super::addr_of(k.saddr, k.sport),
+        super::addr_of(k.daddr, k.dport),
+    )
 }
 
 impl From<Outgoing> for Msg {
@@ -474,12 +471,6 @@ fn nap(stop: &AtomicBool, d: Duration) {
     }
 }
 
-fn unix_now() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs())
-}
-
 /// The sender: this node's flows to `peer`, until `stop`.
 pub fn send_loop(
     peer: SocketAddrV4,
@@ -708,7 +699,7 @@ fn receive_on(
                     // every flow either knows; the operator must end it.
                     let first = with_value(status, |s| {
                         s.split_brain_flows += 1;
-                        let now = unix_now();
+                        let now = super::unix_now_ns() / 1_000_000_000;
                         let quiet = s.split_brain_at.is_none_or(|t| now >= t + 10);
                         s.split_brain_at = Some(now);
                         quiet
@@ -771,7 +762,7 @@ fn receive_on(
                 with(status, |s| {
                     s.synced = true;
                     s.last_snapshot_flows = n;
-                    s.last_snapshot_at = Some(unix_now());
+                    s.last_snapshot_at = Some(super::unix_now_ns() / 1_000_000_000);
                 });
             }
             Msg::Ping => {}

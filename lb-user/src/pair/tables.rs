@@ -11,9 +11,10 @@ use lb_common::{epoch_index, Flow, FlowKey, FlowSync, DIR_FORWARD, IPPROTO_TCP};
 use super::{export, install, stream, Ids, Iface, SyncedFlow};
 use crate::config::Config;
 
-/// Where a synced flow's ids come from.
+/// This node's ids for a synced flow: its configuration's (which [`crate::ids`] made this
+/// node's), by VIP:port and backend address:port.
 #[derive(Debug, Clone)]
-struct Directory {
+pub struct Directory {
     /// VIP:port -> (service id, backend port).
     services: Vec<(SocketAddrV4, u32, u16)>,
     /// Backend address -> id.
@@ -21,7 +22,7 @@ struct Directory {
 }
 
 impl Directory {
-    fn of(cfg: &Config) -> Self {
+    pub fn of(cfg: &Config) -> Self {
         Self {
             services: cfg
                 .services
@@ -32,7 +33,8 @@ impl Directory {
         }
     }
 
-    fn ids(&self, f: &SyncedFlow) -> Result<(u32, u32)> {
+    /// The (service id, backend id) of `f` on this node.
+    pub fn ids(&self, f: &SyncedFlow) -> Result<(u32, u32)> {
         let &(_, service, port) = self
             .services
             .iter()
@@ -90,8 +92,7 @@ impl Tables {
                 return held;
             }
         }
-        let held = crate::host::iface_addrs(&self.vip_iface)
-            .is_ok_and(|have| self.vips.iter().any(|v| have.contains(v)));
+        let held = super::holds_a_vip(&self.vip_iface, &self.vips);
         self.held.set(Some((std::time::Instant::now(), held)));
         held
     }
