@@ -62,9 +62,8 @@ pub struct Feed {
     now: Instant,
     /// Ends not sent: the peer never had the flow.
     pub ends_not_needed: u64,
-    /// Messages lost to a full queue, and flows that could not be exported.
+    /// Messages lost to a full queue.
     pub dropped: u64,
-    pub unexportable: u64,
 }
 
 impl Feed {
@@ -80,7 +79,6 @@ impl Feed {
             ends_not_needed: 0,
             last_pass_ns: 0,
             dropped: 0,
-            unexportable: 0,
         }
     }
 
@@ -142,10 +140,7 @@ impl Feed {
                 self.sent.insert(s.fwd_key);
                 self.send(Outgoing::New(f));
             }
-            Err(e) => {
-                self.unexportable += 1;
-                warn!("flow not synced: {e:#}");
-            }
+            Err(e) => warn!("flow not synced: {e:#}"),
         }
     }
 

@@ -283,11 +283,6 @@ impl Running {
         })
     }
 
-    /// A copy of the status now.
-    pub fn status(&self) -> stream::PairStatus {
-        self.status.lock().map(|s| s.clone()).unwrap_or_default()
-    }
-
     /// Writes the status, with this node's role (whether `iface` holds one of `vips`) and
     /// eligibility, to [`status_path`] every [`STATUS_EVERY`] (for `lb status`, the admin
     /// views and `lb health`) until stopped; removes it then.
