@@ -81,8 +81,12 @@ async fn connection(stream: TcpStream, state: Arc<SimState>) -> Result<()> {
 }
 
 /// `hang`: reads (and counts) the request, never answers; returns when the client closes.
+///
+/// The request line may arrive in several segments (a client writing it piecewise): it is
+/// counted once its line end is in, not judged by the first read.
 async fn hang(mut stream: TcpStream, state: &SimState) -> Result<()> {
     let mut buf = vec![0u8; 4096];
+    let mut head = Vec::new();
     let mut counted = false;
     loop {
         let n = stream
@@ -92,10 +96,15 @@ async fn hang(mut stream: TcpStream, state: &SimState) -> Result<()> {
         if n == 0 {
             return Ok(());
         }
-        if !counted {
-            if let Some(path) = request_path(&buf[..n]) {
-                state.count_check(&path);
-            }
+        if counted {
+            continue;
+        }
+        head.extend_from_slice(&buf[..n]);
+        if let Some(path) = request_path(&head) {
+            state.count_check(&path);
+            counted = true;
+        } else if head.len() >= 16 * 1024 {
+            // No request line in 16 KiB: not a request, nothing to count.
             counted = true;
         }
     }
