@@ -33,6 +33,14 @@ use crate::sim::bolt_client::{Access, BoltClient, Negotiation};
 pub struct Plan {
     pub seconds: u64,
     pub threads: usize,
+    /// Only these rows (`single`, `pair`, `takeover-1`, `takeover-0.2`); all when empty.
+    pub only: Vec<String>,
+}
+
+impl Plan {
+    fn runs(&self, row: &str) -> bool {
+        self.only.is_empty() || self.only.iter().any(|o| o == row)
+    }
 }
 
 /// One sync row.
@@ -47,6 +55,12 @@ pub struct SyncRecord {
     pub lag_max_us: Option<u64>,
     pub lag_count: u64,
     pub flows_received: u64,
+    /// Sessions (connections that stay open) opened through the VIP during the churn, every
+    /// 100 ms: from `connect` returning on the client to both entries of the flow in lb2's
+    /// table, µs (p50, p99, max), and how many were measured / not seen on lb2 within 1 s.
+    pub session_lag_us: Option<(u64, u64, u64)>,
+    pub sessions_measured: usize,
+    pub sessions_missing: usize,
     pub errors: Vec<String>,
 }
 
@@ -93,6 +107,9 @@ fn without_pair(config: &str) -> String {
 pub fn run(plan: &Plan) -> Records {
     let mut r = Records::default();
     for paired in [false, true] {
+        if !plan.runs(if paired { "pair" } else { "single" }) {
+            continue;
+        }
         let mut rec = SyncRecord {
             row: if paired { "pair" } else { "single" }.into(),
             ..Default::default()
@@ -113,6 +130,9 @@ pub fn run(plan: &Plan) -> Records {
         r.sync.push(rec);
     }
     for advert_int in [1.0, 0.2] {
+        if !plan.runs(&format!("takeover-{advert_int}")) {
+            continue;
+        }
         let mut rec = TakeoverRecord {
             advert_int,
             ..Default::default()
@@ -160,11 +180,27 @@ fn sync_row(plan: &Plan, paired: bool, rec: &mut SyncRecord) -> Result<()> {
     let (pid1, pid2) = (lb1.pid(), lb2_agent.as_ref().map(|p| p.pid()));
     let before = (process_cpu_s(pid1)?, cpu(pid2)?);
     let (threads, dur) = (plan.threads, Duration::from_secs(plan.seconds));
+    let probe = paired.then(|| {
+        let (ns, standby) = (topo.client.ns.clone(), standby.clone());
+        std::thread::spawn(move || ns.run_in(move || session_lags(vip, &standby, dur)))
+    });
     let h = topo
         .client
         .ns
         .run_in(move || handshakes::run(&[vip], threads, dur))??;
     let after = (process_cpu_s(pid1)?, cpu(pid2)?);
+    if let Some(p) = probe {
+        let (mut lags, missing) = p
+            .join()
+            .map_err(|_| anyhow::anyhow!("the session probe panicked"))???;
+        lags.sort_unstable();
+        let q = |f: f64| lags[((lags.len() - 1) as f64 * f).round() as usize];
+        if !lags.is_empty() {
+            rec.session_lag_us = Some((q(0.5), q(0.99), *lags.last().unwrap_or(&0)));
+        }
+        rec.sessions_measured = lags.len();
+        rec.sessions_missing = missing;
+    }
     let per = |cpu: f64| (h.completed > 0).then(|| cpu * 1e6 / h.completed as f64);
     rec.active_agent_us = per(after.0 - before.0);
     if let (Some(x), Some(y)) = (before.1, after.1) {
@@ -182,6 +218,55 @@ fn sync_row(plan: &Plan, paired: bool, rec: &mut SyncRecord) -> Result<()> {
     }
     rec.handshakes = Some(h);
     Ok(())
+}
+
+/// Opens a session to `vip` every 100 ms for `dur` and measures, for each, how long after
+/// `connect` returned its flow is in the `standby` instance's table (polled every 200 µs, up
+/// to 1 s). The sessions stay open until the end. Returns the lags (µs) and how many were
+/// never seen.
+fn session_lags(vip: SocketAddrV4, standby: &str, dur: Duration) -> Result<(Vec<u64>, usize)> {
+    use aya::maps::HashMap;
+    use lb_common::{names, Flow, FlowKey, IPPROTO_TCP};
+    let map = lb_user::dataplane::open_pinned(
+        &lb_user::dataplane::pin_dir(standby),
+        names::CT_ESTABLISHED,
+    )?;
+    let table: HashMap<_, FlowKey, Flow> = HashMap::try_from(map)?;
+    let (mut lags, mut missing, mut open) = (Vec::new(), 0, Vec::new());
+    let start = Instant::now();
+    while start.elapsed() < dur {
+        let s = std::net::TcpStream::connect_timeout(&SocketAddr::V4(vip), Duration::from_secs(1))?;
+        let connected = Instant::now();
+        let SocketAddr::V4(local) = s.local_addr()? else {
+            anyhow::bail!("not IPv4");
+        };
+        let key = FlowKey {
+            saddr: u32::from_ne_bytes(local.ip().octets()),
+            daddr: u32::from_ne_bytes(vip.ip().octets()),
+            sport: local.port().to_be(),
+            dport: vip.port().to_be(),
+            proto: IPPROTO_TCP,
+            ..Default::default()
+        };
+        let seen = loop {
+            if let Ok(f) = table.get(&key, 0) {
+                if table.get(&f.partner_key(IPPROTO_TCP), 0).is_ok() {
+                    break Some(connected.elapsed());
+                }
+            }
+            if connected.elapsed() > Duration::from_secs(1) {
+                break None;
+            }
+            std::thread::sleep(Duration::from_micros(200));
+        };
+        match seen {
+            Some(d) => lags.push(d.as_micros() as u64),
+            None => missing += 1,
+        }
+        open.push(s);
+        std::thread::sleep(Duration::from_millis(100).saturating_sub(connected.elapsed()));
+    }
+    Ok((lags, missing))
 }
 
 fn takeover_row(plan: &Plan, rec: &mut TakeoverRecord) -> Result<()> {
@@ -280,13 +365,13 @@ pub fn report(plan: &Plan, r: &Records, command: &str, date: &str) -> String {
         "## lb-bench pair: flow sync under churn ({} s, {} client threads) and takeovers\n\n",
         plan.seconds, plan.threads
     );
-    md += "| row | connections/s | failed | active agent CPU µs/conn | standby agent CPU µs/conn | sync lag p50 / p99 / max, µs (flows measured) | flows received by the standby |\n|---|---|---|---|---|---|---|\n";
+    md += "| row | connections/s | failed | active agent CPU µs/conn | standby agent CPU µs/conn | session lag p50 / p99 / max, µs (sessions measured, not seen) | sync lag of churn flows p50 / p99 / max, µs (flows measured) | flows received by the standby |\n|---|---|---|---|---|---|---|---|\n";
     for s in &r.sync {
         let (rate, failed) = s.handshakes.as_ref().map_or(("-".into(), "-".into()), |h| {
             (format!("{:.0}", h.rate()), h.failed.to_string())
         });
         md += &format!(
-            "| {} | {rate} | {failed} | {} | {} | {} / {} / {} ({}) | {} |\n",
+            "| {} | {rate} | {failed} | {} | {} | {} | {} / {} / {} ({}) | {} |\n",
             if s.row == "pair" {
                 "pair (lb1 active, lb2 standby, both `[pair]`)"
             } else {
@@ -294,6 +379,11 @@ pub fn report(plan: &Plan, r: &Records, command: &str, date: &str) -> String {
             },
             opt(s.active_agent_us.map(|v| format!("{v:.2}"))),
             opt(s.standby_agent_us.map(|v| format!("{v:.2}"))),
+            s.session_lag_us
+                .map_or("-".into(), |(p50, p99, max)| format!(
+                    "{p50} / {p99} / {max} ({}, {})",
+                    s.sessions_measured, s.sessions_missing
+                )),
             opt(s.lag_p50_us),
             opt(s.lag_p99_us),
             opt(s.lag_max_us),
@@ -326,7 +416,7 @@ pub fn report(plan: &Plan, r: &Records, command: &str, date: &str) -> String {
         }
     }
     md += &format!(
-        "\nOne-armed topology: client, lb1, lb2 and db01..db03 on one bridge; the write VIP :7680 to db01 (the simulator); lb1 holds the VIP and the floating SNAT address first. Sync lag: lb2's histogram (eight buckets per octave) of wall-clock time from a flow's handshake on lb1 to its install on lb2, live stream only. Agent CPU from /proc/PID/stat over the generator's run. Client namespace: tcp_tw_reuse=1, ports 1024-65000. Takeover: lb1's link goes down 3 s into the generator's run; a prober opens a new connection every 10 ms (100 ms timeout) until one completes. {date}. Command: `{command}`.\n"
+        "\nOne-armed topology: client, lb1, lb2 and db01..db03 on one bridge; the write VIP :7680 to db01 (the simulator); lb1 holds the VIP and the floating SNAT address first. Session lag: a session opened through the VIP every 100 ms during the churn (kept open), from `connect` returning on the client to both its entries in lb2's table (polled every 200 µs): what a takeover loses is the sessions younger than this. Sync lag of churn flows: lb2's histogram (eight buckets per octave) of wall-clock time from a flow's handshake on lb1 to its install on lb2, live stream only; only flows still open when lb1 drains its ring are sent, so these are the young ones (a biased view: the session lag is the one to read). Agent CPU from /proc/PID/stat over the generator's run. Client namespace: tcp_tw_reuse=1, ports 1024-65000. Takeover: lb1's link goes down 3 s into the generator's run; a prober opens a new connection every 10 ms (100 ms timeout) until one completes. {date}. Command: `{command}`.\n"
     );
     md
 }

@@ -103,6 +103,9 @@ enum Bench {
         /// Client threads (blocking sockets).
         #[arg(long, default_value_t = 8)]
         threads: usize,
+        /// Only these rows: single, pair, takeover-1, takeover-0.2 (BENCHMARKS.md is then not written).
+        #[arg(long, value_delimiter = ',')]
+        only: Vec<String>,
     },
     /// A million idle established flows in the tables: check timing, agent CPU and RSS, expiry.
     Idle {
@@ -212,7 +215,11 @@ fn real_main() -> Result<bool> {
             flows,
             idle_seconds,
         } => idle_bench(flows, idle_seconds),
-        Bench::Pair { seconds, threads } => pair_bench(seconds, threads),
+        Bench::Pair {
+            seconds,
+            threads,
+            only,
+        } => pair_bench(seconds, threads, only),
         Bench::All(a) => perf(Which::All, a),
         Bench::Throughput(a) => perf(Which::Throughput, a),
         Bench::Connrate(a) => perf(Which::Connrate, a),
@@ -385,10 +392,11 @@ fn synflood_bench(seconds: u64, rates: Vec<u32>, quick: bool, only: &[String]) -
     Ok(records.iter().all(|r| r.error.is_none()))
 }
 
-fn pair_bench(seconds: u64, threads: usize) -> Result<bool> {
+fn pair_bench(seconds: u64, threads: usize, only: Vec<String>) -> Result<bool> {
     let plan = lb_tests::bench::pair::Plan {
         seconds: seconds.max(1),
         threads,
+        only,
     };
     eprintln!(
         "lb-bench pair: {} s per row, {} client threads; lb {}",
@@ -404,7 +412,7 @@ fn pair_bench(seconds: u64, threads: usize) -> Result<bool> {
     run.publish(
         "## lb-bench pair",
         &md,
-        ok,
+        ok && plan.only.is_empty(),
         serde_json::json!({ "plan": plan, "records": records }),
     )?;
     Ok(ok)
