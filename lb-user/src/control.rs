@@ -41,6 +41,8 @@ pub struct Control {
     /// An earlier SNAT range whose flows may still be alive (see [`Control::keep_old_ports`]).
     old_range: Option<(u16, u16)>,
     reset_epoch: Array<MapData, u32>,
+    /// A second fd on `RESET_EPOCH`, for readers of their own ([`Control::share_reset_epochs`]).
+    reset_epoch_fd: std::os::fd::OwnedFd,
     syn_hold: Array<MapData, u64>,
     live: Vec<Option<Array<MapData, BackendSet>>>,
     spare: Vec<Option<Array<MapData, BackendSet>>>,
@@ -72,6 +74,13 @@ impl Control {
     /// Takes the maps it owns out of the loaded object.
     pub fn new(ebpf: &mut Ebpf) -> Result<Self> {
         let n = MAX_SERVICES as usize;
+        let reset_epoch_fd = match ebpf.map(names::RESET_EPOCH) {
+            Some(aya::maps::Map::Array(m)) => {
+                use std::os::fd::AsFd;
+                m.fd().as_fd().try_clone_to_owned()?
+            }
+            _ => anyhow::bail!("the object has no array {}", names::RESET_EPOCH),
+        };
         Ok(Self {
             config: take(ebpf, names::CONFIG)?,
             services: take(ebpf, names::SERVICES)?,
@@ -85,11 +94,19 @@ impl Control {
             old_ports: take(ebpf, names::OLD_PORTS)?,
             old_range: None,
             reset_epoch: take(ebpf, names::RESET_EPOCH)?,
+            reset_epoch_fd,
             syn_hold: take(ebpf, names::SYN_HOLD)?,
             live: (0..n).map(|_| None).collect(),
             spare: (0..n).map(|_| None).collect(),
             generation: 0,
         })
+    }
+
+    /// A handle of its own on `RESET_EPOCH` (read-only use: this stays its only writer).
+    pub fn share_reset_epochs(&self) -> Result<aya::maps::Map> {
+        let data =
+            MapData::from_fd(self.reset_epoch_fd.try_clone()?).context("reopen map RESET_EPOCH")?;
+        aya::maps::Map::from_map_data(data).context("map RESET_EPOCH")
     }
 
     /// Fills every writer-owned map from `cfg` before the program sees a packet: settings,

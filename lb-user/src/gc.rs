@@ -29,10 +29,7 @@
 //! before its delete and kept if it changed meanwhile (a new flow on the same tuple, or a
 //! segment that made it active again). A pass deletes at most [`MAX_DELETIONS`] entries; the
 //! rest waits for the next second.
-use std::{
-    os::fd::{AsFd, AsRawFd},
-    time::Duration,
-};
+use std::{os::fd::AsFd, time::Duration};
 
 use foldhash::{HashMap as FastMap, HashSet as FastSet};
 
@@ -865,42 +862,13 @@ fn read_table(
     visits: usize,
     mut each: impl FnMut(FlowKey, Flow),
 ) -> Result<()> {
-    let fd = fd.as_raw_fd();
     let mut keys = vec![FlowKey::default(); BATCH];
     let mut values = vec![Flow::default(); BATCH];
     // The hash table's batch token: the bucket to continue from.
-    let (mut token, mut first, mut read) = (0u32, true, 0usize);
+    let (mut token, mut read) = (None, 0usize);
     while read < visits {
-        let mut out_token = 0u32;
-        let mut attr = BatchAttr {
-            in_batch: if first {
-                0
-            } else {
-                &token as *const u32 as u64
-            },
-            out_batch: &mut out_token as *mut u32 as u64,
-            keys: keys.as_mut_ptr() as u64,
-            values: values.as_mut_ptr() as u64,
-            count: BATCH as u32,
-            map_fd: fd as u32,
-            elem_flags: 0,
-            flags: 0,
-        };
-        // SAFETY: `attr` is the kernel's `bpf_attr.batch` layout (zero-padded by the syscall's
-        // size argument); the token, key and value buffers it points to are live, writable and
-        // hold `count` elements of the map's key and value sizes (FlowKey and Flow, checked
-        // when the map was opened as a typed `HashMap`).
-        let r = unsafe {
-            libc::syscall(
-                libc::SYS_bpf,
-                BPF_MAP_LOOKUP_BATCH,
-                &mut attr as *mut BatchAttr,
-                std::mem::size_of::<BatchAttr>() as u32,
-            )
-        };
-        let err = (r < 0).then(std::io::Error::last_os_error);
-        let n = attr.count as usize;
-        for i in 0..n.min(BATCH) {
+        let (n, next, err) = crate::batch::lookup(fd.as_fd(), token, &mut keys, &mut values);
+        for i in 0..n {
             each(keys[i], values[i]);
         }
         read += n;
@@ -909,7 +877,7 @@ fn read_table(
             // The end of the table (the last batch's entries were delivered above).
             Some(libc::ENOENT) => return Ok(()),
             // No batch lookup here (an old kernel, or a first call refused): entry by entry.
-            Some(libc::EINVAL | ENOTSUPP) if first => {
+            Some(libc::EINVAL | ENOTSUPP) if token.is_none() => {
                 for item in table.iter().take(visits) {
                     let (k, f) = item?;
                     each(k, f);
@@ -921,8 +889,7 @@ fn read_table(
                     .context("BPF_MAP_LOOKUP_BATCH")
             }
         }
-        token = out_token;
-        first = false;
+        token = Some(next);
     }
     Ok(())
 }
@@ -933,22 +900,6 @@ const ENOTSUPP: i32 = 524;
 /// Entries per `BPF_MAP_LOOKUP_BATCH` call; also more than any hash bucket holds (the kernel
 /// refuses a batch smaller than the bucket it stops at).
 const BATCH: usize = 4096;
-
-/// `BPF_MAP_LOOKUP_BATCH` (linux/bpf.h).
-const BPF_MAP_LOOKUP_BATCH: libc::c_long = 24;
-
-/// `bpf_attr` for the `BPF_MAP_*_BATCH` commands (linux/bpf.h).
-#[repr(C)]
-struct BatchAttr {
-    in_batch: u64,
-    out_batch: u64,
-    keys: u64,
-    values: u64,
-    count: u32,
-    map_fd: u32,
-    elem_flags: u64,
-    flags: u64,
-}
 
 /// The object's `lb_release` program, which [`Gc::run_once`] releases slots through.
 pub fn release_program(ebpf: &Ebpf) -> Option<&Xdp> {
@@ -970,8 +921,12 @@ pub struct Worker {
 /// How often the GC's thread drains the `CONN_EVENTS` ring.
 pub const EVENTS_EVERY: Duration = Duration::from_millis(50);
 /// How often it drains both rings in a pair (`FLOW_SYNC` too): a flow reaches the peer at
-/// most this much after it was established, plus the stream's own delay.
-pub const SYNC_EVERY: Duration = Duration::from_millis(10);
+/// most this much after it was established, plus the stream's own delay. Longer means fewer
+/// writes to the peer and fewer flows sent at all (one that opens and closes between two
+/// drains never is): at 10 ms the sync cost each agent 0.9-1.4 µs per connection under churn,
+/// at 25 ms 0.6-0.8 (`lb-bench pair`), with sessions on the standby 12 ms after their
+/// handshake at the median, 25 ms at p99.
+pub const SYNC_EVERY: Duration = Duration::from_millis(25);
 
 /// What the worker's last pass found that the loop acts on (the table fill goes to the live
 /// view through `on_pass`).
@@ -1018,8 +973,22 @@ impl Worker {
             move || {
                 let mut next = std::time::Instant::now();
                 while !stop.load(Ordering::Relaxed) {
-                    if let Some(feed) = gc.pair_feed() {
-                        feed.tick();
+                    // The flows established first, then the ends: a flow found and ended in
+                    // the same drain is taken back before anything is sent.
+                    if let (Some(ring), Ok(now)) = (flow_sync.as_mut(), monotonic_now()) {
+                        if let Some(feed) = gc.pair_feed() {
+                            feed.tick(now);
+                        }
+                        while let Some(item) = ring.next() {
+                            let size = std::mem::size_of::<lb_common::FlowSync>();
+                            if item.len() >= size {
+                                let f: lb_common::FlowSync =
+                                    bytemuck::pod_read_unaligned(&item[..size]);
+                                if let Some(feed) = gc.pair_feed() {
+                                    feed.established(&f);
+                                }
+                            }
+                        }
                     }
                     while let Some(item) = events.next() {
                         if item.len() >= std::mem::size_of::<lb_common::ConnEvent>() {
@@ -1027,20 +996,6 @@ impl Worker {
                                 &item[..std::mem::size_of::<lb_common::ConnEvent>()],
                             );
                             gc.log_event(&e);
-                        }
-                    }
-                    // After the ends: a flow that ended since the last drain has its end
-                    // recorded when its own record is read, and is not sent.
-                    if let (Some(ring), Ok(now)) = (flow_sync.as_mut(), monotonic_now()) {
-                        while let Some(item) = ring.next() {
-                            let size = std::mem::size_of::<lb_common::FlowSync>();
-                            if item.len() >= size {
-                                let f: lb_common::FlowSync =
-                                    bytemuck::pod_read_unaligned(&item[..size]);
-                                if let Some(feed) = gc.pair_feed() {
-                                    feed.established(&f, now);
-                                }
-                            }
                         }
                     }
                     if let Some(feed) = gc.pair_feed() {

@@ -11,6 +11,7 @@
 //! - [`control`]: the only writer of the config and backend-set maps (atomic set swaps).
 //! - [`live`] and [`mirror`]: the views published from the state (the admin server's, and the
 //!   pinned one `lb status` reads).
+//! - [`batch`]: many map entries in one syscall (the GC's reads, a standby's installs).
 //! - [`gc`]: connection-table expiry and `maxconn` slot release, on a thread of its own;
 //!   [`port_hints`]: the SNAT port hints it rewrites; [`connlog`]: the connection log.
 //! - [`ids`]: stable service and backend ids, by name, across restarts.
@@ -24,6 +25,7 @@
 //! - [`nic`]: the NIC's own XDP counters (`ethtool -S`) for the admin views.
 //! - [`pair`]: a pair of nodes for the same VIPs, each streaming its flows to the other.
 pub mod admin;
+pub mod batch;
 pub mod capture;
 pub mod config;
 pub mod connlog;

@@ -11,10 +11,10 @@
 
 use std::net::Ipv4Addr;
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 use lb_tests::fixture::frames::{TcpFrame, ACK, PSH, SYN};
 use lb_tests::fixture::*;
-use lb_user::pair::{self, SyncedFlow};
+use lb_user::pair::{self, stream::Op, SyncedFlow};
 
 /// The fixture's configuration as one node of a pair.
 fn paired() -> String {
@@ -92,6 +92,91 @@ fn a_standby_that_installed_the_reported_flow_forwards_its_next_segments_as_the_
         c.client_sends(fx, "data after the install", PSH | ACK, b"RUN")?;
         c.backend_sends(fx, "answer after the install", PSH | ACK, b"RECORD")?;
         c.assert_alive(fx, "after the install")?;
+        Ok(())
+    })
+}
+
+/// A standby applies what one read of the stream brought in one go: installs and ends in
+/// their order, with one write per run of installs. A flow ended in the same batch is gone;
+/// an end of a flow it never had and a flow naming an interface it lacks fail alone.
+#[test]
+#[ignore = "needs root and netns: run cargo xtask test"]
+fn a_standby_applies_a_batch_of_installs_and_ends_in_order() -> Result<()> {
+    Fixture::run_with_config("pairbatch", &paired(), |fx| {
+        let mut conns = Vec::new();
+        for port in [40201, 40202, 40203] {
+            let mut c = Conn::establish(fx, port, WRITE_PORT)?;
+            c.client_sends(fx, "data on the active", PSH | ACK, b"BEGIN")?;
+            conns.push(c);
+        }
+        let ifindexes = [fx.cl0.ifindex, fx.bk0.ifindex];
+        let now = lb_user::gc::monotonic_now()?;
+        let mut flows = Vec::new();
+        let reported = fx.synced_flows()?;
+        for c in &conns {
+            let r = *reported
+                .iter()
+                .find(|r| r.fwd_key == c.fwd_key())
+                .context("each flow reported")?;
+            flows.push(pair::export(&r, now, &ifindexes)?);
+            // The standby does not have it yet.
+            fx.remove_established(&c.fwd_key())?;
+            fx.remove_established(&c.rev_key())?;
+        }
+        let [a, b, c] = [flows[0], flows[1], flows[2]];
+        let stranger = SyncedFlow {
+            client: "198.18.0.99:999".parse()?,
+            ..a
+        };
+        let elsewhere = SyncedFlow {
+            backend_iface: 7,
+            client: "198.18.0.98:998".parse()?,
+            ..a
+        };
+        let install = |flow| Op::Install {
+            flow,
+            replace: false,
+        };
+        let end = |f: SyncedFlow| Op::End {
+            client: f.client,
+            vip: f.vip,
+        };
+        let out = fx.apply_synced(&[
+            install(a),
+            install(b),
+            end(stranger),
+            install(elsewhere),
+            install(c),
+            end(b),
+        ])?;
+        let ok: Vec<bool> = out.iter().map(|r| r.is_ok()).collect();
+        assert_eq!(ok, [true, true, true, false, true, true], "{out:?}");
+        let e = out[3].as_ref().unwrap_err().to_string();
+        assert!(e.contains("interface #7"), "{e}");
+
+        conns[0].assert_established(fx, true);
+        conns[2].assert_established(fx, true);
+        conns[1].assert_established(fx, false);
+        let keys: Vec<_> = fx.established()?.into_iter().map(|(k, _)| k).collect();
+        assert!(
+            !keys.contains(&conns[1].rev_key()),
+            "b's reply entry went too"
+        );
+        for i in [0, 2] {
+            let c = &mut conns[i];
+            c.client_sends(
+                fx,
+                &format!("data after the install ({i})"),
+                PSH | ACK,
+                b"RUN",
+            )?;
+            c.backend_sends(
+                fx,
+                &format!("answer after the install ({i})"),
+                PSH | ACK,
+                b"OK",
+            )?;
+        }
         Ok(())
     })
 }

@@ -126,6 +126,29 @@ pub struct Local {
     pub backend_iface: Iface,
 }
 
+impl Local {
+    /// The standby's side of `f` at `now_ns`, with its `ids` and its interfaces `ifaces` (the
+    /// instance's order); an error when the flow names an interface this node does not have.
+    pub fn of(f: &SyncedFlow, ids: Ids, now_ns: u64, ifaces: &[Iface]) -> Result<Self> {
+        let iface = |pos: u8| {
+            ifaces.get(pos as usize).copied().ok_or_else(|| {
+                anyhow!(
+                    "the flow leaves by interface #{pos}; this node has {}",
+                    ifaces.len()
+                )
+            })
+        };
+        Ok(Local {
+            now_ns,
+            service_id: ids.service,
+            backend_id: ids.backend,
+            epoch: ids.epoch,
+            client_iface: iface(f.client_iface)?,
+            backend_iface: iface(f.backend_iface)?,
+        })
+    }
+}
+
 /// The forward and reply entries (key, value) the standby installs for `f`: the active's
 /// rewrite, sent out of the standby's own interfaces with their own MACs.
 pub fn entries(f: &SyncedFlow, l: &Local) -> [(FlowKey, Flow); 2] {
@@ -202,23 +225,7 @@ pub fn install<C: BorrowMut<MapData>>(
     now_ns: u64,
     ifaces: &[Iface],
 ) -> Result<()> {
-    let iface = |pos: u8| {
-        ifaces.get(pos as usize).copied().ok_or_else(|| {
-            anyhow!(
-                "the flow leaves by interface #{pos}; this node has {}",
-                ifaces.len()
-            )
-        })
-    };
-    let local = Local {
-        now_ns,
-        service_id: ids.service,
-        backend_id: ids.backend,
-        epoch: ids.epoch,
-        client_iface: iface(f.client_iface)?,
-        backend_iface: iface(f.backend_iface)?,
-    };
-    let [(fwd_key, fwd), (rev_key, rev)] = entries(f, &local);
+    let [(fwd_key, fwd), (rev_key, rev)] = entries(f, &Local::of(f, ids, now_ns, ifaces)?);
     established
         .insert(rev_key, rev, 0)
         .context("established table")?;

@@ -457,11 +457,43 @@ pub trait Sink: Send {
     fn install(&mut self, f: &SyncedFlow, replace: bool) -> Result<bool>;
     /// Deletes the flow from `client` to `vip`, if the tables hold it.
     fn end(&mut self, client: SocketAddrV4, vip: SocketAddrV4) -> Result<()>;
+    /// Applies `ops` in order: the outcome of each, in the same order (an install's as
+    /// [`Sink::install`] gives it, an end's `Ok(true)`). One op at a time unless the tables
+    /// know better.
+    fn apply(&mut self, ops: &[Op]) -> Vec<Result<bool>> {
+        one_by_one(self, ops)
+    }
     /// Whether this node holds the VIPs now.
     fn active(&self) -> bool;
     /// Deletes every established flow but those of `keep` (forward tuples); how many went.
     fn purge_except(&mut self, keep: &HashSet<(SocketAddrV4, SocketAddrV4)>) -> Result<u64>;
 }
+
+/// One change the peer sent for this node's tables.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Op {
+    /// Install the flow: over what the tables hold with `replace`, else only where they
+    /// hold nothing.
+    Install { flow: SyncedFlow, replace: bool },
+    /// Delete the flow from `client` to `vip`.
+    End {
+        client: SocketAddrV4,
+        vip: SocketAddrV4,
+    },
+}
+
+/// [`Sink::apply`] one op at a time, through [`Sink::install`] and [`Sink::end`].
+pub fn one_by_one<S: Sink + ?Sized>(sink: &mut S, ops: &[Op]) -> Vec<Result<bool>> {
+    ops.iter()
+        .map(|op| match *op {
+            Op::Install { flow, replace } => sink.install(&flow, replace),
+            Op::End { client, vip } => sink.end(client, vip).map(|()| true),
+        })
+        .collect()
+}
+
+/// Ops applied at once at most: what one read of the stream brought, up to this.
+const APPLY_AT_MOST: usize = 1024;
 
 /// Sleeps `d` unless `stop` is set first (checked every 100 ms).
 fn nap(stop: &AtomicBool, d: Duration) {
@@ -672,10 +704,18 @@ fn receive_on(
     // away: a returning node's leftovers) goes at the snapshot's end.
     let mut mirror: Option<HashSet<(SocketAddrV4, SocketAddrV4)>> = None;
     let mut in_snapshot = false;
+    // What the stream brought and is not applied yet: applied together when nothing more
+    // is buffered (one batch of table writes per read, not one syscall per entry).
+    let mut pending = Pending::default();
     while !stop.load(Ordering::Relaxed) {
+        if !pending.ops.is_empty() && (r.buffer().is_empty() || pending.ops.len() >= APPLY_AT_MOST)
+        {
+            pending.apply(sink, status);
+        }
         let m = match Msg::read(&mut r) {
             Ok(m) => m,
             Err(e) => {
+                pending.apply(sink, status);
                 let kind = e.downcast_ref::<std::io::Error>().map(|io| io.kind());
                 return match kind {
                     Some(ErrorKind::UnexpectedEof) => Ok(()),
@@ -690,11 +730,13 @@ fn receive_on(
         };
         match m {
             Msg::SnapshotBegin { active } => {
+                pending.apply(sink, status);
                 in_snapshot = true;
                 mirror = (active && !sink.active()).then(HashSet::new);
             }
             Msg::New(f) | Msg::Update(f) => {
-                if !in_snapshot && matches!(m, Msg::New(_)) && sink.active() {
+                let live_new = !in_snapshot && matches!(m, Msg::New(_));
+                if live_new && sink.active() {
                     // The peer opens flows while this node holds the VIPs: both serve. Both keep
                     // every flow either knows; the operator must end it.
                     let first = with_value(status, |s| {
@@ -712,39 +754,23 @@ fn receive_on(
                         );
                     }
                 }
-                if !in_snapshot && matches!(m, Msg::New(_)) {
-                    let lag_us = super::unix_now_ns().saturating_sub(f.last_seen_unix_ns) / 1_000;
-                    with(status, |s| s.lag.record(lag_us));
-                }
                 let replace = matches!(m, Msg::Update(_)) || (in_snapshot && mirror.is_some());
                 if in_snapshot {
                     if let Some(keep) = &mut mirror {
                         keep.insert((f.client, f.vip));
                     }
                 }
-                let installed = sink.install(&f, replace);
-                with(status, |s| {
-                    s.flows_received += 1;
-                    match installed {
-                        Ok(true) => {}
-                        Ok(false) => s.flows_present += 1,
-                        Err(ref e) => {
-                            s.install_errors += 1;
-                            s.last_error = Some(format!("install {}: {e:#}", f.client));
-                        }
-                    }
-                });
+                pending.ops.push(Op::Install { flow: f, replace });
+                pending
+                    .lag_from
+                    .push(live_new.then_some(f.last_seen_unix_ns));
             }
             Msg::End { client, vip } => {
-                let r = sink.end(client, vip);
-                with(status, |s| {
-                    s.ends_received += 1;
-                    if let Err(e) = r {
-                        s.last_error = Some(format!("end {client}: {e:#}"));
-                    }
-                });
+                pending.ops.push(Op::End { client, vip });
+                pending.lag_from.push(None);
             }
             Msg::SnapshotDone(n) => {
+                pending.apply(sink, status);
                 in_snapshot = false;
                 if let Some(keep) = mirror.take() {
                     match sink.purge_except(&keep) {
@@ -771,7 +797,55 @@ fn receive_on(
             }
         }
     }
+    pending.apply(sink, status);
     Ok(())
+}
+
+/// Ops read from the stream and not applied yet, with, for each live new flow, the wall
+/// clock of its handshake on the peer (the sync lag is measured to the moment it is in).
+#[derive(Default)]
+struct Pending {
+    ops: Vec<Op>,
+    lag_from: Vec<Option<u64>>,
+}
+
+impl Pending {
+    /// Applies the ops to `sink` and counts what became of them in `status`.
+    fn apply(&mut self, sink: &mut impl Sink, status: &Status) {
+        if self.ops.is_empty() {
+            return;
+        }
+        let outcomes = sink.apply(&self.ops);
+        let now = super::unix_now_ns();
+        with(status, |s| {
+            for ((op, outcome), lag_from) in self.ops.iter().zip(outcomes).zip(&self.lag_from) {
+                match op {
+                    Op::Install { flow, .. } => {
+                        s.flows_received += 1;
+                        match outcome {
+                            Ok(true) => {}
+                            Ok(false) => s.flows_present += 1,
+                            Err(e) => {
+                                s.install_errors += 1;
+                                s.last_error = Some(format!("install {}: {e:#}", flow.client));
+                            }
+                        }
+                    }
+                    Op::End { client, .. } => {
+                        s.ends_received += 1;
+                        if let Err(e) = outcome {
+                            s.last_error = Some(format!("end {client}: {e:#}"));
+                        }
+                    }
+                }
+                if let Some(t) = lag_from {
+                    s.lag.record(now.saturating_sub(*t) / 1_000);
+                }
+            }
+        });
+        self.ops.clear();
+        self.lag_from.clear();
+    }
 }
 
 #[cfg(test)]

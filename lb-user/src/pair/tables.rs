@@ -3,12 +3,13 @@
 //! into (own handles on the established table and the reset epochs; ids from the
 //! configuration, which [`crate::ids`] made this node's).
 use std::net::{Ipv4Addr, SocketAddrV4};
+use std::os::fd::AsFd;
 
 use anyhow::{Context, Result};
 use aya::maps::{Array, HashMap, Map, MapData};
 use lb_common::{epoch_index, Flow, FlowKey, FlowSync, DIR_FORWARD, IPPROTO_TCP};
 
-use super::{export, install, stream, Ids, Iface, SyncedFlow};
+use super::{export, install, stream, stream::Op, Ids, Iface, Local, SyncedFlow};
 use crate::config::Config;
 
 /// This node's ids for a synced flow: its configuration's (which [`crate::ids`] made this
@@ -52,6 +53,8 @@ impl Directory {
 /// The node's tables for the pair.
 pub struct Tables {
     established: HashMap<MapData, FlowKey, Flow>,
+    /// The same table's fd, for batch writes.
+    established_fd: std::os::fd::OwnedFd,
     epochs: Array<MapData, u32>,
     directory: Directory,
     ifaces: Vec<Iface>,
@@ -74,8 +77,17 @@ impl Tables {
         ifaces: Vec<Iface>,
         vip_iface: String,
     ) -> Result<Self> {
+        let established_fd = match &established {
+            Map::HashMap(m) | Map::LruHashMap(m) => m
+                .fd()
+                .as_fd()
+                .try_clone_to_owned()
+                .context("CT_ESTABLISHED: duplicate its fd")?,
+            _ => anyhow::bail!("CT_ESTABLISHED is not a hash map"),
+        };
         Ok(Self {
             established: HashMap::try_from(established).context("CT_ESTABLISHED")?,
+            established_fd,
             epochs: Array::try_from(epochs).context("RESET_EPOCH")?,
             directory: Directory::of(cfg),
             ifaces,
@@ -99,6 +111,95 @@ impl Tables {
 
     fn now() -> u64 {
         crate::gc::monotonic_now().unwrap_or(0)
+    }
+
+    /// The two entries of `f` on this node at `now`; `epochs` holds the reset epochs read
+    /// so far (read once per (service, backend) and batch).
+    fn entries_of(
+        &self,
+        f: &SyncedFlow,
+        now: u64,
+        epochs: &mut foldhash::HashMap<(u32, u32), u32>,
+    ) -> Result<[(FlowKey, Flow); 2]> {
+        let (service, backend) = self.directory.ids(f)?;
+        let epoch = *epochs.entry((service, backend)).or_insert_with(|| {
+            self.epochs
+                .get(&epoch_index(service, backend), 0)
+                .unwrap_or(0)
+        });
+        let ids = Ids {
+            service,
+            backend,
+            epoch,
+        };
+        Ok(super::entries(f, &Local::of(f, ids, now, &self.ifaces)?))
+    }
+
+    /// Applies `ops` to a node that does not hold the VIPs, whose tables hold only what its
+    /// peer sent: the peer's word goes (every install writes), and the writes of a run of
+    /// installs, or the deletes of a run of ends, go in one syscall. An end reads the
+    /// forward entry for its partner's key first.
+    fn apply_passive(&mut self, ops: &[Op]) -> Vec<Result<bool>> {
+        let now = Self::now();
+        let mut out: Vec<Result<bool>> = Vec::with_capacity(ops.len());
+        let mut epochs = foldhash::HashMap::default();
+        // Installs not written yet: keys and entries (reply, then forward: a reader that finds
+        // the forward entry finds its partner) and the index of their op.
+        let (mut keys, mut values, mut installs) = (Vec::new(), Vec::new(), Vec::new());
+        let mut deletes: Vec<FlowKey> = Vec::new();
+        for op in ops {
+            match op {
+                Op::Install { flow, .. } => {
+                    self.delete(&mut deletes);
+                    match self.entries_of(flow, now, &mut epochs) {
+                        Ok([(fwd_key, fwd), (rev_key, rev)]) => {
+                            keys.extend([rev_key, fwd_key]);
+                            values.extend([rev, fwd]);
+                            installs.push(out.len());
+                            out.push(Ok(true));
+                        }
+                        Err(e) => out.push(Err(e)),
+                    }
+                }
+                Op::End { client, vip } => {
+                    self.write(&mut keys, &mut values, &mut installs, &mut out);
+                    let fwd_key = super::key(*client, *vip);
+                    if let Ok(fwd) = self.established.get(&fwd_key, 0) {
+                        deletes.extend([fwd_key, fwd.partner_key(IPPROTO_TCP)]);
+                    }
+                    out.push(Ok(true));
+                }
+            }
+        }
+        self.write(&mut keys, &mut values, &mut installs, &mut out);
+        self.delete(&mut deletes);
+        out
+    }
+
+    /// Writes a run of installs; a flow with an entry the kernel refused (a full table) has
+    /// its other entry taken out again and its op's outcome set to the error.
+    fn write(
+        &self,
+        keys: &mut Vec<FlowKey>,
+        values: &mut Vec<Flow>,
+        installs: &mut Vec<usize>,
+        out: &mut [Result<bool>],
+    ) {
+        let mut undo = Vec::new();
+        crate::batch::update_all(self.established_fd.as_fd(), keys, values, |k, e| {
+            undo.push(keys[k ^ 1]);
+            out[installs[k / 2]] = Err(anyhow::Error::new(e).context("established table"));
+        });
+        crate::batch::delete_all(self.established_fd.as_fd(), &undo, |_, _| {});
+        keys.clear();
+        values.clear();
+        installs.clear();
+    }
+
+    /// Deletes a run of ends' entries (one that is gone already is skipped).
+    fn delete(&self, keys: &mut Vec<FlowKey>) {
+        crate::batch::delete_all(self.established_fd.as_fd(), keys, |_, _| {});
+        keys.clear();
     }
 }
 
@@ -158,6 +259,16 @@ impl stream::Sink for Tables {
 
     fn active(&self) -> bool {
         self.holds_a_vip()
+    }
+
+    fn apply(&mut self, ops: &[Op]) -> Vec<Result<bool>> {
+        if self.holds_a_vip() {
+            // This node serves (the peer's snapshot to an active node, or a split brain): its
+            // own flows stay, each install is checked against the tables.
+            stream::one_by_one(self, ops)
+        } else {
+            self.apply_passive(ops)
+        }
     }
 
     fn purge_except(
