@@ -199,14 +199,17 @@ enum PairCmd {
     /// or lacks its peer's flows.
     ///
     /// Example: lb pair keepalived-config --config /etc/lb/neo4j.toml --iface eth0 --priority 100
+    /// (two-armed: --iface eth0 --iface eth1, the VIPs on eth0, snat_address on eth1)
     ///          (the other host: --priority 90) > /etc/keepalived/keepalived.conf
     #[command(verbatim_doc_comment)]
     KeepalivedConfig {
         #[arg(long)]
         config: PathBuf,
-        /// The interface VRRP runs on and the addresses go to (the first --iface of lb run).
-        #[arg(long)]
-        iface: String,
+        /// lb run's interfaces, in its order (repeat the flag): VRRP runs on the first and the
+        /// VIPs go there; the snat_address goes on the last (the backends' side when there
+        /// are two).
+        #[arg(long, required = true)]
+        iface: Vec<String>,
         /// This host's priority; give the other host one less than 20 below or above.
         #[arg(long, default_value_t = 100)]
         priority: u8,
@@ -349,7 +352,7 @@ fn cli_main() -> Result<()> {
                 lb_user::pair::keepalived::config(
                     &cfg,
                     &lb_user::pair::keepalived::Options {
-                        iface: &iface,
+                        ifaces: &iface,
                         priority,
                         router_id,
                         advert_int,

@@ -1,6 +1,7 @@
 //! A pair of lb nodes (issue 15): a live Bolt session carried across the balancer's own
-//! failover. One segment holds the client, lb1, lb2 and db01..db03 (the simulator); the VIP and
-//! the floating SNAT address are on lb1 first. Both agents run with `[pair]` and stream their
+//! failover. One segment holds the client, lb1, lb2 and db01..db03 (the simulator); two tests
+//! build the two-armed shape instead (the client, lb1 and lb2 on one segment, lb1, lb2 and the
+//! members on another). The VIP and the floating SNAT address are on lb1 first. Both agents run with `[pair]` and stream their
 //! flows to each other. lb1 then dies as a host does (its interface goes down) and the
 //! addresses move to lb2, as keepalived moves them; the client's and the backends' neighbour
 //! entries are flushed, as keepalived's gratuitous ARP updates them.
@@ -15,8 +16,8 @@ use lb_tests::{
     harness::{
         driver::PooledWriter,
         pair::{
-            config, established, fail_over, holds, mac_of, moved, standby_has_the_flow, status,
-            steer, wait_for, Pair, FLOATING,
+            config, established, fail_over, holds, holds_both, links, moved, standby_has_the_flow,
+            status, steer, vip_iface, wait_for, Pair, FLOATING,
         },
         Topology,
     },
@@ -40,12 +41,24 @@ fn without_flow_sync_the_new_active_balancer_resets_the_session() -> Result<()> 
     takeover(false)
 }
 
+/// The same takeover in a two-armed pair: the client's segment shared by both hosts, the
+/// VIP on their client side and the floating source address on their backend side.
+#[test]
+#[ignore = "needs root and netns: run cargo xtask test"]
+fn in_a_two_armed_pair_a_session_carries_on_through_the_standby() -> Result<()> {
+    takeover_in(Pair::two_armed("pair_two_armed")?, true)
+}
+
 fn takeover(sync: bool) -> Result<()> {
     let pair = Pair::new(if sync {
         "pair_takeover"
     } else {
         "pair_unsynced"
     })?;
+    takeover_in(pair, sync)
+}
+
+fn takeover_in(pair: Pair, sync: bool) -> Result<()> {
     let (topo, lb2, standby) = (&pair.topo, &pair.lb2, pair.standby.clone());
     // lb1 holds the addresses, as keepalived's master does.
     pair.hold(&topo.lb)?;
@@ -113,26 +126,39 @@ fn takeover(sync: bool) -> Result<()> {
 #[test]
 #[ignore = "needs root and netns: run cargo xtask test"]
 fn with_keepalived_the_vip_moves_to_the_standby_and_the_session_follows() -> Result<()> {
-    let pair = Pair::new("pair_keepalived")?;
+    with_keepalived(Pair::new("pair_keepalived")?, IDLE)
+}
+
+/// The same with two-armed hosts: keepalived moves the VIP on the clients' side and the
+/// floating source address on the backends' side, in one VRRP instance.
+#[test]
+#[ignore = "needs root and netns: run cargo xtask test"]
+fn in_a_two_armed_pair_keepalived_moves_each_address_on_its_own_side() -> Result<()> {
+    with_keepalived(Pair::two_armed("pair_keepalived2")?, 10)
+}
+
+fn with_keepalived(pair: Pair, idle_conns: usize) -> Result<()> {
     let (topo, lb2, standby) = (&pair.topo, &pair.lb2, pair.standby.clone());
     let _running = pair.with_keepalived(1.0)?;
 
     let mut session = pair.session()?;
     let before = session.run("CREATE (n)", Access::Write)?;
     // A pool's idle connections: opened (handshake and HELLO) and left alone.
-    let mut idle: Vec<BoltClient> = (0..IDLE).map(|_| pair.session()).collect::<Result<_>>()?;
+    let mut idle: Vec<BoltClient> = (0..idle_conns)
+        .map(|_| pair.session())
+        .collect::<Result<_>>()?;
     standby_has_the_flow(&standby)?;
     wait_for(
         "every idle connection on lb2",
         Duration::from_secs(5),
-        || Ok(established(&standby)?.len() >= 2 * (IDLE + 1)),
+        || Ok(established(&standby)?.len() >= 2 * (idle_conns + 1)),
     )?;
     let quiet = status(&standby)?;
 
-    topo.lb.ns.ip(&["link", "set", "l0", "down"])?;
+    links(&topo.lb, false)?;
     let t = Instant::now();
     wait_for("lb2 to take the VIP over", Duration::from_secs(15), || {
-        Ok(holds(&lb2.ns, "l0", topo.vip)? && holds(&lb2.ns, "l0", FLOATING)?)
+        holds_both(topo, lb2)
     })?;
     eprintln!("VRRP moved the addresses in {:?}", t.elapsed());
     // keepalived told each agent its state (`lb pair notify`), which its status shows.
@@ -172,16 +198,16 @@ fn with_keepalived_the_vip_moves_to_the_standby_and_the_session_follows() -> Res
     // lb1 comes back: it receives lb2's flows, then (priority 100 after preempt_delay) takes
     // the VIP back, and the session carries on through it.
     let away = status(&topo.instance)?;
-    topo.lb.ns.ip(&["link", "set", "l0", "up"])?;
+    links(&topo.lb, true)?;
     wait_for("lb1 to take the VIP back", Duration::from_secs(20), || {
-        Ok(holds(&topo.lb.ns, "l0", topo.vip)? && !holds(&lb2.ns, "l0", topo.vip)?)
+        Ok(holds_both(topo, &topo.lb)? && !holds(&lb2.ns, vip_iface(lb2), topo.vip)?)
     })?;
     let back = session
         .run("CREATE (n)", Access::Write)
         .context("the session's write after the switchback, through lb1")?;
     // db01 counts every write: the idle connections' 100 came in between.
     ensure!(
-        back.writes == after.writes + IDLE as i64 + 1,
+        back.writes == after.writes + idle_conns as i64 + 1,
         "writes {} -> {}",
         after.writes,
         back.writes
@@ -354,7 +380,7 @@ fn in_a_split_brain_both_hosts_carry_every_session_either_opened() -> Result<()>
     pair.hold(lb2)?;
     let (c1, c2) = pair.configs();
     let _agents = pair.start(&c1, &c2)?;
-    let (mac1, mac2) = (mac_of(&topo.lb.ns, "l0")?, mac_of(&lb2.ns, "l0")?);
+
     let open = || -> Result<BoltClient> {
         let mut c = pair.session()?;
         c.run("CREATE (n)", Access::Write)?;
@@ -370,10 +396,10 @@ fn in_a_split_brain_both_hosts_carry_every_session_either_opened() -> Result<()>
         }
         Ok(())
     };
-    steer(topo, &mac1)?;
+    steer(topo, &topo.lb)?;
     let mut on_lb1 = open()?;
     both_have(1)?;
-    steer(topo, &mac2)?;
+    steer(topo, lb2)?;
     let mut on_lb2 = open()?;
     both_have(2)?;
     let loud = |instance: &str| {
@@ -385,14 +411,14 @@ fn in_a_split_brain_both_hosts_carry_every_session_either_opened() -> Result<()>
         || Ok(loud(&topo.instance) && loud(&standby)),
     )?;
     let before = [status(&topo.instance)?, status(&standby)?];
-    for mac in [&mac1, &mac2, &mac1] {
-        steer(topo, mac)?;
+    for (host, name) in [(&topo.lb, "lb1"), (lb2, "lb2"), (&topo.lb, "lb1")] {
+        steer(topo, host)?;
         on_lb1
             .run("CREATE (n)", Access::Write)
-            .with_context(|| format!("lb1's session through {mac}"))?;
+            .with_context(|| format!("lb1's session through {name}"))?;
         on_lb2
             .run("CREATE (n)", Access::Write)
-            .with_context(|| format!("lb2's session through {mac}"))?;
+            .with_context(|| format!("lb2's session through {name}"))?;
     }
     for (i, instance) in [topo.instance.as_str(), standby.as_str()]
         .iter()
@@ -430,9 +456,9 @@ fn the_official_drivers_pooled_connection_carries_on_through_the_takeover() -> R
     standby_has_the_flow(&standby)?;
     let quiet = status(&standby)?;
 
-    topo.lb.ns.ip(&["link", "set", "l0", "down"])?;
+    links(&topo.lb, false)?;
     wait_for("lb2 to take the VIP over", Duration::from_secs(15), || {
-        Ok(holds(&lb2.ns, "l0", topo.vip)? && holds(&lb2.ns, "l0", FLOATING)?)
+        holds_both(topo, lb2)
     })?;
     let second = driver.write()?;
     ensure!(

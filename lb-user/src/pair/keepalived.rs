@@ -1,6 +1,6 @@
 //! `lb pair keepalived-config`: the keepalived configuration a node of a pair needs, from its
-//! lb configuration. One VRRP instance holds every VIP and the floating `snat_address` on the
-//! client-facing interface; `lb health` lowers the node's priority while it cannot serve or has
+//! lb configuration. One VRRP instance holds every VIP (on the client-facing interface) and
+//! the floating `snat_address` (on the backend-facing one: the same when lb is one-armed); `lb health` lowers the node's priority while it cannot serve or has
 //! not received its peer's flows (so a returning node stays backup until it is synced); both
 //! nodes start as backup and the higher priority takes the addresses, a returning one after
 //! [`PREEMPT_DELAY`].
@@ -18,8 +18,9 @@ pub const PREEMPT_DELAY: u32 = 5;
 /// What the configuration file does not say.
 #[derive(Debug, Clone)]
 pub struct Options<'a> {
-    /// The interface VRRP runs on and the addresses go to (the first `--iface`).
-    pub iface: &'a str,
+    /// `lb run`'s interfaces in its order: VRRP runs on the first and the VIPs go there; the
+    /// `snat_address` goes on the last (the backends' side of a two-armed host).
+    pub ifaces: &'a [String],
     /// This node's priority (the other node's should differ by less than 20).
     pub priority: u8,
     pub router_id: u8,
@@ -43,9 +44,21 @@ pub fn config(cfg: &Config, o: &Options) -> Result<String> {
             cfg.path.display()
         );
     }
-    let mut addrs: Vec<Ipv4Addr> = cfg.vip_addrs();
-    if !addrs.contains(&snat) {
-        addrs.push(snat);
+    let (Some(vip_iface), Some(snat_iface)) = (o.ifaces.first(), o.ifaces.last()) else {
+        bail!("no interface: give lb run's, in its order (--iface)");
+    };
+    let mut addrs: Vec<(Ipv4Addr, &str)> = cfg
+        .vip_addrs()
+        .into_iter()
+        .map(|a| (a, vip_iface.as_str()))
+        .collect();
+    if !addrs.iter().any(|(a, _)| *a == snat) {
+        addrs.push((snat, snat_iface));
+    } else if vip_iface != snat_iface {
+        bail!(
+            "{}: snat_address {snat} is also a VIP, which goes on {vip_iface}; the backends reach it on {snat_iface}",
+            cfg.path.display()
+        );
     }
     let name = &cfg.instance;
     let mut s = String::new();
@@ -71,10 +84,10 @@ pub fn config(cfg: &Config, o: &Options) -> Result<String> {
     let _ = writeln!(
         s,
         "vrrp_instance lb_{name} {{\n    state BACKUP\n    interface {}\n    virtual_router_id {}\n    priority {}\n    advert_int {}\n    preempt_delay {PREEMPT_DELAY}\n    virtual_ipaddress {{",
-        o.iface, o.router_id, o.priority, o.advert_int
+        vip_iface, o.router_id, o.priority, o.advert_int
     );
-    for a in addrs {
-        let _ = writeln!(s, "        {a}/32 dev {}", o.iface);
+    for (a, dev) in addrs {
+        let _ = writeln!(s, "        {a}/32 dev {dev}");
     }
     let _ = writeln!(
         s,
@@ -96,8 +109,9 @@ mod tests {
             [[service]]\nname = \"read\"\nvip = \"192.0.2.10:7681\"\nbackend_port = 7687\nbackends = [\"db01\"]\n\
             [pair]\npeer = \"10.0.1.2:7690\"\n";
         let cfg = Config::parse(Path::new("lb.toml"), text).unwrap();
+        let one = ["eth0".to_string()];
         let o = Options {
-            iface: "eth0",
+            ifaces: &one,
             priority: 100,
             router_id: 51,
             advert_int: 1.0,
@@ -118,6 +132,22 @@ mod tests {
             out.contains("priority 100") && out.contains("virtual_router_id 51"),
             "{out}"
         );
+
+        // Two-armed: the VIPs on the clients' side, the floating source on the backends'.
+        let two = ["eth0".to_string(), "eth1".to_string()];
+        let out = config(
+            &cfg,
+            &Options {
+                ifaces: &two,
+                ..o.clone()
+            },
+        )
+        .unwrap();
+        assert!(
+            out.contains("interface eth0") && out.contains("192.0.2.10/32 dev eth0"),
+            "{out}"
+        );
+        assert!(out.contains("10.0.1.60/32 dev eth1"), "{out}");
 
         let unpaired = Config::parse(
             Path::new("lb.toml"),

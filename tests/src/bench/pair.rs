@@ -25,7 +25,7 @@ use serde::Serialize;
 
 use super::handshakes::{self, Handshakes};
 use super::probe::process_cpu_s;
-use crate::harness::pair::{holds, wait_for, Pair};
+use crate::harness::pair::{holds_both, links, wait_for, Pair};
 use crate::sim::bolt_client::{Access, BoltClient, Negotiation};
 
 /// Sizes of a run.
@@ -315,7 +315,7 @@ fn takeover_row(plan: &Plan, rec: &mut TakeoverRecord) -> Result<()> {
         std::thread::spawn(move || ns.run_in(move || handshakes::run(&[vip], threads, dur)));
     std::thread::sleep(Duration::from_secs(3));
     let down = Instant::now();
-    topo.lb.ns.ip(&["link", "set", "l0", "down"])?;
+    links(&topo.lb, false)?;
     let ns = topo.client.ns.clone();
     let prober = std::thread::spawn(move || {
         ns.run_in(move || -> Option<Duration> {
@@ -330,7 +330,7 @@ fn takeover_row(plan: &Plan, rec: &mut TakeoverRecord) -> Result<()> {
         })
     });
     let moved = wait_for("lb2 to take the VIP", Duration::from_secs(20), || {
-        holds(&lb2.ns, "l0", topo.vip)
+        holds_both(topo, lb2)
     });
     rec.vip_moved_ms = moved.ok().map(|()| down.elapsed().as_millis() as u64);
     rec.takeover_ms = prober

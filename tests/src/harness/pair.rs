@@ -1,4 +1,5 @@
-//! A pair of lb hosts in the one-armed topology with a standby (`TopologyOptions::standby`),
+//! A pair of lb hosts in a topology with a standby (`TopologyOptions::standby`; one-armed, or
+//! two-armed with the client's segment shared by both hosts),
 //! shared by the pair tests (`tests/tests/pair.rs`) and `lb-bench pair`: the agents'
 //! configuration, keepalived from `lb pair keepalived-config`, moving the addresses by hand,
 //! and reading an instance's tables and status.
@@ -88,19 +89,50 @@ pub fn standby_has_the_flow(instance: &str) -> Result<()> {
     Ok(())
 }
 
-/// lb1 dies as a host does (its link goes down); the addresses move to lb2, and the client's
+/// lb1 dies as a host does (its links go down); the addresses move to lb2, and the client's
 /// and the backends' neighbour entries are flushed (keepalived's gratuitous ARP).
 pub fn fail_over(topo: &Topology, lb2: &LbHost) -> Result<()> {
-    topo.lb.ns.ip(&["link", "set", "l0", "down"])?;
-    for addr in [topo.vip, FLOATING] {
-        lb2.ns
-            .ip(&["addr", "add", &format!("{addr}/32"), "dev", "l0"])?;
-    }
+    links(&topo.lb, false)?;
+    hold(topo, lb2)?;
     topo.client
         .ns
         .ip(&["neigh", "flush", "dev", &topo.client.iface])?;
     for db in &topo.backends {
         db.ns.ip(&["neigh", "flush", "dev", &db.iface])?;
+    }
+    Ok(())
+}
+
+/// Puts the VIP (on the host's first interface) and the floating address (on its last: the
+/// backends' side) on `host`, as keepalived's master does.
+pub fn hold(topo: &Topology, host: &LbHost) -> Result<()> {
+    for (addr, iface) in [(topo.vip, vip_iface(host)), (FLOATING, snat_iface(host))] {
+        host.ns
+            .ip(&["addr", "add", &format!("{addr}/32"), "dev", iface])?;
+    }
+    Ok(())
+}
+
+/// Whether `host` holds both the VIP and the floating address.
+pub fn holds_both(topo: &Topology, host: &LbHost) -> Result<bool> {
+    Ok(holds(&host.ns, vip_iface(host), topo.vip)? && holds(&host.ns, snat_iface(host), FLOATING)?)
+}
+
+/// The interface of `host` the VIP goes on (the clients' side).
+pub fn vip_iface(host: &LbHost) -> &str {
+    &host.ifaces[0]
+}
+
+/// The interface of `host` the floating address goes on (the backends' side).
+pub fn snat_iface(host: &LbHost) -> &str {
+    host.ifaces.last().expect("an lb host has an interface")
+}
+
+/// Takes every link of `host` up or down (a host that dies, or comes back).
+pub fn links(host: &LbHost, up: bool) -> Result<()> {
+    for iface in &host.ifaces {
+        host.ns
+            .ip(&["link", "set", iface, if up { "up" } else { "down" }])?;
     }
     Ok(())
 }
@@ -121,10 +153,14 @@ pub fn keepalived(
     priority: u8,
     advert_int: f64,
 ) -> Result<Process> {
-    let out = std::process::Command::new(lb_bin())
-        .args(["pair", "keepalived-config", "--config"])
-        .arg(config)
-        .args(["--iface", "l0", "--priority", &priority.to_string()])
+    let mut cmd = std::process::Command::new(lb_bin());
+    cmd.args(["pair", "keepalived-config", "--config"])
+        .arg(config);
+    for iface in &host.ifaces {
+        cmd.args(["--iface", iface]);
+    }
+    let out = cmd
+        .args(["--priority", &priority.to_string()])
         .args(["--advert-int", &advert_int.to_string()])
         .output()?;
     ensure!(
@@ -168,9 +204,10 @@ pub fn mac_of(ns: &Ns, iface: &str) -> Result<String> {
         .context("no MAC in ip -j link")
 }
 
-/// Sends the client's VIP traffic and db01's replies to the host with MAC `mac` (what ARP
-/// would settle on, made permanent).
-pub fn steer(topo: &Topology, mac: &str) -> Result<()> {
+/// Sends the client's VIP traffic and db01's replies to `host` (what ARP would settle on,
+/// made permanent).
+pub fn steer(topo: &Topology, host: &LbHost) -> Result<()> {
+    let mac = &mac_of(&host.ns, vip_iface(host))?;
     topo.client.ns.ip(&[
         "neigh",
         "replace",
@@ -188,7 +225,7 @@ pub fn steer(topo: &Topology, mac: &str) -> Result<()> {
         "replace",
         &FLOATING.to_string(),
         "lladdr",
-        mac,
+        &mac_of(&host.ns, snat_iface(host))?,
         "dev",
         &db01.iface,
         "nud",
@@ -197,8 +234,8 @@ pub fn steer(topo: &Topology, mac: &str) -> Result<()> {
     Ok(())
 }
 
-/// The one-armed topology with a standby host and the three simulators (db01 the master):
-/// what every pair test and `lb-bench pair` start from.
+/// A topology with a standby host and the three simulators (db01 the master): what every
+/// pair test and `lb-bench pair` start from.
 pub struct Pair {
     /// Dropped first: the simulators stop before the topology is taken down.
     pub sims: Vec<SimProcess>,
@@ -209,10 +246,21 @@ pub struct Pair {
 }
 
 impl Pair {
+    /// One-armed: the client, both hosts and the members on one segment.
     pub fn new(name: &str) -> Result<Pair> {
+        Self::shaped(name, Shape::OneArmed)
+    }
+
+    /// Two-armed: the client and both hosts on one segment, both hosts and the members on
+    /// another.
+    pub fn two_armed(name: &str) -> Result<Pair> {
+        Self::shaped(name, Shape::TwoArmed)
+    }
+
+    fn shaped(name: &str, shape: Shape) -> Result<Pair> {
         let topo = Topology::new(
             name,
-            Shape::OneArmed,
+            shape,
             TopologyOptions {
                 standby: true,
                 ..Default::default()
@@ -240,11 +288,7 @@ impl Pair {
 
     /// Puts the VIP and the floating address on `host`, as keepalived's master does.
     pub fn hold(&self, host: &LbHost) -> Result<()> {
-        for addr in [self.topo.vip, FLOATING] {
-            host.ns
-                .ip(&["addr", "add", &format!("{addr}/32"), "dev", "l0"])?;
-        }
-        Ok(())
+        hold(&self.topo, host)
     }
 
     /// Starts lb1's agent with `lb1` and lb2's with `lb2` (each waits for its `lb ready`).
@@ -293,7 +337,7 @@ impl Pair {
         let k1 = keepalived(topo, &topo.lb, "keepalived1", &lb1.config, 100, advert_int)?;
         let k2 = keepalived(topo, &self.lb2, "keepalived2", &lb2.config, 90, advert_int)?;
         wait_for("lb1 to hold the VIP", Duration::from_secs(20), || {
-            Ok(holds(&topo.lb.ns, "l0", topo.vip)? && holds(&topo.lb.ns, "l0", FLOATING)?)
+            holds_both(topo, &topo.lb)
         })?;
         Ok(Running {
             lb1,

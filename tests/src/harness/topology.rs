@@ -76,8 +76,8 @@ pub struct TopologyOptions {
     pub peer_xdp: bool,
     /// Agent instance name; default `test-<test>-<pid>` (the demo uses `demo`).
     pub instance: Option<String>,
-    /// A second balancer host on the same segment (`lb2`, one-armed only): a pair's standby.
-    /// Default false.
+    /// A second balancer host on the same segments (`lb2`): a pair's standby. Two-armed, the
+    /// client, lb1 and lb2 share a client segment (a second bridge). Default false.
     pub standby: bool,
 }
 
@@ -234,9 +234,12 @@ impl Topology {
                 client_addr: Ipv4Addr::new(10, 0, 1, 2),
                 backend_addr: Ipv4Addr::new(10, 0, 1, 2),
             }),
-            (true, Shape::TwoArmed) => {
-                bail!("a standby balancer is built in the one-armed shape only")
-            }
+            (true, Shape::TwoArmed) => Some(LbHost {
+                ns: ns("lb2"),
+                ifaces: vec!["l0".into(), "l1".into()],
+                client_addr: Ipv4Addr::new(198, 18, 0, 3),
+                backend_addr: Ipv4Addr::new(10, 0, 1, 2),
+            }),
         };
         let mut topo = Topology {
             test_name: test_name.to_string(),
@@ -299,7 +302,32 @@ impl Topology {
         let mut switch_ports: Vec<String> = Vec::new();
         let mut peer_xdp: Vec<(Ns, String)> = Vec::new();
         let (client, lb) = (self.client.clone(), self.lb.clone());
+        // A pair's client segment: a second bridge for the client and both balancers.
+        let mut client_ports: Vec<String> = Vec::new();
         match self.shape {
+            Shape::TwoArmed if self.lb2.is_some() => {
+                sw.ip(&["link", "add", "br1", "type", "bridge"])?;
+                sw.ip(&["link", "set", "br1", "up"])?;
+                let lb2 = self.lb2.clone().unwrap_or_else(|| lb.clone());
+                for (ns, iface, port) in [
+                    (&client.ns, "c0", "s-c0"),
+                    (&lb.ns, "l0", "s-l0"),
+                    (&lb2.ns, "l0", "s-lb2"),
+                ] {
+                    veth(ns, iface, &sw, port)?;
+                    client_ports.push(port.into());
+                    peer_xdp.push((sw.clone(), port.into()));
+                }
+                for (ns, port) in [(&lb.ns, "s-l1"), (&lb2.ns, "s-lb2b")] {
+                    veth(ns, "l1", &sw, port)?;
+                    switch_ports.push(port.into());
+                    peer_xdp.push((sw.clone(), port.into()));
+                }
+                for h in [&lb, &lb2] {
+                    addr_up(&h.ns, "l0", h.client_addr)?;
+                    addr_up(&h.ns, "l1", h.backend_addr)?;
+                }
+            }
             Shape::TwoArmed => {
                 veth(&client.ns, "c0", &lb.ns, "l0")?;
                 veth(&lb.ns, "l1", &sw, "s-l1")?;
@@ -335,10 +363,15 @@ impl Topology {
             peer_xdp.push((b.ns.clone(), b.iface.clone()));
             senders.push((b.ns.clone(), b.iface.clone()));
         }
-        for port in &switch_ports {
-            sw.ip(&["link", "set", port, "master", "br0"])?;
+        for (port, bridge) in switch_ports
+            .iter()
+            .map(|p| (p, "br0"))
+            .chain(client_ports.iter().map(|p| (p, "br1")))
+        {
+            sw.ip(&["link", "set", port, "master", bridge])?;
             sw.ip(&["link", "set", port, "up"])?;
         }
+        switch_ports.extend(client_ports);
 
         // platform-facts: redirected frames arrive only at peers with GRO on (or an XDP program).
         let mut gro: Vec<(Ns, String)> = switch_ports
