@@ -8,7 +8,7 @@ use network_types::eth::EthHdr;
 use crate::{
     conntrack, csum, forward,
     maps::{is_backend, is_snat_addr},
-    nat,
+    nat, pair,
     parse::{words20, Frame, Icmp, Ip, Ports, ETH_LEN, L4_OFF},
     service, stats,
 };
@@ -54,6 +54,9 @@ pub fn handle(
         if !from_snat || !is_snat_addr(inner.saddr) || !is_backend(inner.daddr, ports.dport) {
             return xdp_action::XDP_PASS;
         }
+    }
+    if pair::for_the_other_host(ctx, eth, cfg) {
+        return xdp_action::XDP_PASS;
     }
     // Ours, but corrupt: the kernel would discard it (RFC 1812 5.2.2), so must we; the
     // translation would carry the wrong checksum along.

@@ -2,7 +2,7 @@
 //! `parse` (header access), `service` (VIP lookup, backend choice), `conntrack` (flow tables),
 //! `snat` (port claim), `maxconn` (connection limits), `nat` + `csum` (rewrite), `forward` (next
 //! hop, transmit), `path` (the forward and reply TCP paths), `icmp` (error translation), `rst`
-//! (RST synthesis), `stats`, `capture` (`lb capture`'s frame copies), `events` (connection ends
+//! (RST synthesis), `pair` (frames flooded to this node for the other one of a pair), `stats`, `capture` (`lb capture`'s frame copies), `events` (connection ends
 //! for the agent's log), `trace` (XDP failure tracepoints).
 //!
 //! Anything not addressed to a VIP:port, and not a reply from a backend to an SNAT-range port
@@ -34,6 +34,8 @@ mod maxconn;
 #[cfg(target_arch = "bpf")]
 mod nat;
 #[cfg(target_arch = "bpf")]
+mod pair;
+#[cfg(target_arch = "bpf")]
 mod parse;
 #[cfg(target_arch = "bpf")]
 mod path;
@@ -53,12 +55,13 @@ mod prog {
     use aya_ebpf::{
         bindings::xdp_action, helpers::bpf_ktime_get_ns, macros::xdp, programs::XdpContext,
     };
-    use lb_common::{Counter, CONFIG_F_OLD_PORTS, CONFIG_F_SYNC};
+    use lb_common::{Counter, CONFIG_F_OLD_PORTS};
     use network_types::eth::EthHdr;
 
     use crate::{
         csum, icmp,
-        maps::{addressed_here, config, in_old_ports, is_backend, is_snat_addr},
+        maps::{config, in_old_ports, is_backend, is_snat_addr},
+        pair::for_the_other_host,
         parse::{
             words20, Frame, Ip, Ports, Tcp, ETH_LEN, ETH_P_IPV4, IPPROTO_ICMP, IPPROTO_TCP, L4_OFF,
         },
@@ -159,20 +162,6 @@ mod prog {
             );
         }
         xdp_action::XDP_PASS
-    }
-
-    /// In a pair, whether a frame that is ours (to a VIP or an SNAT port) is addressed to
-    /// another MAC than its interface's: a switch flooding a frame meant for the other node.
-    /// Counted; the caller passes it to the kernel, which drops it (another host's MAC), and
-    /// only the node it was sent to forwards it. Outside a pair, no map is read.
-    #[inline(always)]
-    fn for_the_other_host(ctx: &XdpContext, eth: &EthHdr, cfg: &lb_common::Config) -> bool {
-        let other = cfg.flags & CONFIG_F_SYNC != 0
-            && !addressed_here(ctx.ingress_ifindex() as u32, &eth.dst_addr);
-        if other {
-            stats::count(Counter::PassOtherHost);
-        }
-        other
     }
 
     /// The TCP header of a packet that is ours, or `None` (counted) when the packet has IP

@@ -12,7 +12,7 @@
 use std::net::Ipv4Addr;
 
 use anyhow::{Context, Result};
-use lb_tests::fixture::frames::{TcpFrame, ACK, PSH, SYN};
+use lb_tests::fixture::frames::{self, TcpFrame, ACK, PSH, SYN};
 use lb_tests::fixture::*;
 use lb_user::pair::{self, stream::Op, SyncedFlow};
 
@@ -255,6 +255,35 @@ fn in_a_pair_a_frame_flooded_to_this_node_for_the_other_passes_untouched() -> Re
         );
         // The same SYN addressed to this node is balanced.
         Conn::syn(fx, 40300, WRITE_PORT)?;
+
+        // An ICMP error about an established flow, flooded too: the other node translates it.
+        let c = Conn::establish(fx, 40301, WRITE_PORT)?;
+        // A reply lb sent to the client, which a router on the way could not deliver.
+        let sent = c.to_client(&c.backend(PSH | ACK, b"SUCCESS"));
+        let router = Ipv4Addr::new(198, 18, 0, 254);
+        let icmp = frames::icmp_error(
+            [0x02, 0, 0, 0, 0, 0xfe],
+            other,
+            router,
+            VIP,
+            64,
+            11,
+            0,
+            [0; 4],
+            &sent.ip_bytes()?[..40],
+        )?;
+        let before = fx.counters()?;
+        let out = fx.test_run(&icmp, fx.cl0.ifindex)?;
+        assert_bytes(
+            "an ICMP error for the other node",
+            &out,
+            Action::Pass,
+            &icmp,
+        );
+        assert_eq!(
+            fx.counters()?.changes_since(&before),
+            moved(&[(lb_common::Counter::PassOtherHost, 1)])
+        );
         Ok(())
     })
 }
