@@ -76,8 +76,9 @@ impl Kernels {
 /// through it in namespaces. Under TCG every program load costs seconds of verification (13 s
 /// on 6.1), so CI takes the tests that cover each path of the program once: forward and reply
 /// translation, XDP_TX, generated RSTs, ICMP errors, the FIB's no-neighbour answer, pass-through,
-/// connection ends and GC, the ring buffer, the maxconn atomics, and one end-to-end run of each
-/// kind (native and generic XDP, one-armed, neighbour flush, failover with resets).
+/// connection ends and GC, the ring buffer, the maxconn atomics, a pair's flow reports and a
+/// standby's batch installs, and one end-to-end run of each kind (native and generic XDP,
+/// one-armed, neighbour flush, failover with resets).
 pub const VM_SUITES: &[(&str, &[&str])] = &[
     (
         "lb-tests::packet",
@@ -131,6 +132,17 @@ pub const VM_SUITES: &[(&str, &[&str])] = &[
     (
         "lb-tests::restart_ids",
         &["a_restart_with_services_swapped_a_backend_inserted_and_a_service_removed_keeps_every_identity"],
+    ),
+    (
+        "lb-tests::pair",
+        &["in_a_two_armed_pair_a_session_carries_on_through_the_standby"],
+    ),
+    (
+        "lb-tests::packet_pair",
+        &[
+            "each_flow_established_in_a_pair_is_reported_once_with_its_entries",
+            "a_standby_applies_a_batch_of_installs_and_ends_in_order",
+        ],
     ),
 ];
 
