@@ -292,6 +292,15 @@ fn host_settings(topo: &Topology) -> Result<Vec<String>> {
     Ok(have)
 }
 
+/// Sets its flag when dropped.
+struct StopOnDrop<'a>(&'a AtomicBool);
+
+impl Drop for StopOnDrop<'_> {
+    fn drop(&mut self) {
+        self.0.store(true, Ordering::Relaxed);
+    }
+}
+
 #[test]
 #[ignore = "needs root and netns: run cargo xtask test"]
 fn an_agent_that_errors_or_panics_after_ready_leaves_the_data_path_forwarding_for_the_next(
@@ -328,6 +337,8 @@ fn an_agent_that_errors_or_panics_after_ready_leaves_the_data_path_forwarding_fo
     let stop = AtomicBool::new(false);
     let sent = thread::scope(|s| -> Result<u64> {
         let streamer = s.spawn(|| stream(conn, &stop));
+        // A failed check ends the stream too: the scope waits for its thread.
+        let _stop_on_exit = StopOnDrop(&stop);
         for (i, (kind, _, message)) in faults.iter().enumerate() {
             let t = Instant::now();
             let status = loop {
