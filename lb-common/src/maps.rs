@@ -428,6 +428,28 @@ pub struct Slot {
     pub _pad: u32,
 }
 
+/// Claims in one `lb_acquire` run at most (its frame is up to this many [`SlotClaim`]s).
+pub const SLOT_CLAIMS: usize = 16;
+
+/// `SlotClaim::slot._pad` as `lb_acquire` hands the claim back: the slot was taken, the flow
+/// held one already, or there was no room in `SLOTS`.
+pub const CLAIM_TAKEN: u32 = 1;
+pub const CLAIM_HELD: u32 = 2;
+pub const CLAIM_FULL: u32 = 3;
+
+/// What the agent hands `lb_acquire` (its `BPF_PROG_TEST_RUN` frame holds up to
+/// [`SLOT_CLAIMS`] of them): a slot for a flow its pair's peer established, taken whatever the
+/// limits (the flow exists: the counts must say so). The program writes the outcome into
+/// `slot._pad` (`CLAIM_*`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[cfg_attr(feature = "user", derive(bytemuck::Pod, bytemuck::Zeroable))]
+pub struct SlotClaim {
+    /// The flow's forward key.
+    pub key: FlowKey,
+    pub slot: Slot,
+}
+
 /// `ConnEvent::reason`: the flow's backend was demoted with `on_down = "reset"`.
 pub const CONN_END_RESET: u32 = 1;
 /// `ConnEvent::reason`: a SYN reused the tuple of the closed flow before the GC deleted it.

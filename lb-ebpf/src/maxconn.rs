@@ -121,21 +121,78 @@ pub fn release(key: &FlowKey) -> bool {
     true
 }
 
-/// The agent's way to release a slot atomically (userspace has no atomic add on map values):
-/// never attached, only run through `BPF_PROG_TEST_RUN` with a frame that is the forward
-/// `FlowKey` of a flow the GC deleted or found gone. Returns `XDP_PASS` when it released a
-/// slot, `XDP_DROP` when there was none (or someone else released it first).
+/// The agent's way to take slots for flows its pair's peer established (a standby installing
+/// the synced flows): never attached, only run through `BPF_PROG_TEST_RUN` with a frame of up
+/// to `SLOT_CLAIMS` `SlotClaim`s. The counts go up whatever the limits (the flows exist); a
+/// flow that holds a slot already keeps it. Each claim comes back with its outcome in
+/// `slot._pad` (`CLAIM_*`). Returns `XDP_PASS`.
+#[aya_ebpf::macros::xdp]
+pub fn lb_acquire(ctx: aya_ebpf::programs::XdpContext) -> u32 {
+    use aya_ebpf::bindings::xdp_action;
+    use lb_common::{SlotClaim, SLOT_CLAIMS};
+    let f = crate::parse::Frame::new(&ctx);
+    for i in 0..SLOT_CLAIMS {
+        let Some(bytes) =
+            f.get::<[u8; core::mem::size_of::<SlotClaim>()]>(i * core::mem::size_of::<SlotClaim>())
+        else {
+            break;
+        };
+        let claim = bytes.as_mut_ptr() as *mut SlotClaim;
+        // SAFETY: `bytes` is `size_of::<SlotClaim>()` bytes of the frame, readable and
+        // writable; SlotClaim is plain data valid for any bit pattern; unaligned accesses
+        // because packet data has no alignment guarantee.
+        let mut c: SlotClaim = unsafe { core::ptr::read_unaligned(claim) };
+        c.slot._pad = claim_one(&c);
+        // SAFETY: as above.
+        unsafe { core::ptr::write_unaligned(claim, c) };
+    }
+    xdp_action::XDP_PASS
+}
+
+/// One claim of [`lb_acquire`]: counted before the entry is in, as [`acquire`] does (whoever
+/// deletes the entry gives back what is already there).
+#[inline(always)]
+fn claim_one(c: &lb_common::SlotClaim) -> u32 {
+    use lb_common::{CLAIM_FULL, CLAIM_HELD, CLAIM_TAKEN};
+    let mut slot = c.slot;
+    slot._pad = 0;
+    fetch_add(slot.index, 1);
+    fetch_add(MAXCONN_GLOBAL, 1);
+    if SLOTS.insert(&c.key, &slot, BPF_NOEXIST as u64).is_ok() {
+        return CLAIM_TAKEN;
+    }
+    give(slot.index);
+    give(MAXCONN_GLOBAL);
+    // SAFETY: hash-map value valid for the program run; only tested for presence.
+    if unsafe { SLOTS.get(&c.key) }.is_some() {
+        CLAIM_HELD
+    } else {
+        CLAIM_FULL
+    }
+}
+
+/// The agent's way to release slots atomically (userspace has no atomic add on map values):
+/// never attached, only run through `BPF_PROG_TEST_RUN` with a frame of up to `SLOT_CLAIMS`
+/// forward `FlowKey`s of flows the GC deleted or found gone, or that a standby's peer ended.
+/// Returns `XDP_PASS` when it released a slot (for one key: that key's), `XDP_DROP` when there
+/// was none (or someone else released it first).
 #[aya_ebpf::macros::xdp]
 pub fn lb_release(ctx: aya_ebpf::programs::XdpContext) -> u32 {
     use aya_ebpf::bindings::xdp_action;
     let f = crate::parse::Frame::new(&ctx);
-    let Some(key) = f.get::<[u8; core::mem::size_of::<FlowKey>()]>(0) else {
-        return xdp_action::XDP_ABORTED;
-    };
-    // SAFETY: `key` is `size_of::<FlowKey>()` readable bytes; FlowKey is plain data valid for
-    // any bit pattern; read unaligned because packet data has no alignment guarantee.
-    let key: FlowKey = unsafe { core::ptr::read_unaligned(key.as_ptr() as *const FlowKey) };
-    if release(&key) {
+    let mut released = false;
+    for i in 0..lb_common::SLOT_CLAIMS {
+        let Some(key) =
+            f.get::<[u8; core::mem::size_of::<FlowKey>()]>(i * core::mem::size_of::<FlowKey>())
+        else {
+            break;
+        };
+        // SAFETY: `key` is `size_of::<FlowKey>()` readable bytes; FlowKey is plain data valid
+        // for any bit pattern; read unaligned because packet data has no alignment guarantee.
+        let key: FlowKey = unsafe { core::ptr::read_unaligned(key.as_ptr() as *const FlowKey) };
+        released |= release(&key);
+    }
+    if released {
         xdp_action::XDP_PASS
     } else {
         xdp_action::XDP_DROP

@@ -274,6 +274,12 @@ fn load_with(cfg: &Config, pin_dir: Option<&Path>) -> Result<Ebpf> {
         .try_into()
         .context("lb_release is not an XDP program")?;
     release.load().context("the verifier rejected lb_release")?;
+    let acquire: &mut Xdp = ebpf
+        .program_mut("lb_acquire")
+        .context("the object has no lb_acquire program")?
+        .try_into()
+        .context("lb_acquire is not an XDP program")?;
+    acquire.load().context("the verifier rejected lb_acquire")?;
     let probe: &mut Xdp = ebpf
         .program_mut("lb_probe_fib_src")
         .context("the object has no lb_probe_fib_src program")?

@@ -1076,6 +1076,45 @@ pub fn release_slot(prog: &Xdp, key: &FlowKey) -> Result<bool> {
     Ok(r.return_value == 2)
 }
 
+/// Takes slots for flows a pair's peer established, by running `lb_acquire` on `claims`
+/// (`lb_common::SLOT_CLAIMS` per run), whatever the limits (the flows exist). Each claim comes
+/// back with its outcome in `slot._pad` (`CLAIM_TAKEN`, `CLAIM_HELD`, `CLAIM_FULL`).
+pub fn acquire_slots(prog: &Xdp, claims: &mut [lb_common::SlotClaim]) -> Result<()> {
+    for chunk in claims.chunks_mut(lb_common::SLOT_CLAIMS) {
+        let mut out = vec![0u8; std::mem::size_of_val(chunk) + 256];
+        let r = prog
+            .test_run(TestRunOptions {
+                data_in: Some(bytemuck::cast_slice(chunk)),
+                data_out: Some(&mut out),
+                ..Default::default()
+            })
+            .context("BPF_PROG_TEST_RUN of lb_acquire")?;
+        let back = &out[..(r.data_size_out as usize).min(std::mem::size_of_val(chunk))];
+        for (c, b) in chunk
+            .iter_mut()
+            .zip(back.chunks_exact(std::mem::size_of::<lb_common::SlotClaim>()))
+        {
+            *c = bytemuck::pod_read_unaligned(b);
+        }
+    }
+    Ok(())
+}
+
+/// Releases the slots of the flows whose forward keys are `keys` by running `lb_release` on
+/// them (`lb_common::SLOT_CLAIMS` per run); a key without a slot is passed over.
+pub fn release_slots(prog: &Xdp, keys: &[FlowKey]) -> Result<()> {
+    for chunk in keys.chunks(lb_common::SLOT_CLAIMS) {
+        let mut out = vec![0u8; std::mem::size_of_val(chunk) + 256];
+        prog.test_run(TestRunOptions {
+            data_in: Some(bytemuck::cast_slice(chunk)),
+            data_out: Some(&mut out),
+            ..Default::default()
+        })
+        .context("BPF_PROG_TEST_RUN of lb_release")?;
+    }
+    Ok(())
+}
+
 /// Deletes `key`; an entry already gone (the data path deleted it) is fine.
 fn remove(table: &mut Table, key: &FlowKey) {
     match table.remove(key) {

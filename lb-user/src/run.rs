@@ -146,6 +146,7 @@ fn start_pair(
     ifindexes: &[u32],
     pin_dir: &Path,
     rx: std::sync::mpsc::Receiver<crate::pair::feed::Batch>,
+    slots: Option<crate::pair::tables::Slots>,
 ) -> Result<crate::pair::Running> {
     let own = ifaces
         .iter()
@@ -166,7 +167,8 @@ fn start_pair(
             ifaces[0].clone(),
         )
     };
-    let mut running = crate::pair::Running::start(pair, tables()?, tables()?, rx)?;
+    let mut running =
+        crate::pair::Running::start(pair, tables()?, tables()?.with_slots(slots), rx)?;
     running.publish(&cfg.instance, cfg.vip_addrs(), ifaces[0].clone())?;
     info!(peer = %pair.peer, listen = %pair.listen, "pair: streaming this node's flows to the peer, installing the peer's");
     Ok(running)
@@ -331,7 +333,15 @@ async fn serve(
         }
     };
     let _pair = match (&cfg.pair, pair_rx) {
-        (Some(pair), Some(rx)) => Some(start_pair(cfg, pair, ifaces, ifindexes, pin_dir, rx)?),
+        (Some(pair), Some(rx)) => {
+            // The receiver's own handles on the slot programs, for the synced flows' slots.
+            let acquire = crate::dataplane::own_program(ebpf, "lb_acquire", pin_dir)?;
+            let release = crate::dataplane::own_program(ebpf, "lb_release", pin_dir)?;
+            let slots = crate::pair::tables::Slots::of(cfg, acquire, release);
+            Some(start_pair(
+                cfg, pair, ifaces, ifindexes, pin_dir, rx, slots,
+            )?)
+        }
         _ => None,
     };
     let gc = crate::gc::Worker::spawn(gc, release, conn_events, flow_sync, {

@@ -181,6 +181,80 @@ fn a_standby_applies_a_batch_of_installs_and_ends_in_order() -> Result<()> {
     })
 }
 
+/// Under `maxconn`, a standby takes a slot for each synced flow it installs and gives it
+/// back when the flow's end comes: after a takeover its counts hold the flows it carries, so
+/// the limit still holds; an update of a flow it has takes none twice.
+#[test]
+#[ignore = "needs root and netns: run cargo xtask test"]
+fn a_standby_counts_the_synced_flows_against_maxconn() -> Result<()> {
+    let cfg = paired().replace("instance = \"pkt\"\n", "instance = \"pkt\"\nmaxconn = 3\n");
+    Fixture::run_with_config("pairslots", &cfg, |fx| {
+        let global = |fx: &Fixture| -> Result<u64> {
+            let map = fx
+                .ebpf
+                .map(lb_common::names::MAXCONN_ACTIVE)
+                .context("MAXCONN_ACTIVE")?;
+            Ok(aya::maps::Array::<_, u64>::try_from(map)?.get(&lb_common::MAXCONN_GLOBAL, 0)?)
+        };
+        let mut conns = Vec::new();
+        for port in [40401, 40402] {
+            conns.push(Conn::establish(fx, port, WRITE_PORT)?);
+        }
+        assert_eq!(global(fx)?, 2, "the active's own two flows");
+        let ifindexes = [fx.cl0.ifindex, fx.bk0.ifindex];
+        let now = lb_user::gc::monotonic_now()?;
+        let reported = fx.synced_flows()?;
+        let mut flows = Vec::new();
+        for c in &conns {
+            let r = reported
+                .iter()
+                .find(|r| r.fwd_key == c.fwd_key())
+                .context("each flow reported")?;
+            flows.push(pair::export(r, now, &ifindexes)?);
+        }
+        // This node as the standby, which has neither flow nor slot yet: the flows end here
+        // without their slots' release being seen (the active's own), so start from zero.
+        for c in &conns {
+            fx.remove_established(&c.fwd_key())?;
+            fx.remove_established(&c.rev_key())?;
+            let release = lb_user::gc::release_program(&fx.ebpf).context("lb_release")?;
+            lb_user::gc::release_slot(release, &c.fwd_key())?;
+        }
+        assert_eq!(global(fx)?, 0);
+
+        let install = |flow| Op::Install {
+            flow,
+            replace: false,
+        };
+        let out = fx.apply_synced(&[install(flows[0]), install(flows[1])])?;
+        assert!(out.iter().all(|r| r.is_ok()), "{out:?}");
+        assert_eq!(global(fx)?, 2, "a slot for each synced flow");
+        // A refresh of a flow it has takes no second slot.
+        fx.apply_synced(&[Op::Install {
+            flow: flows[0],
+            replace: true,
+        }])?;
+        assert_eq!(global(fx)?, 2);
+        // The limit holds for new flows: one more fits, the fourth is refused.
+        Conn::establish(fx, 40403, WRITE_PORT)?;
+        assert_eq!(global(fx)?, 3);
+        let syn =
+            frames::TcpFrame::syn(CLIENT_MAC, CL0_MAC, sa(CLIENT, 40404), sa(VIP, WRITE_PORT));
+        assert_eq!(
+            fx.from_client(&syn.bytes()?)?.action,
+            Action::Drop,
+            "over maxconn"
+        );
+        // An end gives the slot back.
+        fx.apply_synced(&[Op::End {
+            client: flows[1].client,
+            vip: flows[1].vip,
+        }])?;
+        assert_eq!(global(fx)?, 2);
+        Ok(())
+    })
+}
+
 /// A floating SNAT address on the backends' segment, not on any interface of the fixture.
 const FLOATING: Ipv4Addr = Ipv4Addr::new(10, 0, 1, 100);
 

@@ -154,6 +154,12 @@ fn with_keepalived(pair: Pair, idle_conns: usize) -> Result<()> {
         || Ok(established(&standby)?.len() >= 2 * (idle_conns + 1)),
     )?;
     let quiet = status(&standby)?;
+    // Under the global maxconn the standby holds a slot for each synced connection.
+    ensure!(
+        quiet["maxconn"]["active"] == serde_json::json!(idle_conns + 1),
+        "lb2's maxconn count: {}",
+        quiet["maxconn"]
+    );
 
     links(&topo.lb, false)?;
     let t = Instant::now();

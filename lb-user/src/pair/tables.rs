@@ -7,7 +7,9 @@ use std::os::fd::AsFd;
 
 use anyhow::{Context, Result};
 use aya::maps::{Array, HashMap, Map, MapData};
-use lb_common::{epoch_index, Flow, FlowKey, FlowSync, DIR_FORWARD, IPPROTO_TCP};
+use lb_common::{
+    epoch_index, Flow, FlowKey, FlowSync, Slot, SlotClaim, CLAIM_FULL, DIR_FORWARD, IPPROTO_TCP,
+};
 
 use super::{export, install, stream, stream::Op, Ids, Iface, Local, SyncedFlow};
 use crate::config::Config;
@@ -50,8 +52,43 @@ impl Directory {
     }
 }
 
+/// The `maxconn` slots of synced flows: a standby takes one for each flow of a limited
+/// service it installs and gives it back when the flow ends, so that after a takeover its
+/// counts hold the flows it carries on.
+pub struct Slots {
+    /// Own handles on `lb_acquire` and `lb_release`.
+    pub acquire: aya::programs::Xdp,
+    pub release: aya::programs::Xdp,
+    /// The services whose flows hold slots (`backend_maxconn`, or every one under a global
+    /// `maxconn`).
+    limited: Vec<u32>,
+}
+
+impl Slots {
+    /// `None` when no service of `cfg` is limited.
+    pub fn of(
+        cfg: &Config,
+        acquire: aya::programs::Xdp,
+        release: aya::programs::Xdp,
+    ) -> Option<Self> {
+        let limited: Vec<u32> = cfg
+            .services
+            .iter()
+            .filter(|s| s.backend_maxconn != 0 || cfg.maxconn != 0)
+            .map(|s| s.id)
+            .collect();
+        (!limited.is_empty()).then_some(Self {
+            acquire,
+            release,
+            limited,
+        })
+    }
+}
+
 /// The node's tables for the pair.
 pub struct Tables {
+    /// `None`: no service is limited, or this handle only reads (a sender's snapshot).
+    slots: Option<Slots>,
     established: HashMap<MapData, FlowKey, Flow>,
     /// The same table's fd, for batch writes.
     established_fd: std::os::fd::OwnedFd,
@@ -86,6 +123,7 @@ impl Tables {
             _ => anyhow::bail!("CT_ESTABLISHED is not a hash map"),
         };
         Ok(Self {
+            slots: None,
             established: HashMap::try_from(established).context("CT_ESTABLISHED")?,
             established_fd,
             epochs: Array::try_from(epochs).context("RESET_EPOCH")?,
@@ -95,6 +133,61 @@ impl Tables {
             vip_iface,
             held: std::cell::Cell::new(None),
         })
+    }
+
+    /// Takes and gives back `maxconn` slots for the flows this handle installs and ends.
+    pub fn with_slots(mut self, slots: Option<Slots>) -> Self {
+        self.slots = slots;
+        self
+    }
+
+    /// Takes slots for the installed flows of `installed` (forward key, ids, creation) whose
+    /// service is limited; the outcome of each (`Ok` for one that needs none).
+    fn take_slots(&self, installed: &[(FlowKey, Ids, u64)]) -> Vec<Result<()>> {
+        let Some(s) = &self.slots else {
+            return installed.iter().map(|_| Ok(())).collect();
+        };
+        let limited = |ids: &Ids| s.limited.contains(&ids.service);
+        let mut claims: Vec<SlotClaim> = installed
+            .iter()
+            .filter(|(_, ids, _)| limited(ids))
+            .map(|&(key, ids, created_ns)| SlotClaim {
+                key,
+                slot: Slot {
+                    created_ns,
+                    index: epoch_index(ids.service, ids.backend),
+                    _pad: 0,
+                },
+            })
+            .collect();
+        if let Err(e) = crate::gc::acquire_slots(&s.acquire, &mut claims) {
+            let e = format!("{e:#}");
+            return installed
+                .iter()
+                .map(|_| Err(anyhow::anyhow!("{e}")))
+                .collect();
+        }
+        let mut outcomes = claims.iter();
+        installed
+            .iter()
+            .map(
+                |(_, ids, _)| match limited(ids).then(|| outcomes.next()).flatten() {
+                    Some(c) if c.slot._pad == CLAIM_FULL => {
+                        Err(anyhow::anyhow!("no maxconn slot for it: SLOTS is full"))
+                    }
+                    _ => Ok(()),
+                },
+            )
+            .collect()
+    }
+
+    /// Gives back the slots of the flows `fwd_keys`, where they hold one.
+    fn give_slots(&self, fwd_keys: &[FlowKey]) {
+        if let Some(s) = &self.slots {
+            if let Err(e) = crate::gc::release_slots(&s.release, fwd_keys) {
+                tracing::warn!("pair: releasing synced flows' slots: {e:#}");
+            }
+        }
     }
 
     /// Whether this node holds a VIP now.
@@ -120,7 +213,7 @@ impl Tables {
         f: &SyncedFlow,
         now: u64,
         epochs: &mut foldhash::HashMap<(u32, u32), u32>,
-    ) -> Result<[(FlowKey, Flow); 2]> {
+    ) -> Result<(Ids, [(FlowKey, Flow); 2])> {
         let (service, backend) = self.directory.ids(f)?;
         let epoch = *epochs.entry((service, backend)).or_insert_with(|| {
             self.epochs
@@ -132,7 +225,10 @@ impl Tables {
             backend,
             epoch,
         };
-        Ok(super::entries(f, &Local::of(f, ids, now, &self.ifaces)?))
+        Ok((
+            ids,
+            super::entries(f, &Local::of(f, ids, now, &self.ifaces)?),
+        ))
     }
 
     /// Applies `ops` to a node that does not hold the VIPs, whose tables hold only what its
@@ -152,10 +248,10 @@ impl Tables {
                 Op::Install { flow, .. } => {
                     self.delete(&mut deletes);
                     match self.entries_of(flow, now, &mut epochs) {
-                        Ok([(fwd_key, fwd), (rev_key, rev)]) => {
+                        Ok((ids, [(fwd_key, fwd), (rev_key, rev)])) => {
                             keys.extend([rev_key, fwd_key]);
                             values.extend([rev, fwd]);
-                            installs.push(out.len());
+                            installs.push((out.len(), ids, fwd.created_ns));
                             out.push(Ok(true));
                         }
                         Err(e) => out.push(Err(e)),
@@ -177,27 +273,45 @@ impl Tables {
     }
 
     /// Writes a run of installs; a flow with an entry the kernel refused (a full table) has
-    /// its other entry taken out again and its op's outcome set to the error.
+    /// its other entry taken out again and its op's outcome set to the error. The flows that
+    /// went in take their `maxconn` slots.
     fn write(
         &self,
         keys: &mut Vec<FlowKey>,
         values: &mut Vec<Flow>,
-        installs: &mut Vec<usize>,
+        installs: &mut Vec<(usize, Ids, u64)>,
         out: &mut [Result<bool>],
     ) {
         let mut undo = Vec::new();
         crate::batch::update_all(self.established_fd.as_fd(), keys, values, |k, e| {
             undo.push(keys[k ^ 1]);
-            out[installs[k / 2]] = Err(anyhow::Error::new(e).context("established table"));
+            out[installs[k / 2].0] = Err(anyhow::Error::new(e).context("established table"));
         });
         crate::batch::delete_all(self.established_fd.as_fd(), &undo, |_, _| {});
+        let (ops, installed): (Vec<usize>, Vec<(FlowKey, Ids, u64)>) = installs
+            .iter()
+            .enumerate()
+            .filter(|(_, (op, ..))| out[*op].is_ok())
+            .map(|(i, &(op, ids, created_ns))| (op, (keys[2 * i + 1], ids, created_ns)))
+            .unzip();
+        for (op, slot) in ops.into_iter().zip(self.take_slots(&installed)) {
+            if let Err(e) = slot {
+                out[op] = Err(e);
+            }
+        }
         keys.clear();
         values.clear();
         installs.clear();
     }
 
-    /// Deletes a run of ends' entries (one that is gone already is skipped).
+    /// Deletes a run of ends' entries, forward and reply key in turn (one that is gone
+    /// already is skipped), and gives back the flows' slots.
     fn delete(&self, keys: &mut Vec<FlowKey>) {
+        if keys.is_empty() {
+            return;
+        }
+        let forward: Vec<FlowKey> = keys.iter().step_by(2).copied().collect();
+        self.give_slots(&forward);
         crate::batch::delete_all(self.established_fd.as_fd(), keys, |_, _| {});
         keys.clear();
     }
@@ -243,6 +357,7 @@ impl stream::Sink for Tables {
             .epochs
             .get(&epoch_index(service, backend), 0)
             .unwrap_or(0);
+        let now = Self::now();
         install(
             &mut self.established,
             f,
@@ -251,9 +366,17 @@ impl stream::Sink for Tables {
                 backend,
                 epoch,
             },
-            Self::now(),
+            now,
             &self.ifaces,
         )?;
+        let created = now.saturating_sub(f.age_ns);
+        let ids = Ids {
+            service,
+            backend,
+            epoch,
+        };
+        let taken = self.take_slots(&[(super::key(f.client, f.vip), ids, created)]);
+        taken.into_iter().next().unwrap_or(Ok(()))?;
         Ok(true)
     }
 
@@ -295,6 +418,7 @@ impl stream::Sink for Tables {
             return Ok(());
         };
         let rev_key = fwd.partner_key(IPPROTO_TCP);
+        self.give_slots(&[fwd_key]);
         let _ = self.established.remove(&fwd_key);
         if self
             .established

@@ -99,6 +99,14 @@ fn pair(name: &str) -> Result<Pair> {
     Ok(pair)
 }
 
+fn without_maxconn(config: &str) -> String {
+    config
+        .lines()
+        .filter(|l| !l.starts_with("maxconn ="))
+        .map(|l| format!("{l}\n"))
+        .collect()
+}
+
 fn without_pair(config: &str) -> String {
     config[..config.find("[pair]").unwrap_or(config.len())].to_string()
 }
@@ -153,7 +161,10 @@ fn sync_row(plan: &Plan, paired: bool, rec: &mut SyncRecord) -> Result<()> {
     let pair = pair(if paired { "bench_pair" } else { "bench_single" })?;
     let (topo, standby) = (&pair.topo, pair.standby.clone());
     pair.hold(&topo.lb)?;
+    // No maxconn, as in the churn bench: what is measured is the sync (a standby under a
+    // global maxconn also takes a slot for each synced flow).
     let (c1, c2) = pair.configs();
+    let (c1, c2) = (without_maxconn(&c1), without_maxconn(&c2));
     let lb1 = topo.start_lb(&if paired { c1 } else { without_pair(&c1) }, &[])?;
     let lb2_agent = if paired {
         Some(topo.start_standby_lb(&c2, &[])?)
@@ -416,7 +427,7 @@ pub fn report(plan: &Plan, r: &Records, command: &str, date: &str) -> String {
         }
     }
     md += &format!(
-        "\nOne-armed topology: client, lb1, lb2 and db01..db03 on one bridge; the write VIP :7680 to db01 (the simulator); lb1 holds the VIP and the floating SNAT address first. Session lag: a session opened through the VIP every 100 ms during the churn (kept open), from `connect` returning on the client to both its entries in lb2's table (polled every 200 µs): what a takeover loses is the sessions younger than this. Sync lag of churn flows: lb2's histogram (eight buckets per octave) of wall-clock time from a flow's handshake on lb1 to its install on lb2, live stream only; only flows still open when lb1 drains its ring are sent, so these are the young ones (a biased view: the session lag is the one to read). Agent CPU from /proc/PID/stat over the generator's run. Client namespace: tcp_tw_reuse=1, ports 1024-65000. Takeover: lb1's link goes down 3 s into the generator's run; a prober opens a new connection every 10 ms (100 ms timeout) until one completes. {date}. Command: `{command}`.\n"
+        "\nOne-armed topology: client, lb1, lb2 and db01..db03 on one bridge; the write VIP :7680 to db01 (the simulator); lb1 holds the VIP and the floating SNAT address first. Session lag: a session opened through the VIP every 100 ms during the churn (kept open), from `connect` returning on the client to both its entries in lb2's table (polled every 200 µs): what a takeover loses is the sessions younger than this. Sync lag of churn flows: lb2's histogram (eight buckets per octave) of wall-clock time from a flow's handshake on lb1 to its install on lb2, live stream only; only flows still open when lb1 drains its ring are sent, so these are the young ones (a biased view: the session lag is the one to read). Agent CPU from /proc/PID/stat over the generator's run; the sync rows run without `maxconn` (as the churn bench), the takeover rows with a global one. Client namespace: tcp_tw_reuse=1, ports 1024-65000. Takeover: lb1's link goes down 3 s into the generator's run; a prober opens a new connection every 10 ms (100 ms timeout) until one completes. {date}. Command: `{command}`.\n"
     );
     md
 }

@@ -22,12 +22,13 @@ pub const SYNC_PORT: u16 = 7690;
 
 /// The agent configuration of `instance` as one host of the pair (`me`, streaming to `peer`):
 /// the write VIP :7680 to db01, `vip_mode = "routed"` (the addresses are keepalived's or the
-/// test's), the floating `snat_address`, `[pair]` with a shared secret.
+/// test's), the floating `snat_address`, a global `maxconn` as the manual's HAProxy has (the
+/// standby takes a slot for each synced flow), `[pair]` with a shared secret.
 pub fn config(topo: &Topology, instance: &str, me: Ipv4Addr, peer: Ipv4Addr) -> String {
     let secret = topo.log_dir.join("pair.secret");
     std::fs::write(&secret, "a shared secret of the pair\n").expect("writing the pair's secret");
     format!(
-        "instance = \"{instance}\"\nvip_mode = \"routed\"\nsnat_address = \"{FLOATING}\"\n{}\
+        "instance = \"{instance}\"\nvip_mode = \"routed\"\nsnat_address = \"{FLOATING}\"\nmaxconn = 100000\n{}\
          [[service]]\nname = \"write\"\nvip = \"{}:7680\"\nbackend_port = 7687\nbackends = [\"db01\"]\n\
          [pair]\npeer = \"{peer}:{SYNC_PORT}\"\nlisten = \"{me}:{SYNC_PORT}\"\nsecret_file = \"{}\"\n",
         topo.backends_toml(),
