@@ -268,26 +268,17 @@ fn load_with(cfg: &Config, pin_dir: Option<&Path>) -> Result<Ebpf> {
             info!(verified_insns = n, "XDP program lb_xdp loaded");
         }
     }
-    let release: &mut Xdp = ebpf
-        .program_mut("lb_release")
-        .context("the object has no lb_release program")?
-        .try_into()
-        .context("lb_release is not an XDP program")?;
-    release.load().context("the verifier rejected lb_release")?;
-    let acquire: &mut Xdp = ebpf
-        .program_mut("lb_acquire")
-        .context("the object has no lb_acquire program")?
-        .try_into()
-        .context("lb_acquire is not an XDP program")?;
-    acquire.load().context("the verifier rejected lb_acquire")?;
-    let probe: &mut Xdp = ebpf
-        .program_mut("lb_probe_fib_src")
-        .context("the object has no lb_probe_fib_src program")?
-        .try_into()
-        .context("lb_probe_fib_src is not an XDP program")?;
-    probe
-        .load()
-        .context("the verifier rejected lb_probe_fib_src")?;
+    // The never-attached helpers the agent runs through BPF_PROG_TEST_RUN: the maxconn slot
+    // release and claim, and the probe of the kernel's FIB lookup.
+    for name in ["lb_release", "lb_acquire", "lb_probe_fib_src"] {
+        let p: &mut Xdp = ebpf
+            .program_mut(name)
+            .with_context(|| format!("the object has no {name} program"))?
+            .try_into()
+            .with_context(|| format!("{name} is not an XDP program"))?;
+        p.load()
+            .with_context(|| format!("the verifier rejected {name}"))?;
+    }
     Ok(ebpf)
 }
 
