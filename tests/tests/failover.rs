@@ -208,10 +208,14 @@ fn failover_moves_new_writes_without_overlap_and_resets_the_demoted_masters_flow
         .iter()
         .filter(|(s, took)| *s == Seen::Server("db02".into()) && *took > Duration::from_millis(900))
         .count();
+    // Whether there is a gap at all depends on which check sees the change first: when db02's
+    // claim is seen before db01's demotion, db01 is replaced at once and no SYN has to wait
+    // (CI saw both orders). Every slow db02 answer was a held SYN, counted as such.
     let syn_held = Topology::global_counter(&topo.lb_status()?, "syn_held");
+    eprintln!("{held} SYNs held in the gap (syn_held {syn_held})");
     ensure!(
-        held > 0 && syn_held >= held as u64,
-        "no SYN was held in the gap ({held} slow db02 answers, syn_held {syn_held}): {seen:?}"
+        syn_held >= held as u64,
+        "slow db02 answers that were not held SYNs ({held} slow, syn_held {syn_held}): {seen:?}"
     );
     // The demoted master's established connection is reset on its next segment.
     match old.run("RETURN 1", Access::Write) {
