@@ -130,30 +130,31 @@ pub fn update_all<K: Pod, V: Pod>(
     fd: BorrowedFd,
     keys: &[K],
     values: &[V],
-    mut refused: impl FnMut(usize, std::io::Error),
+    refused: impl FnMut(usize, std::io::Error),
 ) {
-    let mut at = 0;
-    while at < keys.len() {
-        let (n, err) = update(fd, &keys[at..], &values[at..]);
-        at += n;
-        match err {
-            None => return,
-            Some(e) => refused(at, e),
-        }
-        at += 1;
-    }
+    past_refusals(
+        keys.len(),
+        |at| update(fd, &keys[at..], &values[at..]),
+        refused,
+    );
 }
 
 /// [`delete`] over all of `keys`: a key that is not there (or that the kernel refuses) is
 /// skipped and reported with its index; the rest still go.
-pub fn delete_all<K: Pod>(
-    fd: BorrowedFd,
-    keys: &[K],
+pub fn delete_all<K: Pod>(fd: BorrowedFd, keys: &[K], refused: impl FnMut(usize, std::io::Error)) {
+    past_refusals(keys.len(), |at| delete(fd, &keys[at..]), refused);
+}
+
+/// Runs the batch call `from(at)` over entries `at..len` until every entry is done, skipping
+/// (and reporting) each one the kernel stops at.
+fn past_refusals(
+    len: usize,
+    mut from: impl FnMut(usize) -> (usize, Option<std::io::Error>),
     mut refused: impl FnMut(usize, std::io::Error),
 ) {
     let mut at = 0;
-    while at < keys.len() {
-        let (n, err) = delete(fd, &keys[at..]);
+    while at < len {
+        let (n, err) = from(at);
         at += n;
         match err {
             None => return,

@@ -74,13 +74,11 @@ impl Control {
     /// Takes the maps it owns out of the loaded object.
     pub fn new(ebpf: &mut Ebpf) -> Result<Self> {
         let n = MAX_SERVICES as usize;
-        let reset_epoch_fd = match ebpf.map(names::RESET_EPOCH) {
-            Some(aya::maps::Map::Array(m)) => {
-                use std::os::fd::AsFd;
-                m.fd().as_fd().try_clone_to_owned()?
-            }
-            _ => anyhow::bail!("the object has no array {}", names::RESET_EPOCH),
-        };
+        let reset_epoch_fd = crate::gc::map_fd(
+            ebpf.map(names::RESET_EPOCH)
+                .with_context(|| format!("the object has no map {}", names::RESET_EPOCH))?,
+            names::RESET_EPOCH,
+        )?;
         Ok(Self {
             config: take(ebpf, names::CONFIG)?,
             services: take(ebpf, names::SERVICES)?,

@@ -285,18 +285,14 @@ fn reason(fwd: &Flow, rev: &Flow, why: Expiry) -> &'static str {
 
 /// A table as a typed map, and the visit bound of a walk over it.
 fn table(map: Map, name: &str) -> Result<(Table, usize, std::os::fd::OwnedFd)> {
-    let (max_entries, fd) = match &map {
-        Map::HashMap(m) | Map::LruHashMap(m) => (
-            m.info()
-                .map(|i| i.max_entries() as usize)
-                .with_context(|| format!("map {name}: info"))?,
-            m.fd()
-                .as_fd()
-                .try_clone_to_owned()
-                .with_context(|| format!("map {name}: duplicate its fd"))?,
-        ),
+    let max_entries = match &map {
+        Map::HashMap(m) | Map::LruHashMap(m) => m
+            .info()
+            .map(|i| i.max_entries() as usize)
+            .with_context(|| format!("map {name}: info"))?,
         _ => anyhow::bail!("map {name} is not a hash map"),
     };
+    let fd = map_fd(&map, name)?;
     let t = Table::try_from(map)
         .with_context(|| format!("map {name} has an unexpected type or layout"))?;
     Ok((t, max_entries.saturating_mul(2).saturating_add(1024), fd))
@@ -304,18 +300,25 @@ fn table(map: Map, name: &str) -> Result<(Table, usize, std::os::fd::OwnedFd)> {
 
 /// A second handle on the map `name` of `ebpf`, which stays in the object.
 pub fn share(ebpf: &Ebpf, name: &str) -> Result<Map> {
-    let data = match ebpf.map(name) {
-        Some(Map::HashMap(m) | Map::LruHashMap(m) | Map::Array(m)) => m,
-        Some(_) => anyhow::bail!("map {name} is neither a hash map nor an array"),
-        None => anyhow::bail!("the object has no map {name}"),
-    };
-    let fd = data
-        .fd()
-        .as_fd()
-        .try_clone_to_owned()
-        .with_context(|| format!("duplicate the fd of map {name}"))?;
+    let map = ebpf
+        .map(name)
+        .with_context(|| format!("the object has no map {name}"))?;
+    let fd = map_fd(map, name)?;
     let data = MapData::from_fd(fd).with_context(|| format!("reopen map {name}"))?;
     Map::from_map_data(data).with_context(|| format!("map {name}"))
+}
+
+/// A second fd on the hash map or array `map` (named `name` in errors), for calls aya has no
+/// method for or for a handle of another owner.
+pub fn map_fd(map: &Map, name: &str) -> Result<std::os::fd::OwnedFd> {
+    let data = match map {
+        Map::HashMap(m) | Map::LruHashMap(m) | Map::Array(m) => m,
+        _ => anyhow::bail!("map {name} is neither a hash map nor an array"),
+    };
+    data.fd()
+        .as_fd()
+        .try_clone_to_owned()
+        .with_context(|| format!("duplicate the fd of map {name}"))
 }
 
 /// CLOCK_MONOTONIC in nanoseconds: the clock of `bpf_ktime_get_ns`.
@@ -1063,11 +1066,15 @@ impl Drop for Worker {
 /// Releases the slot of the flow whose forward key is `key` by running `lb_release` on it:
 /// true when this call released it (the program deleted the slot and decremented the counts).
 pub fn release_slot(prog: &Xdp, key: &FlowKey) -> Result<bool> {
-    let bytes = bytemuck::bytes_of(key);
-    let mut out = [0u8; 64];
+    run_release(prog, std::slice::from_ref(key))
+}
+
+/// One run of `lb_release` on up to `lb_common::SLOT_CLAIMS` keys: whether it released one.
+fn run_release(prog: &Xdp, keys: &[FlowKey]) -> Result<bool> {
+    let mut out = vec![0u8; std::mem::size_of_val(keys) + 256];
     let r = prog
         .test_run(TestRunOptions {
-            data_in: Some(bytes),
+            data_in: Some(bytemuck::cast_slice(keys)),
             data_out: Some(&mut out),
             ..Default::default()
         })
@@ -1104,13 +1111,7 @@ pub fn acquire_slots(prog: &Xdp, claims: &mut [lb_common::SlotClaim]) -> Result<
 /// them (`lb_common::SLOT_CLAIMS` per run); a key without a slot is passed over.
 pub fn release_slots(prog: &Xdp, keys: &[FlowKey]) -> Result<()> {
     for chunk in keys.chunks(lb_common::SLOT_CLAIMS) {
-        let mut out = vec![0u8; std::mem::size_of_val(chunk) + 256];
-        prog.test_run(TestRunOptions {
-            data_in: Some(bytemuck::cast_slice(chunk)),
-            data_out: Some(&mut out),
-            ..Default::default()
-        })
-        .context("BPF_PROG_TEST_RUN of lb_release")?;
+        run_release(prog, chunk)?;
     }
     Ok(())
 }

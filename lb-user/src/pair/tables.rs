@@ -114,14 +114,7 @@ impl Tables {
         ifaces: Vec<Iface>,
         vip_iface: String,
     ) -> Result<Self> {
-        let established_fd = match &established {
-            Map::HashMap(m) | Map::LruHashMap(m) => m
-                .fd()
-                .as_fd()
-                .try_clone_to_owned()
-                .context("CT_ESTABLISHED: duplicate its fd")?,
-            _ => anyhow::bail!("CT_ESTABLISHED is not a hash map"),
-        };
+        let established_fd = crate::gc::map_fd(&established, "CT_ESTABLISHED")?;
         Ok(Self {
             slots: None,
             established: HashMap::try_from(established).context("CT_ESTABLISHED")?,
