@@ -5,7 +5,8 @@ use core::mem::{offset_of, size_of};
 
 use crate::{
     names, Backend, BackendKey, BackendSet, BackendStats, CaptureConfig, CaptureHeader, Config,
-    Flow, FlowKey, PortRange, RstBucket, Service, ServiceKey, ServiceStats, Slot, MAXCONN_ENTRIES,
+    Flow, FlowKey, Handshake, IndexSet, IndexWay, PortRange, RstBucket, Service, ServiceKey,
+    ServiceStats, Slot, INDEX_SETS, MAXCONN_ENTRIES,
 };
 
 /// Bump when a map's meaning changes without its layout changing.
@@ -99,7 +100,23 @@ pub const fn layout(name: &str) -> Option<u64> {
         ]),
         b if eq(b, names::BACKEND_SETS) => fold(&[ARRAY_OF_MAPS, 4, 4, BACKEND_SET]),
         b if eq(b, names::BACKENDS) => fold(&[HASH, size_of::<BackendKey>() as u64, 4]),
-        b if eq(b, names::CT_EMBRYONIC) => fold(&[LRU_HASH, FLOW_KEY, FLOW]),
+        b if eq(b, names::CT_EMBRYONIC) => fold(&[
+            LRU_HASH,
+            FLOW_KEY,
+            size_of::<Handshake>() as u64,
+            FLOW,
+            offset_of!(Handshake, fwd) as u64,
+            offset_of!(Handshake, rev) as u64,
+        ]),
+        b if eq(b, names::CT_INDEX) => fold(&[
+            ARRAY,
+            4,
+            size_of::<IndexSet>() as u64,
+            INDEX_SETS as u64,
+            offset_of!(IndexWay, client) as u64,
+            offset_of!(IndexWay, backend) as u64,
+            offset_of!(IndexWay, stamp) as u64,
+        ]),
         b if eq(b, names::CT_ESTABLISHED) => fold(&[HASH, FLOW_KEY, FLOW]),
         b if eq(b, names::RR_CURSOR) => fold(&[ARRAY, 4, 4]),
         b if eq(b, names::TX_PORTS) => fold(&[DEVMAP_HASH, 4, 8]),

@@ -10,9 +10,14 @@ pub const MAX_SET_SIZE: usize = 32;
 pub const MAX_SNAT_ADDRS: u32 = 64;
 /// Most interfaces the program can redirect to.
 pub const MAX_IFACES: u32 = 64;
-/// Default size of the embryonic (SYN seen, not yet established) flow table, in entries.
-/// Each connection uses two entries (forward and reverse key).
+/// Default size of the embryonic (SYN seen, not yet established) flow table, in entries:
+/// one [`Handshake`] per connection, under its reply key.
 pub const DEFAULT_EMBRYONIC_ENTRIES: u32 = 65_536;
+/// Sets of the handshake index (`CT_INDEX`, forward key -> reply key), [`INDEX_WAYS`] ways
+/// each: four ways per entry of the default embryonic table.
+pub const INDEX_SETS: u32 = 1 << 17;
+/// Ways of a handshake index set.
+pub const INDEX_WAYS: usize = 2;
 /// Default size of the established flow table, in entries (two per connection).
 pub const DEFAULT_ESTABLISHED_ENTRIES: u32 = 262_144;
 
@@ -66,6 +71,9 @@ pub mod names {
     pub const HEALTH: &str = "HEALTH";
     /// Agent-only: which service and backend name holds which id (stable across restarts).
     pub const IDS: &str = "IDS";
+    /// Handshakes in progress: the client's tuple -> the key of the flow's `CT_EMBRYONIC`
+    /// record (an array, set-associative; a hint the record confirms).
+    pub const CT_INDEX: &str = "CT_INDEX";
     /// Every map the agent pins, in a stable order.
     pub const ALL: &[&str] = &[
         CONFIG,
@@ -89,6 +97,7 @@ pub mod names {
         ROUTE_SRC,
         OLD_PORTS,
         SYN_HOLD,
+        CT_INDEX,
     ];
 }
 
@@ -413,6 +422,87 @@ impl Flow {
     }
 }
 
+/// A hash of the connection's addresses and ports (the protocol is always TCP here), mixed
+/// so that neighbouring ports spread: the Maglev slot of a new flow, and a client tuple's set
+/// in the handshake index ([`index_set_of`]).
+#[inline(always)]
+pub const fn flow_hash(key: &FlowKey) -> u32 {
+    let mut h = (key.saddr as u64) << 32 | key.daddr as u64;
+    h ^= ((key.sport as u64) << 16 | key.dport as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+    h ^= h >> 33;
+    h = h.wrapping_mul(0xff51_afd7_ed55_8ccd);
+    h ^= h >> 33;
+    h = h.wrapping_mul(0xc4ce_b9fe_1a85_ec53);
+    h ^= h >> 33;
+    h as u32
+}
+
+/// The handshake index set (`CT_INDEX` slot) of client tuple `key`.
+#[inline(always)]
+pub const fn index_set_of(key: &FlowKey) -> u32 {
+    flow_hash(key) & (INDEX_SETS - 1)
+}
+
+/// A handshake in progress (`CT_EMBRYONIC`, under the reply key `fwd.partner_key()`): both
+/// directions' entries in one record, so that a new flow is one insert and one port claim,
+/// and a segment of the handshake finds both halves with one lookup. The client's direction
+/// finds the record through the handshake index (`CT_INDEX`); the backend's by its own tuple.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[cfg_attr(feature = "user", derive(bytemuck::Pod, bytemuck::Zeroable))]
+pub struct Handshake {
+    /// The forward entry (client -> VIP, rewritten to SNAT address -> backend).
+    pub fwd: Flow,
+    /// The reply entry (backend -> SNAT address, rewritten to VIP -> client).
+    pub rev: Flow,
+}
+
+impl Handshake {
+    /// The record's own key in `CT_EMBRYONIC` (the reply tuple).
+    #[inline(always)]
+    pub const fn key(&self) -> FlowKey {
+        self.fwd.partner_key(IPPROTO_TCP)
+    }
+
+    /// The client's tuple (the forward key).
+    #[inline(always)]
+    pub const fn fwd_key(&self) -> FlowKey {
+        self.rev.partner_key(IPPROTO_TCP)
+    }
+}
+
+/// One way of a handshake index set: a client's tuple and where its handshake record is.
+/// Written by the SYN that creates the record, without a lock: a reader that finds its tuple
+/// here confirms it against the record (whose reply half must point back to the tuple), so
+/// a torn or stale way only costs a miss.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[cfg_attr(feature = "user", derive(bytemuck::Pod, bytemuck::Zeroable))]
+pub struct IndexWay {
+    /// The client's tuple (network order): its address, the VIP, its port, the VIP's port.
+    pub client: u32,
+    pub vip: u32,
+    pub client_port: u16,
+    pub vip_port: u16,
+    /// The record's key (the reply tuple, network order): backend, SNAT address, ports.
+    pub backend: u32,
+    pub snat: u32,
+    pub backend_port: u16,
+    pub snat_port: u16,
+    /// When the way was written, in units of 2^20 ns (about a millisecond), wrapping: the
+    /// older way of a set is the one a new handshake replaces.
+    pub stamp: u32,
+    pub _pad: u32,
+}
+
+/// A handshake index set (`CT_INDEX[i]`, one cache line).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[cfg_attr(feature = "user", derive(bytemuck::Pod, bytemuck::Zeroable))]
+pub struct IndexSet {
+    pub ways: [IndexWay; INDEX_WAYS],
+}
+
 /// A held connection slot (`SLOTS`, keyed by the flow's forward key): counted in
 /// `MAXCONN_ACTIVE[index]` and in `MAXCONN_ACTIVE[MAXCONN_GLOBAL]`. Whoever deletes the slot
 /// (the data path when the flow closes or is reset, the agent's GC through `lb_release` when
@@ -695,6 +785,8 @@ mod pod {
         super::CaptureConfig,
         super::PortRange,
         super::PortHints,
+        super::Handshake,
+        super::IndexSet,
     );
 }
 

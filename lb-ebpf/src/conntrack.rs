@@ -1,15 +1,18 @@
 //! The connection tables: embryonic (LRU, handshake in progress) and established
-//! (preallocated, never evicted). Every flow has a forward and a reply entry; a lookup only
-//! counts when the partner entry exists in the same table and points back.
+//! (preallocated, never evicted). A handshake is one record ([`Handshake`], both directions)
+//! under its reply key, which the client's side finds through the handshake index
+//! (`CT_INDEX`); an established flow has a forward and a reply entry, and a lookup only
+//! counts when the partner entry exists and points back.
 use aya_ebpf::bindings::{BPF_ANY, BPF_NOEXIST};
 use lb_common::{
-    backend_closed_first, is_closing, Counter, Flow, FlowKey, DIR_REPLY, FLOW_CLOSE_FIN,
-    FLOW_CLOSE_RST, FLOW_ESTABLISHED, FLOW_SYN_RECV, IPPROTO_TCP,
+    backend_closed_first, index_set_of, is_closing, Counter, Flow, FlowKey, Handshake, IndexWay,
+    DIR_FORWARD, DIR_REPLY, FLOW_CLOSE_FIN, FLOW_CLOSE_RST, FLOW_ESTABLISHED, FLOW_SYN_RECV,
+    IPPROTO_TCP,
 };
 
 use crate::{
     events,
-    maps::{CT_EMBRYONIC, CT_ESTABLISHED},
+    maps::{CT_EMBRYONIC, CT_ESTABLISHED, CT_INDEX},
     parse::{Tcp, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN},
     stats,
 };
@@ -21,6 +24,15 @@ pub struct Found {
     pub established: bool,
 }
 
+/// The side a segment's key comes from: a client's (client -> VIP, the forward key) or a
+/// backend's (backend -> SNAT address, the reply key). The handshake table needs it: its
+/// records sit under the reply key, and the client's side finds them through the index.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Side {
+    Client,
+    Backend,
+}
+
 #[inline(always)]
 fn get_est(key: &FlowKey) -> Option<&'static mut Flow> {
     // SAFETY: hash-map values stay valid for the program run (RCU); concurrent writers only
@@ -29,29 +41,37 @@ fn get_est(key: &FlowKey) -> Option<&'static mut Flow> {
 }
 
 #[inline(always)]
-fn get_emb(key: &FlowKey) -> Option<&'static mut Flow> {
-    // SAFETY: as in `get_est`.
+fn get_handshake(key: &FlowKey) -> Option<&'static mut Handshake> {
+    // SAFETY: as in `get_est`; each direction's path writes only its own half.
     CT_EMBRYONIC.get_ptr_mut(key).map(|p| unsafe { &mut *p })
 }
 
-/// Looks `key` up: established first, then embryonic (unless expired at `now`).
+/// Looks `key` (from `side`) up: established first, then a handshake in progress (unless
+/// expired at `now`).
 #[inline(always)]
-pub fn lookup(key: &FlowKey, now: u64, embryonic_timeout: u64) -> Option<Found> {
+pub fn lookup(key: &FlowKey, side: Side, now: u64, embryonic_timeout: u64) -> Option<Found> {
     if let Some(found) = established(key) {
         return Some(found);
     }
-    let flow = get_emb(key)?;
-    if now.wrapping_sub(flow.created_ns) > embryonic_timeout {
+    let hs = match side {
+        Side::Backend => get_handshake(key).filter(|hs| hs.fwd.points_back_to(key))?,
+        Side::Client => indexed(key)?,
+    };
+    if now.wrapping_sub(hs.rev.created_ns) > embryonic_timeout {
         return None;
     }
-    let partner = get_emb(&flow.partner_key(IPPROTO_TCP))?;
-    if !partner.points_back_to(key) {
-        return None;
-    }
-    Some(Found {
-        flow,
-        partner,
-        established: false,
+    let Handshake { fwd, rev } = hs;
+    Some(match side {
+        Side::Client => Found {
+            flow: fwd,
+            partner: rev,
+            established: false,
+        },
+        Side::Backend => Found {
+            flow: rev,
+            partner: fwd,
+            established: false,
+        },
     })
 }
 
@@ -63,8 +83,13 @@ pub fn lookup(key: &FlowKey, now: u64, embryonic_timeout: u64) -> Option<Found> 
 /// in generic mode, where a client's handshake ACK and its first data leave on two CPUs: the
 /// data segment found no flow and was answered with a RST.)
 #[inline(always)]
-pub fn lookup_settled(key: &FlowKey, now: u64, embryonic_timeout: u64) -> Option<Found> {
-    lookup(key, now, embryonic_timeout).or_else(|| established(key))
+pub fn lookup_settled(
+    key: &FlowKey,
+    side: Side,
+    now: u64,
+    embryonic_timeout: u64,
+) -> Option<Found> {
+    lookup(key, side, now, embryonic_timeout).or_else(|| established(key))
 }
 
 /// The established flow at `key`, with its partner pointing back.
@@ -80,6 +105,92 @@ fn established(key: &FlowKey) -> Option<Found> {
         partner,
         established: true,
     })
+}
+
+/// The handshake index set of the client tuple `key`.
+#[inline(always)]
+fn index_set(key: &FlowKey) -> Option<*mut [IndexWay; lb_common::INDEX_WAYS]> {
+    let set = CT_INDEX.get_ptr_mut(index_set_of(key))?;
+    // SAFETY: an array map value, valid for the program run.
+    Some(unsafe { core::ptr::addr_of_mut!((*set).ways) })
+}
+
+/// Whether `way` names the client tuple `key`.
+#[inline(always)]
+fn names(way: &IndexWay, key: &FlowKey) -> bool {
+    way.client == key.saddr
+        && way.vip == key.daddr
+        && way.client_port == key.sport
+        && way.vip_port == key.dport
+}
+
+/// The record key a way holds.
+#[inline(always)]
+fn record_key(way: &IndexWay) -> FlowKey {
+    FlowKey {
+        saddr: way.backend,
+        daddr: way.snat,
+        sport: way.backend_port,
+        dport: way.snat_port,
+        proto: IPPROTO_TCP,
+        _pad: 0,
+        _pad16: 0,
+    }
+}
+
+/// The handshake of client tuple `key`, through the index: a way that names the tuple gives
+/// the record's key, and the record counts only if its reply half points back to the tuple
+/// (a way is a hint: it outlives its handshake, and another CPU may be rewriting it).
+#[inline(always)]
+fn indexed(key: &FlowKey) -> Option<&'static mut Handshake> {
+    let ways = index_set(key)?;
+    // SAFETY: `ways` points into an array map value, valid for the program run; a torn read
+    // is caught by the record check.
+    let (w0, w1) = unsafe { (&(*ways)[0], &(*ways)[1]) };
+    if names(w0, key) {
+        if let Some(hs) = get_handshake(&record_key(w0)).filter(|hs| hs.rev.points_back_to(key)) {
+            return Some(hs);
+        }
+    }
+    if names(w1, key) {
+        return get_handshake(&record_key(w1)).filter(|hs| hs.rev.points_back_to(key));
+    }
+    None
+}
+
+/// Records in the index that client tuple `key`'s handshake is the record at `record`: in the
+/// way that already names the tuple (an ended handshake's), else in the set's older way.
+#[inline(always)]
+pub fn index(key: &FlowKey, record: &FlowKey, now: u64) {
+    let Some(ways) = index_set(key) else {
+        return;
+    };
+    let stamp = (now >> 20) as u32;
+    // SAFETY: as in `indexed`; two CPUs writing one way at once leave at worst a way that
+    // names neither handshake correctly, which the record check rejects (a lost handshake,
+    // like an LRU eviction).
+    let (w0, w1) = unsafe { (&mut (*ways)[0], &mut (*ways)[1]) };
+    let way = if names(w1, key) {
+        w1
+    } else if names(w0, key) {
+        w0
+    } else if stamp.wrapping_sub(w1.stamp) > stamp.wrapping_sub(w0.stamp) {
+        w1
+    } else {
+        w0
+    };
+    *way = IndexWay {
+        client: key.saddr,
+        vip: key.daddr,
+        client_port: key.sport,
+        vip_port: key.dport,
+        backend: record.saddr,
+        snat: record.daddr,
+        backend_port: record.sport,
+        snat_port: record.dport,
+        stamp,
+        _pad: 0,
+    };
 }
 
 /// Whether `key` is in the established table (a port claim checks it before its insert into
@@ -156,57 +267,57 @@ pub fn delete_closed(c: &Closed, key: &FlowKey) -> bool {
     delete_established(&c.fwd_key, key)
 }
 
-/// Inserts a new reply entry only if its key is free: this is what claims an SNAT port.
+/// Inserts a new handshake record under `key` (its reply key) only if the key is free: this
+/// is what claims an SNAT port.
 #[inline(always)]
-pub fn claim_embryonic(key: &FlowKey, flow: &Flow) -> bool {
-    CT_EMBRYONIC.insert(key, flow, BPF_NOEXIST as u64).is_ok()
+pub fn claim_embryonic(key: &FlowKey, hs: &Handshake) -> bool {
+    CT_EMBRYONIC.insert(key, hs, BPF_NOEXIST as u64).is_ok()
 }
 
-/// Takes over the embryonic reply entry at `key` (writes `flow` there, claiming its SNAT port)
-/// if `over` says the handshake holding it is over.
+/// Takes over the handshake record at `key` (writes `hs` there, claiming its SNAT port) if
+/// `over` says the handshake holding it (its reply half) is over.
 #[inline(always)]
-fn take_over_if(key: &FlowKey, flow: &Flow, over: impl Fn(&Flow) -> bool) -> bool {
+fn take_over_if(key: &FlowKey, hs: &Handshake, over: impl Fn(&Flow) -> bool) -> bool {
     // SAFETY: value valid for the program run; only read.
-    match CT_EMBRYONIC.get_ptr(key).map(|old| unsafe { &*old }) {
-        Some(old) if over(old) => CT_EMBRYONIC.insert(key, flow, BPF_ANY as u64).is_ok(),
+    match CT_EMBRYONIC.get_ptr(key).map(|old| unsafe { &(*old).rev }) {
+        Some(old) if over(old) => CT_EMBRYONIC.insert(key, hs, BPF_ANY as u64).is_ok(),
         _ => false,
     }
 }
 
-/// Takes over the embryonic entry at `key` if it has expired (its flow never completed), so
+/// Takes over the handshake record at `key` if it has expired (its flow never completed), so
 /// that dead handshakes do not hold SNAT ports until the LRU evicts them.
 #[inline(always)]
-pub fn reclaim_expired(key: &FlowKey, flow: &Flow, now: u64, embryonic_timeout: u64) -> bool {
-    take_over_if(key, flow, |old| {
+pub fn reclaim_expired(key: &FlowKey, hs: &Handshake, now: u64, embryonic_timeout: u64) -> bool {
+    take_over_if(key, hs, |old| {
         now.wrapping_sub(old.created_ns) > embryonic_timeout
     })
 }
 
-/// Takes over the embryonic reply entry at `key` if its handshake is half open and stale: the
+/// Takes over the handshake record at `key` if its handshake is half open and stale: the
 /// flow began more than `stale_ns` ago, the backend answered (`FLOW_SYN_RECV`) and the
 /// client never completed it. A spoofed SYN looks like this; a real client's ACK follows the
 /// backend's SYN-ACK within a round trip.
 #[inline(always)]
-pub fn reclaim_half_open(key: &FlowKey, flow: &Flow, now: u64, stale_ns: u64) -> bool {
-    take_over_if(key, flow, |old| {
+pub fn reclaim_half_open(key: &FlowKey, hs: &Handshake, now: u64, stale_ns: u64) -> bool {
+    take_over_if(key, hs, |old| {
         old.state == FLOW_SYN_RECV && now.wrapping_sub(old.created_ns) > stale_ns
     })
 }
 
-/// Inserts (or replaces an expired) forward entry.
+/// The key of the handshake record `found` (not established) points into.
 #[inline(always)]
-pub fn insert_embryonic(key: &FlowKey, flow: &Flow) -> bool {
-    CT_EMBRYONIC.insert(key, flow, BPF_ANY as u64).is_ok()
+fn record_of(found: &Found) -> FlowKey {
+    let fwd = if found.flow.dir == DIR_FORWARD {
+        &*found.flow
+    } else {
+        &*found.partner
+    };
+    fwd.partner_key(IPPROTO_TCP)
 }
 
-#[inline(always)]
-pub fn remove_embryonic(key: &FlowKey) {
-    let _ = CT_EMBRYONIC.remove(key);
-}
-
-/// The backend answered the SYN: the client's next ACK establishes the flow. Both entries
-/// say so: the forward one for that ACK, the reply one (which holds the SNAT port) for
-/// [`reclaim_half_open`].
+/// The backend answered the SYN: the client's next ACK establishes the flow. Both halves
+/// say so: the forward one for that ACK, the reply one for [`reclaim_half_open`].
 #[inline(always)]
 pub fn mark_syn_recv(forward: &mut Flow, reply: &mut Flow) {
     if forward.state < FLOW_SYN_RECV {
@@ -218,8 +329,8 @@ pub fn mark_syn_recv(forward: &mut Flow, reply: &mut Flow) {
 }
 
 /// Moves a flow from the embryonic to the established table: both entries are inserted
-/// there first, then removed from the embryonic table, so a concurrent reader always finds
-/// the flow in one of them. Returns false (and leaves the embryonic flow alone) when the
+/// there first, then the handshake record is removed, so a concurrent reader always finds
+/// the flow in one of them (its index way stays behind, a hint that no longer confirms). Returns false (and leaves the embryonic flow alone) when the
 /// established table is full. With `sync` (a pair), the flow is also reported to the agent
 /// for the standby.
 #[inline(always)]
@@ -244,8 +355,7 @@ pub fn promote(fwd_key: &FlowKey, found: &Found, now: u64, sync: bool) -> bool {
         let _ = CT_ESTABLISHED.remove(&rev_key);
         return false;
     }
-    remove_embryonic(fwd_key);
-    remove_embryonic(&rev_key);
+    let _ = CT_EMBRYONIC.remove(&rev_key);
     stats::count(Counter::Established);
     if sync {
         events::established(fwd_key, &fwd, &rev);
@@ -253,16 +363,14 @@ pub fn promote(fwd_key: &FlowKey, found: &Found, now: u64, sync: bool) -> bool {
     true
 }
 
-/// Deletes both entries of a flow found at `key` (its backend was demoted with reset).
+/// Deletes a flow found at `key`: both established entries, or its handshake record.
 #[inline(always)]
 pub fn delete(key: &FlowKey, found: &Found) {
-    let partner = found.flow.partner_key(IPPROTO_TCP);
     if found.established {
         let _ = CT_ESTABLISHED.remove(key);
-        let _ = CT_ESTABLISHED.remove(&partner);
+        let _ = CT_ESTABLISHED.remove(&found.flow.partner_key(IPPROTO_TCP));
     } else {
-        remove_embryonic(key);
-        remove_embryonic(&partner);
+        let _ = CT_EMBRYONIC.remove(&record_of(found));
     }
 }
 

@@ -6,7 +6,8 @@ use lb_common::{Config, Counter, FlowKey, IPPROTO_TCP};
 use network_types::eth::EthHdr;
 
 use crate::{
-    conntrack, csum, forward,
+    conntrack::{self, Side},
+    csum, forward,
     maps::{is_backend, is_snat_addr},
     nat, pair,
     parse::{words20, Frame, Icmp, Ip, Ports, ETH_LEN, L4_OFF},
@@ -47,14 +48,19 @@ pub fn handle(
     }
     // Ours: the quoted packet came from a VIP:port (a reply to a client) or went from an
     // SNAT port to a backend (a forwarded packet).
-    if service::lookup(inner.saddr, ports.sport).is_none() {
+    // The side our packets' key comes from: the client's for a reply, the backend's for a
+    // forwarded packet.
+    let side = if service::lookup(inner.saddr, ports.sport).is_some() {
+        Side::Client
+    } else {
         let sport = u16::from_be(ports.sport);
         let from_snat =
             cfg.snat_port_max != 0 && sport >= cfg.snat_port_min && sport <= cfg.snat_port_max;
         if !from_snat || !is_snat_addr(inner.saddr) || !is_backend(inner.daddr, ports.dport) {
             return xdp_action::XDP_PASS;
         }
-    }
+        Side::Backend
+    };
     if pair::for_the_other_host(ctx, eth, cfg) {
         return xdp_action::XDP_PASS;
     }
@@ -74,7 +80,7 @@ pub fn handle(
         _pad: 0,
         _pad16: 0,
     };
-    let Some(found) = conntrack::lookup(&key, now, cfg.embryonic_timeout_ns) else {
+    let Some(found) = conntrack::lookup(&key, side, now, cfg.embryonic_timeout_ns) else {
         stats::count(Counter::DropIcmpNoFlow);
         return xdp_action::XDP_DROP;
     };

@@ -9,9 +9,10 @@ use aya_ebpf::{
 };
 use lb_common::{
     epoch_index, BackendKey, BackendSet, BackendStats, CaptureConfig, Config, ConnEvent, Flow,
-    FlowKey, FlowSync, PortHints, PortRange, RstBucket, Service, ServiceKey, ServiceStats, Slot,
-    COUNTER_MAX, DEFAULT_EMBRYONIC_ENTRIES, DEFAULT_ESTABLISHED_ENTRIES, FLOW_SYNC_BYTES,
-    MAXCONN_ENTRIES, MAX_BACKENDS, MAX_IFACES, MAX_SERVICES, MAX_SNAT_ADDRS,
+    FlowKey, FlowSync, Handshake, IndexSet, PortHints, PortRange, RstBucket, Service, ServiceKey,
+    ServiceStats, Slot, COUNTER_MAX, DEFAULT_EMBRYONIC_ENTRIES, DEFAULT_ESTABLISHED_ENTRIES,
+    FLOW_SYNC_BYTES, INDEX_SETS, MAXCONN_ENTRIES, MAX_BACKENDS, MAX_IFACES, MAX_SERVICES,
+    MAX_SNAT_ADDRS,
 };
 
 /// `BPF_F_NO_COMMON_LRU` is not used: a per-CPU LRU list would evict a flow whose reply
@@ -35,14 +36,20 @@ pub static BACKEND_SETS: ArrayOfMaps<Array<BackendSet, 1>, { MAX_SERVICES as usi
 #[btf_map]
 pub static BACKENDS: HashMap<BackendKey, u32, { MAX_BACKENDS as usize }> = HashMap::new();
 
-/// Flows whose handshake has not completed: evictable, expire after the connect timeout.
+/// Flows whose handshake has not completed, one record each under the reply key: evictable,
+/// expire after the connect timeout.
 #[btf_map]
 pub static CT_EMBRYONIC: LruHashMap<
     FlowKey,
-    Flow,
+    Handshake,
     { DEFAULT_EMBRYONIC_ENTRIES as usize },
     NO_FLAGS,
 > = LruHashMap::new();
+
+/// The handshake index: `CT_INDEX[hash(client tuple)]`, a set of ways each naming a client
+/// tuple and its record's key in `CT_EMBRYONIC` (see [`lb_common::IndexWay`]).
+#[btf_map]
+pub static CT_INDEX: Array<IndexSet, { INDEX_SETS as usize }> = Array::new();
 
 /// Established flows: preallocated, never evicted; when full, new flows are refused.
 #[btf_map]
@@ -113,6 +120,11 @@ pub static SNAT_ADDRS: HashMap<u32, u32, { MAX_SNAT_ADDRS as usize }> = HashMap:
 /// which Linux 6.1 counts across the program's frames.
 #[btf_map]
 pub static FIB_PARAMS: PerCpuArray<aya_ebpf::bindings::bpf_fib_lookup, 1> = PerCpuArray::new();
+
+/// Scratch space for a new flow's handshake record (one per CPU, not pinned), built here and
+/// inserted from here: 160 bytes the stack cannot spare.
+#[btf_map]
+pub static NEW_HANDSHAKE: PerCpuArray<Handshake, 1> = PerCpuArray::new();
 
 /// Backend address -> the source address of the agent's route to it (network order). Read
 /// only with `CONFIG_F_ROUTE_SRC`, where the kernel's FIB lookup cannot say the source

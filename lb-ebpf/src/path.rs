@@ -3,15 +3,17 @@
 use aya_ebpf::{bindings::xdp_action, programs::XdpContext};
 use aya_log_ebpf::info;
 use lb_common::{
-    is_closing, Config, Counter, Flow, FlowKey, Service, CAPTURE_DIR_IN, CAPTURE_DIR_OUT,
-    CAPTURE_NO_ACTION, CONFIG_F_DEBUG, CONFIG_F_GENERIC, CONFIG_F_ROUTE_SRC, CONFIG_F_SYNC,
-    CONN_END_CLOSED, CONN_END_RESET, CONN_END_REUSED, DIR_FORWARD, DIR_REPLY, FLOW_SYN_RECV,
-    FLOW_SYN_SENT, IPPROTO_TCP, SERVICE_F_MAXCONN_RESET,
+    is_closing, Config, Counter, Flow, FlowKey, Handshake, Service, CAPTURE_DIR_IN,
+    CAPTURE_DIR_OUT, CAPTURE_NO_ACTION, CONFIG_F_DEBUG, CONFIG_F_GENERIC, CONFIG_F_ROUTE_SRC,
+    CONFIG_F_SYNC, CONN_END_CLOSED, CONN_END_RESET, CONN_END_REUSED, DIR_FORWARD, DIR_REPLY,
+    FLOW_SYN_RECV, FLOW_SYN_SENT, IPPROTO_TCP, SERVICE_F_MAXCONN_RESET,
 };
 use network_types::eth::EthHdr;
 
 use crate::{
-    capture, conntrack, events, forward,
+    capture,
+    conntrack::{self, Side},
+    events, forward,
     maps::reset_epoch,
     maxconn, nat,
     parse::{Frame, Ip, Tcp, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN},
@@ -82,9 +84,9 @@ pub fn forward(p: &mut Packet, svc: Service) -> u32 {
     count_large(p);
 
     let found = if p.tcp.is_plain_syn() {
-        conntrack::lookup(p.key, p.now, p.cfg.embryonic_timeout_ns)
+        conntrack::lookup(p.key, Side::Client, p.now, p.cfg.embryonic_timeout_ns)
     } else {
-        conntrack::lookup_settled(p.key, p.now, p.cfg.embryonic_timeout_ns)
+        conntrack::lookup_settled(p.key, Side::Client, p.now, p.cfg.embryonic_timeout_ns)
     };
     if let Some(found) = found {
         if forward::ttl_ends_here(p.ip) {
@@ -161,7 +163,16 @@ pub fn forward(p: &mut Packet, svc: Service) -> u32 {
     if !maxconn::admits(svc.id, backend.id, svc.backend_maxconn, p.cfg.maxconn) {
         return over_limit(p, &svc, backend.id);
     }
-    let reply = Flow {
+    // One record for both directions, built in this CPU's scratch record (off the stack): the
+    // port claim writes its port into `fwd` and inserts the record under the reply key, then
+    // the index tells the client's next segment where it is.
+    let Some(hs) = crate::maps::NEW_HANDSHAKE.get_ptr_mut(0) else {
+        return xdp_action::XDP_DROP;
+    };
+    // SAFETY: this CPU's map value, valid for the program run; nothing else runs on this CPU
+    // meanwhile.
+    let hs: &mut Handshake = unsafe { &mut *hs };
+    hs.rev = Flow {
         created_ns: p.now,
         last_seen_ns: p.now,
         generation: generation as u32,
@@ -183,27 +194,23 @@ pub fn forward(p: &mut Packet, svc: Service) -> u32 {
         ack: 0,
         bytes: 0,
     };
-    let Some(port) = snat::claim(&backend, hop.src, &reply, p.cfg, p.now) else {
-        return refuse(p, svc.id, Counter::RstSnatExhausted);
-    };
-    let fwd = Flow {
+    hs.fwd = Flow {
         nat_saddr: hop.src,
         nat_daddr: backend.addr,
         ifindex: hop.ifindex,
-        nat_sport: port,
+        nat_sport: 0,
         nat_dport: backend.port,
         smac: hop.smac,
         dmac: hop.dmac,
         dir: DIR_FORWARD,
         bytes: payload_len(p.ip, p.tcp),
         seq_end: u32::from_be_bytes(p.tcp.seq).wrapping_add(1),
-        ..reply
+        ..hs.rev
     };
-    if !conntrack::insert_embryonic(p.key, &fwd) {
-        conntrack::remove_embryonic(&fwd.partner_key(IPPROTO_TCP));
-        stats::service_drop(svc.id, Counter::DropEmbryonicFull);
-        return xdp_action::XDP_DROP;
-    }
+    let Some(port) = snat::claim(&backend, hop.src, hs, p.cfg, p.now) else {
+        return refuse(p, svc.id, Counter::RstSnatExhausted);
+    };
+    conntrack::index(p.key, &hs.key(), p.now);
     stats::count(Counter::NewFlows);
     if let Some(s) = stats::service(svc.id) {
         s.new_flows += 1;
@@ -224,7 +231,7 @@ pub fn forward(p: &mut Packet, svc: Service) -> u32 {
             generation
         );
     }
-    send(p, &fwd, false)
+    send(p, &hs.fwd, false)
 }
 
 /// A client segment of an existing flow: forwarded on the flow's mapping (a SYN on an
@@ -353,7 +360,9 @@ fn establish(
 pub fn reply(p: &mut Packet, old_range: bool) -> u32 {
     count_large(p);
     let flags = p.tcp.flags;
-    let Some(found) = conntrack::lookup_settled(p.key, p.now, p.cfg.embryonic_timeout_ns) else {
+    let Some(found) =
+        conntrack::lookup_settled(p.key, Side::Backend, p.now, p.cfg.embryonic_timeout_ns)
+    else {
         if old_range {
             // Not lb's port any more unless a flow still holds it: the host's own traffic.
             return xdp_action::XDP_PASS;

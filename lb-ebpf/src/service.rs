@@ -1,6 +1,6 @@
 //! VIP:port -> service, and the choice of a backend from the service's current set.
 use lb_common::{
-    Backend, FlowKey, Service, ServiceKey, BALANCE_FIRST, BALANCE_MAGLEV, BALANCE_MASK,
+    flow_hash, Backend, FlowKey, Service, ServiceKey, BALANCE_FIRST, BALANCE_MAGLEV, BALANCE_MASK,
     IPPROTO_TCP, MAGLEV_SIZE, MAX_SERVICES, MAX_SET_SIZE,
 };
 
@@ -65,18 +65,4 @@ pub fn pick(svc: &Service, key: &FlowKey) -> Option<(Backend, u64)> {
     }
     let b = set.members.get(i)?;
     Some((*b, set.generation))
-}
-
-/// A hash of the connection's addresses and ports (the protocol is always TCP here), mixed
-/// so that neighbouring ports spread over the Maglev table.
-#[inline(always)]
-pub fn flow_hash(key: &FlowKey) -> u32 {
-    let mut h = (key.saddr as u64) << 32 | key.daddr as u64;
-    h ^= ((key.sport as u64) << 16 | key.dport as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15);
-    h ^= h >> 33;
-    h = h.wrapping_mul(0xff51_afd7_ed55_8ccd);
-    h ^= h >> 33;
-    h = h.wrapping_mul(0xc4ce_b9fe_1a85_ec53);
-    h ^= h >> 33;
-    h as u32
 }

@@ -1,7 +1,7 @@
 //! SNAT port claim: a free port on the balancer's backend-facing address for a new flow.
 //!
-//! A port is claimed by inserting the flow's reply entry (backend -> SNAT address:port) into
-//! the embryonic table with BPF_NOEXIST; a port whose reply key is in the established table is
+//! A port is claimed by inserting the flow's handshake record under its reply key (backend ->
+//! SNAT address:port) into the embryonic table with BPF_NOEXIST; a port whose reply key is in the established table is
 //! taken too, and so is a port whose embryonic entry has expired. The tables are the
 //! authority; the search is guided by the backend's port hints (`PORT_HINTS`: a bitmap of the
 //! ports its flows hold, set here when a port is claimed or found taken, cleared when the
@@ -19,7 +19,7 @@ use core::intrinsics::{atomic_and, atomic_or, AtomicOrdering};
 
 use aya_ebpf::helpers::bpf_get_prandom_u32;
 use lb_common::{
-    Backend, Config, Counter, Flow, FlowKey, PortHints, CONN_END_CLOSED, CONN_END_CLOSED_RST,
+    Backend, Config, Counter, FlowKey, Handshake, PortHints, CONN_END_CLOSED, CONN_END_CLOSED_RST,
     FLOW_CLOSE_RST, IPPROTO_TCP, PORT_HINT_WORDS,
 };
 
@@ -39,8 +39,9 @@ pub const REUSE_QUIET_NS: u64 = 1_000_000_000;
 /// spoofed SYNs at 20,000/s keeps about 5,000 ports younger than this.
 pub const HALF_OPEN_NS: u64 = 250_000_000;
 
-/// Claims a port for the reply entry `reply` from `backend` to `snat_addr`, trying ports in
-/// `cfg`'s SNAT range. Returns the port (network order) or `None`. Embryonic entries older
+/// Claims a port for the handshake record `hs` from `backend` to `snat_addr`, trying ports in
+/// `cfg`'s SNAT range (each try writes its port into `hs.fwd`, whose reverse is the record's
+/// key). Returns the port (network order) or `None`. Embryonic entries older
 /// than the connect timeout at `now` are taken over; under pressure, so is the port of a quiet
 /// closed flow with no TIME_WAIT at the backend.
 ///
@@ -56,7 +57,7 @@ pub const HALF_OPEN_NS: u64 = 250_000_000;
 pub fn claim(
     backend: &Backend,
     snat_addr: u32,
-    reply: &Flow,
+    hs: &mut Handshake,
     cfg: &Config,
     now: u64,
 ) -> Option<u16> {
@@ -102,7 +103,7 @@ pub fn claim(
             }
             let bit = (lowest_bit(free.rotate_right(from)) + from) & 63;
             key.dport = ((min as u32 + w * 64 + bit) as u16).to_be();
-            let claimed = probe(&key, reply, now, embryonic_timeout);
+            let claimed = probe(&key, hs, now, embryonic_timeout);
             // SAFETY: as above; the atomic or is the BPF atomic instruction.
             unsafe { atomic_or::<u64, u64, { AtomicOrdering::SeqCst }>(word, 1u64 << bit) };
             if claimed {
@@ -115,7 +116,7 @@ pub fn claim(
         // A fresh random port each try: taken ports cluster, and a walk from one random start
         // would keep hitting the same cluster.
         key.dport = random_port(min, range).to_be();
-        if probe(&key, reply, now, embryonic_timeout) {
+        if probe(&key, hs, now, embryonic_timeout) {
             mark_hint(backend_id, key.dport, min, max);
             return Some(key.dport);
         }
@@ -131,11 +132,12 @@ pub fn claim(
     let mut i = 0;
     while i < REUSE_TRIES {
         key.dport = random_port(min, range).to_be();
+        hs.fwd.nat_sport = key.dport;
         if !conntrack::established_has(&key) {
-            if conntrack::claim_embryonic(&key, reply) {
+            if conntrack::claim_embryonic(&key, hs) {
                 return Some(key.dport);
             }
-            if conntrack::reclaim_half_open(&key, reply, now, HALF_OPEN_NS) {
+            if conntrack::reclaim_half_open(&key, hs, now, HALF_OPEN_NS) {
                 stats::count(Counter::HalfOpenReclaimed);
                 return Some(key.dport);
             }
@@ -163,20 +165,22 @@ pub fn claim(
         stats::count(Counter::ClosedPortTakenOver);
         maxconn::release(&c.fwd_key);
     }
-    if !conntrack::established_has(&key) && conntrack::claim_embryonic(&key, reply) {
+    hs.fwd.nat_sport = key.dport;
+    if !conntrack::established_has(&key) && conntrack::claim_embryonic(&key, hs) {
         Some(key.dport)
     } else {
         None
     }
 }
 
-/// Claims the reply entry at `key` if its port is free: in neither table, or held by an
-/// embryonic entry older than `embryonic_timeout`.
+/// Claims the record key `key` for `hs` if its port is free: in neither table, or held by a
+/// handshake older than `embryonic_timeout`.
 #[inline(always)]
-fn probe(key: &FlowKey, reply: &Flow, now: u64, embryonic_timeout: u64) -> bool {
+fn probe(key: &FlowKey, hs: &mut Handshake, now: u64, embryonic_timeout: u64) -> bool {
+    hs.fwd.nat_sport = key.dport;
     !conntrack::established_has(key)
-        && (conntrack::claim_embryonic(key, reply)
-            || conntrack::reclaim_expired(key, reply, now, embryonic_timeout))
+        && (conntrack::claim_embryonic(key, hs)
+            || conntrack::reclaim_expired(key, hs, now, embryonic_timeout))
 }
 
 /// The index of the lowest set bit of `x` (not 0), without a branch or a table: the bits

@@ -153,7 +153,7 @@ fn check_meta(cfg: &mut Config, dir: &Path) -> Result<Pins> {
     )?)
     .context("pinned META has an unexpected layout")?;
     let version = meta.get(&abi::META_VERSION_SLOT, 0).unwrap_or(0);
-    let mut changed = Vec::new();
+    let (mut changed, mut replaced) = (Vec::new(), Vec::new());
     for (i, (name, want)) in expected_meta()?.into_iter().enumerate() {
         let pinned = meta.get(&(i as u32), 0).unwrap_or(0);
         if pinned == 0 && !dir.join(name).exists() {
@@ -164,7 +164,10 @@ fn check_meta(cfg: &mut Config, dir: &Path) -> Result<Pins> {
             );
             continue;
         }
-        if pinned != want {
+        if pinned != want && name == names::CT_EMBRYONIC {
+            // Handshakes in progress only, seconds of state: replaced (below).
+            replaced.push(name);
+        } else if pinned != want {
             changed.push(name);
         }
         let pinned = meta.get(&(SIZE_SLOTS + i as u32), 0).unwrap_or(0) as u32;
@@ -190,6 +193,19 @@ fn check_meta(cfg: &mut Config, dir: &Path) -> Result<Pins> {
             abi::ABI_VERSION,
             cfg.instance,
             cfg.instance
+        );
+    }
+    // An older layout's handshake table is dropped and this build's created in its place.
+    // The running program keeps the old one until the new program replaces it; a handshake
+    // caught in between starts over (its client's next segment is refused, and its SYN
+    // retransmit opens a new one).
+    for name in replaced {
+        let pin = dir.join(name);
+        fs::remove_file(&pin)
+            .with_context(|| format!("remove {} (an older layout)", pin.display()))?;
+        warn!(
+            map = name,
+            "the pinned table has an older layout: replaced, handshakes in progress start over"
         );
     }
     Ok(Pins::Adopted { flows })

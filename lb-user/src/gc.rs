@@ -40,8 +40,8 @@ use aya::{
     Ebpf,
 };
 use lb_common::{
-    backend_closed_first, is_closing, names, Flow, FlowKey, PortHints, Slot, DIR_FORWARD,
-    IPPROTO_TCP, MAX_SERVICES,
+    backend_closed_first, is_closing, names, Flow, FlowKey, Handshake, PortHints, Slot,
+    DIR_FORWARD, IPPROTO_TCP, MAX_SERVICES,
 };
 use tracing::{debug, warn};
 
@@ -139,10 +139,10 @@ impl Timeouts {
 /// What one pass saw and did.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct SweepStats {
-    /// Entries read from each table.
+    /// Entries read from each table (a handshake record is one entry).
     pub embryonic_entries: usize,
     pub established_entries: usize,
-    /// Embryonic entries deleted (past the connect timeout).
+    /// Handshake records deleted (past the connect timeout).
     pub embryonic_expired: usize,
     /// Established flows (two entries each) deleted after the close timeout.
     pub closed: usize,
@@ -243,12 +243,14 @@ enum Expiry {
     Idle,
 }
 
-type Table = HashMap<MapData, FlowKey, Flow>;
+type Table<V = Flow> = HashMap<MapData, FlowKey, V>;
+/// The embryonic table: one handshake record per flow, under its reply key.
+type Handshakes = Table<Handshake>;
 type Slots = HashMap<MapData, FlowKey, Slot>;
 
 /// The GC: handles on both connection tables, the slot table and the timeouts.
 pub struct Gc {
-    embryonic: Table,
+    embryonic: Handshakes,
     established: Table,
     slots: Option<(Slots, usize)>,
     fill: TableFill,
@@ -284,7 +286,7 @@ fn reason(fwd: &Flow, rev: &Flow, why: Expiry) -> &'static str {
 }
 
 /// A table as a typed map, and the visit bound of a walk over it.
-fn table(map: Map, name: &str) -> Result<(Table, usize, std::os::fd::OwnedFd)> {
+fn table<V: aya::Pod>(map: Map, name: &str) -> Result<(Table<V>, usize, std::os::fd::OwnedFd)> {
     let max_entries = match &map {
         Map::HashMap(m) | Map::LruHashMap(m) => m
             .info()
@@ -293,7 +295,7 @@ fn table(map: Map, name: &str) -> Result<(Table, usize, std::os::fd::OwnedFd)> {
         _ => anyhow::bail!("map {name} is not a hash map"),
     };
     let fd = map_fd(&map, name)?;
-    let t = Table::try_from(map)
+    let t = Table::<V>::try_from(map)
         .with_context(|| format!("map {name} has an unexpected type or layout"))?;
     Ok((t, max_entries.saturating_mul(2).saturating_add(1024), fd))
 }
@@ -338,7 +340,7 @@ pub fn monotonic_now() -> Result<u64> {
 impl Gc {
     /// The one constructor: both tables (with their visit bounds and fds) and the slot table.
     fn with_tables(
-        embryonic: (Table, usize, std::os::fd::OwnedFd),
+        embryonic: (Handshakes, usize, std::os::fd::OwnedFd),
         established: (Table, usize, std::os::fd::OwnedFd),
         slots: Option<(Slots, usize)>,
         timeouts: Timeouts,
@@ -407,13 +409,11 @@ impl Gc {
     /// takes only the maps it writes).
     pub fn new(ebpf: &mut Ebpf, timeouts: Timeouts) -> Result<Self> {
         let mut take = |name: &str| {
-            let map = ebpf
-                .take_map(name)
-                .with_context(|| format!("the object has no map {name}"))?;
-            table(map, name)
+            ebpf.take_map(name)
+                .with_context(|| format!("the object has no map {name}"))
         };
-        let embryonic = take(names::CT_EMBRYONIC)?;
-        let established = take(names::CT_ESTABLISHED)?;
+        let embryonic = table(take(names::CT_EMBRYONIC)?, names::CT_EMBRYONIC)?;
+        let established = table(take(names::CT_ESTABLISHED)?, names::CT_ESTABLISHED)?;
         let slots = slot_table(
             ebpf.take_map(names::SLOTS)
                 .with_context(|| format!("the object has no map {}", names::SLOTS))?,
@@ -442,13 +442,13 @@ impl Gc {
 
     /// Opens both tables of a running instance from their pins in `dir`.
     pub fn from_pins(dir: &std::path::Path, timeouts: Timeouts) -> Result<Self> {
-        let open = |name: &str| table(crate::dataplane::open_pinned(dir, name)?, name);
+        let open = |name: &str| crate::dataplane::open_pinned(dir, name);
         let slots = crate::dataplane::open_pinned(dir, names::SLOTS)
             .ok()
             .and_then(|m| slot_table(m).ok());
         Ok(Self::with_tables(
-            open(names::CT_EMBRYONIC)?,
-            open(names::CT_ESTABLISHED)?,
+            table(open(names::CT_EMBRYONIC)?, names::CT_EMBRYONIC)?,
+            table(open(names::CT_ESTABLISHED)?, names::CT_ESTABLISHED)?,
             slots,
             timeouts,
         ))
@@ -575,13 +575,13 @@ impl Gc {
         if let Err(e) = read_table(
             (&self.embryonic, &self.embryonic_fd),
             self.embryonic_visits,
-            |k, f| {
+            |k, hs| {
                 if !seen.insert(k) {
                     return;
                 }
                 embryonic += 1;
-                if f.dir == DIR_FORWARD && now.saturating_sub(f.created_ns) <= connect_ns {
-                    tally.pair(&f).embryonic += 1;
+                if now.saturating_sub(hs.fwd.created_ns) <= connect_ns {
+                    tally.pair(&hs.fwd).embryonic += 1;
                 }
             },
         ) {
@@ -607,8 +607,9 @@ impl Gc {
     }
 
     /// Releases the slots of flows that are gone (run after [`Gc::sweep`], which deletes
-    /// expired flows): slots older than a second whose forward key is neither a live embryonic
-    /// entry nor an established one.
+    /// expired flows): slots older than a second whose forward key is not an established
+    /// flow's. (A handshake holds no slot: its ACK takes one as it moves the flow to the
+    /// established table, or gives it back at once if it cannot.)
     pub fn sweep_slots(&mut self, now: u64, release: Option<&Xdp>, st: &mut SweepStats) {
         let Some((slots, visits)) = &self.slots else {
             return;
@@ -630,20 +631,9 @@ impl Gc {
                 }
             }
         }
-        // Embryonic first: a flow moving to the established table is inserted there before
-        // it leaves the embryonic one, so this order never misses a live flow.
         // Flows this pass found alive need no lookup; the others are looked up again (they may
         // have been created or revived since).
-        gone.retain(|k| {
-            if self.live.contains(k) {
-                return false;
-            }
-            let embryonic = self
-                .embryonic
-                .get(k, 0)
-                .is_ok_and(|f| now.saturating_sub(f.created_ns) <= self.timeouts.connect_ns);
-            !embryonic && self.established.get(k, 0).is_err()
-        });
+        gone.retain(|k| !self.live.contains(k) && self.established.get(k, 0).is_err());
         self.fill.slots = st.slots - held_before;
         if gone.is_empty() {
             return;
@@ -796,24 +786,22 @@ impl Gc {
         let read = read_table(
             (&self.embryonic, &self.embryonic_fd),
             self.embryonic_visits,
-            |k, f| {
+            |k, hs| {
                 if full || !seen.insert(k) {
                     return;
                 }
                 st.embryonic_entries += 1;
-                if f.dir == DIR_FORWARD && now.saturating_sub(f.created_ns) <= timeout {
-                    tally.pair(&f).embryonic += 1;
-                    tally.live.insert(k);
-                }
-                if f.dir != DIR_FORWARD && now.saturating_sub(f.created_ns) <= timeout {
-                    tally.hold(f.backend_id, k.dport);
-                }
-                if now.saturating_sub(f.created_ns) > timeout {
+                let created = hs.rev.created_ns;
+                if now.saturating_sub(created) <= timeout {
+                    tally.pair(&hs.fwd).embryonic += 1;
+                    tally.live.insert(hs.fwd_key());
+                    tally.hold(hs.rev.backend_id, k.dport);
+                } else {
                     if doomed.len() >= budget {
                         full = true;
                         return;
                     }
-                    doomed.push((k, f.created_ns));
+                    doomed.push((k, created));
                 }
             },
         );
@@ -827,7 +815,7 @@ impl Gc {
         for (key, created) in doomed {
             // An expired entry may have been taken over by a new flow meanwhile (SNAT claim).
             match self.embryonic.get(&key, 0) {
-                Ok(f) if f.created_ns == created => {
+                Ok(hs) if hs.rev.created_ns == created => {
                     remove(&mut self.embryonic, &key);
                     st.embryonic_expired += 1;
                 }
@@ -860,13 +848,13 @@ fn slot_table(map: Map) -> Result<(Slots, usize)> {
 /// one syscall per batch instead of two per entry: a pass over a million entries costs
 /// milliseconds, not seconds), or entry by entry where the kernel has no batch lookup for the
 /// map. At most `visits` entries.
-fn read_table(
-    (table, fd): (&Table, &std::os::fd::OwnedFd),
+fn read_table<V: aya::Pod + bytemuck::Pod + Default>(
+    (table, fd): (&Table<V>, &std::os::fd::OwnedFd),
     visits: usize,
-    mut each: impl FnMut(FlowKey, Flow),
+    mut each: impl FnMut(FlowKey, V),
 ) -> Result<()> {
     let mut keys = vec![FlowKey::default(); BATCH];
-    let mut values = vec![Flow::default(); BATCH];
+    let mut values = vec![V::default(); BATCH];
     // The hash table's batch token: the bucket to continue from.
     let (mut token, mut read) = (None, 0usize);
     while read < visits {
@@ -1117,7 +1105,7 @@ pub fn release_slots(prog: &Xdp, keys: &[FlowKey]) -> Result<()> {
 }
 
 /// Deletes `key`; an entry already gone (the data path deleted it) is fine.
-fn remove(table: &mut Table, key: &FlowKey) {
+fn remove<V: aya::Pod>(table: &mut Table<V>, key: &FlowKey) {
     match table.remove(key) {
         Ok(()) => {}
         Err(MapError::KeyNotFound) => {}

@@ -13,7 +13,7 @@ use aya::{
     programs::{TestRun, TestRunOptions, Xdp},
     Ebpf,
 };
-use lb_common::{addr_be, names, port_be, Counter, Flow, FlowKey, COUNTER_MAX, COUNTER_NAMES};
+use lb_common::{addr_be, names, port_be, Counter, FlowKey, COUNTER_MAX, COUNTER_NAMES};
 
 use crate::{config::Config, dataplane::open_pinned};
 
@@ -134,7 +134,17 @@ pub fn run(
         };
         let backend = SocketAddrV4::new(ip.header().destination_addr(), tcp.destination_port());
         let snat = SocketAddrV4::new(ip.header().source_addr(), tcp.source_port());
-        remove_flow(ebpf, pin_dir, &fwd_key)?;
+        // The flow's handshake record sits under its reply key: the rewritten tuple, reversed.
+        let record = FlowKey {
+            saddr: addr_be(backend.ip().octets()),
+            daddr: addr_be(snat.ip().octets()),
+            sport: port_be(backend.port()),
+            dport: port_be(snat.port()),
+            proto: lb_common::IPPROTO_TCP,
+            _pad: 0,
+            _pad16: 0,
+        };
+        remove_flow(ebpf, pin_dir, &fwd_key, &record)?;
         return Ok(Verdict::Forwards {
             service: service.name.clone(),
             backend,
@@ -172,14 +182,17 @@ pub fn run(
     )
 }
 
-/// Deletes the self-test flow's two entries and releases its connection slot, if it took one.
-fn remove_flow(ebpf: &Ebpf, pin_dir: &Path, fwd_key: &FlowKey) -> Result<()> {
-    let mut table: HashMap<MapData, FlowKey, Flow> =
+/// Deletes the self-test flow's handshake record (at `record`) and releases its connection
+/// slot, if it took one. (Its index way stays: a hint without a record.)
+fn remove_flow(ebpf: &Ebpf, pin_dir: &Path, fwd_key: &FlowKey, record: &FlowKey) -> Result<()> {
+    let mut table: HashMap<MapData, FlowKey, lb_common::Handshake> =
         HashMap::try_from(open_pinned(pin_dir, names::CT_EMBRYONIC)?)?;
-    if let Ok(fwd) = table.get(fwd_key, 0) {
-        let _ = table.remove(&fwd.partner_key(lb_common::IPPROTO_TCP));
+    if table
+        .get(record, 0)
+        .is_ok_and(|hs| hs.fwd_key() == *fwd_key)
+    {
+        let _ = table.remove(record);
     }
-    let _ = table.remove(fwd_key);
     let slots: HashMap<MapData, FlowKey, lb_common::Slot> =
         HashMap::try_from(open_pinned(pin_dir, names::SLOTS)?)?;
     if slots.get(fwd_key, 0).is_ok() {

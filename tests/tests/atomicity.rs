@@ -162,14 +162,24 @@ fn every_flow_goes_to_a_member_of_the_generation_that_chose_it_across_1000_flips
     );
 
     let mut checked = 0;
-    for table in [names::CT_ESTABLISHED, names::CT_EMBRYONIC] {
-        let map = ebpf.map_mut(table).context("table")?;
+    let mut forward = Vec::new();
+    {
+        let map = ebpf.map(names::CT_ESTABLISHED).context("table")?;
         let flows: BpfHashMap<_, FlowKey, Flow> = BpfHashMap::try_from(map)?;
         for entry in flows.iter() {
             let (_, f) = entry?;
-            if f.dir != DIR_FORWARD {
-                continue;
+            if f.dir == DIR_FORWARD {
+                forward.push(f);
             }
+        }
+        let map = ebpf.map(names::CT_EMBRYONIC).context("table")?;
+        let records: BpfHashMap<_, FlowKey, lb_common::Handshake> = BpfHashMap::try_from(map)?;
+        for entry in records.iter() {
+            forward.push(entry?.1.fwd);
+        }
+    }
+    {
+        for f in forward {
             let set = generations
                 .get(&u64::from(f.generation))
                 .with_context(|| format!("flow with unknown generation {}", f.generation))?;

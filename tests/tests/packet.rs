@@ -12,8 +12,8 @@ use std::net::Ipv4Addr;
 
 use anyhow::Result;
 use lb_common::{
-    Counter, Flow, FlowKey, DIR_FORWARD, DIR_REPLY, FLOW_ESTABLISHED, FLOW_SYN_RECV, FLOW_SYN_SENT,
-    IPPROTO_TCP,
+    index_set_of, Counter, Flow, FlowKey, IndexWay, DIR_FORWARD, DIR_REPLY, FLOW_ESTABLISHED,
+    FLOW_SYN_RECV, FLOW_SYN_SENT, IPPROTO_TCP,
 };
 use lb_tests::fixture::frames::{
     self, describe_diff, hex, TcpFrame, XorShift, ACK, FIN, PSH, RST, SYN,
@@ -508,9 +508,16 @@ fn an_embryonic_flow_older_than_the_connect_timeout_counts_as_no_flow() -> Resul
                 (Counter::FibResult0, 1)
             ])
         );
-        let fwd = entry(&fx.embryonic()?, &fwd_key).expect("fresh forward entry");
-        assert_ne!(fwd.created_ns, 0);
-        assert_eq!(nat_tuple(&fwd).0, sa(SNAT_ADDR, port));
+        // The expired record stays for the GC (or a port claim) to take; the client's tuple
+        // leads to the fresh one.
+        let fresh: Vec<Flow> = fx
+            .embryonic()?
+            .into_iter()
+            .filter(|(k, f)| *k == fwd_key && f.created_ns != 0)
+            .map(|(_, f)| f)
+            .collect();
+        assert_eq!(fresh.len(), 1, "one fresh forward entry: {fresh:?}");
+        assert_eq!(nat_tuple(&fresh[0]).0, sa(SNAT_ADDR, port));
         Ok(())
     })
 }
@@ -1027,9 +1034,9 @@ fn a_non_syn_segment_to_a_vip_without_a_flow_is_answered_with_a_rst() -> Result<
 
 #[test]
 #[ignore = "needs root and netns: run cargo xtask test"]
-fn an_embryonic_entry_whose_partner_is_gone_counts_as_no_flow() -> Result<()> {
+fn a_handshake_whose_record_is_gone_counts_as_no_flow_on_either_side() -> Result<()> {
     Fixture::run("partner", |fx| {
-        // The reverse entry disappears: the client's ACK finds an orphan forward entry.
+        // The record disappears (an LRU eviction): the client's ACK finds a stale index way.
         let (syn, port) = open_write_flow(fx, CLIENT_PORT)?;
         let rev_key = flow_key(sa(DB01, BACKEND_PORT), sa(SNAT_ADDR, port));
         fx.remove_embryonic(&rev_key)?;
@@ -1046,14 +1053,14 @@ fn an_embryonic_entry_whose_partner_is_gone_counts_as_no_flow() -> Result<()> {
         want.window = 0;
         assert_rst(
             fx,
-            "client ACK, reverse entry gone",
+            "client ACK, record gone",
             &ack,
             fx.cl0.ifindex,
             &want,
             &[(Counter::RstNoFlow, 1), (Counter::RstSent, 1)],
         )?;
 
-        // The forward entry disappears: the backend's SYN-ACK finds an orphan reverse entry.
+        // The same from the backend's side: its SYN-ACK meets no record.
         let (syn, port) = open_write_flow(fx, CLIENT_PORT + 1)?;
         fx.remove_embryonic(&flow_key(sa(CLIENT, CLIENT_PORT + 1), sa(VIP, WRITE_PORT)))?;
         let syn_ack =
@@ -1070,12 +1077,174 @@ fn an_embryonic_entry_whose_partner_is_gone_counts_as_no_flow() -> Result<()> {
         want.window = 0;
         assert_rst(
             fx,
-            "backend SYN-ACK, forward entry gone",
+            "backend SYN-ACK, record gone",
             &syn_ack,
             fx.bk0.ifindex,
             &want,
             &[(Counter::RstNoFlow, 1), (Counter::RstSent, 1)],
         )?;
+        Ok(())
+    })
+}
+
+/// The index way naming client tuple `key`, if its set has one.
+fn way_of(fx: &Fixture, key: &FlowKey) -> Result<Option<IndexWay>> {
+    Ok(fx.index_ways(key)?.into_iter().find(|w| {
+        (w.client, w.vip, w.client_port, w.vip_port) == (key.saddr, key.daddr, key.sport, key.dport)
+    }))
+}
+
+/// The record key an index way names.
+fn record_of(w: &IndexWay) -> FlowKey {
+    FlowKey {
+        saddr: w.backend,
+        daddr: w.snat,
+        sport: w.backend_port,
+        dport: w.snat_port,
+        proto: IPPROTO_TCP,
+        _pad: 0,
+        _pad16: 0,
+    }
+}
+
+/// The forward key of the write service's connection from `port`.
+fn write_key(port: u16) -> FlowKey {
+    flow_key(sa(CLIENT, port), sa(VIP, WRITE_PORT))
+}
+
+/// The client's ACK of `syn_ack` on the connection from `port`, run; returns the action.
+fn client_ack(fx: &Fixture, port: u16, syn: &TcpFrame, syn_ack: &TcpFrame) -> Result<Action> {
+    let ack = client_segment(port, ACK).with_seq_ack(syn.seq + 1, syn_ack.seq + 1);
+    Ok(fx.from_client(&ack.bytes()?)?.action)
+}
+
+#[test]
+#[ignore = "needs root and netns: run cargo xtask test"]
+fn a_new_flow_is_one_handshake_record_which_the_clients_side_finds_through_the_index() -> Result<()>
+{
+    Fixture::run("hsrecord", |fx| {
+        let (_syn, port) = open_write_flow(fx, CLIENT_PORT)?;
+        let rev_key = flow_key(sa(DB01, BACKEND_PORT), sa(SNAT_ADDR, port));
+        let hs = fx.handshakes()?;
+        assert_eq!(hs.len(), 1, "one record per new flow: {hs:?}");
+        let (k, rec) = hs[0];
+        assert_eq!(
+            (k, rec.key(), rec.fwd_key()),
+            (rev_key, rev_key, write_key(CLIENT_PORT))
+        );
+        assert_eq!((rec.fwd.dir, rec.rev.dir), (DIR_FORWARD, DIR_REPLY));
+        let way = way_of(fx, &write_key(CLIENT_PORT))?.expect("an index way names the tuple");
+        assert_eq!(record_of(&way), rev_key);
+        assert_ne!(way.stamp, 0);
+        Ok(())
+    })
+}
+
+#[test]
+#[ignore = "needs root and netns: run cargo xtask test"]
+fn a_client_segment_finds_its_handshake_only_through_a_way_whose_record_points_back() -> Result<()>
+{
+    Fixture::run("hsway", |fx| {
+        let (syn, syn_ack, port) = handshake_until_syn_ack(fx, CLIENT_PORT)?;
+        let (_, other_port) = open_write_flow(fx, CLIENT_PORT + 1)?;
+        let key = write_key(CLIENT_PORT);
+        let good = way_of(fx, &key)?.expect("way");
+        let other = flow_key(sa(DB01, BACKEND_PORT), sa(SNAT_ADDR, other_port));
+        // A way naming the tuple but another flow's record (stale, or torn by a concurrent
+        // write), and a way naming another tuple: no flow, the ACK is refused with a RST.
+        let stale = IndexWay {
+            backend: other.saddr,
+            snat: other.daddr,
+            backend_port: other.sport,
+            snat_port: other.dport,
+            ..good
+        };
+        let foreign = IndexWay {
+            client_port: (CLIENT_PORT + 7).to_be(),
+            ..good
+        };
+        fx.put_index_ways(&key, [stale, foreign])?;
+        let before = fx.counters()?;
+        assert_eq!(client_ack(fx, CLIENT_PORT, &syn, &syn_ack)?, Action::Tx);
+        assert_eq!(
+            fx.counters()?.changes_since(&before),
+            moved(&[(Counter::RstNoFlow, 1), (Counter::RstSent, 1)])
+        );
+        assert!(fx.established()?.is_empty());
+        // The backend's side finds the record by its own key, index or not.
+        let rtx = backend_segment(DB01, DB01_MAC, port, SYN | ACK)
+            .with_seq_ack(0x5000_0000, syn.seq.wrapping_add(1))
+            .with_options(&frames::SYN_OPTIONS);
+        assert_eq!(fx.from_backends(&rtx.bytes()?)?.action, Action::Redirect);
+        // The stale way first, the right one second: the lookup goes on to the second way.
+        fx.put_index_ways(&key, [stale, good])?;
+        let before = fx.counters()?;
+        assert_eq!(
+            client_ack(fx, CLIENT_PORT, &syn, &syn_ack)?,
+            Action::Redirect
+        );
+        assert_eq!(
+            fx.counters()?.changes_since(&before),
+            moved(&[(Counter::FwdPackets, 1), (Counter::Established, 1)])
+        );
+        assert_eq!(fx.established()?.len(), 2);
+        Ok(())
+    })
+}
+
+/// `n` client ports of the write service whose tuples share one index set.
+fn ports_in_one_set(n: usize) -> Vec<u16> {
+    let mut by_set: std::collections::HashMap<u32, Vec<u16>> = Default::default();
+    for port in 20_000..65_000u16 {
+        let v = by_set.entry(index_set_of(&write_key(port))).or_default();
+        v.push(port);
+        if v.len() == n {
+            return v.clone();
+        }
+    }
+    panic!("no {n} ports share an index set");
+}
+
+#[test]
+#[ignore = "needs root and netns: run cargo xtask test"]
+fn a_new_handshake_takes_its_tuples_own_way_else_the_older_way_of_its_set() -> Result<()> {
+    Fixture::run("hsset", |fx| {
+        let ports = ports_in_one_set(3);
+        let (a, b, c) = (ports[0], ports[1], ports[2]);
+        let names = |fx: &Fixture| -> Result<Vec<u16>> {
+            Ok(fx
+                .index_ways(&write_key(a))?
+                .iter()
+                .map(|w| u16::from_be(w.client_port))
+                .collect())
+        };
+        let (syn_a, syn_ack_a, _) = handshake_until_syn_ack(fx, a)?;
+        let (syn_b, _) = open_write_flow(fx, b)?;
+        assert_eq!(names(fx)?, [a, b], "an empty set fills way by way");
+        // b's record is lost (evicted); its way stays, newer than a's. b's SYN retransmit
+        // opens a new handshake in b's own way, not in a's older one: a's handshake lives on.
+        fx.remove_embryonic(&write_key(b))?;
+        let mut ways = fx.index_ways(&write_key(a))?;
+        ways[0].stamp = ways[1].stamp.wrapping_sub(1000);
+        fx.put_index_ways(&write_key(a), ways)?;
+        assert_eq!(fx.from_client(&syn_b.bytes()?)?.action, Action::Redirect);
+        assert_eq!(names(fx)?, [a, b], "b took its own way");
+        assert_eq!(client_ack(fx, a, &syn_a, &syn_ack_a)?, Action::Redirect);
+        // A third handshake in a full set takes the older way (a's, whose flow is
+        // established now), and b's still completes.
+        let (_, _, _) = handshake_until_syn_ack(fx, c)?;
+        assert_eq!(names(fx)?, [c, b], "c took the older way");
+        let out = fx.from_client(&syn_b.bytes()?)?;
+        let port_b = sport_of(&out.frame);
+        let syn_ack_b = backend_segment(DB01, DB01_MAC, port_b, SYN | ACK)
+            .with_seq_ack(0x5000_0000, syn_b.seq.wrapping_add(1))
+            .with_options(&frames::SYN_OPTIONS);
+        assert_eq!(
+            fx.from_backends(&syn_ack_b.bytes()?)?.action,
+            Action::Redirect
+        );
+        assert_eq!(client_ack(fx, b, &syn_b, &syn_ack_b)?, Action::Redirect);
+        assert_eq!(fx.established()?.len(), 4, "a and b established");
         Ok(())
     })
 }

@@ -599,22 +599,22 @@ fn gc_deletes_embryonic_entries_past_the_connect_timeout() -> Result<()> {
         let out = fx.from_client(&syn.bytes()?)?;
         assert_eq!(out.action, Action::Redirect);
         let t0 = monotonic_now()?;
-        assert_eq!(fx.embryonic()?.len(), 2);
+        assert_eq!(fx.handshakes()?.len(), 1);
         let mut gc = Gc::shared(&fx.ebpf, default_timeouts(fx))?;
         assert_eq!(
             gc.sweep(t0 + 29 * SEC),
             SweepStats {
-                embryonic_entries: 2,
+                embryonic_entries: 1,
                 ..Default::default()
             }
         );
-        assert_eq!(fx.embryonic()?.len(), 2, "within the connect timeout");
+        assert_eq!(fx.handshakes()?.len(), 1, "within the connect timeout");
 
         let st = gc.sweep(t0 + 31 * SEC);
-        assert_eq!(st.embryonic_expired, 2, "{st:?}");
+        assert_eq!(st.embryonic_expired, 1, "{st:?}");
         assert!(
             fx.embryonic()?.is_empty(),
-            "both entries (and the SNAT port) freed"
+            "the handshake record (and its SNAT port) freed"
         );
         Ok(())
     })

@@ -257,6 +257,48 @@ fn a_build_whose_map_layout_changed_refuses_to_adopt_the_pinned_maps() -> Result
     Ok(())
 }
 
+#[test]
+#[ignore = "needs root and netns: run cargo xtask test"]
+fn a_build_whose_handshake_table_layout_changed_replaces_that_table_and_adopts_the_rest(
+) -> Result<()> {
+    let topo = Topology::two_armed("abihs")?;
+    let _sims = topo.start_sims(&["master", "slave", "slave"])?;
+    let lb = topo.start_lb(&config(&topo, ""), &["--xdp-mode", "native"])?;
+    lb.stop()?;
+    let dir = std::path::Path::new("/sys/fs/bpf/lb").join(&topo.instance);
+    let id = |name: &str| -> Result<u32> { Ok(MapData::from_pin(dir.join(name))?.info()?.id()) };
+    let (embryonic, established) = (id(names::CT_EMBRYONIC)?, id(names::CT_ESTABLISHED)?);
+    // Pretend the pinned handshake table was made by a build with another record layout: it
+    // holds seconds of state, so it is replaced instead of refusing the upgrade.
+    let mut meta: Array<MapData, u64> = Array::try_from(Map::from_map_data(MapData::from_pin(
+        dir.join(names::META),
+    )?)?)?;
+    let slot = names::ALL
+        .iter()
+        .position(|n| *n == names::CT_EMBRYONIC)
+        .context("slot")? as u32;
+    meta.set(slot, 0xdead_beef, 0)?;
+    let lb = topo.start_lb(&config(&topo, ""), &["--xdp-mode", "native"])?;
+    ensure!(
+        id(names::CT_ESTABLISHED)? == established,
+        "the established table was adopted"
+    );
+    let replaced = id(names::CT_EMBRYONIC)?;
+    ensure!(replaced != embryonic, "the handshake table was replaced");
+    ensure!(
+        meta.get(&slot, 0)? == abi::layout(names::CT_EMBRYONIC).context("layout")?,
+        "META records this build's layout"
+    );
+    lb.stop()?;
+    // Its own layout now: adopted on the next start.
+    let _lb = topo.start_lb(&config(&topo, ""), &["--xdp-mode", "native"])?;
+    ensure!(
+        id(names::CT_EMBRYONIC)? == replaced,
+        "adopted after the replacement"
+    );
+    Ok(())
+}
+
 /// What the agents of `topo`'s instance changed on the lb host and pinned: VIP address,
 /// managed neighbor entries, reserved ports, pinned links.
 fn host_settings(topo: &Topology) -> Result<Vec<String>> {

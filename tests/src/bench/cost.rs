@@ -108,17 +108,20 @@ const BUSY_FRAMES: usize = 500;
 
 /// Empties both connection tables, and the port hints as the GC's next pass would.
 fn clear_tables(fx: &mut Fixture) -> Result<()> {
-    for name in [names::CT_ESTABLISHED, names::CT_EMBRYONIC] {
+    fn clear<V: aya::Pod>(fx: &mut Fixture, name: &str) -> Result<()> {
         let map = fx
             .ebpf
             .map_mut(name)
             .with_context(|| format!("no {name}"))?;
-        let mut m = HashMap::<_, FlowKey, Flow>::try_from(map)?;
+        let mut m = HashMap::<_, FlowKey, V>::try_from(map)?;
         let keys: Vec<FlowKey> = m.keys().collect::<Result<_, _>>()?;
         for k in keys {
             m.remove(&k)?;
         }
+        Ok(())
     }
+    clear::<Flow>(fx, names::CT_ESTABLISHED)?;
+    clear::<lb_common::Handshake>(fx, names::CT_EMBRYONIC)?;
     fx.rewrite_port_hints()
 }
 
