@@ -44,7 +44,8 @@ counters! {
     SynHeld => "syn_held",
     /// SYN refused with a RST because no SNAT port was free for the chosen backend.
     RstSnatExhausted => "rst_snat_exhausted",
-    /// SYN dropped because the embryonic table refused the insert.
+    /// SYN dropped because the embryonic table refused the insert (no longer counted: the
+    /// port claim is the handshake's only insert, and a refused claim is `rst_snat_exhausted`).
     DropEmbryonicFull => "drop_embryonic_full",
     /// Flow could not move to the established table (full): the flow is refused.
     DropEstablishedFull => "drop_established_full",
@@ -69,7 +70,8 @@ counters! {
     RstSent => "rst_sent",
     /// The route's source address for a backend is not an address of an attached interface.
     DropNoSnatAddr => "drop_no_snat_addr",
-    /// `bpf_fib_lookup` result codes 0..=9 for new flows, one counter each: 0 (success).
+    /// `bpf_fib_lookup` result codes 0..=9 for new flows, one counter each: 0 (success; also
+    /// counted when a CPU reuses the next hop it found for the backend within 100 ms).
     FibResult0 => "fib_success",
     /// `bpf_fib_lookup` result 1 (blackhole).
     FibResult1 => "fib_blackhole",

@@ -7,7 +7,7 @@ use aya_ebpf::{
 use lb_common::Counter;
 
 use crate::{
-    maps::{FIB_PARAMS, ROUTE_SRC, TX_PORTS},
+    maps::{FIB_PARAMS, NEXT_HOPS, ROUTE_SRC, TX_PORTS},
     parse::Ip,
     stats,
 };
@@ -28,6 +28,8 @@ pub fn ttl_ends_here(ip: &Ip) -> bool {
 }
 
 /// Where and how a new flow's packets leave.
+#[derive(Clone, Copy)]
+#[repr(C)]
 pub struct NextHop {
     pub ifindex: u32,
     pub src: u32,
@@ -43,6 +45,66 @@ pub enum SrcFrom {
     /// The agent's route lookup for the backend, in `ROUTE_SRC` (older kernels); 0 if the
     /// backend has none (dropped as "no SNAT address").
     RouteSrc,
+}
+
+/// How long a CPU reuses the next hop it found for a backend: new flows to that backend
+/// within this time skip the FIB lookup (route, neighbour and source address: about a tenth
+/// of a new flow's cost). A changed route or neighbour reaches new flows within it; a flow
+/// keeps its SYN's hop for its life anyway. A failed lookup is never reused.
+pub const HOP_REUSE_NS: u64 = 100_000_000;
+
+/// A next hop one CPU found for a backend (`NEXT_HOPS[backend id]`).
+#[derive(Clone, Copy)]
+#[repr(C)]
+pub struct CachedHop {
+    /// When it was found; 0: never.
+    pub found_ns: u64,
+    /// The backend's address and the ingress interface it was found for.
+    pub dst: u32,
+    pub ingress: u32,
+    pub hop: NextHop,
+}
+
+/// The next hop towards backend `id` at `dst` for a new flow that arrived on `ifindex` at
+/// `now`: the one this CPU found for it within [`HOP_REUSE_NS`], else [`lookup`]'s.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+pub fn next_hop(
+    ctx: &XdpContext,
+    ifindex: u32,
+    id: u32,
+    dst: u32,
+    dport: u16,
+    tot_len: u16,
+    src_from: SrcFrom,
+    now: u64,
+) -> Result<NextHop, i64> {
+    let cached = NEXT_HOPS.get_ptr_mut(id);
+    if let Some(c) = cached {
+        // SAFETY: this CPU's map value, valid for the program run.
+        let c = unsafe { &*c };
+        if c.found_ns != 0
+            && c.dst == dst
+            && c.ingress == ifindex
+            && now.wrapping_sub(c.found_ns) < HOP_REUSE_NS
+        {
+            stats::count_fib(0);
+            return Ok(c.hop);
+        }
+    }
+    let hop = lookup(ctx, ifindex, dst, dport, tot_len, src_from)?;
+    if let Some(c) = cached {
+        // SAFETY: as above; nothing else runs on this CPU meanwhile.
+        unsafe {
+            *c = CachedHop {
+                found_ns: now,
+                dst,
+                ingress: ifindex,
+                hop,
+            }
+        };
+    }
+    Ok(hop)
 }
 
 /// Looks up the route to `dst` (network order) for a packet that arrived on `ifindex`.

@@ -121,6 +121,12 @@ pub static SNAT_ADDRS: HashMap<u32, u32, { MAX_SNAT_ADDRS as usize }> = HashMap:
 #[btf_map]
 pub static FIB_PARAMS: PerCpuArray<aya_ebpf::bindings::bpf_fib_lookup, 1> = PerCpuArray::new();
 
+/// Backend id -> the next hop this CPU found for it last (one per CPU, not pinned: a new
+/// program starts with none), reused for `forward::HOP_REUSE_NS`.
+#[btf_map]
+pub static NEXT_HOPS: PerCpuArray<crate::forward::CachedHop, { MAX_BACKENDS as usize }> =
+    PerCpuArray::new();
+
 /// Scratch space for a new flow's handshake record (one per CPU, not pinned), built here and
 /// inserted from here: 160 bytes the stack cannot spare.
 #[btf_map]

@@ -140,13 +140,15 @@ pub fn forward(p: &mut Packet, svc: Service) -> u32 {
     } else {
         forward::SrcFrom::Fib
     };
-    let hop = match forward::lookup(
+    let hop = match forward::next_hop(
         p.ctx,
         ingress,
+        backend.id,
         backend.addr,
         backend.port,
         tot_len,
         src_from,
+        p.now,
     ) {
         Ok(hop) => hop,
         Err(_) => {

@@ -94,6 +94,8 @@ pub const VM_SUITES: &[(&str, &[&str])] = &[
             "the_fib_source_probe_tells_whether_this_kernel_has_bpf_fib_lookup_src",
             "without_fib_lookup_src_a_new_flow_takes_the_source_the_agent_resolved_for_its_backend",
             "with_90_percent_of_the_snat_ports_taken_every_new_flow_finds_a_free_one_through_the_port_hints",
+            "a_client_segment_finds_its_handshake_only_through_a_way_whose_record_points_back",
+            "a_cpu_reuses_a_backends_next_hop_for_100_ms_and_never_a_failed_lookup",
         ],
     ),
     (

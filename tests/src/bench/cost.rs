@@ -69,6 +69,10 @@ pub struct CostRound {
     pub syn_busy_ns: f64,
     /// The share of those refused (no free port found within the search's tries).
     pub syn_busy_refused: f64,
+    /// The backend's SYN-ACK of a new flow, and the client's ACK that establishes it: with
+    /// the SYN, what a new flow costs the data path.
+    pub syn_ack_ns: f64,
+    pub handshake_ack_ns: f64,
     pub established_ns: f64,
     pub reply_ns: f64,
     pub non_vip_ns: f64,
@@ -181,7 +185,8 @@ pub fn measure(plan: &CostPlan) -> Result<Vec<CostRound>> {
                 snat_ports.push(u16::from_be_bytes([out[34], out[35]]));
                 syn_ns.push(ns);
             }
-            // Complete the handshakes (not timed): SYN-ACK from db01, the client's ACK.
+            // Complete the handshakes: SYN-ACK from db01, then the client's ACK, each path in
+            // its own pass over the flows (see below).
             let client_seq = syns[0].0.seq.wrapping_add(1);
             let backend_seq = 0x5000_0000u32;
             let backend = |port: u16, flags: u8, payload: &[u8]| {
@@ -202,17 +207,28 @@ pub fn measure(plan: &CostPlan) -> Result<Vec<CostRound>> {
                     .with_payload(payload)
             };
             let before = fx.counters()?;
-            for (i, &port) in snat_ports.iter().enumerate() {
-                let sa_frame = backend(port, SYN | ACK, b"").bytes()?;
-                let (a, _, _) = run_once(lb, &sa_frame, bk0, 1)?;
+            let syn_acks: Vec<Vec<u8>> = snat_ports
+                .iter()
+                .map(|&port| backend(port, SYN | ACK, b"").bytes())
+                .collect::<Result<_>>()?;
+            let acks: Vec<Vec<u8>> = (0..n)
+                .map(|i| client(base + i as u16, ACK, b"").bytes())
+                .collect::<Result<_>>()?;
+            let (mut syn_ack_ns, mut ack_ns) = (Vec::with_capacity(n), Vec::with_capacity(n));
+            for (i, f) in syn_acks.iter().enumerate() {
+                let (a, ns, _) = run_once(lb, f, bk0, 1)?;
                 ensure!(
                     matches!(a, Action::Redirect | Action::Tx),
-                    "round {round}, flow {i} (SNAT port {port}): SYN-ACK: {a:?}; counters moved: {:?}",
+                    "round {round}, flow {i} (SNAT port {}): SYN-ACK: {a:?}; counters moved: {:?}",
+                    snat_ports[i],
                     fx.counters()?.changes_since(&before)
                 );
-                let ack = client(base + i as u16, ACK, b"").bytes()?;
-                let (a, _, _) = run_once(lb, &ack, cl0, 1)?;
+                syn_ack_ns.push(ns);
+            }
+            for ack in &acks {
+                let (a, ns, _) = run_once(lb, ack, cl0, 1)?;
                 ensure!(matches!(a, Action::Redirect | Action::Tx), "ACK: {a:?}");
+                ack_ns.push(ns);
             }
             // A small Bolt-sized request and response on every flow.
             let request = [0u8; 64];
@@ -289,6 +305,8 @@ pub fn measure(plan: &CostPlan) -> Result<Vec<CostRound>> {
                 syn_ns: median(&mut syn_ns),
                 syn_busy_ns: median(&mut syn_busy_ns),
                 syn_busy_refused: busy_refused as f64 / BUSY_FRAMES as f64,
+                syn_ack_ns: median(&mut syn_ack_ns),
+                handshake_ack_ns: median(&mut ack_ns),
                 established_ns: median(&mut est_ns),
                 reply_ns: median(&mut reply_ns),
                 non_vip_ns: non_vip,

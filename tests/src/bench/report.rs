@@ -326,10 +326,20 @@ pub fn tables(
         out += "\n### XDP program cost per packet (BPF_PROG_TEST_RUN)\n\n\
             | path | lb_xdp, ns | floor (lb_pass, same method), ns | lb_xdp minus floor, ns |\n\
             |---|---|---|---|\n";
-        let rows: [CostRow; 5] = [
+        let rows: [CostRow; 7] = [
             (
                 "new flow (client SYN), repeat 1 over N flows",
                 &|r| r.syn_ns,
+                true,
+            ),
+            (
+                "its SYN-ACK (backend), repeat 1 over N flows",
+                &|r| r.syn_ack_ns,
+                true,
+            ),
+            (
+                "its handshake ACK (client; establishes the flow), repeat 1 over N flows",
+                &|r| r.handshake_ack_ns,
                 true,
             ),
             (
