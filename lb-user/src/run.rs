@@ -404,19 +404,19 @@ async fn serve(
     let range = (cfg.snat_ports.1 - cfg.snat_ports.0) as u64 + 1;
     // A hash-map element: key and value rounded to 8 bytes plus the kernel's htab_elem header
     // (hash node, hash, LRU node): about 48 bytes on x86_64.
-    let entry = (std::mem::size_of::<lb_common::FlowKey>()
-        + std::mem::size_of::<lb_common::Flow>())
-    .next_multiple_of(8)
-        + 48;
-    let mib = |n: u32| (n as usize * entry) as f64 / (1024.0 * 1024.0);
+    let entry =
+        |value: usize| (std::mem::size_of::<lb_common::FlowKey>() + value).next_multiple_of(8) + 48;
+    let mib = |bytes: usize| bytes as f64 / (1024.0 * 1024.0);
+    let index = lb_common::INDEX_SETS as usize * std::mem::size_of::<lb_common::IndexSet>();
     info!(
-        "capacity: {range} SNAT ports x {} backends = {} concurrent flows; tables: {} established entries (~{:.1} MiB, preallocated), {} embryonic (~{:.1} MiB)",
+        "capacity: {range} SNAT ports x {} backends = {} concurrent flows; tables: {} established entries (~{:.1} MiB, preallocated), {} handshakes (~{:.1} MiB, and ~{:.1} MiB of handshake index)",
         cfg.backends.len(),
         range * cfg.backends.len() as u64,
         cfg.established_entries,
-        mib(cfg.established_entries),
+        mib(cfg.established_entries as usize * entry(std::mem::size_of::<lb_common::Flow>())),
         cfg.embryonic_entries,
-        mib(cfg.embryonic_entries),
+        mib(cfg.embryonic_entries as usize * entry(std::mem::size_of::<lb_common::Handshake>())),
+        mib(index),
     );
     status::write_info(&InstanceInfo::new(
         cfg,

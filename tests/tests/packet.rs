@@ -1954,17 +1954,20 @@ fn a_cpu_reuses_a_backends_next_hop_for_100_ms_and_never_a_failed_lookup() -> Re
         let found = std::time::Instant::now();
         // db01's neighbour entry changes: a new flow within 100 ms still goes by the hop this
         // CPU found (the FIB lookup is skipped).
-        fx.ns.ip(&[
-            "neigh",
-            "replace",
-            "10.0.1.10",
-            "lladdr",
-            new_mac_text,
-            "dev",
-            "bk0",
-            "nud",
-            "permanent",
-        ])?;
+        let set_neigh = |fx: &Fixture, verb: &str| {
+            fx.ns.ip(&[
+                "neigh",
+                verb,
+                "10.0.1.10",
+                "lladdr",
+                new_mac_text,
+                "dev",
+                "bk0",
+                "nud",
+                "permanent",
+            ])
+        };
+        set_neigh(fx, "replace")?;
         let before = fx.counters()?;
         let out = fx.from_client(&client_syn(CLIENT_PORT + 1, WRITE_PORT).bytes()?)?;
         if found.elapsed() < std::time::Duration::from_millis(90) {
@@ -1999,17 +2002,7 @@ fn a_cpu_reuses_a_backends_next_hop_for_100_ms_and_never_a_failed_lookup() -> Re
             fx.cl0.ifindex,
             &[(Counter::DropFib, 1), (Counter::FibResult7, 1)],
         )?;
-        fx.ns.ip(&[
-            "neigh",
-            "add",
-            "10.0.1.10",
-            "lladdr",
-            new_mac_text,
-            "dev",
-            "bk0",
-            "nud",
-            "permanent",
-        ])?;
+        set_neigh(fx, "add")?;
         let out = fx.from_client(&client_syn(CLIENT_PORT + 4, WRITE_PORT).bytes()?)?;
         assert_eq!((out.action, dst_mac(&out)), (Action::Redirect, new_mac));
         Ok(())

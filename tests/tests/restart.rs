@@ -226,6 +226,17 @@ fn a_60s_stream_survives_kill_9_a_config_change_and_a_program_upgrade() -> Resul
     Ok(())
 }
 
+/// Writes a layout hash no build has into the pinned META slot of map `name` in `dir`, as a
+/// build with another layout of that map would have left; returns META and the slot.
+fn pretend_older_layout(dir: &std::path::Path, name: &str) -> Result<(Array<MapData, u64>, u32)> {
+    let mut meta: Array<MapData, u64> = Array::try_from(Map::from_map_data(MapData::from_pin(
+        dir.join(names::META),
+    )?)?)?;
+    let slot = names::ALL.iter().position(|n| *n == name).context("slot")? as u32;
+    meta.set(slot, 0xdead_beef, 0)?;
+    Ok((meta, slot))
+}
+
 #[test]
 #[ignore = "needs root and netns: run cargo xtask test"]
 fn a_build_whose_map_layout_changed_refuses_to_adopt_the_pinned_maps() -> Result<()> {
@@ -235,14 +246,7 @@ fn a_build_whose_map_layout_changed_refuses_to_adopt_the_pinned_maps() -> Result
     lb.stop()?;
     // Pretend the pinned conntrack table was made by a build whose flow value had another layout.
     let dir = std::path::Path::new("/sys/fs/bpf/lb").join(&topo.instance);
-    let mut meta: Array<MapData, u64> = Array::try_from(Map::from_map_data(MapData::from_pin(
-        dir.join(names::META),
-    )?)?)?;
-    let slot = names::ALL
-        .iter()
-        .position(|n| *n == names::CT_ESTABLISHED)
-        .context("slot")? as u32;
-    meta.set(slot, 0xdead_beef, 0)?;
+    pretend_older_layout(&dir, names::CT_ESTABLISHED)?;
     match topo.start_lb(&config(&topo, ""), &["--xdp-mode", "native"]) {
         Ok(_) => bail!("an incompatible build adopted the pinned maps"),
         Err(e) => {
@@ -270,14 +274,7 @@ fn a_build_whose_handshake_table_layout_changed_replaces_that_table_and_adopts_t
     let (embryonic, established) = (id(names::CT_EMBRYONIC)?, id(names::CT_ESTABLISHED)?);
     // Pretend the pinned handshake table was made by a build with another record layout: it
     // holds seconds of state, so it is replaced instead of refusing the upgrade.
-    let mut meta: Array<MapData, u64> = Array::try_from(Map::from_map_data(MapData::from_pin(
-        dir.join(names::META),
-    )?)?)?;
-    let slot = names::ALL
-        .iter()
-        .position(|n| *n == names::CT_EMBRYONIC)
-        .context("slot")? as u32;
-    meta.set(slot, 0xdead_beef, 0)?;
+    let (meta, slot) = pretend_older_layout(&dir, names::CT_EMBRYONIC)?;
     let lb = topo.start_lb(&config(&topo, ""), &["--xdp-mode", "native"])?;
     ensure!(
         id(names::CT_ESTABLISHED)? == established,
