@@ -74,6 +74,9 @@ pub mod names {
     /// Handshakes in progress: the client's tuple -> the key of the flow's `CT_EMBRYONIC`
     /// record (an array, set-associative; a hint the record confirms).
     pub const CT_INDEX: &str = "CT_INDEX";
+    /// Pinned maps whose content the data path may lose (handshakes in progress, hints): a
+    /// build with another layout of one of them replaces it instead of refusing the pins.
+    pub const REPLACEABLE: &[&str] = &[CT_EMBRYONIC, CT_INDEX];
     /// Every map the agent pins, in a stable order.
     pub const ALL: &[&str] = &[
         CONFIG,
@@ -301,6 +304,21 @@ pub struct FlowKey {
 }
 
 impl FlowKey {
+    /// The key of a TCP packet from `src` to `dst` (the agent's and the tests' way to name a
+    /// tuple).
+    #[cfg(feature = "user")]
+    pub fn between(src: std::net::SocketAddrV4, dst: std::net::SocketAddrV4) -> Self {
+        Self {
+            saddr: crate::addr_be(src.ip().octets()),
+            daddr: crate::addr_be(dst.ip().octets()),
+            sport: crate::port_be(src.port()),
+            dport: crate::port_be(dst.port()),
+            proto: IPPROTO_TCP,
+            _pad: 0,
+            _pad16: 0,
+        }
+    }
+
     /// The key of a packet travelling the other way.
     #[inline(always)]
     pub const fn reversed(&self) -> Self {
@@ -493,6 +511,48 @@ pub struct IndexWay {
     /// older way of a set is the one a new handshake replaces.
     pub stamp: u32,
     pub _pad: u32,
+}
+
+impl IndexWay {
+    /// A way naming client tuple `key` and its handshake record's key `record`, at `stamp`.
+    #[inline(always)]
+    pub const fn new(key: &FlowKey, record: &FlowKey, stamp: u32) -> Self {
+        Self {
+            client: key.saddr,
+            vip: key.daddr,
+            client_port: key.sport,
+            vip_port: key.dport,
+            backend: record.saddr,
+            snat: record.daddr,
+            backend_port: record.sport,
+            snat_port: record.dport,
+            stamp,
+            _pad: 0,
+        }
+    }
+
+    /// Whether the way names client tuple `key`.
+    #[inline(always)]
+    pub const fn names(&self, key: &FlowKey) -> bool {
+        self.client == key.saddr
+            && self.vip == key.daddr
+            && self.client_port == key.sport
+            && self.vip_port == key.dport
+    }
+
+    /// The key of the handshake record the way names.
+    #[inline(always)]
+    pub const fn record(&self) -> FlowKey {
+        FlowKey {
+            saddr: self.backend,
+            daddr: self.snat,
+            sport: self.backend_port,
+            dport: self.snat_port,
+            proto: IPPROTO_TCP,
+            _pad: 0,
+            _pad16: 0,
+        }
+    }
 }
 
 /// A handshake index set (`CT_INDEX[i]`, one cache line).

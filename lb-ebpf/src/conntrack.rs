@@ -115,29 +115,6 @@ fn index_set(key: &FlowKey) -> Option<*mut [IndexWay; lb_common::INDEX_WAYS]> {
     Some(unsafe { core::ptr::addr_of_mut!((*set).ways) })
 }
 
-/// Whether `way` names the client tuple `key`.
-#[inline(always)]
-fn names(way: &IndexWay, key: &FlowKey) -> bool {
-    way.client == key.saddr
-        && way.vip == key.daddr
-        && way.client_port == key.sport
-        && way.vip_port == key.dport
-}
-
-/// The record key a way holds.
-#[inline(always)]
-fn record_key(way: &IndexWay) -> FlowKey {
-    FlowKey {
-        saddr: way.backend,
-        daddr: way.snat,
-        sport: way.backend_port,
-        dport: way.snat_port,
-        proto: IPPROTO_TCP,
-        _pad: 0,
-        _pad16: 0,
-    }
-}
-
 /// The handshake of client tuple `key`, through the index: a way that names the tuple gives
 /// the record's key, and the record counts only if its reply half points back to the tuple
 /// (a way is a hint: it outlives its handshake, and another CPU may be rewriting it).
@@ -147,15 +124,13 @@ fn indexed(key: &FlowKey) -> Option<&'static mut Handshake> {
     // SAFETY: `ways` points into an array map value, valid for the program run; a torn read
     // is caught by the record check.
     let (w0, w1) = unsafe { (&(*ways)[0], &(*ways)[1]) };
-    if names(w0, key) {
-        if let Some(hs) = get_handshake(&record_key(w0)).filter(|hs| hs.rev.points_back_to(key)) {
-            return Some(hs);
+    let confirmed = |w: &IndexWay| {
+        if !w.names(key) {
+            return None;
         }
-    }
-    if names(w1, key) {
-        return get_handshake(&record_key(w1)).filter(|hs| hs.rev.points_back_to(key));
-    }
-    None
+        get_handshake(&w.record()).filter(|hs| hs.rev.points_back_to(key))
+    };
+    confirmed(w0).or_else(|| confirmed(w1))
 }
 
 /// Records in the index that client tuple `key`'s handshake is the record at `record`: in the
@@ -170,27 +145,16 @@ pub fn index(key: &FlowKey, record: &FlowKey, now: u64) {
     // names neither handshake correctly, which the record check rejects (a lost handshake,
     // like an LRU eviction).
     let (w0, w1) = unsafe { (&mut (*ways)[0], &mut (*ways)[1]) };
-    let way = if names(w1, key) {
+    let way = if w1.names(key) {
         w1
-    } else if names(w0, key) {
+    } else if w0.names(key) {
         w0
     } else if stamp.wrapping_sub(w1.stamp) > stamp.wrapping_sub(w0.stamp) {
         w1
     } else {
         w0
     };
-    *way = IndexWay {
-        client: key.saddr,
-        vip: key.daddr,
-        client_port: key.sport,
-        vip_port: key.dport,
-        backend: record.saddr,
-        snat: record.daddr,
-        backend_port: record.sport,
-        snat_port: record.dport,
-        stamp,
-        _pad: 0,
-    };
+    *way = IndexWay::new(key, record, stamp);
 }
 
 /// Whether `key` is in the established table (a port claim checks it before its insert into
@@ -330,8 +294,8 @@ pub fn mark_syn_recv(forward: &mut Flow, reply: &mut Flow) {
 
 /// Moves a flow from the embryonic to the established table: both entries are inserted
 /// there first, then the handshake record is removed, so a concurrent reader always finds
-/// the flow in one of them (its index way stays behind, a hint that no longer confirms). Returns false (and leaves the embryonic flow alone) when the
-/// established table is full. With `sync` (a pair), the flow is also reported to the agent
+/// the flow in one of them (its index way stays behind, a hint that no longer confirms).
+/// Returns false (and leaves the handshake alone) when the established table is full. With `sync` (a pair), the flow is also reported to the agent
 /// for the standby.
 #[inline(always)]
 pub fn promote(fwd_key: &FlowKey, found: &Found, now: u64, sync: bool) -> bool {

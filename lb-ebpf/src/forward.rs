@@ -48,7 +48,7 @@ pub enum SrcFrom {
 }
 
 /// How long a CPU reuses the next hop it found for a backend: new flows to that backend
-/// within this time skip the FIB lookup (route, neighbour and source address: about a tenth
+/// within this time skip the FIB lookup (route, neighbour and source address: about a quarter
 /// of a new flow's cost). A changed route or neighbour reaches new flows within it; a flow
 /// keeps its SYN's hop for its life anyway. A failed lookup is never reused.
 pub const HOP_REUSE_NS: u64 = 100_000_000;

@@ -164,8 +164,8 @@ fn check_meta(cfg: &mut Config, dir: &Path) -> Result<Pins> {
             );
             continue;
         }
-        if pinned != want && name == names::CT_EMBRYONIC {
-            // Handshakes in progress only, seconds of state: replaced (below).
+        if pinned != want && names::REPLACEABLE.contains(&name) {
+            // State the data path may lose (handshakes in progress): replaced (below).
             replaced.push(name);
         } else if pinned != want {
             changed.push(name);
@@ -195,7 +195,7 @@ fn check_meta(cfg: &mut Config, dir: &Path) -> Result<Pins> {
             cfg.instance
         );
     }
-    // An older layout's handshake table is dropped and this build's created in its place.
+    // An older layout's replaceable map is dropped and this build's created in its place.
     // The running program keeps the old one until the new program replaces it; a handshake
     // caught in between starts over (its client's next segment is refused, and its SYN
     // retransmit opens a new one).
@@ -205,7 +205,7 @@ fn check_meta(cfg: &mut Config, dir: &Path) -> Result<Pins> {
             .with_context(|| format!("remove {} (an older layout)", pin.display()))?;
         warn!(
             map = name,
-            "the pinned table has an older layout: replaced, handshakes in progress start over"
+            "the pinned map has an older layout: replaced, handshakes in progress start over"
         );
     }
     Ok(Pins::Adopted { flows })

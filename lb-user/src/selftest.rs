@@ -13,7 +13,7 @@ use aya::{
     programs::{TestRun, TestRunOptions, Xdp},
     Ebpf,
 };
-use lb_common::{addr_be, names, port_be, Counter, FlowKey, COUNTER_MAX, COUNTER_NAMES};
+use lb_common::{names, Counter, FlowKey, COUNTER_MAX, COUNTER_NAMES};
 
 use crate::{config::Config, dataplane::open_pinned};
 
@@ -114,15 +114,7 @@ pub fn run(
         .map(|(i, (a, b))| (i, a - b))
         .collect();
     let did = |c: Counter| moved.iter().any(|(i, _)| *i == c as usize);
-    let fwd_key = FlowKey {
-        saddr: addr_be(CLIENT.octets()),
-        daddr: addr_be(service.vip.ip().octets()),
-        sport: port_be(sport),
-        dport: port_be(service.vip.port()),
-        proto: lb_common::IPPROTO_TCP,
-        _pad: 0,
-        _pad16: 0,
-    };
+    let fwd_key = FlowKey::between(SocketAddrV4::new(CLIENT, sport), service.vip);
     // XDP_TX (3) or XDP_REDIRECT (4) with a rewritten SYN: the data path forwards.
     if (r.return_value == 3 || r.return_value == 4) && did(Counter::NewFlows) {
         let parsed = etherparse::SlicedPacket::from_ethernet(&out)
@@ -135,15 +127,7 @@ pub fn run(
         let backend = SocketAddrV4::new(ip.header().destination_addr(), tcp.destination_port());
         let snat = SocketAddrV4::new(ip.header().source_addr(), tcp.source_port());
         // The flow's handshake record sits under its reply key: the rewritten tuple, reversed.
-        let record = FlowKey {
-            saddr: addr_be(backend.ip().octets()),
-            daddr: addr_be(snat.ip().octets()),
-            sport: port_be(backend.port()),
-            dport: port_be(snat.port()),
-            proto: lb_common::IPPROTO_TCP,
-            _pad: 0,
-            _pad16: 0,
-        };
+        let record = FlowKey::between(backend, snat);
         remove_flow(ebpf, pin_dir, &fwd_key, &record)?;
         return Ok(Verdict::Forwards {
             service: service.name.clone(),

@@ -1089,22 +1089,7 @@ fn a_handshake_whose_record_is_gone_counts_as_no_flow_on_either_side() -> Result
 
 /// The index way naming client tuple `key`, if its set has one.
 fn way_of(fx: &Fixture, key: &FlowKey) -> Result<Option<IndexWay>> {
-    Ok(fx.index_ways(key)?.into_iter().find(|w| {
-        (w.client, w.vip, w.client_port, w.vip_port) == (key.saddr, key.daddr, key.sport, key.dport)
-    }))
-}
-
-/// The record key an index way names.
-fn record_of(w: &IndexWay) -> FlowKey {
-    FlowKey {
-        saddr: w.backend,
-        daddr: w.snat,
-        sport: w.backend_port,
-        dport: w.snat_port,
-        proto: IPPROTO_TCP,
-        _pad: 0,
-        _pad16: 0,
-    }
+    Ok(fx.index_ways(key)?.into_iter().find(|w| w.names(key)))
 }
 
 /// The forward key of the write service's connection from `port`.
@@ -1134,7 +1119,7 @@ fn a_new_flow_is_one_handshake_record_which_the_clients_side_finds_through_the_i
         );
         assert_eq!((rec.fwd.dir, rec.rev.dir), (DIR_FORWARD, DIR_REPLY));
         let way = way_of(fx, &write_key(CLIENT_PORT))?.expect("an index way names the tuple");
-        assert_eq!(record_of(&way), rev_key);
+        assert_eq!(way.record(), rev_key);
         assert_ne!(way.stamp, 0);
         Ok(())
     })

@@ -16,7 +16,7 @@ use std::{
 
 use anyhow::{anyhow, Context, Result};
 use aya::maps::{HashMap, MapData};
-use lb_common::{Flow, FlowKey, FlowSync, DIR_FORWARD, DIR_REPLY, FLOW_ESTABLISHED, IPPROTO_TCP};
+use lb_common::{Flow, FlowKey, FlowSync, DIR_FORWARD, DIR_REPLY, FLOW_ESTABLISHED};
 
 pub mod feed;
 pub mod keepalived;
@@ -39,19 +39,6 @@ fn addr_of(be: u32, port_be: u16) -> SocketAddrV4 {
 
 fn be(a: SocketAddrV4) -> (u32, u16) {
     (u32::from_ne_bytes(a.ip().octets()), a.port().to_be())
-}
-
-pub(crate) fn key(src: SocketAddrV4, dst: SocketAddrV4) -> FlowKey {
-    let ((saddr, sport), (daddr, dport)) = (be(src), be(dst));
-    FlowKey {
-        saddr,
-        daddr,
-        sport,
-        dport,
-        proto: IPPROTO_TCP,
-        _pad: 0,
-        _pad16: 0,
-    }
 }
 
 fn direction(f: &Flow) -> Direction {
@@ -181,7 +168,7 @@ pub fn entries(f: &SyncedFlow, l: &Local) -> [(FlowKey, Flow); 2] {
     };
     [
         (
-            key(f.client, f.vip),
+            FlowKey::between(f.client, f.vip),
             entry(
                 f.snat,
                 f.backend,
@@ -192,7 +179,7 @@ pub fn entries(f: &SyncedFlow, l: &Local) -> [(FlowKey, Flow); 2] {
             ),
         ),
         (
-            key(f.backend, f.snat),
+            FlowKey::between(f.backend, f.snat),
             entry(
                 f.vip,
                 f.client,
@@ -397,6 +384,7 @@ impl Drop for Running {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use lb_common::IPPROTO_TCP;
 
     const ACTIVE: [u32; 2] = [4, 9];
     const STANDBY: [Iface; 2] = [

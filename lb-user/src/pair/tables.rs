@@ -252,7 +252,7 @@ impl Tables {
                 }
                 Op::End { client, vip } => {
                     self.write(&mut keys, &mut values, &mut installs, &mut out);
-                    let fwd_key = super::key(*client, *vip);
+                    let fwd_key = FlowKey::between(*client, *vip);
                     if let Ok(fwd) = self.established.get(&fwd_key, 0) {
                         deletes.extend([fwd_key, fwd.partner_key(IPPROTO_TCP)]);
                     }
@@ -340,8 +340,8 @@ impl stream::Sink for Tables {
     fn install(&mut self, f: &SyncedFlow, replace: bool) -> Result<bool> {
         let (service, backend) = self.directory.ids(f)?;
         if !replace {
-            let fwd = super::key(f.client, f.vip);
-            let rev = super::key(f.backend, f.snat);
+            let fwd = FlowKey::between(f.client, f.vip);
+            let rev = FlowKey::between(f.backend, f.snat);
             if self.established.get(&fwd, 0).is_ok() || self.established.get(&rev, 0).is_ok() {
                 return Ok(false);
             }
@@ -368,7 +368,7 @@ impl stream::Sink for Tables {
             backend,
             epoch,
         };
-        let taken = self.take_slots(&[(super::key(f.client, f.vip), ids, created)]);
+        let taken = self.take_slots(&[(FlowKey::between(f.client, f.vip), ids, created)]);
         taken.into_iter().next().unwrap_or(Ok(()))?;
         Ok(true)
     }
@@ -406,7 +406,7 @@ impl stream::Sink for Tables {
     }
 
     fn end(&mut self, client: SocketAddrV4, vip: SocketAddrV4) -> Result<()> {
-        let fwd_key = super::key(client, vip);
+        let fwd_key = FlowKey::between(client, vip);
         let Ok(fwd) = self.established.get(&fwd_key, 0) else {
             return Ok(());
         };
