@@ -5,8 +5,8 @@ use core::mem::{offset_of, size_of};
 
 use crate::{
     names, Backend, BackendKey, BackendSet, BackendStats, CaptureConfig, CaptureHeader, Config,
-    Flow, FlowKey, Handshake, IndexSet, IndexWay, PortRange, RstBucket, Service, ServiceKey,
-    ServiceStats, Slot, INDEX_SETS, MAXCONN_ENTRIES,
+    Flow, FlowKey, Handshake, HandshakeSlot, IndexSet, IndexWay, PortRange, RstBucket, Service,
+    ServiceKey, ServiceStats, Slot, INDEX_SETS, MAXCONN_ENTRIES,
 };
 
 /// Bump when a map's meaning changes without its layout changing.
@@ -38,7 +38,6 @@ const HASH: u64 = 1;
 const ARRAY: u64 = 2;
 const PERF_EVENT_ARRAY: u64 = 4;
 const PERCPU_ARRAY: u64 = 6;
-const LRU_HASH: u64 = 9;
 const ARRAY_OF_MAPS: u64 = 12;
 const DEVMAP_HASH: u64 = 25;
 
@@ -101,8 +100,11 @@ pub const fn layout(name: &str) -> Option<u64> {
         b if eq(b, names::BACKEND_SETS) => fold(&[ARRAY_OF_MAPS, 4, 4, BACKEND_SET]),
         b if eq(b, names::BACKENDS) => fold(&[HASH, size_of::<BackendKey>() as u64, 4]),
         b if eq(b, names::CT_EMBRYONIC) => fold(&[
-            LRU_HASH,
-            FLOW_KEY,
+            ARRAY,
+            4,
+            size_of::<HandshakeSlot>() as u64,
+            offset_of!(HandshakeSlot, ctrl) as u64,
+            offset_of!(HandshakeSlot, hs) as u64,
             size_of::<Handshake>() as u64,
             FLOW,
             offset_of!(Handshake, fwd) as u64,

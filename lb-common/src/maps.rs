@@ -11,7 +11,7 @@ pub const MAX_SNAT_ADDRS: u32 = 64;
 /// Most interfaces the program can redirect to.
 pub const MAX_IFACES: u32 = 64;
 /// Default size of the embryonic (SYN seen, not yet established) flow table, in entries:
-/// one [`Handshake`] per connection, under its reply key.
+/// one [`Handshake`] per connection, in the slot of its reply key ([`HandshakeSlot`]).
 pub const DEFAULT_EMBRYONIC_ENTRIES: u32 = 65_536;
 /// Sets of the handshake index (`CT_INDEX`, forward key -> reply key), [`INDEX_WAYS`] ways
 /// each: four ways per entry of the default embryonic table.
@@ -74,9 +74,10 @@ pub mod names {
     /// Handshakes in progress: the client's tuple -> the key of the flow's `CT_EMBRYONIC`
     /// record (an array, set-associative; a hint the record confirms).
     pub const CT_INDEX: &str = "CT_INDEX";
-    /// Pinned maps whose content the data path may lose (handshakes in progress, hints): a
-    /// build with another layout of one of them replaces it instead of refusing the pins.
-    pub const REPLACEABLE: &[&str] = &[CT_EMBRYONIC, CT_INDEX];
+    /// Pinned maps whose content the data path may lose (handshakes in progress, hints) or
+    /// the agent rewrites at every start (settings): a build with another layout of one of
+    /// them replaces it instead of refusing the pins.
+    pub const REPLACEABLE: &[&str] = &[CONFIG, CT_EMBRYONIC, CT_INDEX];
     /// Every map the agent pins, in a stable order.
     pub const ALL: &[&str] = &[
         CONFIG,
@@ -127,6 +128,10 @@ pub struct Config {
     /// Most connections all services together may hold (HAProxy's global `maxconn`); 0: no
     /// limit.
     pub maxconn: u32,
+    /// Slots of the handshake table (`CT_EMBRYONIC`'s entries; a power of two, see
+    /// [`handshake_slots`]).
+    pub handshake_slots: u32,
+    pub _pad: u32,
 }
 
 /// Per-packet debug log lines through aya-log.
@@ -489,6 +494,86 @@ impl Handshake {
     }
 }
 
+/// Slots of a handshake table for `entries` records: a power of two, at least one.
+pub const fn handshake_slots(entries: u32) -> u32 {
+    if entries <= 1 {
+        1
+    } else {
+        entries.next_power_of_two()
+    }
+}
+
+/// The slot (`CT_EMBRYONIC` index) of the handshake record under reply key `key`, in a table
+/// of `slots` slots (a power of two).
+#[inline(always)]
+pub const fn handshake_slot_of(key: &FlowKey, slots: u32) -> u32 {
+    flow_hash(key) & slots.wrapping_sub(1)
+}
+
+/// The tag of reply key `key` in its slot's control word: never 0 (a free slot's tag).
+#[inline(always)]
+pub const fn handshake_tag(key: &FlowKey) -> u32 {
+    flow_hash(key).rotate_right(16) | 1
+}
+
+/// The unit of a handshake slot's stamp: 2^21 ns, about 2 ms.
+pub const HANDSHAKE_STAMP_SHIFT: u32 = 21;
+
+/// The control word of a slot holding, since `now` (ns), the record of the key with tag `tag`
+/// (0: free since `now`). Bit 0 is clear: the record is complete ([`HANDSHAKE_WRITING`]).
+#[inline(always)]
+pub const fn handshake_ctrl(tag: u32, now: u64) -> u64 {
+    (tag as u64) << 32 | (((now >> HANDSHAKE_STAMP_SHIFT) as u32) << 1) as u64
+}
+
+/// Bit 0 of a slot's control word: its record is being written.
+pub const HANDSHAKE_WRITING: u64 = 1;
+
+/// How long before `now` (ns) the control word `ctrl` was written, to its stamp's unit
+/// (ages wrap after 2^31 units, about 52 days).
+#[inline(always)]
+pub const fn handshake_age(ctrl: u64, now: u64) -> u64 {
+    let units = ((now >> HANDSHAKE_STAMP_SHIFT) as u32).wrapping_sub((ctrl as u32) >> 1);
+    ((units & 0x7fff_ffff) as u64) << HANDSHAKE_STAMP_SHIFT
+}
+
+/// One slot of the handshake table (`CT_EMBRYONIC[handshake_slot_of(reply key)]`): a record
+/// and its control word: the tag of the record's key (high half; 0: the slot is free) and
+/// when the slot was claimed or freed (low half, [`handshake_ctrl`]; bit 0 set while the
+/// record is written). Each reply key has one slot, so a SYN claims its SNAT port with a
+/// compare-and-swap of that word; a slot held by another key's live handshake makes the port
+/// search try another port (the port is part of the key), and one claimed longer ago than the
+/// connect timeout is free again, which the word alone tells. A reader takes a record only
+/// when its word is complete, tagged with its key, the record's forward half points back to
+/// the key, and the word is unchanged after that check.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[cfg_attr(feature = "user", derive(bytemuck::Pod, bytemuck::Zeroable))]
+pub struct HandshakeSlot {
+    pub ctrl: u64,
+    pub hs: Handshake,
+}
+
+impl HandshakeSlot {
+    /// Whether control word `ctrl` says its slot holds a record (tagged, not being written).
+    #[inline(always)]
+    pub const fn holds(ctrl: u64) -> bool {
+        ctrl >> 32 != 0 && ctrl & HANDSHAKE_WRITING == 0
+    }
+
+    /// The record the slot holds, if any.
+    pub fn record(&self) -> Option<&Handshake> {
+        Self::holds(self.ctrl).then_some(&self.hs)
+    }
+
+    /// Whether the slot holds the record under reply key `key` (as a reader takes it).
+    pub fn holds_key(&self, key: &FlowKey) -> bool {
+        Self::holds(self.ctrl)
+            && (self.ctrl >> 32) as u32 == handshake_tag(key)
+            && self.hs.fwd.points_back_to(key)
+    }
+}
+
 /// One way of a handshake index set: a client's tuple and where its handshake record is.
 /// Written by the SYN that creates the record, without a lock: a reader that finds its tuple
 /// here confirms it against the record (whose reply half must point back to the tuple), so
@@ -846,6 +931,7 @@ mod pod {
         super::PortRange,
         super::PortHints,
         super::Handshake,
+        super::HandshakeSlot,
         super::IndexSet,
     );
 }
@@ -866,7 +952,8 @@ mod tests {
         assert_eq!(size_of::<Service>(), 16);
         assert_eq!(size_of::<Backend>(), 12);
         assert_eq!(size_of::<BackendSet>(), 16 + 12 * MAX_SET_SIZE + 4096);
-        assert_eq!(size_of::<Config>(), 40);
+        assert_eq!(size_of::<Config>(), 48);
+        assert_eq!(size_of::<HandshakeSlot>(), 168);
         assert_eq!(size_of::<CaptureConfig>(), 16);
         assert_eq!(size_of::<CaptureHeader>(), 24);
     }

@@ -1,13 +1,19 @@
-//! The connection tables: embryonic (LRU, handshake in progress) and established
-//! (preallocated, never evicted). A handshake is one record ([`Handshake`], both directions)
-//! under its reply key, which the client's side finds through the handshake index
-//! (`CT_INDEX`); an established flow has a forward and a reply entry, and a lookup only
-//! counts when the partner entry exists and points back.
-use aya_ebpf::bindings::{BPF_ANY, BPF_NOEXIST};
+//! The connection tables: embryonic (handshakes in progress, an array of slots) and
+//! established (preallocated, never evicted). A handshake is one record ([`Handshake`], both
+//! directions) in the slot of its reply key ([`lb_common::HandshakeSlot`]), which the client's
+//! side finds through the handshake index (`CT_INDEX`); an established flow has a forward and
+//! a reply entry, and a lookup only counts when the partner entry exists and points back.
+use core::{
+    intrinsics::{atomic_cxchg, AtomicOrdering},
+    ptr::{addr_of_mut, read_volatile, write_volatile},
+};
+
+use aya_ebpf::bindings::BPF_ANY;
 use lb_common::{
-    backend_closed_first, index_set_of, is_closing, Counter, Flow, FlowKey, Handshake, IndexWay,
-    DIR_FORWARD, DIR_REPLY, FLOW_CLOSE_FIN, FLOW_CLOSE_RST, FLOW_ESTABLISHED, FLOW_SYN_RECV,
-    IPPROTO_TCP,
+    backend_closed_first, handshake_age, handshake_ctrl, handshake_slot_of, handshake_tag,
+    index_set_of, is_closing, Config, Counter, Flow, FlowKey, Handshake, HandshakeSlot, IndexWay,
+    DIR_REPLY, FLOW_CLOSE_FIN, FLOW_CLOSE_RST, FLOW_ESTABLISHED, FLOW_SYN_RECV,
+    HANDSHAKE_STAMP_SHIFT, HANDSHAKE_WRITING, IPPROTO_TCP,
 };
 
 use crate::{
@@ -22,6 +28,24 @@ pub struct Found {
     pub flow: &'static mut Flow,
     pub partner: &'static mut Flow,
     pub established: bool,
+    /// The slot of a handshake's record ([`RecordRef::NONE`] for an established flow).
+    pub record: RecordRef,
+}
+
+/// The slot of a handshake record: its control word, and the value that word had when the
+/// record was taken (a release only frees the slot if it still has it).
+#[derive(Clone, Copy)]
+pub struct RecordRef {
+    ctrl: *mut u64,
+    seen: u64,
+}
+
+impl RecordRef {
+    /// No slot (an established flow's).
+    const NONE: RecordRef = RecordRef {
+        ctrl: core::ptr::null_mut(),
+        seen: 0,
+    };
 }
 
 /// The side a segment's key comes from: a client's (client -> VIP, the forward key) or a
@@ -40,24 +64,62 @@ fn get_est(key: &FlowKey) -> Option<&'static mut Flow> {
     CT_ESTABLISHED.get_ptr_mut(key).map(|p| unsafe { &mut *p })
 }
 
+/// The control word and the record of the slot of reply key `key`.
 #[inline(always)]
-fn get_handshake(key: &FlowKey) -> Option<&'static mut Handshake> {
-    // SAFETY: as in `get_est`; each direction's path writes only its own half.
-    CT_EMBRYONIC.get_ptr_mut(key).map(|p| unsafe { &mut *p })
+fn slot_of(key: &FlowKey, slots: u32) -> Option<(*mut u64, &'static mut Handshake)> {
+    let slot = CT_EMBRYONIC.get_ptr_mut(handshake_slot_of(key, slots))?;
+    // SAFETY: an array map value, valid for the program run; each direction's path writes
+    // only its own half of a record, and a claim rewrites a record only behind an odd control
+    // word.
+    Some(unsafe { (addr_of_mut!((*slot).ctrl), &mut *addr_of_mut!((*slot).hs)) })
+}
+
+/// Reads a slot's control word (another CPU may change it at any time).
+#[inline(always)]
+fn ctrl_of(ctrl: *mut u64) -> u64 {
+    // SAFETY: an aligned u64 of a map value, changed only by single stores and atomics.
+    unsafe { read_volatile(ctrl) }
+}
+
+/// Replaces a slot's control word `seen` by `new`; false if another CPU changed it first.
+#[inline(always)]
+fn swap_ctrl(ctrl: *mut u64, seen: u64, new: u64) -> bool {
+    // SAFETY: as in `ctrl_of`; the BPF atomic compare-and-exchange instruction.
+    unsafe {
+        atomic_cxchg::<u64, { AtomicOrdering::SeqCst }, { AtomicOrdering::SeqCst }>(ctrl, seen, new)
+            .1
+    }
+}
+
+/// The handshake record under reply key `key`, and its slot: the slot's control word is even
+/// and carries the key's tag, the record's forward half points back to the key, and the word
+/// did not change during that check.
+#[inline(always)]
+fn get_handshake(key: &FlowKey, slots: u32) -> Option<(&'static mut Handshake, RecordRef)> {
+    let (ctrl, hs) = slot_of(key, slots)?;
+    let seen = ctrl_of(ctrl);
+    if HandshakeSlot::holds(seen)
+        && (seen >> 32) as u32 == handshake_tag(key)
+        && hs.fwd.points_back_to(key)
+        && ctrl_of(ctrl) == seen
+    {
+        return Some((hs, RecordRef { ctrl, seen }));
+    }
+    None
 }
 
 /// Looks `key` (from `side`) up: established first, then a handshake in progress (unless
 /// expired at `now`).
 #[inline(always)]
-pub fn lookup(key: &FlowKey, side: Side, now: u64, embryonic_timeout: u64) -> Option<Found> {
+pub fn lookup(key: &FlowKey, side: Side, now: u64, cfg: &Config) -> Option<Found> {
     if let Some(found) = established(key) {
         return Some(found);
     }
-    let hs = match side {
-        Side::Backend => get_handshake(key).filter(|hs| hs.fwd.points_back_to(key))?,
-        Side::Client => indexed(key)?,
+    let (hs, record) = match side {
+        Side::Backend => get_handshake(key, cfg.handshake_slots)?,
+        Side::Client => indexed(key, cfg.handshake_slots)?,
     };
-    if now.wrapping_sub(hs.rev.created_ns) > embryonic_timeout {
+    if now.wrapping_sub(hs.rev.created_ns) > cfg.embryonic_timeout_ns {
         return None;
     }
     let Handshake { fwd, rev } = hs;
@@ -66,11 +128,13 @@ pub fn lookup(key: &FlowKey, side: Side, now: u64, embryonic_timeout: u64) -> Op
             flow: fwd,
             partner: rev,
             established: false,
+            record,
         },
         Side::Backend => Found {
             flow: rev,
             partner: fwd,
             established: false,
+            record,
         },
     })
 }
@@ -83,13 +147,8 @@ pub fn lookup(key: &FlowKey, side: Side, now: u64, embryonic_timeout: u64) -> Op
 /// in generic mode, where a client's handshake ACK and its first data leave on two CPUs: the
 /// data segment found no flow and was answered with a RST.)
 #[inline(always)]
-pub fn lookup_settled(
-    key: &FlowKey,
-    side: Side,
-    now: u64,
-    embryonic_timeout: u64,
-) -> Option<Found> {
-    lookup(key, side, now, embryonic_timeout).or_else(|| established(key))
+pub fn lookup_settled(key: &FlowKey, side: Side, now: u64, cfg: &Config) -> Option<Found> {
+    lookup(key, side, now, cfg).or_else(|| established(key))
 }
 
 /// The established flow at `key`, with its partner pointing back.
@@ -104,6 +163,7 @@ fn established(key: &FlowKey) -> Option<Found> {
         flow,
         partner,
         established: true,
+        record: RecordRef::NONE,
     })
 }
 
@@ -119,18 +179,25 @@ fn index_set(key: &FlowKey) -> Option<*mut [IndexWay; lb_common::INDEX_WAYS]> {
 /// the record's key, and the record counts only if its reply half points back to the tuple
 /// (a way is a hint: it outlives its handshake, and another CPU may be rewriting it).
 #[inline(always)]
-fn indexed(key: &FlowKey) -> Option<&'static mut Handshake> {
+fn indexed(key: &FlowKey, slots: u32) -> Option<(&'static mut Handshake, RecordRef)> {
     let ways = index_set(key)?;
     // SAFETY: `ways` points into an array map value, valid for the program run; a torn read
     // is caught by the record check.
     let (w0, w1) = unsafe { (&(*ways)[0], &(*ways)[1]) };
-    let confirmed = |w: &IndexWay| {
-        if !w.names(key) {
-            return None;
-        }
-        get_handshake(&w.record()).filter(|hs| hs.rev.points_back_to(key))
-    };
-    confirmed(w0).or_else(|| confirmed(w1))
+    confirmed(w0, key, slots).or_else(|| confirmed(w1, key, slots))
+}
+
+/// The handshake the index way `w` names for client tuple `key`, if its record points back.
+#[inline(always)]
+fn confirmed(
+    w: &IndexWay,
+    key: &FlowKey,
+    slots: u32,
+) -> Option<(&'static mut Handshake, RecordRef)> {
+    if !w.names(key) {
+        return None;
+    }
+    get_handshake(&w.record(), slots).filter(|(hs, _)| hs.rev.points_back_to(key))
 }
 
 /// Records in the index that client tuple `key`'s handshake is the record at `record`: in the
@@ -143,7 +210,7 @@ pub fn index(key: &FlowKey, record: &FlowKey, now: u64) {
     let stamp = (now >> 20) as u32;
     // SAFETY: as in `indexed`; two CPUs writing one way at once leave at worst a way that
     // names neither handshake correctly, which the record check rejects (a lost handshake,
-    // like an LRU eviction).
+    // like a handshake whose slot another claim took).
     let (w0, w1) = unsafe { (&mut (*ways)[0], &mut (*ways)[1]) };
     let way = if w1.names(key) {
         w1
@@ -231,57 +298,102 @@ pub fn delete_closed(c: &Closed, key: &FlowKey) -> bool {
     delete_established(&c.fwd_key, key)
 }
 
-/// Inserts a new handshake record under `key` (its reply key) only if the key is free: this
-/// is what claims an SNAT port.
+/// Claims reply key `key` for the handshake `hs`, which is copied into the key's slot: what
+/// claims an SNAT port. The slot must be free or hold a handshake (of this key or another)
+/// that `takeover` may evict; else the port counts as taken and the search tries another.
+/// Returns whether the key was claimed, and with it whether a live (half-open) handshake was
+/// evicted.
+///
+/// The slot is claimed with a compare-and-swap of its control word to the key's tag with the
+/// writing bit set; readers skip the slot until the record is written and the bit cleared.
 #[inline(always)]
-pub fn claim_embryonic(key: &FlowKey, hs: &Handshake) -> bool {
-    CT_EMBRYONIC.insert(key, hs, BPF_NOEXIST as u64).is_ok()
+pub fn claim(
+    key: &FlowKey,
+    hs: &Handshake,
+    cfg: &Config,
+    now: u64,
+    takeover: Takeover,
+) -> Option<bool> {
+    let (ctrl, record) = slot_of(key, cfg.handshake_slots)?;
+    let (seen, evicted) = decide(ctrl, record, cfg, now, takeover)?;
+    let claimed = handshake_ctrl(handshake_tag(key), now);
+    if !swap_ctrl(ctrl, seen, claimed | HANDSHAKE_WRITING) {
+        return None;
+    }
+    // SAFETY: `hs` (this CPU's scratch record) and `record` (a map value) do not overlap; the
+    // slot is this CPU's until the writing bit is cleared.
+    unsafe { core::ptr::copy_nonoverlapping(hs, record, 1) };
+    // SAFETY: as in `ctrl_of`; the record is written before its word says so (the JIT keeps
+    // program order, and x86 does not reorder stores).
+    unsafe { write_volatile(ctrl, claimed) };
+    Some(evicted)
 }
 
-/// Takes over the handshake record at `key` (writes `hs` there, claiming its SNAT port) if
-/// `over` says the handshake holding it (its reply half) is over.
+/// Whether [`claim`] would claim `key` now (only reads: a port search tests ports with this,
+/// so that the verifier walks the claim once, not once per try). With
+/// [`Takeover::Expired`] it reads the slot's control word alone.
 #[inline(always)]
-fn take_over_if(key: &FlowKey, hs: &Handshake, over: impl Fn(&Flow) -> bool) -> bool {
-    // SAFETY: value valid for the program run; only read.
-    match CT_EMBRYONIC.get_ptr(key).map(|old| unsafe { &(*old).rev }) {
-        Some(old) if over(old) => CT_EMBRYONIC.insert(key, hs, BPF_ANY as u64).is_ok(),
-        _ => false,
+pub fn claimable(key: &FlowKey, cfg: &Config, now: u64, takeover: Takeover) -> bool {
+    slot_of(key, cfg.handshake_slots)
+        .and_then(|(ctrl, record)| decide(ctrl, record, cfg, now, takeover))
+        .is_some()
+}
+
+/// [`claim`]'s decision on a slot (`ctrl`, `record`): the control word to swap, and whether a
+/// live handshake is evicted; `None` if the port counts as taken.
+#[inline(always)]
+fn decide(
+    ctrl: *mut u64,
+    record: &Handshake,
+    cfg: &Config,
+    now: u64,
+    takeover: Takeover,
+) -> Option<(u64, bool)> {
+    let seen = ctrl_of(ctrl);
+    if seen & HANDSHAKE_WRITING != 0 {
+        // Another CPU is writing this slot.
+        return None;
+    }
+    // Free, or claimed longer ago than the connect timeout (one stamp unit more, so that a
+    // record the lookups still take is never reclaimed).
+    if seen >> 32 == 0
+        || handshake_age(seen, now) > cfg.embryonic_timeout_ns + (1 << HANDSHAKE_STAMP_SHIFT)
+    {
+        return Some((seen, false));
+    }
+    let half_open = takeover == Takeover::HalfOpen
+        && record.rev.state == FLOW_SYN_RECV
+        && now.wrapping_sub(record.rev.created_ns) > HALF_OPEN_NS;
+    half_open.then_some((seen, true))
+}
+
+/// Which live handshake [`claim`] may evict (a free slot, or one whose handshake is older than
+/// the connect timeout, it always takes).
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Takeover {
+    /// None.
+    Expired,
+    /// One half open (the backend answered, the client never did: a spoofed SYN looks like
+    /// this) for more than `HALF_OPEN_NS`.
+    HalfOpen,
+}
+
+/// How old a half-open handshake must be before, under port pressure, a new flow may take over
+/// its port. A real client's ACK follows the backend's SYN-ACK within a round trip; a flood of
+/// spoofed SYNs at 20,000/s keeps about 5,000 ports younger than this.
+pub const HALF_OPEN_NS: u64 = 250_000_000;
+
+/// Frees the slot of a handshake's record, unless another claim took it meanwhile.
+#[inline(always)]
+fn release(record: RecordRef, now: u64) {
+    if !record.ctrl.is_null() {
+        let seen = record.seen;
+        let _ = swap_ctrl(record.ctrl, seen, handshake_ctrl(0, now));
     }
 }
 
-/// Takes over the handshake record at `key` if it has expired (its flow never completed), so
-/// that dead handshakes do not hold SNAT ports until the LRU evicts them.
-#[inline(always)]
-pub fn reclaim_expired(key: &FlowKey, hs: &Handshake, now: u64, embryonic_timeout: u64) -> bool {
-    take_over_if(key, hs, |old| {
-        now.wrapping_sub(old.created_ns) > embryonic_timeout
-    })
-}
-
-/// Takes over the handshake record at `key` if its handshake is half open and stale: the
-/// flow began more than `stale_ns` ago, the backend answered (`FLOW_SYN_RECV`) and the
-/// client never completed it. A spoofed SYN looks like this; a real client's ACK follows the
-/// backend's SYN-ACK within a round trip.
-#[inline(always)]
-pub fn reclaim_half_open(key: &FlowKey, hs: &Handshake, now: u64, stale_ns: u64) -> bool {
-    take_over_if(key, hs, |old| {
-        old.state == FLOW_SYN_RECV && now.wrapping_sub(old.created_ns) > stale_ns
-    })
-}
-
-/// The key of the handshake record `found` (not established) points into.
-#[inline(always)]
-fn record_of(found: &Found) -> FlowKey {
-    let fwd = if found.flow.dir == DIR_FORWARD {
-        &*found.flow
-    } else {
-        &*found.partner
-    };
-    fwd.partner_key(IPPROTO_TCP)
-}
-
 /// The backend answered the SYN: the client's next ACK establishes the flow. Both halves
-/// say so: the forward one for that ACK, the reply one for [`reclaim_half_open`].
+/// say so: the forward one for that ACK, the reply one for [`Takeover::HalfOpen`].
 #[inline(always)]
 pub fn mark_syn_recv(forward: &mut Flow, reply: &mut Flow) {
     if forward.state < FLOW_SYN_RECV {
@@ -293,7 +405,7 @@ pub fn mark_syn_recv(forward: &mut Flow, reply: &mut Flow) {
 }
 
 /// Moves a flow from the embryonic to the established table: both entries are inserted
-/// there first, then the handshake record is removed, so a concurrent reader always finds
+/// there first, then the handshake record's slot is freed, so a concurrent reader always finds
 /// the flow in one of them (its index way stays behind, a hint that no longer confirms).
 /// Returns false (and leaves the handshake alone) when the established table is full. With `sync` (a pair), the flow is also reported to the agent
 /// for the standby.
@@ -319,7 +431,7 @@ pub fn promote(fwd_key: &FlowKey, found: &Found, now: u64, sync: bool) -> bool {
         let _ = CT_ESTABLISHED.remove(&rev_key);
         return false;
     }
-    let _ = CT_EMBRYONIC.remove(&rev_key);
+    release(found.record, now);
     stats::count(Counter::Established);
     if sync {
         events::established(fwd_key, &fwd, &rev);
@@ -329,12 +441,12 @@ pub fn promote(fwd_key: &FlowKey, found: &Found, now: u64, sync: bool) -> bool {
 
 /// Deletes a flow found at `key`: both established entries, or its handshake record.
 #[inline(always)]
-pub fn delete(key: &FlowKey, found: &Found) {
+pub fn delete(key: &FlowKey, found: &Found, now: u64) {
     if found.established {
         let _ = CT_ESTABLISHED.remove(key);
         let _ = CT_ESTABLISHED.remove(&found.flow.partner_key(IPPROTO_TCP));
     } else {
-        let _ = CT_EMBRYONIC.remove(&record_of(found));
+        release(found.record, now);
     }
 }
 

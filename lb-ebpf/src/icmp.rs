@@ -80,7 +80,7 @@ pub fn handle(
         _pad: 0,
         _pad16: 0,
     };
-    let Some(found) = conntrack::lookup(&key, side, now, cfg.embryonic_timeout_ns) else {
+    let Some(found) = conntrack::lookup(&key, side, now, cfg) else {
         stats::count(Counter::DropIcmpNoFlow);
         return xdp_action::XDP_DROP;
     };

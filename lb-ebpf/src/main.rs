@@ -106,7 +106,7 @@ mod prog {
                 let cfg = config();
                 // SAFETY: helper without arguments.
                 let now = unsafe { bpf_ktime_get_ns() };
-                icmp::handle(ctx, f, eth, ip, &cfg, now)
+                icmp::handle(ctx, f, eth, ip, cfg, now)
             }
             _ => xdp_action::XDP_PASS,
         }
@@ -128,7 +128,7 @@ mod prog {
         };
         let cfg = config();
         if let Some(svc) = service::lookup(ip.daddr, ports.dport) {
-            if for_the_other_host(ctx, eth, &cfg) {
+            if for_the_other_host(ctx, eth, cfg) {
                 return xdp_action::XDP_PASS;
             }
             let Some(tcp) = checked_tcp(f, ip, svc.id) else {
@@ -138,7 +138,7 @@ mod prog {
             let now = unsafe { bpf_ktime_get_ns() };
             let key = path::key_of(ip, tcp);
             return path::forward(
-                &mut path::Packet::new(ctx, f, eth, ip, tcp, &key, &cfg, now),
+                &mut path::Packet::new(ctx, f, eth, ip, tcp, &key, cfg, now),
                 svc,
             );
         }
@@ -147,7 +147,7 @@ mod prog {
             cfg.snat_port_max != 0 && dport >= cfg.snat_port_min && dport <= cfg.snat_port_max;
         let old_range = !in_range && cfg.flags & CONFIG_F_OLD_PORTS != 0 && in_old_ports(dport);
         if (in_range || old_range) && is_snat_addr(ip.daddr) && is_backend(ip.saddr, ports.sport) {
-            if for_the_other_host(ctx, eth, &cfg) {
+            if for_the_other_host(ctx, eth, cfg) {
                 return xdp_action::XDP_PASS;
             }
             let Some(tcp) = checked_tcp(f, ip, u32::MAX) else {
@@ -157,7 +157,7 @@ mod prog {
             let now = unsafe { bpf_ktime_get_ns() };
             let key = path::key_of(ip, tcp);
             return path::reply(
-                &mut path::Packet::new(ctx, f, eth, ip, tcp, &key, &cfg, now),
+                &mut path::Packet::new(ctx, f, eth, ip, tcp, &key, cfg, now),
                 old_range,
             );
         }

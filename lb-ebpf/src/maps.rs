@@ -2,22 +2,16 @@
 //! `BACKEND_SETS`, `BACKENDS` and `TX_PORTS`; the program owns the connection tables and the
 //! counters. Sizes here are defaults: the agent may override `max_entries` at load time.
 use aya_ebpf::{
-    btf_maps::{
-        Array, ArrayOfMaps, DevMapHash, HashMap, LruHashMap, PerCpuArray, PerfEventArray, RingBuf,
-    },
+    btf_maps::{Array, ArrayOfMaps, DevMapHash, HashMap, PerCpuArray, PerfEventArray, RingBuf},
     macros::btf_map,
 };
 use lb_common::{
-    epoch_index, BackendKey, BackendSet, BackendStats, CaptureConfig, Config, ConnEvent, Flow,
-    FlowKey, FlowSync, Handshake, IndexSet, PortHints, PortRange, RstBucket, Service, ServiceKey,
-    ServiceStats, Slot, COUNTER_MAX, DEFAULT_EMBRYONIC_ENTRIES, DEFAULT_ESTABLISHED_ENTRIES,
-    FLOW_SYNC_BYTES, INDEX_SETS, MAXCONN_ENTRIES, MAX_BACKENDS, MAX_IFACES, MAX_SERVICES,
-    MAX_SNAT_ADDRS,
+    epoch_index, handshake_slots, BackendKey, BackendSet, BackendStats, CaptureConfig, Config,
+    ConnEvent, Flow, FlowKey, FlowSync, Handshake, HandshakeSlot, IndexSet, PortHints, PortRange,
+    RstBucket, Service, ServiceKey, ServiceStats, Slot, COUNTER_MAX, DEFAULT_EMBRYONIC_ENTRIES,
+    DEFAULT_ESTABLISHED_ENTRIES, FLOW_SYNC_BYTES, INDEX_SETS, MAXCONN_ENTRIES, MAX_BACKENDS,
+    MAX_IFACES, MAX_SERVICES, MAX_SNAT_ADDRS,
 };
-
-/// `BPF_F_NO_COMMON_LRU` is not used: a per-CPU LRU list would evict a flow whose reply
-/// arrived on another CPU.
-const NO_FLAGS: usize = 0;
 
 /// Runtime settings, index 0.
 #[btf_map]
@@ -36,15 +30,13 @@ pub static BACKEND_SETS: ArrayOfMaps<Array<BackendSet, 1>, { MAX_SERVICES as usi
 #[btf_map]
 pub static BACKENDS: HashMap<BackendKey, u32, { MAX_BACKENDS as usize }> = HashMap::new();
 
-/// Flows whose handshake has not completed, one record each under the reply key: evictable,
-/// expire after the connect timeout.
+/// Flows whose handshake has not completed, one record each in the slot of its reply key
+/// (see [`lb_common::HandshakeSlot`]); records expire after the connect timeout.
 #[btf_map]
-pub static CT_EMBRYONIC: LruHashMap<
-    FlowKey,
-    Handshake,
-    { DEFAULT_EMBRYONIC_ENTRIES as usize },
-    NO_FLAGS,
-> = LruHashMap::new();
+pub static CT_EMBRYONIC: Array<
+    HandshakeSlot,
+    { handshake_slots(DEFAULT_EMBRYONIC_ENTRIES) as usize },
+> = Array::new();
 
 /// The handshake index: `CT_INDEX[hash(client tuple)]`, a set of ways each naming a client
 /// tuple and its record's key in `CT_EMBRYONIC` (see [`lb_common::IndexWay`]).
@@ -191,13 +183,25 @@ pub static CAPTURE: Array<CaptureConfig, 1> = Array::new();
 #[btf_map]
 pub static CAPTURE_EVENTS: PerfEventArray = PerfEventArray::new();
 
-/// Reads the runtime settings (all zero before the agent wrote them).
+/// Settings before the agent wrote any (all zero).
+static NO_CONFIG: Config = Config {
+    embryonic_timeout_ns: 0,
+    idle_timeout_ns: 0,
+    close_timeout_ns: 0,
+    snat_port_min: 0,
+    snat_port_max: 0,
+    flags: 0,
+    rst_per_sec: 0,
+    maxconn: 0,
+    handshake_slots: 0,
+    _pad: 0,
+};
+
+/// The runtime settings, read in place (a copy would take 48 bytes of the 512-byte stack):
+/// only the agent writes them, between packets as far as a packet can tell.
 #[inline(always)]
-pub fn config() -> Config {
-    match CONFIG.get(0) {
-        Some(c) => *c,
-        None => Config::default(),
-    }
+pub fn config() -> &'static Config {
+    CONFIG.get(0).unwrap_or(&NO_CONFIG)
 }
 
 /// The backend set currently installed for `service_id`, copied out of the inner map.

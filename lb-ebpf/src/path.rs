@@ -84,9 +84,9 @@ pub fn forward(p: &mut Packet, svc: Service) -> u32 {
     count_large(p);
 
     let found = if p.tcp.is_plain_syn() {
-        conntrack::lookup(p.key, Side::Client, p.now, p.cfg.embryonic_timeout_ns)
+        conntrack::lookup(p.key, Side::Client, p.now, p.cfg)
     } else {
-        conntrack::lookup_settled(p.key, Side::Client, p.now, p.cfg.embryonic_timeout_ns)
+        conntrack::lookup_settled(p.key, Side::Client, p.now, p.cfg)
     };
     if let Some(found) = found {
         if forward::ttl_ends_here(p.ip) {
@@ -98,13 +98,13 @@ pub fn forward(p: &mut Packet, svc: Service) -> u32 {
             // flow is over; this SYN starts a new one below (its slot, if any, was released
             // when it closed; `maxconn::acquire` takes care of a leftover).
             events::ended(p.key, found.flow, found.partner, p.now, CONN_END_REUSED);
-            conntrack::delete(p.key, &found);
+            conntrack::delete(p.key, &found, p.now);
             stats::count(Counter::ClosedTupleReused);
         } else if plain_syn && !found.established && is_reset(found.flow) {
             // A SYN retransmit whose first SYN went to a backend demoted since: the handshake
             // starts over on the current set (the new master), instead of a refusal.
             events::ended(p.key, found.flow, found.partner, p.now, CONN_END_RESET);
-            conntrack::delete(p.key, &found);
+            conntrack::delete(p.key, &found, p.now);
             maxconn::release(p.key);
         } else {
             return existing(p, found, svc);
@@ -241,13 +241,12 @@ pub fn forward(p: &mut Packet, svc: Service) -> u32 {
 #[inline(always)]
 fn existing(p: &mut Packet, found: conntrack::Found, svc: Service) -> u32 {
     let flags = p.tcp.flags;
-    // Copied before `promote`, which deletes the embryonic entries `found` points into: a
-    // deleted element of a preallocated (LRU) hash map goes back to the free list at once
-    // and another CPU's insert may overwrite it while we still read it.
+    // Copied before `promote`, which frees the handshake record `found` points into: another
+    // CPU's claim may overwrite a freed way while we still read it.
     let flow = *found.flow;
     if is_reset(&flow) {
         events::ended(p.key, &flow, found.partner, p.now, CONN_END_RESET);
-        conntrack::delete(p.key, &found);
+        conntrack::delete(p.key, &found, p.now);
         maxconn::release(p.key);
         return refuse(p, flow.service_id, Counter::RstFlowReset);
     }
@@ -362,9 +361,7 @@ fn establish(
 pub fn reply(p: &mut Packet, old_range: bool) -> u32 {
     count_large(p);
     let flags = p.tcp.flags;
-    let Some(found) =
-        conntrack::lookup_settled(p.key, Side::Backend, p.now, p.cfg.embryonic_timeout_ns)
-    else {
+    let Some(found) = conntrack::lookup_settled(p.key, Side::Backend, p.now, p.cfg) else {
         if old_range {
             // Not lb's port any more unless a flow still holds it: the host's own traffic.
             return xdp_action::XDP_PASS;
@@ -382,7 +379,7 @@ pub fn reply(p: &mut Packet, old_range: bool) -> u32 {
         // The forward key (where the flow's slot is recorded), read before the delete.
         let fwd_key = found.flow.partner_key(IPPROTO_TCP);
         events::ended(&fwd_key, found.partner, found.flow, p.now, CONN_END_RESET);
-        conntrack::delete(p.key, &found);
+        conntrack::delete(p.key, &found, p.now);
         maxconn::release(&fwd_key);
         return refuse(p, service, Counter::RstFlowReset);
     }

@@ -23,7 +23,12 @@ use lb_common::{
     FLOW_CLOSE_RST, IPPROTO_TCP, PORT_HINT_WORDS,
 };
 
-use crate::{conntrack, events, maps::PORT_HINTS, maxconn, stats};
+use crate::{
+    conntrack::{self, Takeover},
+    events,
+    maps::PORT_HINTS,
+    maxconn, stats,
+};
 
 /// Hint words the first round of `claim` reads.
 pub const HINT_TRIES: u32 = 4;
@@ -34,10 +39,6 @@ pub const REUSE_TRIES: u32 = 8;
 /// How long a closed flow must have been quiet before a new flow may take over its port (its
 /// last ACK and retransmitted FINs have passed).
 pub const REUSE_QUIET_NS: u64 = 1_000_000_000;
-/// How old a half-open handshake must be before, under port pressure, a new flow may take over
-/// its port. A real client's ACK follows the backend's SYN-ACK within a round trip; a flood of
-/// spoofed SYNs at 20,000/s keeps about 5,000 ports younger than this.
-pub const HALF_OPEN_NS: u64 = 250_000_000;
 
 /// Claims a port for the handshake record `hs` from `backend` to `snat_addr`, trying ports in
 /// `cfg`'s SNAT range (each try writes its port into `hs.fwd`, whose reverse is the record's
@@ -62,7 +63,7 @@ pub fn claim(
     now: u64,
 ) -> Option<u16> {
     let (min, max) = (cfg.snat_port_min, cfg.snat_port_max);
-    let (backend_id, embryonic_timeout) = (backend.id, cfg.embryonic_timeout_ns);
+    let backend_id = backend.id;
     if max < min {
         return None;
     }
@@ -77,6 +78,7 @@ pub fn claim(
         _pad: 0,
         _pad16: 0,
     };
+    let mut found = false;
     if let Some(hints) = PORT_HINTS.get_ptr_mut(backend_id) {
         // Words that hold a port of the range (`range` fits in `PORT_HINT_WORDS` words above
         // port 1023, which the agent's config check ensures).
@@ -103,52 +105,60 @@ pub fn claim(
             }
             let bit = (lowest_bit(free.rotate_right(from)) + from) & 63;
             key.dport = ((min as u32 + w * 64 + bit) as u16).to_be();
-            let claimed = probe(&key, hs, now, embryonic_timeout);
+            found = available(&key, cfg, now, Takeover::Expired);
             // SAFETY: as above; the atomic or is the BPF atomic instruction.
             unsafe { atomic_or::<u64, u64, { AtomicOrdering::SeqCst }>(word, 1u64 << bit) };
-            if claimed {
-                return Some(key.dport);
+            if found {
+                break;
             }
         }
     }
     let mut i = 0;
-    while i < SNAT_TRIES {
+    while !found && i < SNAT_TRIES {
         // A fresh random port each try: taken ports cluster, and a walk from one random start
         // would keep hitting the same cluster.
         key.dport = random_port(min, range).to_be();
-        if probe(&key, hs, now, embryonic_timeout) {
+        if available(&key, cfg, now, Takeover::Expired) {
             mark_hint(backend_id, key.dport, min, max);
-            return Some(key.dport);
+            found = true;
         }
         i += 1;
     }
+    // The searches only read; the claim follows them, so the verifier walks it (and the rest
+    // of the path) once, not once per try. A claim another CPU wins meanwhile (a race on one
+    // slot) leaves the search to the round below.
+    hs.fwd.nat_sport = key.dport;
+    if found && conntrack::claim(&key, hs, cfg, now, Takeover::Expired).is_some() {
+        return Some(key.dport);
+    }
 
-    // Under pressure: `REUSE_TRIES` more ports, looking for a free one or one held by a flow
-    // that closed more than `REUSE_QUIET_NS` ago with no TIME_WAIT at the backend; that flow is
-    // deleted (its slot released, its end reported to the connection log) and its port
-    // claimed. The search only reads; the one takeover follows it, so the verifier walks the
-    // takeover (and the rest of the path) once, not once per try.
-    let mut found = false;
+    // Under pressure: `REUSE_TRIES` more ports, looking for one whose handshake is half open
+    // and stale, or one held by a flow that closed more than `REUSE_QUIET_NS` ago with no
+    // TIME_WAIT at the backend; that flow is deleted (its slot released, its end reported to
+    // the connection log) and its port claimed.
+    let (mut half_open, mut closed) = (false, false);
     let mut i = 0;
     while i < REUSE_TRIES {
         key.dport = random_port(min, range).to_be();
-        hs.fwd.nat_sport = key.dport;
-        if !conntrack::established_has(&key) {
-            if conntrack::claim_embryonic(&key, hs) {
-                return Some(key.dport);
-            }
-            if conntrack::reclaim_half_open(&key, hs, now, HALF_OPEN_NS) {
-                stats::count(Counter::HalfOpenReclaimed);
-                return Some(key.dport);
-            }
+        if available(&key, cfg, now, Takeover::HalfOpen) {
+            half_open = true;
+            break;
         }
         if conntrack::closed_quiet(&key, now, REUSE_QUIET_NS).is_some() {
-            found = true;
+            closed = true;
             break;
         }
         i += 1;
     }
-    if !found {
+    hs.fwd.nat_sport = key.dport;
+    if half_open {
+        let evicted = conntrack::claim(&key, hs, cfg, now, Takeover::HalfOpen)?;
+        if evicted {
+            stats::count(Counter::HalfOpenReclaimed);
+        }
+        return Some(key.dport);
+    }
+    if !closed {
         return None;
     }
     let c = conntrack::closed_quiet(&key, now, REUSE_QUIET_NS)?;
@@ -165,22 +175,20 @@ pub fn claim(
         stats::count(Counter::ClosedPortTakenOver);
         maxconn::release(&c.fwd_key);
     }
-    hs.fwd.nat_sport = key.dport;
-    if !conntrack::established_has(&key) && conntrack::claim_embryonic(&key, hs) {
+    if !conntrack::established_has(&key)
+        && conntrack::claim(&key, hs, cfg, now, Takeover::Expired).is_some()
+    {
         Some(key.dport)
     } else {
         None
     }
 }
 
-/// Claims the record key `key` for `hs` if its port is free: in neither table, or held by a
-/// handshake older than `embryonic_timeout`.
+/// Whether the port of record key `key` is free for a new handshake: in no established flow,
+/// and claimable in the handshake table (free, or held by a handshake `takeover` allows).
 #[inline(always)]
-fn probe(key: &FlowKey, hs: &mut Handshake, now: u64, embryonic_timeout: u64) -> bool {
-    hs.fwd.nat_sport = key.dport;
-    !conntrack::established_has(key)
-        && (conntrack::claim_embryonic(key, hs)
-            || conntrack::reclaim_expired(key, hs, now, embryonic_timeout))
+fn available(key: &FlowKey, cfg: &Config, now: u64, takeover: Takeover) -> bool {
+    !conntrack::established_has(key) && conntrack::claimable(key, cfg, now, takeover)
 }
 
 /// The index of the lowest set bit of `x` (not 0), without a branch or a table: the bits

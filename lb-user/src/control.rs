@@ -196,6 +196,8 @@ impl Control {
             flags,
             rst_per_sec: cfg.rst_per_sec,
             maxconn: cfg.maxconn,
+            handshake_slots: lb_common::handshake_slots(cfg.embryonic_entries),
+            _pad: 0,
         };
         self.config.set(0, c, 0).context("write CONFIG")
     }

@@ -205,7 +205,7 @@ fn check_meta(cfg: &mut Config, dir: &Path) -> Result<Pins> {
             .with_context(|| format!("remove {} (an older layout)", pin.display()))?;
         warn!(
             map = name,
-            "the pinned map has an older layout: replaced, handshakes in progress start over"
+            "the pinned map has an older layout: replaced (settings are written again; handshakes in progress start over)"
         );
     }
     Ok(Pins::Adopted { flows })
@@ -252,7 +252,10 @@ pub fn load_pinned(cfg: &mut Config, dir: &Path) -> Result<(Ebpf, Pins)> {
 fn load_with(cfg: &Config, pin_dir: Option<&Path>) -> Result<Ebpf> {
     let mut loader = EbpfLoader::new();
     loader
-        .map_max_entries(names::CT_EMBRYONIC, cfg.embryonic_entries)
+        .map_max_entries(
+            names::CT_EMBRYONIC,
+            lb_common::handshake_slots(cfg.embryonic_entries),
+        )
         .map_max_entries(names::CT_ESTABLISHED, cfg.established_entries)
         .map_max_entries(names::SLOTS, slots_size(cfg).max(1))
         .map_max_entries(names::FLOW_SYNC, flow_sync_size(cfg));

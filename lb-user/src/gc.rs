@@ -1,12 +1,14 @@
 //! The connection-table GC: once a second a thread of the agent ([`Worker`], not the event loop
 //! the checks run on) walks both tables and deletes
-//! - embryonic entries older than the connect timeout (handshakes that never completed; this
-//!   returns their SNAT ports at once instead of when the LRU gets round to them),
 //! - established flows closing (FIN both ways, or a RST; see `lb_common::is_closing`) whose
 //!   last segment is older than the close timeout,
 //! - established flows idle for longer than the idle timeout,
 //! - established entries whose partner is gone (a delete interrupted half-way), once they are
 //!   older than the close timeout;
+//!
+//! It deletes no handshake: a record older than the connect timeout (a handshake that never
+//! completed) is invisible to the data path, and the next claim in its set takes its way; the
+//! GC counts it once (`embryonic_expired`) and leaves its SNAT port free in the port hints.
 //!
 //! and then releases the connection slots (`maxconn`) of flows that are gone: deleted above or
 //! vanished (a slot is taken when a handshake completes, so only established flows hold one). The agent cannot decrement a count
@@ -40,14 +42,15 @@ use aya::{
     Ebpf,
 };
 use lb_common::{
-    backend_closed_first, is_closing, names, Flow, FlowKey, Handshake, PortHints, Slot,
-    DIR_FORWARD, IPPROTO_TCP, MAX_SERVICES,
+    backend_closed_first, is_closing, names, Flow, FlowKey, PortHints, Slot, DIR_FORWARD,
+    IPPROTO_TCP, MAX_SERVICES,
 };
 use tracing::{debug, warn};
 
 use crate::{
     config::Config,
     connlog::{ConnLog, Ended},
+    handshakes::Handshakes,
     port_hints::{self, HintBits},
 };
 
@@ -142,7 +145,8 @@ pub struct SweepStats {
     /// Entries read from each table (a handshake record is one entry).
     pub embryonic_entries: usize,
     pub established_entries: usize,
-    /// Handshake records deleted (past the connect timeout).
+    /// Handshake records found past the connect timeout (each counted by one pass; the data
+    /// path reuses their ways).
     pub embryonic_expired: usize,
     /// Established flows (two entries each) deleted after the close timeout.
     pub closed: usize,
@@ -244,8 +248,6 @@ enum Expiry {
 }
 
 type Table<V = Flow> = HashMap<MapData, FlowKey, V>;
-/// The embryonic table: one handshake record per flow, under its reply key.
-type Handshakes = Table<Handshake>;
 type Slots = HashMap<MapData, FlowKey, Slot>;
 
 /// The GC: handles on both connection tables, the slot table and the timeouts.
@@ -256,13 +258,15 @@ pub struct Gc {
     fill: TableFill,
     /// Forward keys of the flows the last pass found alive and kept.
     live: FastSet<FlowKey>,
-    /// Most keys one walk of each table visits. A key deleted under the walk (by the data
-    /// path) makes the kernel restart it from the first key; this keeps such a pass finite.
-    embryonic_visits: usize,
+    /// Most keys one walk of the established table visits. A key deleted under the walk (by
+    /// the data path) makes the kernel restart it from the first key; this keeps such a pass
+    /// finite.
     established_visits: usize,
-    /// The tables' fds, for batch reads.
-    embryonic_fd: std::os::fd::OwnedFd,
+    /// The established table's fd, for batch reads.
     established_fd: std::os::fd::OwnedFd,
+    /// Expired handshake records the last pass counted (key, creation time), so that the next
+    /// one does not count them again.
+    expired: FastSet<(FlowKey, u64)>,
     timeouts: Timeouts,
     log: ConnLog,
     /// How long the last pass spent deleting established flows (the work it found to do; the
@@ -340,15 +344,14 @@ pub fn monotonic_now() -> Result<u64> {
 impl Gc {
     /// The one constructor: both tables (with their visit bounds and fds) and the slot table.
     fn with_tables(
-        embryonic: (Handshakes, usize, std::os::fd::OwnedFd),
+        embryonic: Handshakes,
         established: (Table, usize, std::os::fd::OwnedFd),
         slots: Option<(Slots, usize)>,
         timeouts: Timeouts,
     ) -> Self {
         Self {
-            embryonic: embryonic.0,
-            embryonic_visits: embryonic.1,
-            embryonic_fd: embryonic.2,
+            embryonic,
+            expired: FastSet::default(),
             established: established.0,
             established_visits: established.1,
             established_fd: established.2,
@@ -376,7 +379,7 @@ impl Gc {
     }
 
     /// Rewrites the data path's port hints (`PORT_HINTS`, for SNAT range `range`) from each
-    /// pass's tables: the ports of flows it ended and of entries it or the LRU dropped become
+    /// pass's tables: the ports of flows it ended and of handshakes past the connect timeout become
     /// free in the hint again.
     pub fn set_port_hints(&mut self, map: Map, range: (u16, u16)) -> Result<()> {
         let hints = Array::<MapData, PortHints>::try_from(map)
@@ -412,7 +415,7 @@ impl Gc {
             ebpf.take_map(name)
                 .with_context(|| format!("the object has no map {name}"))
         };
-        let embryonic = table(take(names::CT_EMBRYONIC)?, names::CT_EMBRYONIC)?;
+        let embryonic = Handshakes::new(take(names::CT_EMBRYONIC)?)?;
         let established = table(take(names::CT_ESTABLISHED)?, names::CT_ESTABLISHED)?;
         let slots = slot_table(
             ebpf.take_map(names::SLOTS)
@@ -429,7 +432,7 @@ impl Gc {
     /// Opens second handles on both tables and leaves them in the object (for tests that
     /// still read the tables through it).
     pub fn shared(ebpf: &Ebpf, timeouts: Timeouts) -> Result<Self> {
-        let embryonic = table(share(ebpf, names::CT_EMBRYONIC)?, names::CT_EMBRYONIC)?;
+        let embryonic = Handshakes::new(share(ebpf, names::CT_EMBRYONIC)?)?;
         let established = table(share(ebpf, names::CT_ESTABLISHED)?, names::CT_ESTABLISHED)?;
         let slots = slot_table(share(ebpf, names::SLOTS)?)?;
         Ok(Self::with_tables(
@@ -447,7 +450,7 @@ impl Gc {
             .ok()
             .and_then(|m| slot_table(m).ok());
         Ok(Self::with_tables(
-            table(open(names::CT_EMBRYONIC)?, names::CT_EMBRYONIC)?,
+            Handshakes::new(open(names::CT_EMBRYONIC)?)?,
             table(open(names::CT_ESTABLISHED)?, names::CT_ESTABLISHED)?,
             slots,
             timeouts,
@@ -504,13 +507,13 @@ impl Gc {
                 .map(|(_, range)| HintBits::new(*range, self.hinted.iter().copied())),
             ..Default::default()
         };
-        let budget = self.sweep_established(now, MAX_DELETIONS, &mut st, &mut tally);
-        self.sweep_embryonic(now, budget, &mut st, &mut tally);
+        self.sweep_established(now, MAX_DELETIONS, &mut st, &mut tally);
+        self.sweep_embryonic(now, &mut st, &mut tally);
         self.write_hints(tally.held.take());
         self.fill = TableFill {
             embryonic: Fill {
                 entries: st.embryonic_entries,
-                capacity: capacity(self.embryonic_visits),
+                capacity: self.embryonic.capacity(),
             },
             established: Fill {
                 entries: st.established_entries,
@@ -532,12 +535,13 @@ impl Gc {
     /// over both tables by their keys alone.
     pub fn flows_on_ports(&self, range: (u16, u16)) -> usize {
         let on = |k: &FlowKey| (range.0..=range.1).contains(&u16::from_be(k.dport));
-        let embryonic = self
+        let mut embryonic = 0;
+        if let Err(e) = self
             .embryonic
-            .keys()
-            .filter_map(|k| k.ok())
-            .filter(on)
-            .count();
+            .for_each(|k, _| embryonic += usize::from(on(&k)))
+        {
+            warn!("reading {}: {e:#}", names::CT_EMBRYONIC);
+        }
         let established = self
             .established
             .keys()
@@ -570,21 +574,14 @@ impl Gc {
             }
         }
         let established = snapshot.len();
-        let (mut embryonic, mut seen) = (0, FastSet::default());
+        let mut embryonic = 0;
         let connect_ns = self.timeouts.connect_ns;
-        if let Err(e) = read_table(
-            (&self.embryonic, &self.embryonic_fd),
-            self.embryonic_visits,
-            |k, hs| {
-                if !seen.insert(k) {
-                    return;
-                }
-                embryonic += 1;
-                if now.saturating_sub(hs.fwd.created_ns) <= connect_ns {
-                    tally.pair(&hs.fwd).embryonic += 1;
-                }
-            },
-        ) {
+        if let Err(e) = self.embryonic.for_each(|_, hs| {
+            embryonic += 1;
+            if now.saturating_sub(hs.fwd.created_ns) <= connect_ns {
+                tally.pair(&hs.fwd).embryonic += 1;
+            }
+        }) {
             warn!("reading {}: {e:#}", names::CT_EMBRYONIC);
         }
         let slots = self
@@ -595,7 +592,7 @@ impl Gc {
         TableFill {
             embryonic: Fill {
                 entries: embryonic,
-                capacity: capacity(self.embryonic_visits),
+                capacity: self.embryonic.capacity(),
             },
             established: Fill {
                 entries: established,
@@ -657,15 +654,14 @@ impl Gc {
         }
     }
 
-    /// Deletes expired established flows and orphans, at most `budget` entries; returns the
-    /// budget left.
+    /// Deletes expired established flows and orphans, at most `budget` entries.
     fn sweep_established(
         &mut self,
         now: u64,
         budget: usize,
         st: &mut SweepStats,
         tally: &mut Tally,
-    ) -> usize {
+    ) {
         // Sized from the last pass: growing a map of millions of entries would hold the old and
         // the new one at once.
         let expected = self.fill.established.entries;
@@ -774,54 +770,29 @@ impl Gc {
         }
         self.log.flush();
         self.deleting = deleting.elapsed();
-        budget.saturating_sub(planned)
     }
 
-    /// Deletes embryonic entries past the connect timeout, at most `budget`.
-    fn sweep_embryonic(&mut self, now: u64, budget: usize, st: &mut SweepStats, tally: &mut Tally) {
+    /// Counts the handshakes in progress (and, once each, those past the connect timeout).
+    fn sweep_embryonic(&mut self, now: u64, st: &mut SweepStats, tally: &mut Tally) {
         let timeout = self.timeouts.connect_ns;
-        let mut doomed: Vec<(FlowKey, u64)> = Vec::new();
-        let mut seen = FastSet::default();
-        let mut full = false;
-        let read = read_table(
-            (&self.embryonic, &self.embryonic_fd),
-            self.embryonic_visits,
-            |k, hs| {
-                if full || !seen.insert(k) {
-                    return;
-                }
-                st.embryonic_entries += 1;
-                let created = hs.rev.created_ns;
-                if now.saturating_sub(created) <= timeout {
-                    tally.pair(&hs.fwd).embryonic += 1;
-                    tally.live.insert(hs.fwd_key());
-                    tally.hold(hs.rev.backend_id, k.dport);
-                } else {
-                    if doomed.len() >= budget {
-                        full = true;
-                        return;
-                    }
-                    doomed.push((k, created));
-                }
-            },
-        );
-        if full {
-            st.truncated = true;
-        }
+        let mut expired = FastSet::default();
+        let read = self.embryonic.for_each(|k, hs| {
+            st.embryonic_entries += 1;
+            let created = hs.rev.created_ns;
+            if now.saturating_sub(created) <= timeout {
+                tally.pair(&hs.fwd).embryonic += 1;
+                tally.live.insert(hs.fwd_key());
+                tally.hold(hs.rev.backend_id, k.dport);
+            } else {
+                expired.insert((k, created));
+            }
+        });
         if let Err(e) = read {
             warn!("reading {}: {e:#}", names::CT_EMBRYONIC);
             st.truncated = true;
         }
-        for (key, created) in doomed {
-            // An expired entry may have been taken over by a new flow meanwhile (SNAT claim).
-            match self.embryonic.get(&key, 0) {
-                Ok(hs) if hs.rev.created_ns == created => {
-                    remove(&mut self.embryonic, &key);
-                    st.embryonic_expired += 1;
-                }
-                _ => st.revived += 1,
-            }
-        }
+        st.embryonic_expired = expired.difference(&self.expired).count();
+        self.expired = expired;
     }
 }
 

@@ -51,5 +51,6 @@ pub mod supervise;
 /// The compiled XDP object (built by `build.rs` from `lb-ebpf`).
 pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/lb-ebpf.o"));
 pub mod gc;
+pub mod handshakes;
 pub mod haproxy;
 pub mod health;

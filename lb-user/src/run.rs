@@ -414,8 +414,9 @@ async fn serve(
         range * cfg.backends.len() as u64,
         cfg.established_entries,
         mib(cfg.established_entries as usize * entry(std::mem::size_of::<lb_common::Flow>())),
-        cfg.embryonic_entries,
-        mib(cfg.embryonic_entries as usize * entry(std::mem::size_of::<lb_common::Handshake>())),
+        lb_common::handshake_slots(cfg.embryonic_entries),
+        mib(lb_common::handshake_slots(cfg.embryonic_entries) as usize
+            * std::mem::size_of::<lb_common::HandshakeSlot>()),
         mib(index),
     );
     status::write_info(&InstanceInfo::new(

@@ -169,14 +169,8 @@ pub fn run(
 /// Deletes the self-test flow's handshake record (at `record`) and releases its connection
 /// slot, if it took one. (Its index way stays: a hint without a record.)
 fn remove_flow(ebpf: &Ebpf, pin_dir: &Path, fwd_key: &FlowKey, record: &FlowKey) -> Result<()> {
-    let mut table: HashMap<MapData, FlowKey, lb_common::Handshake> =
-        HashMap::try_from(open_pinned(pin_dir, names::CT_EMBRYONIC)?)?;
-    if table
-        .get(record, 0)
-        .is_ok_and(|hs| hs.fwd_key() == *fwd_key)
-    {
-        let _ = table.remove(record);
-    }
+    let mut table = crate::handshakes::Handshakes::new(open_pinned(pin_dir, names::CT_EMBRYONIC)?)?;
+    table.forget(record, Some(fwd_key))?;
     let slots: HashMap<MapData, FlowKey, lb_common::Slot> =
         HashMap::try_from(open_pinned(pin_dir, names::SLOTS)?)?;
     if slots.get(fwd_key, 0).is_ok() {

@@ -172,10 +172,10 @@ fn every_flow_goes_to_a_member_of_the_generation_that_chose_it_across_1000_flips
                 forward.push(f);
             }
         }
-        let map = ebpf.map(names::CT_EMBRYONIC).context("table")?;
-        let records: BpfHashMap<_, FlowKey, lb_common::Handshake> = BpfHashMap::try_from(map)?;
-        for entry in records.iter() {
-            forward.push(entry?.1.fwd);
+        let records =
+            lb_user::handshakes::Handshakes::new(lb_user::gc::share(&ebpf, names::CT_EMBRYONIC)?)?;
+        for (_, hs) in records.records()? {
+            forward.push(hs.fwd);
         }
     }
     {

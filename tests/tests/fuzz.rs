@@ -1119,8 +1119,8 @@ fn fuzzed_frames_get_only_the_actions_the_model_allows() -> Result<()> {
     let seed = env_number("LB_FUZZ_SEED").unwrap_or(DEFAULT_SEED);
     let frames = env_number("LB_FUZZ_FRAMES").map_or(DEFAULT_FRAMES, |n| n as usize);
     eprintln!("fuzz: seed {seed:#x}, {frames} frames (LB_FUZZ_SEED, LB_FUZZ_FRAMES)");
-    // RSTs unlimited enough to see them (the limit is per second), and an embryonic table no
-    // fuzz run can fill: LRU eviction of half a flow is not what this test looks for.
+    // RSTs unlimited enough to see them (the limit is per second), and a handshake table with a
+    // slot for every frame: ports refused for a full table are not what this test looks for.
     let embryonic = frames.next_power_of_two().max(65_536);
     let config = format!("rst_per_sec = 10000000\n{CONFIG}\n[tables]\nembryonic = {embryonic}\n");
 

@@ -1036,7 +1036,7 @@ fn a_non_syn_segment_to_a_vip_without_a_flow_is_answered_with_a_rst() -> Result<
 #[ignore = "needs root and netns: run cargo xtask test"]
 fn a_handshake_whose_record_is_gone_counts_as_no_flow_on_either_side() -> Result<()> {
     Fixture::run("partner", |fx| {
-        // The record disappears (an LRU eviction): the client's ACK finds a stale index way.
+        // The record disappears (its slot taken by another claim): the client's ACK finds a stale index way.
         let (syn, port) = open_write_flow(fx, CLIENT_PORT)?;
         let rev_key = flow_key(sa(DB01, BACKEND_PORT), sa(SNAT_ADDR, port));
         fx.remove_embryonic(&rev_key)?;
@@ -2246,6 +2246,128 @@ fn when_the_ports_run_out_a_half_open_handshake_older_than_250ms_gives_its_port_
             client_segment(40010, ACK).with_seq_ack(a_syn_ack.ack, a_syn_ack.seq.wrapping_add(1));
         let out = fx.from_client(&ack.bytes()?)?;
         assert_bytes("output", &out, Action::Tx, &rst_answer(&ack).bytes()?);
+        Ok(())
+    })
+}
+
+#[test]
+#[ignore = "needs root and netns: run cargo xtask test"]
+fn a_handshake_slot_shared_by_two_ports_is_kept_by_a_live_handshake_and_given_up_by_an_expired_one(
+) -> Result<()> {
+    // Two SNAT ports, and a handshake table of one slot: both ports' reply keys share it.
+    let config = format!(
+        "{}[tables]\nembryonic = 1\n",
+        CONFIG.replace("10000-32767", "10000-10001")
+    );
+    Fixture::run_with_config("hsslot", &config, |fx| {
+        let snat_exhausted = [
+            (Counter::RstSnatExhausted, 1),
+            (Counter::RstSent, 1),
+            (Counter::FibResult0, 1),
+        ];
+        let (_, a_port) = open_write_flow(fx, 40020)?;
+        // A live handshake holds the slot: neither port can be claimed, although no flow holds
+        // the other one (its key's slot is taken).
+        let syn = client_syn(40021, WRITE_PORT);
+        assert_rst(
+            fx,
+            "SYN while the slot holds a live handshake",
+            &syn,
+            fx.cl0.ifindex,
+            &rst_answer(&syn),
+            &snat_exhausted,
+        )?;
+        assert_eq!(fx.handshakes()?.len(), 1);
+
+        // The handshake older than the connect timeout (aged by hand: the slot's word says when
+        // it was claimed): the next SYN claims the slot, on either port, with no GC pass.
+        let now = lb_user::gc::monotonic_now()?;
+        let (k, mut old) = fx.handshakes()?.remove(0);
+        old.rev.created_ns = now - 31 * 1_000_000_000;
+        fx.put_embryonic(&k, &old.rev)?;
+        let syn = client_syn(40022, WRITE_PORT);
+        let before = fx.counters()?;
+        let out = fx.from_client(&syn.bytes()?)?;
+        let port = sport_of(&out.frame);
+        assert!(port == 10000 || port == 10001, "SNAT port {port}");
+        assert_bytes(
+            "output",
+            &out,
+            Action::Redirect,
+            &to_backend(&syn, DB01, DB01_MAC, port).bytes()?,
+        );
+        assert_eq!(
+            fx.counters()?.changes_since(&before),
+            moved(&[
+                (Counter::FwdPackets, 1),
+                (Counter::NewFlows, 1),
+                (Counter::FibResult0, 1),
+            ]),
+            "an expired handshake's slot is free: nothing is evicted"
+        );
+        let records = fx.handshakes()?;
+        assert_eq!(records.len(), 1, "{records:?}");
+        assert_eq!(
+            records[0].1.fwd_key(),
+            flow_key(sa(CLIENT, 40022), sa(VIP, WRITE_PORT))
+        );
+        // The expired handshake's late ACK finds no flow, whichever port the new one took.
+        let ack = client_segment(40020, ACK);
+        let out = fx.from_client(&ack.bytes()?)?;
+        assert_bytes("output", &out, Action::Tx, &rst_answer(&ack).bytes()?);
+        let _ = a_port;
+        Ok(())
+    })
+}
+
+#[test]
+#[ignore = "needs root and netns: run cargo xtask test"]
+fn a_handshake_slot_being_written_is_invisible_to_lookups_and_taken_for_claims() -> Result<()> {
+    let config = format!(
+        "{}[tables]\nembryonic = 1\n",
+        CONFIG.replace("10000-32767", "10000-10001")
+    );
+    Fixture::run_with_config("hswriting", &config, |fx| {
+        let (syn, port) = open_write_flow(fx, 40030)?;
+        let key = flow_key(sa(DB01, BACKEND_PORT), sa(SNAT_ADDR, port));
+        let (i, slot) = fx.handshake_slot(&key)?;
+        assert!(slot.holds_key(&key), "the claim left a complete record");
+        // Another CPU's claim in progress: the word's writing bit set.
+        let mut writing = slot;
+        writing.ctrl |= lb_common::HANDSHAKE_WRITING;
+        fx.put_handshake_slot(i, writing)?;
+        let syn_ack = backend_segment(DB01, DB01_MAC, port, SYN | ACK)
+            .with_seq_ack(0x5000_0000, syn.seq.wrapping_add(1));
+        assert_rst(
+            fx,
+            "SYN-ACK while its record is being written",
+            &syn_ack,
+            fx.bk0.ifindex,
+            &rst_answer(&syn_ack),
+            &[(Counter::RstNoFlow, 1), (Counter::RstSent, 1)],
+        )?;
+        let other = client_syn(40031, WRITE_PORT);
+        assert_rst(
+            fx,
+            "SYN while the only slot is being written",
+            &other,
+            fx.cl0.ifindex,
+            &rst_answer(&other),
+            &[
+                (Counter::RstSnatExhausted, 1),
+                (Counter::RstSent, 1),
+                (Counter::FibResult0, 1),
+            ],
+        )?;
+        // Written: the record is found again.
+        fx.put_handshake_slot(i, slot)?;
+        let out = fx.from_backends(&syn_ack.bytes()?)?;
+        assert_bytes(
+            "output",
+            &out,
+            Action::Redirect,
+            &to_client(&syn_ack, 40030, WRITE_PORT).bytes()?,
+        );
         Ok(())
     })
 }

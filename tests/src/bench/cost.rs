@@ -125,7 +125,11 @@ fn clear_tables(fx: &mut Fixture) -> Result<()> {
         Ok(())
     }
     clear::<Flow>(fx, names::CT_ESTABLISHED)?;
-    clear::<lb_common::Handshake>(fx, names::CT_EMBRYONIC)?;
+    let mut handshakes =
+        lb_user::handshakes::Handshakes::new(lb_user::gc::share(&fx.ebpf, names::CT_EMBRYONIC)?)?;
+    for (k, _) in handshakes.records()? {
+        handshakes.forget(&k, None)?;
+    }
     fx.rewrite_port_hints()
 }
 

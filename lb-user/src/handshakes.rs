@@ -1,0 +1,115 @@
+//! The handshake table (`CT_EMBRYONIC`) as the agent sees it: an array of slots
+//! ([`HandshakeSlot`]), one record each. The data path claims and frees slots with atomic
+//! operations on their control words; the agent reads the slots in batches (one syscall per
+//! [`BATCH_SLOTS`]). It writes a slot only to forget the self-test's handshake; that write
+//! races with a data-path claim of the same slot, and loses at worst that handshake (as an
+//! eviction would).
+use std::os::fd::{AsFd, OwnedFd};
+
+use anyhow::{Context, Result};
+use aya::maps::{Array, Map, MapData};
+use lb_common::{
+    handshake_ctrl, handshake_slot_of, handshake_tag, names, FlowKey, Handshake, HandshakeSlot,
+};
+
+/// Slots per `BPF_MAP_LOOKUP_BATCH` call (about 170 KiB).
+const BATCH_SLOTS: usize = 1024;
+
+/// The handshake table of a loaded or pinned program.
+pub struct Handshakes {
+    map: Array<MapData, HandshakeSlot>,
+    fd: OwnedFd,
+    slots: u32,
+}
+
+impl Handshakes {
+    /// Opens `map` (the program's `CT_EMBRYONIC`).
+    pub fn new(map: Map) -> Result<Self> {
+        let name = names::CT_EMBRYONIC;
+        let fd = crate::gc::map_fd(&map, name)?;
+        let map = Array::<MapData, HandshakeSlot>::try_from(map)
+            .with_context(|| format!("map {name} has an unexpected type or layout"))?;
+        let slots = map.len();
+        Ok(Self { map, fd, slots })
+    }
+
+    /// How many records the table holds at most.
+    pub fn capacity(&self) -> usize {
+        self.slots as usize
+    }
+
+    /// Calls `each` with every record the table holds and its key (the reply tuple).
+    pub fn for_each(&self, mut each: impl FnMut(FlowKey, &Handshake)) -> Result<()> {
+        let mut keys = vec![0u32; BATCH_SLOTS];
+        let mut values = vec![HandshakeSlot::default(); BATCH_SLOTS];
+        let mut token = None;
+        loop {
+            let (n, next, err) =
+                crate::batch::lookup(self.fd.as_fd(), token, &mut keys, &mut values);
+            for hs in values[..n].iter().filter_map(HandshakeSlot::record) {
+                each(hs.key(), hs);
+            }
+            match err {
+                None => token = Some(next),
+                // The end of the array (the last batch's slots were read above).
+                Some(e) if e.raw_os_error() == Some(libc::ENOENT) => return Ok(()),
+                Some(e) => {
+                    return Err(e).with_context(|| {
+                        format!("BPF_MAP_LOOKUP_BATCH on {}", names::CT_EMBRYONIC)
+                    })
+                }
+            }
+        }
+    }
+
+    /// Every record with its key.
+    pub fn records(&self) -> Result<Vec<(FlowKey, Handshake)>> {
+        let mut v = Vec::new();
+        self.for_each(|k, hs| v.push((k, *hs)))?;
+        Ok(v)
+    }
+
+    /// Rewrites the slot of reply key `key` through `change`; false if `change` declines.
+    fn rewrite(
+        &mut self,
+        key: &FlowKey,
+        change: impl FnOnce(&mut HandshakeSlot) -> bool,
+    ) -> Result<bool> {
+        let i = handshake_slot_of(key, self.slots);
+        let mut slot = self
+            .map
+            .get(&i, 0)
+            .with_context(|| format!("reading {}[{i}]", names::CT_EMBRYONIC))?;
+        if !change(&mut slot) {
+            return Ok(false);
+        }
+        self.map
+            .set(i, slot, 0)
+            .with_context(|| format!("writing {}[{i}]", names::CT_EMBRYONIC))?;
+        Ok(true)
+    }
+
+    /// Frees the slot of the record under `key`, if its handshake is client tuple `fwd_key`'s
+    /// (any client's with `None`). Returns whether it did.
+    pub fn forget(&mut self, key: &FlowKey, fwd_key: Option<&FlowKey>) -> Result<bool> {
+        self.rewrite(key, |slot| {
+            let ours = slot.holds_key(key) && fwd_key.is_none_or(|f| slot.hs.fwd_key() == *f);
+            if ours {
+                slot.ctrl &= u32::MAX as u64;
+            }
+            ours
+        })
+    }
+
+    /// Writes `hs` as the record under its key, over whatever its slot held, as claimed when
+    /// its handshake began (`hs.rev.created_ns`).
+    pub fn put(&mut self, hs: &Handshake) -> Result<()> {
+        let key = hs.key();
+        self.rewrite(&key, |slot| {
+            slot.ctrl = handshake_ctrl(handshake_tag(&key), hs.rev.created_ns);
+            slot.hs = *hs;
+            true
+        })?;
+        Ok(())
+    }
+}
