@@ -30,8 +30,6 @@ use crate::{
     maxconn, stats,
 };
 
-/// Hint words the first round of `claim` reads.
-pub const HINT_TRIES: u32 = 4;
 /// Random ports the second round of `claim` tries.
 pub const SNAT_TRIES: u32 = 32;
 /// Tries of the second round of `claim` (under pressure).
@@ -47,7 +45,7 @@ pub const REUSE_QUIET_NS: u64 = 1_000_000_000;
 /// closed flow with no TIME_WAIT at the backend.
 ///
 /// Three rounds, each only if the one before found nothing:
-/// 1. `HINT_TRIES` words of the backend's hint bitmap (`PORT_HINTS`), each drawn at random: the
+/// 1. Four words of the backend's hint bitmap (`PORT_HINTS`), each drawn at random: the
 ///    first port its word says is free, from a random bit on, is probed, so the cost does not
 ///    grow with occupancy (at 90 % a word of 64 ports has no free port once in a thousand). Whatever the probe finds,
 ///    the port's bit is set: taken by this flow, or by the one the probe met.
@@ -78,40 +76,15 @@ pub fn claim(
         _pad: 0,
         _pad16: 0,
     };
+    // Written out rather than a loop: Linux 6.1's verifier refuses the loop LLVM makes of it
+    // (entered in the middle, closed by a fallthrough).
     let mut found = false;
     if let Some(hints) = PORT_HINTS.get_ptr_mut(backend_id) {
         // Words that hold a port of the range (`range` fits in `PORT_HINT_WORDS` words above
         // port 1023, which the agent's config check ensures).
         let words = range.div_ceil(64).min(PORT_HINT_WORDS);
-        let mut i = 0;
-        while i < HINT_TRIES {
-            i += 1;
-            // SAFETY: helper without arguments.
-            let rnd = unsafe { bpf_get_prandom_u32() };
-            // A random word, and in it the first free port from a random bit on: ports are
-            // spread over the range, not reused lowest first.
-            let (w, from) = ((rnd & 0xffff) % words, rnd >> 26);
-            let word = word_at(hints, w);
-            // SAFETY: an aligned u64 of the map value; other CPUs change it only with atomic
-            // operations, and a stale read costs a probe, nothing more.
-            let mut free = !unsafe { core::ptr::read_volatile(word) };
-            // `w * 64 < range` (w < words), so this does not underflow.
-            let valid = range - w * 64;
-            if valid < 64 {
-                free &= (1u64 << valid) - 1;
-            }
-            if free == 0 {
-                continue;
-            }
-            let bit = (lowest_bit(free.rotate_right(from)) + from) & 63;
-            key.dport = ((min as u32 + w * 64 + bit) as u16).to_be();
-            found = available(&key, cfg, now, Takeover::Expired);
-            // SAFETY: as above; the atomic or is the BPF atomic instruction.
-            unsafe { atomic_or::<u64, u64, { AtomicOrdering::SeqCst }>(word, 1u64 << bit) };
-            if found {
-                break;
-            }
-        }
+        let mut hint_try = || hint_try(hints, words, range, min, &mut key, cfg, now);
+        found = hint_try() || hint_try() || hint_try() || hint_try();
     }
     let mut i = 0;
     while !found && i < SNAT_TRIES {
@@ -138,16 +111,10 @@ pub fn claim(
     // the connection log) and its port claimed.
     let (mut half_open, mut closed) = (false, false);
     let mut i = 0;
-    while i < REUSE_TRIES {
+    while !half_open && !closed && i < REUSE_TRIES {
         key.dport = random_port(min, range).to_be();
-        if available(&key, cfg, now, Takeover::HalfOpen) {
-            half_open = true;
-            break;
-        }
-        if conntrack::closed_quiet(&key, now, REUSE_QUIET_NS).is_some() {
-            closed = true;
-            break;
-        }
+        half_open = available(&key, cfg, now, Takeover::HalfOpen);
+        closed = !half_open && conntrack::closed_quiet(&key, now, REUSE_QUIET_NS).is_some();
         i += 1;
     }
     hs.fwd.nat_sport = key.dport;
@@ -182,6 +149,43 @@ pub fn claim(
     } else {
         None
     }
+}
+
+/// One try of the hint round: a random word of the backend's `hints`, and in it the first
+/// port it calls free from a random bit on (ports are spread over the range, not reused lowest
+/// first), tested with [`available`] (into `key`). Whatever the test finds, the port's bit is
+/// set: taken by this flow, or by the one the test met.
+#[inline(always)]
+fn hint_try(
+    hints: *mut PortHints,
+    words: u32,
+    range: u32,
+    min: u16,
+    key: &mut FlowKey,
+    cfg: &Config,
+    now: u64,
+) -> bool {
+    // SAFETY: helper without arguments.
+    let rnd = unsafe { bpf_get_prandom_u32() };
+    let (w, from) = ((rnd & 0xffff) % words, rnd >> 26);
+    let word = word_at(hints, w);
+    // SAFETY: an aligned u64 of the map value; other CPUs change it only with atomic
+    // operations, and a stale read costs a probe, nothing more.
+    let mut free = !unsafe { core::ptr::read_volatile(word) };
+    // `w * 64 < range` (w < words), so this does not underflow.
+    let valid = range - w * 64;
+    if valid < 64 {
+        free &= (1u64 << valid) - 1;
+    }
+    if free == 0 {
+        return false;
+    }
+    let bit = (lowest_bit(free.rotate_right(from)) + from) & 63;
+    key.dport = ((min as u32 + w * 64 + bit) as u16).to_be();
+    let found = available(key, cfg, now, Takeover::Expired);
+    // SAFETY: as above; the atomic or is the BPF atomic instruction.
+    unsafe { atomic_or::<u64, u64, { AtomicOrdering::SeqCst }>(word, 1u64 << bit) };
+    found
 }
 
 /// Whether the port of record key `key` is free for a new handshake: in no established flow,

@@ -2254,10 +2254,13 @@ fn when_the_ports_run_out_a_half_open_handshake_older_than_250ms_gives_its_port_
 #[ignore = "needs root and netns: run cargo xtask test"]
 fn a_handshake_slot_shared_by_two_ports_is_kept_by_a_live_handshake_and_given_up_by_an_expired_one(
 ) -> Result<()> {
-    // Two SNAT ports, and a handshake table of one slot: both ports' reply keys share it.
+    // Two SNAT ports, and a handshake table of one slot: both ports' reply keys share it. (A
+    // connect timeout of 2 s: a VM's clock may have started less than 30 s ago.)
     let config = format!(
         "{}[tables]\nembryonic = 1\n",
-        CONFIG.replace("10000-32767", "10000-10001")
+        CONFIG
+            .replace("10000-32767", "10000-10001")
+            .replace("connect = \"30s\"", "connect = \"2s\"")
     );
     Fixture::run_with_config("hsslot", &config, |fx| {
         let snat_exhausted = [
@@ -2283,7 +2286,7 @@ fn a_handshake_slot_shared_by_two_ports_is_kept_by_a_live_handshake_and_given_up
         // it was claimed): the next SYN claims the slot, on either port, with no GC pass.
         let now = lb_user::gc::monotonic_now()?;
         let (k, mut old) = fx.handshakes()?.remove(0);
-        old.rev.created_ns = now - 31 * 1_000_000_000;
+        old.rev.created_ns = now - 3_000_000_000;
         fx.put_embryonic(&k, &old.rev)?;
         let syn = client_syn(40022, WRITE_PORT);
         let before = fx.counters()?;

@@ -1,4 +1,4 @@
-//! A SYN flood fills the (small, evictable) embryonic table without touching established
+//! A SYN flood fills the (small) handshake table without touching established
 //! flows: a session idle during the flood still works afterwards, and new connections succeed
 //! once the flood stops. With the manual's global `maxconn 256` and a `backend_maxconn` on the
 //! flooded service, the spoofed handshakes hold no slot (before, 32 of them locked the service

@@ -96,6 +96,8 @@ pub const VM_SUITES: &[(&str, &[&str])] = &[
             "with_90_percent_of_the_snat_ports_taken_every_new_flow_finds_a_free_one_through_the_port_hints",
             "a_client_segment_finds_its_handshake_only_through_a_way_whose_record_points_back",
             "a_cpu_reuses_a_backends_next_hop_for_100_ms_and_never_a_failed_lookup",
+            "a_handshake_slot_shared_by_two_ports_is_kept_by_a_live_handshake_and_given_up_by_an_expired_one",
+            "a_handshake_slot_being_written_is_invisible_to_lookups_and_taken_for_claims",
         ],
     ),
     (
