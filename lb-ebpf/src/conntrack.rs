@@ -371,7 +371,7 @@ fn decide(
 /// the connect timeout, it always takes).
 #[derive(Clone, Copy, PartialEq, Eq)]
 pub enum Takeover {
-    /// None.
+    /// No live one: only expired handshakes give their slots up.
     Expired,
     /// One half open (the backend answered, the client never did: a spoofed SYN looks like
     /// this) for more than `HALF_OPEN_NS`.

@@ -1,9 +1,10 @@
 //! SNAT port claim: a free port on the balancer's backend-facing address for a new flow.
 //!
-//! A port is claimed by inserting the flow's handshake record under its reply key (backend ->
-//! SNAT address:port) into the embryonic table with BPF_NOEXIST; a port whose reply key is in the established table is
-//! taken too, and so is a port whose embryonic entry has expired. The tables are the
-//! authority; the search is guided by the backend's port hints (`PORT_HINTS`: a bitmap of the
+//! A port is claimed by claiming the handshake table's slot of its reply key (backend -> SNAT
+//! address:port) for the flow's record (`conntrack::claim`, a compare-and-swap); a port whose
+//! reply key is in the established table is taken, and so is one whose slot holds another
+//! live handshake (of this key or of another with the same slot); a slot whose handshake is
+//! older than the connect timeout is free. The tables are the authority; the search is guided by the backend's port hints (`PORT_HINTS`: a bitmap of the
 //! ports its flows hold, set here when a port is claimed or found taken, cleared when the
 //! forward path ends a flow, and rewritten from the tables by every pass of the agent's GC),
 //! so that a new flow finds a free port with one probe even when nine in ten are taken. Random
@@ -13,8 +14,9 @@
 //! TIME_WAIT on that tuple, and without this, ports would wait for the GC (a flow the client
 //! closed first normally ends at its last ACK, in the forward path, and frees its port then;
 //! this covers the ones whose last ACK was lost and those a RST closed); or the port of a
-//! half-open handshake older than `HALF_OPEN_NS` (the backend answered, the client never did: a spoofed SYN), so that a SYN
-//! flood holds each port for a fraction of a second instead of the connect timeout.
+//! half-open handshake older than `HALF_OPEN_NS` (the backend answered, the client never did:
+//! a spoofed SYN), so that a SYN flood holds each port for a fraction of a second instead of
+//! the connect timeout.
 use core::intrinsics::{atomic_and, atomic_or, AtomicOrdering};
 
 use aya_ebpf::helpers::bpf_get_prandom_u32;
@@ -32,7 +34,7 @@ use crate::{
 
 /// Random ports the second round of `claim` tries.
 pub const SNAT_TRIES: u32 = 32;
-/// Tries of the second round of `claim` (under pressure).
+/// Tries of the third round of `claim` (under pressure).
 pub const REUSE_TRIES: u32 = 8;
 /// How long a closed flow must have been quiet before a new flow may take over its port (its
 /// last ACK and retransmitted FINs have passed).
@@ -40,18 +42,21 @@ pub const REUSE_QUIET_NS: u64 = 1_000_000_000;
 
 /// Claims a port for the handshake record `hs` from `backend` to `snat_addr`, trying ports in
 /// `cfg`'s SNAT range (each try writes its port into `hs.fwd`, whose reverse is the record's
-/// key). Returns the port (network order) or `None`. Embryonic entries older
-/// than the connect timeout at `now` are taken over; under pressure, so is the port of a quiet
-/// closed flow with no TIME_WAIT at the backend.
+/// key). Returns the port (network order) or `None`. Handshakes older than the connect timeout
+/// at `now` give their slots up; under pressure, so does a stale half-open one, and the port of
+/// a quiet closed flow with no TIME_WAIT at the backend is taken over.
 ///
 /// Three rounds, each only if the one before found nothing:
 /// 1. Four words of the backend's hint bitmap (`PORT_HINTS`), each drawn at random: the
-///    first port its word says is free, from a random bit on, is probed, so the cost does not
-///    grow with occupancy (at 90 % a word of 64 ports has no free port once in a thousand). Whatever the probe finds,
-///    the port's bit is set: taken by this flow, or by the one the probe met.
+///    first port its word says is free, from a random bit on, is tested, so the cost does not
+///    grow with occupancy (at 90 % a word of 64 ports has no free port once in a thousand).
+///    Whatever the test finds, the port's bit is set: taken by this flow, or by the one the
+///    test met.
 /// 2. `SNAT_TRIES` random ports (the hints are stale in the ports they set: ended flows the GC
 ///    has not rewritten yet).
 /// 3. Under pressure, `REUSE_TRIES` takeovers (see below).
+///
+/// The rounds only test ports; the claim follows the first that found one.
 #[inline(always)]
 pub fn claim(
     backend: &Backend,
