@@ -432,7 +432,7 @@ impl Gc {
     /// Opens second handles on both tables and leaves them in the object (for tests that
     /// still read the tables through it).
     pub fn shared(ebpf: &Ebpf, timeouts: Timeouts) -> Result<Self> {
-        let embryonic = Handshakes::new(share(ebpf, names::CT_EMBRYONIC)?)?;
+        let embryonic = Handshakes::of(ebpf)?;
         let established = table(share(ebpf, names::CT_ESTABLISHED)?, names::CT_ESTABLISHED)?;
         let slots = slot_table(share(ebpf, names::SLOTS)?)?;
         Ok(Self::with_tables(

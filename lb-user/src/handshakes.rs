@@ -33,6 +33,11 @@ impl Handshakes {
         Ok(Self { map, fd, slots })
     }
 
+    /// A second handle on the table of the loaded object `ebpf`, which keeps its own.
+    pub fn of(ebpf: &aya::Ebpf) -> Result<Self> {
+        Self::new(crate::gc::share(ebpf, names::CT_EMBRYONIC)?)
+    }
+
     /// How many records the table holds at most.
     pub fn capacity(&self) -> usize {
         self.slots as usize

@@ -172,8 +172,7 @@ fn every_flow_goes_to_a_member_of_the_generation_that_chose_it_across_1000_flips
                 forward.push(f);
             }
         }
-        let records =
-            lb_user::handshakes::Handshakes::new(lb_user::gc::share(&ebpf, names::CT_EMBRYONIC)?)?;
+        let records = lb_user::handshakes::Handshakes::of(&ebpf)?;
         for (_, hs) in records.records()? {
             forward.push(hs.fwd);
         }

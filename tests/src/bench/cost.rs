@@ -125,8 +125,7 @@ fn clear_tables(fx: &mut Fixture) -> Result<()> {
         Ok(())
     }
     clear::<Flow>(fx, names::CT_ESTABLISHED)?;
-    let mut handshakes =
-        lb_user::handshakes::Handshakes::new(lb_user::gc::share(&fx.ebpf, names::CT_EMBRYONIC)?)?;
+    let mut handshakes = lb_user::handshakes::Handshakes::of(&fx.ebpf)?;
     for (k, _) in handshakes.records()? {
         handshakes.forget(&k, None)?;
     }
