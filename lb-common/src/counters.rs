@@ -44,9 +44,12 @@ counters! {
     SynHeld => "syn_held",
     /// SYN refused with a RST because no SNAT port was free for the chosen backend.
     RstSnatExhausted => "rst_snat_exhausted",
-    /// SYN dropped because the embryonic table refused the insert (no longer counted: the
-    /// port claim is the handshake's only insert, and a refused claim is `rst_snat_exhausted`).
-    DropEmbryonicFull => "drop_embryonic_full",
+    /// Under SNAT port pressure, a handshake that its backend left unanswered for longer than
+    /// the client's first SYN retransmit (`UNANSWERED_NS`, 1 s: a backend whose SYN queue a
+    /// flood filled, or one that is gone) gave its port to a new flow; the client's retransmit
+    /// starts a fresh handshake. (This row was `drop_embryonic_full`, retired when the port
+    /// claim became the handshake's only insert.)
+    UnansweredReclaimed => "unanswered_reclaimed",
     /// Flow could not move to the established table (full): the flow is refused.
     DropEstablishedFull => "drop_established_full",
     /// Fragment (first fragment, MF or offset) to a VIP/SNAT port.

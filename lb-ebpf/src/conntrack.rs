@@ -12,7 +12,7 @@ use aya_ebpf::bindings::BPF_ANY;
 use lb_common::{
     backend_closed_first, handshake_age, handshake_ctrl, handshake_slot_of, handshake_tag,
     index_set_of, is_closing, Config, Counter, Flow, FlowKey, Handshake, HandshakeSlot, IndexWay,
-    DIR_REPLY, FLOW_CLOSE_FIN, FLOW_CLOSE_RST, FLOW_ESTABLISHED, FLOW_SYN_RECV,
+    DIR_REPLY, FLOW_CLOSE_FIN, FLOW_CLOSE_RST, FLOW_ESTABLISHED, FLOW_SYN_RECV, FLOW_SYN_SENT,
     HANDSHAKE_STAMP_SHIFT, HANDSHAKE_WRITING, IPPROTO_TCP,
 };
 
@@ -301,8 +301,7 @@ pub fn delete_closed(c: &Closed, key: &FlowKey) -> bool {
 /// Claims reply key `key` for the handshake `hs`, which is copied into the key's slot: what
 /// claims an SNAT port. The slot must be free or hold a handshake (of this key or another)
 /// that `takeover` may evict; else the port counts as taken and the search tries another.
-/// Returns whether the key was claimed, and with it whether a live (half-open) handshake was
-/// evicted.
+/// Returns whether the key was claimed, and with it which live handshake, if any, was evicted.
 ///
 /// The slot is claimed with a compare-and-swap of its control word to the key's tag with the
 /// writing bit set; readers skip the slot until the record is written and the bit cleared.
@@ -313,7 +312,7 @@ pub fn claim(
     cfg: &Config,
     now: u64,
     takeover: Takeover,
-) -> Option<bool> {
+) -> Option<Evicted> {
     let (ctrl, record) = slot_of(key, cfg.handshake_slots)?;
     let (seen, evicted) = decide(ctrl, record, cfg, now, takeover)?;
     let claimed = handshake_ctrl(handshake_tag(key), now);
@@ -339,8 +338,8 @@ pub fn claimable(key: &FlowKey, cfg: &Config, now: u64, takeover: Takeover) -> b
         .is_some()
 }
 
-/// [`claim`]'s decision on a slot (`ctrl`, `record`): the control word to swap, and whether a
-/// live handshake is evicted; `None` if the port counts as taken.
+/// [`claim`]'s decision on a slot (`ctrl`, `record`): the control word to swap, and which live
+/// handshake is evicted; `None` if the port counts as taken.
 #[inline(always)]
 fn decide(
     ctrl: *mut u64,
@@ -348,7 +347,7 @@ fn decide(
     cfg: &Config,
     now: u64,
     takeover: Takeover,
-) -> Option<(u64, bool)> {
+) -> Option<(u64, Evicted)> {
     let seen = ctrl_of(ctrl);
     if seen & HANDSHAKE_WRITING != 0 {
         // Another CPU is writing this slot.
@@ -359,12 +358,28 @@ fn decide(
     if seen >> 32 == 0
         || handshake_age(seen, now) > cfg.embryonic_timeout_ns + (1 << HANDSHAKE_STAMP_SHIFT)
     {
-        return Some((seen, false));
+        return Some((seen, Evicted::None));
     }
-    let half_open = takeover == Takeover::HalfOpen
-        && record.rev.state == FLOW_SYN_RECV
-        && now.wrapping_sub(record.rev.created_ns) > HALF_OPEN_NS;
-    half_open.then_some((seen, true))
+    if takeover != Takeover::HalfOpen {
+        return None;
+    }
+    let age = now.wrapping_sub(record.rev.created_ns);
+    match record.rev.state {
+        FLOW_SYN_RECV if age > HALF_OPEN_NS => Some((seen, Evicted::HalfOpen)),
+        FLOW_SYN_SENT if age > UNANSWERED_NS => Some((seen, Evicted::Unanswered)),
+        _ => None,
+    }
+}
+
+/// The live handshake a [`claim`] evicted, if any.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Evicted {
+    /// None: the slot was free or its handshake past the connect timeout.
+    None,
+    /// A half-open one (`HALF_OPEN_NS`).
+    HalfOpen,
+    /// One its backend left unanswered (`UNANSWERED_NS`).
+    Unanswered,
 }
 
 /// Which live handshake [`claim`] may evict (a free slot, or one whose handshake is older than
@@ -374,7 +389,8 @@ pub enum Takeover {
     /// No live one: only expired handshakes give their slots up.
     Expired,
     /// One half open (the backend answered, the client never did: a spoofed SYN looks like
-    /// this) for more than `HALF_OPEN_NS`.
+    /// this) for more than `HALF_OPEN_NS`, or one its backend left unanswered for more than
+    /// `UNANSWERED_NS`.
     HalfOpen,
 }
 
@@ -382,6 +398,13 @@ pub enum Takeover {
 /// its port. A real client's ACK follows the backend's SYN-ACK within a round trip; a flood of
 /// spoofed SYNs at 20,000/s keeps about 5,000 ports younger than this.
 pub const HALF_OPEN_NS: u64 = 250_000_000;
+
+/// How long a handshake its backend never answered (no SYN-ACK) holds its port under port
+/// pressure: the client's first SYN retransmit (RFC 6298's initial RTO, 1 s) is due by then,
+/// and it starts a fresh handshake on a free port. A backend that stops answering (gone, or
+/// its SYN queue full under a flood) would otherwise let flood handshakes hold every port for
+/// the connect timeout. A backend slower than that still answers the retransmit.
+pub const UNANSWERED_NS: u64 = 1_000_000_000;
 
 /// Frees the slot of a handshake's record, unless another claim took it meanwhile.
 #[inline(always)]

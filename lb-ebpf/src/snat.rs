@@ -16,7 +16,9 @@
 //! this covers the ones whose last ACK was lost and those a RST closed); or the port of a
 //! half-open handshake older than `HALF_OPEN_NS` (the backend answered, the client never did:
 //! a spoofed SYN), so that a SYN flood holds each port for a fraction of a second instead of
-//! the connect timeout.
+//! the connect timeout; or the port of a handshake its backend left unanswered for longer than
+//! `UNANSWERED_NS` (1 s, the client's first SYN retransmit: a backend a flood overwhelmed, or
+//! one that is gone).
 use core::intrinsics::{atomic_and, atomic_or, AtomicOrdering};
 
 use aya_ebpf::helpers::bpf_get_prandom_u32;
@@ -26,7 +28,7 @@ use lb_common::{
 };
 
 use crate::{
-    conntrack::{self, Takeover},
+    conntrack::{self, Evicted, Takeover},
     events,
     maps::PORT_HINTS,
     maxconn, stats,
@@ -111,7 +113,7 @@ pub fn claim(
     }
 
     // Under pressure: `REUSE_TRIES` more ports, looking for one whose handshake is half open
-    // and stale, or one held by a flow that closed more than `REUSE_QUIET_NS` ago with no
+    // and stale or unanswered for over a second, or one held by a flow that closed more than `REUSE_QUIET_NS` ago with no
     // TIME_WAIT at the backend; that flow is deleted (its slot released, its end reported to
     // the connection log) and its port claimed.
     let (mut half_open, mut closed) = (false, false);
@@ -124,9 +126,10 @@ pub fn claim(
     }
     hs.fwd.nat_sport = key.dport;
     if half_open {
-        let evicted = conntrack::claim(&key, hs, cfg, now, Takeover::HalfOpen)?;
-        if evicted {
-            stats::count(Counter::HalfOpenReclaimed);
+        match conntrack::claim(&key, hs, cfg, now, Takeover::HalfOpen)? {
+            Evicted::HalfOpen => stats::count(Counter::HalfOpenReclaimed),
+            Evicted::Unanswered => stats::count(Counter::UnansweredReclaimed),
+            Evicted::None => {}
         }
         return Some(key.dport);
     }

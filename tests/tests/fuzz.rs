@@ -55,7 +55,7 @@
 //! - `fwd_packets`, `reply_packets`, `icmp_translated` (counted in `send` / `icmp::handle`
 //!   before the transmit), `pass_ttl`;
 //! - the drops `drop_ip_options`, `drop_fragment`, `drop_malformed`, `drop_fib`,
-//!   `drop_no_snat_addr`, `drop_embryonic_full`, `drop_established_full`, `drop_icmp_no_flow`;
+//!   `drop_no_snat_addr`, `drop_established_full`, `drop_icmp_no_flow`;
 //! - the refusals (`path::refuse`): `drop_no_flow` (the refused segment is itself a RST:
 //!   dropped), `drop_rst_limited` (rate limit: dropped), or, when the RST was sent, its reason
 //!   `rst_no_flow`, `rst_no_backend`, `rst_snat_exhausted`, `rst_flow_reset`.
@@ -103,7 +103,6 @@ const OUTCOMES: &[Counter] = &[
     Counter::DropMalformed,
     Counter::DropFib,
     Counter::DropNoSnatAddr,
-    Counter::DropEmbryonicFull,
     Counter::DropEstablishedFull,
     Counter::DropIcmpNoFlow,
     Counter::DropNoFlow,
@@ -129,7 +128,6 @@ const DROP_OUTCOMES: &[Counter] = &[
     Counter::DropMalformed,
     Counter::DropFib,
     Counter::DropNoSnatAddr,
-    Counter::DropEmbryonicFull,
     Counter::DropEstablishedFull,
     Counter::DropIcmpNoFlow,
     Counter::DropNoFlow,
@@ -172,6 +170,7 @@ const EVENTS: &[Counter] = &[
     Counter::GenericLarge,
     Counter::DropNoEgress,
     Counter::HalfOpenReclaimed,
+    Counter::UnansweredReclaimed,
     Counter::ClosedPortTakenOver,
     Counter::EndedAtLastAck,
 ];

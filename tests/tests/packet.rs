@@ -2252,6 +2252,110 @@ fn when_the_ports_run_out_a_half_open_handshake_older_than_250ms_gives_its_port_
 
 #[test]
 #[ignore = "needs root and netns: run cargo xtask test"]
+fn when_the_ports_run_out_a_handshake_the_backend_left_unanswered_for_over_a_second_gives_its_port_to_a_new_flow(
+) -> Result<()> {
+    // A backend that stops answering (its SYN queue full under a flood, or gone) must not let
+    // unanswered handshakes hold every port for the connect timeout. The client retransmits
+    // an unanswered SYN after its initial RTO (1 s): from then on the handshake may go.
+    let config = CONFIG.replace("10000-32767", "10000-10001");
+    Fixture::run_with_config("unanswered", &config, |fx| {
+        // Neither handshake is answered; their ages are set by hand below.
+        let (old_syn, old_port) = open_write_flow(fx, 40020)?;
+        let (_, young_port) = open_write_flow(fx, 40021)?;
+        let snat_exhausted = [
+            (Counter::RstSnatExhausted, 1),
+            (Counter::RstSent, 1),
+            (Counter::FibResult0, 1),
+        ];
+        // Ages by hand: the old one 1.5 s, the young one none, so that it stays younger than
+        // 1 s however slow the machine (an emulated VM) is until the SYN that follows.
+        let age = |fx: &mut Fixture, ages: &[(u16, u64)]| -> Result<()> {
+            let now = lb_user::gc::monotonic_now()?;
+            for (k, mut f) in fx.embryonic()? {
+                let port = u16::from_be(if f.dir == DIR_REPLY {
+                    k.dport
+                } else {
+                    f.nat_sport
+                });
+                if let Some(&(_, ns)) = ages.iter().find(|(p, _)| *p == port) {
+                    f.created_ns = now - ns;
+                    fx.put_embryonic(&k, &f)?;
+                }
+            }
+            Ok(())
+        };
+        age(fx, &[(old_port, 1_500_000_000), (young_port, 0)])?;
+        // A new SYN takes the port of the one unanswered for 1.5 s, not the young one's.
+        let syn = client_syn(40022, WRITE_PORT).with_seq_ack(0x7400_0000, 0);
+        let before = fx.counters()?;
+        let out = fx.from_client(&syn.bytes()?)?;
+        assert_bytes(
+            "output",
+            &out,
+            Action::Redirect,
+            &to_backend(&syn, DB01, DB01_MAC, old_port).bytes()?,
+        );
+        assert_eq!(
+            fx.counters()?.changes_since(&before),
+            moved(&[
+                (Counter::FwdPackets, 1),
+                (Counter::NewFlows, 1),
+                (Counter::FibResult0, 1),
+                (Counter::UnansweredReclaimed, 1),
+            ]),
+            "the unanswered handshake's port taken over"
+        );
+        // The slow backend's late SYN-ACK of the old handshake never reaches the new client:
+        // the RST ends that half-open connection at the backend.
+        let late = backend_segment(DB01, DB01_MAC, old_port, SYN | ACK)
+            .with_seq_ack(0x5000_0000, old_syn.seq.wrapping_add(1))
+            .with_options(&frames::SYN_OPTIONS);
+        assert_rst(
+            fx,
+            "the old handshake's late SYN-ACK",
+            &late,
+            fx.bk0.ifindex,
+            &rst_answer(&late),
+            &[(Counter::RstHandshakeStale, 1), (Counter::RstSent, 1)],
+        )?;
+        // The young one keeps its port: the next SYN finds none.
+        age(fx, &[(young_port, 0)])?;
+        let syn = client_syn(40023, WRITE_PORT);
+        assert_rst(
+            fx,
+            "SYN with only the young unanswered handshake's port left",
+            &syn,
+            fx.cl0.ifindex,
+            &rst_answer(&syn),
+            &snat_exhausted,
+        )?;
+        let held: Vec<u16> = fx
+            .embryonic()?
+            .into_iter()
+            .filter(|(_, f)| f.dir == DIR_REPLY)
+            .map(|(k, _)| u16::from_be(k.dport))
+            .collect();
+        assert!(
+            held.contains(&old_port) && held.contains(&young_port),
+            "{held:?}"
+        );
+        // The new flow's own SYN-ACK passes.
+        let syn_ack = backend_segment(DB01, DB01_MAC, old_port, SYN | ACK)
+            .with_seq_ack(0x5100_0000, 0x7400_0001)
+            .with_options(&frames::SYN_OPTIONS);
+        let out = fx.from_backends(&syn_ack.bytes()?)?;
+        assert_bytes(
+            "output",
+            &out,
+            Action::Redirect,
+            &to_client(&syn_ack, 40022, WRITE_PORT).bytes()?,
+        );
+        Ok(())
+    })
+}
+
+#[test]
+#[ignore = "needs root and netns: run cargo xtask test"]
 fn a_handshake_slot_shared_by_two_ports_is_kept_by_a_live_handshake_and_given_up_by_an_expired_one(
 ) -> Result<()> {
     // Two SNAT ports, and a handshake table of one slot: both ports' reply keys share it. (A

@@ -144,11 +144,12 @@ pub fn lifecycle_moves(
     before: &std::collections::BTreeMap<String, u64>,
     after: &std::collections::BTreeMap<String, u64>,
 ) -> Vec<(String, u64)> {
-    const EVENTS: [&str; 6] = [
+    const EVENTS: [&str; 7] = [
         "established",
         "ended_at_last_ack",
         "closed_tuple_reused",
         "half_open_reclaimed",
+        "unanswered_reclaimed",
         "closed_port_taken_over",
         "syn_held",
     ];
