@@ -43,7 +43,7 @@ pub mod names {
     /// An earlier SNAT port range whose flows are still alive (`OLD_PORTS[0]`).
     pub const OLD_PORTS: &str = "OLD_PORTS";
     pub const RESET_EPOCH: &str = "RESET_EPOCH";
-    /// Per service: until when (`bpf_ktime_get_ns`) a SYN finding no backend is held (dropped,
+    /// Per service: until when (`bpf_ktime_get_coarse_ns`) a SYN finding no backend is held (dropped,
     /// for the client's retransmit) instead of refused; written by the agent while an
     /// exclusive role has no member and its candidates are checked.
     pub const SYN_HOLD: &str = "SYN_HOLD";
@@ -530,12 +530,22 @@ pub const fn handshake_ctrl(tag: u32, now: u64) -> u64 {
 pub const HANDSHAKE_WRITING: u64 = 1;
 
 /// How long before `now` (ns) the control word `ctrl` was written, to its stamp's unit
-/// (ages wrap after 2^31 units, about 52 days).
+/// (ages wrap after 2^31 units, about 52 days). A stamp up to [`HANDSHAKE_AHEAD_UNITS`] ahead
+/// of `now` (written with another clock than the reader's) reads as age 0, not as a wrapped,
+/// huge age that would free the slot.
 #[inline(always)]
 pub const fn handshake_age(ctrl: u64, now: u64) -> u64 {
-    let units = ((now >> HANDSHAKE_STAMP_SHIFT) as u32).wrapping_sub((ctrl as u32) >> 1);
-    ((units & 0x7fff_ffff) as u64) << HANDSHAKE_STAMP_SHIFT
+    let units =
+        ((now >> HANDSHAKE_STAMP_SHIFT) as u32).wrapping_sub((ctrl as u32) >> 1) & 0x7fff_ffff;
+    if units > 0x7fff_ffff - HANDSHAKE_AHEAD_UNITS {
+        return 0;
+    }
+    (units as u64) << HANDSHAKE_STAMP_SHIFT
 }
+
+/// How far (stamp units, about 1 s) a slot's stamp may be ahead of a reader's clock and still
+/// read as age 0 ([`handshake_age`]).
+pub const HANDSHAKE_AHEAD_UNITS: u32 = 512;
 
 /// One slot of the handshake table (`CT_EMBRYONIC[handshake_slot_of(reply key)]`): a record
 /// and its control word: the tag of the record's key (high half; 0: the slot is free) and

@@ -17,7 +17,7 @@ use lb_common::{
 };
 
 use crate::{
-    events,
+    clock, events,
     maps::{CT_EMBRYONIC, CT_ESTABLISHED, CT_INDEX},
     parse::{Tcp, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN},
     stats,
@@ -119,7 +119,7 @@ pub fn lookup(key: &FlowKey, side: Side, now: u64, cfg: &Config) -> Option<Found
         Side::Backend => get_handshake(key, cfg.handshake_slots)?,
         Side::Client => indexed(key, cfg.handshake_slots)?,
     };
-    if now.wrapping_sub(hs.rev.created_ns) > cfg.embryonic_timeout_ns {
+    if clock::age(now, hs.rev.created_ns) > cfg.embryonic_timeout_ns {
         return None;
     }
     let Handshake { fwd, rev } = hs;
@@ -259,7 +259,7 @@ pub fn closed_quiet(key: &FlowKey, now: u64, quiet_ns: u64) -> Option<Closed> {
     } else {
         rev.last_seen_ns
     };
-    if backend_closed_first(fwd, rev) || now.wrapping_sub(last) <= quiet_ns {
+    if backend_closed_first(fwd, rev) || clock::age(now, last) <= quiet_ns {
         return None;
     }
     Some(Closed { fwd_key, fwd, rev })
@@ -363,7 +363,7 @@ fn decide(
     if takeover != Takeover::HalfOpen {
         return None;
     }
-    let age = now.wrapping_sub(record.rev.created_ns);
+    let age = clock::age(now, record.rev.created_ns);
     match record.rev.state {
         FLOW_SYN_RECV if age > HALF_OPEN_NS => Some((seen, Evicted::HalfOpen)),
         FLOW_SYN_SENT if age > UNANSWERED_NS => Some((seen, Evicted::Unanswered)),
@@ -596,7 +596,7 @@ const TOUCH_NS: u64 = if cfg!(feature = "upgrade-test") {
 /// Refreshes `last_seen_ns`, at most once a second per entry (a shared cache line).
 #[inline(always)]
 pub fn touch(flow: &mut Flow, now: u64) {
-    if now.wrapping_sub(flow.last_seen_ns) > TOUCH_NS {
+    if clock::age(now, flow.last_seen_ns) > TOUCH_NS {
         flow.last_seen_ns = now;
     }
 }

@@ -86,7 +86,7 @@ pub fn next_hop(
         if c.found_ns != 0
             && c.dst == dst
             && c.ingress == ifindex
-            && now.wrapping_sub(c.found_ns) < HOP_REUSE_NS
+            && crate::clock::age(now, c.found_ns) < HOP_REUSE_NS
         {
             stats::count_fib(0);
             return Ok(c.hop);

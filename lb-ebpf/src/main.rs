@@ -1,5 +1,5 @@
 //! lb's XDP program. The entry points only dispatch; each concern lives in its own module:
-//! `parse` (header access), `service` (VIP lookup, backend choice), `conntrack` (flow tables),
+//! `parse` (header access), `clock` (the time packets are handled at), `service` (VIP lookup, backend choice), `conntrack` (flow tables),
 //! `snat` (port claim), `maxconn` (connection limits), `nat` + `csum` (rewrite), `forward` (next
 //! hop, transmit), `path` (the forward and reply TCP paths), `icmp` (error translation), `rst`
 //! (RST synthesis), `pair` (frames flooded to this node for the other one of a pair), `stats`, `capture` (`lb capture`'s frame copies), `events` (connection ends
@@ -17,6 +17,8 @@
 
 #[cfg(target_arch = "bpf")]
 mod capture;
+#[cfg(target_arch = "bpf")]
+mod clock;
 #[cfg(target_arch = "bpf")]
 mod conntrack;
 #[cfg(target_arch = "bpf")]
@@ -52,14 +54,12 @@ mod trace;
 
 #[cfg(target_arch = "bpf")]
 mod prog {
-    use aya_ebpf::{
-        bindings::xdp_action, helpers::bpf_ktime_get_ns, macros::xdp, programs::XdpContext,
-    };
+    use aya_ebpf::{bindings::xdp_action, macros::xdp, programs::XdpContext};
     use lb_common::{Counter, CONFIG_F_OLD_PORTS};
     use network_types::eth::EthHdr;
 
     use crate::{
-        csum, icmp,
+        clock, csum, icmp,
         maps::{config, in_old_ports, is_backend, is_snat_addr},
         pair::for_the_other_host,
         parse::{
@@ -104,8 +104,7 @@ mod prog {
             IPPROTO_TCP => tcp(ctx, f, eth, ip),
             IPPROTO_ICMP => {
                 let cfg = config();
-                // SAFETY: helper without arguments.
-                let now = unsafe { bpf_ktime_get_ns() };
+                let now = clock::now();
                 icmp::handle(ctx, f, eth, ip, cfg, now)
             }
             _ => xdp_action::XDP_PASS,
@@ -134,8 +133,7 @@ mod prog {
             let Some(tcp) = checked_tcp(f, ip, svc.id) else {
                 return xdp_action::XDP_DROP;
             };
-            // SAFETY: helper without arguments.
-            let now = unsafe { bpf_ktime_get_ns() };
+            let now = clock::now();
             let key = path::key_of(ip, tcp);
             return path::forward(
                 &mut path::Packet::new(ctx, f, eth, ip, tcp, &key, cfg, now),
@@ -153,8 +151,7 @@ mod prog {
             let Some(tcp) = checked_tcp(f, ip, u32::MAX) else {
                 return xdp_action::XDP_DROP;
             };
-            // SAFETY: helper without arguments.
-            let now = unsafe { bpf_ktime_get_ns() };
+            let now = clock::now();
             let key = path::key_of(ip, tcp);
             return path::reply(
                 &mut path::Packet::new(ctx, f, eth, ip, tcp, &key, cfg, now),

@@ -146,7 +146,7 @@ pub fn in_old_ports(port: u16) -> bool {
 #[btf_map]
 pub static RESET_EPOCH: Array<u32, { (MAX_SERVICES * MAX_BACKENDS) as usize }> = Array::new();
 
-/// Per service: until when (`bpf_ktime_get_ns`) a SYN that finds no backend is held (dropped:
+/// Per service: until when (`clock::now`) a SYN that finds no backend is held (dropped:
 /// the client retransmits it) instead of refused. The agent sets it when an exclusive role
 /// loses its holder and its candidates are checked at `fastinter`, and clears it when one is
 /// installed; the deadline bounds the hold even if the agent is gone.

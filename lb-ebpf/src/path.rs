@@ -32,7 +32,7 @@ pub struct Packet<'a> {
     /// not the whole description, is on the stack where helpers read it).
     pub key: &'a FlowKey,
     pub cfg: &'a Config,
-    /// `bpf_ktime_get_ns` when the frame arrived.
+    /// `clock::now()` when the frame arrived.
     pub now: u64,
     /// The frame's length.
     pub bytes: u64,

@@ -2,9 +2,7 @@
 //! answer it with (RFC 9293 3.10.7.1), options and payload stripped, and sent back out of
 //! the ingress device.
 use aya_ebpf::{
-    bindings::xdp_action,
-    helpers::{bpf_ktime_get_ns, generated::bpf_xdp_adjust_tail},
-    programs::XdpContext,
+    bindings::xdp_action, helpers::generated::bpf_xdp_adjust_tail, programs::XdpContext,
 };
 use lb_common::Counter;
 use network_types::eth::EthHdr;
@@ -30,10 +28,9 @@ fn take_token(per_sec: u32) -> bool {
     };
     // SAFETY: this CPU's slot; nothing else runs on it while we do.
     let b = unsafe { &mut *b };
-    // SAFETY: helper without arguments.
-    let now = unsafe { bpf_ktime_get_ns() };
+    let now = crate::clock::now();
     let rate = per_sec as u64;
-    let elapsed = now.wrapping_sub(b.last_ns).min(NS_PER_SEC);
+    let elapsed = crate::clock::age(now, b.last_ns).min(NS_PER_SEC);
     let refill = elapsed * rate / NS_PER_SEC;
     if refill > 0 {
         b.tokens = (b.tokens + refill).min(rate);

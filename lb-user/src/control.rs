@@ -392,7 +392,8 @@ impl Control {
     }
 
     /// Holds new SYNs to service `service` that find no backend until `until_ns`
-    /// (`bpf_ktime_get_ns`, i.e. CLOCK_MONOTONIC) instead of refusing them; 0 ends a hold.
+    /// (`bpf_ktime_get_coarse_ns`, i.e. CLOCK_MONOTONIC_COARSE) instead of refusing them; 0
+    /// ends a hold.
     pub fn hold_syns(&mut self, cfg: &Config, service: usize, until_ns: u64) -> Result<()> {
         self.syn_hold
             .set(cfg.services[service].id, until_ns, 0)

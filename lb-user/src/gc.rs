@@ -22,8 +22,8 @@
 //! The data path deletes a flow itself only when the client closed first and its last ACK
 //! passed (and on resets and tuple reuse); on a FIN or RST it deletes nothing: a half-closed
 //! connection keeps working, retransmitted FINs still translate, and a spoofed RST can be
-//! taken back by the next genuine segment. Flow timestamps are `bpf_ktime_get_ns`, i.e. CLOCK_MONOTONIC;
-//! `last_seen_ns` is written at most once a second per entry, so idle expiry is accurate to a
+//! taken back by the next genuine segment. Flow timestamps are `bpf_ktime_get_coarse_ns`, i.e.
+//! CLOCK_MONOTONIC_COARSE; `last_seen_ns` is written at most once a second per entry, so idle expiry is accurate to a
 //! second.
 //!
 //! A pass first reads a table completely, then deletes: deleting the key an iteration stands on
@@ -327,16 +327,18 @@ pub fn map_fd(map: &Map, name: &str) -> Result<std::os::fd::OwnedFd> {
         .with_context(|| format!("duplicate the fd of map {name}"))
 }
 
-/// CLOCK_MONOTONIC in nanoseconds: the clock of `bpf_ktime_get_ns`.
+/// CLOCK_MONOTONIC_COARSE in nanoseconds: the data path's clock (`bpf_ktime_get_coarse_ns`),
+/// so that a stamp the agent writes is never ahead of the program's `now`.
 pub fn monotonic_now() -> Result<u64> {
     let mut ts = libc::timespec {
         tv_sec: 0,
         tv_nsec: 0,
     };
     // SAFETY: `ts` is a valid, writable timespec for the duration of the call.
-    let r = unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    let r = unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC_COARSE, &mut ts) };
     if r != 0 {
-        return Err(std::io::Error::last_os_error()).context("clock_gettime(CLOCK_MONOTONIC)");
+        return Err(std::io::Error::last_os_error())
+            .context("clock_gettime(CLOCK_MONOTONIC_COARSE)");
     }
     Ok((ts.tv_sec as u64).saturating_mul(1_000_000_000) + ts.tv_nsec as u64)
 }

@@ -2356,6 +2356,50 @@ fn when_the_ports_run_out_a_handshake_the_backend_left_unanswered_for_over_a_sec
 
 #[test]
 #[ignore = "needs root and netns: run cargo xtask test"]
+fn a_handshake_stamped_ahead_of_the_data_paths_clock_is_young_not_expired() -> Result<()> {
+    // The data path's clock is the coarse one (the last tick's time); a stamp taken with a
+    // finer clock, or on another CPU a moment later, can be ahead of its `now`. Such a stamp
+    // must read as age 0: an age that wraps to a huge one would expire a live handshake (its
+    // SYN-ACK refused) and free its slot (its port given to another flow).
+    let config = CONFIG.replace("10000-32767", "10000-10000");
+    Fixture::run_with_config("ahead", &config, |fx| {
+        let (syn, port) = open_write_flow(fx, 40030)?;
+        let ahead = lb_user::gc::monotonic_now()? + 500_000_000;
+        for (k, mut f) in fx.embryonic()? {
+            f.created_ns = ahead;
+            fx.put_embryonic(&k, &f)?;
+        }
+        // The only port stays taken.
+        let other = client_syn(40031, WRITE_PORT);
+        assert_rst(
+            fx,
+            "SYN while the only port's handshake is stamped ahead",
+            &other,
+            fx.cl0.ifindex,
+            &rst_answer(&other),
+            &[
+                (Counter::RstSnatExhausted, 1),
+                (Counter::RstSent, 1),
+                (Counter::FibResult0, 1),
+            ],
+        )?;
+        // And the handshake goes on.
+        let syn_ack = backend_segment(DB01, DB01_MAC, port, SYN | ACK)
+            .with_seq_ack(0x5000_0000, syn.seq.wrapping_add(1))
+            .with_options(&frames::SYN_OPTIONS);
+        let out = fx.from_backends(&syn_ack.bytes()?)?;
+        assert_bytes(
+            "output",
+            &out,
+            Action::Redirect,
+            &to_client(&syn_ack, 40030, WRITE_PORT).bytes()?,
+        );
+        Ok(())
+    })
+}
+
+#[test]
+#[ignore = "needs root and netns: run cargo xtask test"]
 fn a_handshake_slot_shared_by_two_ports_is_kept_by_a_live_handshake_and_given_up_by_an_expired_one(
 ) -> Result<()> {
     // Two SNAT ports, and a handshake table of one slot: both ports' reply keys share it. (A

@@ -101,7 +101,7 @@ pub fn export_at(s: &FlowSync, now_ns: u64, unix_ns: u64, ifindexes: &[u32]) -> 
 /// What the standby knows of its own side of a synced flow.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Local {
-    /// Its clock (`CLOCK_MONOTONIC`, as the data path's).
+    /// Its clock (`CLOCK_MONOTONIC_COARSE`, as the data path's).
     pub now_ns: u64,
     /// Its ids of the flow's service and backend (by VIP:port and backend address:port).
     pub service_id: u32,
