@@ -101,6 +101,7 @@ pub const fn layout(name: &str) -> Option<u64> {
         b if eq(b, names::BACKENDS) => fold(&[HASH, size_of::<BackendKey>() as u64, 4]),
         b if eq(b, names::CT_EMBRYONIC) => fold(&[
             ARRAY,
+            crate::BPF_F_MMAPABLE as u64,
             4,
             size_of::<HandshakeSlot>() as u64,
             offset_of!(HandshakeSlot, ctrl) as u64,

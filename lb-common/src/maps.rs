@@ -543,6 +543,9 @@ pub const fn handshake_age(ctrl: u64, now: u64) -> u64 {
     (units as u64) << HANDSHAKE_STAMP_SHIFT
 }
 
+/// `BPF_F_MMAPABLE`: the map flag of `CT_EMBRYONIC`, which the agent maps to read in place.
+pub const BPF_F_MMAPABLE: u32 = 1 << 10;
+
 /// How far (stamp units, about 1 s) a slot's stamp may be ahead of a reader's clock and still
 /// read as age 0 ([`handshake_age`]).
 pub const HANDSHAKE_AHEAD_UNITS: u32 = 512;

@@ -31,11 +31,13 @@ pub static BACKEND_SETS: ArrayOfMaps<Array<BackendSet, 1>, { MAX_SERVICES as usi
 pub static BACKENDS: HashMap<BackendKey, u32, { MAX_BACKENDS as usize }> = HashMap::new();
 
 /// Flows whose handshake has not completed, one record each in the slot of its reply key
-/// (see [`lb_common::HandshakeSlot`]); records expire after the connect timeout.
+/// (see [`lb_common::HandshakeSlot`]); records expire after the connect timeout. Mmapable: the
+/// agent reads the slots in place.
 #[btf_map]
 pub static CT_EMBRYONIC: Array<
     HandshakeSlot,
     { handshake_slots(DEFAULT_EMBRYONIC_ENTRIES) as usize },
+    { lb_common::BPF_F_MMAPABLE as usize },
 > = Array::new();
 
 /// The handshake index: `CT_INDEX[hash(client tuple)]`, a set of ways each naming a client

@@ -2356,6 +2356,46 @@ fn when_the_ports_run_out_a_handshake_the_backend_left_unanswered_for_over_a_sec
 
 #[test]
 #[ignore = "needs root and netns: run cargo xtask test"]
+fn the_agent_reads_handshake_records_in_place_and_skips_a_slot_being_written() -> Result<()> {
+    // The GC reads the handshake table every pass: mapped into the agent, not copied slot by
+    // slot through a syscall. It must see exactly the records a map read sees, and, like the
+    // data path, no record whose slot is being written.
+    Fixture::run("inplace", |fx| {
+        let table = lb_user::handshakes::Handshakes::of(&fx.ebpf)?;
+        assert!(
+            table.in_place(),
+            "CT_EMBRYONIC is not mapped into the agent"
+        );
+        let mut ports = Vec::new();
+        for client_port in [40040, 40041, 40042] {
+            ports.push(open_write_flow(fx, client_port)?.1);
+        }
+        let records = table.records()?;
+        assert_eq!(records.len(), 3, "{records:?}");
+        for (key, hs) in &records {
+            assert!(ports.contains(&u16::from_be(key.dport)), "{key:?}");
+            let (_, slot) = fx.handshake_slot(key)?;
+            assert!(slot.holds_key(key), "{key:?}");
+            assert_eq!(
+                slot.hs, *hs,
+                "the record read in place differs from the map's"
+            );
+        }
+        // One slot with its writing bit set, as a claim in progress leaves it.
+        let (key, _) = records[0];
+        let (i, slot) = fx.handshake_slot(&key)?;
+        let mut writing = slot;
+        writing.ctrl |= lb_common::HANDSHAKE_WRITING;
+        fx.put_handshake_slot(i, writing)?;
+        let left: Vec<FlowKey> = table.records()?.into_iter().map(|(k, _)| k).collect();
+        assert_eq!(left.len(), 2, "{left:?}");
+        assert!(!left.contains(&key));
+        Ok(())
+    })
+}
+
+#[test]
+#[ignore = "needs root and netns: run cargo xtask test"]
 fn a_handshake_stamped_ahead_of_the_data_paths_clock_is_young_not_expired() -> Result<()> {
     // The data path's clock is the coarse one (the last tick's time); a stamp taken with a
     // finer clock, or on another CPU a moment later, can be ahead of its `now`. Such a stamp

@@ -100,6 +100,7 @@ pub const VM_SUITES: &[(&str, &[&str])] = &[
             "a_handshake_slot_being_written_is_invisible_to_lookups_and_taken_for_claims",
             "when_the_ports_run_out_a_handshake_the_backend_left_unanswered_for_over_a_second_gives_its_port_to_a_new_flow",
             "a_handshake_stamped_ahead_of_the_data_paths_clock_is_young_not_expired",
+            "the_agent_reads_handshake_records_in_place_and_skips_a_slot_being_written",
         ],
     ),
     (
