@@ -43,9 +43,9 @@ pub mod names {
     /// An earlier SNAT port range whose flows are still alive (`OLD_PORTS[0]`).
     pub const OLD_PORTS: &str = "OLD_PORTS";
     pub const RESET_EPOCH: &str = "RESET_EPOCH";
-    /// Per service: until when (`bpf_ktime_get_coarse_ns`) a SYN finding no backend is held (dropped,
-    /// for the client's retransmit) instead of refused; written by the agent while an
-    /// exclusive role has no member and its candidates are checked.
+    /// Per service: until when (`bpf_ktime_get_coarse_ns`) a SYN finding no backend is held
+    /// (dropped, for the client's retransmit) instead of refused; written by the agent while
+    /// an exclusive role has no member and its candidates are checked.
     pub const SYN_HOLD: &str = "SYN_HOLD";
     pub const RST_BUCKET: &str = "RST_BUCKET";
     /// Connections the data path ended itself (ring buffer; not pinned: each program build

@@ -1,9 +1,10 @@
 //! lb's XDP program. The entry points only dispatch; each concern lives in its own module:
-//! `parse` (header access), `clock` (the time packets are handled at), `service` (VIP lookup, backend choice), `conntrack` (flow tables),
-//! `snat` (port claim), `maxconn` (connection limits), `nat` + `csum` (rewrite), `forward` (next
-//! hop, transmit), `path` (the forward and reply TCP paths), `icmp` (error translation), `rst`
-//! (RST synthesis), `pair` (frames flooded to this node for the other one of a pair), `stats`, `capture` (`lb capture`'s frame copies), `events` (connection ends
-//! for the agent's log), `trace` (XDP failure tracepoints).
+//! `parse` (header access), `clock` (the time packets are handled at), `service` (VIP lookup,
+//! backend choice), `conntrack` (flow tables), `snat` (port claim), `maxconn` (connection
+//! limits), `nat` + `csum` (rewrite), `forward` (next hop, transmit), `path` (the forward and
+//! reply TCP paths), `icmp` (error translation), `rst` (RST synthesis), `pair` (frames flooded
+//! to this node for the other one of a pair), `stats`, `capture` (`lb capture`'s frame copies),
+//! `events` (connection ends for the agent's log), `trace` (XDP failure tracepoints).
 //!
 //! Anything not addressed to a VIP:port, and not a reply from a backend to an SNAT-range port
 //! (or an ICMP error about one), is passed to the kernel byte for byte.
