@@ -111,7 +111,7 @@ fn median(v: &mut [f64]) -> f64 {
 const BUSY_FRAMES: usize = 500;
 /// New flows to the read service run (untimed) before those: the syscalls that fill the table
 /// leave the tables' page walks uncached, and the first few hundred new flows after them cost
-/// half as much again (measured: 950-1,250 ns for the first 500, 640-1,000 for the next 1,000).
+/// half as much again (measured: 957-1,394 ns for the first 500, 640-1,063 for the next 1,000).
 /// The other passes time thousands of frames, mostly in the warm state a stream of connections
 /// keeps; this one times 500, so it warms up first. The read service's backends leave db01's
 /// ports as they are.
