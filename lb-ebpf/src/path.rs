@@ -457,7 +457,7 @@ fn refuse(p: &Packet, service: u32, reason: Counter) -> u32 {
         stats::service_drop(service, Counter::DropNoFlow);
         return xdp_action::XDP_DROP;
     }
-    let action = rst::reply(p.ctx, p.cfg.rst_per_sec);
+    let action = rst::reply(p.ctx, p.cfg.rst_per_sec, p.now);
     if action == xdp_action::XDP_TX {
         stats::service_drop(service, reason);
     } else if let Some(s) = stats::service(service) {

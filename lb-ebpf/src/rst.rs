@@ -20,15 +20,14 @@ use crate::{
 const RST_FRAME_LEN: usize = L4_OFF + TCP_LEN;
 const NS_PER_SEC: u64 = 1_000_000_000;
 
-/// Takes a token from this CPU's bucket (capacity and refill: `per_sec`).
+/// Takes a token from this CPU's bucket (capacity and refill: `per_sec`) at `now`.
 #[inline(always)]
-fn take_token(per_sec: u32) -> bool {
+fn take_token(per_sec: u32, now: u64) -> bool {
     let Some(b) = RST_BUCKET.get_ptr_mut(0) else {
         return false;
     };
     // SAFETY: this CPU's slot; nothing else runs on it while we do.
     let b = unsafe { &mut *b };
-    let now = crate::clock::now();
     let rate = per_sec as u64;
     let elapsed = crate::clock::age(now, b.last_ns).min(NS_PER_SEC);
     let refill = elapsed * rate / NS_PER_SEC;
@@ -55,11 +54,11 @@ fn headers(f: &Frame) -> Option<(&'static mut EthHdr, &'static mut Ip, &'static 
     ))
 }
 
-/// Answers the segment with a RST. The caller checked the IPv4 header has no options.
-/// A RST is never answered (dropped instead).
+/// Answers the segment (handled at `now`) with a RST. The caller checked the IPv4 header has
+/// no options. A RST is never answered (dropped instead).
 #[inline(always)]
-pub fn reply(ctx: &XdpContext, per_sec: u32) -> u32 {
-    if !take_token(per_sec) {
+pub fn reply(ctx: &XdpContext, per_sec: u32, now: u64) -> u32 {
+    if !take_token(per_sec, now) {
         stats::count(Counter::DropRstLimited);
         return xdp_action::XDP_DROP;
     }

@@ -4,10 +4,11 @@
 //! address:port) for the flow's record (`conntrack::claim`, a compare-and-swap); a port whose
 //! reply key is in the established table is taken, and so is one whose slot holds another
 //! live handshake (of this key or of another with the same slot); a slot whose handshake is
-//! older than the connect timeout is free. The tables are the authority; the search is guided by the backend's port hints (`PORT_HINTS`: a bitmap of the
-//! ports its flows hold, set here when a port is claimed or found taken, cleared when the
-//! forward path ends a flow, and rewritten from the tables by every pass of the agent's GC),
-//! so that a new flow finds a free port with one probe even when nine in ten are taken. Random
+//! older than the connect timeout is free. The tables are the authority; the search is guided
+//! by the backend's port hints (`PORT_HINTS`: a bitmap of the ports its flows hold, set here
+//! when a port is claimed or found taken, cleared when the forward path ends a flow, and
+//! rewritten from the tables by every pass of the agent's GC), so that a new flow finds a free
+//! port with one probe even when nine in ten are taken. Random
 //! ports follow if the hints find none (`SNAT_TRIES`). Under pressure (every try found its port
 //! taken), it tries `REUSE_TRIES` more ports and may also take over the port of a flow that
 //! has been closed for a while and whose backend did not close first: the backend has no
@@ -113,9 +114,9 @@ pub fn claim(
     }
 
     // Under pressure: `REUSE_TRIES` more ports, looking for one whose handshake is half open
-    // and stale or unanswered for over a second, or one held by a flow that closed more than `REUSE_QUIET_NS` ago with no
-    // TIME_WAIT at the backend; that flow is deleted (its slot released, its end reported to
-    // the connection log) and its port claimed.
+    // and stale or unanswered for over a second, or one held by a flow that closed more than
+    // `REUSE_QUIET_NS` ago with no TIME_WAIT at the backend; that flow is deleted (its slot
+    // released, its end reported to the connection log) and its port claimed.
     let (mut half_open, mut closed) = (false, false);
     let mut i = 0;
     while !half_open && !closed && i < REUSE_TRIES {

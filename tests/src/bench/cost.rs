@@ -18,8 +18,8 @@ use serde::Serialize;
 
 use crate::fixture::frames::{TcpFrame, ACK, PSH, SYN};
 use crate::fixture::{
-    sa, Action, Fixture, BACKEND_PORT, BK0_MAC, CL0_ADDR, CL0_MAC, CLIENT, CLIENT_MAC, DB01,
-    DB01_MAC, DB02, DB03, READ_PORT, SNAT_ADDR, SNAT_PORTS, VIP, WRITE_PORT,
+    client_syn, sa, Action, Fixture, BACKEND_PORT, BK0_MAC, CL0_ADDR, CL0_MAC, CLIENT, CLIENT_MAC,
+    DB01, DB01_MAC, DB02, DB03, READ_PORT, SNAT_ADDR, SNAT_PORTS, VIP, WRITE_PORT,
 };
 
 /// Frames per path and rounds.
@@ -285,13 +285,7 @@ pub fn measure(plan: &CostPlan) -> Result<Vec<CostRound>> {
             let lb: &Xdp = fx.ebpf.program("lb_xdp").context("no lb_xdp")?.try_into()?;
             let warm_base = 2000 + (plan.rounds * (n + BUSY_FRAMES) + round * WARM_FRAMES) as u16;
             for i in 0..WARM_FRAMES {
-                let f = TcpFrame::syn(
-                    CLIENT_MAC,
-                    CL0_MAC,
-                    sa(CLIENT, warm_base + i as u16),
-                    sa(VIP, READ_PORT),
-                )
-                .bytes()?;
+                let f = client_syn(warm_base + i as u16, READ_PORT).bytes()?;
                 let (action, _, out) = run_once(lb, &f, cl0, 1)?;
                 ensure!(
                     matches!(action, Action::Redirect | Action::Tx)
@@ -305,13 +299,7 @@ pub fn measure(plan: &CostPlan) -> Result<Vec<CostRound>> {
             let mut syn_busy_ns = Vec::with_capacity(BUSY_FRAMES);
             let mut busy_refused = 0usize;
             for i in 0..BUSY_FRAMES {
-                let f = TcpFrame::syn(
-                    CLIENT_MAC,
-                    CL0_MAC,
-                    sa(CLIENT, busy_base + i as u16),
-                    sa(VIP, WRITE_PORT),
-                )
-                .bytes()?;
+                let f = client_syn(busy_base + i as u16, WRITE_PORT).bytes()?;
                 let (action, ns, out) = run_once(lb, &f, cl0, 1)?;
                 // Forwarded to db01, or refused (a RST back to the client: every port tried
                 // was taken).
