@@ -56,8 +56,9 @@ pub mod names {
     pub const FLOW_SYNC: &str = "FLOW_SYNC";
     /// Ifindex -> the MAC of that interface (written by the agent in a pair).
     pub const IFACE_MACS: &str = "IFACE_MACS";
-    /// Backend id -> the SNAT ports its flows hold, a hint for the port search (not pinned:
-    /// each program has its own, rebuilt by its agent's GC every pass).
+    /// Backend id -> the SNAT ports its flows hold, which the port search trusts for the
+    /// established table (not pinned: each program has its own, all set by an agent that
+    /// adopts tables, then cleared port by port by its GC).
     pub const PORT_HINTS: &str = "PORT_HINTS";
     pub const SLOTS: &str = "SLOTS";
     pub const MAXCONN_ACTIVE: &str = "MAXCONN_ACTIVE";
@@ -160,10 +161,11 @@ pub const FLOW_SYNC_BYTES: u32 = 256 * 4096;
 /// for port `snat_port_min + 64 w + i`; enough for every port above 1023.
 pub const PORT_HINT_WORDS: u32 = 1024;
 
-/// `PORT_HINTS[backend id]`: which SNAT ports the backend's flows hold, as far as the data path
-/// and the GC know. Only a hint: a set bit whose port is free costs the search a skipped port
-/// until the GC's next pass rewrites the word; a clear bit whose port is taken costs one probe
-/// of the tables, which stay the authority.
+/// `PORT_HINTS[backend id]`: which SNAT ports the backend's flows hold. A port with an
+/// established flow always has its bit set (lb-ebpf `hints.rs` says who keeps that rule), so a
+/// clear bit spares a new flow's port search the established table; a set bit whose port is
+/// free (an expired handshake, a flow a RST closed) costs the search a skipped port until the
+/// GC's next pass clears it.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 #[cfg_attr(feature = "user", derive(bytemuck::Pod, bytemuck::Zeroable))]
@@ -543,7 +545,7 @@ pub const fn handshake_age(ctrl: u64, now: u64) -> u64 {
     (units as u64) << HANDSHAKE_STAMP_SHIFT
 }
 
-/// `BPF_F_MMAPABLE`: the map flag of `CT_EMBRYONIC`, which the agent maps to read in place.
+/// `BPF_F_MMAPABLE`: the map flag of `CT_EMBRYONIC` and `PORT_HINTS`, which the agent maps.
 pub const BPF_F_MMAPABLE: u32 = 1 << 10;
 
 /// How far (stamp units, about 1 s) a slot's stamp may be ahead of a reader's clock and still

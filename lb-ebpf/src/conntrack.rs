@@ -17,7 +17,7 @@ use lb_common::{
 };
 
 use crate::{
-    clock, events,
+    clock, events, hints,
     maps::{CT_EMBRYONIC, CT_ESTABLISHED, CT_INDEX},
     parse::{Tcp, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN},
     stats,
@@ -428,12 +428,14 @@ pub fn mark_syn_recv(forward: &mut Flow, reply: &mut Flow) {
 }
 
 /// Moves a flow from the embryonic to the established table: both entries are inserted
-/// there first, then the handshake record's slot is freed, so a concurrent reader always finds
-/// the flow in one of them (its index way stays behind, a hint that no longer confirms).
+/// there first, then its SNAT port's bit is set in the port bitmap (`hints`' rule), then the
+/// handshake record's slot is freed, so a concurrent reader always finds the flow in one of
+/// them (its index way stays behind, a hint that no longer confirms), and a port search
+/// always finds the port taken by the bit or by the slot.
 /// Returns false (and leaves the handshake alone) when the established table is full. With `sync` (a pair), the flow is also reported to the agent
 /// for the standby.
 #[inline(always)]
-pub fn promote(fwd_key: &FlowKey, found: &Found, now: u64, sync: bool) -> bool {
+pub fn promote(fwd_key: &FlowKey, found: &Found, cfg: &Config, now: u64, sync: bool) -> bool {
     let mut fwd = *found.flow;
     let mut rev = *found.partner;
     fwd.state = FLOW_ESTABLISHED;
@@ -454,6 +456,12 @@ pub fn promote(fwd_key: &FlowKey, found: &Found, now: u64, sync: bool) -> bool {
         let _ = CT_ESTABLISHED.remove(&rev_key);
         return false;
     }
+    hints::hold(
+        fwd.backend_id,
+        fwd.nat_sport,
+        cfg.snat_port_min,
+        cfg.snat_port_max,
+    );
     release(found.record, now);
     stats::count(Counter::Established);
     if sync {

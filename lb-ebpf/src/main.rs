@@ -1,6 +1,7 @@
 //! lb's XDP program. The entry points only dispatch; each concern lives in its own module:
 //! `parse` (header access), `clock` (the time packets are handled at), `service` (VIP lookup,
-//! backend choice), `conntrack` (flow tables), `snat` (port claim), `maxconn` (connection
+//! backend choice), `conntrack` (flow tables), `snat` (port claim), `hints`
+//! (the SNAT port bitmap and its rule), `maxconn` (connection
 //! limits), `nat` + `csum` (rewrite), `forward` (next hop, transmit), `path` (the forward and
 //! reply TCP paths), `icmp` (error translation), `rst` (RST synthesis), `pair` (frames flooded
 //! to this node for the other one of a pair), `stats`, `capture` (`lb capture`'s frame copies),
@@ -28,6 +29,8 @@ mod csum;
 mod events;
 #[cfg(target_arch = "bpf")]
 mod forward;
+#[cfg(target_arch = "bpf")]
+mod hints;
 #[cfg(target_arch = "bpf")]
 mod icmp;
 #[cfg(target_arch = "bpf")]

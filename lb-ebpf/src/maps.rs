@@ -92,10 +92,15 @@ pub fn addressed_here(ifindex: u32, dst: &[u8; 6]) -> bool {
     })
 }
 
-/// Backend id -> the SNAT ports its flows hold (a hint for `snat::claim`; see
-/// `lb_common::PortHints`). Not pinned: the agent's GC rewrites it from the tables every pass.
+/// Backend id -> the SNAT ports its flows hold (`hints`, `lb_common::PortHints`). Not pinned:
+/// an agent that adopts tables sets every bit before its program serves them. Mmapable: the
+/// agent's GC and a pair's receiver change its words in place, with atomic operations.
 #[btf_map]
-pub static PORT_HINTS: Array<PortHints, { MAX_BACKENDS as usize }> = Array::new();
+pub static PORT_HINTS: Array<
+    PortHints,
+    { MAX_BACKENDS as usize },
+    { lb_common::BPF_F_MMAPABLE as usize },
+> = Array::new();
 
 /// Round-robin cursor per service.
 #[btf_map]

@@ -13,7 +13,7 @@ use network_types::eth::EthHdr;
 use crate::{
     capture,
     conntrack::{self, Side},
-    events, forward,
+    events, forward, hints,
     maps::reset_epoch,
     maxconn, nat,
     parse::{Frame, Ip, Tcp, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN},
@@ -302,7 +302,7 @@ fn end_at_last_ack(cfg: &Config, key: &FlowKey, found: conntrack::Found, now: u6
     events::ended(key, found.flow, found.partner, now, CONN_END_CLOSED);
     if conntrack::delete_established(key, &partner_key) {
         stats::count(Counter::EndedAtLastAck);
-        snat::release_hint(backend, port, cfg.snat_port_min, cfg.snat_port_max);
+        hints::release(backend, port, cfg.snat_port_min, cfg.snat_port_max);
     }
 }
 
@@ -345,7 +345,7 @@ fn establish(
             });
         }
     }
-    if !conntrack::promote(key, found, now, cfg.flags & CONFIG_F_SYNC != 0) {
+    if !conntrack::promote(key, found, cfg, now, cfg.flags & CONFIG_F_SYNC != 0) {
         if limited {
             maxconn::release(key);
         }

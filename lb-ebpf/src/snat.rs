@@ -4,12 +4,11 @@
 //! address:port) for the flow's record (`conntrack::claim`, a compare-and-swap); a port whose
 //! reply key is in the established table is taken, and so is one whose slot holds another
 //! live handshake (of this key or of another with the same slot); a slot whose handshake is
-//! older than the connect timeout is free. The tables are the authority; the search is guided
-//! by the backend's port hints (`PORT_HINTS`: a bitmap of the ports its flows hold, set here
-//! when a port is claimed or found taken, cleared when the forward path ends a flow, and
-//! rewritten from the tables by every pass of the agent's GC), so that a new flow finds a free
-//! port with one probe even when nine in ten are taken. Random
-//! ports follow if the hints find none (`SNAT_TRIES`). Under pressure (every try found its port
+//! older than the connect timeout is free. The search starts from the backend's port bitmap
+//! (`PORT_HINTS`, see `hints`): a clear bit there means no established flow holds the port,
+//! so such a port needs only its slot tested, and a new flow finds a free port with one probe
+//! even when nine in ten are taken. Random
+//! ports follow if the bitmap finds none (`SNAT_TRIES`). Under pressure (every try found its port
 //! taken), it tries `REUSE_TRIES` more ports and may also take over the port of a flow that
 //! has been closed for a while and whose backend did not close first: the backend has no
 //! TIME_WAIT on that tuple, and without this, ports would wait for the GC (a flow the client
@@ -20,8 +19,6 @@
 //! the connect timeout; or the port of a handshake its backend left unanswered for longer than
 //! `UNANSWERED_NS` (1 s, the client's first SYN retransmit: a backend a flood overwhelmed, or
 //! one that is gone).
-use core::intrinsics::{atomic_and, atomic_or, AtomicOrdering};
-
 use aya_ebpf::helpers::bpf_get_prandom_u32;
 use lb_common::{
     Backend, Config, Counter, FlowKey, Handshake, PortHints, CONN_END_CLOSED, CONN_END_CLOSED_RST,
@@ -30,9 +27,7 @@ use lb_common::{
 
 use crate::{
     conntrack::{self, Evicted, Takeover},
-    events,
-    maps::PORT_HINTS,
-    maxconn, stats,
+    events, hints, maxconn, stats,
 };
 
 /// Random ports the second round of `claim` tries.
@@ -50,11 +45,11 @@ pub const REUSE_QUIET_NS: u64 = 1_000_000_000;
 /// a quiet closed flow with no TIME_WAIT at the backend is taken over.
 ///
 /// Three rounds, each only if the one before found nothing:
-/// 1. Four words of the backend's hint bitmap (`PORT_HINTS`), each drawn at random: the
-///    first port its word says is free, from a random bit on, is tested, so the cost does not
-///    grow with occupancy (at 90 % a word of 64 ports has no free port once in a thousand).
-///    Whatever the test finds, the port's bit is set: taken by this flow, or by the one the
-///    test met.
+/// 1. Four words of the backend's port bitmap (`PORT_HINTS`), each drawn at random: the
+///    first port its word says is free, from a random bit on, has its slot tested (a clear
+///    bit: no established flow), so the cost does not grow with occupancy (at 90 % a word of
+///    64 ports has no free port once in a thousand). Whatever the test finds, the port's bit
+///    is set: taken by this flow, or by the handshake the test met.
 /// 2. `SNAT_TRIES` random ports (the hints are stale in the ports they set: ended flows the GC
 ///    has not rewritten yet).
 /// 3. Under pressure, `REUSE_TRIES` takeovers (see below).
@@ -87,7 +82,7 @@ pub fn claim(
     // Written out rather than a loop: Linux 6.1's verifier refuses the loop LLVM makes of it
     // (entered in the middle, closed by a fallthrough).
     let mut found = false;
-    if let Some(hints) = PORT_HINTS.get_ptr_mut(backend_id) {
+    if let Some(hints) = hints::of(backend_id) {
         // Words that hold a port of the range (`range` fits in `PORT_HINT_WORDS` words above
         // port 1023, which the agent's config check ensures).
         let words = range.div_ceil(64).min(PORT_HINT_WORDS);
@@ -100,7 +95,7 @@ pub fn claim(
         // would keep hitting the same cluster.
         key.dport = random_port(min, range).to_be();
         if available(&key, cfg, now, Takeover::Expired) {
-            mark_hint(backend_id, key.dport, min, max);
+            hints::hold(backend_id, key.dport, min, max);
             found = true;
         }
         i += 1;
@@ -160,10 +155,11 @@ pub fn claim(
     }
 }
 
-/// One try of the hint round: a random word of the backend's `hints`, and in it the first
+/// One try of the bitmap round: a random word of the backend's `hints`, and in it the first
 /// port it calls free from a random bit on (ports are spread over the range, not reused lowest
-/// first), tested with [`available`] (into `key`). Whatever the test finds, the port's bit is
-/// set: taken by this flow, or by the one the test met.
+/// first). Its bit is clear, so no established flow holds it (`hints`' rule): only its slot is
+/// tested (into `key`). Whatever the test finds, the port's bit is set: taken by this flow, or
+/// by the handshake the test met.
 #[inline(always)]
 fn hint_try(
     hints: *mut PortHints,
@@ -177,10 +173,10 @@ fn hint_try(
     // SAFETY: helper without arguments.
     let rnd = unsafe { bpf_get_prandom_u32() };
     let (w, from) = ((rnd & 0xffff) % words, rnd >> 26);
-    let word = word_at(hints, w);
-    // SAFETY: an aligned u64 of the map value; other CPUs change it only with atomic
-    // operations, and a stale read costs a probe, nothing more.
-    let mut free = !unsafe { core::ptr::read_volatile(word) };
+    let word = hints::word_at(hints, w);
+    // Another CPU may set a bit after this read: a port it claims meanwhile is still in its
+    // slot, which the test below meets.
+    let mut free = !hints::load(word);
     // `w * 64 < range` (w < words), so this does not underflow.
     let valid = range - w * 64;
     if valid < 64 {
@@ -191,9 +187,11 @@ fn hint_try(
     }
     let bit = (lowest_bit(free.rotate_right(from)) + from) & 63;
     key.dport = ((min as u32 + w * 64 + bit) as u16).to_be();
-    let found = available(key, cfg, now, Takeover::Expired);
-    // SAFETY: as above; the atomic or is the BPF atomic instruction.
-    unsafe { atomic_or::<u64, u64, { AtomicOrdering::SeqCst }>(word, 1u64 << bit) };
+    // A promotion sets its port's bit before it frees the port's slot: if one freed the slot
+    // since the word was read, the bit says so now, and the port is checked in full.
+    let found = conntrack::claimable(key, cfg, now, Takeover::Expired)
+        && (hints::load(word) & (1u64 << bit) == 0 || !conntrack::established_has(key));
+    hints::set(word, 1u64 << bit);
     found
 }
 
@@ -220,48 +218,4 @@ fn lowest_bit(x: u64) -> u32 {
 fn random_port(min: u16, range: u32) -> u16 {
     // SAFETY: helper without arguments.
     (min as u32 + unsafe { bpf_get_prandom_u32() } % range) as u16
-}
-
-/// The hint word of `port` (network order) for backend `backend_id` and the port's bit in it;
-/// `None` for a port outside `[min, max]`.
-#[inline(always)]
-fn hint_bit(backend_id: u32, port: u16, min: u16, max: u16) -> Option<(*mut u64, u64)> {
-    let port = u16::from_be(port);
-    if port < min || port > max {
-        return None;
-    }
-    let hints = PORT_HINTS.get_ptr_mut(backend_id)?;
-    let off = (port - min) as u32;
-    Some((word_at(hints, off / 64), 1u64 << (off % 64)))
-}
-
-/// Word `w` of a backend's hints (`w` < `PORT_HINT_WORDS`, which the mask also ensures).
-#[inline(always)]
-fn word_at(hints: *mut PortHints, w: u32) -> *mut u64 {
-    // The compiler can prove `w` in bounds and would drop the mask; the verifier cannot, and
-    // needs it. Read back from the stack, `w` is opaque to the compiler, so the mask stays.
-    // SAFETY: reads a local.
-    let w = unsafe { core::ptr::read_volatile(&w) } & (PORT_HINT_WORDS - 1);
-    // SAFETY: `hints` points at a `PortHints` map value, valid for the program run; `w` is
-    // masked into its array.
-    unsafe { (*hints).words.as_mut_ptr().add(w as usize) }
-}
-
-/// Sets the hint bit of a port a random try claimed.
-#[inline(always)]
-fn mark_hint(backend_id: u32, port: u16, min: u16, max: u16) {
-    if let Some((word, bit)) = hint_bit(backend_id, port, min, max) {
-        // SAFETY: an aligned u64 of the map value, changed with the BPF atomic instruction.
-        unsafe { atomic_or::<u64, u64, { AtomicOrdering::SeqCst }>(word, bit) };
-    }
-}
-
-/// Clears the hint bit of a port the data path just freed (`port`: network order) for backend
-/// `backend_id`, so the next search finds it at once.
-#[inline(always)]
-pub fn release_hint(backend_id: u32, port: u16, min: u16, max: u16) {
-    if let Some((word, bit)) = hint_bit(backend_id, port, min, max) {
-        // SAFETY: an aligned u64 of the map value, changed with the BPF atomic instruction.
-        unsafe { atomic_and::<u64, u64, { AtomicOrdering::SeqCst }>(word, !bit) };
-    }
 }

@@ -8,7 +8,14 @@
 //!
 //! It deletes no handshake: a record older than the connect timeout (a handshake that never
 //! completed) is invisible to the data path, and the next claim in its set takes its way; the
-//! GC counts it once (`embryonic_expired`) and leaves its SNAT port free in the port hints.
+//! GC counts it once (`embryonic_expired`) and clears its SNAT port's bit in the port bitmap.
+//!
+//! Each pass then brings the port bitmap (`PORT_HINTS`) in line with the tables: the bits of
+//! the ports its flows and handshakes hold are set, and every other set bit is released
+//! through [`HintMap::release`], which looks the port up in the established table after
+//! clearing it (a flow may have been established since the pass read the table). It can look
+//! a port up only for backends whose address and SNAT addresses it has seen in a flow or a
+//! handshake record; another backend's bits stay set (its new flows then search at random).
 //!
 //! and then releases the connection slots (`maxconn`) of flows that are gone: deleted above or
 //! vanished (a slot is taken when a handshake completes, so only established flows hold one). The agent cannot decrement a count
@@ -37,13 +44,13 @@ use foldhash::{HashMap as FastMap, HashSet as FastSet};
 
 use anyhow::{Context, Result};
 use aya::{
-    maps::{Array, HashMap, Map, MapData, MapError},
+    maps::{HashMap, Map, MapData, MapError},
     programs::{TestRun, TestRunOptions, Xdp},
     Ebpf,
 };
 use lb_common::{
     backend_closed_first, is_closing, names, Flow, FlowKey, PortHints, Slot, DIR_FORWARD,
-    IPPROTO_TCP, MAX_SERVICES,
+    IPPROTO_TCP, MAX_BACKENDS, MAX_SERVICES,
 };
 use tracing::{debug, warn};
 
@@ -51,7 +58,7 @@ use crate::{
     config::Config,
     connlog::{ConnLog, Ended},
     handshakes::Handshakes,
-    port_hints::{self, HintBits},
+    port_hints::{HintBits, HintMap},
 };
 
 /// Most entries one pass deletes (two a flow): a million flows that expire together (idle
@@ -219,13 +226,28 @@ struct Tally {
     live: FastSet<FlowKey>,
     /// The SNAT ports of the flows the pass keeps, per backend (when the GC keeps port hints).
     held: Option<HintBits>,
+    /// A reply key of each backend id the pass met (the last one), for [`Known`].
+    seen: Vec<Option<FlowKey>>,
 }
 
 impl Tally {
-    /// A kept flow's reply entry holds SNAT `port` (network order) towards `backend`.
-    fn hold(&mut self, backend: u32, port: u16) {
+    /// A kept flow's reply key `key` (backend -> SNAT address:port) holds its SNAT port
+    /// towards `backend`.
+    fn hold(&mut self, backend: u32, key: &FlowKey) {
+        self.learn(backend, key);
         if let Some(h) = &mut self.held {
-            h.hold(backend, u16::from_be(port));
+            h.hold(backend, u16::from_be(key.dport));
+        }
+    }
+
+    /// Remembers that backend id `backend` is reached with reply key `key` (kept or not).
+    fn learn(&mut self, backend: u32, key: &FlowKey) {
+        let i = backend as usize;
+        if i < MAX_BACKENDS as usize {
+            if self.seen.len() <= i {
+                self.seen.resize(i + 1, None);
+            }
+            self.seen[i] = Some(*key);
         }
     }
 
@@ -237,6 +259,52 @@ impl Tally {
                 backend: f.backend_id,
                 ..Default::default()
             })
+    }
+}
+
+/// The addresses a backend id's flows were seen with: its own (address, port), and the SNAT
+/// addresses towards it (a few of each: a backend's address or route may change).
+#[derive(Default)]
+struct Known {
+    backends: Vec<(u32, u16)>,
+    snat: Vec<u32>,
+}
+
+impl Known {
+    /// At most this many of each are kept (the oldest goes).
+    const MAX: usize = 4;
+
+    /// Adds the addresses of reply key `key`.
+    fn learn(&mut self, key: &FlowKey) {
+        fn add<T: PartialEq>(v: &mut Vec<T>, x: T) {
+            if !v.contains(&x) {
+                if v.len() == Known::MAX {
+                    v.remove(0);
+                }
+                v.push(x);
+            }
+        }
+        add(&mut self.backends, (key.saddr, key.sport));
+        add(&mut self.snat, key.daddr);
+    }
+
+    /// Whether an established flow holds SNAT `port` (host order) towards this backend now.
+    fn established(&self, table: &Table, port: u16) -> bool {
+        self.backends.iter().any(|&(saddr, sport)| {
+            self.snat.iter().any(|&daddr| {
+                let key = FlowKey {
+                    saddr,
+                    daddr,
+                    sport,
+                    dport: port.to_be(),
+                    proto: IPPROTO_TCP,
+                    _pad: 0,
+                    _pad16: 0,
+                };
+                // A failed lookup other than "no such key" counts as held: the bit stays.
+                !matches!(table.get(&key, 0), Err(MapError::KeyNotFound))
+            })
+        })
     }
 }
 
@@ -272,10 +340,10 @@ pub struct Gc {
     /// How long the last pass spent deleting established flows (the work it found to do; the
     /// rest of a pass is reading).
     deleting: Duration,
-    /// The program's port hints and the SNAT range they cover (see [`Gc::set_port_hints`]),
-    /// and the backend ids the last pass wrote.
-    hints: Option<(Array<MapData, PortHints>, (u16, u16))>,
-    hinted: FastSet<u32>,
+    /// The program's port bitmap (see [`Gc::set_port_hints`]).
+    hints: Option<std::sync::Arc<HintMap>>,
+    /// How each backend id's ports are looked up: the addresses seen in its flows.
+    known: FastMap<u32, Known>,
     /// In a pair: what the peer is told (flows ended, flows refreshed at each pass).
     pair: Option<crate::pair::feed::Feed>,
 }
@@ -364,7 +432,7 @@ impl Gc {
             log: ConnLog::default(),
             deleting: Duration::ZERO,
             hints: None,
-            hinted: FastSet::default(),
+            known: FastMap::default(),
             pair: None,
         }
     }
@@ -380,33 +448,59 @@ impl Gc {
         self.pair.as_mut()
     }
 
-    /// Rewrites the data path's port hints (`PORT_HINTS`, for SNAT range `range`) from each
-    /// pass's tables: the ports of flows it ended and of handshakes past the connect timeout become
-    /// free in the hint again.
-    pub fn set_port_hints(&mut self, map: Map, range: (u16, u16)) -> Result<()> {
-        let hints = Array::<MapData, PortHints>::try_from(map)
-            .with_context(|| format!("opening {}", names::PORT_HINTS))?;
-        self.hints = Some((hints, range));
-        Ok(())
+    /// Keeps the data path's port bitmap (`PORT_HINTS`, for SNAT range `range`) in line with
+    /// each pass's tables (see the module's text). With `adopted` (tables an earlier program
+    /// filled, whose flows' bits this map lacks), every bit is set first, before the caller
+    /// lets the program serve. Returns the mapping, which a pair's receiver shares.
+    pub fn set_port_hints(
+        &mut self,
+        map: Map,
+        range: (u16, u16),
+        adopted: bool,
+    ) -> Result<std::sync::Arc<HintMap>> {
+        let fd = map_fd(&map, names::PORT_HINTS)?;
+        let hints = std::sync::Arc::new(HintMap::new(&fd, range)?);
+        if adopted {
+            hints.hold_all();
+        }
+        self.hints = Some(hints.clone());
+        Ok(hints)
     }
 
-    /// Writes one bitmap per backend id that holds ports now or held some at the last pass.
-    /// The data path sets bits concurrently: one it sets between this pass's read and this
-    /// write is lost, which costs its port one probe of the tables (the authority), nothing
-    /// more.
-    fn write_hints(&mut self, held: Option<HintBits>) {
-        let (Some((map, _)), Some(held)) = (&mut self.hints, held) else {
+    /// Sets the bits of the ports in `held` and releases the other set bits of each backend
+    /// whose addresses are known (see [`HintMap::release`]).
+    fn write_hints(&mut self, held: Option<HintBits>, seen: Vec<Option<FlowKey>>) {
+        let (Some(map), Some(held)) = (self.hints.clone(), held) else {
             return;
         };
-        self.hinted.clear();
-        for (id, bits) in held.into_bitmaps() {
-            if let Err(e) = map.set(id, *bits, 0) {
-                warn!("writing {}[{id}]: {e}", names::PORT_HINTS);
+        for (id, key) in seen.iter().enumerate() {
+            if let Some(key) = key {
+                self.known.entry(id as u32).or_default().learn(key);
+            }
+        }
+        let bitmaps = held.into_bitmaps();
+        let none = PortHints::default();
+        let mut released = 0;
+        for id in 0..MAX_BACKENDS {
+            let bits = bitmaps.get(&id).map(|b| &**b);
+            if bits.is_none() && !map.holds_any(id) {
                 continue;
             }
-            if port_hints::holds_any(&bits) {
-                self.hinted.insert(id);
+            match self.known.get(&id) {
+                Some(known) => {
+                    released += map.release(id, bits.unwrap_or(&none), |port| {
+                        known.established(&self.established, port)
+                    });
+                }
+                None => {
+                    if let Some(bits) = bits {
+                        map.hold_ports(id, bits);
+                    }
+                }
             }
+        }
+        if released > 0 {
+            debug!(released, "port bitmap: bits of free ports cleared");
         }
     }
 
@@ -503,15 +597,12 @@ impl Gc {
     pub fn sweep(&mut self, now: u64) -> SweepStats {
         let mut st = SweepStats::default();
         let mut tally = Tally {
-            held: self
-                .hints
-                .as_ref()
-                .map(|(_, range)| HintBits::new(*range, self.hinted.iter().copied())),
+            held: self.hints.as_ref().map(|h| HintBits::new(h.range())),
             ..Default::default()
         };
         self.sweep_established(now, MAX_DELETIONS, &mut st, &mut tally);
         self.sweep_embryonic(now, &mut st, &mut tally);
-        self.write_hints(tally.held.take());
+        self.write_hints(tally.held.take(), std::mem::take(&mut tally.seen));
         self.fill = TableFill {
             embryonic: Fill {
                 entries: st.embryonic_entries,
@@ -702,11 +793,12 @@ impl Gc {
                         tally.pair(flow).established += 1;
                     }
                     if let Some(why) = self.timeouts.expiry(now, flow, partner) {
+                        tally.learn(partner.backend_id, &pkey);
                         flows.push((*key, pkey, why));
                         planned += 2;
                     } else {
                         tally.live.insert(*key);
-                        tally.hold(partner.backend_id, pkey.dport);
+                        tally.hold(partner.backend_id, &pkey);
                         if self.pair.is_some() {
                             refresh.push((*key, *flow, *partner));
                         }
@@ -784,8 +876,9 @@ impl Gc {
             if now.saturating_sub(created) <= timeout {
                 tally.pair(&hs.fwd).embryonic += 1;
                 tally.live.insert(hs.fwd_key());
-                tally.hold(hs.rev.backend_id, k.dport);
+                tally.hold(hs.rev.backend_id, &k);
             } else {
+                tally.learn(hs.rev.backend_id, &k);
                 expired.insert((k, created));
             }
         });

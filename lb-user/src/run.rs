@@ -146,7 +146,7 @@ fn start_pair(
     ifindexes: &[u32],
     pin_dir: &Path,
     rx: std::sync::mpsc::Receiver<crate::pair::feed::Batch>,
-    slots: Option<crate::pair::tables::Slots>,
+    receiver: impl FnOnce(crate::pair::tables::Tables) -> crate::pair::tables::Tables,
 ) -> Result<crate::pair::Running> {
     let own = ifaces
         .iter()
@@ -167,8 +167,7 @@ fn start_pair(
             ifaces[0].clone(),
         )
     };
-    let mut running =
-        crate::pair::Running::start(pair, tables()?, tables()?.with_slots(slots), rx)?;
+    let mut running = crate::pair::Running::start(pair, tables()?, receiver(tables()?), rx)?;
     running.publish(&cfg.instance, cfg.vip_addrs(), ifaces[0].clone())?;
     info!(peer = %pair.peer, listen = %pair.listen, "pair: streaming this node's flows to the peer, installing the peer's");
     Ok(running)
@@ -200,9 +199,12 @@ async fn serve(
     let mut control = Control::new(ebpf)?;
     let mut gc = crate::gc::Gc::new(ebpf, crate::gc::Timeouts::from_config(cfg))?;
     gc.set_log(crate::connlog::ConnLog::new(cfg.connection_log.as_deref())?);
-    if let Some(hints) = ebpf.take_map(lb_common::names::PORT_HINTS) {
-        gc.set_port_hints(hints, cfg.snat_ports)?;
-    }
+    // A new program's bitmap is empty; tables an earlier one filled need every bit set before
+    // this program serves them (the GC's passes then clear the free ports' bits).
+    let hints = match ebpf.take_map(lb_common::names::PORT_HINTS) {
+        Some(map) => Some(gc.set_port_hints(map, cfg.snat_ports, pins != Pins::Fresh)?),
+        None => None,
+    };
     if let Some(p) = &cfg.connection_log {
         info!(file = %p.display(), "connection log appended to this file");
     }
@@ -339,7 +341,14 @@ async fn serve(
             let release = crate::dataplane::own_program(ebpf, "lb_release", pin_dir)?;
             let slots = crate::pair::tables::Slots::of(cfg, acquire, release);
             Some(start_pair(
-                cfg, pair, ifaces, ifindexes, pin_dir, rx, slots,
+                cfg,
+                pair,
+                ifaces,
+                ifindexes,
+                pin_dir,
+                rx,
+                // The receiver's writes: the synced flows' slots, and their ports' bits.
+                |t| t.with_slots(slots).with_hints(hints.clone()),
             )?)
         }
         _ => None,

@@ -2614,35 +2614,24 @@ fn stale_port_hints_never_refuse_a_new_flow() -> Result<()> {
 
 #[test]
 #[ignore = "needs root and netns: run cargo xtask test"]
-fn port_hints_that_call_taken_ports_free_never_give_a_port_twice() -> Result<()> {
-    Fixture::run("freehints", |fx| {
-        // Nine ports in ten held by idle flows, and hints that say every port is free (flows
-        // claimed since the GC's last read, whose bits its write overwrote). The tables decide:
-        // a new flow only ever gets a port no flow holds, and each port once. A probe that
-        // meets a taken port marks it in the hints, so the search learns the range as it goes.
-        let (lo, hi) = SNAT_PORTS;
-        fx.occupy_snat_ports((lo..=hi).filter(|p| p % 10 != 0))?;
+fn a_flow_sets_its_ports_bit_when_it_is_established_even_if_the_bit_was_cleared_since_its_syn(
+) -> Result<()> {
+    Fixture::run("estbit", |fx| {
+        // A port search tests a port whose bit is clear in the handshake table only: every
+        // established flow's port must have its bit set. The SYN's claim sets it; a GC pass
+        // may clear it while the handshake is in flight (the handshake's slot still guards the
+        // port then); the handshake's ACK sets it again, before the slot is freed.
+        let mut c = Conn::handshake(fx, 44_100, WRITE_PORT)?;
+        assert!(fx.port_hinted(0, c.port)?, "the SYN's claim set the bit");
         fx.set_port_hints(0, lb_common::PortHints::default())?;
-        let before = fx.counters()?;
-        let mut ports = std::collections::HashSet::new();
-        for i in 0..300u16 {
-            let out = fx.from_client(&client_syn(20_000 + i, WRITE_PORT).bytes()?)?;
-            if out.action == Action::Tx {
-                continue; // refused: every port this search tried was taken
-            }
-            assert_eq!(out.action, Action::Redirect, "SYN {i}");
-            let port = sport_of(&out.frame);
-            assert_eq!(port % 10, 0, "SYN {i}: port {port} is held by another flow");
-            assert!(ports.insert(port), "SYN {i}: port {port} given twice");
-        }
-        let refused =
-            fx.counters()?.get(Counter::RstSnatExhausted) - before.get(Counter::RstSnatExhausted);
-        assert_eq!(ports.len() as u64 + refused, 300);
-        let marked: u32 = fx.port_hints(0)?.words.iter().map(|w| w.count_ones()).sum();
+        c.client_sends(fx, "handshake ACK", ACK, b"")?;
         assert!(
-            marked as usize > ports.len(),
-            "the taken ports the probes met are marked too ({marked} bits, {} flows)",
-            ports.len()
+            fx.port_hinted(0, c.port)?,
+            "the ACK that established it set the bit"
+        );
+        assert!(
+            fx.handshakes()?.is_empty(),
+            "and its slot is free: the bit alone keeps the port from new flows"
         );
         Ok(())
     })

@@ -604,7 +604,7 @@ fn gc_counts_each_handshake_past_the_connect_timeout_once_and_frees_its_port_in_
         assert_eq!(fx.handshakes()?.len(), 1);
         let mut gc = Gc::shared(&fx.ebpf, default_timeouts(fx))?;
         let hints = lb_user::gc::share(&fx.ebpf, lb_common::names::PORT_HINTS)?;
-        gc.set_port_hints(hints, fx.cfg.snat_ports)?;
+        gc.set_port_hints(hints, fx.cfg.snat_ports, false)?;
         assert_eq!(
             gc.sweep(t0 + 29 * SEC),
             SweepStats {
@@ -626,6 +626,38 @@ fn gc_counts_each_handshake_past_the_connect_timeout_once_and_frees_its_port_in_
         assert!(!fx.port_hinted(0, port)?, "its port is free in the hints");
         let st = gc.sweep(t0 + 32 * SEC);
         assert_eq!(st.embryonic_expired, 0, "counted once: {st:?}");
+        Ok(())
+    })
+}
+
+#[test]
+#[ignore = "needs root and netns: run cargo xtask test"]
+fn an_agent_that_adopts_tables_holds_every_port_until_its_gc_has_looked_at_them() -> Result<()> {
+    Fixture::run("gcadopt", |fx| {
+        // A new program's port bitmap is empty, and the tables it adopts hold flows whose
+        // bits it lacks: a search trusting a clear bit would give their ports again. The agent
+        // sets every bit first; its GC's first pass then clears the bits of free ports.
+        let c = Conn::establish(fx, 44_300, WRITE_PORT)?;
+        fx.set_port_hints(0, lb_common::PortHints::default())?;
+        let mut gc = Gc::shared(&fx.ebpf, default_timeouts(fx))?;
+        let hints = lb_user::gc::share(&fx.ebpf, lb_common::names::PORT_HINTS)?;
+        gc.set_port_hints(hints, fx.cfg.snat_ports, true)?;
+        let (lo, hi) = fx.cfg.snat_ports;
+        let count = |fx: &Fixture| -> Result<u32> {
+            Ok(fx.port_hints(0)?.words.iter().map(|w| w.count_ones()).sum())
+        };
+        assert_eq!(
+            count(fx)?,
+            u32::from(hi - lo) + 1,
+            "every port of the range"
+        );
+        // Meanwhile a new flow still gets a port: the random search checks the tables.
+        let n = Conn::syn(fx, 44_301, WRITE_PORT)?;
+        assert_ne!(n.port, c.port);
+        gc.sweep(monotonic_now()?);
+        assert!(fx.port_hinted(0, c.port)?, "the established flow's port");
+        assert!(fx.port_hinted(0, n.port)?, "the handshake's port");
+        assert_eq!(count(fx)?, 2, "every other port's bit cleared");
         Ok(())
     })
 }

@@ -123,6 +123,8 @@ fn a_standby_applies_a_batch_of_installs_and_ends_in_order() -> Result<()> {
             fx.remove_established(&c.fwd_key())?;
             fx.remove_established(&c.rev_key())?;
         }
+        // Nor their ports' bits (the active's data path set them in this fixture's bitmap).
+        fx.set_port_hints(0, lb_common::PortHints::default())?;
         let [a, b, c] = [flows[0], flows[1], flows[2]];
         let stranger = SyncedFlow {
             client: "198.18.0.99:999".parse()?,
@@ -157,6 +159,14 @@ fn a_standby_applies_a_batch_of_installs_and_ends_in_order() -> Result<()> {
         conns[0].assert_established(fx, true);
         conns[2].assert_established(fx, true);
         conns[1].assert_established(fx, false);
+        // An installed flow's port has its bit set: once this node serves, a new flow's port
+        // search (which trusts a clear bit) must not take it.
+        for i in [0, 2] {
+            assert!(
+                fx.port_hinted(0, conns[i].port)?,
+                "installed flow {i}: its SNAT port's bit"
+            );
+        }
         let keys: Vec<_> = fx.established()?.into_iter().map(|(k, _)| k).collect();
         assert!(
             !keys.contains(&conns[1].rev_key()),

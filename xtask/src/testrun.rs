@@ -101,6 +101,7 @@ pub const VM_SUITES: &[(&str, &[&str])] = &[
             "when_the_ports_run_out_a_handshake_the_backend_left_unanswered_for_over_a_second_gives_its_port_to_a_new_flow",
             "a_handshake_stamped_ahead_of_the_data_paths_clock_is_young_not_expired",
             "the_agent_reads_handshake_records_in_place_and_skips_a_slot_being_written",
+            "a_flow_sets_its_ports_bit_when_it_is_established_even_if_the_bit_was_cleared_since_its_syn",
         ],
     ),
     (
@@ -111,6 +112,7 @@ pub const VM_SUITES: &[(&str, &[&str])] = &[
             "a_late_ack_of_an_earlier_connection_on_a_reused_tuple_is_dropped_not_forwarded_on_the_new_flow",
             "gc_deletes_closed_flows_after_the_close_timeout_and_keeps_open_and_half_closed_ones",
             "the_data_path_reports_the_flows_it_deletes_itself_for_the_connection_log",
+            "an_agent_that_adopts_tables_holds_every_port_until_its_gc_has_looked_at_them",
         ],
     ),
     (

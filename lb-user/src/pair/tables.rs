@@ -89,6 +89,9 @@ impl Slots {
 pub struct Tables {
     /// `None`: no service is limited, or this handle only reads (a sender's snapshot).
     slots: Option<Slots>,
+    /// The data path's port bitmap: a flow's SNAT port bit is set before the flow is installed
+    /// (`crate::port_hints`). `None`: this handle only reads.
+    hints: Option<std::sync::Arc<crate::port_hints::HintMap>>,
     established: HashMap<MapData, FlowKey, Flow>,
     /// The same table's fd, for batch writes.
     established_fd: std::os::fd::OwnedFd,
@@ -117,6 +120,7 @@ impl Tables {
         let established_fd = crate::gc::map_fd(&established, "CT_ESTABLISHED")?;
         Ok(Self {
             slots: None,
+            hints: None,
             established: HashMap::try_from(established).context("CT_ESTABLISHED")?,
             established_fd,
             epochs: Array::try_from(epochs).context("RESET_EPOCH")?,
@@ -126,6 +130,20 @@ impl Tables {
             vip_iface,
             held: std::cell::Cell::new(None),
         })
+    }
+
+    /// Sets the port bits of the flows this handle installs in `hints`.
+    pub fn with_hints(mut self, hints: Option<std::sync::Arc<crate::port_hints::HintMap>>) -> Self {
+        self.hints = hints;
+        self
+    }
+
+    /// Sets the port bit of the flow whose reply entry `rev` (under `rev_key`) is about to be
+    /// installed: a port search of this node's data path must not take its port.
+    fn hold_port(&self, rev_key: &FlowKey, rev: &Flow) {
+        if let Some(h) = &self.hints {
+            h.hold(rev.backend_id, u16::from_be(rev_key.dport));
+        }
     }
 
     /// Takes and gives back `maxconn` slots for the flows this handle installs and ends.
@@ -242,6 +260,7 @@ impl Tables {
                     self.delete(&mut deletes);
                     match self.entries_of(flow, now, &mut epochs) {
                         Ok((ids, [(fwd_key, fwd), (rev_key, rev)])) => {
+                            self.hold_port(&rev_key, &rev);
                             keys.extend([rev_key, fwd_key]);
                             values.extend([rev, fwd]);
                             installs.push((out.len(), ids, fwd.created_ns));
@@ -351,6 +370,9 @@ impl stream::Sink for Tables {
             .get(&epoch_index(service, backend), 0)
             .unwrap_or(0);
         let now = Self::now();
+        if let Some(h) = &self.hints {
+            h.hold(backend, f.snat.port());
+        }
         install(
             &mut self.established,
             f,
