@@ -12,7 +12,7 @@ use std::{
     sync::atomic::{AtomicU64, Ordering},
 };
 
-use anyhow::{bail, Result};
+use anyhow::{bail, Context, Result};
 use lb_common::{PortHints, MAX_BACKENDS, PORT_HINT_WORDS};
 
 /// The program's `PORT_HINTS`, mapped into this process (the map is created with
@@ -33,28 +33,38 @@ unsafe impl Sync for HintMap {}
 impl HintMap {
     /// Maps `fd`, the program's `PORT_HINTS`, for SNAT range `range` (inclusive, host order).
     pub fn new(fd: &OwnedFd, range: (u16, u16)) -> Result<Self> {
+        Self::map(Some(fd), range).with_context(|| {
+            format!(
+                "mapping {} (the map must be created with BPF_F_MMAPABLE)",
+                lb_common::names::PORT_HINTS
+            )
+        })
+    }
+
+    /// Maps the values of map `fd` (`None`: anonymous memory of the same layout, for tests).
+    fn map(fd: Option<&OwnedFd>, range: (u16, u16)) -> Result<Self> {
         let bytes = MAX_BACKENDS as usize * std::mem::size_of::<PortHints>();
-        // SAFETY: a fresh shared mapping of the map's values (the kernel checks the size against
-        // the map's); nothing refers into it beyond this struct.
+        let (flags, raw) = match fd {
+            Some(fd) => (libc::MAP_SHARED, fd.as_raw_fd()),
+            None => (libc::MAP_PRIVATE | libc::MAP_ANONYMOUS, -1),
+        };
+        // SAFETY: a fresh mapping (of the map's values: the kernel checks the size against the
+        // map's), owned by the returned struct; nothing refers into it beyond it.
         let p = unsafe {
             libc::mmap(
                 std::ptr::null_mut(),
                 bytes,
                 libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_SHARED,
-                fd.as_raw_fd(),
+                flags,
+                raw,
                 0,
             )
         };
         if p == libc::MAP_FAILED {
-            bail!(
-                "mapping {}: {} (the map must be created with BPF_F_MMAPABLE)",
-                lb_common::names::PORT_HINTS,
-                std::io::Error::last_os_error()
-            );
+            return Err(std::io::Error::last_os_error().into());
         }
         let Some(base) = NonNull::new(p.cast()) else {
-            bail!("mapping {}: null", lb_common::names::PORT_HINTS);
+            bail!("mmap returned null");
         };
         Ok(Self { base, bytes, range })
     }
@@ -261,24 +271,7 @@ mod tests {
 
     /// A bitmap over anonymous memory laid out as the map's (the same code as over the map).
     fn anonymous(range: (u16, u16)) -> HintMap {
-        let bytes = MAX_BACKENDS as usize * std::mem::size_of::<PortHints>();
-        // SAFETY: a fresh private anonymous mapping, owned by the returned `HintMap`.
-        let p = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                bytes,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
-                -1,
-                0,
-            )
-        };
-        assert_ne!(p, libc::MAP_FAILED);
-        HintMap {
-            base: NonNull::new(p.cast()).unwrap(),
-            bytes,
-            range,
-        }
+        HintMap::map(None, range).unwrap()
     }
 
     fn bit_set(m: &HintMap, id: u32, port: u16) -> bool {
