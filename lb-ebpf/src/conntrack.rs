@@ -112,9 +112,29 @@ fn get_handshake(key: &FlowKey, slots: u32) -> Option<(&'static mut Handshake, R
 /// expired at `now`).
 #[inline(always)]
 pub fn lookup(key: &FlowKey, side: Side, now: u64, cfg: &Config) -> Option<Found> {
-    if let Some(found) = established(key) {
-        return Some(found);
+    established(key).or_else(|| handshake(key, side, now, cfg))
+}
+
+/// [`lookup_settled`] for a backend's segment (`key`: the reply tuple). With
+/// `maybe_established` false (its port's bit was clear: no established flow held the port),
+/// the handshake table is read first, and the established table only if it has no record (a
+/// flow established since the bit was read: its promotion set the bit, then freed the slot).
+#[inline(always)]
+pub fn lookup_reply(
+    key: &FlowKey,
+    now: u64,
+    cfg: &Config,
+    maybe_established: bool,
+) -> Option<Found> {
+    if maybe_established {
+        return lookup_settled(key, Side::Backend, now, cfg);
     }
+    handshake(key, Side::Backend, now, cfg).or_else(|| established(key))
+}
+
+/// The handshake in progress under `key` (from `side`), unless expired at `now`.
+#[inline(always)]
+fn handshake(key: &FlowKey, side: Side, now: u64, cfg: &Config) -> Option<Found> {
     let (hs, record) = match side {
         Side::Backend => get_handshake(key, cfg.handshake_slots)?,
         Side::Client => indexed(key, cfg.handshake_slots)?,

@@ -67,6 +67,13 @@ fn bit_of(backend_id: u32, port: u16, min: u16, max: u16) -> Option<(*mut u64, u
     Some((word_at(hints, off / 64), 1u64 << (off % 64)))
 }
 
+/// Whether the bit of `port` (network order) of backend `backend_id` is set (true for a port
+/// outside `[min, max]`, which has none: it may be held).
+#[inline(always)]
+pub fn held(backend_id: u32, port: u16, min: u16, max: u16) -> bool {
+    bit_of(backend_id, port, min, max).is_none_or(|(word, bit)| load(word) & bit != 0)
+}
+
 /// Sets the bit of `port` (network order) of backend `backend_id`: a port claimed, or a flow
 /// established on it.
 #[inline(always)]

@@ -64,7 +64,7 @@ mod prog {
 
     use crate::{
         clock, csum, icmp,
-        maps::{config, in_old_ports, is_backend, is_snat_addr},
+        maps::{backend_id, config, in_old_ports, is_snat_addr},
         pair::for_the_other_host,
         parse::{
             words20, Frame, Ip, Ports, Tcp, ETH_LEN, ETH_P_IPV4, IPPROTO_ICMP, IPPROTO_TCP, L4_OFF,
@@ -148,7 +148,12 @@ mod prog {
         let in_range =
             cfg.snat_port_max != 0 && dport >= cfg.snat_port_min && dport <= cfg.snat_port_max;
         let old_range = !in_range && cfg.flags & CONFIG_F_OLD_PORTS != 0 && in_old_ports(dport);
-        if (in_range || old_range) && is_snat_addr(ip.daddr) && is_backend(ip.saddr, ports.sport) {
+        let backend = if (in_range || old_range) && is_snat_addr(ip.daddr) {
+            backend_id(ip.saddr, ports.sport)
+        } else {
+            None
+        };
+        if let Some(backend) = backend {
             if for_the_other_host(ctx, eth, cfg) {
                 return xdp_action::XDP_PASS;
             }
@@ -159,6 +164,7 @@ mod prog {
             let key = path::key_of(ip, tcp);
             return path::reply(
                 &mut path::Packet::new(ctx, f, eth, ip, tcp, &key, cfg, now),
+                backend,
                 old_range,
             );
         }

@@ -217,6 +217,19 @@ pub fn backend_set(service_id: u32) -> Option<&'static BackendSet> {
     BACKEND_SETS.get_value(service_id, &0)
 }
 
+/// The id of backend `addr:port`, if it is a configured one.
+#[inline(always)]
+pub fn backend_id(addr: u32, port: u16) -> Option<u32> {
+    let key = BackendKey {
+        addr,
+        port,
+        _pad: 0,
+    };
+    // SAFETY: a hash-map value pointer from a successful lookup is valid for reading (RCU);
+    // the agent writes a backend's id once, when it adds the backend.
+    BACKENDS.get_ptr(key).map(|id| unsafe { *id })
+}
+
 /// Whether `addr:port` is a configured backend.
 #[inline(always)]
 pub fn is_backend(addr: u32, port: u16) -> bool {

@@ -355,13 +355,22 @@ fn establish(
     None
 }
 
-/// A packet from a configured backend to an SNAT-range port (`old_range`: a port of an
+/// A packet from backend `backend` (its id) to an SNAT-range port (`old_range`: a port of an
 /// earlier range, whose flows may still be alive).
 #[inline(always)]
-pub fn reply(p: &mut Packet, old_range: bool) -> u32 {
+pub fn reply(p: &mut Packet, backend: u32, old_range: bool) -> u32 {
     count_large(p);
     let flags = p.tcp.flags;
-    let Some(found) = conntrack::lookup_settled(p.key, Side::Backend, p.now, p.cfg) else {
+    // A clear bit in the port bitmap: no established flow holds the port (`hints`), so the
+    // segment belongs to a handshake, if to anything (a backend's SYN-ACK).
+    let maybe_established = old_range
+        || hints::held(
+            backend,
+            p.tcp.dport,
+            p.cfg.snat_port_min,
+            p.cfg.snat_port_max,
+        );
+    let Some(found) = conntrack::lookup_reply(p.key, p.now, p.cfg, maybe_established) else {
         if old_range {
             // Not lb's port any more unless a flow still holds it: the host's own traffic.
             return xdp_action::XDP_PASS;

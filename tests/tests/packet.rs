@@ -2637,6 +2637,45 @@ fn a_flow_sets_its_ports_bit_when_it_is_established_even_if_the_bit_was_cleared_
     })
 }
 
+#[test]
+#[ignore = "needs root and netns: run cargo xtask test"]
+fn a_backend_segment_on_a_port_with_a_clear_bit_finds_its_handshake_and_a_flow_established_since(
+) -> Result<()> {
+    Fixture::run("replybit", |fx| {
+        // A backend's segment to a port whose bit is clear reads the handshake table first
+        // (no established flow held the port when the bit was read), then the established
+        // table: both kinds of flow are found whatever the bit says.
+        let mut h = Conn::syn(fx, 44_400, WRITE_PORT)?;
+        let mut e = Conn::establish(fx, 44_401, WRITE_PORT)?;
+        // Both bits clear: the handshake's (a GC pass may clear it while the handshake's slot
+        // guards the port) and the flow's (the GC's window between clearing a bit and looking
+        // its port up again).
+        fx.set_port_hints(0, lb_common::PortHints::default())?;
+        let before = fx.counters()?;
+        h.backend_sends(fx, "SYN-ACK to the clear bit", SYN | ACK, b"")?;
+        e.backend_sends(fx, "data of the established flow", PSH | ACK, b"OK")?;
+        h.client_sends(fx, "handshake ACK", ACK, b"")?;
+        h.backend_sends(fx, "data after the handshake", PSH | ACK, b"HI")?;
+        e.client_sends(fx, "the client's answer", PSH | ACK, b"RUN")?;
+        assert_eq!(
+            fx.counters()?.changes_since(&before),
+            moved(&[
+                (Counter::ReplyPackets, 3),
+                (Counter::FwdPackets, 2),
+                (Counter::Established, 1)
+            ])
+        );
+        // And a segment to a port no flow holds is still refused.
+        let free = (SNAT_PORTS.0..)
+            .find(|p| ![h.port, e.port].contains(p))
+            .unwrap();
+        let stray = backend_segment(DB01, DB01_MAC, free, ACK).bytes()?;
+        let out = fx.from_backends(&stray)?;
+        assert_eq!(out.action, Action::Tx, "a RST for a segment of no flow");
+        Ok(())
+    })
+}
+
 // ---------------------------------------------------------------------------------------------
 // ICMP errors
 // ---------------------------------------------------------------------------------------------

@@ -102,6 +102,7 @@ pub const VM_SUITES: &[(&str, &[&str])] = &[
             "a_handshake_stamped_ahead_of_the_data_paths_clock_is_young_not_expired",
             "the_agent_reads_handshake_records_in_place_and_skips_a_slot_being_written",
             "a_flow_sets_its_ports_bit_when_it_is_established_even_if_the_bit_was_cleared_since_its_syn",
+            "a_backend_segment_on_a_port_with_a_clear_bit_finds_its_handshake_and_a_flow_established_since",
         ],
     ),
     (
