@@ -135,12 +135,18 @@ fn dropping_the_topology_removes_every_namespace_and_process() -> Result<()> {
 #[ignore = "needs root and netns: run cargo xtask test"]
 fn a_panicking_test_body_still_removes_every_namespace() -> Result<()> {
     let mut names = Vec::new();
+    let mut logs = std::path::PathBuf::new();
     let outcome = catch_unwind(AssertUnwindSafe(|| {
         let topo = Topology::one_armed("panicking_body").expect("topology");
         names = topo.namespaces();
+        logs = topo.log_dir.clone();
         panic!("deliberate panic inside a test body");
     }));
     assert!(outcome.is_err());
+    // A failing test's logs are kept for its reader; this failure was staged, so its (empty)
+    // log directory goes too.
+    assert!(logs.exists(), "the panicking body's logs were kept");
+    std::fs::remove_dir_all(&logs)?;
     assert_eq!(names.len(), 6);
     let still_there: Vec<String> = names
         .iter()
