@@ -233,12 +233,7 @@ pub fn backend_id(addr: u32, port: u16) -> Option<u32> {
 /// Whether `addr:port` is a configured backend.
 #[inline(always)]
 pub fn is_backend(addr: u32, port: u16) -> bool {
-    let key = BackendKey {
-        addr,
-        port,
-        _pad: 0,
-    };
-    BACKENDS.get_ptr(key).is_some()
+    backend_id(addr, port).is_some()
 }
 
 /// Whether `addr` is an SNAT (local) address of this balancer.

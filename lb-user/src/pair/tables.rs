@@ -138,11 +138,11 @@ impl Tables {
         self
     }
 
-    /// Sets the port bit of the flow whose reply entry `rev` (under `rev_key`) is about to be
+    /// Sets the bit of SNAT `port` (host order) of backend id `backend`, for a flow about to be
     /// installed: a port search of this node's data path must not take its port.
-    fn hold_port(&self, rev_key: &FlowKey, rev: &Flow) {
+    fn hold_port(&self, backend: u32, port: u16) {
         if let Some(h) = &self.hints {
-            h.hold(rev.backend_id, u16::from_be(rev_key.dport));
+            h.hold(backend, port);
         }
     }
 
@@ -260,7 +260,7 @@ impl Tables {
                     self.delete(&mut deletes);
                     match self.entries_of(flow, now, &mut epochs) {
                         Ok((ids, [(fwd_key, fwd), (rev_key, rev)])) => {
-                            self.hold_port(&rev_key, &rev);
+                            self.hold_port(rev.backend_id, u16::from_be(rev_key.dport));
                             keys.extend([rev_key, fwd_key]);
                             values.extend([rev, fwd]);
                             installs.push((out.len(), ids, fwd.created_ns));
@@ -370,9 +370,7 @@ impl stream::Sink for Tables {
             .get(&epoch_index(service, backend), 0)
             .unwrap_or(0);
         let now = Self::now();
-        if let Some(h) = &self.hints {
-            h.hold(backend, f.snat.port());
-        }
+        self.hold_port(backend, f.snat.port());
         install(
             &mut self.established,
             f,
