@@ -110,6 +110,7 @@ pub const fn layout(name: &str) -> Option<u64> {
             FLOW,
             offset_of!(Handshake, fwd) as u64,
             offset_of!(Handshake, rev) as u64,
+            crate::HANDSHAKE_SLOT_MAP,
         ]),
         b if eq(b, names::CT_INDEX) => fold(&[
             ARRAY,

@@ -506,11 +506,24 @@ pub const fn handshake_slots(entries: u32) -> u32 {
 }
 
 /// The slot (`CT_EMBRYONIC` index) of the handshake record under reply key `key`, in a table
-/// of `slots` slots (a power of two).
+/// of `slots` slots (a power of two): a hash of everything but the SNAT port, plus that port.
+/// A backend's consecutive SNAT ports (through one SNAT address) have neighbouring slots, so
+/// a CPU that takes ports in order (`snat`'s cursor) walks the table in order too, and the
+/// slot it claims is on a cache line it, or the hardware's prefetcher, has just read. Keys of
+/// other (backend, SNAT address) pairs start elsewhere in the table; two keys sharing a slot
+/// only matter while both have a handshake in progress (the second one's port is then taken).
+/// [`HANDSHAKE_SLOT_MAP`] names this function in `CT_EMBRYONIC`'s layout hash.
 #[inline(always)]
 pub const fn handshake_slot_of(key: &FlowKey, slots: u32) -> u32 {
-    flow_hash(key) & slots.wrapping_sub(1)
+    let pair = FlowKey { dport: 0, ..*key };
+    flow_hash(&pair).wrapping_add(u16::from_be(key.dport) as u32) & slots.wrapping_sub(1)
 }
+
+/// The version of [`handshake_slot_of`], part of `CT_EMBRYONIC`'s layout hash: a build that
+/// places records elsewhere replaces an older build's pinned table (its handshakes in progress
+/// start over) instead of looking them up in the wrong slots. 1: a hash of the whole key;
+/// 2: linear in the SNAT port.
+pub const HANDSHAKE_SLOT_MAP: u64 = 2;
 
 /// The tag of reply key `key` in its slot's control word: never 0 (a free slot's tag).
 #[inline(always)]
@@ -971,6 +984,39 @@ mod tests {
         assert_eq!(size_of::<HandshakeSlot>(), 168);
         assert_eq!(size_of::<CaptureConfig>(), 16);
         assert_eq!(size_of::<CaptureHeader>(), 24);
+    }
+
+    #[test]
+    fn consecutive_snat_ports_of_a_backend_have_neighbouring_handshake_slots() {
+        let reply = |backend: u32, port: u16| FlowKey {
+            saddr: backend,
+            daddr: 0x0a00_0001,
+            sport: 7687u16.to_be(),
+            dport: port.to_be(),
+            proto: IPPROTO_TCP,
+            _pad: 0,
+            _pad16: 0,
+        };
+        let slots = handshake_slots(65_536);
+        let first = handshake_slot_of(&reply(0x0a00_0002, 40_000), slots);
+        for i in 1..100u32 {
+            assert_eq!(
+                handshake_slot_of(&reply(0x0a00_0002, 40_000 + i as u16), slots),
+                (first + i) & (slots - 1),
+                "port 40000 + {i}"
+            );
+        }
+        // Other backends start elsewhere, and every slot stays in the table.
+        let starts: std::collections::HashSet<u32> = (3..40u32)
+            .map(|b| handshake_slot_of(&reply(0x0a00_0000 | b, 40_000), slots))
+            .collect();
+        assert!(starts.len() > 30, "{starts:?}");
+        assert!(starts.iter().all(|&s| s < slots));
+        // The tag still tells the ports of one slot's neighbourhood apart.
+        assert_ne!(
+            handshake_tag(&reply(0x0a00_0002, 40_000)),
+            handshake_tag(&reply(0x0a00_0002, 40_001))
+        );
     }
 
     #[test]

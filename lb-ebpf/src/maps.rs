@@ -126,6 +126,12 @@ pub static FIB_PARAMS: PerCpuArray<aya_ebpf::bindings::bpf_fib_lookup, 1> = PerC
 pub static NEXT_HOPS: PerCpuArray<crate::forward::CachedHop, { MAX_BACKENDS as usize }> =
     PerCpuArray::new();
 
+/// Backend id -> where this CPU's port search for the backend goes on (`snat::claim`): the
+/// offset in the SNAT range of the port after the last one it claimed, plus one (0: none yet,
+/// the search starts at random). One per CPU, not pinned: a new program starts at random.
+#[btf_map]
+pub static PORT_CURSORS: PerCpuArray<u32, { MAX_BACKENDS as usize }> = PerCpuArray::new();
+
 /// Scratch space for a new flow's handshake record (one per CPU, not pinned), built here and
 /// inserted from here: 160 bytes the stack cannot spare.
 #[btf_map]

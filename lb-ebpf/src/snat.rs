@@ -5,10 +5,11 @@
 //! reply key is in the established table is taken, and so is one whose slot holds another
 //! live handshake (of this key or of another with the same slot); a slot whose handshake is
 //! older than the connect timeout is free. The search starts from the backend's port bitmap
-//! (`PORT_HINTS`, see `hints`): a clear bit there means no established flow holds the port,
-//! so such a port needs only its slot tested, and a new flow finds a free port with one probe
-//! even when nine in ten are taken. Random
-//! ports follow if the bitmap finds none (`SNAT_TRIES`). Under pressure (every try found its port
+//! (`PORT_HINTS`, see `hints`) at this CPU's cursor, and takes free ports in order: a clear
+//! bit means no established flow holds the port, so such a port needs only its slot tested,
+//! a new flow finds a free port with one probe even when nine in ten are taken, and its slot
+//! is the neighbour of the one before (`lb_common::handshake_slot_of`). Random ports follow
+//! if the bitmap finds none (`SNAT_TRIES`). Under pressure (every try found its port
 //! taken), it tries `REUSE_TRIES` more ports and may also take over the port of a flow that
 //! has been closed for a while and whose backend did not close first: the backend has no
 //! TIME_WAIT on that tuple, and without this, ports would wait for the GC (a flow the client
@@ -27,7 +28,9 @@ use lb_common::{
 
 use crate::{
     conntrack::{self, Evicted, Takeover},
-    events, hints, maxconn, stats,
+    events, hints,
+    maps::PORT_CURSORS,
+    maxconn, stats,
 };
 
 /// Random ports the second round of `claim` tries.
@@ -45,11 +48,18 @@ pub const REUSE_QUIET_NS: u64 = 1_000_000_000;
 /// a quiet closed flow with no TIME_WAIT at the backend is taken over.
 ///
 /// Three rounds, each only if the one before found nothing:
-/// 1. Four words of the backend's port bitmap (`PORT_HINTS`), each drawn at random: the
-///    first port its word says is free, from a random bit on, has its slot tested (a clear
-///    bit: no established flow), so the cost does not grow with occupancy (at 90 % a word of
-///    64 ports has no free port once in a thousand). Whatever the test finds, the port's bit
-///    is set: taken by this flow, or by the handshake the test met.
+/// 1. Up to four words of the backend's port bitmap (`PORT_HINTS`), from this CPU's cursor
+///    on (`PORT_CURSORS`: the port after the last one it found for the backend, or the word
+///    after one that had none free). In each, the first port the word says is free, from the
+///    cursor's bit on, has its slot tested (a clear bit: no established flow), so the cost
+///    does not grow with occupancy (at 90 % a word of 64 ports has no free port once in a
+///    thousand). Whatever the test finds, the port's bit is set: taken by this flow, or by the
+///    handshake the test met. A CPU thus takes a backend's free ports in order, and their
+///    handshake slots are neighbours (`handshake_slot_of`): the slot a new flow claims is on a
+///    cache line the CPU, or its prefetcher, has just read, where a port drawn at random
+///    meant a slot anywhere in the table, and a cache miss. A freed port is taken again only
+///    once the cursor has gone round the range (or a random try below meets it): a port's
+///    reuse comes as late as the range allows.
 /// 2. `SNAT_TRIES` random ports (the hints are stale in the ports they set: ended flows the GC
 ///    has not rewritten yet).
 /// 3. Under pressure, `REUSE_TRIES` takeovers (see below).
@@ -82,11 +92,16 @@ pub fn claim(
     // Written out rather than a loop: Linux 6.1's verifier refuses the loop LLVM makes of it
     // (entered in the middle, closed by a fallthrough).
     let mut found = false;
-    if let Some(hints) = hints::of(backend_id) {
+    if let (Some(hints), Some(cursor)) =
+        (hints::of(backend_id), PORT_CURSORS.get_ptr_mut(backend_id))
+    {
         // Words that hold a port of the range (`range` fits in `PORT_HINT_WORDS` words above
         // port 1023, which the agent's config check ensures).
         let words = range.div_ceil(64).min(PORT_HINT_WORDS);
-        let mut hint_try = || hint_try(hints, words, range, min, &mut key, cfg, now);
+        // SAFETY: this CPU's map value, valid for the program run; nothing else runs on this
+        // CPU meanwhile.
+        let cursor = unsafe { &mut *cursor };
+        let mut hint_try = || hint_try(hints, cursor, words, range, min, &mut key, cfg, now);
         found = hint_try() || hint_try() || hint_try() || hint_try();
     }
     let mut i = 0;
@@ -155,14 +170,17 @@ pub fn claim(
     }
 }
 
-/// One try of the bitmap round: a random word of the backend's `hints`, and in it the first
-/// port it calls free from a random bit on (ports are spread over the range, not reused lowest
-/// first). Its bit is clear, so no established flow holds it (`hints`' rule): only its slot is
-/// tested (into `key`). Whatever the test finds, the port's bit is set: taken by this flow, or
-/// by the handshake the test met.
+/// One try of the bitmap round: the word of this CPU's `cursor` in the backend's `hints`,
+/// and in it the first port it calls free from the cursor's bit on, wrapping round the word.
+/// Its bit is clear, so no established flow holds it (`hints`' rule): only its slot is tested
+/// (into `key`). Whatever the test finds, the port's bit is set: taken by this flow, or by the
+/// handshake the test met. The cursor moves on to the port after it; past a word with no port
+/// free, to the next word.
 #[inline(always)]
+#[allow(clippy::too_many_arguments)]
 fn hint_try(
     hints: *mut PortHints,
+    cursor: &mut u32,
     words: u32,
     range: u32,
     min: u16,
@@ -170,9 +188,10 @@ fn hint_try(
     cfg: &Config,
     now: u64,
 ) -> bool {
-    // SAFETY: helper without arguments.
-    let rnd = unsafe { bpf_get_prandom_u32() };
-    let (w, from) = ((rnd & 0xffff) % words, rnd >> 26);
+    // The cursor holds the offset to go on from, plus one; 0 (a CPU that has found no port
+    // for the backend yet) reads as `u32::MAX % range`, a start like any other.
+    let at = cursor.wrapping_sub(1) % range;
+    let (w, from) = (at / 64, at % 64);
     let word = hints::word_at(hints, w);
     // Another CPU may set a bit after this read: a port it claims meanwhile is still in its
     // slot, which the test below meets.
@@ -183,9 +202,11 @@ fn hint_try(
         free &= (1u64 << valid) - 1;
     }
     if free == 0 {
+        *cursor = (w + 1) % words * 64 + 1;
         return false;
     }
     let bit = (lowest_bit(free.rotate_right(from)) + from) & 63;
+    *cursor = w * 64 + bit + 2;
     key.dport = ((min as u32 + w * 64 + bit) as u16).to_be();
     // A promotion sets its port's bit before it frees the port's slot: if one freed the slot
     // since the word was read, the bit says so now, and the port is checked in full.

@@ -351,15 +351,17 @@ fn the_verified_program_uses_the_fetch_form_of_the_atomic_add_and_stays_small() 
         let prog: &Xdp = fx.ebpf.program("lb_xdp").context("lb_xdp")?.try_into()?;
         let info = prog.info()?;
         let id = info.id();
-        // The verifier's work stays far from its 1M-instruction limit (about 89k now): a
-        // change that makes it walk the path once per loop iteration shows up here first.
+        // The verifier's work stays far from its 1M-instruction limit (about 153k now; 93k
+        // before the port search's cursor, a map value the verifier can relate to nothing, so
+        // that it walks the four tries of the bitmap round apart): a change that makes it
+        // walk the path once per loop iteration shows up here first.
         let verified = info
             .verified_instruction_count()
             .context("verified count")?;
         eprintln!("lb_xdp: {verified} instructions verified");
         assert!(
-            verified < 150_000,
-            "the verifier processed {verified} instructions for lb_xdp (budget 150k of its 1M)"
+            verified < 200_000,
+            "the verifier processed {verified} instructions for lb_xdp (budget 200k of its 1M)"
         );
         let out = Command::new("bpftool")
             .args(["prog", "dump", "xlated", "id", &id.to_string()])

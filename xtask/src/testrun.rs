@@ -103,6 +103,7 @@ pub const VM_SUITES: &[(&str, &[&str])] = &[
             "the_agent_reads_handshake_records_in_place_and_skips_a_slot_being_written",
             "a_flow_sets_its_ports_bit_when_it_is_established_even_if_the_bit_was_cleared_since_its_syn",
             "a_backend_segment_on_a_port_with_a_clear_bit_finds_its_handshake_and_a_flow_established_since",
+            "a_cpu_takes_a_backends_free_ports_in_order_from_its_cursor",
         ],
     ),
     (
