@@ -358,6 +358,25 @@ pub fn claimable(key: &FlowKey, cfg: &Config, now: u64, takeover: Takeover) -> b
         .is_some()
 }
 
+/// Reads every cache line of the slot `ahead` slots after the slot of reply key `key`: the
+/// slot of the port a search will try next (`snat`), so that the next new flow's claim finds
+/// the lines in the cache instead of waiting for them (BPF has no prefetch instruction; loads
+/// whose values nothing waits for are the next best thing).
+#[inline(always)]
+pub fn prefetch_slot(key: &FlowKey, ahead: u32, slots: u32) {
+    let i = handshake_slot_of(key, slots).wrapping_add(ahead) & slots.wrapping_sub(1);
+    if let Some(slot) = CT_EMBRYONIC.get_ptr(i) {
+        let words = slot as *const u64;
+        // Words 56 bytes apart, the first and the last: one in every line the slot spans.
+        const LAST: usize = core::mem::size_of::<HandshakeSlot>() / 8 - 1;
+        for w in [0, 7, 14, LAST] {
+            // SAFETY: an array map value (`size_of::<HandshakeSlot>()` bytes, 8-aligned, plain
+            // data), valid for the program run; `w` is within it.
+            unsafe { read_volatile(words.add(w)) };
+        }
+    }
+}
+
 /// [`claim`]'s decision on a slot (`ctrl`, `record`): the control word to swap, and which live
 /// handshake is evicted; `None` if the port counts as taken.
 #[inline(always)]

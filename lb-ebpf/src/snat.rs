@@ -208,6 +208,18 @@ fn hint_try(
     let bit = (lowest_bit(free.rotate_right(from)) + from) & 63;
     *cursor = w * 64 + bit + 2;
     key.dport = ((min as u32 + w * 64 + bit) as u16).to_be();
+    // The next port this word calls free is the one this CPU's next search tries. Past the
+    // neighbouring port (whose slot the hardware's prefetcher has already brought: ports
+    // taken in order read the table in order), its slot is read now, while the rest of this
+    // flow's work runs: free ports ten apart at 90 % occupancy put each new flow's slot on
+    // lines of its own.
+    let rest = free & !((2u64 << bit).wrapping_sub(1));
+    if rest != 0 {
+        let ahead = lowest_bit(rest) - bit;
+        if ahead > 1 {
+            conntrack::prefetch_slot(key, ahead, cfg.handshake_slots);
+        }
+    }
     // A promotion sets its port's bit before it frees the port's slot: if one freed the slot
     // since the word was read, the bit says so now, and the port is checked in full.
     let found = conntrack::claimable(key, cfg, now, Takeover::Expired)

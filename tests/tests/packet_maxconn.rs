@@ -351,7 +351,7 @@ fn the_verified_program_uses_the_fetch_form_of_the_atomic_add_and_stays_small() 
         let prog: &Xdp = fx.ebpf.program("lb_xdp").context("lb_xdp")?.try_into()?;
         let info = prog.info()?;
         let id = info.id();
-        // The verifier's work stays far from its 1M-instruction limit (about 153k now; 93k
+        // The verifier's work stays far from its 1M-instruction limit (about 168k now; 93k
         // before the port search's cursor, a map value the verifier can relate to nothing, so
         // that it walks the four tries of the bitmap round apart): a change that makes it
         // walk the path once per loop iteration shows up here first.
