@@ -127,8 +127,9 @@ pub static NEXT_HOPS: PerCpuArray<crate::forward::CachedHop, { MAX_BACKENDS as u
     PerCpuArray::new();
 
 /// Backend id -> where this CPU's port search for the backend goes on (`snat::claim`): the
-/// offset in the SNAT range of the port after the last one it claimed, plus one (0: none yet,
-/// the search starts at random). One per CPU, not pinned: a new program starts at random.
+/// offset in the SNAT range of the port after the last one it found (or of the word after one
+/// with no port free), plus one; 0, a CPU that has found none yet, reads as `u32::MAX` modulo
+/// the range. One per CPU, not pinned: a new program's CPUs start there again.
 #[btf_map]
 pub static PORT_CURSORS: PerCpuArray<u32, { MAX_BACKENDS as usize }> = PerCpuArray::new();
 
