@@ -1029,13 +1029,6 @@ fn env_number(name: &str) -> Option<u64> {
     Some(parsed.unwrap_or_else(|e| panic!("{name}={v}: {e}")))
 }
 
-fn pin_to_cpu0() -> Result<()> {
-    let mut set = nix::sched::CpuSet::new();
-    set.set(0)?;
-    nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(0), &set)?;
-    Ok(())
-}
-
 struct Failure {
     index: usize,
     source: Source,
@@ -1124,7 +1117,7 @@ fn fuzzed_frames_get_only_the_actions_the_model_allows() -> Result<()> {
     let config = format!("rst_per_sec = 10000000\n{CONFIG}\n[tables]\nembryonic = {embryonic}\n");
 
     Fixture::run_with_config("fuzz", &config, |fx| {
-        pin_to_cpu0()?;
+        pin_to_one_cpu()?;
         let mut flows = Vec::new();
         for (i, svc) in [
             WRITE_PORT, READ_PORT, WRITE_PORT, READ_PORT, WRITE_PORT, READ_PORT,

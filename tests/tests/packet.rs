@@ -2876,60 +2876,34 @@ fn icmp_errors_about_host_traffic_pass_byte_for_byte() -> Result<()> {
     })
 }
 
-/// Runs `body` with the calling thread on one CPU (the port search's cursor is per CPU, and
-/// `BPF_PROG_TEST_RUN` runs the program on the caller's CPU), then lets it run anywhere again.
-fn on_one_cpu<T>(body: impl FnOnce() -> Result<T>) -> Result<T> {
-    use nix::sched::{sched_getaffinity, sched_setaffinity, CpuSet};
-    use nix::unistd::Pid;
-    let all = sched_getaffinity(Pid::from_raw(0))?;
-    let cpu = (0..CpuSet::count()).find(|&c| all.is_set(c).unwrap_or(false));
-    let mut one = CpuSet::new();
-    one.set(cpu.expect("some CPU is allowed"))?;
-    sched_setaffinity(Pid::from_raw(0), &one)?;
-    let r = body();
-    sched_setaffinity(Pid::from_raw(0), &all)?;
-    r
-}
-
 #[test]
 #[ignore = "needs root and netns: run cargo xtask test"]
 fn a_cpu_takes_a_backends_free_ports_in_order_from_its_cursor() -> Result<()> {
     Fixture::run("portcursor", |fx| {
-        on_one_cpu(|| {
-            let (min, max) = SNAT_PORTS;
-            let syn =
-                |fx: &Fixture, client_port| Conn::syn(fx, client_port, WRITE_PORT).map(|c| c.port);
-            // A CPU with no cursor yet starts at a fixed offset (`u32::MAX` modulo the range),
-            // then takes the ports after it.
-            let range = u32::from(max - min) + 1;
-            let first = syn(fx, 45_000)?;
-            assert_eq!(first, min + (u32::MAX % range) as u16, "the first new flow");
-            assert_eq!(syn(fx, 45_001)?, first + 1, "the next one");
-            assert_eq!(syn(fx, 45_002)?, first + 2);
-            // Ports whose bits are set are skipped (held by established flows, `hints`' rule).
-            let set = |h: &mut lb_common::PortHints, port: u16| {
-                let off = usize::from(port - min);
-                h.words[off / 64] |= 1 << (off % 64);
-            };
-            let mut hints = fx.port_hints(0)?;
-            set(&mut hints, first + 3);
-            set(&mut hints, first + 4);
-            fx.set_port_hints(0, hints)?;
-            assert_eq!(syn(fx, 45_003)?, first + 5, "past two held ports");
-            // Past a word with no port free: the next word's first free port.
-            let next_word = min + ((first + 6 - min) / 64 + 1) * 64;
-            let mut hints = fx.port_hints(0)?;
-            for port in first + 6..=next_word {
-                set(&mut hints, port);
-            }
-            fx.set_port_hints(0, hints)?;
-            assert_eq!(
-                syn(fx, 45_004)?,
-                next_word + 1,
-                "the next word, past its held first port"
-            );
-            assert_eq!(fx.handshakes()?.len(), 5, "five handshakes, none lost");
-            Ok(())
-        })
+        // The cursor is per CPU.
+        pin_to_one_cpu()?;
+        let (min, max) = SNAT_PORTS;
+        let syn =
+            |fx: &Fixture, client_port| Conn::syn(fx, client_port, WRITE_PORT).map(|c| c.port);
+        // A CPU with no cursor yet starts at a fixed offset (`u32::MAX` modulo the range), then
+        // takes the ports after it.
+        let range = u32::from(max - min) + 1;
+        let first = syn(fx, 45_000)?;
+        assert_eq!(first, min + (u32::MAX % range) as u16, "the first new flow");
+        assert_eq!(syn(fx, 45_001)?, first + 1, "the next one");
+        assert_eq!(syn(fx, 45_002)?, first + 2);
+        // Ports whose bits are set are skipped (held by established flows, `hints`' rule).
+        fx.hint_ports(0, [first + 3, first + 4])?;
+        assert_eq!(syn(fx, 45_003)?, first + 5, "past two held ports");
+        // Past a word with no port free: the next word's first free port.
+        let next_word = min + ((first + 6 - min) / 64 + 1) * 64;
+        fx.hint_ports(0, first + 6..=next_word)?;
+        assert_eq!(
+            syn(fx, 45_004)?,
+            next_word + 1,
+            "the next word, past its held first port"
+        );
+        assert_eq!(fx.handshakes()?.len(), 5, "five handshakes, none lost");
+        Ok(())
     })
 }
